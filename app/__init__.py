@@ -1,0 +1,1 @@
+"""The imagegen HTTP gateway (FastAPI): validates, enqueues, serves; never imports torch."""

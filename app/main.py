@@ -1,0 +1,73 @@
+"""The gateway application: `create_app()` wires settings, Redis, the store and the routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from app.errors import install_error_handlers
+from app.registry import ModelRegistry
+from app.routes import generations, health, models
+from app.schemas import ErrorEnvelope
+from app.service import GenerationService
+from imagegen import __version__
+from imagegen.settings import Settings
+from imagegen.store import JobStore
+
+log = logging.getLogger("imagegen.gateway")
+
+
+def _operation_id(route: APIRoute) -> str:
+    # Stable operation ids (the function names) keep openapi.json and SDK names steady.
+    return route.name
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the gateway; nothing is connected until the app starts."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        connection = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+        )
+        store = JobStore(connection)
+        registry = ModelRegistry(connection, settings.default_model)
+        app.state.settings = settings
+        app.state.registry = registry
+        app.state.service = GenerationService(connection, store, registry, settings)
+        log.info("gateway %s started; redis at %s", __version__, _redact(settings.redis_url))
+        try:
+            yield
+        finally:
+            connection.close()
+
+    app = FastAPI(
+        title="imagegen",
+        version=__version__,
+        summary="Text-to-image generation over HTTP: queue, poll, stream, download.",
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+        responses={
+            "4XX": {"model": ErrorEnvelope, "description": "Client error (the error envelope)."},
+            "5XX": {"model": ErrorEnvelope, "description": "Server error (the error envelope)."},
+        },
+    )
+    install_error_handlers(app)
+    app.include_router(generations.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a redis:// URL before it is logged."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

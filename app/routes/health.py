@@ -1,0 +1,40 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+import redis
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.deps import RegistryDep
+from app.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """200 while the process lives."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+def readyz(registry: RegistryDep) -> Health | JSONResponse:
+    """200 when Redis answers and a warm worker serves the default model; else 503 and why."""
+    try:
+        registry.redis.ping()
+        workers = registry.live_workers(registry.default_model)
+    except redis.exceptions.RedisError as exc:
+        return _not_ready(f"redis is unavailable: {type(exc).__name__}")
+    ready = [w for w in workers if w.state in ("ready", "busy")]
+    if not ready:
+        return _not_ready(f"no warm worker serves the default model {registry.default_model!r}")
+    return Health(status="ready", detail=f"{len(ready)} worker(s) serve {registry.default_model}")
+
+
+def _not_ready(reason: str) -> JSONResponse:
+    return JSONResponse(
+        Health(status="unavailable", detail=reason).model_dump(),
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )

@@ -1,0 +1,143 @@
+"""Request and response bodies of the public API (../shared/API.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from imagegen.contract import SEED_MAX
+
+
+def check_text(value: str, field: str) -> str:
+    """Reject text that cannot be stored or tokenized faithfully, naming the problem."""
+    if "\x00" in value:
+        raise ValueError(f"{field} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} must be valid Unicode text (no lone surrogates)") from exc
+    return value
+
+
+class GenerationRequest(BaseModel):
+    """`POST /v1/generations`. Types are strict: "64" is not a width, and true is not a seed."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(description="1..2000 characters after trimming (cap configurable).")
+    negative_prompt: str = Field("", description="0..2000 characters.")
+    width: int | None = Field(
+        None, ge=64, multiple_of=8, description="Multiple of 8, ≥ 64; default: the model's."
+    )
+    height: int | None = Field(
+        None, ge=64, multiple_of=8, description="Multiple of 8, ≥ 64; default: the model's."
+    )
+    steps: int | None = Field(None, ge=1, description="1..150 (cap configurable).")
+    guidance_scale: float | None = Field(
+        None, ge=0, le=30, allow_inf_nan=False, description="Finite, 0..30."
+    )
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="0..2^32-1; null = random.")
+    n: int = Field(1, ge=1, description="Images in the job, 1..8 (cap configurable).")
+    scheduler: str | None = Field(None, description="One of the model's `schedulers`.")
+    model: str | None = Field(None, description="One of the ids `GET /v1/models` lists.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        check_text(value, "prompt")
+        if not value.strip():
+            raise ValueError("prompt must not be empty or only white space")
+        return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt(cls, value: str) -> str:
+        return check_text(value, "negative_prompt")
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int
+
+
+class ImageLink(BaseModel):
+    index: int
+    seed: int
+    width: int
+    height: int
+    url: str
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class Timings(BaseModel):
+    queued_s: float | None = None
+    run_s: float | None = None
+
+
+class GenerationParams(BaseModel):
+    """Every parameter as the job uses it, defaults filled in."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    n: int
+    scheduler: str
+    model: str
+
+
+class JobDocument(BaseModel):
+    """The job document of `GET /v1/generations/{id}`."""
+
+    id: str
+    status: str = Field(description="queued | running | succeeded | failed | canceled")
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    queue_position: int | None
+    progress: Progress
+    request: GenerationParams
+    images: list[ImageLink]
+    error: ErrorInfo | None
+    timings: Timings
+
+
+class ModelEntry(BaseModel):
+    id: str
+    default: bool
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    schedulers: list[str]
+    workers: int
+
+
+class ModelList(BaseModel):
+    data: list[ModelEntry]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """The one shape of every 4xx and 5xx answer."""
+
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None

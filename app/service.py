@@ -1,0 +1,241 @@
+"""The generation service: turns validated requests into queued jobs and jobs into documents."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import UTC, datetime
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from app.registry import ModelRegistry
+from app.schemas import (
+    ErrorInfo,
+    GenerationParams,
+    GenerationRequest,
+    ImageLink,
+    JobDocument,
+    Progress,
+    Timings,
+)
+from imagegen.contract import (
+    JOB_ID_PREFIX,
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    is_valid_job_id,
+    queue_name,
+)
+from imagegen.settings import Settings
+from imagegen.store import JobStore
+
+# The worker's job function, enqueued by dotted path so the gateway never imports it.
+JOB_FUNCTION = "worker.jobs.run_generation"
+
+
+def new_job_id() -> str:
+    return JOB_ID_PREFIX + secrets.token_urlsafe(16)
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+class GenerationService:
+    """Submit, read and cancel generation jobs."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        store: JobStore,
+        registry: ModelRegistry,
+        settings: Settings,
+    ) -> None:
+        self.redis = connection
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+
+    def queue(self, model_id: str) -> Queue:
+        return Queue(queue_name(model_id), connection=self.redis, serializer=JSONSerializer)
+
+    # -- submit ---------------------------------------------------------------------------------
+    def resolve(self, request: GenerationRequest) -> JobSpec:
+        """Fill in the model's defaults and apply the configured limits, naming any field."""
+        s = self.settings
+        model_id = request.model or s.default_model
+        info = self.registry.get(model_id)
+        if info is None:
+            known = self.registry.model_ids()
+            if request.model is None:
+                raise Unavailable(
+                    f"the default model {model_id!r} has no worker registered yet; retry shortly"
+                )
+            raise InvalidRequest.for_field(
+                "model", f"unknown model {model_id!r}; known models: {', '.join(known) or 'none'}"
+            )
+        if len(request.prompt.strip()) > s.max_prompt_chars:
+            raise InvalidRequest.for_field(
+                "prompt", f"must be at most {s.max_prompt_chars} characters after trimming"
+            )
+        if len(request.negative_prompt) > s.max_prompt_chars:
+            raise InvalidRequest.for_field(
+                "negative_prompt", f"must be at most {s.max_prompt_chars} characters"
+            )
+        width = request.width if request.width is not None else info.width
+        height = request.height if request.height is not None else info.height
+        if width * height > s.max_pixels:
+            raise InvalidRequest.for_field(
+                "width" if request.width is not None else "height",
+                f"width*height = {width * height} exceeds the pixel cap of {s.max_pixels}",
+            )
+        steps = request.steps if request.steps is not None else info.steps
+        if steps > s.max_steps:
+            raise InvalidRequest.for_field("steps", f"must be at most {s.max_steps}")
+        if request.n > s.max_n:
+            raise InvalidRequest.for_field("n", f"must be at most {s.max_n}")
+        scheduler = request.scheduler or info.scheduler
+        if scheduler not in info.schedulers:
+            raise InvalidRequest.for_field(
+                "scheduler",
+                f"unknown scheduler {scheduler!r}; one of: {', '.join(info.schedulers)}",
+            )
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        return JobSpec(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=(
+                request.guidance_scale
+                if request.guidance_scale is not None
+                else info.guidance_scale
+            ),
+            seed=seed,
+            n=request.n,
+            scheduler=scheduler,
+            model=model_id,
+        )
+
+    def job_timeout_s(self, spec: JobSpec) -> int:
+        """A hard limit that grows with the work: steps x megapixels x images."""
+        work = spec.steps * spec.width * spec.height * spec.n / 1e6
+        return int(
+            self.settings.job_timeout_base_s + work * self.settings.job_timeout_s_per_megapixel_step
+        )
+
+    def submit(self, request: GenerationRequest) -> JobDocument:
+        spec = self.resolve(request)
+        record = JobRecord(
+            id=new_job_id(), status=JobStatus.QUEUED, spec=spec, created_at=time.time()
+        )
+        queue = self.queue(spec.model)
+        with self.redis.pipeline(transaction=True) as pipe:
+            # The record and the RQ job land in one MULTI: a job is either fully queued or absent.
+            pipe.multi()
+            self.store.create(record, pipe)
+            queue.enqueue_call(
+                JOB_FUNCTION,
+                args=(record.id,),
+                job_id=record.id,
+                timeout=self.job_timeout_s(spec),
+                result_ttl=self.settings.result_ttl_s,
+                failure_ttl=self.settings.failure_ttl_s,
+                description=f"generation {record.id}",
+                pipeline=pipe,
+            )
+            pipe.execute()
+        return self.document(record)
+
+    # -- read -----------------------------------------------------------------------------------
+    def get_record(self, job_id: str) -> JobRecord:
+        # Ids are checked before any Redis access: nothing user-made reaches a key unchecked.
+        record = self.store.get(job_id) if is_valid_job_id(job_id) else None
+        if record is None:
+            raise NotFound(f"no generation job {job_id!r} (unknown id, or its results expired)")
+        return record
+
+    def get(self, job_id: str) -> JobDocument:
+        return self.document(self.get_record(job_id))
+
+    def image(self, job_id: str, index: int) -> bytes:
+        record = self.get_record(job_id)
+        if index < 0 or index >= record.spec.n:
+            raise NotFound(f"job {job_id} has images 0..{record.spec.n - 1}, not {index}")
+        if record.status != JobStatus.SUCCEEDED:
+            raise NotFound(
+                f"image {index} of job {job_id} does not exist yet (job is {record.status})"
+            )
+        png = self.store.get_image(job_id, index)
+        if png is None:
+            raise NotFound(f"image {index} of job {job_id} has expired")
+        return png
+
+    def queue_position(self, record: JobRecord) -> int | None:
+        if record.status != JobStatus.QUEUED:
+            return None
+        position = self.queue(record.spec.model).get_job_position(record.id)
+        # Between leaving the queue and being marked running a job is "next": position 0.
+        return position if position is not None else 0
+
+    def document(self, record: JobRecord) -> JobDocument:
+        spec = record.spec
+        images = [
+            ImageLink(
+                index=i.index,
+                seed=i.seed,
+                width=i.width,
+                height=i.height,
+                url=f"/v1/generations/{record.id}/images/{i.index}",
+            )
+            for i in record.images
+        ]
+        queued_s = run_s = None
+        if record.started_at is not None:
+            queued_s = round(record.started_at - record.created_at, 3)
+            if record.finished_at is not None:
+                run_s = round(record.finished_at - record.started_at, 3)
+        elif record.finished_at is not None:
+            queued_s = round(record.finished_at - record.created_at, 3)
+        return JobDocument(
+            id=record.id,
+            status=record.status.value,
+            created_at=rfc3339(record.created_at) or "",
+            started_at=rfc3339(record.started_at),
+            finished_at=rfc3339(record.finished_at),
+            queue_position=self.queue_position(record),
+            progress=Progress(step=record.progress_step, total_steps=spec.steps),
+            request=GenerationParams(**spec.model_dump()),
+            images=images,
+            error=ErrorInfo(**record.error.model_dump()) if record.error else None,
+            timings=Timings(queued_s=queued_s, run_s=run_s),
+        )
+
+    # -- cancel ---------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> JobDocument:
+        """Cancel a queued job at once; a finished job is returned unchanged."""
+        record = self.get_record(job_id)
+        if record.status == JobStatus.RUNNING:
+            raise Conflict(f"job {job_id} is already running; running jobs cannot be canceled yet")
+        if record.status == JobStatus.QUEUED:
+            moved, _ = self.store.transition(
+                job_id,
+                [JobStatus.QUEUED],
+                JobStatus.CANCELED,
+                {
+                    "finished_at": time.time(),
+                    "error": {"code": "canceled", "message": "canceled by the client"},
+                },
+                ttl_s=self.settings.failure_ttl_s,
+            )
+            if moved:
+                # The queue entry goes too; a worker that pops it anyway sees `canceled` and skips.
+                self.queue(record.spec.model).remove(job_id)
+            record = self.get_record(job_id)
+        return self.document(record)

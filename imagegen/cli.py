@@ -1,0 +1,96 @@
+"""The `imagegen` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="imagegen: text-to-image over HTTP.", no_args_is_help=True)
+
+
+@app.command()
+def serve(
+    data_dir: Annotated[Path, typer.Option(help="Where the local Redis keeps its data.")] = Path(
+        ".run"
+    ),
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes to start.")] = 1,
+) -> None:
+    """Run everything locally: Redis, the gateway on IMAGEGEN_HOST:IMAGEGEN_PORT, a worker."""
+    from imagegen.localrun import serve as run_local
+    from imagegen.settings import Settings
+
+    raise typer.Exit(run_local(Settings(), data_dir.resolve(), workers))
+
+
+@app.command()
+def api() -> None:
+    """Run the gateway alone (Redis must be reachable at IMAGEGEN_REDIS_URL)."""
+    import uvicorn
+
+    from imagegen.logs import configure_logging
+    from imagegen.settings import Settings
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command()
+def worker() -> None:
+    """Run one worker: load the model once, warm it, take jobs until SIGTERM."""
+    from imagegen.settings import Settings
+    from worker.main import run_worker
+
+    raise typer.Exit(run_worker(Settings()))
+
+
+@app.command("check-worker")
+def check_worker() -> None:
+    """Exit 0 if this host's worker wrote a fresh heartbeat (for container healthchecks)."""
+    from imagegen.settings import Settings
+    from worker.heartbeat import check_heartbeat_file
+
+    settings = Settings()
+    if settings.heartbeat_file is None:
+        typer.echo("IMAGEGEN_HEARTBEAT_FILE is not set", err=True)
+        raise typer.Exit(2)
+    healthy, line = check_heartbeat_file(settings.heartbeat_file, settings.worker_stale_s)
+    typer.echo(line, err=not healthy)
+    raise typer.Exit(0 if healthy else 1)
+
+
+@app.command()
+def openapi(
+    output: Annotated[Path, typer.Option(help="Where to write the document.")] = Path(
+        "openapi/openapi.json"
+    ),
+) -> None:
+    """Write the gateway's OpenAPI document (checked for drift by the tests)."""
+    from app.main import create_app
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(create_app().openapi(), indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {output}")
+
+
+@app.command("tiny-model")
+def tiny_model(directory: Path) -> None:
+    """Save a tiny random Stable Diffusion pipeline to DIRECTORY (for tests and smoke runs)."""
+    from worker.tiny_model import save_tiny_pipeline
+
+    save_tiny_pipeline(directory)
+    typer.echo(f"wrote {directory}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,191 @@
+"""The job contract shared by the gateway and the worker.
+
+Only pydantic lives here: the gateway must never import torch and the worker never FastAPI, so
+whatever both need to agree on — the resolved job spec, status names, the worker heartbeat and
+the Redis key names — is defined once, in this module.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JOB_ID_PREFIX = "gen_"
+# 16 random bytes, url-safe base64 without padding: 22 characters.
+JOB_ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
+SEED_MAX = 2**32 - 1
+
+# The scheduler names a client may ask for; the worker maps each to a diffusers class.
+SCHEDULER_NAMES: tuple[str, ...] = (
+    "euler",
+    "euler_a",
+    "ddim",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+    "pndm",
+)
+
+
+class JobStatus(enum.StrEnum):
+    """Where a generation job is in its life; the last three are terminal."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a job failed (the job document's `error.code`)."""
+
+    OUT_OF_MEMORY = "out_of_memory"
+    WORKER_LOST = "worker_lost"
+    TIMEOUT = "timeout"
+    CANCELED = "canceled"
+    INTERNAL = "internal"
+
+
+class JobSpec(BaseModel):
+    """A generation request with every default filled in: exactly what the worker runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    n: int
+    scheduler: str
+    model: str
+
+    def image_seed(self, index: int) -> int:
+        """Image `index` of a job uses seed + index, so n=1 reproduces any single image."""
+        return (self.seed + index) % (SEED_MAX + 1)
+
+    @property
+    def shape_key(self) -> tuple[int, int, int, str]:
+        """Jobs that share this key can share one denoising loop."""
+        return (self.width, self.height, self.steps, self.scheduler)
+
+
+class ImageInfo(BaseModel):
+    index: int
+    seed: int
+    width: int
+    height: int
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobRecord(BaseModel):
+    """The job as stored in Redis (one hash per job, see `Keys.job`)."""
+
+    id: str
+    status: JobStatus
+    spec: JobSpec
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress_step: int = 0
+    images: list[ImageInfo] = Field(default_factory=list)
+    error: JobError | None = None
+    worker: str | None = None
+    attempts: int = 0
+
+
+class ModelInfo(BaseModel):
+    """What a worker tells the gateway about the model it serves (`GET /v1/models`)."""
+
+    id: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    schedulers: list[str]
+
+
+class WorkerHeartbeat(BaseModel):
+    """Published by each worker every few seconds, independently of its job loop."""
+
+    name: str
+    model: ModelInfo
+    device: str
+    dtype: str
+    version: str
+    host: str
+    pid: int
+    started_at: float
+    sent_at: float
+    state: str  # "starting" | "ready" | "busy"
+    current_job: str | None = None
+    jobs_done: int = 0
+    pipelines_loaded: int = 0
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class Keys:
+    """Every Redis key the service writes, in one place; ids are validated before use."""
+
+    PREFIX = "imagegen"
+
+    @staticmethod
+    def job(job_id: str) -> str:
+        return f"{Keys.PREFIX}:job:{job_id}"
+
+    @staticmethod
+    def image(job_id: str, index: int) -> str:
+        return f"{Keys.PREFIX}:job:{job_id}:image:{index}"
+
+    @staticmethod
+    def events(job_id: str) -> str:
+        return f"{Keys.PREFIX}:job:{job_id}:events"
+
+    @staticmethod
+    def cancel(job_id: str) -> str:
+        return f"{Keys.PREFIX}:job:{job_id}:cancel"
+
+    @staticmethod
+    def idempotency(digest: str) -> str:
+        return f"{Keys.PREFIX}:idempotency:{digest}"
+
+    @staticmethod
+    def model(model_id: str) -> str:
+        return f"{Keys.PREFIX}:model:{model_id}"
+
+    MODELS = f"{PREFIX}:models"
+
+    @staticmethod
+    def worker(name: str) -> str:
+        return f"{Keys.PREFIX}:worker:{name}"
+
+    @staticmethod
+    def model_workers(model_id: str) -> str:
+        """Sorted set of worker names by last heartbeat time."""
+        return f"{Keys.PREFIX}:model:{model_id}:workers"
+
+
+def queue_name(model_id: str) -> str:
+    """One RQ queue per model id, so a worker only ever takes jobs for the model it holds."""
+    return f"imagegen:{model_id}"
+
+
+def is_valid_job_id(value: str) -> bool:
+    return JOB_ID_RE.fullmatch(value) is not None

@@ -1,0 +1,99 @@
+"""Service settings, read from `IMAGEGEN_*` environment variables (or a `.env` file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Toggle = Literal["auto", "on", "off"]
+
+
+class Settings(BaseSettings):
+    """One settings object for the gateway, the worker and the local runner.
+
+    Each field says who reads it; the README's settings table is generated from these docs.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEGEN_", env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
+
+    # --- shared -----------------------------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis that holds the queues, jobs and images."
+    )
+    result_ttl_s: int = Field(
+        3600, ge=60, description="How long finished jobs and their images stay readable."
+    )
+    failure_ttl_s: int = Field(
+        86400, ge=60, description="How long failed and canceled jobs stay readable."
+    )
+    log_level: str = Field("INFO", description="Python log level of every process.")
+
+    # --- gateway ----------------------------------------------------------------------------
+    default_model: str = Field(
+        "shapes-64", description="Model id used when a request names none (gateway)."
+    )
+    max_pixels: int = Field(
+        1024 * 1024, ge=64 * 64, description="Largest width*height a request may ask for."
+    )
+    max_steps: int = Field(150, ge=1, description="Largest `steps` a request may ask for.")
+    max_n: int = Field(8, ge=1, description="Largest `n` (images per job).")
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt / negative prompt.")
+    job_timeout_base_s: int = Field(
+        120, ge=1, description="Fixed part of a job's hard time limit (covers queue overhead)."
+    )
+    job_timeout_s_per_megapixel_step: float = Field(
+        4.0,
+        gt=0,
+        description="Time limit per step per megapixel per image; lower it on a fast GPU.",
+    )
+    worker_stale_s: int = Field(
+        30, ge=3, description="A worker whose heartbeat is older than this counts as gone."
+    )
+    # --- worker -----------------------------------------------------------------------------
+    model: str | None = Field(
+        None,
+        description="Hub id or local directory of a diffusers text-to-image pipeline; "
+        "unset = the built-in shapes-64 model.",
+    )
+    model_id: str | None = Field(
+        None,
+        description="Id the worker serves the model under; default: the hub id, the local "
+        "model's imagegen.json id, or its directory name.",
+    )
+    device: Literal["auto", "cuda", "cpu", "mps"] = Field(
+        "auto", description="Torch device; auto = cuda when available, else cpu."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights dtype; auto = float16 on CUDA, float32 elsewhere."
+    )
+    attention_slicing: Toggle = Field(
+        "auto", description="Attention slicing; auto = on only when free GPU memory is short."
+    )
+    vae_tiling: Toggle = Field(
+        "auto", description="VAE tiling; auto = on only when free GPU memory is short."
+    )
+    low_memory_gib: float = Field(
+        6.0, ge=0, description="Free GPU memory below which `auto` turns slicing/tiling on."
+    )
+    warmup: bool = Field(True, description="Run one small generation before taking jobs.")
+    heartbeat_interval_s: float = Field(
+        2.0, gt=0, description="How often a worker publishes its heartbeat."
+    )
+    worker_name: str | None = Field(None, description="Worker name; default host.pid.random.")
+    heartbeat_file: Path | None = Field(
+        None,
+        description="File the worker rewrites after each heartbeat Redis took; "
+        "`imagegen check-worker` reads it (container healthcheck).",
+    )
+    progress_interval_s: float = Field(
+        0.1, gt=0, description="Least time between two progress writes of one job."
+    )
+
+    # --- local runner / gateway process -----------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")

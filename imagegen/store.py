@@ -1,0 +1,167 @@
+"""The job store: one Redis hash per job, moved between states by an atomic compare-and-set.
+
+The gateway creates records and cancels them; the worker starts, advances and finishes them.
+Every state change goes through `JobStore.transition`, a Lua script, so a cancel and a start
+racing each other can never both win.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+
+from imagegen.contract import ImageInfo, JobError, JobRecord, JobSpec, JobStatus, Keys
+
+# KEYS[1] = job hash, KEYS[2] = events channel.
+# ARGV = n_allowed, allowed..., new_status, ttl, field, value, field, value...
+# Returns {1, new_status} on success, {0, current_status or ""} otherwise.
+_TRANSITION_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, ''} end
+local n = tonumber(ARGV[1])
+local ok = false
+for i = 2, n + 1 do
+  if ARGV[i] == cur then ok = true end
+end
+if not ok then return {0, cur} end
+local new_status = ARGV[n + 2]
+local ttl = tonumber(ARGV[n + 3])
+redis.call('HSET', KEYS[1], 'status', new_status)
+for i = n + 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+redis.call('PUBLISH', KEYS[2], new_status)
+return {1, new_status}
+"""
+
+# Progress only moves forward and only while running: a late write never resurrects a
+# canceled job or rolls a finished one back.
+_PROGRESS_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'progress_step') or '0')
+if tonumber(ARGV[1]) <= cur then return 0 end
+redis.call('HSET', KEYS[1], 'progress_step', ARGV[1])
+redis.call('PUBLISH', KEYS[2], 'progress')
+return 1
+"""
+
+
+def _encode(fields: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in fields.items():
+        if value is None:
+            out[key] = ""
+        elif isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, bool | int | float):
+            out[key] = repr(value)
+        else:
+            out[key] = json.dumps(value, separators=(",", ":"))
+    return out
+
+
+def _opt_float(raw: str | None) -> float | None:
+    return float(raw) if raw else None
+
+
+def record_from_hash(job_id: str, raw: Mapping[str, str]) -> JobRecord:
+    """Decode the hash that `JobStore` writes."""
+    error = raw.get("error")
+    return JobRecord(
+        id=job_id,
+        status=JobStatus(raw["status"]),
+        spec=JobSpec.model_validate_json(raw["spec"]),
+        created_at=float(raw["created_at"]),
+        started_at=_opt_float(raw.get("started_at")),
+        finished_at=_opt_float(raw.get("finished_at")),
+        progress_step=int(raw.get("progress_step") or 0),
+        images=[ImageInfo.model_validate(i) for i in json.loads(raw.get("images") or "[]")],
+        error=JobError.model_validate_json(error) if error else None,
+        worker=raw.get("worker") or None,
+        attempts=int(raw.get("attempts") or 0),
+    )
+
+
+class JobStore:
+    """Reads and writes job records over a bytes connection (the one RQ uses too)."""
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self.redis = connection
+        self._transition = connection.register_script(_TRANSITION_LUA)
+        self._progress = connection.register_script(_PROGRESS_LUA)
+
+    def create(self, record: JobRecord, pipeline: Any) -> None:
+        """Write a new record inside `pipeline` (the same MULTI as the RQ enqueue)."""
+        pipeline.hset(
+            Keys.job(record.id),
+            mapping=_encode(
+                {
+                    "status": record.status.value,
+                    "spec": record.spec.model_dump_json(),
+                    "created_at": record.created_at,
+                    "progress_step": 0,
+                    "attempts": 0,
+                }
+            ),
+        )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw: dict[bytes, bytes] = self.redis.hgetall(Keys.job(job_id))  # type: ignore[assignment]
+        if not raw or b"status" not in raw:
+            return None
+        return record_from_hash(job_id, {k.decode(): v.decode() for k, v in raw.items()})
+
+    def transition(
+        self,
+        job_id: str,
+        allowed: Iterable[JobStatus],
+        new_status: JobStatus,
+        fields: Mapping[str, Any] | None = None,
+        ttl_s: int = 0,
+    ) -> tuple[bool, JobStatus | None]:
+        """Move a job to `new_status` if it is in one of `allowed`; returns (moved, status)."""
+        allowed_values = [s.value for s in allowed]
+        args: list[str] = [str(len(allowed_values)), *allowed_values, new_status.value, str(ttl_s)]
+        for key, value in _encode(fields or {}).items():
+            args += [key, value]
+        moved, status = self._transition(keys=[Keys.job(job_id), Keys.events(job_id)], args=args)
+        return bool(moved), (JobStatus(status.decode()) if status else None)
+
+    def set_progress(self, job_id: str, step: int) -> bool:
+        keys = [Keys.job(job_id), Keys.events(job_id)]
+        return bool(self._progress(keys=keys, args=[step]))
+
+    def finish_succeeded(
+        self, job_id: str, pngs: list[bytes], images: list[ImageInfo], ttl_s: int
+    ) -> bool:
+        """Store the images, then mark the job succeeded; False if it was canceled meanwhile.
+
+        Images are written first with their TTL so a client that sees `succeeded` can always
+        download them; if the job turns out to be canceled the images are deleted again.
+        """
+        with self.redis.pipeline(transaction=True) as pipe:
+            for info, png in zip(images, pngs, strict=True):
+                pipe.set(Keys.image(job_id, info.index), png, ex=ttl_s)
+            pipe.execute()
+        moved, _ = self.transition(
+            job_id,
+            [JobStatus.RUNNING],
+            JobStatus.SUCCEEDED,
+            {
+                "finished_at": time.time(),
+                "images": [i.model_dump() for i in images],
+            },
+            ttl_s=ttl_s,
+        )
+        if not moved:
+            self.redis.delete(*(Keys.image(job_id, i.index) for i in images))
+        return moved
+
+    def get_image(self, job_id: str, index: int) -> bytes | None:
+        value: bytes | None = self.redis.get(Keys.image(job_id, index))  # type: ignore[assignment]
+        return value

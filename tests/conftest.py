@@ -1,0 +1,81 @@
+"""Shared fixtures: a real redis-server, real worker processes and a real uvicorn gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from imagegen.redis_server import RedisServer
+from tests.stack import Gateway, Proc, start_gateway, start_worker, wait_for_worker
+
+TINY_MODEL_ID = "tiny"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_conn(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(redis_server.url)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny_model import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def builtin_worker(
+    redis_server: RedisServer, redis_conn: redis.Redis, log_dir: Path
+) -> Iterator[Proc]:
+    """One worker serving the built-in model (IMAGEGEN_MODEL unset), as in the local run."""
+    proc = start_worker(redis_server.url, log_dir, "builtin-1")
+    wait_for_worker(redis_conn, proc, "builtin-1")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(
+    redis_server: RedisServer, redis_conn: redis.Redis, log_dir: Path, tiny_model_dir: Path
+) -> Iterator[Proc]:
+    """One worker serving the tiny random pipeline under the id `tiny`."""
+    proc = start_worker(
+        redis_server.url,
+        log_dir,
+        "tiny-1",
+        {"IMAGEGEN_MODEL": str(tiny_model_dir), "IMAGEGEN_MODEL_ID": TINY_MODEL_ID},
+    )
+    wait_for_worker(redis_conn, proc, "tiny-1")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(redis_server: RedisServer, log_dir: Path) -> Iterator[Gateway]:
+    """The gateway with default settings (default model: the built-in shapes-64)."""
+    gw = start_gateway(redis_server.url, log_dir)
+    yield gw
+    gw.proc.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(gateway: Gateway, builtin_worker: Proc, tiny_worker: Proc) -> Gateway:
+    """Gateway plus one built-in-model worker and one tiny-model worker, all warm."""
+    return gateway

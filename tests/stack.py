@@ -1,0 +1,132 @@
+"""Real processes for the tests: a worker (`python -m imagegen worker`) and a gateway (uvicorn)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+
+from imagegen.contract import Keys, WorkerHeartbeat
+from imagegen.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def service_env(redis_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+    env.update(
+        {
+            "IMAGEGEN_REDIS_URL": redis_url,
+            "IMAGEGEN_LOG_LEVEL": "INFO",
+            "IMAGEGEN_HEARTBEAT_INTERVAL_S": "0.5",
+            # Two cores, several processes: one torch thread each avoids thrashing.
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Proc:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_process(args: list[str], env: Mapping[str, str], log_path: Path) -> Proc:
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        args, env=dict(env), cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT
+    )
+    return Proc(process, log_path)
+
+
+def start_worker(
+    redis_url: str, log_dir: Path, name: str, extra: Mapping[str, str] | None = None
+) -> Proc:
+    env = service_env(redis_url, {"IMAGEGEN_WORKER_NAME": name, **(extra or {})})
+    return start_process(
+        [sys.executable, "-m", "imagegen", "worker"], env, log_dir / f"worker-{name}.log"
+    )
+
+
+def wait_for_worker(
+    connection: redis.Redis, proc: Proc, name: str, timeout_s: float = 120
+) -> WorkerHeartbeat:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        raw = connection.get(Keys.worker(name))
+        if raw:
+            return WorkerHeartbeat.model_validate_json(raw)  # type: ignore[arg-type]
+        if proc.process.poll() is not None:
+            raise RuntimeError(f"worker {name} exited:\n{proc.log()[-4000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"worker {name} never announced itself:\n{proc.log()[-4000:]}")
+
+
+@dataclass
+class Gateway:
+    proc: Proc
+    base_url: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+
+def start_gateway(
+    redis_url: str, log_dir: Path, extra: Mapping[str, str] | None = None, name: str = "gateway"
+) -> Gateway:
+    port = free_port()
+    env = service_env(
+        redis_url, {"IMAGEGEN_HOST": "127.0.0.1", "IMAGEGEN_PORT": str(port), **(extra or {})}
+    )
+    proc = start_process([sys.executable, "-m", "imagegen", "api"], env, log_dir / f"{name}.log")
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                return Gateway(proc, base_url, env)
+        except httpx.HTTPError:
+            pass
+        if proc.process.poll() is not None:
+            raise RuntimeError(f"gateway exited:\n{proc.log()[-4000:]}")
+        time.sleep(0.1)
+    raise TimeoutError(f"gateway did not come up:\n{proc.log()[-4000:]}")
+
+
+def wait_for_job(
+    client: httpx.Client, job_id: str, timeout_s: float = 120, until: tuple[str, ...] = ()
+) -> dict[str, object]:
+    """Poll a job until it is terminal (or in one of `until`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        doc: dict[str, object] = client.get(f"/v1/generations/{job_id}").json()
+        status = doc["status"]
+        if status in ("succeeded", "failed", "canceled") or status in until:
+            return doc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {status}")
+        time.sleep(0.05)

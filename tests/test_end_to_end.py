@@ -1,0 +1,167 @@
+"""The whole way, with real processes: HTTP -> gateway -> Redis/RQ -> worker -> PNG -> HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+
+import redis
+from PIL import Image
+
+from imagegen.contract import Keys, WorkerHeartbeat
+from tests.conftest import TINY_MODEL_ID
+from tests.stack import ROOT, Gateway, wait_for_job
+
+
+def test_submit_poll_download(stack: Gateway) -> None:
+    with stack.client() as client:
+        response = client.post(
+            "/v1/generations",
+            json={"prompt": "a red circle", "model": TINY_MODEL_ID, "seed": 7, "n": 2, "steps": 3},
+        )
+        assert response.status_code == 202, response.text
+        doc = response.json()
+        assert response.headers["location"] == f"/v1/generations/{doc['id']}"
+        assert doc["status"] in ("queued", "running", "succeeded")
+        assert doc["request"]["scheduler"] == "euler"  # the tiny model's own default
+        done = wait_for_job(client, doc["id"])
+        assert done["status"] == "succeeded", done
+        assert done["queue_position"] is None
+        assert done["progress"] == {"step": 3, "total_steps": 3}
+        assert [i["seed"] for i in done["images"]] == [7, 8]  # type: ignore[index]
+        assert done["timings"]["run_s"] > 0  # type: ignore[index]
+        for image in done["images"]:  # type: ignore[attr-defined]
+            png = client.get(image["url"])
+            assert png.status_code == 200
+            assert png.headers["content-type"] == "image/png"
+            picture = Image.open(io.BytesIO(png.content))
+            assert picture.size == (64, 64)
+            params = json.loads(picture.text["parameters"])  # type: ignore[attr-defined]
+            assert params["seed"] == image["seed"]
+            assert params["prompt"] == "a red circle"
+            assert params["model"] == TINY_MODEL_ID
+            assert {
+                "negative_prompt",
+                "steps",
+                "guidance_scale",
+                "width",
+                "height",
+                "scheduler",
+                "version",
+            } <= set(params)
+        missing = client.get(f"/v1/generations/{doc['id']}/images/2")
+        assert missing.status_code == 404
+
+
+def test_same_seed_gives_identical_png_bytes(stack: Gateway) -> None:
+    body = {"prompt": "a blue square", "model": TINY_MODEL_ID, "seed": 1234, "steps": 4}
+    with stack.client() as client:
+        ids = [client.post("/v1/generations", json=body).json()["id"] for _ in range(2)]
+        other = client.post("/v1/generations", json={**body, "seed": 1235}).json()["id"]
+        pngs = []
+        for job_id in [*ids, other]:
+            assert wait_for_job(client, job_id)["status"] == "succeeded"
+            pngs.append(client.get(f"/v1/generations/{job_id}/images/0").content)
+    assert pngs[0] == pngs[1]
+    assert pngs[0] != pngs[2]
+
+
+def test_image_i_of_a_job_is_reproduced_by_n1_with_seed_plus_i(stack: Gateway) -> None:
+    body = {"prompt": "a green triangle", "model": TINY_MODEL_ID, "steps": 3}
+    with stack.client() as client:
+        multi = client.post("/v1/generations", json={**body, "seed": 50, "n": 3}).json()["id"]
+        single = client.post("/v1/generations", json={**body, "seed": 52}).json()["id"]
+        for job_id in (multi, single):
+            assert wait_for_job(client, job_id)["status"] == "succeeded"
+        third = client.get(f"/v1/generations/{multi}/images/2").content
+        alone = client.get(f"/v1/generations/{single}/images/0").content
+    assert Image.open(io.BytesIO(third)).tobytes() == Image.open(io.BytesIO(alone)).tobytes()
+
+
+def test_many_jobs_load_the_pipeline_once(stack: Gateway, redis_conn: redis.Redis) -> None:
+    with stack.client() as client:
+        ids = [
+            client.post(
+                "/v1/generations", json={"prompt": f"job {i}", "model": TINY_MODEL_ID, "steps": 1}
+            ).json()["id"]
+            for i in range(6)
+        ]
+        for job_id in ids:
+            assert wait_for_job(client, job_id)["status"] == "succeeded"
+    time.sleep(1.2)  # one more heartbeat after the last job
+    beat = WorkerHeartbeat.model_validate_json(redis_conn.get(Keys.worker("tiny-1")))  # type: ignore[arg-type]
+    assert beat.pipelines_loaded == 1
+    assert beat.jobs_done >= 6
+
+
+def test_unknown_job_is_404(stack: Gateway) -> None:
+    with stack.client() as client:
+        response = client.get("/v1/generations/gen_AAAAAAAAAAAAAAAAAAAAAA")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_models_lists_the_default_and_the_tiny_model(stack: Gateway) -> None:
+    with stack.client() as client:
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models["shapes-64"]["default"] is True
+    assert models["shapes-64"]["width"] == models["shapes-64"]["height"] == 64
+    assert models["shapes-64"]["workers"] == 1
+    assert models[TINY_MODEL_ID]["default"] is False
+    assert "dpmpp_2m_karras" in models[TINY_MODEL_ID]["schedulers"]
+
+
+def test_readyz_and_healthz(stack: Gateway) -> None:
+    with stack.client() as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+
+
+def test_default_request_uses_the_builtin_model(stack: Gateway) -> None:
+    with stack.client() as client:
+        doc = client.post("/v1/generations", json={"prompt": "a red circle"}).json()
+        assert doc["request"]["model"] == "shapes-64"
+        done = wait_for_job(client, doc["id"])
+    assert done["status"] == "succeeded", done
+
+
+def test_cancel_queued_job_never_runs(stack: Gateway, redis_conn: redis.Redis) -> None:
+    # A model that a worker once announced but that has no live worker: its jobs stay queued.
+    info = {
+        "id": "idle-model",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "guidance_scale": 1.0,
+        "scheduler": "euler",
+        "schedulers": ["euler"],
+    }
+    redis_conn.set(Keys.model("idle-model"), json.dumps(info), ex=600)
+    redis_conn.sadd(Keys.MODELS, "idle-model")
+    try:
+        with stack.client() as client:
+            first = client.post("/v1/generations", json={"prompt": "a", "model": "idle-model"})
+            second = client.post("/v1/generations", json={"prompt": "b", "model": "idle-model"})
+            first_id, second_id = first.json()["id"], second.json()["id"]
+            assert client.get(f"/v1/generations/{first_id}").json()["queue_position"] == 0
+            assert client.get(f"/v1/generations/{second_id}").json()["queue_position"] == 1
+            canceled = client.delete(f"/v1/generations/{first_id}")
+            assert canceled.status_code == 200
+            assert canceled.json()["status"] == "canceled"
+            # The next job moves up; the canceled one is out of the queue.
+            assert client.get(f"/v1/generations/{second_id}").json()["queue_position"] == 0
+            again = client.delete(f"/v1/generations/{first_id}")
+            assert again.json()["status"] == "canceled"
+            client.delete(f"/v1/generations/{second_id}")
+    finally:
+        redis_conn.delete(Keys.model("idle-model"))
+        redis_conn.srem(Keys.MODELS, "idle-model")
+
+
+def test_gateway_never_imports_torch() -> None:
+    code = "import sys, app.main; app.main.create_app(); assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -1,0 +1,136 @@
+"""Loading the warm pipeline: once per worker process, through diffusers' auto pipeline."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoPipelineForText2Image
+
+from imagegen.contract import SCHEDULER_NAMES, ModelInfo
+from imagegen.settings import Settings
+from worker.schedulers import name_of
+
+log = logging.getLogger("imagegen.worker")
+
+# Defaults for a model that ships no imagegen.json (e.g. a hub Stable Diffusion checkpoint).
+FALLBACK_STEPS = 30
+FALLBACK_GUIDANCE = 7.5
+FALLBACK_SCHEDULER = "euler"
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline ready to run, and what the worker announces about it."""
+
+    pipe: Any
+    info: ModelInfo
+    device: torch.device
+    dtype: torch.dtype
+    scheduler_config: Any
+    attention_slicing: bool
+    vae_tiling: bool
+
+
+def default_model_dir() -> Path:
+    from builtin_model import MODEL_DIR
+
+    return MODEL_DIR
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
+
+
+def free_gpu_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free / 2**30
+
+
+def _toggle(setting: str, short_of_memory: bool) -> bool:
+    return setting == "on" or (setting == "auto" and short_of_memory)
+
+
+def _read_card(source: str) -> dict[str, Any]:
+    card = Path(source) / "imagegen.json"
+    if card.is_file():
+        data: dict[str, Any] = json.loads(card.read_text())
+        return data
+    return {}
+
+
+def model_id_for(source: str, settings: Settings, card: dict[str, Any]) -> str:
+    if settings.model_id:
+        return settings.model_id
+    if "id" in card:
+        return str(card["id"])
+    path = Path(source)
+    return path.name if path.is_dir() else source
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load the configured pipeline onto its device; the only place weights are loaded."""
+    source = settings.model or str(default_model_dir())
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    log.info("loading %s on %s as %s", source, device, dtype)
+    pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    # Stable Diffusion safety checkers are optional components; we load what the model ships.
+
+    free = free_gpu_gib(device)
+    short = free is not None and free < settings.low_memory_gib
+    slicing = _toggle(settings.attention_slicing, short)
+    tiling = _toggle(settings.vae_tiling, short)
+    if slicing:
+        pipe.enable_attention_slicing()
+    if tiling and hasattr(pipe, "vae"):
+        pipe.vae.enable_tiling()
+    # Otherwise attention uses torch's scaled_dot_product_attention, diffusers' default.
+
+    card = _read_card(source)
+    vae_scale = getattr(pipe, "vae_scale_factor", 8)
+    sample_size = pipe.unet.config.sample_size
+    native = int(sample_size if isinstance(sample_size, int) else sample_size[0]) * vae_scale
+    info = ModelInfo(
+        id=model_id_for(source, settings, card),
+        width=int(card.get("width", native)),
+        height=int(card.get("height", native)),
+        steps=int(card.get("steps", FALLBACK_STEPS)),
+        guidance_scale=float(card.get("guidance_scale", FALLBACK_GUIDANCE)),
+        scheduler=str(card.get("scheduler") or name_of(pipe.scheduler) or FALLBACK_SCHEDULER),
+        schedulers=list(SCHEDULER_NAMES),
+    )
+    log.info(
+        "loaded %s: native %dx%d, attention slicing %s, vae tiling %s, free gpu %s GiB",
+        info.id,
+        info.width,
+        info.height,
+        slicing,
+        tiling,
+        f"{free:.1f}" if free is not None else "n/a",
+    )
+    return LoadedModel(
+        pipe=pipe,
+        info=info,
+        device=device,
+        dtype=dtype,
+        scheduler_config=dict(pipe.scheduler.config),
+        attention_slicing=slicing,
+        vae_tiling=tiling,
+    )

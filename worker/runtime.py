@@ -1,0 +1,219 @@
+"""Running generation jobs on the warm pipeline: one job at a time, in the worker's main thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import torch
+
+from imagegen import __version__
+from imagegen.contract import ErrorCode, ImageInfo, JobSpec, JobStatus
+from imagegen.settings import Settings
+from imagegen.store import JobStore
+from worker.pipeline import LoadedModel
+from worker.png import encode_png
+from worker.schedulers import build_scheduler
+
+log = logging.getLogger("imagegen.worker")
+
+
+class GenerationFailed(Exception):
+    """A job failed; `code` is the job document's error code. Raised so RQ records it too."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError)
+
+
+def png_parameters(spec: JobSpec, index: int) -> dict[str, Any]:
+    """The `parameters` chunk of image `index`: enough to reproduce it with n=1."""
+    return {
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "seed": spec.image_seed(index),
+        "steps": spec.steps,
+        "guidance_scale": spec.guidance_scale,
+        "width": spec.width,
+        "height": spec.height,
+        "scheduler": spec.scheduler,
+        "model": spec.model,
+        "version": __version__,
+    }
+
+
+@dataclass
+class Counters:
+    jobs_done: int = 0
+    pipelines_loaded: int = 0
+    current_job: str | None = None
+    busy_since: float | None = None
+
+
+class Runtime:
+    """The warm model and everything a job needs; built once per worker process."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        connection: redis.Redis,
+        settings: Settings,
+        worker_name: str,
+        counters: Counters,
+    ) -> None:
+        self.model = model
+        self.redis = connection
+        self.store = JobStore(connection)
+        self.settings = settings
+        self.worker_name = worker_name
+        self.counters = counters
+
+    # -- the pipeline ---------------------------------------------------------------------------
+    def generate(self, spec: JobSpec, on_step: Callable[[int], None] | None = None) -> list[Any]:
+        """Run the pipeline for one spec and return PIL images, image i seeded seed + i."""
+        pipe = self.model.pipe
+        # A fresh scheduler per job: schedulers keep per-run state and must not be shared.
+        pipe.scheduler = build_scheduler(spec.scheduler, self.model.scheduler_config)
+        # CPU generators make the starting noise identical on every device and batch layout.
+        generators = [torch.Generator("cpu").manual_seed(spec.image_seed(i)) for i in range(spec.n)]
+
+        def callback(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if on_step is not None:
+                on_step(step + 1)
+            return kwargs
+
+        with torch.inference_mode():
+            result = pipe(
+                prompt=[spec.prompt] * spec.n,
+                negative_prompt=[spec.negative_prompt] * spec.n,
+                width=spec.width,
+                height=spec.height,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                generator=generators,
+                output_type="pil",
+                callback_on_step_end=callback,
+            )
+        images: list[Any] = result.images
+        return images
+
+    def warm_up(self) -> None:
+        """One small generation, so the first job pays no lazy-initialisation cost."""
+        info = self.model.info
+        spec = JobSpec(
+            prompt="warm-up",
+            negative_prompt="",
+            width=info.width,
+            height=info.height,
+            steps=2,
+            guidance_scale=info.guidance_scale,
+            seed=0,
+            n=1,
+            scheduler=info.scheduler,
+            model=info.id,
+        )
+        started = time.perf_counter()
+        self.generate(spec)
+        log.info("warm-up generation took %.2fs", time.perf_counter() - started)
+
+    # -- a job ----------------------------------------------------------------------------------
+    def run_job(self, job_id: str) -> dict[str, Any]:
+        """Run job `job_id` end to end; the job document records every outcome."""
+        record = self.store.get(job_id)
+        if record is None:
+            log.warning("job %s has no record (expired?); skipping", job_id)
+            return {"skipped": "no record"}
+        moved, status = self.store.transition(
+            job_id,
+            [JobStatus.QUEUED],
+            JobStatus.RUNNING,
+            {
+                "started_at": time.time(),
+                "worker": self.worker_name,
+                "attempts": record.attempts + 1,
+            },
+        )
+        if not moved:
+            # Canceled (or already taken) before we got to it: it must never run.
+            log.info("job %s is %s; not running it", job_id, status)
+            return {"skipped": str(status)}
+        spec = record.spec
+        self.counters.current_job = job_id
+        self.counters.busy_since = time.time()
+        try:
+            return self._run(job_id, spec)
+        finally:
+            self.counters.current_job = None
+            self.counters.busy_since = None
+            self.counters.jobs_done += 1
+
+    def _run(self, job_id: str, spec: JobSpec) -> dict[str, Any]:
+        started = time.perf_counter()
+        last_write = 0.0
+        interval = self.settings.progress_interval_s
+
+        def on_step(step: int) -> None:
+            # Fast steps must not each pay a Redis round trip: write at most every `interval`.
+            nonlocal last_write
+            now = time.monotonic()
+            if now - last_write >= interval or step == spec.steps:
+                last_write = now
+                self.store.set_progress(job_id, step)
+
+        try:
+            images = self.generate(spec, on_step)
+        except Exception as exc:
+            self._fail_from_exception(job_id, exc)
+            raise
+        pngs = [encode_png(img, png_parameters(spec, i)) for i, img in enumerate(images)]
+        infos = [
+            ImageInfo(index=i, seed=spec.image_seed(i), width=img.width, height=img.height)
+            for i, img in enumerate(images)
+        ]
+        if not self.store.finish_succeeded(job_id, pngs, infos, self.settings.result_ttl_s):
+            log.info("job %s was canceled while running; images discarded", job_id)
+            return {"canceled": True}
+        run_s = time.perf_counter() - started
+        log.info("job %s succeeded: %d image(s) in %.2fs", job_id, len(pngs), run_s)
+        return {"images": len(pngs), "run_s": round(run_s, 3)}
+
+    def _fail_from_exception(self, job_id: str, exc: BaseException) -> None:
+        from rq.timeouts import JobTimeoutException
+
+        if isinstance(exc, JobTimeoutException):
+            code, message = ErrorCode.TIMEOUT, "the job exceeded its time limit"
+        elif _is_out_of_memory(exc):
+            code, message = (
+                ErrorCode.OUT_OF_MEMORY,
+                ("the worker ran out of memory; try fewer images (n), fewer pixels or fewer steps"),
+            )
+            self.free_memory()
+        else:
+            code, message = ErrorCode.INTERNAL, f"generation failed ({type(exc).__name__})"
+        log.error("job %s failed: %s: %s", job_id, code, exc)
+        self.fail(job_id, code, message)
+
+    def fail(self, job_id: str, code: str, message: str) -> None:
+        self.store.transition(
+            job_id,
+            [JobStatus.QUEUED, JobStatus.RUNNING],
+            JobStatus.FAILED,
+            {"finished_at": time.time(), "error": {"code": code, "message": message}},
+            ttl_s=self.settings.failure_ttl_s,
+        )
+
+    def free_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
