@@ -7,10 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.errors import install_error_handlers
+from app.events import EventHub
+from app.metrics import ServiceCollector
+from app.metrics import router as metrics_router
 from app.registry import ModelRegistry
 from app.routes import generations, health, models
 from app.schemas import ErrorEnvelope
@@ -20,6 +24,8 @@ from imagegen.settings import Settings
 from imagegen.store import JobStore
 
 log = logging.getLogger("imagegen.gateway")
+# Named connections let an operator (and the tests) tell the gateway's apart in CLIENT LIST.
+REDIS_CLIENT_NAME = "imagegen-gateway"
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -33,18 +39,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        connection = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+        # Bounded pools: a burst of requests waits for a connection instead of opening hundreds.
+        connection = redis.Redis(
+            connection_pool=redis.BlockingConnectionPool.from_url(
+                settings.redis_url,
+                max_connections=settings.redis_max_connections,
+                timeout=2,
+                socket_timeout=5,
+                socket_connect_timeout=2,
+                health_check_interval=30,
+                client_name=REDIS_CLIENT_NAME,
+            )
         )
+        async_connection = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=2,
+            health_check_interval=30,
+            client_name=REDIS_CLIENT_NAME,
+        )
+        events = EventHub(async_connection)
+        await events.start()
+        app.state.events = events
         store = JobStore(connection)
         registry = ModelRegistry(connection, settings.default_model)
         app.state.settings = settings
         app.state.registry = registry
         app.state.service = GenerationService(connection, store, registry, settings)
+        app.state.collector = ServiceCollector(registry, app.state.service, events)
         log.info("gateway %s started; redis at %s", __version__, _redact(settings.redis_url))
         try:
             yield
         finally:
+            await events.stop()
+            await async_connection.aclose()
             connection.close()
 
     app = FastAPI(
@@ -53,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Text-to-image generation over HTTP: queue, poll, stream, download.",
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
+        # No 307s to slash-variant paths: an API path either exists or is a 404.
+        redirect_slashes=False,
         responses={
             "4XX": {"model": ErrorEnvelope, "description": "Client error (the error envelope)."},
             "5XX": {"model": ErrorEnvelope, "description": "Server error (the error envelope)."},
@@ -62,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(metrics_router)
     return app
 
 

@@ -59,6 +59,7 @@ class GenerationRequest(BaseModel):
 class Progress(BaseModel):
     step: int
     total_steps: int
+    eta_s: float | None = Field(None, description="Seconds left, once a step rate is known.")
 
 
 class ImageLink(BaseModel):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from datetime import UTC, datetime
 
 import redis
+from redis.client import Pipeline
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -26,6 +28,7 @@ from imagegen.contract import (
     JobRecord,
     JobSpec,
     JobStatus,
+    Keys,
     is_valid_job_id,
     queue_name,
 )
@@ -34,6 +37,8 @@ from imagegen.store import JobStore
 
 # The worker's job function, enqueued by dotted path so the gateway never imports it.
 JOB_FUNCTION = "worker.jobs.run_generation"
+IDEMPOTENCY_TTL_S = 24 * 3600
+IDEMPOTENCY_ATTEMPTS = 10
 
 
 def new_job_id() -> str:
@@ -130,28 +135,62 @@ class GenerationService:
             self.settings.job_timeout_base_s + work * self.settings.job_timeout_s_per_megapixel_step
         )
 
-    def submit(self, request: GenerationRequest) -> JobDocument:
-        spec = self.resolve(request)
+    def submit(
+        self, request: GenerationRequest, idempotency_key: str | None = None, owner: str = ""
+    ) -> tuple[JobDocument, bool]:
+        """Queue a job; returns its document and whether it was created (False: a replay)."""
+        spec = self.resolve(request)  # a bad request never consumes an idempotency key
         record = JobRecord(
             id=new_job_id(), status=JobStatus.QUEUED, spec=spec, created_at=time.time()
         )
-        queue = self.queue(spec.model)
-        with self.redis.pipeline(transaction=True) as pipe:
-            # The record and the RQ job land in one MULTI: a job is either fully queued or absent.
-            pipe.multi()
-            self.store.create(record, pipe)
-            queue.enqueue_call(
-                JOB_FUNCTION,
-                args=(record.id,),
-                job_id=record.id,
-                timeout=self.job_timeout_s(spec),
-                result_ttl=self.settings.result_ttl_s,
-                failure_ttl=self.settings.failure_ttl_s,
-                description=f"generation {record.id}",
-                pipeline=pipe,
-            )
-            pipe.execute()
-        return self.document(record)
+        if idempotency_key is None:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.multi()
+                self._enqueue(record, pipe)
+                pipe.execute()
+            return self.document(record), True
+        return self._submit_once(record, request, idempotency_key, owner)
+
+    def _enqueue(self, record: JobRecord, pipe: Pipeline) -> None:
+        """Queue the record and its RQ job inside `pipe`'s MULTI: a job is fully there or absent."""
+        self.store.create(record, pipe)
+        self.queue(record.spec.model).enqueue_call(
+            JOB_FUNCTION,
+            args=(record.id,),
+            job_id=record.id,
+            timeout=self.job_timeout_s(record.spec),
+            result_ttl=self.settings.result_ttl_s,
+            failure_ttl=self.settings.failure_ttl_s,
+            description=f"generation {record.id}",
+            pipeline=pipe,
+        )
+
+    def _submit_once(
+        self, record: JobRecord, request: GenerationRequest, key: str, owner: str
+    ) -> tuple[JobDocument, bool]:
+        """Create the job unless this key already made one, atomically (WATCH/MULTI)."""
+        body_hash = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        redis_key = Keys.idempotency(hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest())
+        for _ in range(IDEMPOTENCY_ATTEMPTS):
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.watch(redis_key)  # type: ignore[no-untyped-call]
+                existing: bytes | None = pipe.get(redis_key)  # type: ignore[assignment]
+                if existing is not None:
+                    job_id, stored_hash = existing.decode().split(" ", 1)
+                    if stored_hash != body_hash:
+                        raise Conflict(
+                            "Idempotency-Key was already used with a different request body"
+                        )
+                    return self.get(job_id), False
+                pipe.multi()
+                pipe.set(redis_key, f"{record.id} {body_hash}", ex=IDEMPOTENCY_TTL_S)
+                self._enqueue(record, pipe)
+                try:
+                    pipe.execute()
+                except redis.WatchError:
+                    continue  # another request with this key won; read what it made
+                return self.document(record), True
+        raise Unavailable("too much contention on this Idempotency-Key; retry", retry_after_s=1)
 
     # -- read -----------------------------------------------------------------------------------
     def get_record(self, job_id: str) -> JobRecord:
@@ -210,23 +249,38 @@ class GenerationService:
             started_at=rfc3339(record.started_at),
             finished_at=rfc3339(record.finished_at),
             queue_position=self.queue_position(record),
-            progress=Progress(step=record.progress_step, total_steps=spec.steps),
+            progress=Progress(
+                step=record.progress_step, total_steps=spec.steps, eta_s=self._eta_s(record)
+            ),
             request=GenerationParams(**spec.model_dump()),
             images=images,
             error=ErrorInfo(**record.error.model_dump()) if record.error else None,
             timings=Timings(queued_s=queued_s, run_s=run_s),
         )
 
+    @staticmethod
+    def _eta_s(record: JobRecord) -> float | None:
+        """Seconds left at the step rate seen so far; None until a step rate is known."""
+        if record.status != JobStatus.RUNNING or not record.progress_step:
+            return None
+        if record.started_at is None or record.progress_at is None:
+            return None
+        per_step = (record.progress_at - record.started_at) / record.progress_step
+        return round(per_step * (record.spec.steps - record.progress_step), 2)
+
     # -- cancel ---------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> JobDocument:
-        """Cancel a queued job at once; a finished job is returned unchanged."""
+        """Cancel a queued or running job; a finished job is returned unchanged.
+
+        The record turns `canceled` at once. A queued job leaves its queue (and a worker that
+        pops it anyway sees `canceled` and skips it); a running job's worker learns of it at
+        its next progress write and stops at that step boundary.
+        """
         record = self.get_record(job_id)
-        if record.status == JobStatus.RUNNING:
-            raise Conflict(f"job {job_id} is already running; running jobs cannot be canceled yet")
-        if record.status == JobStatus.QUEUED:
+        if not record.status.is_terminal:
             moved, _ = self.store.transition(
                 job_id,
-                [JobStatus.QUEUED],
+                [JobStatus.QUEUED, JobStatus.RUNNING],
                 JobStatus.CANCELED,
                 {
                     "finished_at": time.time(),
@@ -234,8 +288,7 @@ class GenerationService:
                 },
                 ttl_s=self.settings.failure_ttl_s,
             )
-            if moved:
-                # The queue entry goes too; a worker that pops it anyway sees `canceled` and skips.
+            if moved and record.status == JobStatus.QUEUED:
                 self.queue(record.spec.model).remove(job_id)
             record = self.get_record(job_id)
         return self.document(record)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -102,6 +101,7 @@ class JobRecord(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     progress_step: int = 0
+    progress_at: float | None = None
     images: list[ImageInfo] = Field(default_factory=list)
     error: JobError | None = None
     worker: str | None = None
@@ -136,9 +136,6 @@ class WorkerHeartbeat(BaseModel):
     current_job: str | None = None
     jobs_done: int = 0
     pipelines_loaded: int = 0
-
-
-NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 class Keys:

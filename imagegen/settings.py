@@ -51,6 +51,9 @@ class Settings(BaseSettings):
         gt=0,
         description="Time limit per step per megapixel per image; lower it on a fast GPU.",
     )
+    redis_max_connections: int = Field(
+        64, ge=2, description="Connections in each gateway process's Redis pool."
+    )
     worker_stale_s: int = Field(
         30, ge=3, description="A worker whose heartbeat is older than this counts as gone."
     )
@@ -79,6 +82,11 @@ class Settings(BaseSettings):
     )
     low_memory_gib: float = Field(
         6.0, ge=0, description="Free GPU memory below which `auto` turns slicing/tiling on."
+    )
+    batch_invariant: Toggle = Field(
+        "auto",
+        description="Generate each image of a job in its own pipeline call, so image i is "
+        "byte-identical to seed+i alone; auto = on for CPU, off for GPU (speed).",
     )
     warmup: bool = Field(True, description="Run one small generation before taking jobs.")
     heartbeat_interval_s: float = Field(

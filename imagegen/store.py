@@ -40,14 +40,17 @@ return {1, new_status}
 """
 
 # Progress only moves forward and only while running: a late write never resurrects a
-# canceled job or rolls a finished one back.
+# canceled job or rolls a finished one back. Returns the job's status, so the worker learns of
+# a cancel on the same round trip that reports its progress.
 _PROGRESS_LUA = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then return status or '' end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'progress_step') or '0')
-if tonumber(ARGV[1]) <= cur then return 0 end
-redis.call('HSET', KEYS[1], 'progress_step', ARGV[1])
-redis.call('PUBLISH', KEYS[2], 'progress')
-return 1
+if tonumber(ARGV[1]) > cur then
+  redis.call('HSET', KEYS[1], 'progress_step', ARGV[1], 'progress_at', ARGV[2])
+  redis.call('PUBLISH', KEYS[2], 'progress')
+end
+return status
 """
 
 
@@ -80,6 +83,7 @@ def record_from_hash(job_id: str, raw: Mapping[str, str]) -> JobRecord:
         started_at=_opt_float(raw.get("started_at")),
         finished_at=_opt_float(raw.get("finished_at")),
         progress_step=int(raw.get("progress_step") or 0),
+        progress_at=_opt_float(raw.get("progress_at")),
         images=[ImageInfo.model_validate(i) for i in json.loads(raw.get("images") or "[]")],
         error=JobError.model_validate_json(error) if error else None,
         worker=raw.get("worker") or None,
@@ -132,9 +136,11 @@ class JobStore:
         moved, status = self._transition(keys=[Keys.job(job_id), Keys.events(job_id)], args=args)
         return bool(moved), (JobStatus(status.decode()) if status else None)
 
-    def set_progress(self, job_id: str, step: int) -> bool:
+    def set_progress(self, job_id: str, step: int) -> JobStatus | None:
+        """Record that `step` steps are done; returns the job's status (None if it is gone)."""
         keys = [Keys.job(job_id), Keys.events(job_id)]
-        return bool(self._progress(keys=keys, args=[step]))
+        status: bytes = self._progress(keys=keys, args=[step, repr(time.time())])
+        return JobStatus(status.decode()) if status else None
 
     def finish_succeeded(
         self, job_id: str, pngs: list[bytes], images: list[ImageInfo], ttl_s: int

@@ -130,3 +130,31 @@ def wait_for_job(
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {status}")
         time.sleep(0.05)
+
+
+def parse_sse(lines: list[str]) -> list[tuple[str, dict[str, object]]]:
+    """(event, data) pairs from text/event-stream lines; comments (pings) are skipped."""
+    import json
+
+    events: list[tuple[str, dict[str, object]]] = []
+    name, data = "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                events.append((name, json.loads("\n".join(data))))
+            name, data = "message", []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+    return events
+
+
+def read_events(client: httpx.Client, job_id: str) -> list[tuple[str, dict[str, object]]]:
+    """Read a job's event stream until the server closes it."""
+    with client.stream("GET", f"/v1/generations/{job_id}/events") as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return parse_sse(list(response.iter_lines()))

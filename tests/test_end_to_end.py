@@ -30,7 +30,7 @@ def test_submit_poll_download(stack: Gateway) -> None:
         done = wait_for_job(client, doc["id"])
         assert done["status"] == "succeeded", done
         assert done["queue_position"] is None
-        assert done["progress"] == {"step": 3, "total_steps": 3}
+        assert done["progress"] == {"step": 3, "total_steps": 3, "eta_s": None}
         assert [i["seed"] for i in done["images"]] == [7, 8]  # type: ignore[index]
         assert done["timings"]["run_s"] > 0  # type: ignore[index]
         for image in done["images"]:  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ class LoadedModel:
     scheduler_config: Any
     attention_slicing: bool
     vae_tiling: bool
+    batch_invariant: bool
 
 
 def default_model_dir() -> Path:
@@ -133,4 +134,6 @@ def load_model(settings: Settings) -> LoadedModel:
         scheduler_config=dict(pipe.scheduler.config),
         attention_slicing=slicing,
         vae_tiling=tiling,
+        batch_invariant=settings.batch_invariant == "on"
+        or (settings.batch_invariant == "auto" and device.type == "cpu"),
     )

@@ -22,6 +22,14 @@ from worker.schedulers import build_scheduler
 log = logging.getLogger("imagegen.worker")
 
 
+class JobCanceled(Exception):
+    """Raised from the step callback to leave the denoising loop at once.
+
+    The pipeline's own interrupt flag would skip the remaining steps but still decode the
+    latents; raising stops before the VAE too, and nothing partial is ever stored.
+    """
+
+
 class GenerationFailed(Exception):
     """A job failed; `code` is the job document's error code. Raised so RQ records it too."""
 
@@ -79,12 +87,34 @@ class Runtime:
 
     # -- the pipeline ---------------------------------------------------------------------------
     def generate(self, spec: JobSpec, on_step: Callable[[int], None] | None = None) -> list[Any]:
-        """Run the pipeline for one spec and return PIL images, image i seeded seed + i."""
+        """Run the pipeline for one spec and return PIL images, image i seeded seed + i.
+
+        In batch-invariant mode (the default on CPU) each image gets its own pipeline call:
+        float kernels give slightly different results for different batch sizes, and this
+        mode keeps image i byte-identical to the same seed generated alone (n=1).
+        """
+        if not self.model.batch_invariant or spec.n == 1:
+            return self._call(spec, list(range(spec.n)), on_step)
+        images: list[Any] = []
+        for i in range(spec.n):
+            done = i * spec.steps
+
+            def scaled(step: int, done: int = done) -> None:
+                # Progress over all n runs, on the job's 0..steps scale, never going back.
+                if on_step is not None:
+                    on_step((done + step) * spec.steps // (spec.n * spec.steps))
+
+            images += self._call(spec, [i], scaled)
+        return images
+
+    def _call(
+        self, spec: JobSpec, indices: list[int], on_step: Callable[[int], None] | None
+    ) -> list[Any]:
         pipe = self.model.pipe
-        # A fresh scheduler per job: schedulers keep per-run state and must not be shared.
+        # A fresh scheduler per call: schedulers keep per-run state and must not be shared.
         pipe.scheduler = build_scheduler(spec.scheduler, self.model.scheduler_config)
         # CPU generators make the starting noise identical on every device and batch layout.
-        generators = [torch.Generator("cpu").manual_seed(spec.image_seed(i)) for i in range(spec.n)]
+        generators = [torch.Generator("cpu").manual_seed(spec.image_seed(i)) for i in indices]
 
         def callback(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:
@@ -93,8 +123,8 @@ class Runtime:
 
         with torch.inference_mode():
             result = pipe(
-                prompt=[spec.prompt] * spec.n,
-                negative_prompt=[spec.negative_prompt] * spec.n,
+                prompt=[spec.prompt] * len(indices),
+                negative_prompt=[spec.negative_prompt] * len(indices),
                 width=spec.width,
                 height=spec.height,
                 num_inference_steps=spec.steps,
@@ -156,21 +186,36 @@ class Runtime:
             self.counters.busy_since = None
             self.counters.jobs_done += 1
 
-    def _run(self, job_id: str, spec: JobSpec) -> dict[str, Any]:
-        started = time.perf_counter()
-        last_write = 0.0
+    def progress_reporter(self, job_id: str, total_steps: int) -> Callable[[int], None]:
+        """A step callback that records progress and stops the job once it is canceled.
+
+        Fast steps must not each pay a Redis round trip, so it writes at most once per
+        `progress_interval_s` (and at the last step); that same round trip returns the job's
+        status, which is how a cancel reaches the running loop.
+        """
         interval = self.settings.progress_interval_s
+        last_write = 0.0
 
         def on_step(step: int) -> None:
-            # Fast steps must not each pay a Redis round trip: write at most every `interval`.
             nonlocal last_write
             now = time.monotonic()
-            if now - last_write >= interval or step == spec.steps:
+            if now - last_write >= interval or step == total_steps:
                 last_write = now
-                self.store.set_progress(job_id, step)
+                status = self.store.set_progress(job_id, step)
+                if status is not JobStatus.RUNNING:
+                    raise JobCanceled(f"job is {status}")
 
+        return on_step
+
+    def _run(self, job_id: str, spec: JobSpec) -> dict[str, Any]:
+        started = time.perf_counter()
+        on_step = self.progress_reporter(job_id, spec.steps)
         try:
             images = self.generate(spec, on_step)
+        except JobCanceled as exc:
+            self.free_memory()
+            log.info("job %s stopped at a step boundary: %s", job_id, exc)
+            return {"canceled": True}
         except Exception as exc:
             self._fail_from_exception(job_id, exc)
             raise

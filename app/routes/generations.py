@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Path, Response, status
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.deps import ServiceDep
+from app.events import EventHub, job_event_stream
 from app.schemas import GenerationRequest, JobDocument
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -14,13 +20,31 @@ router = APIRouter(prefix="/v1/generations", tags=["generations"])
 JobId = Path(description="The job id returned at submit.")
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobDocument)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobDocument,
+    responses={200: {"model": JobDocument, "description": "Replay of an Idempotency-Key."}},
+)
 def submit_generation(
-    body: GenerationRequest, service: ServiceDep, response: Response
+    body: GenerationRequest,
+    service: ServiceDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="Same key + same body within 24 h returns the first job (200).",
+        ),
+    ] = None,
 ) -> JobDocument:
     """Queue a generation job."""
-    document = service.submit(body)
+    document, created = service.submit(body, idempotency_key)
     response.headers["Location"] = f"/v1/generations/{document.id}"
+    if not created:
+        response.status_code = status.HTTP_200_OK
     return document
 
 
@@ -49,5 +73,27 @@ def get_generation_image(
 
 @router.delete("/{job_id}", response_model=JobDocument)
 def cancel_generation(service: ServiceDep, job_id: str = JobId) -> JobDocument:
-    """Cancel a queued job; a finished job is returned unchanged."""
+    """Cancel a queued job at once, a running one at its next step; finished: unchanged."""
     return service.cancel(job_id)
+
+
+async def _existing_job(service: ServiceDep, job_id: str = JobId) -> JobDocument:
+    # Runs before the stream opens, so an unknown id is a plain 404, not a broken stream.
+    return await anyio.to_thread.run_sync(service.get, job_id)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
+async def stream_generation_events(
+    request: Request,
+    service: ServiceDep,
+    first: Annotated[JobDocument, Depends(_existing_job)],
+    job_id: str = JobId,
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-Sent Events: the current state, every transition and progress, then the end."""
+    hub: EventHub = request.app.state.events
+
+    async def read(job: str) -> JobDocument:
+        return await anyio.to_thread.run_sync(service.get, job)
+
+    async for event in job_event_stream(hub, first.id, read):
+        yield event
