@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[worker,local,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[worker,local,dev]" -e "./client[pil]"
 	touch $(STAMP)
 
 run: $(STAMP)

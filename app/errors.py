@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -138,21 +139,37 @@ def install_error_handlers(app: FastAPI) -> None:
         code = "internal" if exc.status_code >= 500 else "invalid_request"
         return error_response(exc.status_code, code, str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if _is_redis_down(exc):
-            log.warning("redis unavailable: %s", exc)
+    @app.exception_handler(redis.exceptions.RedisError)
+    async def _redis_error(request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
+        if _is_store_full(exc):
+            # noeviction: Redis refused the whole MULTI, so nothing was half-written.
+            log.error("redis is full: %s", exc)
+            return error_response(
+                503,
+                "unavailable",
+                "the job store is full; retry later",
+                headers={"Retry-After": "30"},
+            )
+        if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+            log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
             return error_response(
                 503,
                 "unavailable",
                 "the job store is unavailable; retry shortly",
-                headers={"Retry-After": "5"},
+                headers={"Retry-After": "2"},
             )
+        log.exception("redis error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal error; it has been logged")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal", "internal error; it has been logged")
 
 
-def _is_redis_down(exc: BaseException) -> bool:
-    import redis.exceptions
-
-    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+def _is_store_full(exc: redis.exceptions.RedisError) -> bool:
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(exc, redis.exceptions.ExecAbortError | redis.exceptions.ResponseError) and (
+        "OOM" in str(exc)
+    )

@@ -213,7 +213,10 @@ class GenerationService:
             )
         png = self.store.get_image(job_id, index)
         if png is None:
-            raise NotFound(f"image {index} of job {job_id} has expired")
+            raise NotFound(
+                f"image {index} of job {job_id} has expired (results are kept "
+                f"{self.settings.result_ttl_s}s after a job finishes)"
+            )
         return png
 
     def queue_position(self, record: JobRecord) -> int | None:

@@ -105,6 +105,7 @@ class JobRecord(BaseModel):
     images: list[ImageInfo] = Field(default_factory=list)
     error: JobError | None = None
     worker: str | None = None
+    owner: str | None = None  # "<worker>#<attempt>" of the run that holds the job
     attempts: int = 0
 
 

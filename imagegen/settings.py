@@ -26,10 +26,16 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0", description="Redis that holds the queues, jobs and images."
     )
     result_ttl_s: int = Field(
-        3600, ge=60, description="How long finished jobs and their images stay readable."
+        3600, ge=1, description="How long the images of a succeeded job stay downloadable."
+    )
+    expired_notice_s: int = Field(
+        86400,
+        ge=0,
+        description="How long a succeeded job's record outlives its images, so a late "
+        "download is told the image expired.",
     )
     failure_ttl_s: int = Field(
-        86400, ge=60, description="How long failed and canceled jobs stay readable."
+        86400, ge=1, description="How long failed and canceled jobs stay readable."
     )
     log_level: str = Field("INFO", description="Python log level of every process.")
 
@@ -87,6 +93,21 @@ class Settings(BaseSettings):
         "auto",
         description="Generate each image of a job in its own pipeline call, so image i is "
         "byte-identical to seed+i alone; auto = on for CPU, off for GPU (speed).",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Runs a job gets when its worker is lost before it fails."
+    )
+    recovery_interval_s: float = Field(
+        5.0, gt=0, description="How often each worker sweeps for jobs of lost workers."
+    )
+    hard_timeout_grace_s: float = Field(
+        15.0,
+        gt=0,
+        description="Past a job's time limit plus this, a worker whose job is stuck in native "
+        "code fails the job and exits for its supervisor to restart it.",
+    )
+    fault_injection: bool = Field(
+        False, description="Test suites only: honour `__fault__:` prompts (see worker/faults.py)."
     )
     warmup: bool = Field(True, description="Run one small generation before taking jobs.")
     heartbeat_interval_s: float = Field(

@@ -17,7 +17,9 @@ import redis
 from imagegen.contract import ImageInfo, JobError, JobRecord, JobSpec, JobStatus, Keys
 
 # KEYS[1] = job hash, KEYS[2] = events channel.
-# ARGV = n_allowed, allowed..., new_status, ttl, field, value, field, value...
+# ARGV = n_allowed, allowed..., owner ("" = any), new_status, ttl, field, value, ...
+# `owner` fences a worker's writes: once a job was taken back from a worker presumed dead,
+# that worker's late writes find another owner and change nothing.
 # Returns {1, new_status} on success, {0, current_status or ""} otherwise.
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -28,10 +30,12 @@ for i = 2, n + 1 do
   if ARGV[i] == cur then ok = true end
 end
 if not ok then return {0, cur} end
-local new_status = ARGV[n + 2]
-local ttl = tonumber(ARGV[n + 3])
+local owner = ARGV[n + 2]
+if owner ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= owner then return {0, cur} end
+local new_status = ARGV[n + 3]
+local ttl = tonumber(ARGV[n + 4])
 redis.call('HSET', KEYS[1], 'status', new_status)
-for i = n + 4, #ARGV, 2 do
+for i = n + 5, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
@@ -39,12 +43,13 @@ redis.call('PUBLISH', KEYS[2], new_status)
 return {1, new_status}
 """
 
-# Progress only moves forward and only while running: a late write never resurrects a
-# canceled job or rolls a finished one back. Returns the job's status, so the worker learns of
-# a cancel on the same round trip that reports its progress.
+# Progress only moves forward and only while running under this owner: a late write never
+# resurrects a canceled job or rolls a finished one back. Returns the job's status ("lost" if
+# another owner holds it), so the worker learns of a cancel on the round trip it already makes.
 _PROGRESS_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' then return status or '' end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return 'lost' end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'progress_step') or '0')
 if tonumber(ARGV[1]) > cur then
   redis.call('HSET', KEYS[1], 'progress_step', ARGV[1], 'progress_at', ARGV[2])
@@ -87,6 +92,7 @@ def record_from_hash(job_id: str, raw: Mapping[str, str]) -> JobRecord:
         images=[ImageInfo.model_validate(i) for i in json.loads(raw.get("images") or "[]")],
         error=JobError.model_validate_json(error) if error else None,
         worker=raw.get("worker") or None,
+        owner=raw.get("owner") or None,
         attempts=int(raw.get("attempts") or 0),
     )
 
@@ -127,44 +133,61 @@ class JobStore:
         new_status: JobStatus,
         fields: Mapping[str, Any] | None = None,
         ttl_s: int = 0,
+        owner: str = "",
     ) -> tuple[bool, JobStatus | None]:
-        """Move a job to `new_status` if it is in one of `allowed`; returns (moved, status)."""
+        """Move a job to `new_status` if it is in one of `allowed` (and, if `owner` is given,
+        still held by that owner); returns (moved, status)."""
         allowed_values = [s.value for s in allowed]
-        args: list[str] = [str(len(allowed_values)), *allowed_values, new_status.value, str(ttl_s)]
+        args: list[str] = [
+            str(len(allowed_values)),
+            *allowed_values,
+            owner,
+            new_status.value,
+            str(ttl_s),
+        ]
         for key, value in _encode(fields or {}).items():
             args += [key, value]
         moved, status = self._transition(keys=[Keys.job(job_id), Keys.events(job_id)], args=args)
         return bool(moved), (JobStatus(status.decode()) if status else None)
 
-    def set_progress(self, job_id: str, step: int) -> JobStatus | None:
-        """Record that `step` steps are done; returns the job's status (None if it is gone)."""
+    def set_progress(self, job_id: str, step: int, owner: str) -> str:
+        """Record that `step` steps are done; returns the job's status, "lost" when another
+        owner holds it, or "" when the record is gone."""
         keys = [Keys.job(job_id), Keys.events(job_id)]
-        status: bytes = self._progress(keys=keys, args=[step, repr(time.time())])
-        return JobStatus(status.decode()) if status else None
+        status: bytes = self._progress(keys=keys, args=[step, repr(time.time()), owner])
+        return status.decode()
 
     def finish_succeeded(
-        self, job_id: str, pngs: list[bytes], images: list[ImageInfo], ttl_s: int
+        self,
+        job_id: str,
+        owner: str,
+        pngs: list[bytes],
+        images: list[ImageInfo],
+        ttl_s: int,
+        record_ttl_s: int,
     ) -> bool:
         """Store the images, then mark the job succeeded; False if it was canceled meanwhile.
 
         Images are written first with their TTL so a client that sees `succeeded` can always
-        download them; if the job turns out to be canceled the images are deleted again.
+        download them; if the job turns out to be canceled the images are deleted again. The
+        record outlives the images (`record_ttl_s`), so a late download learns that the image
+        expired rather than that it never existed.
         """
         with self.redis.pipeline(transaction=True) as pipe:
             for info, png in zip(images, pngs, strict=True):
                 pipe.set(Keys.image(job_id, info.index), png, ex=ttl_s)
             pipe.execute()
-        moved, _ = self.transition(
+        moved, status = self.transition(
             job_id,
             [JobStatus.RUNNING],
             JobStatus.SUCCEEDED,
-            {
-                "finished_at": time.time(),
-                "images": [i.model_dump() for i in images],
-            },
-            ttl_s=ttl_s,
+            {"finished_at": time.time(), "images": [i.model_dump() for i in images]},
+            ttl_s=record_ttl_s,
+            owner=owner,
         )
-        if not moved:
+        if not moved and status != JobStatus.SUCCEEDED:
+            # Canceled meanwhile. (If another run of the same job already succeeded, the images
+            # are the same bytes — same seeds — so leaving them is harmless and correct.)
             self.redis.delete(*(Keys.image(job_id, i.index) for i in images))
         return moved
 

@@ -45,7 +45,12 @@ def builtin_worker(
     redis_server: RedisServer, redis_conn: redis.Redis, log_dir: Path
 ) -> Iterator[Proc]:
     """One worker serving the built-in model (IMAGEGEN_MODEL unset), as in the local run."""
-    proc = start_worker(redis_server.url, log_dir, "builtin-1")
+    import os
+
+    extra = {}
+    if os.environ.get("DEV_FAKE_BUILTIN"):
+        extra = {"IMAGEGEN_MODEL": os.environ["DEV_FAKE_BUILTIN"], "IMAGEGEN_MODEL_ID": "shapes-64"}
+    proc = start_worker(redis_server.url, log_dir, "builtin-1", extra)
     wait_for_worker(redis_conn, proc, "builtin-1")
     yield proc
     proc.stop()
@@ -70,7 +75,8 @@ def tiny_worker(
 @pytest.fixture(scope="session")
 def gateway(redis_server: RedisServer, log_dir: Path) -> Iterator[Gateway]:
     """The gateway with default settings (default model: the built-in shapes-64)."""
-    gw = start_gateway(redis_server.url, log_dir)
+    # A small Redis pool, so that a burst saturates it and connection counts can be compared.
+    gw = start_gateway(redis_server.url, log_dir, {"IMAGEGEN_REDIS_MAX_CONNECTIONS": "16"})
     yield gw
     gw.proc.stop()
 

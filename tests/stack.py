@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,3 +158,38 @@ def read_events(client: httpx.Client, job_id: str) -> list[tuple[str, dict[str, 
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         return parse_sse(list(response.iter_lines()))
+
+
+class Supervisor:
+    """Restarts a worker whenever it exits, like compose's `restart: unless-stopped`."""
+
+    def __init__(self, start: Callable[[int], Proc]) -> None:
+        import threading
+
+        self._start = start
+        self.generation = 0
+        self.exit_codes: list[int] = []
+        self.proc = start(0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            code = self.proc.process.poll()
+            if code is not None and not self._stop.is_set():
+                self.exit_codes.append(code)
+                self.proc = self._start(self.generation + 1)
+                self.generation += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.proc.stop()
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

@@ -83,7 +83,8 @@ def test_hundred_concurrent_streams_complete_and_leave_nothing_behind(
     stack: Gateway, redis_conn: redis.Redis
 ) -> None:
     with stack.client() as client:
-        # A first, identical round fills the connection pools, so the second measures leaks.
+        # A first, identical round fills the gateway's connection pool (16 here), so the second
+        # measures leaks, not the pool's growth.
         warm = [_submit(client, prompt=f"warm {i}", steps=3) for i in range(10)]
         asyncio.run(_hundred_streams(stack.base_url, warm))
         time.sleep(0.5)

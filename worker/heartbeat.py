@@ -31,6 +31,7 @@ class Heartbeat:
         ttl_s: int,
         snapshot: Callable[[], dict[str, Any]],
         local_file: Path | None = None,
+        watchdog: Callable[[], None] | None = None,
     ) -> None:
         self.redis = connection
         self.base = base
@@ -38,6 +39,7 @@ class Heartbeat:
         self.ttl_s = ttl_s
         self.snapshot = snapshot
         self.local_file = local_file
+        self.watchdog = watchdog
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
@@ -65,6 +67,8 @@ class Heartbeat:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if self.watchdog is not None:
+                self.watchdog()
             try:
                 self.beat()
             except redis.exceptions.RedisError as exc:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rq import get_current_job
+
 from worker.runtime import Runtime
 
 _runtime: Runtime | None = None
@@ -23,4 +25,5 @@ def run_generation(job_id: str) -> dict[str, Any]:
     """Run generation job `job_id` on this process's warm pipeline."""
     if _runtime is None:
         raise RuntimeError("no warm pipeline in this process: start it with `imagegen worker`")
-    return _runtime.run_job(job_id)
+    job = get_current_job()
+    return _runtime.run_job(job_id, timeout_s=job.timeout if job is not None else None)

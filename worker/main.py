@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -13,15 +14,18 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from imagegen import __version__
-from imagegen.contract import WorkerHeartbeat, queue_name
+from imagegen.contract import ErrorCode, WorkerHeartbeat, queue_name
 from imagegen.logs import configure_logging
 from imagegen.settings import Settings
 from worker import jobs
 from worker.heartbeat import Heartbeat
 from worker.pipeline import load_model
+from worker.recovery import Reaper
 from worker.runtime import Counters, Runtime
 
 log = logging.getLogger("imagegen.worker")
+# Exit status of a worker that had to abandon a hung job (EX_TEMPFAIL: restart me).
+HUNG_EXIT_CODE = 75
 
 
 class ImagegenWorker(SimpleWorker):
@@ -31,6 +35,41 @@ class ImagegenWorker(SimpleWorker):
 def default_worker_name() -> str:
     # Unique per process: RQ refuses a name whose previous holder's key has not yet expired.
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
+
+
+def _work_until_stopped(
+    connection: redis.Redis, queue: str, name: str, settings: Settings
+) -> None:
+    """Run RQ's work loop; if Redis goes away, wait for it and start a fresh loop.
+
+    RQ's loop gives up on errors outside its dequeue; the warm pipeline is worth keeping, so
+    instead of exiting we reconnect here. Each loop registers under a fresh RQ name, since the
+    old one's key may survive the outage.
+    """
+    for incarnation in itertools.count():
+        rq_name = name if incarnation == 0 else f"{name}.{incarnation}"
+        worker = ImagegenWorker(
+            [queue], connection=connection, name=rq_name, serializer=JSONSerializer
+        )
+        try:
+            worker.work(logging_level=settings.log_level, with_scheduler=False)
+        except redis.exceptions.RedisError as exc:
+            log.warning("work loop lost redis: %s", exc)
+        if worker._shutdown_requested_date is not None:
+            return  # SIGTERM/SIGINT: the current job was finished, nothing new was taken
+        _wait_for_redis(connection)
+        log.warning("redis is back; restarting the work loop")
+
+
+def _wait_for_redis(connection: redis.Redis, max_wait_s: float = 10.0) -> None:
+    wait = 0.5
+    while True:
+        try:
+            connection.ping()
+            return
+        except redis.exceptions.RedisError:
+            time.sleep(wait)
+            wait = min(wait * 2, max_wait_s)
 
 
 def run_worker(settings: Settings) -> int:
@@ -69,6 +108,21 @@ def run_worker(settings: Settings) -> int:
             "pipelines_loaded": counters.pipelines_loaded,
         }
 
+    def watchdog() -> None:
+        # RQ's timeout is a SIGALRM, which cannot fire while a step is stuck in native code.
+        # The heartbeat thread still runs then, so it enforces the hard limit: fail the job
+        # and exit, for the supervisor (compose `restart`, `imagegen serve`) to restart us.
+        job, owner, deadline = counters.current_job, counters.current_owner, counters.deadline
+        if job and owner and deadline and time.time() > deadline + settings.hard_timeout_grace_s:
+            log.critical("job %s is stuck past its time limit; failing it and exiting", job)
+            runtime.fail(
+                job,
+                owner,
+                ErrorCode.TIMEOUT,
+                "the job exceeded its time limit (a step hung; the worker was restarted)",
+            )
+            os._exit(HUNG_EXIT_CODE)
+
     heartbeat = Heartbeat(
         connection,
         base,
@@ -76,14 +130,17 @@ def run_worker(settings: Settings) -> int:
         ttl_s=settings.worker_stale_s,
         snapshot=snapshot,
         local_file=settings.heartbeat_file,
+        watchdog=watchdog,
     )
     heartbeat.start()
     queue = queue_name(model.info.id)
+    reaper = Reaper(connection, queue, settings)
+    reaper.start()
     log.info("worker %s ready on queue %s (%s, %s)", name, queue, base.device, base.dtype)
-    worker = ImagegenWorker([queue], connection=connection, name=name, serializer=JSONSerializer)
     try:
-        worker.work(logging_level=settings.log_level, with_scheduler=False)
+        _work_until_stopped(connection, queue, name, settings)
     finally:
+        reaper.stop()
         heartbeat.stop()
     log.info("worker %s stopped after %d job(s)", name, counters.jobs_done)
     return 0

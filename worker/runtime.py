@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -10,11 +11,13 @@ from typing import Any
 
 import redis
 import torch
+from rq.timeouts import JobTimeoutException
 
 from imagegen import __version__
 from imagegen.contract import ErrorCode, ImageInfo, JobSpec, JobStatus
 from imagegen.settings import Settings
 from imagegen.store import JobStore
+from worker import faults
 from worker.pipeline import LoadedModel
 from worker.png import encode_png
 from worker.schedulers import build_scheduler
@@ -22,8 +25,9 @@ from worker.schedulers import build_scheduler
 log = logging.getLogger("imagegen.worker")
 
 
-class JobCanceled(Exception):
-    """Raised from the step callback to leave the denoising loop at once.
+class JobStopped(Exception):
+    """Raised from the step callback when the job is no longer ours to run (canceled, or taken
+    back from this worker), to leave the denoising loop at once.
 
     The pipeline's own interrupt flag would skip the remaining steps but still decode the
     latents; raising stops before the VAE too, and nothing partial is ever stored.
@@ -61,10 +65,25 @@ def png_parameters(spec: JobSpec, index: int) -> dict[str, Any]:
 
 @dataclass
 class Counters:
+    """What the heartbeat thread reports and watches; written by the job loop only."""
+
     jobs_done: int = 0
     pipelines_loaded: int = 0
     current_job: str | None = None
+    current_owner: str | None = None
     busy_since: float | None = None
+    deadline: float | None = None
+
+    def start(self, job_id: str, owner: str, timeout_s: float | None) -> None:
+        self.current_owner = owner
+        self.busy_since = time.time()
+        self.deadline = self.busy_since + timeout_s if timeout_s else None
+        self.current_job = job_id
+
+    def finish(self) -> None:
+        self.current_job = self.current_owner = None
+        self.busy_since = self.deadline = None
+        self.jobs_done += 1
 
 
 class Runtime:
@@ -156,12 +175,14 @@ class Runtime:
         log.info("warm-up generation took %.2fs", time.perf_counter() - started)
 
     # -- a job ----------------------------------------------------------------------------------
-    def run_job(self, job_id: str) -> dict[str, Any]:
+    def run_job(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
         """Run job `job_id` end to end; the job document records every outcome."""
         record = self.store.get(job_id)
         if record is None:
             log.warning("job %s has no record (expired?); skipping", job_id)
             return {"skipped": "no record"}
+        attempt = record.attempts + 1
+        owner = f"{self.worker_name}#{attempt}"
         moved, status = self.store.transition(
             job_id,
             [JobStatus.QUEUED],
@@ -169,24 +190,22 @@ class Runtime:
             {
                 "started_at": time.time(),
                 "worker": self.worker_name,
-                "attempts": record.attempts + 1,
+                "owner": owner,
+                "attempts": attempt,
+                "progress_step": 0,
             },
         )
         if not moved:
             # Canceled (or already taken) before we got to it: it must never run.
             log.info("job %s is %s; not running it", job_id, status)
             return {"skipped": str(status)}
-        spec = record.spec
-        self.counters.current_job = job_id
-        self.counters.busy_since = time.time()
+        self.counters.start(job_id, owner, timeout_s)
         try:
-            return self._run(job_id, spec)
+            return self._run(job_id, owner, record.spec)
         finally:
-            self.counters.current_job = None
-            self.counters.busy_since = None
-            self.counters.jobs_done += 1
+            self.counters.finish()
 
-    def progress_reporter(self, job_id: str, total_steps: int) -> Callable[[int], None]:
+    def progress_reporter(self, job_id: str, owner: str, total_steps: int) -> Callable[[int], None]:
         """A step callback that records progress and stops the job once it is canceled.
 
         Fast steps must not each pay a Redis round trip, so it writes at most once per
@@ -201,64 +220,75 @@ class Runtime:
             now = time.monotonic()
             if now - last_write >= interval or step == total_steps:
                 last_write = now
-                status = self.store.set_progress(job_id, step)
-                if status is not JobStatus.RUNNING:
-                    raise JobCanceled(f"job is {status}")
+                status = self.store.set_progress(job_id, step, owner)
+                if status != JobStatus.RUNNING.value:
+                    raise JobStopped(status or "gone")
 
         return on_step
 
-    def _run(self, job_id: str, spec: JobSpec) -> dict[str, Any]:
+    def _run(self, job_id: str, owner: str, spec: JobSpec) -> dict[str, Any]:
         started = time.perf_counter()
-        on_step = self.progress_reporter(job_id, spec.steps)
+        on_step = self.progress_reporter(job_id, owner, spec.steps)
+        fault = faults.fault_of(spec.prompt) if self.settings.fault_injection else None
+        if fault is not None:
+            report = on_step
+
+            def on_step(step: int) -> None:
+                faults.trigger(fault)
+                report(step)
+
         try:
             images = self.generate(spec, on_step)
-        except JobCanceled as exc:
+        except JobStopped as exc:
             self.free_memory()
-            log.info("job %s stopped at a step boundary: %s", job_id, exc)
-            return {"canceled": True}
+            log.info("job %s stopped at a step boundary: it is %s", job_id, exc)
+            return {"stopped": str(exc)}
         except Exception as exc:
-            self._fail_from_exception(job_id, exc)
+            self._fail_from_exception(job_id, owner, exc)
             raise
         pngs = [encode_png(img, png_parameters(spec, i)) for i, img in enumerate(images)]
         infos = [
             ImageInfo(index=i, seed=spec.image_seed(i), width=img.width, height=img.height)
             for i, img in enumerate(images)
         ]
-        if not self.store.finish_succeeded(job_id, pngs, infos, self.settings.result_ttl_s):
-            log.info("job %s was canceled while running; images discarded", job_id)
-            return {"canceled": True}
+        ttl_s = self.settings.result_ttl_s
+        record_ttl_s = ttl_s + self.settings.expired_notice_s
+        if not self.store.finish_succeeded(job_id, owner, pngs, infos, ttl_s, record_ttl_s):
+            log.info("job %s was canceled or taken back while running; discarded", job_id)
+            return {"stopped": "discarded"}
         run_s = time.perf_counter() - started
         log.info("job %s succeeded: %d image(s) in %.2fs", job_id, len(pngs), run_s)
         return {"images": len(pngs), "run_s": round(run_s, 3)}
 
-    def _fail_from_exception(self, job_id: str, exc: BaseException) -> None:
-        from rq.timeouts import JobTimeoutException
-
+    def _fail_from_exception(self, job_id: str, owner: str, exc: BaseException) -> None:
+        if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+            # Nothing can be written now; once Redis is back a sweeper queues the job again.
+            log.error("job %s: redis unavailable mid-job (%s)", job_id, exc)
+            return
         if isinstance(exc, JobTimeoutException):
             code, message = ErrorCode.TIMEOUT, "the job exceeded its time limit"
         elif _is_out_of_memory(exc):
             code, message = (
                 ErrorCode.OUT_OF_MEMORY,
-                ("the worker ran out of memory; try fewer images (n), fewer pixels or fewer steps"),
+                "the worker ran out of memory; try fewer images (n), fewer pixels or fewer steps",
             )
             self.free_memory()
         else:
             code, message = ErrorCode.INTERNAL, f"generation failed ({type(exc).__name__})"
         log.error("job %s failed: %s: %s", job_id, code, exc)
-        self.fail(job_id, code, message)
+        self.fail(job_id, owner, code, message)
 
-    def fail(self, job_id: str, code: str, message: str) -> None:
+    def fail(self, job_id: str, owner: str, code: str, message: str) -> None:
         self.store.transition(
             job_id,
-            [JobStatus.QUEUED, JobStatus.RUNNING],
+            [JobStatus.RUNNING],
             JobStatus.FAILED,
             {"finished_at": time.time(), "error": {"code": code, "message": message}},
             ttl_s=self.settings.failure_ttl_s,
+            owner=owner,
         )
 
     def free_memory(self) -> None:
-        import gc
-
         gc.collect()
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,73 @@
+"""Cost of progress reporting: the same job with and without the worker's progress reporter.
+
+Runs in one process against a private redis-server, alternating the two variants so that
+drift in machine speed hits both alike, and prints the median run time of each and their
+ratio. Target (issue 4): reporting costs < 5 % (ratio < 1.05).
+
+    python bench/progress_overhead.py [--model DIR] [--steps 30] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from imagegen.contract import JobSpec, JobStatus, Keys
+from imagegen.redis_server import RedisServer
+from imagegen.settings import Settings
+from worker.pipeline import load_model
+from worker.runtime import Counters, Runtime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model dir (default: built-in)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+
+    settings = Settings(model=args.model)
+    model = load_model(settings)
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), appendonly=False) as server:
+        connection = redis.Redis.from_url(server.url)
+        runtime = Runtime(model, connection, settings, "bench", Counters())
+        runtime.warm_up()
+        spec = JobSpec(
+            prompt="a small red circle at the top left on a white background",
+            negative_prompt="",
+            width=model.info.width,
+            height=model.info.height,
+            steps=args.steps,
+            guidance_scale=model.info.guidance_scale,
+            seed=1,
+            n=1,
+            scheduler=model.info.scheduler,
+            model=model.info.id,
+        )
+        # A job record in state `running`, so each progress write does its real work.
+        connection.hset(Keys.job("bench"), mapping={"status": JobStatus.RUNNING.value})
+        off: list[float] = []
+        on: list[float] = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            runtime.generate(spec)
+            off.append(time.perf_counter() - started)
+            connection.hset(Keys.job("bench"), "progress_step", 0)
+            started = time.perf_counter()
+            runtime.generate(spec, runtime.progress_reporter("bench", spec.steps))
+            on.append(time.perf_counter() - started)
+        writes = int(connection.hget(Keys.job("bench"), "progress_step") or 0)
+    med_off, med_on = statistics.median(off), statistics.median(on)
+    print(f"model {model.info.id}, {args.steps} steps, {args.repeats} runs each (median)")
+    print(f"progress off: {med_off * 1000:.1f} ms")
+    print(f"progress on:  {med_on * 1000:.1f} ms (last step recorded: {writes})")
+    print(f"ratio on/off: {med_on / med_off:.3f}  (target < 1.05)")
+
+
+if __name__ == "__main__":
+    main()
