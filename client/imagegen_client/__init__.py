@@ -1,0 +1,87 @@
+"""Typed Python client of the imagegen HTTP image-generation API.
+
+from imagegen_client import Client
+
+with Client() as client:  # $IMAGEGEN_BASE_URL, $IMAGEGEN_API_KEY
+    result = client.generate("a red circle on a blue square", steps=20, seed=1)
+    result.images[0].save("circle.png")
+"""
+
+from ._async_client import AsyncClient
+from ._base import DEFAULT_BASE_URL, DEFAULT_TIMEOUT, JobRef, RetryPolicy
+from ._client import Client
+from ._errors import (
+    APIError,
+    Conflict,
+    ImagegenError,
+    InternalError,
+    InvalidRequest,
+    JobCanceled,
+    JobError,
+    JobFailed,
+    NetworkError,
+    NotFound,
+    PayloadTooLarge,
+    QueueFull,
+    RateLimited,
+    RequestTimeout,
+    TransportError,
+    Unauthorized,
+    Unavailable,
+    WaitTimeout,
+)
+from ._types import (
+    ErrorInfo,
+    Event,
+    EventName,
+    GeneratedImage,
+    Generation,
+    GenerationParams,
+    ImageRef,
+    Job,
+    JobStatus,
+    Model,
+    Progress,
+    Timings,
+)
+from ._version import __version__
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_TIMEOUT",
+    "APIError",
+    "AsyncClient",
+    "Client",
+    "Conflict",
+    "ErrorInfo",
+    "Event",
+    "EventName",
+    "GeneratedImage",
+    "Generation",
+    "GenerationParams",
+    "ImageRef",
+    "ImagegenError",
+    "InternalError",
+    "InvalidRequest",
+    "Job",
+    "JobCanceled",
+    "JobError",
+    "JobFailed",
+    "JobRef",
+    "JobStatus",
+    "Model",
+    "NetworkError",
+    "NotFound",
+    "PayloadTooLarge",
+    "Progress",
+    "QueueFull",
+    "RateLimited",
+    "RequestTimeout",
+    "RetryPolicy",
+    "Timings",
+    "TransportError",
+    "Unauthorized",
+    "Unavailable",
+    "WaitTimeout",
+    "__version__",
+]

@@ -1,0 +1,242 @@
+"""Typed, read-only views of the API's documents: jobs, their images and events, models.
+
+Parsing is tolerant on purpose: fields a newer server adds are ignored (and kept in `raw`), so an
+old client keeps working against a new server.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    from PIL.Image import Image as PILImage
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+EventName = Literal["queued", "running", "progress", "succeeded", "failed", "canceled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Denoising progress of a job; `eta_s` once the server knows a step rate."""
+
+    step: int
+    total_steps: int
+    eta_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Progress:
+        return cls(
+            step=int(data.get("step", 0)),
+            total_steps=int(data.get("total_steps", 0)),
+            eta_s=_optional_float(data.get("eta_s")),
+        )
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a succeeded job, not yet downloaded."""
+
+    index: int
+    seed: int
+    width: int
+    height: int
+    url: str
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImageRef:
+        return cls(
+            index=int(data["index"]),
+            seed=int(data["seed"]),
+            width=int(data["width"]),
+            height=int(data["height"]),
+            url=str(data["url"]),
+        )
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """Why a job failed: `code` such as `out_of_memory`, `worker_lost`, `timeout`."""
+
+    code: str
+    message: str
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ErrorInfo:
+        return cls(code=str(data.get("code", "internal")), message=str(data.get("message", "")))
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent queued and running."""
+
+    queued_s: float | None = None
+    run_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Timings:
+        return cls(
+            queued_s=_optional_float(data.get("queued_s")),
+            run_s=_optional_float(data.get("run_s")),
+        )
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Every parameter as the job uses it, the server's defaults filled in."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    n: int
+    scheduler: str
+    model: str
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationParams:
+        return cls(
+            prompt=str(data["prompt"]),
+            negative_prompt=str(data.get("negative_prompt", "")),
+            width=int(data["width"]),
+            height=int(data["height"]),
+            steps=int(data["steps"]),
+            guidance_scale=float(data["guidance_scale"]),
+            seed=int(data["seed"]),
+            n=int(data.get("n", 1)),
+            scheduler=str(data.get("scheduler", "")),
+            model=str(data.get("model", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """The job document of `GET /v1/generations/{id}`."""
+
+    id: str
+    status: JobStatus
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    queue_position: int | None
+    progress: Progress
+    request: GenerationParams
+    images: list[ImageRef]
+    error: ErrorInfo | None
+    timings: Timings
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+    """The document exactly as the server sent it, fields unknown to this client included."""
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the job succeeded, failed or was canceled."""
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Job:
+        error = data.get("error")
+        queue_position = data.get("queue_position")
+        return cls(
+            id=str(data["id"]),
+            status=data["status"],
+            created_at=str(data.get("created_at", "")),
+            started_at=data.get("started_at"),
+            finished_at=data.get("finished_at"),
+            queue_position=None if queue_position is None else int(queue_position),
+            progress=Progress.from_dict(data.get("progress") or {}),
+            request=GenerationParams.from_dict(data["request"]),
+            images=[ImageRef.from_dict(image) for image in data.get("images") or []],
+            error=ErrorInfo.from_dict(error) if error else None,
+            timings=Timings.from_dict(data.get("timings") or {}),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Server-Sent Event of a job: its name and the job document at that moment."""
+
+    name: EventName
+    job: Job
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """A downloaded image: PNG bytes (with a `parameters` text chunk) and how it was made."""
+
+    index: int
+    seed: int
+    width: int
+    height: int
+    data: bytes = field(repr=False)
+
+    @functools.cached_property
+    def pil(self) -> PILImage:
+        """The image decoded by Pillow (`pip install 'imagegen-client[pil]'`)."""
+        try:
+            from PIL import Image
+        except ImportError as exc:
+            raise ImportError(
+                "GeneratedImage.pil needs Pillow: pip install 'imagegen-client[pil]'"
+            ) from exc
+        import io
+
+        image = Image.open(io.BytesIO(self.data))
+        image.load()
+        return image
+
+    def save(self, path: str | PathLike[str]) -> Path:
+        """Write the PNG bytes, unchanged, to `path`; returns the path."""
+        target = Path(path)
+        target.write_bytes(self.data)
+        return target
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What `generate()` returns: the finished job and its images, downloaded."""
+
+    job: Job
+    images: list[GeneratedImage]
+
+
+@dataclass(frozen=True)
+class Model:
+    """One entry of `GET /v1/models`: a model id, its defaults and its live workers."""
+
+    id: str
+    default: bool
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    schedulers: list[str]
+    workers: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Model:
+        return cls(
+            id=str(data["id"]),
+            default=bool(data.get("default", False)),
+            width=int(data["width"]),
+            height=int(data["height"]),
+            steps=int(data["steps"]),
+            guidance_scale=float(data["guidance_scale"]),
+            scheduler=str(data.get("scheduler", "")),
+            schedulers=[str(name) for name in data.get("schedulers") or []],
+            workers=int(data.get("workers", 0)),
+        )
