@@ -9,10 +9,10 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from app.errors import install_error_handlers
 from app.events import EventHub
@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 socket_connect_timeout=0.5,
                 health_check_interval=30,
                 client_name=REDIS_CLIENT_NAME,
-            )
+            ),
         )
         async_connection = aioredis.Redis.from_url(
             settings.redis_url,

@@ -83,6 +83,27 @@ def openapi(
     typer.echo(f"wrote {output}")
 
 
+@app.command("settings-table")
+def settings_table(
+    readme: Annotated[
+        Path | None, typer.Option(help="Rewrite the table between the markers in this file.")
+    ] = None,
+) -> None:
+    """Print the settings as a Markdown table (or refresh it in the README)."""
+    from imagegen.settings import markdown_table
+
+    table = markdown_table()
+    if readme is None:
+        typer.echo(table)
+        return
+    start, end = "<!-- settings:start -->", "<!-- settings:end -->"
+    text = readme.read_text()
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+    typer.echo(f"updated {readme}")
+
+
 @app.command("tiny-model")
 def tiny_model(directory: Path) -> None:
     """Save a tiny random Stable Diffusion pipeline to DIRECTORY (for tests and smoke runs)."""

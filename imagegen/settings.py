@@ -126,3 +126,12 @@ class Settings(BaseSettings):
     # --- local runner / gateway process -----------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+
+
+def markdown_table() -> str:
+    """Every setting as a Markdown table row: variable, default, meaning (for the README)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else f"`{field.default}`"
+        rows.append(f"| `IMAGEGEN_{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)
