@@ -49,6 +49,30 @@ class InvalidRequest(ApiError):
         return cls(f"{field}: {message}", [{"field": field, "message": message}])
 
 
+class Unauthorized(ApiError):
+    """No API key, or an unknown one, on a route that needs one (401)."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PayloadTooLarge(ApiError):
+    """The request body is larger than the configured limit (413)."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class QueueFull(ApiError):
+    """The model's queue is at its configured depth (429, with Retry-After)."""
+
+    status_code = 429
+    code = "queue_full"
+
+
 class NotFound(ApiError):
     """No such job, image or route, or one that expired (404)."""
 
@@ -130,6 +154,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, ApiError):
+            # FastAPI wraps errors raised while reading the body (the size limit) in a 400.
+            cause = exc.__cause__
+            return error_response(
+                cause.status_code, cause.code, cause.message, cause.details, cause.headers
+            )
         if exc.status_code == 404:
             return error_response(404, "not_found", "no such route")
         if exc.status_code == 405:

@@ -10,14 +10,17 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from app.auth import KeyStore, RateLimiter
 from app.errors import install_error_handlers
 from app.events import EventHub
 from app.metrics import ServiceCollector
 from app.metrics import router as metrics_router
+from app.middleware import BodySizeLimit
 from app.registry import ModelRegistry
 from app.routes import generations, health, models
 from app.schemas import ErrorEnvelope
@@ -39,6 +42,7 @@ def _operation_id(route: APIRoute) -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the gateway; nothing is connected until the app starts."""
     settings = settings or Settings()
+    keys = KeyStore.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,11 +73,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.events = events
         store = JobStore(connection)
         registry = ModelRegistry(connection, settings.default_model)
+        app.state.keys = keys
+        app.state.limiter = RateLimiter(connection, settings.rate_limit_per_minute)
         app.state.settings = settings
         app.state.registry = registry
         app.state.service = GenerationService(connection, store, registry, settings)
         app.state.collector = ServiceCollector(registry, app.state.service, events)
         log.info("gateway %s started; redis at %s", __version__, _redact(settings.redis_url))
+        if keys.enabled:
+            log.info("API keys required on /v1/*: %d key(s) configured", len(keys))
+        else:
+            log.warning(
+                "no API keys configured: the service is OPEN to anyone who can reach it "
+                "(set IMAGEGEN_API_KEYS or IMAGEGEN_API_KEYS_FILE)"
+            )
         try:
             yield
         finally:
@@ -96,6 +109,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     _describe_event_streams_for_openapi_31(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        # Off unless an allow-list is set: browsers then get no CORS headers at all.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+        )
     app.include_router(generations.router)
     app.include_router(models.router)
     app.include_router(health.router)

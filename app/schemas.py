@@ -39,8 +39,15 @@ class GenerationRequest(BaseModel):
     )
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="0..2^32-1; null = random.")
     n: int = Field(1, ge=1, description="Images in the job, 1..8 (cap configurable).")
-    scheduler: str | None = Field(None, description="One of the model's `schedulers`.")
-    model: str | None = Field(None, description="One of the ids `GET /v1/models` lists.")
+    scheduler: str | None = Field(
+        None, max_length=64, description="One of the model's `schedulers`."
+    )
+    # The pattern keeps odd text out of the Redis key that the model id is looked up under.
+    model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
+        description="One of the ids `GET /v1/models` lists.",
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import time
 from datetime import UTC, datetime
@@ -12,7 +13,7 @@ from redis.client import Pipeline
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from app.errors import Conflict, InvalidRequest, NotFound, QueueFull, Unavailable
 from app.registry import ModelRegistry
 from app.schemas import (
     ErrorInfo,
@@ -136,12 +137,23 @@ class GenerationService:
         )
 
     def submit(
-        self, request: GenerationRequest, idempotency_key: str | None = None, owner: str = ""
+        self, request: GenerationRequest, api_key: str = "", idempotency_key: str | None = None
     ) -> tuple[JobDocument, bool]:
-        """Queue a job; returns its document and whether it was created (False: a replay)."""
+        """Queue a job for `api_key`; returns its document and whether it was created (False:
+        an Idempotency-Key replay)."""
         spec = self.resolve(request)  # a bad request never consumes an idempotency key
+        depth = self.queue(spec.model).count
+        if depth >= self.settings.max_queue_depth:
+            raise QueueFull(
+                f"the queue of model {spec.model!r} holds {depth} jobs, its limit; retry later",
+                headers={"Retry-After": "10"},
+            )
         record = JobRecord(
-            id=new_job_id(), status=JobStatus.QUEUED, spec=spec, created_at=time.time()
+            id=new_job_id(),
+            status=JobStatus.QUEUED,
+            spec=spec,
+            created_at=time.time(),
+            api_key=api_key,
         )
         if idempotency_key is None:
             with self.redis.pipeline(transaction=True) as pipe:
@@ -149,7 +161,7 @@ class GenerationService:
                 self._enqueue(record, pipe)
                 pipe.execute()
             return self.document(record), True
-        return self._submit_once(record, request, idempotency_key, owner)
+        return self._submit_once(record, request, idempotency_key, api_key)
 
     def _enqueue(self, record: JobRecord, pipe: Pipeline) -> None:
         """Queue the record and its RQ job inside `pipe`'s MULTI: a job is fully there or absent."""
@@ -181,7 +193,7 @@ class GenerationService:
                         raise Conflict(
                             "Idempotency-Key was already used with a different request body"
                         )
-                    return self.get(job_id), False
+                    return self.get(job_id, owner), False
                 pipe.multi()
                 pipe.set(redis_key, f"{record.id} {body_hash}", ex=IDEMPOTENCY_TTL_S)
                 self._enqueue(record, pipe)
@@ -193,18 +205,20 @@ class GenerationService:
         raise Unavailable("too much contention on this Idempotency-Key; retry", retry_after_s=1)
 
     # -- read -----------------------------------------------------------------------------------
-    def get_record(self, job_id: str) -> JobRecord:
+    def get_record(self, job_id: str, api_key: str) -> JobRecord:
+        """The job, if it exists and belongs to `api_key`; another key's job is a 404 too."""
         # Ids are checked before any Redis access: nothing user-made reaches a key unchecked.
         record = self.store.get(job_id) if is_valid_job_id(job_id) else None
-        if record is None:
-            raise NotFound(f"no generation job {job_id!r} (unknown id, or its results expired)")
+        if record is None or not hmac.compare_digest(record.api_key, api_key):
+            shown = job_id if len(job_id) <= 64 else job_id[:64] + "..."
+            raise NotFound(f"no generation job {shown!r} (unknown id, or it expired)")
         return record
 
-    def get(self, job_id: str) -> JobDocument:
-        return self.document(self.get_record(job_id))
+    def get(self, job_id: str, api_key: str = "") -> JobDocument:
+        return self.document(self.get_record(job_id, api_key))
 
-    def image(self, job_id: str, index: int) -> bytes:
-        record = self.get_record(job_id)
+    def image(self, job_id: str, index: int, api_key: str = "") -> bytes:
+        record = self.get_record(job_id, api_key)
         if index < 0 or index >= record.spec.n:
             raise NotFound(f"job {job_id} has images 0..{record.spec.n - 1}, not {index}")
         if record.status != JobStatus.SUCCEEDED:
@@ -272,14 +286,14 @@ class GenerationService:
         return round(per_step * (record.spec.steps - record.progress_step), 2)
 
     # -- cancel ---------------------------------------------------------------------------------
-    def cancel(self, job_id: str) -> JobDocument:
+    def cancel(self, job_id: str, api_key: str = "") -> JobDocument:
         """Cancel a queued or running job; a finished job is returned unchanged.
 
         The record turns `canceled` at once. A queued job leaves its queue (and a worker that
         pops it anyway sees `canceled` and skips it); a running job's worker learns of it at
         its next progress write and stops at that step boundary.
         """
-        record = self.get_record(job_id)
+        record = self.get_record(job_id, api_key)
         if not record.status.is_terminal:
             moved, _ = self.store.transition(
                 job_id,
@@ -293,5 +307,5 @@ class GenerationService:
             )
             if moved and record.status == JobStatus.QUEUED:
                 self.queue(record.spec.model).remove(job_id)
-            record = self.get_record(job_id)
+            record = self.get_record(job_id, api_key)
         return self.document(record)

@@ -83,6 +83,18 @@ def openapi(
     typer.echo(f"wrote {output}")
 
 
+@app.command("new-key")
+def new_key(name: str) -> None:
+    """Make an API key called NAME: prints the key (once) and the line for IMAGEGEN_API_KEYS."""
+    import hashlib
+    import secrets
+
+    key = "ig_" + secrets.token_urlsafe(32)
+    typer.echo(f"key (give it to the client; it is not stored): {key}")
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    typer.echo(f"entry (IMAGEGEN_API_KEYS or the keys file): {name}:{digest}")
+
+
 @app.command("settings-table")
 def settings_table(
     readme: Annotated[

@@ -104,6 +104,7 @@ class JobRecord(BaseModel):
     progress_at: float | None = None
     images: list[ImageInfo] = Field(default_factory=list)
     error: JobError | None = None
+    api_key: str = ""  # name of the API key that created the job ("" = open service)
     worker: str | None = None
     owner: str | None = None  # "<worker>#<attempt>" of the run that holds the job
     attempts: int = 0
@@ -169,6 +170,10 @@ class Keys:
         return f"{Keys.PREFIX}:model:{model_id}"
 
     MODELS = f"{PREFIX}:models"
+
+    @staticmethod
+    def rate(budget_digest: str, window: int) -> str:
+        return f"{Keys.PREFIX}:rate:{budget_digest}:{window}"
 
     @staticmethod
     def worker(name: str) -> str:

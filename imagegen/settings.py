@@ -57,6 +57,30 @@ class Settings(BaseSettings):
         gt=0,
         description="Time limit per step per megapixel per image; lower it on a fast GPU.",
     )
+    api_keys: str | None = Field(
+        None,
+        description="API keys as `name:sha256-hex` entries, comma-separated (make them with "
+        "`imagegen new-key NAME`); unset (and no file) = an open service.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of `name:sha256-hex` lines, added to IMAGEGEN_API_KEYS."
+    )
+    rate_limit_per_minute: int = Field(
+        600,
+        ge=1,
+        description="Requests per minute per API key (per client address when open), "
+        "counted in Redis across gateway replicas.",
+    )
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="Largest request body, chunked or not (413 past it)."
+    )
+    max_queue_depth: int = Field(
+        1000, ge=1, description="Jobs a model's queue may hold; 429 queue_full past it."
+    )
+    cors_origins: str | None = Field(
+        None,
+        description="Comma-separated origins allowed by CORS; unset = no CORS headers at all.",
+    )
     redis_max_connections: int = Field(
         64, ge=2, description="Connections in each gateway process's Redis pool."
     )

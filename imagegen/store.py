@@ -91,6 +91,7 @@ def record_from_hash(job_id: str, raw: Mapping[str, str]) -> JobRecord:
         progress_at=_opt_float(raw.get("progress_at")),
         images=[ImageInfo.model_validate(i) for i in json.loads(raw.get("images") or "[]")],
         error=JobError.model_validate_json(error) if error else None,
+        api_key=raw.get("api_key") or "",
         worker=raw.get("worker") or None,
         owner=raw.get("owner") or None,
         attempts=int(raw.get("attempts") or 0),
@@ -116,6 +117,7 @@ class JobStore:
                     "created_at": record.created_at,
                     "progress_step": 0,
                     "attempts": 0,
+                    "api_key": record.api_key,
                 }
             ),
         )

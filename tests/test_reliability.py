@@ -41,6 +41,7 @@ FAST = {
     "IMAGEGEN_FAULT_INJECTION": "true",
     "IMAGEGEN_DEFAULT_MODEL": MODEL,
     "IMAGEGEN_MAX_STEPS": "10000",
+    "IMAGEGEN_RATE_LIMIT_PER_MINUTE": "1000000",
 }
 # Detecting a dead worker takes at most the heartbeat TTL plus one sweep.
 DETECT_S = 4 + 0.5

@@ -9,6 +9,7 @@ import anyio
 from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from app.auth import PrincipalDep
 from app.deps import ServiceDep
 from app.events import EventHub, job_event_stream
 from app.schemas import GenerationRequest, JobDocument
@@ -29,6 +30,7 @@ JobId = Path(description="The job id returned at submit.")
 def submit_generation(
     body: GenerationRequest,
     service: ServiceDep,
+    principal: PrincipalDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -41,7 +43,7 @@ def submit_generation(
     ] = None,
 ) -> JobDocument:
     """Queue a generation job."""
-    document, created = service.submit(body, idempotency_key)
+    document, created = service.submit(body, principal.name, idempotency_key)
     response.headers["Location"] = f"/v1/generations/{document.id}"
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -49,9 +51,11 @@ def submit_generation(
 
 
 @router.get("/{job_id}", response_model=JobDocument)
-def get_generation(service: ServiceDep, job_id: str = JobId) -> JobDocument:
+def get_generation(
+    service: ServiceDep, principal: PrincipalDep, job_id: str = JobId
+) -> JobDocument:
     """The job document: status, queue position, progress, images, error, timings."""
-    return service.get(job_id)
+    return service.get(job_id, principal.name)
 
 
 @router.get(
@@ -60,10 +64,13 @@ def get_generation(service: ServiceDep, job_id: str = JobId) -> JobDocument:
     responses={200: {"content": {"image/png": {}}, "description": "The PNG image."}},
 )
 def get_generation_image(
-    service: ServiceDep, job_id: str = JobId, index: int = Path(ge=0, le=1024)
+    service: ServiceDep,
+    principal: PrincipalDep,
+    job_id: str = JobId,
+    index: int = Path(ge=0, le=1024),
 ) -> Response:
     """Download image `index` of a succeeded job (a PNG with a `parameters` text chunk)."""
-    png = service.image(job_id, index)
+    png = service.image(job_id, index, principal.name)
     return Response(
         png,
         media_type="image/png",
@@ -72,20 +79,25 @@ def get_generation_image(
 
 
 @router.delete("/{job_id}", response_model=JobDocument)
-def cancel_generation(service: ServiceDep, job_id: str = JobId) -> JobDocument:
+def cancel_generation(
+    service: ServiceDep, principal: PrincipalDep, job_id: str = JobId
+) -> JobDocument:
     """Cancel a queued job at once, a running one at its next step; finished: unchanged."""
-    return service.cancel(job_id)
+    return service.cancel(job_id, principal.name)
 
 
-async def _existing_job(service: ServiceDep, job_id: str = JobId) -> JobDocument:
+async def _existing_job(
+    service: ServiceDep, principal: PrincipalDep, job_id: str = JobId
+) -> JobDocument:
     # Runs before the stream opens, so an unknown id is a plain 404, not a broken stream.
-    return await anyio.to_thread.run_sync(service.get, job_id)
+    return await anyio.to_thread.run_sync(service.get, job_id, principal.name)
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse)
 async def stream_generation_events(
     request: Request,
     service: ServiceDep,
+    principal: PrincipalDep,
     first: Annotated[JobDocument, Depends(_existing_job)],
     job_id: str = JobId,
 ) -> AsyncIterator[ServerSentEvent]:
@@ -93,7 +105,7 @@ async def stream_generation_events(
     hub: EventHub = request.app.state.events
 
     async def read(job: str) -> JobDocument:
-        return await anyio.to_thread.run_sync(service.get, job)
+        return await anyio.to_thread.run_sync(service.get, job, principal.name)
 
     async for event in job_event_stream(hub, first.id, read):
         yield event

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.auth import PrincipalDep
 from app.deps import RegistryDep
 from app.schemas import ModelEntry, ModelList
 
@@ -11,7 +12,7 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(registry: RegistryDep) -> ModelList:
+def list_models(registry: RegistryDep, principal: PrincipalDep) -> ModelList:
     """Every model a worker has announced, its defaults, and how many live workers serve it."""
     entries = [
         ModelEntry(default=info.id == registry.default_model, workers=workers, **info.model_dump())

@@ -1,0 +1,133 @@
+"""API keys, per-key ownership and the per-key request budget.
+
+Keys are configured hashed (`name:sha256-hex`, see `imagegen new-key`), so neither the
+environment nor a key file holds a usable secret. A presented key is hashed and compared
+with every configured hash in constant time. Without keys the service is open: every caller
+is the anonymous principal and the request budget is counted per client address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Request
+
+from app.errors import ApiError, Unauthorized
+from imagegen.contract import Keys
+from imagegen.settings import Settings
+
+log = logging.getLogger("imagegen.gateway")
+_ENTRY = re.compile(r"^(?P<name>[A-Za-z0-9._-]{1,64}):(?P<digest>[0-9a-f]{64})$")
+
+
+class RateLimited(ApiError):
+    """The key used up its requests for this minute (429, with Retry-After)."""
+
+    status_code = 429
+    code = "rate_limited"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a key's name, or "" when the service runs without keys."""
+
+    name: str
+    budget_id: str  # what the request budget is counted against
+
+
+class KeyStore:
+    """The configured key hashes, by name."""
+
+    def __init__(self, entries: dict[str, str]) -> None:
+        self._entries = entries  # name -> sha256 hex digest
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyStore:
+        lines = [e for e in re.split(r"[,\s]+", settings.api_keys or "") if e]
+        if settings.api_keys_file is not None:
+            text = Path(settings.api_keys_file).read_text()
+            lines += [
+                ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")
+            ]
+        entries: dict[str, str] = {}
+        for number, line in enumerate(lines, 1):
+            match = _ENTRY.match(line)
+            if match is None:
+                # Never echo the line: it might be a plain key pasted by mistake.
+                raise ValueError(
+                    f"API key entry {number} is not `name:sha256-hex`; "
+                    "make entries with `imagegen new-key NAME`"
+                )
+            entries[match["name"]] = match["digest"]
+        return cls(entries)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def identify(self, presented: str) -> str | None:
+        """The name of the key, or None; every entry is compared, in constant time."""
+        digest = hash_key(presented)
+        found = None
+        for name, expected in self._entries.items():
+            if hmac.compare_digest(digest, expected):
+                found = name
+        return found
+
+
+class RateLimiter:
+    """A fixed one-minute window per principal, counted in Redis so every replica shares it."""
+
+    def __init__(self, connection: redis.Redis, per_minute: int) -> None:
+        self.redis = connection
+        self.per_minute = per_minute
+
+    def hit(self, budget_id: str) -> None:
+        now = time.time()
+        window = int(now // 60)
+        key = Keys.rate(hashlib.sha256(budget_id.encode()).hexdigest()[:32], window)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 61)
+            count, _ = pipe.execute()
+        if int(count) > self.per_minute:
+            retry_after = max(1, int(60 - now % 60) + 1)
+            raise RateLimited(
+                f"rate limit of {self.per_minute} requests per minute reached; "
+                f"retry in {retry_after}s",
+                headers={"Retry-After": str(retry_after)},
+            )
+
+
+def _principal(request: Request) -> Principal:
+    keys: KeyStore = request.app.state.keys
+    limiter: RateLimiter = request.app.state.limiter
+    if keys.enabled:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        name = keys.identify(token.strip()) if scheme.lower() == "bearer" and token else None
+        if name is None:
+            raise Unauthorized("a valid API key is required: `Authorization: Bearer <key>`")
+        principal = Principal(name=name, budget_id=f"key:{name}")
+    else:
+        client = request.client.host if request.client else "unknown"
+        principal = Principal(name="", budget_id=f"ip:{client}")
+    limiter.hit(principal.budget_id)
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(_principal)]

@@ -1,0 +1,68 @@
+"""ASGI middleware: the request body size limit, enforced also for chunked bodies."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import PayloadTooLarge
+
+
+class BodySizeLimit:
+    """Answer 413 past `max_bytes`: at once when Content-Length says so, else as soon as the
+    bytes received (chunked, or a lying Content-Length) pass the limit — the body is never
+    buffered past it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body exceeds the limit of {self.max_bytes} bytes"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_413(send, message)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            incoming = await receive()
+            if incoming["type"] == "http.request":
+                received += len(incoming.get("body", b""))
+                if received > self.max_bytes:
+                    # An ApiError, so the app's own handler answers if it is reading the body.
+                    raise PayloadTooLarge(message)
+            return incoming
+
+        async def tracking_send(outgoing: Message) -> None:
+            nonlocal started
+            started = started or outgoing["type"] == "http.response.start"
+            await send(outgoing)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except PayloadTooLarge:
+            if not started:
+                await _send_413(send, message)
+
+
+async def _send_413(send: Send, message: str) -> None:
+    body = json.dumps({"error": {"code": "payload_too_large", "message": message}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
