@@ -18,9 +18,9 @@ from redis.retry import Retry
 from app.auth import KeyStore, RateLimiter
 from app.errors import install_error_handlers
 from app.events import EventHub
-from app.metrics import ServiceCollector
+from app.metrics import RequestMetrics, ServiceCollector
 from app.metrics import router as metrics_router
-from app.middleware import BodySizeLimit
+from app.middleware import BodySizeLimit, RequestId
 from app.registry import ModelRegistry
 from app.routes import generations, health, models
 from app.schemas import ErrorEnvelope
@@ -110,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     _describe_event_streams_for_openapi_31(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestId)  # outermost: even a 413 carries the request id
     if settings.cors_origins:
         # Off unless an allow-list is set: browsers then get no CORS headers at all.
         app.add_middleware(

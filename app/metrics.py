@@ -3,18 +3,62 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.events import EventHub
 from app.registry import ModelRegistry
 from app.service import GenerationService
 
 router = APIRouter(tags=["health"])
+
+# Per-process request counts. Scrape each gateway process, or run several processes of one
+# gateway with PROMETHEUS_MULTIPROC_DIR set, and prometheus_client sums them at scrape time.
+REQUESTS = Counter(
+    "imagegen_http_requests", "HTTP requests answered.", ["method", "route", "status"]
+)
+
+
+class RequestMetrics:
+    """Counts every answered request by method, route template and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            REQUESTS.labels(scope["method"], template, str(status)).inc()
 
 
 class ServiceCollector(Collector):
@@ -27,7 +71,19 @@ class ServiceCollector(Collector):
         self.hub = hub
         self.tasks = 0
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        store = self.service.store
+        jobs = CounterMetricFamily(
+            "imagegen_jobs",
+            "Jobs that ended, by model and final status.",
+            labels=["model", "status"],
+        )
+        for (model, status), count in sorted(store.job_stats().items()):
+            jobs.add_metric([model, status], count)
+        yield jobs
+        runs = HistogramMetricFamily(
+            "imagegen_job_run_seconds", "Run time of succeeded jobs.", labels=["model"]
+        )
         depth = GaugeMetricFamily(
             "imagegen_queue_depth", "Jobs waiting in a model's queue.", labels=["model"]
         )
@@ -37,8 +93,11 @@ class ServiceCollector(Collector):
         for info, live in self.registry.models():
             depth.add_metric([info.id], self.service.queue(info.id).count)
             workers.add_metric([info.id], live)
+            buckets, total = store.run_histogram(info.id)
+            runs.add_metric([info.id], buckets, total)
         yield depth
         yield workers
+        yield runs
         yield GaugeMetricFamily(
             "imagegen_gateway_event_streams",
             "Open event streams in this gateway process.",
@@ -57,5 +116,9 @@ async def metrics(request: Request) -> Response:
     collector.tasks = len(asyncio.all_tasks())
     registry = CollectorRegistry()
     registry.register(collector)
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(REQUESTS)
     body = await asyncio.to_thread(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,12 +1,43 @@
-"""ASGI middleware: the request body size limit, enforced also for chunked bodies."""
+"""ASGI middleware: request ids, and the request body size limit (chunked bodies too)."""
 
 from __future__ import annotations
 
 import json
+import re
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import PayloadTooLarge
+from imagegen.logs import request_id
+
+_CLIENT_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestId:
+    """Adopt a sane client `X-Request-ID` or make one; log lines and the job carry it, and
+    every answer echoes it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        rid = given.decode() if _CLIENT_ID.match(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
 
 
 class BodySizeLimit:

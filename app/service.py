@@ -33,6 +33,7 @@ from imagegen.contract import (
     is_valid_job_id,
     queue_name,
 )
+from imagegen.logs import request_id
 from imagegen.settings import Settings
 from imagegen.store import JobStore
 
@@ -154,6 +155,7 @@ class GenerationService:
             spec=spec,
             created_at=time.time(),
             api_key=api_key,
+            request_id=request_id.get(),
         )
         if idempotency_key is None:
             with self.redis.pipeline(transaction=True) as pipe:

@@ -34,7 +34,7 @@ def api() -> None:
     from imagegen.settings import Settings
 
     settings = Settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(
         "app.main:create_app",
         factory=True,

@@ -105,6 +105,7 @@ class JobRecord(BaseModel):
     images: list[ImageInfo] = Field(default_factory=list)
     error: JobError | None = None
     api_key: str = ""  # name of the API key that created the job ("" = open service)
+    request_id: str = ""  # X-Request-ID of the submit, carried into the worker's logs
     worker: str | None = None
     owner: str | None = None  # "<worker>#<attempt>" of the run that holds the job
     attempts: int = 0
@@ -170,6 +171,11 @@ class Keys:
         return f"{Keys.PREFIX}:model:{model_id}"
 
     MODELS = f"{PREFIX}:models"
+    JOB_STATS = f"{PREFIX}:stats:jobs"
+
+    @staticmethod
+    def run_seconds(model_id: str) -> str:
+        return f"{Keys.PREFIX}:stats:run_seconds:{model_id}"
 
     @staticmethod
     def rate(budget_digest: str, window: int) -> str:

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
         86400, ge=1, description="How long failed and canceled jobs stay readable."
     )
     log_level: str = Field("INFO", description="Python log level of every process.")
+    log_json: bool = Field(False, description="Log JSON lines (one object per line) to stderr.")
 
     # --- gateway ----------------------------------------------------------------------------
     default_model: str = Field(
@@ -129,6 +130,9 @@ class Settings(BaseSettings):
         gt=0,
         description="Past a job's time limit plus this, a worker whose job is stuck in native "
         "code fails the job and exits for its supervisor to restart it.",
+    )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the worker's own Prometheus endpoint; 0 = off."
     )
     fault_injection: bool = Field(
         False, description="Test suites only: honour `__fault__:` prompts (see worker/faults.py)."

@@ -40,6 +40,11 @@ for i = n + 5, #ARGV, 2 do
 end
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 redis.call('PUBLISH', KEYS[2], new_status)
+if new_status == 'succeeded' or new_status == 'failed' or new_status == 'canceled' then
+  -- Cluster-wide job counts by model and final status, for /metrics on any gateway.
+  local model = cjson.decode(redis.call('HGET', KEYS[1], 'spec'))['model']
+  redis.call('HINCRBY', KEYS[3], model .. '|' .. new_status, 1)
+end
 return {1, new_status}
 """
 
@@ -57,6 +62,9 @@ if tonumber(ARGV[1]) > cur then
 end
 return status
 """
+
+
+RUN_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 def _encode(fields: Mapping[str, Any]) -> dict[str, str]:
@@ -92,6 +100,7 @@ def record_from_hash(job_id: str, raw: Mapping[str, str]) -> JobRecord:
         images=[ImageInfo.model_validate(i) for i in json.loads(raw.get("images") or "[]")],
         error=JobError.model_validate_json(error) if error else None,
         api_key=raw.get("api_key") or "",
+        request_id=raw.get("request_id") or "",
         worker=raw.get("worker") or None,
         owner=raw.get("owner") or None,
         attempts=int(raw.get("attempts") or 0),
@@ -118,6 +127,7 @@ class JobStore:
                     "progress_step": 0,
                     "attempts": 0,
                     "api_key": record.api_key,
+                    "request_id": record.request_id,
                 }
             ),
         )
@@ -149,7 +159,8 @@ class JobStore:
         ]
         for key, value in _encode(fields or {}).items():
             args += [key, value]
-        moved, status = self._transition(keys=[Keys.job(job_id), Keys.events(job_id)], args=args)
+        keys = [Keys.job(job_id), Keys.events(job_id), Keys.JOB_STATS]
+        moved, status = self._transition(keys=keys, args=args)
         return bool(moved), (JobStatus(status.decode()) if status else None)
 
     def set_progress(self, job_id: str, step: int, owner: str) -> str:
@@ -192,6 +203,34 @@ class JobStore:
             # are the same bytes — same seeds — so leaving them is harmless and correct.)
             self.redis.delete(*(Keys.image(job_id, i.index) for i in images))
         return moved
+
+    def observe_run(self, model: str, seconds: float) -> None:
+        """Add a succeeded job's run time to the model's cluster-wide histogram."""
+        key = Keys.run_seconds(model)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for bound in RUN_SECONDS_BUCKETS:
+                if seconds <= bound:
+                    pipe.hincrby(key, f"le:{bound}", 1)
+            pipe.hincrby(key, "count", 1)
+            pipe.hincrbyfloat(key, "sum", seconds)
+            pipe.execute()
+
+    def job_stats(self) -> dict[tuple[str, str], int]:
+        """(model, final status) -> jobs that ended so."""
+        raw: dict[bytes, bytes] = self.redis.hgetall(Keys.JOB_STATS)  # type: ignore[assignment]
+        out = {}
+        for field, value in raw.items():
+            model, _, status = field.decode().rpartition("|")
+            out[(model, status)] = int(value)
+        return out
+
+    def run_histogram(self, model: str) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative (le, count) buckets including +Inf, and the sum of seconds."""
+        raw: dict[bytes, bytes] = self.redis.hgetall(Keys.run_seconds(model))  # type: ignore[assignment]
+        fields = {k.decode(): float(v) for k, v in raw.items()}
+        buckets = [(str(b), fields.get(f"le:{b}", 0.0)) for b in RUN_SECONDS_BUCKETS]
+        buckets.append(("+Inf", fields.get("count", 0.0)))
+        return buckets, fields.get("sum", 0.0)
 
     def get_image(self, job_id: str, index: int) -> bytes | None:
         value: bytes | None = self.redis.get(Keys.image(job_id, index))  # type: ignore[assignment]

@@ -19,6 +19,7 @@ from imagegen.logs import configure_logging
 from imagegen.settings import Settings
 from worker import jobs
 from worker.heartbeat import Heartbeat
+from worker.metrics import WorkerMetrics
 from worker.pipeline import load_model
 from worker.recovery import Reaper
 from worker.runtime import Counters, Runtime
@@ -37,9 +38,7 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
 
 
-def _work_until_stopped(
-    connection: redis.Redis, queue: str, name: str, settings: Settings
-) -> None:
+def _work_until_stopped(connection: redis.Redis, queue: str, name: str, settings: Settings) -> None:
     """Run RQ's work loop; if Redis goes away, wait for it and start a fresh loop.
 
     RQ's loop gives up on errors outside its dequeue; the warm pipeline is worth keeping, so
@@ -74,7 +73,7 @@ def _wait_for_redis(connection: redis.Redis, max_wait_s: float = 10.0) -> None:
 
 def run_worker(settings: Settings) -> int:
     """Run one worker until it is told to stop (SIGTERM/SIGINT: finish the current job, exit)."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_json)
     connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     name = settings.worker_name or default_worker_name()
     counters = Counters()
@@ -82,7 +81,10 @@ def run_worker(settings: Settings) -> int:
 
     model = load_model(settings)
     counters.pipelines_loaded += 1
-    runtime = Runtime(model, connection, settings, name, counters)
+    metrics = WorkerMetrics(model.info.id, model.device)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    runtime = Runtime(model, connection, settings, name, counters, metrics)
     if settings.warmup:
         runtime.warm_up()
     jobs.install(runtime)

@@ -15,9 +15,11 @@ from rq.timeouts import JobTimeoutException
 
 from imagegen import __version__
 from imagegen.contract import ErrorCode, ImageInfo, JobSpec, JobStatus
+from imagegen.logs import request_id
 from imagegen.settings import Settings
 from imagegen.store import JobStore
 from worker import faults
+from worker.metrics import WorkerMetrics
 from worker.pipeline import LoadedModel
 from worker.png import encode_png
 from worker.schedulers import build_scheduler
@@ -96,8 +98,10 @@ class Runtime:
         settings: Settings,
         worker_name: str,
         counters: Counters,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.model = model
+        self.metrics = metrics or WorkerMetrics(model.info.id, model.device)
         self.redis = connection
         self.store = JobStore(connection)
         self.settings = settings
@@ -135,7 +139,13 @@ class Runtime:
         # CPU generators make the starting noise identical on every device and batch layout.
         generators = [torch.Generator("cpu").manual_seed(spec.image_seed(i)) for i in indices]
 
+        last = time.perf_counter()
+
         def callback(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal last
+            now = time.perf_counter()
+            self.metrics.observe_step(now - last, len(indices), first=step == 0)
+            last = now
             if on_step is not None:
                 on_step(step + 1)
             return kwargs
@@ -200,9 +210,11 @@ class Runtime:
             log.info("job %s is %s; not running it", job_id, status)
             return {"skipped": str(status)}
         self.counters.start(job_id, owner, timeout_s)
+        token = request_id.set(record.request_id or job_id)
         try:
             return self._run(job_id, owner, record.spec)
         finally:
+            request_id.reset(token)
             self.counters.finish()
 
     def progress_reporter(self, job_id: str, owner: str, total_steps: int) -> Callable[[int], None]:
@@ -257,6 +269,8 @@ class Runtime:
             log.info("job %s was canceled or taken back while running; discarded", job_id)
             return {"stopped": "discarded"}
         run_s = time.perf_counter() - started
+        self.store.observe_run(spec.model, run_s)
+        self.metrics.observe_job(run_s, len(pngs))
         log.info("job %s succeeded: %d image(s) in %.2fs", job_id, len(pngs), run_s)
         return {"images": len(pngs), "run_s": round(run_s, 3)}
 

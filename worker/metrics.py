@@ -1,0 +1,67 @@
+"""The worker's own Prometheus metrics, served on IMAGEGEN_METRICS_PORT when set.
+
+Cluster-wide figures (queue depth, jobs by status, run-time histograms) live in Redis and are
+exported by every gateway; these are the per-worker ones a scrape of each worker adds.
+"""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class WorkerMetrics:
+    """Job and step durations, batch sizes and GPU memory of one worker process."""
+
+    def __init__(self, model_id: str, device: torch.device) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"model": model_id}
+        self.job_seconds = Histogram(
+            "imagegen_worker_job_seconds",
+            "Run time of succeeded jobs.",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        ).labels(**labels)
+        self.step_seconds = Histogram(
+            "imagegen_worker_step_seconds",
+            "Time of one denoising step.",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        ).labels(**labels)
+        self.batch_size = Histogram(
+            "imagegen_worker_batch_size",
+            "Images per denoising loop.",
+            ["model"],
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        ).labels(**labels)
+        self.images = Counter(
+            "imagegen_worker_images", "Images generated.", ["model"], registry=self.registry
+        ).labels(**labels)
+        gpu = Gauge(
+            "imagegen_worker_gpu_memory_bytes",
+            "GPU memory held by torch.",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        if device.type == "cuda":
+            gpu.labels(model_id, "allocated").set_function(
+                lambda: torch.cuda.memory_allocated(device)
+            )
+            gpu.labels(model_id, "reserved").set_function(
+                lambda: torch.cuda.memory_reserved(device)
+            )
+
+    def observe_job(self, seconds: float, images: int) -> None:
+        self.job_seconds.observe(seconds)
+        self.images.inc(images)
+
+    def observe_step(self, seconds: float, batch: int, first: bool) -> None:
+        self.step_seconds.observe(seconds)
+        if first:
+            self.batch_size.observe(batch)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
