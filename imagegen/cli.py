@@ -54,6 +54,15 @@ def worker() -> None:
     raise typer.Exit(run_worker(Settings()))
 
 
+@app.command()
+def prefetch() -> None:
+    """Download IMAGEGEN_MODEL (a hub id) into the Hugging Face cache, then exit."""
+    from imagegen.settings import Settings
+    from worker.pipeline import prefetch_model
+
+    typer.echo(prefetch_model(Settings()))
+
+
 @app.command("check-worker")
 def check_worker() -> None:
     """Exit 0 if this host's worker wrote a fresh heartbeat (for container healthchecks)."""

