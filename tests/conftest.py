@@ -45,12 +45,7 @@ def builtin_worker(
     redis_server: RedisServer, redis_conn: redis.Redis, log_dir: Path
 ) -> Iterator[Proc]:
     """One worker serving the built-in model (IMAGEGEN_MODEL unset), as in the local run."""
-    import os
-
-    extra = {}
-    if os.environ.get("DEV_FAKE_BUILTIN"):
-        extra = {"IMAGEGEN_MODEL": os.environ["DEV_FAKE_BUILTIN"], "IMAGEGEN_MODEL_ID": "shapes-64"}
-    proc = start_worker(redis_server.url, log_dir, "builtin-1", extra)
+    proc = start_worker(redis_server.url, log_dir, "builtin-1")
     wait_for_worker(redis_conn, proc, "builtin-1")
     yield proc
     proc.stop()

@@ -1,0 +1,213 @@
+"""Evaluate a saved ``shapes-64`` directory and write its model card, scores and sample grid."""
+
+# ruff: noqa: E501  (the card is a Markdown template)
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from builtin_model import build, data
+from builtin_model.score import ATTRIBUTES, Evaluation, evaluate_pipeline, format_table, sample_grid
+
+
+def load(model_dir: Path, device: torch.device | str = "cpu") -> Any:
+    """Load the pipeline the way the worker does, with the served default scheduler."""
+    from diffusers import AutoPipelineForText2Image
+
+    pipe = AutoPipelineForText2Image.from_pretrained(model_dir, torch_dtype=torch.float32)
+    defaults = json.loads((model_dir / "imagegen.json").read_text())
+    pipe.scheduler = build.make_scheduler(defaults["scheduler"], pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def evaluate_dir(
+    model_dir: Path,
+    device: torch.device | str = "cpu",
+    seeds: Iterable[int] = (0, 1, 2),
+    batch_size: int = 24,
+    scenes: list[data.Scene] | None = None,
+) -> list[Evaluation]:
+    """Held-out scores at the served defaults and at ``guidance_scale = 1``."""
+    pipe = load(model_dir, device)
+    defaults = json.loads((model_dir / "imagegen.json").read_text())
+    scenes = list(data.held_out_scenes()) if scenes is None else scenes
+    return [
+        evaluate_pipeline(pipe, scenes, tuple(seeds), defaults["steps"], g, batch_size)
+        for g in (defaults["guidance_scale"], 1.0)
+    ]
+
+
+def write(
+    model_dir: Path,
+    record: dict[str, Any],
+    evaluations: list[Evaluation],
+    eval_hardware: str,
+    latency: dict[str, Any] | None = None,
+) -> None:
+    """Write ``scores.json``, ``samples.png`` and the model card ``README.md``."""
+    scores = {
+        "eval_hardware": eval_hardware,
+        "held_out_combinations": len(data.held_out_scenes()),
+        "evaluations": [
+            {
+                "guidance_scale": e.guidance_scale,
+                "steps": e.steps,
+                "images": len(e.images),
+                "accuracy": e.accuracy,
+                "seconds_per_image_batched": e.seconds_per_image,
+            }
+            for e in evaluations
+        ],
+        "latency": latency,
+    }
+    (model_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    sample_grid(evaluations[0]).save(model_dir / "samples.png", optimize=True)
+    (model_dir / "README.md").write_text(
+        _card(model_dir, record, evaluations, eval_hardware, latency)
+    )
+
+
+def _params(model_dir: Path) -> dict[str, float]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(model_dir.rglob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out[f.parent.name] = sum(_numel(st.get_slice(k).get_shape()) for k in st.keys()) / 1e6  # noqa: SIM118
+    return out
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _card(
+    model_dir: Path,
+    record: dict[str, Any],
+    evaluations: list[Evaluation],
+    eval_hardware: str,
+    latency: dict[str, Any] | None,
+) -> str:
+    d = build.served_defaults()
+    params = _params(model_dir)
+    weights_mb = sum(f.stat().st_size for f in model_dir.rglob("*.safetensors")) / 1e6
+    r = record.get("recipe", {})
+    best = evaluations[0]
+    latency_line = (
+        f"{latency['seconds'] * 1000:.0f} ms per 64×64 image ({latency['steps']} steps, guidance {latency['guidance_scale']:g}, "
+        f"batch 1, best of {latency['runs']}) on {latency['hardware']}"
+        if latency
+        else "not measured yet: run `python bench/evaluate_builtin.py --write-card`"
+    )
+    misses = _common_misses(best)
+    return f"""---
+license: apache-2.0
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [stable-diffusion, tiny, procedural, offline]
+---
+
+# shapes-64 — imagegen's built-in model
+
+A tiny text-to-image model with the architecture of Stable Diffusion (CLIP-style text encoder,
+`AutoencoderKL`, cross-attention `UNet2DConditionModel`, DDPM-family scheduler), trained from
+scratch on procedural scenes so the service can turn a prompt into the *right* image on a
+machine with no GPU and no download. It draws one flat-colored shape on a flat background.
+
+It loads like any hub model:
+
+```python
+pipe = AutoPipelineForText2Image.from_pretrained("builtin_model/shapes-64", torch_dtype=torch.float32)
+image = pipe("a small red circle at the top left on a white background", width=64, height=64,
+             num_inference_steps={d["steps"]}, guidance_scale={d["guidance_scale"]:g}).images[0]
+```
+
+Served defaults (`imagegen.json`): {d["width"]}×{d["height"]}, {d["steps"]} steps, guidance
+{d["guidance_scale"]:g}, scheduler `{d["scheduler"]}`. Latency: {latency_line}.
+
+## Data
+
+`builtin_model/data.py` renders 64×64 scenes from signed distances (anti-aliased edges):
+shapes {", ".join(data.SHAPES)}; shape and background colors {", ".join(data.COLORS)}
+(never the same); sizes small (half-extent 6.5–8 px) and large (12.5–14 px); positions
+{", ".join(data.POSITIONS)} on a 3×3 grid, ±{data.POSITION_JITTER:g} px jitter. Captions vary
+in phrasing and order ("a small red circle at the top left on a white background",
+"red circle, top left, white background", "a white background with a red circle in the top
+left corner") and leave attributes out at random (size 20 %, position 10 %, background 10 %,
+color 5 %, kind 5 %); an attribute left out is free. {len(data.held_out_scenes())} full
+combinations (kind × color × background × size × position, seeded, balanced over every value)
+never appear in training, neither for the VAE nor the UNet; they are what is scored below.
+
+## Architecture
+
+| component | class | parameters |
+|---|---|---:|
+| tokenizer | `PreTrainedTokenizerFast` (word level, {len(build.build_tokenizer())} tokens, max {build.MAX_TOKENS}) | — |
+| text encoder | `CLIPTextModel`, 3 layers, width 128, absolute position embeddings | {params.get("text_encoder", 0):.2f} M |
+| VAE | `AutoencoderKL`, channels 16/32/64, 4× down → 16×16×4 latents, no attention | {params.get("vae", 0):.2f} M |
+| UNet | `UNet2DConditionModel`, 16×16 → 8×8 → 4×4, channels 64/128/128, cross-attention at 16×16, 8×8 and the middle | {params.get("unet", 0):.2f} M |
+| scheduler | DDPM linear betas 1e-4…0.02, ε-prediction, trailing timesteps | — |
+
+Weights: {weights_mb:.1f} MB (fp32 safetensors).
+
+## Training recipe
+
+`python -m builtin_model.train --profile {record.get("profile", "?")}` (seed {record.get("seed", 0)}) reproduces these
+weights; this copy was trained on **{record.get("hardware", "?")}** in **{record.get("train_s", 0) / 60:.1f} minutes** wall
+(VAE {record.get("vae_s", 0):.0f} s, latent cache {record.get("cache_s", 0):.0f} s, text encoder + UNet {record.get("unet_s", 0):.0f} s).
+
+1. VAE: {r.get("vae_steps", "?")} steps of batch {r.get("vae_batch", "?")}{f" on random {r['vae_crop']}×{r['vae_crop']} crops, then {r['vae_full_steps']} at 64×64" if r.get("vae_crop") else ""},
+   AdamW lr {r.get("vae_lr", "?")}, loss MSE + ½ L1 (shape pixels weighted 8×) + 1e-5 KL, on freshly rendered scenes each step.
+2. Latent cache: {r.get("images", "?")} scenes with one caption each, encoded once (posterior mean and std);
+   latents scaled to unit spread (`scaling_factor` = {record.get("scaling_factor", 0):.4f}).
+3. Text encoder + UNet, jointly: {record.get("unet_steps", "?")} steps of batch {r.get("batch", "?")}, AdamW lr {r.get("unet_lr", "?")} (UNet) /
+   {r.get("text_lr", "?")} (text), {r.get("warmup", "?")} warm-up steps then cosine to 10 %, ε-prediction MSE with min-SNR-5 weighting,
+   10 % caption dropout (to the empty prompt) for classifier-free guidance, EMA 0.999 (the saved weights),
+   bf16 autocast on GPU. Final loss {record.get("final_loss", float("nan")):.4f}.
+
+## Scores (held-out combinations)
+
+{len(best.images) // max(len(data.held_out_scenes()), 1)} seeds × {len(data.held_out_scenes())} held-out prompts, `{d["scheduler"]}`, read from the pixels by
+`builtin_model/score.py` (background: most common palette color on the border; shape: largest
+blob far from the background; color: its median; position: its box center on a 3×3 grid; size: its
+box's longer side; kind: nearest rendered template). The scorers read 100 % of ground-truth renders.
+Evaluated on {eval_hardware}.
+
+{format_table(evaluations)}
+
+Most common misses at the default guidance: {misses}.
+
+![samples](samples.png)
+
+The first 48 samples at the default settings, prompt under each.
+
+## Limits
+
+- One shape per scene, five kinds, twelve colors, two sizes, nine positions; nothing else. Words
+  outside the vocabulary map to `<unk>` and are ignored; the model has no notion of them.
+- 64×64 only (other sizes run but leave the training distribution).
+- Trained on procedural data only: no people, no photographs, no text; it is a test fixture and a
+  demonstration, not a general image model.
+- Scores are for the canonical phrasing; unusual phrasings of the same attributes do less well.
+"""
+
+
+def _common_misses(ev: Evaluation) -> str:
+    from collections import Counter
+
+    c: Counter[str] = Counter()
+    for reading, scene in zip(ev.readings, ev.scenes, strict=True):
+        for a in ATTRIBUTES:
+            got = getattr(reading, a)
+            if got != getattr(scene, a):
+                c[f"{a} {getattr(scene, a)} → {got or 'none'}"] += 1
+    return ", ".join(f"{k} ({v})" for k, v in c.most_common(6)) or "none"

@@ -1,0 +1,477 @@
+"""Train ``shapes-64`` from a seed: VAE, then cached latents, then text encoder + UNet.
+
+    python -m builtin_model.train --profile gpu --device cuda --out /tmp/shapes-64
+    python -m builtin_model.train --profile cpu --out builtin_model/shapes-64
+
+Each profile has a wall-clock budget; once the UNet's speed is known, its step count is cut to
+fit, so a run always ends with a saved, evaluated model. Checkpoints (EMA weights, full
+pipeline) are written along the way, so even a killed run leaves one behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import tarfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from builtin_model import build, data
+
+CAPTION_DROPOUT = 0.1
+MIN_SNR_GAMMA = 5.0
+EMA_DECAY = 0.999
+KL_WEIGHT = 1e-5
+SHAPE_WEIGHT = 8.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A training recipe; step counts are scaled by ``--max-steps-scale`` for smoke runs."""
+
+    vae_steps: int
+    vae_batch: int
+    vae_crop: int  # train on random crops this size first (0: full 64×64 throughout)
+    vae_full_steps: int  # then this many steps at full size
+    vae_lr: float
+    images: int  # training scenes rendered, encoded and cached
+    steps: int
+    batch: int
+    unet_lr: float
+    text_lr: float
+    warmup: int
+    budget_s: float  # the whole run, training + saving + evaluation
+    eval_reserve_s: float  # kept free at the end for saving and evaluation
+    checkpoint_s: float
+    eval_batch: int
+
+
+PROFILES = {
+    # H100: ~6 minutes wall in all.
+    "gpu": Profile(
+        vae_steps=2000, vae_batch=256, vae_crop=0, vae_full_steps=0, vae_lr=1e-3,
+        images=300_000, steps=12_000, batch=512, unet_lr=8e-4, text_lr=4e-4, warmup=300,
+        budget_s=310, eval_reserve_s=40, checkpoint_s=60, eval_batch=144,
+    ),
+    # 2-core CPU: ~2 hours wall in all.
+    "cpu": Profile(
+        vae_steps=1500, vae_batch=32, vae_crop=32, vae_full_steps=250, vae_lr=1e-3,
+        images=40_000, steps=7_000, batch=64, unet_lr=5e-4, text_lr=3e-4, warmup=200,
+        budget_s=7000, eval_reserve_s=240, checkpoint_s=600, eval_batch=24,
+    ),
+}  # fmt: skip
+
+
+def log(msg: str, start: float) -> None:
+    print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10 %."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(device: torch.device) -> Any:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ---- stage 1: VAE -----------------------------------------------------------------------------
+
+
+def train_vae(profile: Profile, device: torch.device, seed: int, start: float) -> torch.nn.Module:
+    vae = build.build_vae().to(device)
+    opt = torch.optim.AdamW(
+        vae.parameters(), lr=profile.vae_lr, weight_decay=0.0, fused=device.type == "cuda"
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    total = profile.vae_steps + profile.vae_full_steps
+    warmup = max(min(100, total // 10), 1)
+    t0 = time.perf_counter()
+    for step in range(total):
+        for group in opt.param_groups:
+            group["lr"] = profile.vae_lr * lr_factor(step, warmup, total)
+        scenes = data.sample_scenes(profile.vae_batch, g, device)
+        x = data.render(scenes)
+        # Shapes cover a few % of the pixels; weight them up so small ones keep their outline.
+        bg = data.palette_tensor(device)[scenes.bg].view(-1, 3, 1, 1)
+        weight = 1.0 + (SHAPE_WEIGHT - 1.0) * ((x - bg).abs().sum(1, keepdim=True) > 1e-3).float()
+        crop = profile.vae_crop if step < profile.vae_steps else 0
+        if crop:
+            oy, ox = (
+                int(v) for v in torch.randint(0, data.IMAGE_SIZE - crop + 1, (2,), generator=g)
+            )
+            x = x[:, :, oy : oy + crop, ox : ox + crop]
+            weight = weight[:, :, oy : oy + crop, ox : ox + crop]
+        with autocast(device):
+            posterior = vae.encode(x).latent_dist
+            rec = vae.decode(posterior.sample()).sample.float()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        err = rec - x
+        loss = (weight * (err**2 + 0.5 * err.abs())).mean() / weight.mean() + KL_WEIGHT * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % max(total // 10, 1) == 0 or step == total - 1:
+            sps = (time.perf_counter() - t0) / (step + 1)
+            log(
+                f"vae {step + 1}/{total} loss {loss.item():.5f} kl {kl.item():.2f} "
+                f"({sps:.3f} s/step)",
+                start,
+            )
+    return vae.eval()
+
+
+@torch.no_grad()
+def check_vae(vae: torch.nn.Module, device: torch.device, n: int = 256) -> dict[str, float]:
+    """Score VAE round trips of fresh scenes: the ceiling on what the UNet can reach."""
+    from builtin_model.score import ATTRIBUTES, read_image
+
+    batch = data.sample_scenes(n, torch.Generator().manual_seed(999), device)
+    x = data.render(batch)
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
+    images = data.to_uint8(rec)
+    hits = [read_image(images[i]).matches(batch.scene(i)) for i in range(n)]
+    stats = {a: sum(h[a] for h in hits) / n for a in ATTRIBUTES}
+    stats["mse"] = float(F.mse_loss(rec, x))
+    return stats
+
+
+# ---- stage 2: cached latents ------------------------------------------------------------------
+
+
+@dataclass
+class Cache:
+    mean: torch.Tensor  # (n, 4, 16, 16)
+    std: torch.Tensor
+    ids: torch.Tensor  # (n, MAX_TOKENS)
+    empty_ids: torch.Tensor  # (MAX_TOKENS,), the unconditional caption ""
+
+
+@torch.no_grad()
+def build_cache(
+    vae: torch.nn.Module, tokenizer: Any, n: int, device: torch.device, seed: int, chunk: int
+) -> Cache:
+    g = torch.Generator().manual_seed(seed + 2)
+    scenes = data.sample_scenes(n, g, device)
+    texts = data.captions(scenes, seed + 3)
+    tok = {
+        "padding": "max_length",
+        "max_length": build.MAX_TOKENS,
+        "truncation": True,
+        "return_tensors": "pt",
+    }
+    ids = tokenizer(texts, **tok).input_ids.to(device)
+    empty = tokenizer([""], **tok).input_ids[0].to(device)
+    means, stds = [], []
+    for i in range(0, n, chunk):
+        fields = {k: v[i : i + chunk] for k, v in vars(scenes).items()}
+        with autocast(device):
+            post = vae.encode(data.render(data.SceneBatch(**fields))).latent_dist
+        means.append(post.mean.float())
+        stds.append(post.std.float())
+    return Cache(torch.cat(means), torch.cat(stds), ids, empty)
+
+
+# ---- stage 3: text encoder + UNet -------------------------------------------------------------
+
+
+def train_unet(
+    profile: Profile, cache: Cache, tokenizer: Any, vae: torch.nn.Module, scaling: float,
+    device: torch.device, seed: int, start: float, deadline: float, out: Path, pack: Path | None,
+) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:  # fmt: skip
+    torch.manual_seed(seed + 4)
+    text = build.build_text_encoder(len(tokenizer)).to(device)
+    unet = build.build_unet(text.config.hidden_size).to(device)
+    ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
+    params = [*text.parameters(), *unet.parameters()]
+    ema_params = [*ema_text.parameters(), *ema_unet.parameters()]
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "lr": profile.unet_lr, "base": profile.unet_lr},
+            {"params": list(text.parameters()), "lr": profile.text_lr, "base": profile.text_lr},
+        ],
+        weight_decay=0.01,
+        fused=device.type == "cuda",
+    )
+    alphas_cumprod = build.train_alphas_cumprod().float().to(device)
+    n = cache.mean.shape[0]
+    g = torch.Generator(device=device).manual_seed(seed + 5)
+
+    total = profile.steps
+    t0 = time.perf_counter()
+    last_ckpt = t0
+    window: list[float] = []
+    step = 0
+    loss_avg = 0.0
+    while step < total:
+        ts = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = group["base"] * lr_factor(step, profile.warmup, total)
+        idx = torch.randint(n, (profile.batch,), device=device, generator=g)
+        z = (
+            cache.mean[idx]
+            + cache.std[idx] * torch.randn(cache.mean[idx].shape, device=device, generator=g)
+        ) * scaling
+        ids = cache.ids[idx]
+        drop = torch.rand(profile.batch, device=device, generator=g) < CAPTION_DROPOUT
+        ids = torch.where(drop[:, None], cache.empty_ids[None], ids)
+        t = torch.randint(0, 1000, (profile.batch,), device=device, generator=g)
+        noise = torch.randn(z.shape, device=device, generator=g)
+        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        zt = ab.sqrt() * z + (1 - ab).sqrt() * noise
+        with autocast(device):
+            cond = text(ids)[0]
+            pred = unet(zt, t, cond).sample.float()
+        snr = ab.view(-1) / (1 - ab.view(-1))
+        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        step += 1
+        loss_avg = 0.98 * loss_avg + 0.02 * loss.item() if step > 1 else loss.item()
+
+        now = time.perf_counter()
+        window = [*window, now - ts][-50:]
+        if step == 100 or (step > 100 and step % 200 == 0):
+            # Fit the step count to the budget (only ever down), keeping the schedule's shape.
+            sps = sum(window) / len(window)
+            fits = step + int((deadline - now) / sps)
+            if fits < total:
+                log(f"unet: {sps:.3f} s/step, budget allows {fits} of {total} steps", start)
+                total = max(fits, step + 1)
+        if step % max(total // 20, 1) == 0 or step == total:
+            sps = (now - t0) / step
+            log(
+                f"unet {step}/{total} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"({sps:.3f} s/step)",
+                start,
+            )
+        if now - last_ckpt > profile.checkpoint_s and step < total:
+            save_pipeline(
+                tokenizer, ema_text, vae, ema_unet, scaling, out, pack, {"checkpoint_step": step}
+            )
+            last_ckpt = time.perf_counter()
+            log(f"checkpoint at step {step} → {out}", start)
+    stats = {
+        "unet_steps": step,
+        "unet_s_per_step": (time.perf_counter() - t0) / max(step, 1),
+        "final_loss": loss_avg,
+    }
+    return ema_text, ema_unet, stats
+
+
+# ---- saving -----------------------------------------------------------------------------------
+
+
+def save_pipeline(
+    tokenizer: Any,
+    text: torch.nn.Module,
+    vae: torch.nn.Module,
+    unet: torch.nn.Module,
+    scaling: float,
+    out: Path,
+    pack: Path | None,
+    extra: dict[str, Any],
+) -> None:
+    """Write a loadable pipeline (fp32, CPU copies) and, if asked, a packed copy of it."""
+    vae_cpu = copy.deepcopy(vae).to("cpu").float()
+    vae_cpu.register_to_config(scaling_factor=scaling)
+    pipe = build.assemble(
+        tokenizer,
+        copy.deepcopy(text).to("cpu").float(),
+        vae_cpu,
+        copy.deepcopy(unet).to("cpu").float(),
+    )
+    build.save(pipe, out)
+    (out / "train_state.json").write_text(json.dumps(extra, indent=2) + "\n")
+    if pack is not None:
+        pack_dir(out, pack)
+
+
+def pack_dir(src: Path, dest: Path, part_bytes: int = 15 * 2**20) -> list[Path]:
+    """Tar ``src`` into ``dest/<name>.tar.NN`` parts of at most ``part_bytes`` (few, flat files
+    travel better than a tree). Restore with ``cat <name>.tar.* | tar -x``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(src, arcname=src.name)
+    blob = buf.getvalue()
+    for old in dest.glob(f"{src.name}.tar.*"):
+        old.unlink()
+    parts = []
+    for i in range(0, len(blob), part_bytes):
+        path = dest / f"{src.name}.tar.{i // part_bytes:02d}"
+        path.write_bytes(blob[i : i + part_bytes])
+        parts.append(path)
+    return parts
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+
+def scaled(profile: Profile, scale: float) -> Profile:
+    if scale == 1.0:
+        return profile
+    return replace(
+        profile,
+        vae_steps=max(int(profile.vae_steps * scale), 2),
+        vae_full_steps=max(int(profile.vae_full_steps * scale), 1 if profile.vae_full_steps else 0),
+        images=max(int(profile.images * scale), 512),
+        steps=max(int(profile.steps * scale), 2),
+        warmup=max(int(profile.warmup * scale), 1),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, required=True, help="pipeline directory to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-steps-scale", type=float, default=1.0, help="scale all step counts (smoke runs)"
+    )
+    parser.add_argument("--vae-from", type=Path, help="reuse this pipeline's VAE (skip stage 1)")
+    parser.add_argument("--max-batch", type=int, help="cap every batch size (smoke runs on a CPU)")
+    parser.add_argument("--budget-s", type=float, help="override the profile's wall-clock budget")
+    parser.add_argument(
+        "--pack", type=Path, help="also write the pipeline as tar parts here at each checkpoint"
+    )
+    parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    parser.add_argument("--eval-seeds", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    profile = scaled(PROFILES[args.profile], args.max_steps_scale)
+    if args.max_batch is not None:
+        cap = args.max_batch
+        profile = replace(
+            profile,
+            vae_batch=min(profile.vae_batch, cap),
+            batch=min(profile.batch, cap),
+            eval_batch=min(profile.eval_batch, cap),
+        )
+    if args.budget_s is not None:
+        profile = replace(profile, budget_s=args.budget_s)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed)
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
+    log(f"profile {args.profile} on {hardware}: {asdict(profile)}", start)
+
+    tokenizer = build.build_tokenizer()
+    if args.vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from / "vae").to(device).eval()
+        log(f"vae from {args.vae_from}", start)
+    else:
+        vae = train_vae(profile, device, args.seed, start)
+    t_vae = time.perf_counter() - start
+    vae_scores = check_vae(vae, device)
+    log("vae round trip: " + ", ".join(f"{k} {v:.3f}" for k, v in vae_scores.items()), start)
+    cache = build_cache(
+        vae,
+        tokenizer,
+        profile.images,
+        device,
+        args.seed,
+        chunk=4096 if device.type == "cuda" else 512,
+    )
+    scaling = 1.0 / float(cache.mean[:8192].std())
+    log(
+        f"cached {profile.images} latents {tuple(cache.mean.shape[1:])}, "
+        f"scaling factor {scaling:.4f}",
+        start,
+    )
+    t_cache = time.perf_counter() - start - t_vae
+
+    deadline = start + profile.budget_s - profile.eval_reserve_s
+    text, unet, stats = train_unet(
+        profile,
+        cache,
+        tokenizer,
+        vae,
+        scaling,
+        device,
+        args.seed,
+        start,
+        deadline,
+        args.out,
+        args.pack,
+    )
+    t_unet = time.perf_counter() - start - t_vae - t_cache
+    record = {
+        "profile": args.profile,
+        "hardware": hardware,
+        "seed": args.seed,
+        "vae_from": str(args.vae_from) if args.vae_from else None,
+        "scaling_factor": round(scaling, 6),
+        "max_steps_scale": args.max_steps_scale,
+        "recipe": asdict(profile),
+        "vae_s": round(t_vae, 1),
+        "vae_round_trip": vae_scores,
+        "cache_s": round(t_cache, 1),
+        "unet_s": round(t_unet, 1),
+        **stats,
+        "train_s": round(time.perf_counter() - start, 1),
+    }
+    save_pipeline(tokenizer, text, vae, unet, scaling, args.out, None, record)
+    log(f"saved {args.out} ({_size_mb(args.out):.1f} MB of weights)", start)
+
+    if not args.no_eval:
+        from builtin_model import card
+
+        evaluations = card.evaluate_dir(
+            args.out, device, seeds=range(args.eval_seeds), batch_size=profile.eval_batch
+        )
+        for ev in evaluations:
+            log(
+                f"guidance {ev.guidance_scale:g}: "
+                f"{ev.seconds_per_image * 1000:.1f} ms/image on {hardware}",
+                start,
+            )
+        card.write(args.out, record, evaluations, hardware)
+        from builtin_model.score import format_table
+
+        print(format_table(evaluations), flush=True)
+    if args.pack is not None:
+        pack_dir(args.out, args.pack)
+    log("done", start)
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 1e6
+
+
+if __name__ == "__main__":
+    main()
