@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from imagegen.cli_generate import register as register_generate
+
 app = typer.Typer(help="imagegen: text-to-image over HTTP.", no_args_is_help=True)
 
 
@@ -132,6 +134,9 @@ def tiny_model(directory: Path) -> None:
 
     save_tiny_pipeline(directory)
     typer.echo(f"wrote {directory}")
+
+
+register_generate(app)
 
 
 def main() -> None:

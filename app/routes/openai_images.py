@@ -1,0 +1,237 @@
+"""`POST /v1/images/generations`: OpenAI's image API over this service's generation jobs.
+
+The body becomes an ordinary GenerationRequest, queued through GenerationService like any other
+job, and the request then waits for that job: the EventHub says when it ends, so no thread is
+held meanwhile. The job is canceled as soon as nobody can collect its images any more: the
+client disconnected, the wait limit passed, or the gateway is shutting down.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import time
+from typing import Any
+from urllib.parse import urljoin
+
+import anyio
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from app.auth import PrincipalDep
+from app.deps import ServiceDep
+from app.errors import ApiError, Conflict, InvalidRequest, Unavailable
+from app.events import RESYNC_S, EventHub
+from app.openai_schemas import (
+    OPENAI_MODEL_PREFIXES,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+)
+from app.schemas import ErrorInfo, GenerationRequest, JobDocument
+from app.service import GenerationService
+from imagegen.contract import JobSpec, JobStatus
+
+log = logging.getLogger("imagegen.gateway")
+
+router = APIRouter(prefix="/v1/images", tags=["openai"])
+
+# At most 5 digits a side: the pixel cap rejects anything that large anyway, and int() of an
+# unbounded digit string is itself a cost (and a ValueError past 4300 digits).
+SIZE_RE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+# A job that failed for one of these reasons may succeed when tried again: 503, which clients
+# (the openai package included) retry. Any other failure is the service's fault: 500.
+RETRYABLE_JOB_ERRORS = frozenset({"out_of_memory", "worker_lost", "timeout"})
+# The answer to a client that has already gone, so nobody receives it; 499 is nginx's code
+# for that case, should a middleware or a log see it.
+CLIENT_CLOSED_REQUEST = 499
+
+
+@router.post("/generations", response_model=OpenAIImagesResponse, response_model_exclude_none=True)
+async def create_image(
+    body: OpenAIImageRequest, request: Request, service: ServiceDep, principal: PrincipalDep
+) -> OpenAIImagesResponse | Response:
+    """Generate images and answer with them once done (OpenAI's `images.generate`)."""
+    generation = to_generation_request(body)
+    owner = principal.name
+    job = await anyio.to_thread.run_sync(_submit, service, generation, owner, body.size is not None)
+    hub: EventHub = request.app.state.events
+    done = await _wait_for_job(request, service, hub, job, owner)
+    if done is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    if done.status != JobStatus.SUCCEEDED:
+        raise job_failure(done)
+    if body.response_format == "url":
+        # The job document's link, made absolute against this request's base URL (which
+        # carries any root_path), so the link format stays defined in one place.
+        base = str(request.base_url)
+        data = [OpenAIImage(url=urljoin(base, image.url.lstrip("/"))) for image in done.images]
+    else:
+        pngs = await anyio.to_thread.run_sync(_read_images, service, done, owner)
+        data = [OpenAIImage(b64_json=base64.b64encode(png).decode("ascii")) for png in pngs]
+    return OpenAIImagesResponse(created=int(time.time()), data=data)
+
+
+def to_generation_request(body: OpenAIImageRequest) -> GenerationRequest:
+    """This API's request for an OpenAI body; GenerationRequest's rules apply, naming `size`
+    where the width or height came from it."""
+    width = height = None
+    if body.size is not None and body.size != "auto":
+        match = SIZE_RE.fullmatch(body.size)
+        if match is None:
+            raise InvalidRequest.for_field(
+                "size", f'must be "WIDTHxHEIGHT" (e.g. "512x512") or "auto", not {body.size!r}'
+            )
+        width, height = int(match[1]), int(match[2])
+    fields: dict[str, Any] = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "width": width,
+        "height": height,
+        "steps": body.steps,
+        "guidance_scale": body.guidance_scale,
+        "seed": body.seed,
+        "n": body.n,
+        "scheduler": body.scheduler,
+        "model": body.model,
+    }
+    try:
+        # Unset fields are left out, so GenerationRequest's defaults are the only defaults.
+        return GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        # Raised as FastAPI's own validation error, so the envelope is the one every 422 has.
+        raise RequestValidationError([_as_body_error(e, body.size) for e in exc.errors()]) from exc
+
+
+def _as_body_error(error: Any, size: str | None) -> dict[str, Any]:
+    """A GenerationRequest error located in the OpenAI body: width/height problems are `size`'s."""
+    loc = tuple(error["loc"])
+    if loc and loc[0] in ("width", "height"):
+        message = f"{loc[0]} of {size!r}: {error['msg']}"
+        return {**error, "loc": ("body", "size"), "msg": message}
+    return {**error, "loc": ("body", *loc)}
+
+
+def _submit(
+    service: GenerationService, request: GenerationRequest, owner: str, size_given: bool
+) -> JobDocument:
+    """Queue the job (in a worker thread: the service speaks to Redis synchronously)."""
+    model = request.model
+    # Code written for OpenAI names an OpenAI model, meaning "the image model": it gets this
+    # server's default, unless a model here really is served under that name.
+    if (
+        model is not None
+        and model.startswith(OPENAI_MODEL_PREFIXES)
+        and service.registry.get(model) is None
+    ):
+        request = request.model_copy(update={"model": None})
+    try:
+        job, _ = service.submit(request, owner)
+    except InvalidRequest as exc:
+        # The pixel cap is checked on width and height; the client sent them as `size`.
+        fields = {detail.get("field") for detail in exc.details}
+        if size_given and fields & {"width", "height"}:
+            message = exc.details[0]["message"]
+            raise InvalidRequest.for_field("size", message) from exc
+        raise
+    return job
+
+
+def _read_images(service: GenerationService, job: JobDocument, owner: str) -> list[bytes]:
+    return [service.image(job.id, image.index, owner) for image in job.images]
+
+
+async def _wait_for_job(
+    request: Request, service: GenerationService, hub: EventHub, job: JobDocument, owner: str
+) -> JobDocument | None:
+    """The job's final document, or None when the client left (the job is then canceled).
+
+    The wait is limited by the job's own time limit, which already allows for queueing; past
+    it the job is canceled and the client gets a 503.
+    """
+    limit_s = service.job_timeout_s(JobSpec.model_validate(job.request.model_dump()))
+    disconnected = False
+    finished: JobDocument | None = None
+    failure: Exception | None = None
+
+    async def watch_for_disconnect(scope: anyio.CancelScope) -> None:
+        nonlocal disconnected
+        # The body has been read, so the next ASGI message can only be the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        disconnected = True
+        scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch_for_disconnect, group.cancel_scope)
+            try:
+                with anyio.move_on_after(limit_s):
+                    finished = await _until_terminal(service, hub, job.id, owner)
+            except Exception as exc:
+                # Raised past the task group it would come out as an ExceptionGroup, which no
+                # error handler matches (a Redis outage must stay a 503, not become a 500).
+                failure = exc
+            group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+    except BaseException:
+        # Shutdown or a Redis error mid-wait: nobody will collect the images.
+        with anyio.CancelScope(shield=True):
+            await _cancel_quietly(service, job.id, owner)
+        raise
+    if finished is not None:
+        return finished
+    # Canceling a job that ended meanwhile returns it unchanged, and then its result stands.
+    final = await anyio.to_thread.run_sync(service.cancel, job.id, owner)
+    if disconnected:
+        log.info("client left while waiting for job %s; it is %s", job.id, final.status)
+        return None
+    if final.status == JobStatus.CANCELED:
+        raise Unavailable(
+            f"generation job {job.id} did not finish within {limit_s} s (the service is busy); "
+            "it was canceled. Retry later, or ask for fewer images, pixels or steps"
+        )
+    return final
+
+
+async def _until_terminal(
+    service: GenerationService, hub: EventHub, job_id: str, owner: str
+) -> JobDocument:
+    """Wait, without holding a thread, until the job succeeded, failed or was canceled."""
+    # Listening starts before the first read, so an end between the two is not missed.
+    async with hub.listen(job_id) as messages:
+        while True:
+            doc = await anyio.to_thread.run_sync(service.get, job_id, owner)
+            if JobStatus(doc.status).is_terminal:
+                return doc
+            # Messages name the new status or "progress"; only an end is worth a read. A lost
+            # message costs at most RESYNC_S, after which the document is read anyway.
+            with anyio.move_on_after(RESYNC_S):
+                while not _is_terminal_name(await messages.get()):
+                    pass
+
+
+def _is_terminal_name(name: str) -> bool:
+    return name in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+async def _cancel_quietly(service: GenerationService, job_id: str, owner: str) -> None:
+    try:
+        await anyio.to_thread.run_sync(service.cancel, job_id, owner)
+    except Exception:  # the error already under way is the one to report
+        log.warning("could not cancel abandoned job %s", job_id, exc_info=True)
+
+
+def job_failure(job: JobDocument) -> ApiError:
+    """The error envelope for a job that ended without images."""
+    if job.status == JobStatus.CANCELED:
+        # Someone canceled it (DELETE /v1/generations/{id}): the request itself was fine.
+        return Conflict(f"generation job {job.id} was canceled before it finished")
+    error = job.error or ErrorInfo(code="internal", message="no reason was recorded")
+    message = f"generation job {job.id} failed ({error.code}): {error.message}"
+    if error.code in RETRYABLE_JOB_ERRORS:
+        return Unavailable(message)
+    return ApiError(message)
