@@ -138,29 +138,17 @@ def build_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**_known(DPMSolverMultistepScheduler, scheduler_config()))
 
 
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-}
-
-
 def make_scheduler(name: str, config: Any) -> Any:
-    """The scheduler the worker would build for ``name`` (same table as the worker's)."""
-    import diffusers
+    """The scheduler the worker builds for ``name`` (its own table, so the two cannot drift)."""
+    from worker.schedulers import build_scheduler
 
-    cls_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(config, **extra)
+    return build_scheduler(name, config)
 
 
 def _known(cls: type, config: dict[str, Any]) -> dict[str, Any]:
     import inspect
 
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters
     return {k: v for k, v in config.items() if k in params}
 
 

@@ -155,7 +155,7 @@ never appear in training, neither for the VAE nor the UNet; they are what is sco
 | text encoder | `CLIPTextModel`, 3 layers, width 128, absolute position embeddings | {params.get("text_encoder", 0):.2f} M |
 | VAE | `AutoencoderKL`, channels 16/32/64, 4× down → 16×16×4 latents, no attention | {params.get("vae", 0):.2f} M |
 | UNet | `UNet2DConditionModel`, 16×16 → 8×8 → 4×4, channels 64/128/128, cross-attention at 16×16, 8×8 and the middle | {params.get("unet", 0):.2f} M |
-| scheduler | DDPM linear betas 1e-4…0.02, ε-prediction, trailing timesteps | — |
+| scheduler | Stable Diffusion's scaled-linear betas 0.00085…0.012, ε-prediction, trailing timesteps | — |
 
 Weights: {weights_mb:.1f} MB (fp32 safetensors).
 

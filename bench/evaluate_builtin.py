@@ -1,0 +1,97 @@
+"""Score the built-in ``shapes-64`` model on its held-out prompts, from the pixels alone.
+
+    python bench/evaluate_builtin.py                 # 48 held-out combinations × 3 seeds, CPU
+    python bench/evaluate_builtin.py --write-card    # also refresh the card, scores, samples
+
+Prints the score table at the served default guidance and at ``guidance_scale = 1``, then the
+latency of one 64×64 image at the served defaults, as a ratio to the unguided image measured in
+the same run and to the 1.0 s budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from builtin_model import MODEL_DIR, card, data
+from builtin_model.score import format_table
+
+LATENCY_BUDGET_S = 1.0
+
+
+def latency(pipe: object, steps: int, guidance_scale: float, runs: int) -> float:
+    """Best-of-``runs`` seconds for one image, batch 1, after a warm-up run (the minimum, since
+    on a shared machine every other statistic measures the neighbours)."""
+    times = []
+    for i in range(runs + 1):
+        start = time.perf_counter()
+        pipe(  # type: ignore[operator]
+            prompt="a large blue square in the center on a yellow background",
+            width=data.IMAGE_SIZE,
+            height=data.IMAGE_SIZE,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(i),
+        )
+        if i:
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--limit", type=int, help="score only the first N held-out combinations")
+    parser.add_argument("--latency-runs", type=int, default=5)
+    parser.add_argument("--write-card", action="store_true")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
+    scenes = list(data.held_out_scenes())[: args.limit]
+    evaluations = card.evaluate_dir(args.model_dir, device, seeds=range(args.seeds), scenes=scenes)
+    print(f"{len(scenes)} held-out combinations × {args.seeds} seeds on {hardware}\n")
+    print(format_table(evaluations))
+
+    defaults = json.loads((args.model_dir / "imagegen.json").read_text())
+    pipe = card.load(args.model_dir, device)
+    guided = latency(pipe, defaults["steps"], defaults["guidance_scale"], args.latency_runs)
+    unguided = latency(pipe, defaults["steps"], 1.0, args.latency_runs)
+    print(
+        f"\nlatency, one 64×64 image, {defaults['steps']} steps `{defaults['scheduler']}`: "
+        f"guidance {defaults['guidance_scale']:g} {guided * 1000:.0f} ms, "
+        f"guidance 1 {unguided * 1000:.0f} ms (ratio {guided / unguided:.2f}); "
+        f"{guided / LATENCY_BUDGET_S:.2f}× the {LATENCY_BUDGET_S:g} s budget"
+    )
+
+    if args.write_card:
+        record = json.loads((args.model_dir / "train_state.json").read_text())
+        measured = {
+            "seconds": guided,
+            "steps": defaults["steps"],
+            "guidance_scale": defaults["guidance_scale"],
+            "runs": args.latency_runs,
+            "hardware": hardware,
+        }
+        card.write(args.model_dir, record, evaluations, hardware, measured)
+        print(f"wrote {args.model_dir}/README.md, scores.json, samples.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The built-in ``shapes-64`` model: its data, its scorers, and that the shipped weights draw
+the right image for held-out prompts (a small sample of ``bench/evaluate_builtin.py``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from builtin_model import MODEL_DIR, build, data, score
+from imagegen.contract import SCHEDULER_NAMES
+
+MAX_WEIGHT_BYTES = 30 * 10**6
+
+
+def test_package_imports_without_torch() -> None:
+    code = "import sys, builtin_model; assert 'torch' not in sys.modules; print(builtin_model.MODEL_DIR)"  # noqa: E501
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("shapes-64")
+
+
+def _ground_truth(n: int, seed: int) -> tuple[data.SceneBatch, np.ndarray]:
+    batch = data.sample_scenes(n, torch.Generator().manual_seed(seed), exclude_held_out=False)
+    return batch, data.to_uint8(data.render(batch))
+
+
+def test_scorers_read_ground_truth() -> None:
+    batch, images = _ground_truth(400, seed=7)
+    held = data.scenes_from_list(list(data.held_out_scenes()), torch.Generator().manual_seed(8))
+    for b, imgs in ((batch, images), (held, data.to_uint8(data.render(held)))):
+        for i in range(len(b)):
+            assert all(score.read_image(imgs[i]).matches(b.scene(i)).values()), b.scene(i)
+
+
+def test_scorers_tolerate_noise() -> None:
+    """Generated images are not clean renders: noise must not move any reading much."""
+    batch, images = _ground_truth(200, seed=9)
+    noisy = np.clip(images + np.random.default_rng(0).normal(0, 10, images.shape), 0, 255).astype(
+        np.uint8
+    )
+    hits = [score.read_image(noisy[i]).matches(batch.scene(i)) for i in range(len(batch))]
+    for attribute in score.ATTRIBUTES:
+        assert np.mean([h[attribute] for h in hits]) >= 0.97, attribute
+
+
+def test_held_out_combinations_never_drawn_for_training() -> None:
+    batch = data.sample_scenes(50_000, torch.Generator().manual_seed(0))
+    hits = data.held_out_mask()[
+        data.combo_index(batch.kind, batch.color, batch.bg, batch.size, batch.pos)
+    ]
+    assert not bool(hits.any())
+    assert len(set(data.held_out_scenes())) == data.HELD_OUT_COUNT
+    assert all(s.color != s.background for s in data.held_out_scenes())
+
+
+def test_captions_use_only_known_words() -> None:
+    tokenizer = build.build_tokenizer()
+    batch = data.sample_scenes(2000, torch.Generator().manual_seed(1))
+    texts = data.captions(batch, seed=1) + [s.prompt() for s in data.held_out_scenes()]
+    ids = tokenizer(
+        texts, padding="max_length", max_length=build.MAX_TOKENS, truncation=True
+    ).input_ids
+    assert all(
+        tokenizer.unk_token_id not in row and row[-1] == tokenizer.pad_token_id for row in ids
+    )
+    # Unknown words become <unk> instead of failing.
+    assert tokenizer("a zebra").input_ids[2] == tokenizer.unk_token_id
+
+
+def test_shipped_files() -> None:
+    weights = sum(f.stat().st_size for f in MODEL_DIR.rglob("*.safetensors"))
+    assert 0 < weights <= MAX_WEIGHT_BYTES
+    index = json.loads((MODEL_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    served = json.loads((MODEL_DIR / "imagegen.json").read_text())
+    assert served["id"] == "shapes-64" and (served["width"], served["height"]) == (64, 64)
+    assert served["scheduler"] in SCHEDULER_NAMES
+    assert (MODEL_DIR / "README.md").is_file() and (MODEL_DIR / "samples.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def pipe() -> object:
+    from diffusers import AutoPipelineForText2Image
+
+    pipe = AutoPipelineForText2Image.from_pretrained(MODEL_DIR, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_held_out_prompts_follow_the_prompt(pipe: object) -> None:
+    served = json.loads((MODEL_DIR / "imagegen.json").read_text())
+    pipe.scheduler = build.make_scheduler(served["scheduler"], pipe.scheduler.config)  # type: ignore[attr-defined]
+    scenes = list(data.held_out_scenes())[::8]  # 6 prompts, every kind and several positions
+    ev = score.evaluate_pipeline(pipe, scenes, (0,), served["steps"], served["guidance_scale"])  # type: ignore[arg-type]
+    assert all(im.size == (64, 64) for im in ev.images)
+    assert ev.accuracy["background"] >= 0.8, ev.accuracy
+    assert ev.accuracy["color"] >= 0.6, ev.accuracy
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULER_NAMES))
+def test_every_scheduler_runs(pipe: object, name: str) -> None:
+    pipe.scheduler = build.make_scheduler(name, pipe.scheduler.config)  # type: ignore[attr-defined]
+    out = pipe(  # type: ignore[operator]
+        prompt=["a large red circle in the center on a white background", "an unknown zebra"],
+        negative_prompt=["", ""],
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+        output_type="pil",
+    )
+    assert [im.size for im in out.images] == [(64, 64), (64, 64)]
+
+
+def test_generation_is_deterministic(pipe: object) -> None:
+    def run() -> np.ndarray:
+        out = pipe(
+            "a small blue triangle at the top",
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(5),
+        )  # type: ignore[operator]
+        return np.asarray(out.images[0])
+
+    assert np.array_equal(run(), run())
