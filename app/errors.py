@@ -163,7 +163,26 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             return error_response(404, "not_found", "no such route")
         if exc.status_code == 405:
-            return error_response(405, "invalid_request", "method not allowed on this route")
+            return error_response(
+                405,
+                "invalid_request",
+                "method not allowed on this route",
+                headers=getattr(exc, "headers", None),  # carries `Allow`
+            )
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # Undecodable bytes, absurd nesting or digits: still just a malformed body (422).
+            return error_response(
+                422,
+                "invalid_request",
+                "body: the body is not valid JSON",
+                [
+                    {
+                        "field": "body",
+                        "message": "the body is not valid JSON",
+                        "type": "json_invalid",
+                    }
+                ],
+            )
         if exc.status_code == 413:
             return error_response(413, "payload_too_large", str(exc.detail))
         code = "internal" if exc.status_code >= 500 else "invalid_request"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from imagegen.contract import SEED_MAX
 
@@ -20,6 +20,21 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
+def _integral_float_to_int(value: Any) -> Any:
+    # JSON has one number type: 64.0 is the integer 64 to most encoders and to JSON Schema.
+    # Only integral floats are taken; 2.5, "64" and true still fail strict validation.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_Integral = BeforeValidator(_integral_float_to_int)
+Width = Annotated[int, Field(ge=64, multiple_of=8), _Integral]
+Steps = Annotated[int, Field(ge=1), _Integral]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX), _Integral]
+Count = Annotated[int, Field(ge=1), _Integral]
+
+
 class GenerationRequest(BaseModel):
     """`POST /v1/generations`. Types are strict: "64" is not a width, and true is not a seed."""
 
@@ -27,20 +42,16 @@ class GenerationRequest(BaseModel):
 
     prompt: str = Field(description="1..2000 characters after trimming (cap configurable).")
     negative_prompt: str = Field("", description="0..2000 characters.")
-    width: int | None = Field(
-        None, ge=64, multiple_of=8, description="Multiple of 8, ≥ 64; default: the model's."
-    )
-    height: int | None = Field(
-        None, ge=64, multiple_of=8, description="Multiple of 8, ≥ 64; default: the model's."
-    )
-    steps: int | None = Field(None, ge=1, description="1..150 (cap configurable).")
+    width: Width | None = Field(None, description="Multiple of 8, ≥ 64; default: the model's.")
+    height: Width | None = Field(None, description="Multiple of 8, ≥ 64; default: the model's.")
+    steps: Steps | None = Field(None, description="1..150 (cap configurable).")
     guidance_scale: float | None = Field(
         None, ge=0, le=30, allow_inf_nan=False, description="Finite, 0..30."
     )
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="0..2^32-1; null = random.")
-    n: int = Field(1, ge=1, description="Images in the job, 1..8 (cap configurable).")
+    seed: Seed | None = Field(None, description="0..2^32-1; null = random.")
+    n: Count = Field(1, description="Images in the job, 1..8 (cap configurable).")
     scheduler: str | None = Field(
-        None, max_length=64, description="One of the model's `schedulers`."
+        None, min_length=1, max_length=64, description="One of the model's `schedulers`."
     )
     # The pattern keeps odd text out of the Redis key that the model id is looked up under.
     model: str | None = Field(

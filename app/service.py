@@ -26,6 +26,7 @@ from app.schemas import (
 )
 from imagegen.contract import (
     JOB_ID_PREFIX,
+    SCHEDULER_MIN_STEPS,
     JobRecord,
     JobSpec,
     JobStatus,
@@ -106,11 +107,16 @@ class GenerationService:
             raise InvalidRequest.for_field("steps", f"must be at most {s.max_steps}")
         if request.n > s.max_n:
             raise InvalidRequest.for_field("n", f"must be at most {s.max_n}")
-        scheduler = request.scheduler or info.scheduler
+        scheduler = request.scheduler if request.scheduler is not None else info.scheduler
         if scheduler not in info.schedulers:
             raise InvalidRequest.for_field(
                 "scheduler",
                 f"unknown scheduler {scheduler!r}; one of: {', '.join(info.schedulers)}",
+            )
+        min_steps = SCHEDULER_MIN_STEPS.get(scheduler, 1)
+        if steps < min_steps:
+            raise InvalidRequest.for_field(
+                "steps", f"scheduler {scheduler!r} needs at least {min_steps} steps"
             )
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         return JobSpec(

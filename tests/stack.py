@@ -99,8 +99,13 @@ def start_gateway(
     redis_url: str, log_dir: Path, extra: Mapping[str, str] | None = None, name: str = "gateway"
 ) -> Gateway:
     port = free_port()
+    # Every test gateway shares the per-address request budget in its Redis (that is the
+    # point of counting it there), and the suite polls fast from 127.0.0.1: lift it unless a
+    # test sets its own.
+    defaults = {"IMAGEGEN_RATE_LIMIT_PER_MINUTE": "1000000"}
     env = service_env(
-        redis_url, {"IMAGEGEN_HOST": "127.0.0.1", "IMAGEGEN_PORT": str(port), **(extra or {})}
+        redis_url,
+        {**defaults, "IMAGEGEN_HOST": "127.0.0.1", "IMAGEGEN_PORT": str(port), **(extra or {})},
     )
     proc = start_process([sys.executable, "-m", "imagegen", "api"], env, log_dir / f"{name}.log")
     base_url = f"http://127.0.0.1:{port}"
