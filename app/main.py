@@ -22,7 +22,7 @@ from app.metrics import RequestMetrics, ServiceCollector
 from app.metrics import router as metrics_router
 from app.middleware import BodySizeLimit, RequestId
 from app.registry import ModelRegistry
-from app.routes import generations, health, models
+from app.routes import generations, health, models, openai_images
 from app.schemas import ErrorEnvelope
 from app.service import GenerationService
 from imagegen import __version__
@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         },
     )
     install_error_handlers(app)
-    _describe_event_streams_for_openapi_31(app)
+    _finish_openapi(app, settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     app.add_middleware(RequestId)  # outermost: even a 413 carries the request id
@@ -121,33 +121,69 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
         )
     app.include_router(generations.router)
+    app.include_router(openai_images.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(metrics_router)
     return app
 
 
-def _describe_event_streams_for_openapi_31(app: FastAPI) -> None:
-    """FastAPI describes SSE bodies with OpenAPI 3.2's `itemSchema`, which 3.1 validators and
-    generators reject; describe them as a 3.1 string body that names the event payload."""
+# One Server-Sent Event as OpenAPI 3.1 tools read a `text/event-stream` schema: an object per
+# event, whose `data` is the job document as JSON text.
+_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["queued", "running", "progress", "succeeded", "failed", "canceled"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/JobDocument"},
+        },
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+def _finish_openapi(app: FastAPI, settings: Settings) -> None:
+    """Post-process the generated document where FastAPI cannot say what the API does.
+
+    - FastAPI describes SSE bodies with OpenAPI 3.2's `itemSchema`; 3.1 tools read the
+      media type's `schema` as one event, and a stream's errors are JSON envelopes.
+    - The configured caps (prompt length, steps, n) are settings, so they are written into the
+      request schema here rather than frozen into the model.
+    """
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            spec = build()
-            for operations in spec.get("paths", {}).values():
-                for operation in operations.values():
-                    for response in operation.get("responses", {}).values():
-                        stream = response.get("content", {}).get("text/event-stream")
-                        if stream is not None and "itemSchema" in stream:
-                            stream.pop("itemSchema")
-                            stream["schema"] = {
-                                "type": "string",
-                                "description": "Server-Sent Events. `event:` is the job status "
-                                "or `progress`; `data:` is the JobDocument as JSON.",
-                            }
-            app.openapi_schema = spec
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = build()
+        for operations in spec.get("paths", {}).values():
+            for operation in operations.values():
+                for status, response in operation.get("responses", {}).items():
+                    stream = response.get("content", {}).get("text/event-stream")
+                    if stream is None:
+                        continue
+                    stream.pop("itemSchema", None)
+                    if str(status).startswith("2"):
+                        stream["schema"] = _EVENT_SCHEMA
+                    else:
+                        response["content"] = {"application/json": stream}
+        request = spec["components"]["schemas"]["GenerationRequest"]["properties"]
+        no_nul = {"not": {"pattern": "\\u0000"}}  # the regex \u0000: NUL is refused
+        request["prompt"].update(
+            minLength=1, maxLength=settings.max_prompt_chars, pattern="\\S", **no_nul
+        )
+        request["negative_prompt"].update(maxLength=settings.max_prompt_chars, **no_nul)
+        for field, cap in (("steps", settings.max_steps), ("n", settings.max_n)):
+            target = request[field]
+            for option in target.get("anyOf", [target]):
+                if option.get("type") == "integer":
+                    option["maximum"] = cap
+        app.openapi_schema = spec
+        return spec
 
     app.openapi = openapi  # type: ignore[method-assign]
 

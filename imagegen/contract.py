@@ -28,6 +28,9 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     "pndm",
 )
 
+# Schedulers that cannot run fewer steps than this (PNDM's Runge-Kutta warm-up takes 4).
+SCHEDULER_MIN_STEPS: dict[str, int] = {"pndm": 4}
+
 
 class JobStatus(enum.StrEnum):
     """Where a generation job is in its life; the last three are terminal."""
@@ -137,6 +140,7 @@ class WorkerHeartbeat(BaseModel):
     sent_at: float
     state: str  # "starting" | "ready" | "busy"
     current_job: str | None = None
+    current_jobs: list[str] = Field(default_factory=list)  # every job of the running batch
     jobs_done: int = 0
     pipelines_loaded: int = 0
 

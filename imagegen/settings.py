@@ -114,10 +114,30 @@ class Settings(BaseSettings):
     low_memory_gib: float = Field(
         6.0, ge=0, description="Free GPU memory below which `auto` turns slicing/tiling on."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet and VAE decoder at start (CUDA), warmed up for the "
+        "batch sizes in IMAGEGEN_COMPILE_BATCHES; halves GPU latency, costs a minute at start.",
+    )
+    compile_batches: str = Field(
+        "1,2,4,8", description="Batch sizes (images) compiled and warmed up at start."
+    )
+    fuse_qkv: bool = Field(
+        False, description="Fuse the attention QKV projections (where the model allows)."
+    )
+    channels_last: bool = Field(
+        False, description="Run the UNet and VAE in channels_last memory format."
+    )
     batch_invariant: Toggle = Field(
         "auto",
         description="Generate each image of a job in its own pipeline call, so image i is "
         "byte-identical to seed+i alone; auto = on for CPU, off for GPU (speed).",
+    )
+    batch_max_images: int = Field(
+        0,
+        ge=0,
+        description="Images one denoising loop may hold when queued jobs share a shape; "
+        "0 = auto (1 on CPU, from free memory on a GPU).",
     )
     max_attempts: int = Field(
         3, ge=1, description="Runs a job gets when its worker is lost before it fails."

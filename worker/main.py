@@ -18,9 +18,10 @@ from imagegen.contract import ErrorCode, WorkerHeartbeat, queue_name
 from imagegen.logs import configure_logging
 from imagegen.settings import Settings
 from worker import jobs
+from worker.batching import Batcher
 from worker.heartbeat import Heartbeat
 from worker.metrics import WorkerMetrics
-from worker.pipeline import load_model
+from worker.pipeline import LoadedModel, free_gpu_gib, load_model
 from worker.recovery import Reaper
 from worker.runtime import Counters, Runtime
 
@@ -38,7 +39,27 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
 
 
-def _work_until_stopped(connection: redis.Redis, queue: str, name: str, settings: Settings) -> None:
+def batch_max_images(settings: Settings, model: LoadedModel) -> int:
+    """Images one denoising loop may hold: the setting, or `auto` — 1 on CPU, where batching
+    buys nothing (bench/batching.py), and on a GPU as many as free memory comfortably holds
+    at the model's native size, at most 16."""
+    if settings.batch_max_images:
+        return settings.batch_max_images
+    free = free_gpu_gib(model.device)
+    if free is None:
+        return 1
+    # SD 1.5 at 512x512 peaks near 2 GiB + 0.13 GiB per image (../shared/anchors); scale by area.
+    per_image = 0.13 * (model.info.width * model.info.height) / (512 * 512)
+    return max(1, min(16, int((free - 2.0) / max(per_image, 1e-3))))
+
+
+def _work_until_stopped(
+    connection: redis.Redis,
+    queue: str,
+    name: str,
+    settings: Settings,
+    batcher: Batcher | None,
+) -> None:
     """Run RQ's work loop; if Redis goes away, wait for it and start a fresh loop.
 
     RQ's loop gives up on errors outside its dequeue; the warm pipeline is worth keeping, so
@@ -50,6 +71,8 @@ def _work_until_stopped(connection: redis.Redis, queue: str, name: str, settings
         worker = ImagegenWorker(
             [queue], connection=connection, name=rq_name, serializer=JSONSerializer
         )
+        if batcher is not None:
+            batcher.rq_worker = worker  # claimed jobs go through this loop's RQ bookkeeping
         try:
             worker.work(logging_level=settings.log_level, with_scheduler=False)
         except redis.exceptions.RedisError as exc:
@@ -84,7 +107,10 @@ def run_worker(settings: Settings) -> int:
     metrics = WorkerMetrics(model.info.id, model.device)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
-    runtime = Runtime(model, connection, settings, name, counters, metrics)
+    queue = queue_name(model.info.id)
+    max_images = batch_max_images(settings, model)
+    batcher = Batcher(connection, queue, max_images) if max_images > 1 else None
+    runtime = Runtime(model, connection, settings, name, counters, metrics, batcher)
     if settings.warmup:
         runtime.warm_up()
     jobs.install(runtime)
@@ -106,6 +132,7 @@ def run_worker(settings: Settings) -> int:
         return {
             "state": "busy" if counters.current_job else "ready",
             "current_job": counters.current_job,
+            "current_jobs": list(counters.current_jobs),
             "jobs_done": counters.jobs_done,
             "pipelines_loaded": counters.pipelines_loaded,
         }
@@ -135,12 +162,11 @@ def run_worker(settings: Settings) -> int:
         watchdog=watchdog,
     )
     heartbeat.start()
-    queue = queue_name(model.info.id)
     reaper = Reaper(connection, queue, settings)
     reaper.start()
     log.info("worker %s ready on queue %s (%s, %s)", name, queue, base.device, base.dtype)
     try:
-        _work_until_stopped(connection, queue, name, settings)
+        _work_until_stopped(connection, queue, name, settings, batcher)
     finally:
         reaper.stop()
         heartbeat.stop()

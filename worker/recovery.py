@@ -44,6 +44,7 @@ class Reaper:
         )
         self.intermediate = IntermediateQueue(self.queue.key, connection)
         self._seen_claimed: set[str] = set()
+        self._seen_taken: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
 
@@ -63,12 +64,22 @@ class Reaper:
     def sweep(self) -> list[tuple[str, str]]:
         """One pass; returns (job id, "requeued" | "failed") for each job taken back."""
         outcomes = []
+        taken_not_started = set()
         for job_id in self.started.get_job_ids(cleanup=False):
             record = self.store.get(job_id)
-            if record is None or record.status != JobStatus.RUNNING:
+            if record is None:
                 continue
-            if self._is_lost(record):
+            if record.status == JobStatus.QUEUED:
+                # RQ handed it to a worker whose first write (queued -> running) never landed,
+                # e.g. Redis went away right then. Seen twice, it is stuck: queue it again.
+                taken_not_started.add(job_id)
+                if job_id in self._seen_taken:
+                    self._requeue_rq_job(job_id)
+                    log.warning("job %s: taken by a worker but never started; queued again", job_id)
+                    outcomes.append((job_id, "requeued"))
+            elif record.status == JobStatus.RUNNING and self._is_lost(record):
                 outcomes.append((job_id, self.take_back(record)))
+        self._seen_taken = taken_not_started
         self._rescue_claimed()
         return outcomes
 
@@ -79,9 +90,8 @@ class Reaper:
         beat = WorkerHeartbeat.model_validate_json(raw)
         # Alive, beat after the job started, yet not running it: its writes must have failed.
         started = record.started_at or time.time()
-        return beat.current_job != record.id and beat.sent_at > started + 2 * (
-            self.settings.heartbeat_interval_s
-        )
+        running_it = record.id == beat.current_job or record.id in beat.current_jobs
+        return not running_it and beat.sent_at > started + 2 * self.settings.heartbeat_interval_s
 
     def take_back(self, record: JobRecord) -> str:
         owner = record.owner or ""

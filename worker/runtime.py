@@ -6,7 +6,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -19,6 +19,8 @@ from imagegen.logs import request_id
 from imagegen.settings import Settings
 from imagegen.store import JobStore
 from worker import faults
+from worker.batch import BatchItem, run_batch, supports_batching
+from worker.batching import Batcher, Claimed
 from worker.metrics import WorkerMetrics
 from worker.pipeline import LoadedModel
 from worker.png import encode_png
@@ -72,18 +74,21 @@ class Counters:
     jobs_done: int = 0
     pipelines_loaded: int = 0
     current_job: str | None = None
+    current_jobs: list[str] = field(default_factory=list)  # the batch, current_job first
     current_owner: str | None = None
     busy_since: float | None = None
     deadline: float | None = None
 
-    def start(self, job_id: str, owner: str, timeout_s: float | None) -> None:
+    def start(self, job_ids: list[str], owner: str, timeout_s: float | None) -> None:
         self.current_owner = owner
+        self.current_jobs = job_ids
         self.busy_since = time.time()
         self.deadline = self.busy_since + timeout_s if timeout_s else None
-        self.current_job = job_id
+        self.current_job = job_ids[0]
 
     def finish(self) -> None:
         self.current_job = self.current_owner = None
+        self.current_jobs = []
         self.busy_since = self.deadline = None
         self.jobs_done += 1
 
@@ -99,9 +104,11 @@ class Runtime:
         worker_name: str,
         counters: Counters,
         metrics: WorkerMetrics | None = None,
+        batcher: Batcher | None = None,
     ) -> None:
         self.model = model
         self.metrics = metrics or WorkerMetrics(model.info.id, model.device)
+        self.batcher = batcher
         self.redis = connection
         self.store = JobStore(connection)
         self.settings = settings
@@ -166,7 +173,15 @@ class Runtime:
         return images
 
     def warm_up(self) -> None:
-        """One small generation, so the first job pays no lazy-initialisation cost."""
+        """One small generation, so the first job pays no lazy-initialisation cost; with
+        torch.compile, one per batch size to be served, so no job pays for compiling."""
+        sizes = [1]
+        if self.settings.compile:
+            sizes = sorted({int(b) for b in self.settings.compile_batches.split(",") if b.strip()})
+        for size in sizes:
+            self._warm_up_batch(size)
+
+    def _warm_up_batch(self, size: int) -> None:
         info = self.model.info
         spec = JobSpec(
             prompt="warm-up",
@@ -176,17 +191,21 @@ class Runtime:
             steps=2,
             guidance_scale=info.guidance_scale,
             seed=0,
-            n=1,
+            n=size,
             scheduler=info.scheduler,
             model=info.id,
         )
         started = time.perf_counter()
-        self.generate(spec)
-        log.info("warm-up generation took %.2fs", time.perf_counter() - started)
+        if supports_batching(self.model.pipe):
+            run_batch(self.model, [BatchItem(spec)], invariant=self.model.batch_invariant)
+        else:
+            self.generate(spec)
+        log.info("warm-up of batch %d took %.2fs", size, time.perf_counter() - started)
 
     # -- a job ----------------------------------------------------------------------------------
     def run_job(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
-        """Run job `job_id` end to end; the job document records every outcome."""
+        """Run job `job_id` end to end — with any queued jobs that can share its denoising
+        loop — and record every outcome in the job documents."""
         record = self.store.get(job_id)
         if record is None:
             log.warning("job %s has no record (expired?); skipping", job_id)
@@ -209,9 +228,15 @@ class Runtime:
             # Canceled (or already taken) before we got to it: it must never run.
             log.info("job %s is %s; not running it", job_id, status)
             return {"skipped": str(status)}
-        self.counters.start(job_id, owner, timeout_s)
+        leader = Claimed(record, owner, None, None)
+        batch = [leader]
+        if self.batcher is not None and supports_batching(self.model.pipe):
+            batch += self.batcher.claim(record.spec, self.worker_name)
+        self.counters.start([c.record.id for c in batch], owner, timeout_s)
         token = request_id.set(record.request_id or job_id)
         try:
+            if supports_batching(self.model.pipe):
+                return self._run_batch(batch)
             return self._run(job_id, owner, record.spec)
         finally:
             request_id.reset(token)
@@ -238,19 +263,23 @@ class Runtime:
 
         return on_step
 
-    def _run(self, job_id: str, owner: str, spec: JobSpec) -> dict[str, Any]:
-        started = time.perf_counter()
-        on_step = self.progress_reporter(job_id, owner, spec.steps)
+    def _step_callback(self, job_id: str, owner: str, spec: JobSpec) -> Callable[[int], None]:
+        report = self.progress_reporter(job_id, owner, spec.steps)
         fault = faults.fault_of(spec.prompt) if self.settings.fault_injection else None
-        if fault is not None:
-            report = on_step
+        if fault is None:
+            return report
 
-            def on_step(step: int) -> None:
-                faults.trigger(fault)
-                report(step)
+        def on_step(step: int) -> None:
+            faults.trigger(fault)
+            report(step)
 
+        return on_step
+
+    def _run(self, job_id: str, owner: str, spec: JobSpec) -> dict[str, Any]:
+        """One job through the stock pipeline call (pipelines the batch loop does not know)."""
+        started = time.perf_counter()
         try:
-            images = self.generate(spec, on_step)
+            images = self.generate(spec, self._step_callback(job_id, owner, spec))
         except JobStopped as exc:
             self.free_memory()
             log.info("job %s stopped at a step boundary: it is %s", job_id, exc)
@@ -258,6 +287,68 @@ class Runtime:
         except Exception as exc:
             self._fail_from_exception(job_id, owner, exc)
             raise
+        return self._store(job_id, owner, spec, images, started)
+
+    def _run_batch(self, batch: list[Claimed]) -> dict[str, Any]:
+        """The jobs of `batch` (the RQ job first) through one denoising loop."""
+        started = time.perf_counter()
+        items = [
+            BatchItem(c.record.spec, self._step_callback(c.record.id, c.owner, c.record.spec))
+            for c in batch
+        ]
+        last = time.perf_counter()
+
+        def on_loop_step(step: int, rows: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            self.metrics.observe_step(now - last, rows, first=step == 0)
+            last = now
+
+        try:
+            results = run_batch(
+                self.model, items, invariant=self.model.batch_invariant, on_loop_step=on_loop_step
+            )
+        except Exception as exc:  # the whole batch failed: out of memory, timeout, ...
+            for claimed in batch:
+                self._fail_from_exception(claimed.record.id, claimed.owner, exc)
+            for claimed in batch[1:]:
+                self._finish_claimed(claimed, exc)
+            raise
+        log.debug(
+            "batch %s -> %s",
+            [c.record.id for c in batch],
+            [type(r).__name__ if isinstance(r, Exception) else len(r) for r in results],
+        )
+        outcomes = []
+        for claimed, result in zip(batch, results, strict=True):
+            job_id, spec = claimed.record.id, claimed.record.spec
+            error: Exception | None = None
+            if isinstance(result, JobStopped):
+                log.info("job %s stopped at a step boundary: it is %s", job_id, result)
+                outcomes.append({"stopped": str(result)})
+            elif isinstance(result, Exception):
+                self._fail_from_exception(job_id, claimed.owner, result)
+                outcomes.append({"failed": type(result).__name__})
+                error = result
+            else:
+                outcomes.append(self._store(job_id, claimed.owner, spec, result, started))
+            if claimed is not batch[0]:
+                self._finish_claimed(claimed, error)
+        if any(isinstance(r, Exception) for r in results):
+            self.free_memory()
+        leader = results[0]
+        if isinstance(leader, Exception) and not isinstance(leader, JobStopped):
+            raise leader  # so RQ records the failure of its own job, as without batching
+        return {**outcomes[0], "batched_with": len(batch) - 1}
+
+    def _finish_claimed(self, claimed: Claimed, error: BaseException | None) -> None:
+        if self.batcher is not None:
+            self.batcher.finish(claimed, error)
+
+    def _store(
+        self, job_id: str, owner: str, spec: JobSpec, images: list[Any], started: float
+    ) -> dict[str, Any]:
+        """Encode and store a job's images and mark it succeeded (unless it was taken away)."""
         pngs = [encode_png(img, png_parameters(spec, i)) for i, img in enumerate(images)]
         infos = [
             ImageInfo(index=i, seed=spec.image_seed(i), width=img.width, height=img.height)

@@ -1,0 +1,67 @@
+"""A private service (redis-server, gateway, workers) for the benchmarks, in real processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imagegen.redis_server import RedisServer
+from tests.stack import Gateway, start_gateway, start_worker, wait_for_worker
+
+
+@contextmanager
+def service(
+    workers: int = 1, worker_env: dict[str, str] | None = None, threads: str = "2"
+) -> Iterator[Gateway]:
+    """Redis, a gateway and `workers` workers (built-in model unless `worker_env` says else)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        server = RedisServer(root / "redis", appendonly=False).start()
+        connection = redis.Redis.from_url(server.url)
+        procs = []
+        try:
+            for i in range(workers):
+                env = {"OMP_NUM_THREADS": threads, **(worker_env or {})}
+                proc = start_worker(server.url, root, f"bench-{i}", env)
+                wait_for_worker(connection, proc, f"bench-{i}")
+                procs.append(proc)
+            gateway = start_gateway(server.url, root, {"IMAGEGEN_MAX_QUEUE_DEPTH": "100000"})
+            procs.append(gateway.proc)
+            yield gateway
+        finally:
+            for proc in procs:
+                proc.stop()
+            server.stop()
+
+
+def generate(client: httpx.Client, body: dict[str, object]) -> bytes:
+    """Submit, follow the job's event stream to its end, download image 0."""
+    job = client.post("/v1/generations", json=body).json()["id"]
+    with client.stream("GET", f"/v1/generations/{job}/events") as stream:
+        last = ""
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                last = line[6:].strip()
+    if last != "succeeded":
+        doc = client.get(f"/v1/generations/{job}").json()
+        raise RuntimeError(f"job {job} ended {last}: {json.dumps(doc.get('error'))}")
+    return client.get(f"/v1/generations/{job}/images/0").content
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def now() -> float:
+    return time.perf_counter()

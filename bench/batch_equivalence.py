@@ -1,0 +1,227 @@
+"""Batched denoising: how far a job's images move when batched, and what batching saves.
+
+For each scheduler, a mix of jobs (different prompts, negative prompts, guidance with and
+without CFG, n of 1 and 2) runs alone and then as one batch, in both modes of
+worker/batch.py; it prints the largest and mean pixel difference (of 255) and the share of
+pixels that differ. Then it times the same jobs run one after another as the worker runs them
+without batching (stock pipeline calls) against one batch in each mode, alternating the variants
+so that drift in machine speed hits all alike, and prints median times and ratios.
+
+    python bench/batch_equivalence.py [--model DIR | --sd-shaped] [--device auto] [--steps 20]
+
+Without --model it uses the tiny random pipeline; --sd-shaped builds a random pipeline with
+Stable Diffusion 1.5's UNet and VAE shapes at 512x512 (random weights: the numbers say how
+kernels round at the real sizes, not how a trained model amplifies that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imagegen.contract import JobSpec
+from imagegen.settings import Settings
+from worker.batch import BatchItem, BatchResult, run_batch, supports_batching
+from worker.pipeline import LoadedModel, load_model
+from worker.schedulers import build_scheduler
+
+
+def build_sd_shaped(directory: Path, device: str) -> Path:
+    """A random pipeline with SD 1.5's UNet/VAE shapes, saved in diffusers format."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from builtin_model.build import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    on_gpu = device in ("auto", "cuda") and torch.cuda.is_available()
+    with torch.device("cuda" if on_gpu else "cpu"):  # random init is slow on a CPU
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=tokenizer.model_max_length,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+    # Stable Diffusion 1.5's scheduler config, which every scheduler name is built from.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def mixed_jobs(model: LoadedModel, scheduler: str, steps: int) -> list[JobSpec]:
+    info = model.info
+    base = JobSpec(
+        prompt="a red circle",
+        negative_prompt="blue",
+        width=info.width,
+        height=info.height,
+        steps=steps,
+        guidance_scale=7.5,
+        seed=11,
+        n=2,
+        scheduler=scheduler,
+        model=info.id,
+    )
+    return [
+        base,
+        base.model_copy(update={"prompt": "a green square", "guidance_scale": 1.0, "n": 1}),
+        base.model_copy(update={"prompt": "blue", "guidance_scale": 0.0, "n": 1, "seed": 5}),
+        base.model_copy(update={"prompt": "a small triangle", "guidance_scale": 4.0, "n": 1}),
+    ]
+
+
+def stock_generate(model: LoadedModel, spec: JobSpec) -> list[Any]:
+    """The worker's path without batching (Runtime.generate/_call): stock pipeline calls."""
+    pipe = model.pipe
+    groups = [[i] for i in range(spec.n)] if model.batch_invariant else [list(range(spec.n))]
+    images: list[Any] = []
+    for indices in groups:
+        pipe.scheduler = build_scheduler(spec.scheduler, model.scheduler_config)
+        with torch.inference_mode():
+            images += pipe(
+                prompt=[spec.prompt] * len(indices),
+                negative_prompt=[spec.negative_prompt] * len(indices),
+                width=spec.width,
+                height=spec.height,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(spec.image_seed(i)) for i in indices],
+                output_type="pil",
+            ).images
+    return images
+
+
+def pixels(result: BatchResult | list[Any]) -> list[np.ndarray]:
+    assert not isinstance(result, BaseException), result
+    return [np.asarray(image).astype(np.int16) for image in result]
+
+
+def compare(got: list[list[np.ndarray]], expected: list[list[np.ndarray]]) -> str:
+    pairs = [pair for g, e in zip(got, expected, strict=True) for pair in zip(g, e, strict=True)]
+    flat = np.concatenate([np.abs(a - b).ravel() for a, b in pairs])
+    share = 100 * (flat > 0).mean()
+    return f"max {int(flat.max())}, mean {flat.mean():.4f}, differing {share:.3f}%"
+
+
+def sync(model: LoadedModel) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model dir (default: the tiny pipeline)")
+    parser.add_argument("--sd-shaped", action="store_true", help="random SD-1.5-shaped model")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--schedulers", default="euler,euler_a,dpmpp_2m,unipc")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = args.model
+        if source is None and args.sd_shaped:
+            source = str(build_sd_shaped(Path(tmp) / "sd-shaped", args.device))
+        elif source is None:
+            from worker.tiny_model import save_tiny_pipeline
+
+            source = str(save_tiny_pipeline(Path(tmp) / "tiny"))
+        model = load_model(Settings(model=source, device=args.device, dtype=args.dtype))
+    assert supports_batching(model.pipe), "not a StableDiffusionPipeline"
+    print(
+        f"model {model.info.id} {model.info.width}x{model.info.height} on {model.device} "
+        f"({model.dtype}), {args.steps} steps, torch threads {torch.get_num_threads()}"
+    )
+    if model.device.type == "cuda":
+        print(f"gpu: {torch.cuda.get_device_name(model.device)}")
+
+    for scheduler in args.schedulers.split(","):
+        specs = mixed_jobs(model, scheduler, args.steps)
+        stock = [pixels(stock_generate(model, spec)) for spec in specs]
+        for invariant in (True, False):
+            solo = [run_batch(model, [BatchItem(s)], invariant=invariant)[0] for s in specs]
+            alone = [pixels(result) for result in solo]
+            items = [BatchItem(spec) for spec in specs]
+            batched = [pixels(r) for r in run_batch(model, items, invariant=invariant)]
+            mode = "invariant" if invariant else "one call "
+            # A spread near 0 would mean degenerate (flat) images, which hide every difference.
+            spread = float(np.mean([image.std() for images in alone for image in images]))
+            print(
+                f"{scheduler:16} {mode}  batched vs alone: {compare(batched, alone)}"
+                f" | alone vs stock: {compare(alone, stock)} | pixel std {spread:.1f}"
+            )
+
+    specs = mixed_jobs(model, args.schedulers.split(",")[0], args.steps)
+    variants: dict[str, Callable[[], object]] = {
+        "sequential (stock calls)": lambda: [stock_generate(model, spec) for spec in specs],
+        "batch, invariant": lambda: run_batch(model, [BatchItem(s) for s in specs], invariant=True),
+        "batch, one call": lambda: run_batch(model, [BatchItem(s) for s in specs], invariant=False),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for run in variants.values():  # warm-up
+        run()
+    for _ in range(args.repeats):
+        for name, run in variants.items():
+            sync(model)
+            started = time.perf_counter()
+            run()
+            sync(model)
+            times[name].append(time.perf_counter() - started)
+    images = sum(spec.n for spec in specs)
+    base = statistics.median(times["sequential (stock calls)"])
+    print(f"{len(specs)} jobs, {images} images, median of {args.repeats}:")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"  {name:26} {median:8.3f} s   ratio to sequential {median / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()

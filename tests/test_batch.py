@@ -1,0 +1,203 @@
+"""Batched denoising (worker/batch.py) on the tiny pipeline: a job's images do not depend on
+what shares its batch, and a job that stops mid-batch leaves the others untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline
+from rq.timeouts import JobTimeoutException
+
+from imagegen.contract import SCHEDULER_NAMES, JobSpec
+from imagegen.settings import Settings
+from worker.batch import BatchItem, BatchResult, run_batch, supports_batching
+from worker.pipeline import LoadedModel, load_model
+from worker.runtime import JobStopped
+from worker.schedulers import build_scheduler
+
+STEPS = 4  # PNDM without skip_prk_steps (the tiny config) needs at least 4
+# Greatest pixel difference (of 255) between a job alone and batched when the batch is one
+# UNet call (invariant=False). Measured on this CPU with the tiny model: 1.
+FAST_TOLERANCE = 2
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> LoadedModel:
+    # On the CPU, as the worker there: float32 and batch-invariant.
+    return load_model(Settings(model=str(tiny_model_dir), model_id="tiny", device="cpu"))
+
+
+def job(**changes: Any) -> JobSpec:
+    spec = JobSpec(
+        prompt="a red cube",
+        negative_prompt="blurry",
+        width=64,
+        height=64,
+        steps=STEPS,
+        guidance_scale=7.5,
+        seed=11,
+        n=1,
+        scheduler="euler",
+        model="tiny",
+    )
+    return spec.model_copy(update=changes)
+
+
+def mixed_jobs(scheduler: str) -> list[JobSpec]:
+    """Three jobs of one shape: prompts, negatives, guidance (with and without CFG) and n vary."""
+    return [
+        job(scheduler=scheduler, n=2),
+        job(scheduler=scheduler, prompt="a green sphere", negative_prompt="", guidance_scale=1.0),
+        # Its prompt is the first job's negative prompt: one text, both roles.
+        job(scheduler=scheduler, prompt="blurry", guidance_scale=0.0, n=2, seed=2**32 - 1),
+    ]
+
+
+def stock_images(model: LoadedModel, spec: JobSpec) -> list[np.ndarray]:
+    """What the worker produces for `spec` without batching (Runtime._call, batch-invariant
+    mode): one stock pipeline call per image."""
+    pipe = model.pipe
+    images = []
+    for i in range(spec.n):
+        pipe.scheduler = build_scheduler(spec.scheduler, model.scheduler_config)
+        with torch.inference_mode():
+            result = pipe(
+                prompt=[spec.prompt],
+                negative_prompt=[spec.negative_prompt],
+                width=spec.width,
+                height=spec.height,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(spec.image_seed(i))],
+                output_type="pil",
+                callback_on_step_end=lambda _p, _i, _t, kwargs: kwargs,
+            )
+        images += result.images
+    return [np.asarray(image) for image in images]
+
+
+def pixels(result: BatchResult) -> list[np.ndarray]:
+    assert not isinstance(result, BaseException), result
+    return [np.asarray(image) for image in result]
+
+
+def assert_identical(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b), f"max diff {max_diff([a], [b])}"
+
+
+def max_diff(got: list[np.ndarray], expected: list[np.ndarray]) -> int:
+    return max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(got, expected, strict=True))
+
+
+def stop_at(step: int, seen: list[int]) -> Any:
+    def on_step(k: int) -> None:
+        seen.append(k)
+        if k == step:
+            raise JobStopped("canceled")
+
+    return on_step
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "guidance"),
+    [(name, 7.5) for name in SCHEDULER_NAMES] + [("euler", 1.0), ("euler_a", 0.0)],
+)
+def test_a_job_alone_matches_the_stock_pipeline(
+    model: LoadedModel, scheduler: str, guidance: float
+) -> None:
+    spec = job(scheduler=scheduler, guidance_scale=guidance, n=2)
+    (result,) = run_batch(model, [BatchItem(spec)], invariant=True)
+    assert_identical(pixels(result), stock_images(model, spec))
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_batched_jobs_match_their_solo_runs_byte_for_byte(
+    model: LoadedModel, scheduler: str
+) -> None:
+    specs = mixed_jobs(scheduler)
+    batched = run_batch(model, [BatchItem(spec) for spec in specs], invariant=True)
+    for spec, result in zip(specs, batched, strict=True):
+        (alone,) = run_batch(model, [BatchItem(spec)], invariant=True)
+        assert_identical(pixels(result), pixels(alone))
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m", "unipc"])
+def test_one_unet_call_per_step_stays_within_tolerance(model: LoadedModel, scheduler: str) -> None:
+    specs = mixed_jobs(scheduler)
+    batched = run_batch(model, [BatchItem(spec) for spec in specs], invariant=False)
+    for spec, result in zip(specs, batched, strict=True):
+        (alone,) = run_batch(model, [BatchItem(spec)], invariant=False)
+        assert max_diff(pixels(result), pixels(alone)) <= FAST_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "stopped"),
+    [("euler_a", 0), ("dpmpp_2m", 1), ("dpmpp_2m_karras", 2), ("unipc", 0), ("pndm", 1)],
+)
+def test_a_job_stopped_mid_batch_leaves_the_others_untouched(
+    model: LoadedModel, scheduler: str, stopped: int
+) -> None:
+    # Multistep schedulers keep a history per row; the stopped job's rows leave it too.
+    specs = mixed_jobs(scheduler)
+    uninterrupted = run_batch(model, [BatchItem(spec) for spec in specs], invariant=True)
+    seen: list[list[int]] = [[] for _ in specs]
+    items = [
+        BatchItem(spec, stop_at(2 if j == stopped else -1, seen[j])) for j, spec in enumerate(specs)
+    ]
+    results = run_batch(model, items, invariant=True)
+    assert isinstance(results[stopped], JobStopped)
+    assert seen[stopped] == [1, 2]
+    for j, result in enumerate(results):
+        if j != stopped:
+            assert_identical(pixels(result), pixels(uninterrupted[j]))
+            assert seen[j] == list(range(1, len(seen[j]) + 1)) and len(seen[j]) >= STEPS
+
+
+def test_a_stop_without_invariance_keeps_the_others_within_tolerance(model: LoadedModel) -> None:
+    specs = mixed_jobs("dpmpp_2m")
+    uninterrupted = run_batch(model, [BatchItem(spec) for spec in specs], invariant=False)
+    items = [BatchItem(specs[0], stop_at(1, [])), *(BatchItem(spec) for spec in specs[1:])]
+    results = run_batch(model, items, invariant=False)
+    assert isinstance(results[0], JobStopped)
+    for j in (1, 2):
+        assert max_diff(pixels(results[j]), pixels(uninterrupted[j])) <= FAST_TOLERANCE
+
+
+def test_a_failing_callback_fails_its_job_only_and_a_timeout_ends_the_batch(
+    model: LoadedModel,
+) -> None:
+    def boom(_step: int) -> None:
+        raise RuntimeError("injected failure")
+
+    def timeout(_step: int) -> None:
+        raise JobTimeoutException("too long")
+
+    a, b = job(), job(prompt="another", seed=3)
+    results = run_batch(model, [BatchItem(a, boom), BatchItem(b)], invariant=True)
+    assert isinstance(results[0], RuntimeError)
+    assert_identical(pixels(results[1]), stock_images(model, b))
+    with pytest.raises(JobTimeoutException):
+        run_batch(model, [BatchItem(a), BatchItem(b, timeout)], invariant=True)
+
+
+def test_when_every_job_stops_nothing_is_decoded(model: LoadedModel) -> None:
+    specs = mixed_jobs("unipc")
+    results = run_batch(model, [BatchItem(s, stop_at(1, [])) for s in specs], invariant=False)
+    assert all(isinstance(result, JobStopped) for result in results)
+
+
+def test_a_batch_needs_one_shape_key(model: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="one \\(width, height, steps, scheduler\\)"):
+        run_batch(model, [BatchItem(job()), BatchItem(job(steps=STEPS + 1))], invariant=True)
+    assert run_batch(model, [], invariant=True) == []
+
+
+def test_only_the_stable_diffusion_pipeline_is_batched(model: LoadedModel) -> None:
+    assert supports_batching(model.pipe)
+    assert not supports_batching(StableDiffusionImg2ImgPipeline(**model.pipe.components))

@@ -1,0 +1,114 @@
+"""Dynamic batching through the real service: claimed jobs share one denoising loop, keep their
+own seeds, prompts and guidance, go through RQ's registries, and can be canceled alone."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from rq.registry import FinishedJobRegistry
+
+from imagegen.contract import Keys
+from imagegen.redis_server import RedisServer
+from tests.stack import Gateway, Proc, start_gateway, start_worker, wait_for_job, wait_for_worker
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def batching(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[tuple[Gateway, Proc, redis.Redis]]:
+    root = tmp_path_factory.mktemp("batching")
+    server = RedisServer(root / "redis", appendonly=False).start()
+    connection = redis.Redis.from_url(server.url)
+    env = {"IMAGEGEN_MODEL": str(tiny_model_dir), "IMAGEGEN_MODEL_ID": MODEL}
+    worker = start_worker(server.url, root, "b", {**env, "IMAGEGEN_BATCH_MAX_IMAGES": "8"})
+    wait_for_worker(connection, worker, "b")
+    gateway = start_gateway(
+        server.url, root, {"IMAGEGEN_DEFAULT_MODEL": MODEL, "IMAGEGEN_MAX_STEPS": "1000"}
+    )
+    yield gateway, worker, connection
+    gateway.proc.stop()
+    worker.stop()
+    server.stop()
+
+
+def _submit(client: httpx.Client, **body: object) -> str:
+    response = client.post("/v1/generations", json=body)
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+def _busy(client: httpx.Client, steps: int = 1000) -> str:
+    """A job that keeps the worker busy while the test fills the queue behind it; cancel it
+    to let the worker take what queued up, all at once."""
+    blocker = _submit(client, prompt="blocker", steps=steps, scheduler="ddim")
+    deadline = time.monotonic() + 30
+    while client.get(f"/v1/generations/{blocker}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return blocker
+
+
+JOBS = [
+    {"prompt": "a red circle", "seed": 11, "n": 2, "guidance_scale": 7.5},
+    {"prompt": "a blue square", "negative_prompt": "red", "seed": 12, "guidance_scale": 1.0},
+    {"prompt": "a green triangle", "seed": 13, "n": 2, "guidance_scale": 0.0},
+    {"prompt": "a pink cross", "seed": 14, "guidance_scale": 3.0},
+]
+
+
+def test_compatible_jobs_share_a_loop_and_match_their_solo_runs(
+    batching: tuple[Gateway, Proc, redis.Redis],
+) -> None:
+    gateway, worker, connection = batching
+    shape = {"steps": 8, "scheduler": "euler_a", "width": 64, "height": 64}
+    with gateway.client() as client:
+        blocker = _busy(client)
+        batched = [_submit(client, **job, **shape) for job in JOBS]
+        other_shape = _submit(client, prompt="other", steps=9, scheduler="euler_a")
+        client.delete(f"/v1/generations/{blocker}")
+        docs = [wait_for_job(client, job) for job in [*batched, other_shape]]
+        assert all(d["status"] == "succeeded" for d in docs), docs
+        batched_pngs = [
+            [client.get(i["url"]).content for i in doc["images"]]  # type: ignore[attr-defined]
+            for doc in docs[:4]
+        ]
+        # The same jobs alone, one at a time (nothing else queued): byte-identical images.
+        solo_pngs = []
+        for job in JOBS:
+            doc = wait_for_job(client, _submit(client, **job, **shape))
+            solo_pngs.append([client.get(i["url"]).content for i in doc["images"]])  # type: ignore[attr-defined]
+    assert batched_pngs == solo_pngs
+    starts = [float(connection.hget(Keys.job(j), "started_at") or 0) for j in batched]
+    assert max(starts) - min(starts) < 0.5  # claimed together...
+    other_start = float(connection.hget(Keys.job(other_shape), "started_at") or 0)
+    assert other_start > max(starts)  # ...and the other shape waited for its own loop
+    assert "batched 3 queued job(s)" in worker.log()
+    finished = FinishedJobRegistry(f"imagegen:{MODEL}", connection=connection)
+    assert set(batched) <= set(finished.get_job_ids())  # followers went through RQ too
+
+
+def test_a_job_canceled_mid_batch_leaves_the_others_alone(
+    batching: tuple[Gateway, Proc, redis.Redis],
+) -> None:
+    gateway, _, _ = batching
+    shape = {"steps": 300, "scheduler": "dpmpp_2m", "width": 64, "height": 64}
+    with gateway.client() as client:
+        blocker = _busy(client)
+        jobs = [_submit(client, prompt=f"long {i}", seed=i, **shape) for i in range(3)]
+        client.delete(f"/v1/generations/{blocker}")
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/generations/{jobs[1]}").json()["progress"]["step"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert client.delete(f"/v1/generations/{jobs[1]}").json()["status"] == "canceled"
+        docs = [wait_for_job(client, job, timeout_s=120) for job in jobs]
+    assert [d["status"] for d in docs] == ["succeeded", "canceled", "succeeded"]
+    assert docs[1]["images"] == []

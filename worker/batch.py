@@ -1,0 +1,313 @@
+"""Several jobs that share a shape key, run through one denoising loop (dynamic batching).
+
+The loop is StableDiffusionPipeline.__call__ taken apart so that each row of the batch can carry
+its own job: its own prompt, negative prompt and guidance scale, and its own CPU generator, so
+image i of a job starts from the same noise (seed + i) in any batch. A job whose step callback
+raises leaves the loop at that step boundary and the others go on untouched.
+
+In batch-invariant mode (CPU) every text-encoder, UNet and VAE call covers a single image, laid
+out exactly as a stock pipeline call for that image alone (a [uncond, cond] pair under
+classifier-free guidance, the cond row alone otherwise); everything else is elementwise, so a
+job's images are byte-identical whatever else shares its batch. Otherwise (GPU) each step is one
+UNet call over every row; different batch sizes then pick different kernels, and a job's images
+differ from its solo run by a few rounding steps (bench/batch_equivalence.py measures how much).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from rq.timeouts import JobTimeoutException
+
+from imagegen.contract import JobSpec
+from worker.pipeline import LoadedModel
+from worker.schedulers import build_scheduler
+
+StepCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One job of a batch: its spec and its progress callback.
+
+    `on_step(k)` is called after denoising step k (1-based), like the stock pipeline's step
+    callback; whatever it raises (normally `worker.runtime.JobStopped`) ends that job alone.
+    """
+
+    spec: JobSpec
+    on_step: StepCallback | None = None
+
+
+BatchResult = list[Image.Image] | Exception
+
+
+def supports_batching(pipe: Any) -> bool:
+    """Whether `run_batch` can run this pipeline; other pipelines (SDXL, ...) run job by job."""
+    # Exactly the SD 1.x/2.x pipeline: a subclass may change __call__, and a guidance-distilled
+    # UNet (time_cond_proj_dim) takes guidance as an embedding instead of a second half.
+    return type(pipe) is StableDiffusionPipeline and pipe.unet.config.time_cond_proj_dim is None
+
+
+def run_batch(
+    model: LoadedModel,
+    items: list[BatchItem],
+    *,
+    invariant: bool,
+    on_loop_step: Callable[[int, int], None] | None = None,
+) -> list[BatchResult]:
+    """Run jobs that share a shape key as one denoising loop; one result per item, in order.
+
+    A result is the job's PIL images (image i seeded `spec.image_seed(i)`), or the exception
+    its `on_step` raised. Anything raised outside a callback (out of memory, a timeout, ...)
+    concerns the whole batch and propagates. `on_loop_step(step, rows)`, if given, is called
+    after each denoising step (0-based) with the number of images that step ran (for metrics).
+    """
+    if not items:
+        return []
+    key = items[0].spec.shape_key
+    if any(item.spec.shape_key != key for item in items):
+        keys = sorted({item.spec.shape_key for item in items})
+        raise ValueError(f"a batch needs one (width, height, steps, scheduler); got {keys}")
+    with torch.inference_mode():
+        return _Loop(model, items, invariant, on_loop_step).run()
+
+
+class _Loop:
+    """The state of one batched run; rows are images, grouped by job in item order."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        items: list[BatchItem],
+        invariant: bool,
+        on_loop_step: Callable[[int, int], None] | None,
+    ) -> None:
+        self.pipe = model.pipe
+        self.on_loop_step = on_loop_step
+        self.items = items
+        self.invariant = invariant
+        self.device: torch.device = self.pipe._execution_device
+        spec = items[0].spec
+        # A fresh scheduler per run: schedulers keep per-run state and must not be shared.
+        self.scheduler = build_scheduler(spec.scheduler, model.scheduler_config)
+        self.results: list[BatchResult | None] = [None] * len(items)
+        self.live = list(range(len(items)))
+        self._embeddings: dict[str, torch.Tensor] = {}
+        # CPU generators make the starting noise identical on every device and batch layout.
+        self.generators = [
+            torch.Generator("cpu").manual_seed(item.spec.image_seed(i))
+            for item in items
+            for i in range(item.spec.n)
+        ]
+        self._layout()
+
+    # -- rows -----------------------------------------------------------------------------------
+    def _cfg(self, job: int) -> bool:
+        # The stock pipeline's rule: guidance <= 1 runs the cond half only.
+        return self.items[job].spec.guidance_scale > 1
+
+    def _embed(self, text: str) -> torch.Tensor:
+        """[1, tokens, dim] text embedding; one text-encoder call per distinct text, batch 1."""
+        if text not in self._embeddings:
+            # A negative prompt goes through the same tokenizer and encoder as a prompt, so
+            # one cache serves both.
+            embeds, _ = self.pipe.encode_prompt([text], self.device, 1, False)
+            self._embeddings[text] = embeds
+        return self._embeddings[text]
+
+    def _layout(self) -> None:
+        """Per-row tensors for the jobs still live; rebuilt when a job leaves."""
+        self.spans: list[tuple[int, int, int]] = []  # (job, first row, end row)
+        row = 0
+        for job in self.live:
+            n = self.items[job].spec.n
+            self.spans.append((job, row, row + n))
+            row += n
+        self.rows = row
+        specs = [self.items[job].spec for job in self.live]
+        self.cond = torch.cat([self._embed(s.prompt) for s in specs for _ in range(s.n)])
+        cfg_jobs = [s for s in specs if s.guidance_scale > 1]
+        self.uncond = (
+            torch.cat([self._embed(s.negative_prompt) for s in cfg_jobs for _ in range(s.n)])
+            if cfg_jobs
+            else None
+        )
+        cfg_rows = [r for job, a, b in self.spans if self._cfg(job) for r in range(a, b)]
+        self.cfg_rows = torch.tensor(cfg_rows, dtype=torch.long, device=self.device)
+
+    def _drop(self, jobs: set[int], latents: torch.Tensor) -> torch.Tensor:
+        """Remove `jobs`' rows from the latents, the generators and the scheduler's history."""
+        keep = [r for job, a, b in self.spans if job not in jobs for r in range(a, b)]
+        self.generators = [self.generators[r] for r in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=latents.device)
+        _slice_scheduler_state(self.scheduler, latents.shape, index)
+        self.live = [job for job in self.live if job not in jobs]
+        if self.live:
+            self._layout()
+        return latents.index_select(0, index)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> list[BatchResult]:
+        pipe, scheduler = self.pipe, self.scheduler
+        spec = self.items[0].spec
+        scheduler.set_timesteps(spec.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        shape = (
+            self.rows,
+            pipe.unet.config.in_channels,
+            spec.height // pipe.vae_scale_factor,
+            spec.width // pipe.vae_scale_factor,
+        )
+        latents = randn_tensor(
+            shape, generator=self.generators, device=self.device, dtype=self.cond.dtype
+        )
+        latents = latents * scheduler.init_noise_sigma
+        step_params = set(inspect.signature(scheduler.step).parameters)
+        for i, t in enumerate(timesteps):
+            model_input = latents
+            if hasattr(scheduler, "scale_model_input"):
+                model_input = scheduler.scale_model_input(latents, t)
+            noise_pred = self._predict(model_input, t)
+            extra: dict[str, Any] = {}
+            if "eta" in step_params:
+                extra["eta"] = 0.0
+            if "generator" in step_params:
+                extra["generator"] = self.generators
+            latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            if self.on_loop_step is not None:
+                self.on_loop_step(i, self.rows)
+            stopped = self._report(i + 1)
+            if stopped:
+                latents = self._drop(stopped, latents)
+                if not self.live:
+                    break
+        if self.live:
+            self._decode(latents)
+        assert all(result is not None for result in self.results)
+        return [result for result in self.results if result is not None]
+
+    def _report(self, step: int) -> set[int]:
+        """Call each live job's on_step; the jobs whose callback raised, now finished."""
+        stopped: set[int] = set()
+        for job in self.live:
+            on_step = self.items[job].on_step
+            if on_step is None:
+                continue
+            try:
+                on_step(step)
+            except JobTimeoutException:
+                raise  # RQ's time limit covers the whole batch, not the job it landed in
+            except Exception as exc:
+                self.results[job] = exc
+                stopped.add(job)
+        return stopped
+
+    def _unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.pipe.unet(
+            sample,
+            t,
+            encoder_hidden_states=context,
+            timestep_cond=None,
+            cross_attention_kwargs=None,
+            added_cond_kwargs=None,
+            return_dict=False,
+        )[0]
+        return out
+
+    def _predict(self, model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The guided noise prediction for every row, each with its own job's guidance."""
+        parts: list[torch.Tensor] = []
+        if self.invariant:
+            # One image per call, laid out as the stock pipeline lays out a solo run.
+            uncond_row = 0
+            for job, a, b in self.spans:
+                scale = self.items[job].spec.guidance_scale
+                for r in range(a, b):
+                    x, cond = model_input[r : r + 1], self.cond[r : r + 1]
+                    if self._cfg(job):
+                        assert self.uncond is not None
+                        context = torch.cat([self.uncond[uncond_row : uncond_row + 1], cond])
+                        uncond_row += 1
+                        uncond_pred, cond_pred = self._unet(torch.cat([x] * 2), t, context).chunk(2)
+                        parts.append(uncond_pred + scale * (cond_pred - uncond_pred))
+                    else:
+                        parts.append(self._unet(x, t, cond))
+            return torch.cat(parts)
+        # One call for the whole batch: the unconditional rows of the guided jobs, then all.
+        sample, context = model_input, self.cond
+        if self.uncond is not None:
+            sample = torch.cat([model_input.index_select(0, self.cfg_rows), model_input])
+            context = torch.cat([self.uncond, self.cond])
+        out = self._unet(sample, t, context)
+        uncond_all, cond_all = out[: out.shape[0] - self.rows], out[out.shape[0] - self.rows :]
+        uncond_row = 0
+        for job, a, b in self.spans:
+            cond_pred = cond_all[a:b]
+            if self._cfg(job):
+                n = b - a
+                uncond_pred = uncond_all[uncond_row : uncond_row + n]
+                uncond_row += n
+                # A python float, as in the stock pipeline: on fp16 that keeps the product in
+                # float32 before rounding, where a half tensor of scales would round it first.
+                scale = self.items[job].spec.guidance_scale
+                parts.append(uncond_pred + scale * (cond_pred - uncond_pred))
+            else:
+                parts.append(cond_pred)
+        return torch.cat(parts)
+
+    def _decode(self, latents: torch.Tensor) -> None:
+        """VAE-decode each live job's rows (one image per call when invariant) into PIL images."""
+        for job, a, b in self.spans:
+            chunks = [(r, r + 1) for r in range(a, b)] if self.invariant else [(a, b)]
+            images: list[Image.Image] = []
+            for lo, hi in chunks:
+                images += self._decode_rows(latents[lo:hi], self.generators[lo:hi])
+            self.results[job] = images
+
+    def _decode_rows(
+        self, latents: torch.Tensor, generators: list[torch.Generator]
+    ) -> list[Image.Image]:
+        pipe = self.pipe
+        vae_config = pipe.vae.config
+        latents = latents / vae_config.scaling_factor
+        shift = getattr(vae_config, "shift_factor", None)
+        if shift is not None:
+            latents = latents + shift
+        image = pipe.vae.decode(latents, return_dict=False, generator=generators)[0]
+        # The model's own safety checker, if it ships one, as the stock pipeline runs it.
+        image, nsfw = pipe.run_safety_checker(image, self.device, self.cond.dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
+        pil: list[Image.Image] = pipe.image_processor.postprocess(
+            image, output_type="pil", do_denormalize=denormalize
+        )
+        return pil
+
+
+def _slice_scheduler_state(scheduler: Any, shape: torch.Size, index: torch.Tensor) -> None:
+    """Keep rows `index` of every per-sample tensor the scheduler holds between steps.
+
+    Multistep schedulers remember past model outputs and samples (DPM-Solver and UniPC
+    `model_outputs`, UniPC `last_sample`, PNDM `ets`/`cur_sample`/`cur_model_output`); those
+    are the attributes, or list entries, shaped like the batch's latents. Everything else
+    (sigmas, step index, order counters) is shared by all rows.
+    """
+
+    def keep(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.shape == shape:
+            return value.index_select(0, index.to(value.device))
+        return value
+
+    for name, value in vars(scheduler).items():
+        if isinstance(value, list):
+            setattr(scheduler, name, [keep(v) for v in value])
+        elif isinstance(value, tuple):
+            setattr(scheduler, name, tuple(keep(v) for v in value))
+        else:
+            setattr(scheduler, name, keep(value))
