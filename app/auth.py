@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
 from app.errors import ApiError, Unauthorized
@@ -93,18 +93,18 @@ class KeyStore:
 class RateLimiter:
     """A fixed one-minute window per principal, counted in Redis so every replica shares it."""
 
-    def __init__(self, connection: redis.Redis, per_minute: int) -> None:
+    def __init__(self, connection: aioredis.Redis, per_minute: int) -> None:
         self.redis = connection
         self.per_minute = per_minute
 
-    def hit(self, budget_id: str) -> None:
+    async def hit(self, budget_id: str) -> None:
         now = time.time()
         window = int(now // 60)
         key = Keys.rate(hashlib.sha256(budget_id.encode()).hexdigest()[:32], window)
-        with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:
             pipe.incr(key)
             pipe.expire(key, 61)
-            count, _ = pipe.execute()
+            count, _ = await pipe.execute()
         if int(count) > self.per_minute:
             retry_after = max(1, int(60 - now % 60) + 1)
             raise RateLimited(
@@ -114,7 +114,7 @@ class RateLimiter:
             )
 
 
-def _principal(request: Request) -> Principal:
+async def _principal(request: Request) -> Principal:
     keys: KeyStore = request.app.state.keys
     limiter: RateLimiter = request.app.state.limiter
     if keys.enabled:
@@ -126,7 +126,7 @@ def _principal(request: Request) -> Principal:
     else:
         client = request.client.host if request.client else "unknown"
         principal = Principal(name="", budget_id=f"ip:{client}")
-    limiter.hit(principal.budget_id)
+    await limiter.hit(principal.budget_id)
     return principal
 
 

@@ -1,4 +1,8 @@
-"""Dependency aliases: the serving objects are built once at start-up and held on app.state."""
+"""Dependency aliases: the serving objects are built once at start-up and held on app.state.
+
+They are `async def` on purpose: FastAPI runs a sync dependency in its thread pool, and a hop
+there per dependency per request costs more than the lookup itself.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,17 @@ from app.service import GenerationService
 from imagegen.settings import Settings
 
 
-def _service(request: Request) -> GenerationService:
+async def _service(request: Request) -> GenerationService:
     service: GenerationService = request.app.state.service
     return service
 
 
-def _registry(request: Request) -> ModelRegistry:
+async def _registry(request: Request) -> ModelRegistry:
     registry: ModelRegistry = request.app.state.registry
     return registry
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from imagegen.contract import Keys, ModelInfo, WorkerHeartbeat
+
+# Model records change when a worker starts; a submit may see one a second old.
+MODEL_CACHE_S = 1.0
 
 
 class ModelRegistry:
@@ -13,14 +18,23 @@ class ModelRegistry:
     def __init__(self, connection: redis.Redis, default_model: str) -> None:
         self.redis = connection
         self.default_model = default_model
+        self._cache: dict[str, tuple[float, ModelInfo]] = {}
 
     def model_ids(self) -> list[str]:
         ids: set[bytes] = self.redis.smembers(Keys.MODELS)  # type: ignore[assignment]
         return sorted(i.decode() for i in ids)
 
     def get(self, model_id: str) -> ModelInfo | None:
+        """The model's record, cached for a second: every submit needs it."""
+        cached = self._cache.get(model_id)
+        if cached is not None and time.monotonic() - cached[0] < MODEL_CACHE_S:
+            return cached[1]
         raw: bytes | None = self.redis.get(Keys.model(model_id))  # type: ignore[assignment]
-        return ModelInfo.model_validate_json(raw) if raw else None
+        if not raw:
+            return None
+        info = ModelInfo.model_validate_json(raw)
+        self._cache[model_id] = (time.monotonic(), info)
+        return info
 
     def live_workers(self, model_id: str) -> list[WorkerHeartbeat]:
         """Workers whose heartbeat key has not expired (expiry runs on Redis's clock)."""

@@ -167,8 +167,10 @@ class GenerationService:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.multi()
                 self._enqueue(record, pipe)
-                pipe.execute()
-            return self.document(record), True
+                pipe.llen(self.queue(spec.model).key)
+                length = pipe.execute()[-1]
+            # The MULTI ran atomically with the push: the job is last in its queue right then.
+            return self.document(record, queue_position=int(length) - 1), True
         return self._submit_once(record, request, idempotency_key, api_key)
 
     def _enqueue(self, record: JobRecord, pipe: Pipeline) -> None:
@@ -248,7 +250,7 @@ class GenerationService:
         # Between leaving the queue and being marked running a job is "next": position 0.
         return position if position is not None else 0
 
-    def document(self, record: JobRecord) -> JobDocument:
+    def document(self, record: JobRecord, queue_position: int | None = None) -> JobDocument:
         spec = record.spec
         images = [
             ImageLink(
@@ -273,7 +275,9 @@ class GenerationService:
             created_at=rfc3339(record.created_at) or "",
             started_at=rfc3339(record.started_at),
             finished_at=rfc3339(record.finished_at),
-            queue_position=self.queue_position(record),
+            queue_position=(
+                queue_position if queue_position is not None else self.queue_position(record)
+            ),
             progress=Progress(
                 step=record.progress_step, total_steps=spec.steps, eta_s=self._eta_s(record)
             ),
