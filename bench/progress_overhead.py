@@ -50,7 +50,9 @@ def main() -> None:
             model=model.info.id,
         )
         # A job record in state `running`, so each progress write does its real work.
-        connection.hset(Keys.job("bench"), mapping={"status": JobStatus.RUNNING.value})
+        connection.hset(
+            Keys.job("bench"), mapping={"status": JobStatus.RUNNING.value, "owner": "bench#1"}
+        )
         off: list[float] = []
         on: list[float] = []
         for _ in range(args.repeats):
@@ -59,7 +61,7 @@ def main() -> None:
             off.append(time.perf_counter() - started)
             connection.hset(Keys.job("bench"), "progress_step", 0)
             started = time.perf_counter()
-            runtime.generate(spec, runtime.progress_reporter("bench", spec.steps))
+            runtime.generate(spec, runtime.progress_reporter("bench", "bench#1", spec.steps))
             on.append(time.perf_counter() - started)
         writes = int(connection.hget(Keys.job("bench"), "progress_step") or 0)
     med_off, med_on = statistics.median(off), statistics.median(on)
