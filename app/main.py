@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 # One Server-Sent Event as OpenAPI 3.1 tools read a `text/event-stream` schema: an object per
 # event, whose `data` is the job document as JSON text.
-_EVENT_SCHEMA: dict[str, Any] = {
+EVENT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["event", "data"],
     "properties": {
@@ -168,7 +168,7 @@ def _finish_openapi(app: FastAPI, settings: Settings) -> None:
                         continue
                     stream.pop("itemSchema", None)
                     if str(status).startswith("2"):
-                        stream["schema"] = _EVENT_SCHEMA
+                        stream["schema"] = EVENT_SCHEMA
                     else:
                         response["content"] = {"application/json": stream}
         request = spec["components"]["schemas"]["GenerationRequest"]["properties"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,6 +57,34 @@ def generate(client: httpx.Client, body: dict[str, object]) -> bytes:
         doc = client.get(f"/v1/generations/{job}").json()
         raise RuntimeError(f"job {job} ended {last}: {json.dumps(doc.get('error'))}")
     return client.get(f"/v1/generations/{job}/images/0").content
+
+
+def throughput(
+    gateway: Gateway, clients: int, seconds: float, body: Callable[[int, int], dict[str, object]]
+) -> tuple[float, int]:
+    """Jobs per second (and jobs done) when `clients` threads each generate back to back for
+    `seconds`; `body(client, k)` is the k-th request of a client."""
+    done = 0
+    lock = threading.Lock()
+    stop_at = now() + seconds
+
+    def loop(c: int) -> None:
+        nonlocal done
+        with gateway.client() as client:
+            k = 0
+            while now() < stop_at:
+                generate(client, body(c, k))
+                k += 1
+                with lock:
+                    done += 1
+
+    started = now()
+    threads = [threading.Thread(target=loop, args=(c,)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return done / (now() - started), done
 
 
 def median(values: list[float]) -> float:

@@ -12,35 +12,18 @@ gain is expected there; `--variant` also measures the non-invariant batch.
 from __future__ import annotations
 
 import argparse
-import threading
 
-from _service import generate, now, service
+from _service import service, throughput
 
 
-def throughput(env: dict[str, str], clients: int, seconds: float) -> tuple[float, int]:
-    done = 0
-    lock = threading.Lock()
+def measure(env: dict[str, str], clients: int, seconds: float) -> tuple[float, int]:
     with service(worker_env=env) as gateway:
-        stop_at = now() + seconds
-
-        def client_loop(c: int) -> None:
-            nonlocal done
-            with gateway.client() as client:
-                k = 0
-                while now() < stop_at:
-                    generate(client, {"prompt": f"a large blue square {c}", "seed": c * 1000 + k})
-                    k += 1
-                    with lock:
-                        done += 1
-
-        started = now()
-        threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = now() - started
-    return done / elapsed, done
+        return throughput(
+            gateway,
+            clients,
+            seconds,
+            lambda c, k: {"prompt": f"a large blue square {c}", "seed": c * 1000 + k},
+        )
 
 
 def main() -> None:
@@ -60,7 +43,7 @@ def main() -> None:
         }
     results = {}
     for name, env in configs.items():
-        results[name] = throughput(env, args.clients, args.seconds)
+        results[name] = measure(env, args.clients, args.seconds)
         print(f"{name:28s} {results[name][0]:6.2f} images/s ({results[name][1]} jobs)", flush=True)
     base = results["batching off"][0]
     for name in list(configs)[1:]:

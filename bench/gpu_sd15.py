@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
-from _service import generate, median, now, service
+from _service import generate, median, now, service, throughput
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
@@ -144,30 +143,6 @@ def body(size: int, steps: int, seed: int) -> dict[str, object]:
     }
 
 
-def throughput(gateway: object, clients: int, seconds: float, size: int, steps: int) -> float:
-    done = 0
-    lock = threading.Lock()
-    stop_at = now() + seconds
-
-    def loop(c: int) -> None:
-        nonlocal done
-        with gateway.client() as client:  # type: ignore[attr-defined]
-            k = 0
-            while now() < stop_at:
-                generate(client, body(size, steps, c * 10_000 + k))
-                k += 1
-                with lock:
-                    done += 1
-
-    started = now()
-    threads = [threading.Thread(target=loop, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return done / (now() - started)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60)
@@ -190,7 +165,9 @@ def main() -> None:
                 generate(client, body(size, steps, i))
                 if i:
                     single.append(now() - started)
-            eager = throughput(gateway, args.clients, args.seconds, size, steps)
+            eager, _ = throughput(
+                gateway, args.clients, args.seconds, lambda c, k: body(size, steps, c * 10_000 + k)
+            )
         compiled = None
         if not args.skip_compiled:
             fast = {
@@ -203,7 +180,12 @@ def main() -> None:
             started = time.monotonic()
             with service(worker_env=fast, threads="4") as gateway:
                 warm = time.monotonic() - started
-                compiled = throughput(gateway, args.clients, args.seconds, size, steps)
+                compiled, _ = throughput(
+                    gateway,
+                    args.clients,
+                    args.seconds,
+                    lambda c, k: body(size, steps, c * 10_000 + k),
+                )
     print(f"SD 1.5 architecture, random weights, {size}x{size}, {steps} steps, on {device}")
     print(f"bare pipeline call, one image:     {bare:7.3f} s")
     print(

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from imagegen.contract import Keys, WorkerHeartbeat
+from imagegen.contract import Keys, ModelInfo, WorkerHeartbeat
 from imagegen.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,3 +198,18 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def announce_idle_model(connection: redis.Redis, model_id: str) -> None:
+    """A model record as a worker would publish it, with no worker behind it: its jobs queue."""
+    info = ModelInfo(
+        id=model_id,
+        width=64,
+        height=64,
+        steps=2,
+        guidance_scale=1.0,
+        scheduler="euler",
+        schedulers=["euler"],
+    )
+    connection.set(Keys.model(model_id), info.model_dump_json(), ex=600)
+    connection.sadd(Keys.MODELS, model_id)

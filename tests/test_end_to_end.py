@@ -13,7 +13,7 @@ from PIL import Image
 
 from imagegen.contract import Keys, WorkerHeartbeat
 from tests.conftest import TINY_MODEL_ID
-from tests.stack import ROOT, Gateway, wait_for_job
+from tests.stack import ROOT, Gateway, announce_idle_model, wait_for_job
 
 
 def test_submit_poll_download(stack: Gateway) -> None:
@@ -131,17 +131,7 @@ def test_default_request_uses_the_builtin_model(stack: Gateway) -> None:
 
 def test_cancel_queued_job_never_runs(stack: Gateway, redis_conn: redis.Redis) -> None:
     # A model that a worker once announced but that has no live worker: its jobs stay queued.
-    info = {
-        "id": "idle-model",
-        "width": 64,
-        "height": 64,
-        "steps": 2,
-        "guidance_scale": 1.0,
-        "scheduler": "euler",
-        "schedulers": ["euler"],
-    }
-    redis_conn.set(Keys.model("idle-model"), json.dumps(info), ex=600)
-    redis_conn.sadd(Keys.MODELS, "idle-model")
+    announce_idle_model(redis_conn, "idle-model")
     try:
         with stack.client() as client:
             first = client.post("/v1/generations", json={"prompt": "a", "model": "idle-model"})

@@ -42,7 +42,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from app.main import create_app
+from app.main import EVENT_SCHEMA, create_app
 from app.registry import ModelRegistry
 from imagegen.contract import SCHEDULER_MIN_STEPS, SCHEDULER_NAMES, SEED_MAX
 from imagegen.settings import Settings
@@ -82,22 +82,6 @@ CONFIG = schemathesis.Config.from_dict(
         "max-stream-events": 20,
     }
 )
-
-
-EVENT_SCHEMA = {
-    "type": "object",
-    "required": ["event", "data"],
-    "properties": {
-        "event": {"enum": ["queued", "running", "progress", "succeeded", "failed", "canceled"]},
-        "data": {
-            "type": "string",
-            "contentMediaType": "application/json",
-            "contentSchema": {"$ref": "#/components/schemas/JobDocument"},
-        },
-        "id": {"type": "string"},
-        "retry": {"type": "integer", "minimum": 0},
-    },
-}
 
 
 APP_SPEC = create_app().openapi()

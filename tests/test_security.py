@@ -15,7 +15,7 @@ import redis
 from imagegen.contract import Keys
 from imagegen.redis_server import RedisServer
 from tests.conftest import TINY_MODEL_ID
-from tests.stack import Gateway, Proc, start_gateway, wait_for_job
+from tests.stack import Gateway, Proc, announce_idle_model, start_gateway, wait_for_job
 
 KEY_A, KEY_B = "ig_test_key_alpha_0123456789", "ig_test_key_bravo_9876543210"
 
@@ -206,17 +206,7 @@ def test_rate_limit_is_per_key_and_shared_by_replicas(
 def test_queue_depth_limit_is_429_queue_full(
     redis_server: RedisServer, redis_conn: redis.Redis, log_dir: Path
 ) -> None:
-    info = {
-        "id": "deep-model",
-        "width": 64,
-        "height": 64,
-        "steps": 2,
-        "guidance_scale": 1.0,
-        "scheduler": "euler",
-        "schedulers": ["euler"],
-    }
-    redis_conn.set(Keys.model("deep-model"), json.dumps(info), ex=600)
-    redis_conn.sadd(Keys.MODELS, "deep-model")
+    announce_idle_model(redis_conn, "deep-model")
     gateway = start_gateway(
         redis_server.url, log_dir, {"IMAGEGEN_MAX_QUEUE_DEPTH": "2"}, name="gateway-qd"
     )
