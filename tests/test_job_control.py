@@ -74,6 +74,7 @@ async def _hundred_streams(base_url: str, job_ids: list[str]) -> list[list[str]]
         async def one(job_id: str) -> list[str]:
             async with client.stream("GET", f"/v1/generations/{job_id}/events") as response:
                 lines = [line async for line in response.aiter_lines()]
+                assert response.status_code == 200, lines
             return [name for name, _ in parse_sse(lines)]
 
         return await asyncio.gather(*(one(job_ids[i % len(job_ids)]) for i in range(100)))
