@@ -63,11 +63,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 client_name=REDIS_CLIENT_NAME,
             ),
         )
-        async_connection = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=0.5,
-            health_check_interval=30,
-            client_name=REDIS_CLIENT_NAME,
+        # The async side (rate limit, event subscription): bounded too, and waiting rather
+        # than failing when a burst finds every connection busy.
+        async_connection = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                settings.redis_url,
+                max_connections=settings.redis_max_connections,
+                timeout=5,
+                socket_connect_timeout=0.5,
+                health_check_interval=30,
+                client_name=REDIS_CLIENT_NAME,
+            )
         )
         events = EventHub(async_connection)
         await events.start()

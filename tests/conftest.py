@@ -70,13 +70,7 @@ def tiny_worker(
 @pytest.fixture(scope="session")
 def gateway(redis_server: RedisServer, log_dir: Path) -> Iterator[Gateway]:
     """The gateway with default settings (default model: the built-in shapes-64)."""
-    # A small Redis pool, so that a burst saturates it and connection counts can be compared.
-    # The tests poll fast from one address: lift the per-client request budget.
-    gw = start_gateway(
-        redis_server.url,
-        log_dir,
-        {"IMAGEGEN_REDIS_MAX_CONNECTIONS": "16", "IMAGEGEN_RATE_LIMIT_PER_MINUTE": "1000000"},
-    )
+    gw = start_gateway(redis_server.url, log_dir)
     yield gw
     gw.proc.stop()
 

@@ -23,6 +23,9 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("negative prompt too long", {"negative_prompt": "x" * 2001}, "negative_prompt"),
     ("width not a multiple of 8", {"width": 100}, "width"),
     ("width below 64", {"width": 56}, "width"),
+    ("width 7", {"width": 7}, "width"),
+    ("width -1", {"width": -1}, "width"),
+    ("width 65536", {"width": 65536}, "width"),
     ("width zero", {"width": 0}, "width"),
     ("width negative", {"width": -8}, "width"),
     ("height not a multiple of 8", {"height": 65}, "height"),
@@ -44,6 +47,8 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("model unknown", {"model": "no-such-model"}, "model"),
     ("unknown field", {"job_timeout": 5}, "job_timeout"),
     ("unknown field at_front", {"at_front": True}, "at_front"),
+    ("unknown field depends_on", {"depends_on": "gen_x"}, "depends_on"),
+    ("unknown field result_ttl", {"result_ttl": -1}, "result_ttl"),
 ]
 
 
