@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,64 +35,12 @@ from worker.pipeline import LoadedModel, load_model
 from worker.schedulers import build_scheduler
 
 
-def build_sd_shaped(directory: Path, device: str) -> Path:
-    """A random pipeline with SD 1.5's UNet/VAE shapes, saved in diffusers format."""
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_sd_shaped(directory: Path) -> Path:
+    """A random pipeline with SD 1.5's exact architecture (the GPU benchmark's builder)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_sd15 import build_sd15
 
-    from builtin_model.build import build_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    on_gpu = device in ("auto", "cuda") and torch.cuda.is_available()
-    with torch.device("cuda" if on_gpu else "cpu"):  # random init is slow on a CPU
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=tokenizer.model_max_length,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-        )
-    # Stable Diffusion 1.5's scheduler config, which every scheduler name is built from.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(directory, safe_serialization=True)
+    build_sd15(directory, small=False)
     return directory
 
 
@@ -169,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = args.model
         if source is None and args.sd_shaped:
-            source = str(build_sd_shaped(Path(tmp) / "sd-shaped", args.device))
+            source = str(build_sd_shaped(Path(tmp) / "sd-shaped"))
         elif source is None:
             from worker.tiny_model import save_tiny_pipeline
 
