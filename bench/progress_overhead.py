@@ -1,4 +1,5 @@
-"""Cost of progress reporting: the same job with and without the worker's progress reporter.
+"""Cost of progress reporting: the same job with and without the worker's progress reporter,
+through the denoising loop the worker runs (worker.batch).
 
 Runs in one process against a private redis-server, alternating the two variants so that
 drift in machine speed hits both alike, and prints the median run time of each and their
@@ -20,6 +21,7 @@ import redis
 from imagegen.contract import JobSpec, JobStatus, Keys
 from imagegen.redis_server import RedisServer
 from imagegen.settings import Settings
+from worker.batch import BatchItem, run_batch
 from worker.pipeline import load_model
 from worker.runtime import Counters, Runtime
 
@@ -57,11 +59,12 @@ def main() -> None:
         on: list[float] = []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            runtime.generate(spec)
+            run_batch(model, [BatchItem(spec)], invariant=model.batch_invariant)
             off.append(time.perf_counter() - started)
             connection.hset(Keys.job("bench"), "progress_step", 0)
             started = time.perf_counter()
-            runtime.generate(spec, runtime.progress_reporter("bench", "bench#1", spec.steps))
+            reporter = runtime.progress_reporter("bench", "bench#1", spec.steps)
+            run_batch(model, [BatchItem(spec, reporter)], invariant=model.batch_invariant)
             on.append(time.perf_counter() - started)
         writes = int(connection.hget(Keys.job("bench"), "progress_step") or 0)
     med_off, med_on = statistics.median(off), statistics.median(on)

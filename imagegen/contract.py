@@ -163,10 +163,6 @@ class Keys:
         return f"{Keys.PREFIX}:job:{job_id}:events"
 
     @staticmethod
-    def cancel(job_id: str) -> str:
-        return f"{Keys.PREFIX}:job:{job_id}:cancel"
-
-    @staticmethod
     def idempotency(digest: str) -> str:
         return f"{Keys.PREFIX}:idempotency:{digest}"
 

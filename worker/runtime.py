@@ -76,20 +76,18 @@ class Counters:
     current_job: str | None = None
     current_jobs: list[str] = field(default_factory=list)  # the batch, current_job first
     current_owner: str | None = None
-    busy_since: float | None = None
     deadline: float | None = None
 
     def start(self, job_ids: list[str], owner: str, timeout_s: float | None) -> None:
         self.current_owner = owner
         self.current_jobs = job_ids
-        self.busy_since = time.time()
-        self.deadline = self.busy_since + timeout_s if timeout_s else None
+        self.deadline = time.time() + timeout_s if timeout_s else None
         self.current_job = job_ids[0]
 
     def finish(self) -> None:
         self.current_job = self.current_owner = None
         self.current_jobs = []
-        self.busy_since = self.deadline = None
+        self.deadline = None
         self.jobs_done += 1
 
 
