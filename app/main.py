@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -63,28 +64,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 client_name=REDIS_CLIENT_NAME,
             ),
         )
-        # The async side (rate limit, event subscription): bounded too, and waiting rather
+        # The async side (submits, rate limit, event subscription): bounded too, and waiting rather
         # than failing when a burst finds every connection busy.
         async_connection = aioredis.Redis(
+            retry=AsyncRetry(ExponentialBackoff(cap=0.3, base=0.05), retries=2),
             connection_pool=aioredis.BlockingConnectionPool.from_url(
                 settings.redis_url,
                 max_connections=settings.redis_max_connections,
                 timeout=5,
+                socket_timeout=5,
                 socket_connect_timeout=0.5,
                 health_check_interval=30,
                 client_name=REDIS_CLIENT_NAME,
-            )
+            ),
         )
         events = EventHub(async_connection)
         await events.start()
         app.state.events = events
         store = JobStore(connection)
-        registry = ModelRegistry(connection, settings.default_model)
+        registry = ModelRegistry(connection, settings.default_model, async_connection)
         app.state.keys = keys
         app.state.limiter = RateLimiter(async_connection, settings.rate_limit_per_minute)
         app.state.settings = settings
         app.state.registry = registry
-        app.state.service = GenerationService(connection, store, registry, settings)
+        app.state.service = GenerationService(
+            connection, store, registry, settings, async_connection
+        )
         app.state.collector = ServiceCollector(registry, app.state.service, events)
         log.info("gateway %s started; redis at %s", __version__, _redact(settings.redis_url))
         if keys.enabled:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import redis
+import redis.asyncio as aioredis
 
 from imagegen.contract import Keys, ModelInfo, WorkerHeartbeat
 
@@ -15,8 +16,14 @@ MODEL_CACHE_S = 1.0
 class ModelRegistry:
     """Models that workers have announced, and how many live workers serve each."""
 
-    def __init__(self, connection: redis.Redis, default_model: str) -> None:
+    def __init__(
+        self,
+        connection: redis.Redis,
+        default_model: str,
+        async_connection: aioredis.Redis | None = None,
+    ) -> None:
         self.redis = connection
+        self.aredis = async_connection
         self.default_model = default_model
         self._cache: dict[str, tuple[float, ModelInfo]] = {}
 
@@ -24,17 +31,41 @@ class ModelRegistry:
         ids: set[bytes] = self.redis.smembers(Keys.MODELS)  # type: ignore[assignment]
         return sorted(i.decode() for i in ids)
 
+    async def amodel_ids(self) -> list[str]:
+        ids = await self._async().smembers(Keys.MODELS)
+        return sorted(as_text(i) for i in ids)
+
     def get(self, model_id: str) -> ModelInfo | None:
         """The model's record, cached for a second: every submit needs it."""
+        cached = self._cached(model_id)
+        if cached is not None:
+            return cached
+        return self._remember(model_id, self.redis.get(Keys.model(model_id)))
+
+    async def aget(self, model_id: str) -> ModelInfo | None:
+        """`get` for the event loop."""
+        cached = self._cached(model_id)
+        if cached is not None:
+            return cached
+        return self._remember(model_id, await self._async().get(Keys.model(model_id)))
+
+    def _cached(self, model_id: str) -> ModelInfo | None:
         cached = self._cache.get(model_id)
         if cached is not None and time.monotonic() - cached[0] < MODEL_CACHE_S:
             return cached[1]
-        raw: bytes | None = self.redis.get(Keys.model(model_id))  # type: ignore[assignment]
+        return None
+
+    def _remember(self, model_id: str, raw: bytes | str | None) -> ModelInfo | None:
         if not raw:
             return None
         info = ModelInfo.model_validate_json(raw)
         self._cache[model_id] = (time.monotonic(), info)
         return info
+
+    def _async(self) -> aioredis.Redis:
+        if self.aredis is None:
+            raise RuntimeError("this registry was built without an async connection")
+        return self.aredis
 
     def live_workers(self, model_id: str) -> list[WorkerHeartbeat]:
         """Workers whose heartbeat key has not expired (expiry runs on Redis's clock)."""
@@ -56,3 +87,8 @@ class ModelRegistry:
                 continue
             out.append((info, len(self.live_workers(model_id))))
         return out
+
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text (the gateway's clients return bytes; their types say bytes | str)."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -8,13 +8,15 @@ import secrets
 import time
 from datetime import UTC, datetime
 
+import anyio
 import redis
-from redis.client import Pipeline
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from app.errors import Conflict, InvalidRequest, NotFound, QueueFull, Unavailable
-from app.registry import ModelRegistry
+from app.registry import ModelRegistry, as_text
 from app.schemas import (
     ErrorInfo,
     GenerationParams,
@@ -31,6 +33,7 @@ from imagegen.contract import (
     JobSpec,
     JobStatus,
     Keys,
+    ModelInfo,
     is_valid_job_id,
     queue_name,
 )
@@ -63,23 +66,43 @@ class GenerationService:
         store: JobStore,
         registry: ModelRegistry,
         settings: Settings,
+        async_connection: aioredis.Redis,
     ) -> None:
         self.redis = connection
+        self.aredis = async_connection
         self.store = store
         self.registry = registry
         self.settings = settings
+        self._queues: dict[str, Queue] = {}
 
     def queue(self, model_id: str) -> Queue:
-        return Queue(queue_name(model_id), connection=self.redis, serializer=JSONSerializer)
+        queue = self._queues.get(model_id)
+        if queue is None:
+            queue = Queue(queue_name(model_id), connection=self.redis, serializer=JSONSerializer)
+            self._queues[model_id] = queue
+        return queue
+
+    async def _queue_for_enqueue(self, model_id: str) -> Queue:
+        """The model's queue, ready to record an enqueue without touching Redis: RQ reads the
+        server's version once per queue (INFO, sync), so that read happens off the event loop."""
+        queue = self.queue(model_id)
+        if not queue.redis_server_version:
+            await anyio.to_thread.run_sync(queue.get_redis_server_version)
+        return queue
 
     # -- submit ---------------------------------------------------------------------------------
-    def resolve(self, request: GenerationRequest) -> JobSpec:
+    async def resolve(self, request: GenerationRequest) -> JobSpec:
         """Fill in the model's defaults and apply the configured limits, naming any field."""
+        model_id = request.model or self.settings.default_model
+        info = await self.registry.aget(model_id)
+        known = await self.registry.amodel_ids() if info is None else []
+        return self._resolve(request, model_id, info, known)
+
+    def _resolve(
+        self, request: GenerationRequest, model_id: str, info: ModelInfo | None, known: list[str]
+    ) -> JobSpec:
         s = self.settings
-        model_id = request.model or s.default_model
-        info = self.registry.get(model_id)
         if info is None:
-            known = self.registry.model_ids()
             if request.model is None:
                 raise Unavailable(
                     f"the default model {model_id!r} has no worker registered yet; retry shortly"
@@ -143,13 +166,18 @@ class GenerationService:
             self.settings.job_timeout_base_s + work * self.settings.job_timeout_s_per_megapixel_step
         )
 
-    def submit(
+    async def submit(
         self, request: GenerationRequest, api_key: str = "", idempotency_key: str | None = None
     ) -> tuple[JobDocument, bool]:
         """Queue a job for `api_key`; returns its document and whether it was created (False:
-        an Idempotency-Key replay)."""
-        spec = self.resolve(request)  # a bad request never consumes an idempotency key
-        depth = self.queue(spec.model).count
+        an Idempotency-Key replay).
+
+        Async from end to end: a submit is a few Redis round trips, and on the event loop they
+        cost no thread-pool hop and no lock on a shared sync pool (issue 7's gateway figure).
+        """
+        spec = await self.resolve(request)  # a bad request never consumes an idempotency key
+        queue_key = (await self._queue_for_enqueue(spec.model)).key
+        depth = await self.aredis.llen(queue_key)
         if depth >= self.settings.max_queue_depth:
             raise QueueFull(
                 f"the queue of model {spec.model!r} holds {depth} jobs, its limit; retry later",
@@ -164,55 +192,67 @@ class GenerationService:
             request_id=request_id.get(),
         )
         if idempotency_key is None:
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.multi()
+            async with self.aredis.pipeline(transaction=True) as pipe:
                 self._enqueue(record, pipe)
-                pipe.llen(self.queue(spec.model).key)
-                length = pipe.execute()[-1]
+                pipe.llen(queue_key)
+                length = (await pipe.execute())[-1]
             # The MULTI ran atomically with the push: the job is last in its queue right then.
             return self.document(record, queue_position=int(length) - 1), True
-        return self._submit_once(record, request, idempotency_key, api_key)
+        return await self._submit_once(record, request, idempotency_key, api_key)
 
-    def _enqueue(self, record: JobRecord, pipe: Pipeline) -> None:
-        """Queue the record and its RQ job inside `pipe`'s MULTI: a job is fully there or absent."""
-        self.store.create(record, pipe)
-        self.queue(record.spec.model).enqueue_call(
-            JOB_FUNCTION,
-            args=(record.id,),
-            job_id=record.id,
-            timeout=self.job_timeout_s(record.spec),
-            result_ttl=self.settings.result_ttl_s,
-            failure_ttl=self.settings.failure_ttl_s,
-            description=f"generation {record.id}",
-            pipeline=pipe,
-        )
+    def _enqueue(self, record: JobRecord, pipe: AsyncPipeline) -> None:
+        """Queue the record and its RQ job inside `pipe`'s MULTI: a job is fully there or absent.
 
-    def _submit_once(
+        RQ speaks sync redis-py, so it writes into a sync pipeline that is never executed; its
+        commands, exactly as RQ made them, are then replayed into the async MULTI. RQ stays
+        the author of its own keys (job hash, queue list, queue set).
+        """
+        recorder = self.redis.pipeline(transaction=True)
+        # RQ expects a caller's pipeline to be in MULTI mode already.
+        recorder.multi()
+        try:
+            self.store.create(record, recorder)
+            self.queue(record.spec.model).enqueue_call(
+                JOB_FUNCTION,
+                args=(record.id,),
+                job_id=record.id,
+                timeout=self.job_timeout_s(record.spec),
+                result_ttl=self.settings.result_ttl_s,
+                failure_ttl=self.settings.failure_ttl_s,
+                description=f"generation {record.id}",
+                pipeline=recorder,
+            )
+            for args, options in recorder.command_stack:
+                pipe.execute_command(*args, **options)
+        finally:
+            recorder.reset()
+
+    async def _submit_once(
         self, record: JobRecord, request: GenerationRequest, key: str, owner: str
     ) -> tuple[JobDocument, bool]:
         """Create the job unless this key already made one, atomically (WATCH/MULTI)."""
         body_hash = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
         redis_key = Keys.idempotency(hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest())
         for _ in range(IDEMPOTENCY_ATTEMPTS):
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.watch(redis_key)  # type: ignore[no-untyped-call]
-                existing: bytes | None = pipe.get(redis_key)  # type: ignore[assignment]
+            async with self.aredis.pipeline(transaction=True) as pipe:
+                await pipe.watch(redis_key)
+                existing = await pipe.get(redis_key)
                 if existing is not None:
-                    job_id, stored_hash = existing.decode().split(" ", 1)
-                    if stored_hash != body_hash:
-                        raise Conflict(
-                            "Idempotency-Key was already used with a different request body"
-                        )
-                    return self.get(job_id, owner), False
-                pipe.multi()
+                    break  # (leaving the block releases the watch and the connection)
+                pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.set(redis_key, f"{record.id} {body_hash}", ex=IDEMPOTENCY_TTL_S)
                 self._enqueue(record, pipe)
                 try:
-                    pipe.execute()
+                    await pipe.execute()
                 except redis.WatchError:
                     continue  # another request with this key won; read what it made
                 return self.document(record), True
-        raise Unavailable("too much contention on this Idempotency-Key; retry", retry_after_s=1)
+        else:
+            raise Unavailable("too much contention on this Idempotency-Key; retry", retry_after_s=1)
+        job_id, stored_hash = as_text(existing).split(" ", 1)
+        if stored_hash != body_hash:
+            raise Conflict("Idempotency-Key was already used with a different request body")
+        return await anyio.to_thread.run_sync(self.get, job_id, owner), False
 
     # -- read -----------------------------------------------------------------------------------
     def get_record(self, job_id: str, api_key: str) -> JobRecord:

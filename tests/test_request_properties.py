@@ -7,6 +7,7 @@ pydantic, so NaN, lone surrogates and big integers arrive exactly as a client ca
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -268,14 +270,35 @@ def model_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
     connection.close()
 
 
-def make_service(connection: redis.Redis, default_model: str = DEFAULT.id) -> GenerationService:
-    config = Settings(_env_file=None, default_model=default_model, **CAPS)
-    registry = ModelRegistry(connection, config.default_model)
-    return GenerationService(connection, JobStore(connection), registry, config)
+class Resolver:
+    """Calls `GenerationService.resolve` as the gateway does, from a test that is not async:
+    each call gets its own event loop, and so its own async connection."""
+
+    def __init__(self, connection: redis.Redis, default_model: str = DEFAULT.id) -> None:
+        self.connection = connection
+        self.settings = Settings(_env_file=None, default_model=default_model, **CAPS)
+
+    def resolve(self, request: GenerationRequest) -> JobSpec:
+        return asyncio.run(self._resolve(request))
+
+    async def _resolve(self, request: GenerationRequest) -> JobSpec:
+        kwargs = self.connection.connection_pool.connection_kwargs
+        address = {k: kwargs[k] for k in ("host", "port", "db")}
+        async with aioredis.Redis(**address) as async_connection:
+            sync = self.connection
+            registry = ModelRegistry(sync, self.settings.default_model, async_connection)
+            service = GenerationService(
+                sync, JobStore(sync), registry, self.settings, async_connection
+            )
+            return await service.resolve(request)
+
+
+def make_service(connection: redis.Redis, default_model: str = DEFAULT.id) -> Resolver:
+    return Resolver(connection, default_model)
 
 
 @pytest.fixture(scope="module")
-def service(model_redis: redis.Redis) -> GenerationService:
+def service(model_redis: redis.Redis) -> Resolver:
     return make_service(model_redis)
 
 
@@ -320,7 +343,7 @@ def broken_rules(request: GenerationRequest) -> set[str]:
 @PROPERTY
 @given(served_bodies)
 def test_resolve_fills_every_default_or_names_a_broken_limit(
-    service: GenerationService, body: dict[str, Any]
+    service: Resolver, body: dict[str, Any]
 ) -> None:
     request = parse(body)
     before = request.model_copy(deep=True)
@@ -364,7 +387,7 @@ def test_resolve_fills_every_default_or_names_a_broken_limit(
     st.sampled_from([None, "euler", "\x00", "x" * 64]),
 )
 def test_an_unknown_model_is_named_whatever_else_is_sent(
-    service: GenerationService, model: str, scheduler: str | None
+    service: Resolver, model: str, scheduler: str | None
 ) -> None:
     request = GenerationRequest(prompt="x", model=model, scheduler=scheduler)
     with pytest.raises(InvalidRequest) as caught:
@@ -378,7 +401,7 @@ def test_an_unknown_model_is_named_whatever_else_is_sent(
 @example("\x00")
 @example("EULER")
 @example("euler ")
-def test_a_scheduler_the_model_lacks_is_named(service: GenerationService, scheduler: str) -> None:
+def test_a_scheduler_the_model_lacks_is_named(service: Resolver, scheduler: str) -> None:
     request = GenerationRequest(prompt="x", scheduler=scheduler, model=OTHER.id)
     with pytest.raises(InvalidRequest) as caught:
         service.resolve(request)

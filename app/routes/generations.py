@@ -27,7 +27,7 @@ JobId = Path(description="The job id returned at submit.")
     response_model=JobDocument,
     responses={200: {"model": JobDocument, "description": "Replay of an Idempotency-Key."}},
 )
-def submit_generation(
+async def submit_generation(
     body: GenerationRequest,
     service: ServiceDep,
     principal: PrincipalDep,
@@ -43,7 +43,7 @@ def submit_generation(
     ] = None,
 ) -> JobDocument:
     """Queue a generation job."""
-    document, created = service.submit(body, principal.name, idempotency_key)
+    document, created = await service.submit(body, principal.name, idempotency_key)
     response.headers["Location"] = f"/v1/generations/{document.id}"
     if not created:
         response.status_code = status.HTTP_200_OK

@@ -56,7 +56,7 @@ async def create_image(
     """Generate images and answer with them once done (OpenAI's `images.generate`)."""
     generation = to_generation_request(body)
     owner = principal.name
-    job = await anyio.to_thread.run_sync(_submit, service, generation, owner, body.size is not None)
+    job = await _submit(service, generation, owner, body.size is not None)
     hub: EventHub = request.app.state.events
     done = await _wait_for_job(request, service, hub, job, owner)
     if done is None:
@@ -114,21 +114,21 @@ def _as_body_error(error: Any, size: str | None) -> dict[str, Any]:
     return {**error, "loc": ("body", *loc)}
 
 
-def _submit(
+async def _submit(
     service: GenerationService, request: GenerationRequest, owner: str, size_given: bool
 ) -> JobDocument:
-    """Queue the job (in a worker thread: the service speaks to Redis synchronously)."""
+    """Queue the job."""
     model = request.model
     # Code written for OpenAI names an OpenAI model, meaning "the image model": it gets this
     # server's default, unless a model here really is served under that name.
     if (
         model is not None
         and model.startswith(OPENAI_MODEL_PREFIXES)
-        and service.registry.get(model) is None
+        and await service.registry.aget(model) is None
     ):
         request = request.model_copy(update={"model": None})
     try:
-        job, _ = service.submit(request, owner)
+        job, _ = await service.submit(request, owner)
     except InvalidRequest as exc:
         # The pixel cap is checked on width and height; the client sent them as `size`.
         fields = {detail.get("field") for detail in exc.details}
