@@ -191,7 +191,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.exceptions.RedisError)
     async def _redis_error(request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
         if _is_store_full(exc):
-            # noeviction: Redis refused the whole MULTI, so nothing was half-written.
+            # noeviction: Redis refused the first write of the MULTI or script, so nothing was
+            # half-written.
             log.error("redis is full: %s", exc)
             return error_response(
                 503,

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 import anyio
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline as AsyncPipeline
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -44,7 +43,30 @@ from imagegen.store import JobStore
 # The worker's job function, enqueued by dotted path so the gateway never imports it.
 JOB_FUNCTION = "worker.jobs.run_generation"
 IDEMPOTENCY_TTL_S = 24 * 3600
-IDEMPOTENCY_ATTEMPTS = 10
+
+# Submit in one atomic step. KEYS[1]: the model's RQ queue; KEYS[2] (optional): the
+# Idempotency-Key's record. ARGV: the queue's depth limit; the claim's length (0 or 2) and the
+# claim (value, TTL); then the writes that queue the job, each as its argument count followed
+# by the command and its arguments. A replay wins over a full queue: that job already exists.
+# Scripts that write are refused up front when Redis is out of memory, so a job is never
+# half-written.
+_SUBMIT_LUA = """
+if KEYS[2] then
+  local existing = redis.call('GET', KEYS[2])
+  if existing then return {'exists', existing} end
+end
+local depth = redis.call('LLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then return {'full', depth} end
+local claimed = tonumber(ARGV[2])
+if claimed > 0 then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
+local i = 3 + claimed
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return {'created', redis.call('LLEN', KEYS[1])}
+"""
 
 
 def new_job_id() -> str:
@@ -74,6 +96,7 @@ class GenerationService:
         self.registry = registry
         self.settings = settings
         self._queues: dict[str, Queue] = {}
+        self._submit_script = async_connection.register_script(_SUBMIT_LUA)
 
     def queue(self, model_id: str) -> Queue:
         queue = self._queues.get(model_id)
@@ -172,17 +195,11 @@ class GenerationService:
         """Queue a job for `api_key`; returns its document and whether it was created (False:
         an Idempotency-Key replay).
 
-        Async from end to end: a submit is a few Redis round trips, and on the event loop they
-        cost no thread-pool hop and no lock on a shared sync pool (issue 7's gateway figure).
+        One round trip to Redis, on the event loop: a script checks the Idempotency-Key and
+        the queue's depth and, only if both allow it, writes the job (see `_SUBMIT_LUA`).
         """
         spec = await self.resolve(request)  # a bad request never consumes an idempotency key
-        queue_key = (await self._queue_for_enqueue(spec.model)).key
-        depth = await self.aredis.llen(queue_key)
-        if depth >= self.settings.max_queue_depth:
-            raise QueueFull(
-                f"the queue of model {spec.model!r} holds {depth} jobs, its limit; retry later",
-                headers={"Retry-After": "10"},
-            )
+        queue = await self._queue_for_enqueue(spec.model)
         record = JobRecord(
             id=new_job_id(),
             status=JobStatus.QUEUED,
@@ -191,21 +208,39 @@ class GenerationService:
             api_key=api_key,
             request_id=request_id.get(),
         )
-        if idempotency_key is None:
-            async with self.aredis.pipeline(transaction=True) as pipe:
-                self._enqueue(record, pipe)
-                pipe.llen(queue_key)
-                length = (await pipe.execute())[-1]
-            # The MULTI ran atomically with the push: the job is last in its queue right then.
-            return self.document(record, queue_position=int(length) - 1), True
-        return await self._submit_once(record, request, idempotency_key, api_key)
+        keys = [queue.key]
+        claim: list[str | int] = []
+        body_hash = ""
+        if idempotency_key is not None:
+            body_hash = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+            owner_key = hashlib.sha256(f"{api_key}\n{idempotency_key}".encode()).hexdigest()
+            keys.append(Keys.idempotency(owner_key))
+            claim = [f"{record.id} {body_hash}", IDEMPOTENCY_TTL_S]
+        outcome, value = await self._submit_script(
+            keys=keys,
+            args=[self.settings.max_queue_depth, len(claim), *claim, *self._writes(record)],
+        )
+        if outcome == b"created":
+            # The script pushed the job last in its queue: its position is the length less one.
+            return self.document(record, queue_position=int(value) - 1), True
+        if outcome == b"full":
+            raise QueueFull(
+                f"the queue of model {spec.model!r} holds {int(value)} jobs, its limit; "
+                "retry later",
+                headers={"Retry-After": "10"},
+            )
+        job_id, stored_hash = as_text(value).split(" ", 1)  # outcome "exists": a replay
+        if stored_hash != body_hash:
+            raise Conflict("Idempotency-Key was already used with a different request body")
+        return await anyio.to_thread.run_sync(self.get, job_id, api_key), False
 
-    def _enqueue(self, record: JobRecord, pipe: AsyncPipeline) -> None:
-        """Queue the record and its RQ job inside `pipe`'s MULTI: a job is fully there or absent.
+    def _writes(self, record: JobRecord) -> list[bytes | str | int | float]:
+        """The writes that queue `record`, flattened for `_SUBMIT_LUA`: per command its
+        argument count, then the command and its arguments.
 
-        RQ speaks sync redis-py, so it writes into a sync pipeline that is never executed; its
-        commands, exactly as RQ made them, are then replayed into the async MULTI. RQ stays
-        the author of its own keys (job hash, queue list, queue set).
+        RQ speaks sync redis-py, so it enqueues into a sync pipeline that is never executed;
+        its commands, exactly as RQ made them, run inside the script. RQ stays the author of
+        its own keys (job hash, queue list, queue set).
         """
         recorder = self.redis.pipeline(transaction=True)
         # RQ expects a caller's pipeline to be in MULTI mode already.
@@ -222,37 +257,12 @@ class GenerationService:
                 description=f"generation {record.id}",
                 pipeline=recorder,
             )
-            for args, options in recorder.command_stack:
-                pipe.execute_command(*args, **options)
+            flat: list[bytes | str | int | float] = []
+            for args, _ in recorder.command_stack:
+                flat += [len(args), *args]
+            return flat
         finally:
             recorder.reset()
-
-    async def _submit_once(
-        self, record: JobRecord, request: GenerationRequest, key: str, owner: str
-    ) -> tuple[JobDocument, bool]:
-        """Create the job unless this key already made one, atomically (WATCH/MULTI)."""
-        body_hash = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
-        redis_key = Keys.idempotency(hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest())
-        for _ in range(IDEMPOTENCY_ATTEMPTS):
-            async with self.aredis.pipeline(transaction=True) as pipe:
-                await pipe.watch(redis_key)
-                existing = await pipe.get(redis_key)
-                if existing is not None:
-                    break  # (leaving the block releases the watch and the connection)
-                pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.set(redis_key, f"{record.id} {body_hash}", ex=IDEMPOTENCY_TTL_S)
-                self._enqueue(record, pipe)
-                try:
-                    await pipe.execute()
-                except redis.WatchError:
-                    continue  # another request with this key won; read what it made
-                return self.document(record), True
-        else:
-            raise Unavailable("too much contention on this Idempotency-Key; retry", retry_after_s=1)
-        job_id, stored_hash = as_text(existing).split(" ", 1)
-        if stored_hash != body_hash:
-            raise Conflict("Idempotency-Key was already used with a different request body")
-        return await anyio.to_thread.run_sync(self.get, job_id, owner), False
 
     # -- read -----------------------------------------------------------------------------------
     def get_record(self, job_id: str, api_key: str) -> JobRecord:

@@ -100,7 +100,6 @@ def _card(
     d = build.served_defaults()
     params = _params(model_dir)
     weights_mb = sum(f.stat().st_size for f in model_dir.rglob("*.safetensors")) / 1e6
-    r = record.get("recipe", {})
     best = evaluations[0]
     latency_line = (
         f"{latency['seconds'] * 1000:.0f} ms per 64×64 image ({latency['steps']} steps, guidance {latency['guidance_scale']:g}, "
@@ -161,18 +160,7 @@ Weights: {weights_mb:.1f} MB (fp32 safetensors).
 
 ## Training recipe
 
-`python -m builtin_model.train --profile {record.get("profile", "?")}` (seed {record.get("seed", 0)}) reproduces these
-weights; this copy was trained on **{record.get("hardware", "?")}** in **{record.get("train_s", 0) / 60:.1f} minutes** wall
-(VAE {record.get("vae_s", 0):.0f} s, latent cache {record.get("cache_s", 0):.0f} s, text encoder + UNet {record.get("unet_s", 0):.0f} s).
-
-1. VAE: {r.get("vae_steps", "?")} steps of batch {r.get("vae_batch", "?")}{f" on random {r['vae_crop']}×{r['vae_crop']} crops, then {r['vae_full_steps']} at 64×64" if r.get("vae_crop") else ""},
-   AdamW lr {r.get("vae_lr", "?")}, loss MSE + ½ L1 (shape pixels weighted 8×) + 1e-5 KL, on freshly rendered scenes each step.
-2. Latent cache: {r.get("images", "?")} scenes with one caption each, encoded once (posterior mean and std);
-   latents scaled to unit spread (`scaling_factor` = {record.get("scaling_factor", 0):.4f}).
-3. Text encoder + UNet, jointly: {record.get("unet_steps", "?")} steps of batch {r.get("batch", "?")}, AdamW lr {r.get("unet_lr", "?")} (UNet) /
-   {r.get("text_lr", "?")} (text), {r.get("warmup", "?")} warm-up steps then cosine to 10 %, ε-prediction MSE with min-SNR-5 weighting,
-   10 % caption dropout (to the empty prompt) for classifier-free guidance, EMA 0.999 (the saved weights),
-   bf16 autocast on GPU. Final loss {record.get("final_loss", float("nan")):.4f}.
+{_recipe(record)}
 
 ## Scores (held-out combinations)
 
@@ -199,6 +187,62 @@ The first 48 samples at the default settings, prompt under each.
   demonstration, not a general image model.
 - Scores are for the canonical phrasing; unusual phrasings of the same attributes do less well.
 """
+
+
+def _recipe(record: dict[str, Any]) -> str:
+    """The training section: one stage from scratch, or a stage continued by a `refine` run."""
+    parent = record.get("parent")
+    if not parent:
+        return (
+            f"`python -m builtin_model.train --profile {record.get('profile', '?')}` (seed {record.get('seed', 0)}) "
+            f"reproduces these weights; this copy was trained on {_trained_on(record)}.\n\n"
+            + _from_scratch(record)
+        )
+    r = record.get("recipe", {})
+    return f"""Two stages, seed {record.get("seed", 0)}:
+
+**Stage 1** — `python -m builtin_model.train --profile {parent.get("profile", "?")} --steps {parent.get("unet_steps", "?")} --out stage1`,
+on {_trained_on(parent)}:
+
+{_from_scratch(parent)}
+
+**Stage 2** — `python -m builtin_model.train --profile {record.get("profile", "?")} --init-from stage1 --steps {record.get("unet_steps", "?")} --out builtin_model/shapes-64`,
+on {_trained_on(record)}:
+stage 1's VAE and `scaling_factor` kept; {r.get("images", "?")} fresh scenes encoded ({record.get("cache_s", 0):.0f} s);
+text encoder + UNet continued for {record.get("unet_steps", "?")} steps of batch {r.get("batch", "?")}, AdamW lr {r.get("unet_lr", "?")} (UNet) /
+{r.get("text_lr", "?")} (text), {r.get("warmup", "?")} warm-up steps then cosine to 10 %, the same loss, caption dropout and EMA
+({record.get("unet_s", 0) / 60:.0f} min, {record.get("unet_s_per_step", 0):.2f} s/step). Final loss {record.get("final_loss", float("nan")):.4f}.
+
+Stage 1 was fitted to its time budget, which recomputed the schedule's length as it ran; `--steps`
+lays the same schedule over that many steps from the start, so it reproduces the recipe but not
+bit for bit (GPU kernels are not bitwise deterministic either). Stage 2 ran on a CPU from seeded
+generators with a fixed step count."""
+
+
+def _trained_on(record: dict[str, Any]) -> str:
+    vae = f"VAE {record.get('vae_s', 0):.0f} s, " if record.get("vae_from") is None else ""
+    return (
+        f"**{record.get('hardware', '?')}** in **{record.get('train_s', 0) / 60:.1f} minutes** wall "
+        f"({vae}latent cache {record.get('cache_s', 0):.0f} s, "
+        f"text encoder + UNet {record.get('unet_s', 0):.0f} s)"
+    )
+
+
+def _from_scratch(record: dict[str, Any]) -> str:
+    r = record.get("recipe", {})
+    crop = (
+        f" on random {r['vae_crop']}×{r['vae_crop']} crops, then {r['vae_full_steps']} at 64×64"
+        if r.get("vae_crop")
+        else ""
+    )
+    return f"""1. VAE: {r.get("vae_steps", "?")} steps of batch {r.get("vae_batch", "?")}{crop},
+   AdamW lr {r.get("vae_lr", "?")}, loss MSE + ½ L1 (shape pixels weighted 8×) + 1e-5 KL, on freshly rendered scenes each step.
+2. Latent cache: {r.get("images", "?")} scenes with one caption each, encoded once (posterior mean and std);
+   latents scaled to unit spread (`scaling_factor` = {record.get("scaling_factor", 0):.4f}).
+3. Text encoder + UNet, jointly: {record.get("unet_steps", "?")} steps of batch {r.get("batch", "?")}, AdamW lr {r.get("unet_lr", "?")} (UNet) /
+   {r.get("text_lr", "?")} (text), {r.get("warmup", "?")} warm-up steps then cosine to 10 %, ε-prediction MSE with min-SNR-5 weighting,
+   10 % caption dropout (to the empty prompt) for classifier-free guidance, EMA 0.999 (the saved weights),
+   bf16 autocast on GPU. Final loss {record.get("final_loss", float("nan")):.4f}."""
 
 
 def _common_misses(ev: Evaluation) -> str:

@@ -2,6 +2,8 @@
 
     python -m builtin_model.train --profile gpu --device cuda --out /tmp/shapes-64
     python -m builtin_model.train --profile cpu --out builtin_model/shapes-64
+    python -m builtin_model.train --profile refine --init-from /tmp/shapes-64 --steps 4000 \
+        --out builtin_model/shapes-64          # continue a trained model (on a CPU)
 
 Each profile has a wall-clock budget; once the UNet's speed is known, its step count is cut to
 fit, so a run always ends with a saved, evaluated model. Checkpoints (EMA weights, full
@@ -67,6 +69,13 @@ PROFILES = {
         vae_steps=1500, vae_batch=32, vae_crop=32, vae_full_steps=250, vae_lr=1e-3,
         images=40_000, steps=7_000, batch=64, unet_lr=5e-4, text_lr=3e-4, warmup=200,
         budget_s=7000, eval_reserve_s=240, checkpoint_s=600, eval_batch=24,
+    ),
+    # Continue a trained pipeline (``--init-from``, its VAE and scaling kept) at a lower rate:
+    # what a CPU can add to a GPU run in about an hour and a half.
+    "refine": Profile(
+        vae_steps=0, vae_batch=0, vae_crop=0, vae_full_steps=0, vae_lr=0.0,
+        images=60_000, steps=4_000, batch=64, unet_lr=1.5e-4, text_lr=1.5e-4, warmup=100,
+        budget_s=5700, eval_reserve_s=300, checkpoint_s=600, eval_batch=24,
     ),
 }  # fmt: skip
 
@@ -193,10 +202,20 @@ def build_cache(
 def train_unet(
     profile: Profile, cache: Cache, tokenizer: Any, vae: torch.nn.Module, scaling: float,
     device: torch.device, seed: int, start: float, deadline: float, out: Path, pack: Path | None,
+    init: Path | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:  # fmt: skip
     torch.manual_seed(seed + 4)
-    text = build.build_text_encoder(len(tokenizer)).to(device)
-    unet = build.build_unet(text.config.hidden_size).to(device)
+    if init is None:
+        text = build.build_text_encoder(len(tokenizer)).to(device)
+        unet = build.build_unet(text.config.hidden_size).to(device)
+    else:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        text = CLIPTextModel.from_pretrained(init / "text_encoder").to(device)
+        unet = UNet2DConditionModel.from_pretrained(init / "unet").to(device)
+    text.train()
+    unet.train()
     ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
     params = [*text.parameters(), *unet.parameters()]
     ema_params = [*ema_text.parameters(), *ema_unet.parameters()]
@@ -354,6 +373,18 @@ def main(argv: list[str] | None = None) -> None:
         "--max-steps-scale", type=float, default=1.0, help="scale all step counts (smoke runs)"
     )
     parser.add_argument("--vae-from", type=Path, help="reuse this pipeline's VAE (skip stage 1)")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="continue this trained pipeline: its VAE and scaling are kept, its text encoder "
+        "and UNet are trained further (the `refine` profile)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="text encoder + UNet steps (default: the profile's); a fixed count reproduces a run "
+        "that its time budget cut",
+    )
     parser.add_argument("--max-batch", type=int, help="cap every batch size (smoke runs on a CPU)")
     parser.add_argument("--budget-s", type=float, help="override the profile's wall-clock budget")
     parser.add_argument(
@@ -375,6 +406,14 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.budget_s is not None:
         profile = replace(profile, budget_s=args.budget_s)
+    if args.steps is not None:
+        profile = replace(profile, steps=args.steps)
+    if args.init_from is not None and args.vae_from is None:
+        args.vae_from = args.init_from
+    if args.profile == "refine" and args.init_from is None:
+        parser.error("--profile refine continues a trained pipeline: give --init-from")
+    # Read now: --out may be the --init-from directory, and checkpoints overwrite it.
+    parent = _parent_record(args.init_from)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -407,7 +446,12 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         chunk=4096 if device.type == "cuda" else 512,
     )
-    scaling = 1.0 / float(cache.mean[:8192].std())
+    # A continued model keeps the latent scale its UNet was trained with.
+    scaling = (
+        float(vae.config.scaling_factor)
+        if args.init_from is not None
+        else 1.0 / float(cache.mean[:8192].std())
+    )
     log(
         f"cached {profile.images} latents {tuple(cache.mean.shape[1:])}, "
         f"scaling factor {scaling:.4f}",
@@ -428,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         deadline,
         args.out,
         args.pack,
+        args.init_from,
     )
     t_unet = time.perf_counter() - start - t_vae - t_cache
     record = {
@@ -435,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
         "hardware": hardware,
         "seed": args.seed,
         "vae_from": str(args.vae_from) if args.vae_from else None,
+        "init_from": str(args.init_from) if args.init_from else None,
+        # The run this one continued, as its own record said (the card shows both stages).
+        "parent": parent,
         "scaling_factor": round(scaling, 6),
         "max_steps_scale": args.max_steps_scale,
         "recipe": asdict(profile),
@@ -467,6 +515,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.pack is not None:
         pack_dir(args.out, args.pack)
     log("done", start)
+
+
+def _parent_record(init: Path | None) -> dict[str, Any] | None:
+    if init is None:
+        return None
+    record: dict[str, Any] = json.loads((init / "train_state.json").read_text())
+    return record
 
 
 def _size_mb(path: Path) -> float:

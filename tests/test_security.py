@@ -6,6 +6,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -225,6 +226,41 @@ def test_queue_depth_limit_is_429_queue_full(
         gateway.proc.stop()
         redis_conn.delete(Keys.model("deep-model"), "rq:queue:imagegen:deep-model")
         redis_conn.srem(Keys.MODELS, "deep-model")
+
+
+def test_queue_depth_holds_exactly_under_concurrent_submits(
+    redis_server: RedisServer, redis_conn: redis.Redis, log_dir: Path
+) -> None:
+    """The depth check and the push are one atomic step: 40 concurrent submits into a queue
+    of depth 5 admit exactly 5; a replay of an admitted Idempotency-Key still answers 200."""
+    announce_idle_model(redis_conn, "race-model")
+    gateway = start_gateway(
+        redis_server.url, log_dir, {"IMAGEGEN_MAX_QUEUE_DEPTH": "5"}, name="gateway-race"
+    )
+    body = {"prompt": "wait", "model": "race-model"}
+    try:
+        with gateway.client() as client, ThreadPoolExecutor(max_workers=40) as pool:
+            answers = list(
+                pool.map(
+                    lambda i: client.post(
+                        "/v1/generations", json=body, headers={"Idempotency-Key": f"race-{i}"}
+                    ),
+                    range(40),
+                )
+            )
+            codes = sorted(a.status_code for a in answers)
+            assert codes == [202] * 5 + [429] * 35, codes
+            assert redis_conn.llen("rq:queue:imagegen:race-model") == 5
+            admitted = next(i for i, a in enumerate(answers) if a.status_code == 202)
+            replay = client.post(
+                "/v1/generations", json=body, headers={"Idempotency-Key": f"race-{admitted}"}
+            )
+            assert replay.status_code == 200
+            assert replay.json()["id"] == answers[admitted].json()["id"]
+    finally:
+        gateway.proc.stop()
+        redis_conn.delete(Keys.model("race-model"), "rq:queue:imagegen:race-model")
+        redis_conn.srem(Keys.MODELS, "race-model")
 
 
 def test_cors_is_off_by_default_and_allow_listed_when_set(
