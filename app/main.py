@@ -12,9 +12,6 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from app.auth import KeyStore, RateLimiter
 from app.errors import install_error_handlers
@@ -48,11 +45,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Bounded pools: a burst of requests waits for a connection instead of opening hundreds.
-        # Fail fast while Redis is away (the client answers 503 and retries itself): two quick
-        # retries ride out a blip, and the whole request still ends well inside two seconds.
-        quick_retry = Retry(ExponentialBackoff(cap=0.3, base=0.05), retries=2)
+        # Fail fast while Redis is away: the client answers 503 with Retry-After and retries
+        # itself. No command is re-sent after a timeout, when it may have run already (a
+        # submit re-sent would queue its job twice).
         connection = redis.Redis(
-            retry=quick_retry,
             connection_pool=redis.BlockingConnectionPool.from_url(
                 settings.redis_url,
                 max_connections=settings.redis_max_connections,
@@ -67,7 +63,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The async side (submits, rate limit, event subscription): bounded too, and waiting rather
         # than failing when a burst finds every connection busy.
         async_connection = aioredis.Redis(
-            retry=AsyncRetry(ExponentialBackoff(cap=0.3, base=0.05), retries=2),
             connection_pool=aioredis.BlockingConnectionPool.from_url(
                 settings.redis_url,
                 max_connections=settings.redis_max_connections,

@@ -48,8 +48,9 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 # Idempotency-Key's record. ARGV: the queue's depth limit; the claim's length (0 or 2) and the
 # claim (value, TTL); then the writes that queue the job, each as its argument count followed
 # by the command and its arguments. A replay wins over a full queue: that job already exists.
-# Scripts that write are refused up front when Redis is out of memory, so a job is never
-# half-written.
+# Out of memory (noeviction), Redis refuses a script's first write and so the whole job: it is
+# never half-written. The job's own keys (its record, RQ's job hash and queue set) are not
+# declared in KEYS: like RQ itself, this needs a single Redis, not a Cluster.
 _SUBMIT_LUA = """
 if KEYS[2] then
   local existing = redis.call('GET', KEYS[2])
@@ -218,7 +219,12 @@ class GenerationService:
             claim = [f"{record.id} {body_hash}", IDEMPOTENCY_TTL_S]
         outcome, value = await self._submit_script(
             keys=keys,
-            args=[self.settings.max_queue_depth, len(claim), *claim, *self._writes(record)],
+            args=[
+                self.settings.max_queue_depth,
+                len(claim),
+                *claim,
+                *self._writes(record, queue),
+            ],
         )
         if outcome == b"created":
             # The script pushed the job last in its queue: its position is the length less one.
@@ -234,7 +240,7 @@ class GenerationService:
             raise Conflict("Idempotency-Key was already used with a different request body")
         return await anyio.to_thread.run_sync(self.get, job_id, api_key), False
 
-    def _writes(self, record: JobRecord) -> list[bytes | str | int | float]:
+    def _writes(self, record: JobRecord, queue: Queue) -> list[bytes | str | int | float]:
         """The writes that queue `record`, flattened for `_SUBMIT_LUA`: per command its
         argument count, then the command and its arguments.
 
@@ -243,11 +249,10 @@ class GenerationService:
         its own keys (job hash, queue list, queue set).
         """
         recorder = self.redis.pipeline(transaction=True)
-        # RQ expects a caller's pipeline to be in MULTI mode already.
-        recorder.multi()
+        recorder.multi()  # buffer everything, as a MULTI would
         try:
             self.store.create(record, recorder)
-            self.queue(record.spec.model).enqueue_call(
+            queue.enqueue_call(
                 JOB_FUNCTION,
                 args=(record.id,),
                 job_id=record.id,

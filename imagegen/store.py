@@ -116,7 +116,8 @@ class JobStore:
         self._progress = connection.register_script(_PROGRESS_LUA)
 
     def create(self, record: JobRecord, pipeline: Any) -> None:
-        """Write a new record inside `pipeline` (the same MULTI as the RQ enqueue)."""
+        """Write a new record inside `pipeline` (the gateway sends it with the RQ enqueue, in
+        one atomic step)."""
         pipeline.hset(
             Keys.job(record.id),
             mapping=_encode(
