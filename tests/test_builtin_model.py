@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,52 @@ def test_generation_is_deterministic(pipe: object) -> None:
         return np.asarray(out.images[0])
 
     assert np.array_equal(run(), run())
+
+
+def test_training_from_scratch_runs_end_to_end(tmp_path: Path) -> None:
+    """A smoke run of the CPU recipe: every stage, a loadable pipeline, its record."""
+    from builtin_model import train
+
+    out = tmp_path / "scratch"
+    train.main(
+        [
+            *("--profile", "cpu", "--max-steps-scale", "0.001", "--max-batch", "4"),
+            *("--steps", "2", "--no-eval", "--out", str(out), "--device", "cpu"),
+        ]
+    )
+    record = json.loads((out / "train_state.json").read_text())
+    assert record["unet_steps"] == 2 and record["parent"] is None
+    assert (out / "model_index.json").is_file()
+
+
+def test_refine_continues_a_trained_model(tmp_path: Path) -> None:
+    """`--profile refine --init-from`: the VAE and its scaling are kept, the text encoder and
+    UNet start from the given weights and move, and the record names the stage it continued."""
+    from diffusers import AutoPipelineForText2Image
+
+    from builtin_model import train
+
+    out = tmp_path / "refined"
+    train.main(
+        [
+            *("--profile", "refine", "--init-from", str(MODEL_DIR), "--steps", "2"),
+            *("--max-steps-scale", "0.01", "--max-batch", "8", "--no-eval"),
+            *("--out", str(out), "--device", "cpu"),
+        ]
+    )
+    record = json.loads((out / "train_state.json").read_text())
+    assert record["parent"] == json.loads((MODEL_DIR / "train_state.json").read_text())
+    assert record["unet_steps"] == 2
+    before = AutoPipelineForText2Image.from_pretrained(MODEL_DIR, torch_dtype=torch.float32)
+    after = AutoPipelineForText2Image.from_pretrained(out, torch_dtype=torch.float32)
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    for a, b in zip(before.vae.parameters(), after.vae.parameters(), strict=True):
+        assert torch.equal(a, b)
+    unet_moved = [
+        not torch.equal(a, b)
+        for a, b in zip(before.unet.parameters(), after.unet.parameters(), strict=True)
+    ]
+    assert any(unet_moved)
+    # Two small steps from the shipped weights: moved, but still the same model.
+    for a, b in zip(before.unet.parameters(), after.unet.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=0.05)
