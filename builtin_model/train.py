@@ -6,7 +6,8 @@
         --out builtin_model/shapes-64          # continue a trained model (on a CPU)
 
 Each profile has a wall-clock budget; once the UNet's speed is known, its step count is cut to
-fit, so a run always ends with a saved, evaluated model. Checkpoints (EMA weights, full
+fit, so a run always ends with a saved, evaluated model. ``--steps N`` instead runs exactly N
+steps whatever the budget: the way to repeat a run. Checkpoints (EMA weights, full
 pipeline) are written along the way, so even a killed run leaves one behind.
 """
 
@@ -202,7 +203,7 @@ def build_cache(
 def train_unet(
     profile: Profile, cache: Cache, tokenizer: Any, vae: torch.nn.Module, scaling: float,
     device: torch.device, seed: int, start: float, deadline: float, out: Path, pack: Path | None,
-    init: Path | None = None,
+    init: Path | None = None, fixed_steps: bool = False,
 ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:  # fmt: skip
     torch.manual_seed(seed + 4)
     if init is None:
@@ -271,8 +272,9 @@ def train_unet(
 
         now = time.perf_counter()
         window = [*window, now - ts][-50:]
-        if step == 100 or (step > 100 and step % 200 == 0):
+        if not fixed_steps and (step == 100 or (step > 100 and step % 200 == 0)):
             # Fit the step count to the budget (only ever down), keeping the schedule's shape.
+            # Not with --steps: a fixed count is what makes a run repeatable.
             sps = sum(window) / len(window)
             fits = step + int((deadline - now) / sps)
             if fits < total:
@@ -382,8 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--steps",
         type=int,
-        help="text encoder + UNet steps (default: the profile's); a fixed count reproduces a run "
-        "that its time budget cut",
+        help="text encoder + UNet steps (default: the profile's, cut to fit the time budget); "
+        "a count given here is run in full, whatever the budget, so a run can be repeated",
     )
     parser.add_argument("--max-batch", type=int, help="cap every batch size (smoke runs on a CPU)")
     parser.add_argument("--budget-s", type=float, help="override the profile's wall-clock budget")
@@ -473,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out,
         args.pack,
         args.init_from,
+        fixed_steps=args.steps is not None,
     )
     t_unet = time.perf_counter() - start - t_vae - t_cache
     record = {
