@@ -5,7 +5,8 @@
 
 Prints the score table at the served default guidance and at ``guidance_scale = 1``, then the
 latency of one 64×64 image at the served defaults, as a ratio to the unguided image measured in
-the same run and to the 1.0 s budget.
+the same run and to the 1.0 s budget, and the same image end to end through the service
+(redis-server, gateway and a worker started for the run; HTTP submit → PNG downloaded).
 """
 
 from __future__ import annotations
@@ -46,6 +47,26 @@ def latency(pipe: object, steps: int, guidance_scale: float, runs: int) -> float
     return min(times)
 
 
+def service_latency(runs: int, steps: int, guidance_scale: float) -> float:
+    """Best-of-``runs`` seconds from the HTTP submit to the downloaded PNG, one job at a time,
+    through a private service whose worker serves the shipped model (after a warm-up job)."""
+    from _service import generate, now, service
+
+    body = {
+        "prompt": "a large blue square in the center on a yellow background",
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+    }
+    times = []
+    with service() as gateway, gateway.client() as client:
+        for i in range(runs + 1):
+            started = now()
+            generate(client, {**body, "seed": i})
+            if i:
+                times.append(now() - started)
+    return min(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,6 +76,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--limit", type=int, help="score only the first N held-out combinations")
     parser.add_argument("--latency-runs", type=int, default=5)
+    parser.add_argument(
+        "--service-runs", type=int, default=5, help="jobs timed through the service (0: skip)"
+    )
     parser.add_argument("--write-card", action="store_true")
     args = parser.parse_args()
 
@@ -79,6 +103,15 @@ def main() -> None:
         f"guidance 1 {unguided * 1000:.0f} ms (ratio {guided / unguided:.2f}); "
         f"{guided / LATENCY_BUDGET_S:.2f}× the {LATENCY_BUDGET_S:g} s budget"
     )
+    served = None
+    if args.service_runs and args.model_dir.resolve() == MODEL_DIR.resolve():
+        served = service_latency(args.service_runs, defaults["steps"], defaults["guidance_scale"])
+        print(
+            f"through the service (submit → PNG downloaded, best of {args.service_runs}): "
+            f"{served * 1000:.0f} ms, ratio {served / guided:.2f} to the pipeline call"
+        )
+    elif args.service_runs:
+        print(f"through the service: skipped (the service serves {MODEL_DIR}, not this model)")
 
     if args.write_card:
         record = json.loads((args.model_dir / "train_state.json").read_text())
@@ -88,6 +121,8 @@ def main() -> None:
             "guidance_scale": defaults["guidance_scale"],
             "runs": args.latency_runs,
             "hardware": hardware,
+            "service_seconds": served,
+            "service_runs": args.service_runs,
         }
         card.write(args.model_dir, record, evaluations, hardware, measured)
         print(f"wrote {args.model_dir}/README.md, scores.json, samples.png")

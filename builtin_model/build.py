@@ -183,6 +183,12 @@ def save(pipe: StableDiffusionPipeline, out: Path) -> None:
         config = json.loads(path.read_text())
         config[key] = ["transformers", TOKENIZER_CLASS] if key == "tokenizer" else TOKENIZER_CLASS
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # A component loaded from disk (a refine run) remembers where from; that path means
+    # nothing in the saved model.
+    for path in out.glob("*/config.json"):
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2) + "\n")
     (out / "imagegen.json").write_text(json.dumps(served_defaults(), indent=2) + "\n")
 
 

@@ -104,6 +104,12 @@ def _card(
     latency_line = (
         f"{latency['seconds'] * 1000:.0f} ms per 64×64 image ({latency['steps']} steps, guidance {latency['guidance_scale']:g}, "
         f"batch 1, best of {latency['runs']}) on {latency['hardware']}"
+        + (
+            f"; {latency['service_seconds'] * 1000:.0f} ms end to end through the service "
+            f"(HTTP submit → PNG downloaded, best of {latency.get('service_runs')})"
+            if latency.get("service_seconds")
+            else ""
+        )
         if latency
         else "not measured yet: run `python bench/evaluate_builtin.py --write-card`"
     )
@@ -125,9 +131,16 @@ machine with no GPU and no download. It draws one flat-colored shape on a flat b
 It loads like any hub model:
 
 ```python
-pipe = AutoPipelineForText2Image.from_pretrained("builtin_model/shapes-64", torch_dtype=torch.float32)
-image = pipe("a small red circle at the top left on a white background", width=64, height=64,
-             num_inference_steps={d["steps"]}, guidance_scale={d["guidance_scale"]:g}).images[0]
+pipe = AutoPipelineForText2Image.from_pretrained(
+    "builtin_model/shapes-64", torch_dtype=torch.float32
+)
+image = pipe(
+    "a small red circle at the top left on a white background",
+    width=64,
+    height=64,
+    num_inference_steps={d["steps"]},
+    guidance_scale={d["guidance_scale"]:g},
+).images[0]
 ```
 
 Served defaults (`imagegen.json`): {d["width"]}×{d["height"]}, {d["steps"]} steps, guidance
