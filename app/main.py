@@ -48,30 +48,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Fail fast while Redis is away: the client answers 503 with Retry-After and retries
         # itself. No command is re-sent after a timeout, when it may have run already (a
         # submit re-sent would queue its job twice).
+        pool_options = {
+            "max_connections": settings.redis_max_connections,
+            # Waiting for a free pooled connection is load, not an outage: wait a while.
+            "timeout": 5,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 0.5,
+            "health_check_interval": 30,
+            "client_name": REDIS_CLIENT_NAME,
+        }
+        # Sync for the thread-pool routes (reads, cancel); async for submits, the rate limit
+        # and the event subscription. Both bounded alike.
         connection = redis.Redis(
             connection_pool=redis.BlockingConnectionPool.from_url(
-                settings.redis_url,
-                max_connections=settings.redis_max_connections,
-                # Waiting for a free pooled connection is load, not an outage: wait a while.
-                timeout=5,
-                socket_timeout=5,
-                socket_connect_timeout=0.5,
-                health_check_interval=30,
-                client_name=REDIS_CLIENT_NAME,
-            ),
+                settings.redis_url, **pool_options
+            )
         )
-        # The async side (submits, rate limit, event subscription): bounded too, and waiting rather
-        # than failing when a burst finds every connection busy.
         async_connection = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.redis_url,
-                max_connections=settings.redis_max_connections,
-                timeout=5,
-                socket_timeout=5,
-                socket_connect_timeout=0.5,
-                health_check_interval=30,
-                client_name=REDIS_CLIENT_NAME,
-            ),
+                settings.redis_url, **pool_options
+            )
         )
         events = EventHub(async_connection)
         await events.start()
