@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         description="Images one denoising loop may hold when queued jobs share a shape; "
         "0 = auto (1 on CPU, from free memory on a GPU).",
     )
+    batch_max_wait_s: float = Field(
+        0.0,
+        ge=0,
+        le=5,
+        description="How long a worker starting a job keeps looking for queued jobs to fill "
+        "its batch; 0 = take only what is queued at that moment.",
+    )
     max_attempts: int = Field(
         3, ge=1, description="Runs a job gets when its worker is lost before it fails."
     )

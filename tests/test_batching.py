@@ -3,6 +3,8 @@ own seeds, prompts and guidance, go through RQ's registries, and can be canceled
 
 from __future__ import annotations
 
+import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,11 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from rq import Queue
 from rq.registry import FinishedJobRegistry
+from rq.serializers import JSONSerializer
 
-from imagegen.contract import Keys
+from app.service import JOB_FUNCTION
+from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
 from imagegen.redis_server import RedisServer
+from imagegen.store import JobStore
 from tests.stack import Gateway, Proc, start_gateway, start_worker, wait_for_job, wait_for_worker
+from worker.batching import Batcher
 
 MODEL = "tiny"
 
@@ -112,3 +119,91 @@ def test_a_job_canceled_mid_batch_leaves_the_others_alone(
         docs = [wait_for_job(client, job, timeout_s=120) for job in jobs]
     assert [d["status"] for d in docs] == ["succeeded", "canceled", "succeeded"]
     assert docs[1]["images"] == []
+
+
+def _queue_job(connection: redis.Redis, queue: Queue, **changes: object) -> str:
+    """A queued job written as the gateway writes one: its record, then RQ's enqueue."""
+    fields: dict[str, object] = {
+        "prompt": "p",
+        "negative_prompt": "",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "guidance_scale": 4.0,
+        "seed": 1,
+        "n": 1,
+        "scheduler": "euler",
+        "model": MODEL,
+        **changes,
+    }
+    record = JobRecord(
+        id=secrets.token_hex(8),
+        status=JobStatus.QUEUED,
+        spec=JobSpec.model_validate(fields),
+        created_at=time.time(),
+    )
+    with connection.pipeline() as pipe:
+        JobStore(connection).create(record, pipe)
+        pipe.execute()
+    queue.enqueue_call(JOB_FUNCTION, args=(record.id,), job_id=record.id)
+    return record.id
+
+
+def _leader() -> JobSpec:
+    return JobSpec(
+        prompt="leader",
+        negative_prompt="",
+        width=64,
+        height=64,
+        steps=4,
+        guidance_scale=4.0,
+        seed=0,
+        n=1,
+        scheduler="euler",
+        model=MODEL,
+    )
+
+
+def test_max_wait_fills_a_batch_with_jobs_that_arrive_meanwhile(redis_conn: redis.Redis) -> None:
+    name = f"imagegen:wait-{secrets.token_hex(4)}"
+    queue = Queue(name, connection=redis_conn, serializer=JSONSerializer)
+    late: list[str] = []
+
+    def submit_later(delay_s: float, **changes: object) -> threading.Thread:
+        def run() -> None:
+            time.sleep(delay_s)
+            late.append(_queue_job(redis_conn, queue, **changes))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    # Default: no wait; a job queued 0.2 s later is not taken.
+    waiting_now = _queue_job(redis_conn, queue)
+    thread = submit_later(0.2)
+    claimed = Batcher(redis_conn, name, max_images=4).claim(_leader(), "w")
+    thread.join()
+    assert [c.record.id for c in claimed] == [waiting_now]
+    assert redis_conn.lrange(queue.key, 0, -1) == [late[0].encode()]
+    redis_conn.delete(queue.key)
+    late.clear()
+
+    # A max wait of 2 s takes what arrives meanwhile (the other shape stays queued) and stops
+    # waiting as soon as the image budget is full, not at the deadline.
+    waiting_now = _queue_job(redis_conn, queue)
+    threads = [submit_later(0.2, steps=5), submit_later(0.3, n=2)]
+    started = time.monotonic()
+    claimed = Batcher(redis_conn, name, max_images=4, max_wait_s=2.0).claim(_leader(), "w")
+    elapsed = time.monotonic() - started
+    for thread in threads:
+        thread.join()
+    other_shape, fits = late
+    assert [c.record.id for c in claimed] == [waiting_now, fits]
+    assert all(c.record.status == JobStatus.RUNNING for c in claimed)
+    assert redis_conn.lrange(queue.key, 0, -1) == [other_shape.encode()]
+    assert 0.3 <= elapsed < 1.5
+
+    # With room left, it gives up at the deadline.
+    started = time.monotonic()
+    assert Batcher(redis_conn, name, max_images=4, max_wait_s=0.3).claim(_leader(), "w") == []
+    assert 0.3 <= time.monotonic() - started < 1.0

@@ -2,7 +2,9 @@
 
 When a worker starts a job, it looks at the jobs waiting now in the same model queue and
 takes those with the same shape key (width, height, steps, scheduler), up to an image budget.
-It does not wait for more: a batch is whatever is queued at that moment. Each claim is one
+By default it does not wait for more: a batch is whatever is queued at that moment. With
+IMAGEGEN_BATCH_MAX_WAIT_S it keeps looking that long while the budget is not full, which
+trades a little latency for fuller batches when clients resubmit in waves. Each claim is one
 Lua script that removes the job from the queue and marks it running under this worker, so a
 cancel or another worker can never take it at the same time. The claimed jobs then go
 through RQ's registries like any job (started → finished / failed), and if this worker dies
@@ -28,6 +30,9 @@ from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
 from imagegen.store import JobStore
 
 log = logging.getLogger("imagegen.worker")
+
+# While waiting for a batch to fill, how often the queue is looked at again.
+POLL_S = 0.005
 
 # KEYS: queue list, job hash, events channel. ARGV: job id, worker name, now.
 # Returns the attempt number (> 0) if claimed, 0 otherwise.
@@ -56,7 +61,12 @@ class Batcher:
     """Finds and claims batch companions for a job, and closes their RQ bookkeeping."""
 
     def __init__(
-        self, connection: redis.Redis, queue_name: str, max_images: int, scan: int = 64
+        self,
+        connection: redis.Redis,
+        queue_name: str,
+        max_images: int,
+        max_wait_s: float = 0.0,
+        scan: int = 64,
     ) -> None:
         self.redis = connection
         self.store = JobStore(connection)
@@ -65,27 +75,51 @@ class Batcher:
             queue_name, connection=connection, serializer=JSONSerializer
         )
         self.max_images = max_images
+        self.max_wait_s = max_wait_s
         self.scan = scan
         self._claim = connection.register_script(_CLAIM_LUA)
         self.rq_worker: Any = None  # set by the work loop: RQ bookkeeping goes through it
 
     def claim(self, leader: JobSpec, worker_name: str) -> list[Claimed]:
-        """Claim queued jobs with `leader`'s shape key, oldest first, within the image budget."""
+        """Claim queued jobs with `leader`'s shape key, oldest first, within the image budget;
+        keep looking for up to `max_wait_s` while the budget is not full."""
         budget = self.max_images - leader.n
-        if budget <= 0:
-            return []
+        deadline = time.monotonic() + self.max_wait_s
+        passed: set[str] = set()  # ids already found unfit: not read again while waiting
+        claimed: list[Claimed] = []
+        while budget > 0:
+            for job in self._claim_waiting(leader, worker_name, budget, passed):
+                claimed.append(job)
+                budget -= job.record.spec.n
+            remaining = deadline - time.monotonic()
+            if budget <= 0 or remaining <= 0:
+                break
+            time.sleep(min(POLL_S, remaining))
+        if claimed:
+            log.info("batched %d queued job(s) with the running one", len(claimed))
+        return claimed
+
+    def _claim_waiting(
+        self, leader: JobSpec, worker_name: str, budget: int, passed: set[str]
+    ) -> list[Claimed]:
+        """One pass over the head of the queue: claim what fits `budget`, oldest first."""
         waiting: list[bytes] = self.redis.lrange(self.queue.key, 0, self.scan - 1)  # type: ignore[assignment]
         claimed: list[Claimed] = []
         for raw_id in waiting:
             job_id = raw_id.decode()
+            if job_id in passed:
+                continue
             record = self.store.get(job_id)
             if record is None or record.status != JobStatus.QUEUED:
+                passed.add(job_id)
                 continue
             if record.spec.shape_key != leader.shape_key or record.spec.n > budget:
+                passed.add(job_id)  # the budget only shrinks: it will not fit later either
                 continue
             keys = [self.queue.key, Keys.job(job_id), Keys.events(job_id)]
             attempt = int(self._claim(keys=keys, args=[job_id, worker_name, repr(time.time())]))
             if not attempt:
+                passed.add(job_id)
                 continue  # canceled or taken meanwhile
             owner = f"{worker_name}#{attempt}"
             rq_job, execution = self._start_rq_job(job_id)
@@ -93,8 +127,6 @@ class Batcher:
             budget -= record.spec.n
             if budget <= 0:
                 break
-        if claimed:
-            log.info("batched %d queued job(s) with the running one", len(claimed))
         return claimed
 
     def _start_rq_job(self, job_id: str) -> tuple[Job | None, Execution | None]:

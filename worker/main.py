@@ -109,7 +109,11 @@ def run_worker(settings: Settings) -> int:
         metrics.serve(settings.metrics_port)
     queue = queue_name(model.info.id)
     max_images = batch_max_images(settings, model)
-    batcher = Batcher(connection, queue, max_images) if max_images > 1 else None
+    batcher = (
+        Batcher(connection, queue, max_images, settings.batch_max_wait_s)
+        if max_images > 1
+        else None
+    )
     runtime = Runtime(model, connection, settings, name, counters, metrics, batcher)
     if settings.warmup:
         runtime.warm_up()
