@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +114,11 @@ class Runtime:
         self.settings = settings
         self.worker_name = worker_name
         self.counters = counters
+        # PNG encoding is zlib, which runs without the GIL: a batch's images encode in
+        # parallel instead of one after another while the GPU waits for the next loop.
+        self.png_pool = ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="png"
+        )
 
     # -- the pipeline ---------------------------------------------------------------------------
     def generate(self, spec: JobSpec, on_step: Callable[[int], None] | None = None) -> list[Any]:
@@ -285,7 +292,7 @@ class Runtime:
         except Exception as exc:
             self._fail_from_exception(job_id, owner, exc)
             raise
-        return self._store(job_id, owner, spec, images, started)
+        return self._store(job_id, owner, spec, images, self._encode(spec, images), started)
 
     def _run_batch(self, batch: list[Claimed]) -> dict[str, Any]:
         """The jobs of `batch` (the RQ job first) through one denoising loop."""
@@ -317,8 +324,13 @@ class Runtime:
             [c.record.id for c in batch],
             [type(r).__name__ if isinstance(r, Exception) else len(r) for r in results],
         )
+        # Every finished job's images go to the encoders at once, before the first is stored.
+        encoded = [
+            self._encode(c.record.spec, r) if not isinstance(r, Exception) else []
+            for c, r in zip(batch, results, strict=True)
+        ]
         outcomes = []
-        for claimed, result in zip(batch, results, strict=True):
+        for claimed, result, pngs in zip(batch, results, encoded, strict=True):
             job_id, spec = claimed.record.id, claimed.record.spec
             error: Exception | None = None
             if isinstance(result, JobStopped):
@@ -329,7 +341,7 @@ class Runtime:
                 outcomes.append({"failed": type(result).__name__})
                 error = result
             else:
-                outcomes.append(self._store(job_id, claimed.owner, spec, result, started))
+                outcomes.append(self._store(job_id, claimed.owner, spec, result, pngs, started))
             if claimed is not batch[0]:
                 self._finish_claimed(claimed, error)
         if any(isinstance(r, Exception) for r in results):
@@ -343,11 +355,24 @@ class Runtime:
         if self.batcher is not None:
             self.batcher.finish(claimed, error)
 
+    def _encode(self, spec: JobSpec, images: list[Any]) -> list[Future[bytes]]:
+        """Start encoding a job's images as PNG, each with its `parameters` chunk."""
+        return [
+            self.png_pool.submit(encode_png, image, png_parameters(spec, i))
+            for i, image in enumerate(images)
+        ]
+
     def _store(
-        self, job_id: str, owner: str, spec: JobSpec, images: list[Any], started: float
+        self,
+        job_id: str,
+        owner: str,
+        spec: JobSpec,
+        images: list[Any],
+        encoding: list[Future[bytes]],
+        started: float,
     ) -> dict[str, Any]:
-        """Encode and store a job's images and mark it succeeded (unless it was taken away)."""
-        pngs = [encode_png(img, png_parameters(spec, i)) for i, img in enumerate(images)]
+        """Store a job's encoded images and mark it succeeded (unless it was taken away)."""
+        pngs = [future.result() for future in encoding]
         infos = [
             ImageInfo(index=i, seed=spec.image_seed(i), width=img.width, height=img.height)
             for i, img in enumerate(images)
