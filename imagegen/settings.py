@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Toggle = Literal["auto", "on", "off"]
@@ -120,7 +120,10 @@ class Settings(BaseSettings):
         "batch sizes in IMAGEGEN_COMPILE_BATCHES; halves GPU latency, costs a minute at start.",
     )
     compile_batches: str = Field(
-        "1,2,4,8", description="Batch sizes (images) compiled and warmed up at start."
+        "1,2,4,8",
+        description="Batch sizes (images) compiled and warmed up at start; a batch is padded "
+        "up to the next of them, so no job waits for a compilation. The largest must hold "
+        "IMAGEGEN_MAX_N and IMAGEGEN_BATCH_MAX_IMAGES.",
     )
     fuse_qkv: bool = Field(
         False, description="Fuse the attention QKV projections (where the model allows)."
@@ -181,6 +184,33 @@ class Settings(BaseSettings):
     # --- local runner / gateway process -----------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+
+    @field_validator("compile_batches")
+    @classmethod
+    def _batch_sizes(cls, value: str) -> str:
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise ValueError(f"must be positive integers separated by commas, got {value!r}")
+        return ",".join(str(size) for size in sorted({int(part) for part in parts}))
+
+    @property
+    def compile_batch_sizes(self) -> tuple[int, ...]:
+        """IMAGEGEN_COMPILE_BATCHES as numbers, ascending."""
+        return tuple(int(part) for part in self.compile_batches.split(","))
+
+    @model_validator(mode="after")
+    def _compiled_sizes_hold_every_batch(self) -> Settings:
+        # A batch larger than every compiled size would be compiled while a job waits.
+        if not self.compile:
+            return self
+        largest = self.compile_batch_sizes[-1]
+        for name, value in (("max_n", self.max_n), ("batch_max_images", self.batch_max_images)):
+            if value > largest:
+                raise ValueError(
+                    f"IMAGEGEN_{name.upper()} ({value}) exceeds the largest size in "
+                    f"IMAGEGEN_COMPILE_BATCHES ({largest}); add a size of at least {value}"
+                )
+        return self
 
 
 def markdown_table() -> str:

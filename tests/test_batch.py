@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from rq.timeouts import JobTimeoutException
@@ -16,7 +17,7 @@ from imagegen.contract import SCHEDULER_NAMES, JobSpec
 from imagegen.settings import Settings
 from worker.batch import BatchItem, BatchResult, run_batch, supports_batching
 from worker.pipeline import LoadedModel, load_model
-from worker.runtime import JobStopped
+from worker.runtime import Counters, JobStopped, Runtime
 from worker.schedulers import build_scheduler
 
 STEPS = 4  # PNDM without skip_prk_steps (the tiny config) needs at least 4
@@ -201,3 +202,63 @@ def test_a_batch_needs_one_shape_key(model: LoadedModel) -> None:
 def test_only_the_stable_diffusion_pipeline_is_batched(model: LoadedModel) -> None:
     assert supports_batching(model.pipe)
     assert not supports_batching(StableDiffusionImg2ImgPipeline(**model.pipe.components))
+
+
+def test_compiled_batches_are_padded_to_warmed_sizes_and_never_compile_mid_job(
+    model: LoadedModel,
+    tiny_model_dir: Path,
+    redis_conn: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # torch.compile as the worker calls it (fullgraph, static shapes), with a backend that
+    # records each graph dynamo hands it and runs it eagerly: inductor's code generation is
+    # minutes on this CPU, and dynamo's guards decide when a graph is recompiled anyway.
+    graphs: list[list[tuple[int, ...]]] = []
+    real_compile = torch.compile
+
+    def record(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        graphs.append([tuple(i.shape) for i in inputs if isinstance(i, torch.Tensor)])
+        return gm.forward
+
+    def compile_recorded(module: Any, **options: Any) -> Any:
+        assert options["dynamic"] is False
+        return real_compile(
+            module, backend=record, fullgraph=options.get("fullgraph", False), dynamic=False
+        )
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
+    torch._dynamo.reset()
+    settings = Settings(
+        model=str(tiny_model_dir),
+        model_id="tiny",
+        device="cpu",
+        compile=True,
+        compile_batches="1,2,4",
+        max_n=4,
+        batch_invariant="off",
+    )
+    try:
+        compiled = load_model(settings)
+        assert compiled.compiled_batches == (1, 2, 4)
+        Runtime(compiled, redis_conn, settings, "w", Counters()).warm_up()
+        assert graphs, "the UNet and the VAE decoder were compiled at warm-up"
+        warmed = len(graphs)
+        # Row counts and timestep dtypes that were never warmed up: 3 guided images (6 rows),
+        # guided and unguided together (3 rows), DDIM's integer timesteps, a job that leaves.
+        batches = [
+            [job(n=3)],
+            [job(), job(prompt="another", guidance_scale=1.0)],
+            [job(scheduler="ddim", n=2), job(scheduler="ddim", guidance_scale=0.0)],
+        ]
+        for specs in batches:
+            results = run_batch(compiled, [BatchItem(s) for s in specs], invariant=False)
+            for spec, result in zip(specs, results, strict=True):
+                # The padded rows change nothing but rounding (the fixture is not compiled).
+                assert max_diff(pixels(result), stock_images(model, spec)) <= FAST_TOLERANCE
+        stopping = [BatchItem(job(n=2), stop_at(2, [])), BatchItem(job(seed=5))]
+        results = run_batch(compiled, stopping, invariant=False)
+        assert isinstance(results[0], JobStopped)
+        assert max_diff(pixels(results[1]), stock_images(model, job(seed=5))) <= FAST_TOLERANCE
+        assert graphs[warmed:] == [], "a batch was compiled while jobs waited"
+    finally:
+        torch._dynamo.reset()

@@ -32,6 +32,9 @@ from worker.schedulers import build_scheduler
 
 StepCallback = Callable[[int], None]
 
+# Pixels one VAE decode call covers when not batch-invariant: 8 images of 512x512.
+DECODE_PIXELS = 8 * 512 * 512
+
 
 @dataclass(frozen=True)
 class BatchItem:
@@ -90,6 +93,7 @@ class _Loop:
         on_loop_step: Callable[[int, int], None] | None,
     ) -> None:
         self.pipe = model.pipe
+        self.compiled = () if invariant else model.compiled_batches
         self.on_loop_step = on_loop_step
         self.items = items
         self.invariant = invariant
@@ -210,6 +214,14 @@ class _Loop:
         return stopped
 
     def _unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        rows = sample.shape[0]
+        if self.compiled:
+            # Pad to a compiled size (a guided batch of b images is 2b rows), and give the
+            # timestep one dtype (DDIM's are integers, Euler's floats; the UNet makes them
+            # float either way): a new shape or dtype would mean compiling mid-job.
+            size = _bucket(rows, [2 * b for b in self.compiled])
+            sample, context = _pad_rows(sample, size), _pad_rows(context, size)
+            t = t.to(torch.float32)
         out: torch.Tensor = self.pipe.unet(
             sample,
             t,
@@ -219,7 +231,7 @@ class _Loop:
             added_cond_kwargs=None,
             return_dict=False,
         )[0]
-        return out
+        return out[:rows]
 
     def _predict(self, model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided noise prediction for every row, each with its own job's guidance."""
@@ -263,13 +275,21 @@ class _Loop:
         return torch.cat(parts)
 
     def _decode(self, latents: torch.Tensor) -> None:
-        """VAE-decode each live job's rows (one image per call when invariant) into PIL images."""
+        """VAE-decode the live rows into PIL images: one image per call when invariant, else
+        a few images per call, across jobs."""
+        spec = self.items[0].spec
+        chunk = 1
+        if not self.invariant:
+            # About what a 512x512 batch of 8 takes; larger images, fewer per call.
+            chunk = max(1, DECODE_PIXELS // (spec.width * spec.height))
+            if self.compiled:
+                chunk = min(chunk, self.compiled[-1])
+        images: list[Image.Image] = []
+        for lo in range(0, self.rows, chunk):
+            hi = min(lo + chunk, self.rows)
+            images += self._decode_rows(latents[lo:hi], self.generators[lo:hi])
         for job, a, b in self.spans:
-            chunks = [(r, r + 1) for r in range(a, b)] if self.invariant else [(a, b)]
-            images: list[Image.Image] = []
-            for lo, hi in chunks:
-                images += self._decode_rows(latents[lo:hi], self.generators[lo:hi])
-            self.results[job] = images
+            self.results[job] = images[a:b]
 
     def _decode_rows(
         self, latents: torch.Tensor, generators: list[torch.Generator]
@@ -280,7 +300,10 @@ class _Loop:
         shift = getattr(vae_config, "shift_factor", None)
         if shift is not None:
             latents = latents + shift
-        image = pipe.vae.decode(latents, return_dict=False, generator=generators)[0]
+        count = latents.shape[0]
+        if self.compiled:
+            latents = _pad_rows(latents, _bucket(count, self.compiled))
+        image = pipe.vae.decode(latents, return_dict=False, generator=generators)[0][:count]
         # The model's own safety checker, if it ships one, as the stock pipeline runs it.
         image, nsfw = pipe.run_safety_checker(image, self.device, self.cond.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
@@ -288,6 +311,20 @@ class _Loop:
             image, output_type="pil", do_denormalize=denormalize
         )
         return pil
+
+
+def _bucket(rows: int, sizes: list[int] | tuple[int, ...]) -> int:
+    """The smallest of the ascending `sizes` that holds `rows` (`rows` itself past them all)."""
+    return next((size for size in sizes if size >= rows), rows)
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with copies of its first row appended up to `rows` rows (their results are
+    dropped; each row is computed independently of the others)."""
+    missing = rows - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[:1].expand(missing, *tensor.shape[1:])])
 
 
 def _slice_scheduler_state(scheduler: Any, shape: torch.Size, index: torch.Tensor) -> None:

@@ -42,7 +42,7 @@ def default_worker_name() -> str:
 def batch_max_images(settings: Settings, model: LoadedModel) -> int:
     """Images one denoising loop may hold: the setting, or `auto` — 1 on CPU, where batching
     buys nothing (bench/batching.py), and on a GPU as many as free memory comfortably holds
-    at the model's native size, at most 16."""
+    at the model's native size, at most 16 (compiled: at most the largest compiled size)."""
     if settings.batch_max_images:
         return settings.batch_max_images
     free = free_gpu_gib(model.device)
@@ -50,7 +50,9 @@ def batch_max_images(settings: Settings, model: LoadedModel) -> int:
         return 1
     # SD 1.5 at 512x512 peaks near 2 GiB + 0.13 GiB per image (../shared/anchors); scale by area.
     per_image = 0.13 * (model.info.width * model.info.height) / (512 * 512)
-    return max(1, min(16, int((free - 2.0) / max(per_image, 1e-3))))
+    # Compiled, no batch may outgrow the sizes warmed up at start.
+    largest = model.compiled_batches[-1] if model.compiled_batches else 16
+    return max(1, min(largest, int((free - 2.0) / max(per_image, 1e-3))))
 
 
 def _work_until_stopped(

@@ -180,10 +180,7 @@ class Runtime:
     def warm_up(self) -> None:
         """One small generation, so the first job pays no lazy-initialisation cost; with
         torch.compile, one per batch size to be served, so no job pays for compiling."""
-        sizes = [1]
-        if self.settings.compile:
-            sizes = sorted({int(b) for b in self.settings.compile_batches.split(",") if b.strip()})
-        for size in sizes:
+        for size in self.model.compiled_batches or (1,):
             self._warm_up_batch(size)
 
     def _warm_up_batch(self, size: int) -> None:
