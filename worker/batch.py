@@ -307,10 +307,20 @@ class _Loop:
         # The model's own safety checker, if it ships one, as the stock pipeline runs it.
         image, nsfw = pipe.run_safety_checker(image, self.device, self.cond.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
-        pil: list[Image.Image] = pipe.image_processor.postprocess(
-            image, output_type="pil", do_denormalize=denormalize
+        image = pipe.image_processor.postprocess(
+            image, output_type="pt", do_denormalize=denormalize
         )
-        return pil
+        return _to_pil(image)
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[0, 1] images as PIL, with the arithmetic of diffusers' `numpy_to_pil` ((x * 255)
+    rounded half to even, in float32) done where the tensor is: on a GPU only uint8 pixels
+    cross to the CPU, and the CPU is free sooner to encode and store them."""
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if pixels.shape[-1] == 1:
+        pixels = pixels.squeeze(-1)  # one channel: grayscale ("L") images, as diffusers makes
+    return [Image.fromarray(p) for p in pixels]
 
 
 def _bucket(rows: int, sizes: list[int] | tuple[int, ...]) -> int:
