@@ -1,14 +1,17 @@
 """GPU benchmark: SD 1.5 architecture (random weights: same speed, nothing downloaded), 512x512,
 30 steps, fp16, through the service vs the bare diffusers pipeline, in one run.
 
-Prints, each with its baseline measured here:
-  1. single-job end-to-end latency, service vs bare pipeline call   (target <= 1.10)
-  2. throughput with 32 concurrent clients, eager, batching on       (target >= 5 images/s)
-  3. the same with torch.compile + fused QKV + channels_last         (target >= 7 images/s)
-  (bare, one at a time, on an H100: 1.18 images/s — ../shared/anchors)
+Prints, each with its baseline measured here, each as soon as it is measured (so a run cut
+short by a time limit still reports what it finished):
+  single   one job end to end through the service vs the bare pipeline call (target <= 1.10)
+  eager    images/s with 32 concurrent clients, batching on, no compilation  (target >= 5)
+  options  the same with fused QKV projections and channels_last (still eager)
+  compiled the same with torch.compile as well                                (target >= 7)
+  (bare, one at a time, on an H100: 1.18 images/s, ../shared/anchors)
 
 Run on a GPU host from the repo root (see bench/README.md for the device wheels):
-    python bench/gpu_sd15.py [--seconds 60] [--clients 32] [--skip-compiled]
+    python bench/gpu_sd15.py [--phases single,eager,options,compiled] [--seconds 40]
+        [--clients 32] [--compile-batches 8,16] [--max-wait 0] [--json results.jsonl]
 `--small` builds a tiny variant so the script itself can be checked on a CPU.
 """
 
@@ -19,6 +22,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from _service import generate, median, now, service, throughput
@@ -92,6 +96,8 @@ def build_sd15(directory: Path, small: bool) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if torch.cuda.is_available():
+        pipe.to(dtype=torch.float16)  # what the worker loads on a GPU; half the bytes to write
     pipe.save_pretrained(directory, safe_serialization=True)
     card = {
         "id": "sd15-random",
@@ -143,62 +149,92 @@ def body(size: int, steps: int, seed: int) -> dict[str, object]:
     }
 
 
+PHASES = ("single", "eager", "options", "compiled")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--phases", default=",".join(PHASES), help="which measurements, in order")
+    parser.add_argument("--seconds", type=float, default=40, help="each throughput window")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--skip-compiled", action="store_true")
+    parser.add_argument(
+        "--compile-batches", default="8,16", help="IMAGEGEN_COMPILE_BATCHES of the compiled run"
+    )
+    parser.add_argument("--max-wait", default="0", help="IMAGEGEN_BATCH_MAX_WAIT_S (seconds)")
+    parser.add_argument("--json", type=Path, help="also append each figure here as a JSON line")
     parser.add_argument("--small", action="store_true", help="tiny model: check on a CPU")
     args = parser.parse_args()
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        parser.error(f"--phases: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")
     size, steps = (512, 30) if not args.small else (64, 4)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+    def report(what: str, text: str, **figures: object) -> None:
+        print(f"{what:<34} {text}", flush=True)
+        if args.json:
+            line = {"what": what, **figures, "device": device, "size": size, "steps": steps}
+            with args.json.open("a") as out:
+                out.write(json.dumps(line) + "\n")
+
+    def rate(gateway: Any) -> float:
+        images_per_s, _ = throughput(
+            gateway, args.clients, args.seconds, lambda c, k: body(size, steps, c * 10_000 + k)
+        )
+        return images_per_s
+
+    print(f"SD 1.5 architecture, random weights, {size}x{size}, {steps} steps, on {device}")
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "sd15-random"
+        started = time.monotonic()
         build_sd15(directory, args.small)
+        report("built the model", f"{time.monotonic() - started:7.1f} s")
         bare = bare_latency(directory, args.runs, steps, size)
-        env = {"IMAGEGEN_MODEL": str(directory), "IMAGEGEN_JOB_TIMEOUT_S_PER_MEGAPIXEL_STEP": "1"}
-        with service(worker_env=env, threads="4") as gateway, gateway.client() as client:
-            single = []
-            for i in range(args.runs + 1):
-                started = now()
-                generate(client, body(size, steps, i))
-                if i:
-                    single.append(now() - started)
-            eager, _ = throughput(
-                gateway, args.clients, args.seconds, lambda c, k: body(size, steps, c * 10_000 + k)
-            )
-        compiled = None
-        if not args.skip_compiled:
-            fast = {
-                **env,
-                "IMAGEGEN_COMPILE": "true",
-                "IMAGEGEN_FUSE_QKV": "true",
-                "IMAGEGEN_CHANNELS_LAST": "true",
-                "IMAGEGEN_COMPILE_BATCHES": "1,2,4,8,16",
-            }
+        report("bare pipeline call, one image", f"{bare:7.3f} s", seconds=bare)
+        report("bare, one at a time", f"{1 / bare:7.2f} images/s", images_per_s=1 / bare)
+        env = {
+            "IMAGEGEN_MODEL": str(directory),
+            "IMAGEGEN_JOB_TIMEOUT_S_PER_MEGAPIXEL_STEP": "1",
+            "IMAGEGEN_BATCH_MAX_WAIT_S": args.max_wait,
+        }
+        options = {**env, "IMAGEGEN_FUSE_QKV": "true", "IMAGEGEN_CHANNELS_LAST": "true"}
+        compiled = {
+            **options,
+            "IMAGEGEN_COMPILE": "true",
+            "IMAGEGEN_COMPILE_BATCHES": args.compile_batches,
+        }
+        for phase in phases:
+            worker_env = {"single": env, "eager": env, "options": options}.get(phase, compiled)
             started = time.monotonic()
-            with service(worker_env=fast, threads="4") as gateway:
-                warm = time.monotonic() - started
-                compiled, _ = throughput(
-                    gateway,
-                    args.clients,
-                    args.seconds,
-                    lambda c, k: body(size, steps, c * 10_000 + k),
-                )
-    print(f"SD 1.5 architecture, random weights, {size}x{size}, {steps} steps, on {device}")
-    print(f"bare pipeline call, one image:     {bare:7.3f} s")
-    print(
-        f"through the service, one job:      {median(single):7.3f} s "
-        f"(ratio {median(single) / bare:.3f}, target <= 1.10)"
-    )
-    print(f"bare, one at a time:               {1 / bare:7.2f} images/s")
-    print(f"{args.clients} clients, eager, batching:   {eager:7.2f} images/s (target >= 5)")
-    if compiled is not None:
-        print(
-            f"{args.clients} clients, compiled:          {compiled:7.2f} images/s (target >= 7; "
-            f"start-up incl. compile {warm:.0f}s)"
-        )
+            with service(worker_env=worker_env, threads="4") as gateway:
+                ready = time.monotonic() - started
+                if phase == "single":
+                    times = []
+                    with gateway.client() as client:
+                        for i in range(args.runs + 1):
+                            begun = now()
+                            generate(client, body(size, steps, i))
+                            if i:
+                                times.append(now() - begun)
+                    single = median(times)
+                    report(
+                        "through the service, one job",
+                        f"{single:7.3f} s (ratio {single / bare:.3f}, target <= 1.10)",
+                        seconds=single,
+                        ratio=single / bare,
+                    )
+                    continue
+                images_per_s = rate(gateway)
+            target = {"eager": " (target >= 5)", "compiled": " (target >= 7)"}.get(phase, "")
+            report(
+                f"{args.clients} clients, {phase}",
+                f"{images_per_s:7.2f} images/s{target}; worker ready in {ready:.0f} s",
+                images_per_s=images_per_s,
+                ready_s=ready,
+                ratio_to_bare=images_per_s * bare,
+            )
 
 
 if __name__ == "__main__":

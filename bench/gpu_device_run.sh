@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything the GPU benchmarks need on the device machine, as one script (see bench/README.md).
+# Run from the repo root with the wheels of bench/gpu_wheels.sh carried in .whl/:
+#   bash bench/gpu_device_run.sh [PHASES]     PHASES: gpu_sd15.py --phases, plus "equivalence"
+# Figures go to stdout and, as JSON lines, to $OUT (or ./gpu-results) for the session to keep.
+set -uo pipefail
+phases="${1:-equivalence,single,eager,options,compiled}"
+out="${OUT:-gpu-results}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+if [[ ",$phases," == *",equivalence,"* ]]; then
+    # How far a job's images move when batched on this GPU (the tolerance bench/README states).
+    timeout 240 python3 bench/batch_equivalence.py --sd-shaped --steps 20 --repeats 2 \
+        --schedulers euler,dpmpp_2m 2>&1 | tee "$out/batch_equivalence.txt"
+fi
+sd15="$(tr ',' '\n' <<<"$phases" | grep -vx equivalence | paste -sd, -)"
+if [[ -n "$sd15" ]]; then
+    python3 bench/gpu_sd15.py --phases "$sd15" --json "$out/gpu_sd15.jsonl" 2>&1 \
+        | grep -v Warning | tee "$out/gpu_sd15.txt"
+fi
