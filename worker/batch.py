@@ -118,13 +118,23 @@ class _Loop:
         return self.items[job].spec.guidance_scale > 1
 
     def _embed(self, text: str) -> torch.Tensor:
-        """[1, tokens, dim] text embedding; one text-encoder call per distinct text, batch 1."""
-        if text not in self._embeddings:
-            # A negative prompt goes through the same tokenizer and encoder as a prompt, so
-            # one cache serves both.
-            embeds, _ = self.pipe.encode_prompt([text], self.device, 1, False)
-            self._embeddings[text] = embeds
+        """[1, tokens, dim] text embedding of `text` (encoded by `_encode_texts`)."""
         return self._embeddings[text]
+
+    def _encode_texts(self, texts: list[str]) -> None:
+        """Encode the texts not encoded yet. A negative prompt goes through the same tokenizer
+        and encoder as a prompt, so one cache serves both roles.
+
+        Batch-invariant: one encoder call per text at batch 1, as a solo run makes it.
+        Otherwise one call for all of them: a batch of distinct prompts costs one call, not
+        one each (rows are independent: every text is padded to the same length).
+        """
+        missing = [text for text in dict.fromkeys(texts) if text not in self._embeddings]
+        groups = [[text] for text in missing] if self.invariant else [missing] if missing else []
+        for group in groups:
+            embeds, _ = self.pipe.encode_prompt(group, self.device, 1, False)
+            for i, text in enumerate(group):
+                self._embeddings[text] = embeds[i : i + 1]
 
     def _layout(self) -> None:
         """Per-row tensors for the jobs still live; rebuilt when a job leaves."""
@@ -136,8 +146,9 @@ class _Loop:
             row += n
         self.rows = row
         specs = [self.items[job].spec for job in self.live]
-        self.cond = torch.cat([self._embed(s.prompt) for s in specs for _ in range(s.n)])
         cfg_jobs = [s for s in specs if s.guidance_scale > 1]
+        self._encode_texts([s.prompt for s in specs] + [s.negative_prompt for s in cfg_jobs])
+        self.cond = torch.cat([self._embed(s.prompt) for s in specs for _ in range(s.n)])
         self.uncond = (
             torch.cat([self._embed(s.negative_prompt) for s in cfg_jobs for _ in range(s.n)])
             if cfg_jobs
