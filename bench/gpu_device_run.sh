@@ -12,11 +12,11 @@ export PYTHONPATH="/tmp/site:$PWD"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 if [[ ",$phases," == *",equivalence,"* ]]; then
     # How far a job's images move when batched on this GPU (the tolerance bench/README states).
-    timeout 240 python3 bench/batch_equivalence.py --sd-shaped --steps 20 --repeats 2 \
+    timeout 240 python3 -u bench/batch_equivalence.py --sd-shaped --steps 20 --repeats 2 \
         --schedulers euler,dpmpp_2m 2>&1 | tee "$out/batch_equivalence.txt"
 fi
 sd15="$(tr ',' '\n' <<<"$phases" | grep -vx equivalence | paste -sd, -)"
 if [[ -n "$sd15" ]]; then
-    python3 bench/gpu_sd15.py --phases "$sd15" --json "$out/gpu_sd15.jsonl" 2>&1 \
-        | grep -v Warning | tee "$out/gpu_sd15.txt"
+    python3 -u bench/gpu_sd15.py --phases "$sd15" --json "$out/gpu_sd15.jsonl" 2>&1 \
+        | grep --line-buffered -v Warning | tee "$out/gpu_sd15.txt"
 fi

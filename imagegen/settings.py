@@ -121,9 +121,10 @@ class Settings(BaseSettings):
     )
     compile_batches: str = Field(
         "1,2,4,8",
-        description="Batch sizes (images) compiled and warmed up at start; a batch is padded "
-        "up to the next of them, so no job waits for a compilation. The largest must hold "
-        "IMAGEGEN_MAX_N and IMAGEGEN_BATCH_MAX_IMAGES.",
+        description="Batch sizes (images) compiled and warmed up at start, at the model's "
+        "native size; a batch is padded up to the next of them, and other shapes run eagerly, "
+        "so no job waits for a compilation. The largest must hold IMAGEGEN_MAX_N and "
+        "IMAGEGEN_BATCH_MAX_IMAGES.",
     )
     fuse_qkv: bool = Field(
         False, description="Fuse the attention QKV projections (where the model allows)."
@@ -147,7 +148,8 @@ class Settings(BaseSettings):
         ge=0,
         le=5,
         description="How long a worker starting a job keeps looking for queued jobs to fill "
-        "its batch; 0 = take only what is queued at that moment.",
+        "its batch (less once it is full or a job of another shape waits); 0 = take only "
+        "what is queued at that moment.",
     )
     max_attempts: int = Field(
         3, ge=1, description="Runs a job gets when its worker is lost before it fails."

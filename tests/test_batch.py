@@ -260,5 +260,11 @@ def test_compiled_batches_are_padded_to_warmed_sizes_and_never_compile_mid_job(
         assert isinstance(results[0], JobStopped)
         assert max_diff(pixels(results[1]), stock_images(model, job(seed=5))) <= FAST_TOLERANCE
         assert graphs[warmed:] == [], "a batch was compiled while jobs waited"
+        # A resolution that was not warmed up runs eagerly instead of compiling mid-job.
+        other_size = job(width=48, height=40)
+        (result,) = run_batch(compiled, [BatchItem(other_size)], invariant=False)
+        assert max_diff(pixels(result), stock_images(model, other_size)) <= FAST_TOLERANCE
+        assert graphs[warmed:] == []
     finally:
+        torch.compiler.set_stance("default")
         torch._dynamo.reset()

@@ -188,22 +188,35 @@ def test_max_wait_fills_a_batch_with_jobs_that_arrive_meanwhile(redis_conn: redi
     redis_conn.delete(queue.key)
     late.clear()
 
-    # A max wait of 2 s takes what arrives meanwhile (the other shape stays queued) and stops
-    # waiting as soon as the image budget is full, not at the deadline.
+    # A max wait of 2 s takes what arrives meanwhile and stops waiting as soon as the image
+    # budget is full, not at the deadline; each claimed job is announced as it is claimed.
     waiting_now = _queue_job(redis_conn, queue)
-    threads = [submit_later(0.2, steps=5), submit_later(0.3, n=2)]
+    threads = [submit_later(0.2, n=2), submit_later(0.4)]
+    announced: list[str] = []
     started = time.monotonic()
-    claimed = Batcher(redis_conn, name, max_images=4, max_wait_s=2.0).claim(_leader(), "w")
+    claimed = Batcher(redis_conn, name, max_images=4, max_wait_s=2.0).claim(
+        _leader(), "w", announced.append
+    )
     elapsed = time.monotonic() - started
     for thread in threads:
         thread.join()
-    other_shape, fits = late
-    assert [c.record.id for c in claimed] == [waiting_now, fits]
+    fits, after_full = late
+    assert [c.record.id for c in claimed] == announced == [waiting_now, fits]
     assert all(c.record.status == JobStatus.RUNNING for c in claimed)
-    assert redis_conn.lrange(queue.key, 0, -1) == [other_shape.encode()]
-    assert 0.3 <= elapsed < 1.5
+    assert redis_conn.lrange(queue.key, 0, -1) == [after_full.encode()]
+    assert 0.2 <= elapsed < 0.4
+    redis_conn.delete(queue.key)
+    late.clear()
 
-    # With room left, it gives up at the deadline.
+    # A job of another shape waiting in the queue ends the wait: it is better served next.
+    thread = submit_later(0.2, steps=5)
+    started = time.monotonic()
+    assert Batcher(redis_conn, name, max_images=4, max_wait_s=2.0).claim(_leader(), "w") == []
+    assert 0.2 <= time.monotonic() - started < 1.0
+    thread.join()
+    redis_conn.delete(queue.key)
+
+    # With room left and nothing else waiting, it gives up at the deadline.
     started = time.monotonic()
     assert Batcher(redis_conn, name, max_images=4, max_wait_s=0.3).claim(_leader(), "w") == []
     assert 0.3 <= time.monotonic() - started < 1.0

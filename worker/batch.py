@@ -294,7 +294,8 @@ class _Loop:
             # About what a 512x512 batch of 8 takes; larger images, fewer per call.
             chunk = max(1, DECODE_PIXELS // (spec.width * spec.height))
             if self.compiled:
-                chunk = min(chunk, self.compiled[-1])
+                # A compiled size, so that no chunk is padded past the pixel budget.
+                chunk = max([b for b in self.compiled if b <= chunk], default=self.compiled[0])
         images: list[Image.Image] = []
         for lo in range(0, self.rows, chunk):
             hi = min(lo + chunk, self.rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,19 +81,30 @@ class Batcher:
         self._claim = connection.register_script(_CLAIM_LUA)
         self.rq_worker: Any = None  # set by the work loop: RQ bookkeeping goes through it
 
-    def claim(self, leader: JobSpec, worker_name: str) -> list[Claimed]:
+    def claim(
+        self,
+        leader: JobSpec,
+        worker_name: str,
+        on_claim: Callable[[str], None] | None = None,
+    ) -> list[Claimed]:
         """Claim queued jobs with `leader`'s shape key, oldest first, within the image budget;
-        keep looking for up to `max_wait_s` while the budget is not full."""
+        keep looking for up to `max_wait_s` while the budget is not full and no job of
+        another shape is waiting (that one is better served next than kept waiting).
+        `on_claim(job_id)` is called as each job becomes this worker's."""
         budget = self.max_images - leader.n
         deadline = time.monotonic() + self.max_wait_s
-        passed: set[str] = set()  # ids already found unfit: not read again while waiting
+        # Ids already looked at, not read again while waiting: True for a queued job of
+        # another shape (work that waits while this batch does), False for a gone one.
+        passed: dict[str, bool] = {}
         claimed: list[Claimed] = []
         while budget > 0:
-            for job in self._claim_waiting(leader, worker_name, budget, passed):
-                claimed.append(job)
-                budget -= job.record.spec.n
+            found, others_waiting = self._claim_waiting(
+                leader, worker_name, budget, passed, on_claim
+            )
+            claimed += found
+            budget -= sum(job.record.spec.n for job in found)
             remaining = deadline - time.monotonic()
-            if budget <= 0 or remaining <= 0:
+            if budget <= 0 or remaining <= 0 or others_waiting:
                 break
             time.sleep(min(POLL_S, remaining))
         if claimed:
@@ -100,34 +112,45 @@ class Batcher:
         return claimed
 
     def _claim_waiting(
-        self, leader: JobSpec, worker_name: str, budget: int, passed: set[str]
-    ) -> list[Claimed]:
-        """One pass over the head of the queue: claim what fits `budget`, oldest first."""
+        self,
+        leader: JobSpec,
+        worker_name: str,
+        budget: int,
+        passed: dict[str, bool],
+        on_claim: Callable[[str], None] | None,
+    ) -> tuple[list[Claimed], bool]:
+        """One pass over the head of the queue: claim what fits `budget`, oldest first.
+        Also returns whether a job this batch cannot take is waiting in the queue."""
         waiting: list[bytes] = self.redis.lrange(self.queue.key, 0, self.scan - 1)  # type: ignore[assignment]
         claimed: list[Claimed] = []
+        others_waiting = False
         for raw_id in waiting:
             job_id = raw_id.decode()
             if job_id in passed:
+                others_waiting |= passed[job_id]
                 continue
             record = self.store.get(job_id)
             if record is None or record.status != JobStatus.QUEUED:
-                passed.add(job_id)
+                passed[job_id] = False  # canceled or taken: no work waiting here
                 continue
             if record.spec.shape_key != leader.shape_key or record.spec.n > budget:
-                passed.add(job_id)  # the budget only shrinks: it will not fit later either
+                # The budget only shrinks: it will not fit later either.
+                passed[job_id] = others_waiting = True
                 continue
             keys = [self.queue.key, Keys.job(job_id), Keys.events(job_id)]
             attempt = int(self._claim(keys=keys, args=[job_id, worker_name, repr(time.time())]))
             if not attempt:
-                passed.add(job_id)
+                passed[job_id] = False
                 continue  # canceled or taken meanwhile
+            if on_claim is not None:
+                on_claim(job_id)
             owner = f"{worker_name}#{attempt}"
             rq_job, execution = self._start_rq_job(job_id)
             claimed.append(Claimed(self.store.get(job_id) or record, owner, rq_job, execution))
             budget -= record.spec.n
             if budget <= 0:
                 break
-        return claimed
+        return claimed, others_waiting
 
     def _start_rq_job(self, job_id: str) -> tuple[Job | None, Execution | None]:
         if self.rq_worker is None:

@@ -86,6 +86,10 @@ class Counters:
         self.deadline = time.time() + timeout_s if timeout_s else None
         self.current_job = job_ids[0]
 
+    def add(self, job_id: str) -> None:
+        """A job claimed into the running batch (a list append: safe for the heartbeat's reads)."""
+        self.current_jobs.append(job_id)
+
     def finish(self) -> None:
         self.current_job = self.current_owner = None
         self.current_jobs = []
@@ -182,6 +186,11 @@ class Runtime:
         torch.compile, one per batch size to be served, so no job pays for compiling."""
         for size in self.model.compiled_batches or (1,):
             self._warm_up_batch(size)
+        if self.model.compiled_batches:
+            # From now on a shape that was not warmed up (another resolution, a pipeline the
+            # batch loop does not pad) runs eagerly: compiling it would stall its batch for a
+            # minute, and past dynamo's recompile limit a fullgraph compile is an error.
+            torch.compiler.set_stance("eager_on_recompile")
 
     def _warm_up_batch(self, size: int) -> None:
         info = self.model.info
@@ -191,7 +200,10 @@ class Runtime:
             width=info.width,
             height=info.height,
             steps=2,
-            guidance_scale=info.guidance_scale,
+            # Guided, so that the batch loop's UNet calls are the 2 * size rows it pads to.
+            guidance_scale=max(info.guidance_scale, 2.0)
+            if supports_batching(self.model.pipe)
+            else info.guidance_scale,
             seed=0,
             n=size,
             scheduler=info.scheduler,
@@ -230,13 +242,15 @@ class Runtime:
             # Canceled (or already taken) before we got to it: it must never run.
             log.info("job %s is %s; not running it", job_id, status)
             return {"skipped": str(status)}
-        leader = Claimed(record, owner, None, None)
-        batch = [leader]
-        if self.batcher is not None and supports_batching(self.model.pipe):
-            batch += self.batcher.claim(record.spec, self.worker_name)
-        self.counters.start([c.record.id for c in batch], owner, timeout_s)
+        # Announced as ours before claiming companions, and each companion as soon as it is
+        # claimed: a sweeper must never see one of them running on a worker that does not
+        # list it (it would take it back), not even while the claim waits for a batch to fill.
+        self.counters.start([job_id], owner, timeout_s)
         token = request_id.set(record.request_id or job_id)
         try:
+            batch = [Claimed(record, owner, None, None)]
+            if self.batcher is not None and supports_batching(self.model.pipe):
+                batch += self.batcher.claim(record.spec, self.worker_name, self.counters.add)
             if supports_batching(self.model.pipe):
                 return self._run_batch(batch)
             return self._run(job_id, owner, record.spec)
