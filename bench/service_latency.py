@@ -31,28 +31,34 @@ def main() -> None:
     pipe = AutoPipelineForText2Image.from_pretrained(MODEL_DIR, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = build_scheduler(card["scheduler"], pipe.scheduler.config)
-    bare = []
-    for i in range(args.runs + 1):
-        started = now()
+
+    def bare_call(seed: int) -> None:
         pipe(
             PROMPT,
             width=64,
             height=64,
             num_inference_steps=card["steps"],
             guidance_scale=card["guidance_scale"],
-            generator=torch.Generator("cpu").manual_seed(i),
+            generator=torch.Generator("cpu").manual_seed(seed),
         )
-        if i:  # the first call warms up
-            bare.append(now() - started)
-    del pipe
 
-    served = []
+    bare: list[float] = []
+    served: list[float] = []
     with service() as gateway, gateway.client() as client:
+
+        def served_call(seed: int) -> None:
+            generate(client, {"prompt": PROMPT, "seed": seed})
+
+        # Alternating, in turn first, so that a neighbour's load on this shared machine
+        # falls on both alike (one block after the other, drift alone moved the ratio
+        # between 0.77 and 1.32); the first round warms up and is not counted.
         for i in range(args.runs + 1):
-            started = now()
-            generate(client, {"prompt": PROMPT, "seed": i})
-            if i:
-                served.append(now() - started)
+            order = [(bare_call, bare), (served_call, served)]
+            for call, times in order if i % 2 else order[::-1]:
+                started = now()
+                call(i)
+                if i:
+                    times.append(now() - started)
     print(
         f"built-in model, {card['steps']} steps, guidance {card['guidance_scale']}, "
         f"{card['scheduler']}, {args.runs} runs each (median), {torch.get_num_threads()} threads"
