@@ -4,13 +4,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from imagegen.cli_generate import register as register_generate
 
+if TYPE_CHECKING:
+    from imagegen.settings import Settings
+
 app = typer.Typer(help="imagegen: text-to-image over HTTP.", no_args_is_help=True)
+
+
+def load_settings() -> Settings:
+    """The IMAGEGEN_* settings; if one is invalid, a line per problem naming the variable and
+    the rule, then exit status 2 (no traceback; the values are not echoed: some are secrets)."""
+    from pydantic import ValidationError
+
+    from imagegen.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            where = f"IMAGEGEN_{field.upper()}: " if field else ""
+            message = str(error["msg"]).removeprefix("Value error, ")
+            typer.echo(f"invalid setting: {where}{message}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -21,21 +42,20 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes to start.")] = 1,
 ) -> None:
     """Run everything locally: Redis, the gateway on IMAGEGEN_HOST:IMAGEGEN_PORT, a worker."""
+    settings = load_settings()
     from imagegen.localrun import serve as run_local
-    from imagegen.settings import Settings
 
-    raise typer.Exit(run_local(Settings(), data_dir.resolve(), workers))
+    raise typer.Exit(run_local(settings, data_dir.resolve(), workers))
 
 
 @app.command()
 def api() -> None:
     """Run the gateway alone (Redis must be reachable at IMAGEGEN_REDIS_URL)."""
+    settings = load_settings()
     import uvicorn
 
     from imagegen.logs import configure_logging
-    from imagegen.settings import Settings
 
-    settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(
         "app.main:create_app",
@@ -50,28 +70,27 @@ def api() -> None:
 @app.command()
 def worker() -> None:
     """Run one worker: load the model once, warm it, take jobs until SIGTERM."""
-    from imagegen.settings import Settings
+    settings = load_settings()
     from worker.main import run_worker
 
-    raise typer.Exit(run_worker(Settings()))
+    raise typer.Exit(run_worker(settings))
 
 
 @app.command()
 def prefetch() -> None:
     """Download IMAGEGEN_MODEL (a hub id) into the Hugging Face cache, then exit."""
-    from imagegen.settings import Settings
+    settings = load_settings()
     from worker.pipeline import prefetch_model
 
-    typer.echo(prefetch_model(Settings()))
+    typer.echo(prefetch_model(settings))
 
 
 @app.command("check-worker")
 def check_worker() -> None:
     """Exit 0 if this host's worker wrote a fresh heartbeat (for container healthchecks)."""
-    from imagegen.settings import Settings
+    settings = load_settings()
     from worker.heartbeat import check_heartbeat_file
 
-    settings = Settings()
     if settings.heartbeat_file is None:
         typer.echo("IMAGEGEN_HEARTBEAT_FILE is not set", err=True)
         raise typer.Exit(2)

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from imagegen.cli import app
 from tests.stack import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -113,3 +115,27 @@ def test_dockerfile_lints_clean(dockerfile: str) -> None:
 def test_gateway_image_installs_no_torch() -> None:
     text = (ROOT / "docker" / "requirements-gateway.txt").read_text()
     assert "torch" not in text and "diffusers" not in text
+
+
+@pytest.mark.parametrize("command", ["worker", "api", "serve"])
+def test_a_bad_setting_stops_a_process_with_one_clear_line_per_problem(command: str) -> None:
+    env = {
+        "IMAGEGEN_MAX_STEPS": "0",
+        "IMAGEGEN_COMPILE": "true",
+        "IMAGEGEN_COMPILE_BATCHES": "1,2",
+        "IMAGEGEN_REDIS_URL": "redis://:s3cret-password@localhost:1/0",
+    }
+    result = CliRunner().invoke(app, [command], env=env)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == [
+        "invalid setting: IMAGEGEN_MAX_STEPS: Input should be greater than or equal to 1",
+    ]
+    del env["IMAGEGEN_MAX_STEPS"]
+    result = CliRunner().invoke(app, [command], env=env)
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "invalid setting: IMAGEGEN_MAX_N (8) exceeds the largest size in "
+        "IMAGEGEN_COMPILE_BATCHES (2); add a size of at least 8"
+    )
+    assert "Traceback" not in result.output and "s3cret" not in result.output
