@@ -7,8 +7,9 @@ set -uo pipefail
 phases="${1:-equivalence,single,eager,options,compiled}"
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 if [[ ",$phases," == *",equivalence,"* ]]; then
     # How far a job's images move when batched on this GPU (the tolerance bench/README states).
