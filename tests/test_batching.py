@@ -121,8 +121,8 @@ def test_a_job_canceled_mid_batch_leaves_the_others_alone(
     assert docs[1]["images"] == []
 
 
-def _queue_job(connection: redis.Redis, queue: Queue, **changes: object) -> str:
-    """A queued job written as the gateway writes one: its record, then RQ's enqueue."""
+def _spec(**changes: object) -> JobSpec:
+    """A 64x64, 4-step euler job of the tiny model, with `changes`."""
     fields: dict[str, object] = {
         "prompt": "p",
         "negative_prompt": "",
@@ -134,12 +134,16 @@ def _queue_job(connection: redis.Redis, queue: Queue, **changes: object) -> str:
         "n": 1,
         "scheduler": "euler",
         "model": MODEL,
-        **changes,
     }
+    return JobSpec.model_validate({**fields, **changes})
+
+
+def _queue_job(connection: redis.Redis, queue: Queue, **changes: object) -> str:
+    """A queued job written as the gateway writes one: its record, then RQ's enqueue."""
     record = JobRecord(
         id=secrets.token_hex(8),
         status=JobStatus.QUEUED,
-        spec=JobSpec.model_validate(fields),
+        spec=_spec(**changes),
         created_at=time.time(),
     )
     with connection.pipeline() as pipe:
@@ -150,18 +154,7 @@ def _queue_job(connection: redis.Redis, queue: Queue, **changes: object) -> str:
 
 
 def _leader() -> JobSpec:
-    return JobSpec(
-        prompt="leader",
-        negative_prompt="",
-        width=64,
-        height=64,
-        steps=4,
-        guidance_scale=4.0,
-        seed=0,
-        n=1,
-        scheduler="euler",
-        model=MODEL,
-    )
+    return _spec(prompt="leader", seed=0)
 
 
 def test_max_wait_fills_a_batch_with_jobs_that_arrive_meanwhile(redis_conn: redis.Redis) -> None:
