@@ -103,7 +103,7 @@ class _Loop:
         self.scheduler = build_scheduler(spec.scheduler, model.scheduler_config)
         self.results: list[BatchResult | None] = [None] * len(items)
         self.live = list(range(len(items)))
-        self._embeddings: dict[str, torch.Tensor] = {}
+        self._embeddings: dict[str, torch.Tensor] = {}  # text -> [1, tokens, dim]
         # CPU generators make the starting noise identical on every device and batch layout.
         self.generators = [
             torch.Generator("cpu").manual_seed(item.spec.image_seed(i))
@@ -116,10 +116,6 @@ class _Loop:
     def _cfg(self, job: int) -> bool:
         # The stock pipeline's rule: guidance <= 1 runs the cond half only.
         return self.items[job].spec.guidance_scale > 1
-
-    def _embed(self, text: str) -> torch.Tensor:
-        """[1, tokens, dim] text embedding of `text` (encoded by `_encode_texts`)."""
-        return self._embeddings[text]
 
     def _encode_texts(self, texts: list[str]) -> None:
         """Encode the texts not encoded yet. A negative prompt goes through the same tokenizer
@@ -148,9 +144,9 @@ class _Loop:
         specs = [self.items[job].spec for job in self.live]
         cfg_jobs = [s for s in specs if s.guidance_scale > 1]
         self._encode_texts([s.prompt for s in specs] + [s.negative_prompt for s in cfg_jobs])
-        self.cond = torch.cat([self._embed(s.prompt) for s in specs for _ in range(s.n)])
+        self.cond = torch.cat([self._embeddings[s.prompt] for s in specs for _ in range(s.n)])
         self.uncond = (
-            torch.cat([self._embed(s.negative_prompt) for s in cfg_jobs for _ in range(s.n)])
+            torch.cat([self._embeddings[s.negative_prompt] for s in cfg_jobs for _ in range(s.n)])
             if cfg_jobs
             else None
         )
