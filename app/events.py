@@ -109,6 +109,12 @@ async def job_event_stream(
             while not messages.empty():  # a backlog of progress pings costs one read
                 batch.append(messages.get_nowait())
             doc = await read(job_id)
+            if doc.status == "queued" and last_rank == 1:
+                # Taken back from a lost worker: queued again, and its rerun's progress
+                # starts from step 0 again.
+                yield event("queued", doc)
+                last_rank, last_step = 0, 0
+                continue
             # Each transition under its own name, in order; then the state if one was missed.
             for name in batch:
                 if _RANK.get(name, -1) > last_rank:

@@ -91,7 +91,7 @@ class ServiceCollector(Collector):
             "imagegen_workers", "Live workers serving a model.", labels=["model"]
         )
         for info, live in self.registry.models():
-            depth.add_metric([info.id], self.service.queue(info.id).count)
+            depth.add_metric([info.id], self.service.queue_depth(info.id))
             workers.add_metric([info.id], live)
             buckets, total = store.run_histogram(info.id)
             runs.add_metric([info.id], buckets, total)

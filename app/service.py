@@ -11,11 +11,9 @@ from datetime import UTC, datetime
 import anyio
 import redis
 import redis.asyncio as aioredis
-from rq import Queue
-from rq.serializers import JSONSerializer
 
 from app.errors import Conflict, InvalidRequest, NotFound, QueueFull, Unavailable
-from app.registry import ModelRegistry, as_text
+from app.registry import ModelRegistry
 from app.schemas import (
     ErrorInfo,
     GenerationParams,
@@ -34,40 +32,13 @@ from imagegen.contract import (
     Keys,
     ModelInfo,
     is_valid_job_id,
-    queue_name,
 )
+from imagegen.lifecycle import AsyncSubmitter, Lifecycle, queue_position
 from imagegen.logs import request_id
 from imagegen.settings import Settings
 from imagegen.store import JobStore
 
-# The worker's job function, enqueued by dotted path so the gateway never imports it.
-JOB_FUNCTION = "worker.jobs.run_generation"
 IDEMPOTENCY_TTL_S = 24 * 3600
-
-# Submit in one atomic step. KEYS[1]: the model's RQ queue; KEYS[2] (optional): the
-# Idempotency-Key's record. ARGV: the queue's depth limit; the claim's length (0 or 2) and the
-# claim (value, TTL); then the writes that queue the job, each as its argument count followed
-# by the command and its arguments. A replay wins over a full queue: that job already exists.
-# Out of memory (noeviction), Redis refuses a script's first write and so the whole job: it is
-# never half-written. The job's own keys (its record, RQ's job hash and queue set) are not
-# declared in KEYS: like RQ itself, this needs a single Redis, not a Cluster.
-_SUBMIT_LUA = """
-if KEYS[2] then
-  local existing = redis.call('GET', KEYS[2])
-  if existing then return {'exists', existing} end
-end
-local depth = redis.call('LLEN', KEYS[1])
-if depth >= tonumber(ARGV[1]) then return {'full', depth} end
-local claimed = tonumber(ARGV[2])
-if claimed > 0 then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
-local i = 3 + claimed
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
-  i = i + n + 1
-end
-return {'created', redis.call('LLEN', KEYS[1])}
-"""
 
 
 def new_job_id() -> str:
@@ -96,23 +67,8 @@ class GenerationService:
         self.store = store
         self.registry = registry
         self.settings = settings
-        self._queues: dict[str, Queue] = {}
-        self._submit_script = async_connection.register_script(_SUBMIT_LUA)
-
-    def queue(self, model_id: str) -> Queue:
-        queue = self._queues.get(model_id)
-        if queue is None:
-            queue = Queue(queue_name(model_id), connection=self.redis, serializer=JSONSerializer)
-            self._queues[model_id] = queue
-        return queue
-
-    async def _queue_for_enqueue(self, model_id: str) -> Queue:
-        """The model's queue, ready to record an enqueue without touching Redis: RQ reads the
-        server's version once per queue (INFO, sync), so that read happens off the event loop."""
-        queue = self.queue(model_id)
-        if not queue.redis_server_version:
-            await anyio.to_thread.run_sync(queue.get_redis_server_version)
-        return queue
+        self.lifecycle = Lifecycle(connection)
+        self.submitter = AsyncSubmitter(async_connection)
 
     # -- submit ---------------------------------------------------------------------------------
     async def resolve(self, request: GenerationRequest) -> JobSpec:
@@ -200,7 +156,6 @@ class GenerationService:
         the queue's depth and, only if both allow it, writes the job (see `_SUBMIT_LUA`).
         """
         spec = await self.resolve(request)  # a bad request never consumes an idempotency key
-        queue = await self._queue_for_enqueue(spec.model)
         record = JobRecord(
             id=new_job_id(),
             status=JobStatus.QUEUED,
@@ -208,66 +163,31 @@ class GenerationService:
             created_at=time.time(),
             api_key=api_key,
             request_id=request_id.get(),
+            timeout_s=self.job_timeout_s(spec),
         )
-        keys = [queue.key]
-        claim: list[str | int] = []
+        idempotency = None
         body_hash = ""
         if idempotency_key is not None:
             body_hash = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
             owner_key = hashlib.sha256(f"{api_key}\n{idempotency_key}".encode()).hexdigest()
-            keys.append(Keys.idempotency(owner_key))
-            claim = [f"{record.id} {body_hash}", IDEMPOTENCY_TTL_S]
-        outcome, value = await self._submit_script(
-            keys=keys,
-            args=[
-                self.settings.max_queue_depth,
-                len(claim),
-                *claim,
-                *self._writes(record, queue),
-            ],
-        )
-        if outcome == b"created":
-            # The script pushed the job last in its queue: its position is the length less one.
-            return self.document(record, queue_position=int(value) - 1), True
-        if outcome == b"full":
+            idempotency = (
+                Keys.idempotency(owner_key),
+                f"{record.id} {body_hash}",
+                IDEMPOTENCY_TTL_S,
+            )
+        result = await self.submitter.submit(record, self.settings.max_queue_depth, idempotency)
+        if result.outcome == "created":
+            return self.document(record, queue_position=int(result.value)), True
+        if result.outcome == "full":
             raise QueueFull(
-                f"the queue of model {spec.model!r} holds {int(value)} jobs, its limit; "
+                f"the queue of model {spec.model!r} holds {int(result.value)} jobs, its limit; "
                 "retry later",
                 headers={"Retry-After": "10"},
             )
-        job_id, stored_hash = as_text(value).split(" ", 1)  # outcome "exists": a replay
+        job_id, stored_hash = str(result.value).split(" ", 1)  # outcome "exists": a replay
         if stored_hash != body_hash:
             raise Conflict("Idempotency-Key was already used with a different request body")
         return await anyio.to_thread.run_sync(self.get, job_id, api_key), False
-
-    def _writes(self, record: JobRecord, queue: Queue) -> list[bytes | str | int | float]:
-        """The writes that queue `record`, flattened for `_SUBMIT_LUA`: per command its
-        argument count, then the command and its arguments.
-
-        RQ speaks sync redis-py, so it enqueues into a sync pipeline that is never executed;
-        its commands, exactly as RQ made them, run inside the script. RQ stays the author of
-        its own keys (job hash, queue list, queue set).
-        """
-        recorder = self.redis.pipeline(transaction=True)
-        recorder.multi()  # buffer everything, as a MULTI would
-        try:
-            self.store.create(record, recorder)
-            queue.enqueue_call(
-                JOB_FUNCTION,
-                args=(record.id,),
-                job_id=record.id,
-                timeout=self.job_timeout_s(record.spec),
-                result_ttl=self.settings.result_ttl_s,
-                failure_ttl=self.settings.failure_ttl_s,
-                description=f"generation {record.id}",
-                pipeline=recorder,
-            )
-            flat: list[bytes | str | int | float] = []
-            for args, _ in recorder.command_stack:
-                flat += [len(args), *args]
-            return flat
-        finally:
-            recorder.reset()
 
     # -- read -----------------------------------------------------------------------------------
     def get_record(self, job_id: str, api_key: str) -> JobRecord:
@@ -299,11 +219,10 @@ class GenerationService:
         return png
 
     def queue_position(self, record: JobRecord) -> int | None:
-        if record.status != JobStatus.QUEUED:
-            return None
-        position = self.queue(record.spec.model).get_job_position(record.id)
-        # Between leaving the queue and being marked running a job is "next": position 0.
-        return position if position is not None else 0
+        return queue_position(self.redis, record)
+
+    def queue_depth(self, model_id: str) -> int:
+        return int(self.redis.zcard(Keys.queue(model_id)))
 
     def document(self, record: JobRecord, queue_position: int | None = None) -> JobDocument:
         spec = record.spec
@@ -362,17 +281,6 @@ class GenerationService:
         """
         record = self.get_record(job_id, api_key)
         if not record.status.is_terminal:
-            moved, _ = self.store.transition(
-                job_id,
-                [JobStatus.QUEUED, JobStatus.RUNNING],
-                JobStatus.CANCELED,
-                {
-                    "finished_at": time.time(),
-                    "error": {"code": "canceled", "message": "canceled by the client"},
-                },
-                ttl_s=self.settings.failure_ttl_s,
-            )
-            if moved and record.status == JobStatus.QUEUED:
-                self.queue(record.spec.model).remove(job_id)
+            self.lifecycle.cancel(record, self.settings.failure_ttl_s)
             record = self.get_record(job_id, api_key)
         return self.document(record)

@@ -2,7 +2,7 @@
 
 For each scheduler, a mix of jobs (different prompts, negative prompts, guidance with and
 without CFG, n of 1 and 2) runs alone and then as one batch, in both modes of
-worker/batch.py; it prints the largest and mean pixel difference (of 255) and the share of
+worker/batch_loop.py; it prints the largest and mean pixel difference (of 255) and the share of
 pixels that differ. Then it times the same jobs run one after another as the worker runs them
 without batching (stock pipeline calls) against one batch in each mode, alternating the variants
 so that drift in machine speed hits all alike, and prints median times and ratios.
@@ -30,7 +30,7 @@ import torch
 
 from imagegen.contract import JobSpec
 from imagegen.settings import Settings
-from worker.batch import BatchItem, BatchResult, run_batch, supports_batching
+from worker.batch_loop import BatchItem, BatchResult, run_batch, supports_batching
 from worker.pipeline import LoadedModel, load_model
 from worker.schedulers import build_scheduler
 
@@ -67,7 +67,7 @@ def mixed_jobs(model: LoadedModel, scheduler: str, steps: int) -> list[JobSpec]:
 
 
 def stock_generate(model: LoadedModel, spec: JobSpec) -> list[Any]:
-    """The worker's path without batching (Runtime.generate/_call): stock pipeline calls."""
+    """The worker's path without batching (Inference.generate/_call): stock pipeline calls."""
     pipe = model.pipe
     groups = [[i] for i in range(spec.n)] if model.batch_invariant else [list(range(spec.n))]
     images: list[Any] = []

@@ -1,5 +1,5 @@
 """Cost of progress reporting: the same job with and without the worker's progress reporter,
-through the denoising loop the worker runs (worker.batch).
+through the denoising loop the worker runs (worker.batch_loop).
 
 Runs in one process against a private redis-server, alternating the two variants so that
 drift in machine speed hits both alike, and prints the median run time of each and their
@@ -18,12 +18,14 @@ from pathlib import Path
 
 import redis
 
-from imagegen.contract import JobSpec, JobStatus, Keys
+from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
+from imagegen.lifecycle import Claimed, Lifecycle
 from imagegen.redis_server import RedisServer
 from imagegen.settings import Settings
-from worker.batch import BatchItem, run_batch
+from worker.batch_loop import BatchItem, run_batch
+from worker.inference import Inference
 from worker.pipeline import load_model
-from worker.runtime import Counters, Runtime
+from worker.progress import ProgressReporter
 
 
 def main() -> None:
@@ -37,8 +39,8 @@ def main() -> None:
     model = load_model(settings)
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), appendonly=False) as server:
         connection = redis.Redis.from_url(server.url)
-        runtime = Runtime(model, connection, settings, "bench", Counters())
-        runtime.warm_up()
+        Inference(model).warm_up()
+        progress = ProgressReporter(Lifecycle(connection), settings.progress_interval_s)
         spec = JobSpec(
             prompt="a small red circle at the top left on a white background",
             negative_prompt="",
@@ -63,7 +65,16 @@ def main() -> None:
             off.append(time.perf_counter() - started)
             connection.hset(Keys.job("bench"), "progress_step", 0)
             started = time.perf_counter()
-            reporter = runtime.progress_reporter("bench", "bench#1", spec.steps)
+            job = Claimed(
+                JobRecord(
+                    id="bench",
+                    status=JobStatus.RUNNING,
+                    spec=spec,
+                    created_at=time.time(),
+                    owner="bench#1",
+                )
+            )
+            reporter = progress.for_job(job)
             run_batch(model, [BatchItem(spec, reporter)], invariant=model.batch_invariant)
             on.append(time.perf_counter() - started)
         writes = int(connection.hget(Keys.job("bench"), "progress_step") or 0)

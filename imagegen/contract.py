@@ -81,6 +81,11 @@ class JobSpec(BaseModel):
         """Jobs that share this key can share one denoising loop."""
         return (self.width, self.height, self.steps, self.scheduler)
 
+    @property
+    def batch_key(self) -> str:
+        """`shape_key` as the text the claim script compares (stored with the job)."""
+        return "|".join(str(part) for part in self.shape_key)
+
 
 class ImageInfo(BaseModel):
     index: int
@@ -112,6 +117,8 @@ class JobRecord(BaseModel):
     worker: str | None = None
     owner: str | None = None  # "<worker>#<attempt>" of the run that holds the job
     attempts: int = 0
+    timeout_s: float = 0.0  # the run's time limit, set at submit (0 = none)
+    deadline: float | None = None  # started_at + timeout_s while running
 
 
 class ModelInfo(BaseModel):
@@ -171,6 +178,26 @@ class Keys:
         return f"{Keys.PREFIX}:model:{model_id}"
 
     MODELS = f"{PREFIX}:models"
+    # Models that have (or had) a running set: the reaper sweeps every one of them.
+    RUNNING_MODELS = f"{PREFIX}:running-models"
+    # Order of submission across all queues (a queue is a sorted set scored by it).
+    QUEUE_SEQ = f"{PREFIX}:queue-seq"
+
+    @staticmethod
+    def queue(model_id: str) -> str:
+        """Sorted set of the model's queued job ids, in the order they are to run."""
+        return f"{Keys.PREFIX}:queue:{model_id}"
+
+    @staticmethod
+    def running(model_id: str) -> str:
+        """Sorted set of the model's running job ids, scored by their deadline."""
+        return f"{Keys.PREFIX}:running:{model_id}"
+
+    @staticmethod
+    def bell(model_id: str) -> str:
+        """A list idle workers block on; every submit or take-back rings it."""
+        return f"{Keys.PREFIX}:bell:{model_id}"
+
     JOB_STATS = f"{PREFIX}:stats:jobs"
 
     @staticmethod
@@ -189,11 +216,6 @@ class Keys:
     def model_workers(model_id: str) -> str:
         """Sorted set of worker names by last heartbeat time."""
         return f"{Keys.PREFIX}:model:{model_id}:workers"
-
-
-def queue_name(model_id: str) -> str:
-    """One RQ queue per model id, so a worker only ever takes jobs for the model it holds."""
-    return f"imagegen:{model_id}"
 
 
 def is_valid_job_id(value: str) -> bool:

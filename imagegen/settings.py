@@ -169,6 +169,11 @@ class Settings(BaseSettings):
     fault_injection: bool = Field(
         False, description="Test suites only: honour `__fault__:` prompts (see worker/faults.py)."
     )
+    fault_crash_at: str | None = Field(
+        None,
+        description="Test suites only (with IMAGEGEN_FAULT_INJECTION): die at this named "
+        "point of a job's lifecycle, once (see worker/faults.py).",
+    )
     warmup: bool = Field(True, description="Run one small generation before taking jobs.")
     heartbeat_interval_s: float = Field(
         2.0, gt=0, description="How often a worker publishes its heartbeat."

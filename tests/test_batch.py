@@ -1,4 +1,4 @@
-"""Batched denoising (worker/batch.py) on the tiny pipeline: a job's images do not depend on
+"""Batched denoising (worker/batch_loop.py) on the tiny pipeline: a job's images do not depend on
 what shares its batch, and a job that stops mid-batch leaves the others untouched."""
 
 from __future__ import annotations
@@ -8,16 +8,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
-from rq.timeouts import JobTimeoutException
 
 from imagegen.contract import SCHEDULER_NAMES, JobSpec
 from imagegen.settings import Settings
-from worker.batch import BatchItem, BatchResult, run_batch, supports_batching
+from worker.batch_loop import BatchItem, BatchResult, run_batch, supports_batching
+from worker.errors import JobStopped, JobTimedOut
+from worker.inference import Inference
 from worker.pipeline import LoadedModel, load_model
-from worker.runtime import Counters, JobStopped, Runtime
 from worker.schedulers import build_scheduler
 
 STEPS = 4  # PNDM without skip_prk_steps (the tiny config) needs at least 4
@@ -59,7 +58,7 @@ def mixed_jobs(scheduler: str) -> list[JobSpec]:
 
 
 def stock_images(model: LoadedModel, spec: JobSpec) -> list[np.ndarray]:
-    """What the worker produces for `spec` without batching (Runtime._call, batch-invariant
+    """What the worker produces for `spec` without batching (Inference._call, batch-invariant
     mode): one stock pipeline call per image."""
     pipe = model.pipe
     images = []
@@ -97,7 +96,7 @@ def max_diff(got: list[np.ndarray], expected: list[np.ndarray]) -> int:
 
 
 def stop_at(step: int, seen: list[int]) -> Any:
-    def on_step(k: int) -> None:
+    def on_step(k: int, _total: int) -> None:
         seen.append(k)
         if k == step:
             raise JobStopped("canceled")
@@ -170,21 +169,22 @@ def test_a_stop_without_invariance_keeps_the_others_within_tolerance(model: Load
         assert max_diff(pixels(results[j]), pixels(uninterrupted[j])) <= FAST_TOLERANCE
 
 
-def test_a_failing_callback_fails_its_job_only_and_a_timeout_ends_the_batch(
+def test_a_failing_or_overdue_job_fails_alone_and_the_batch_goes_on(
     model: LoadedModel,
 ) -> None:
-    def boom(_step: int) -> None:
+    def boom(_step: int, _total: int) -> None:
         raise RuntimeError("injected failure")
 
-    def timeout(_step: int) -> None:
-        raise JobTimeoutException("too long")
+    def overdue(_step: int, _total: int) -> None:
+        raise JobTimedOut("past its own deadline")
 
     a, b = job(), job(prompt="another", seed=3)
     results = run_batch(model, [BatchItem(a, boom), BatchItem(b)], invariant=True)
     assert isinstance(results[0], RuntimeError)
     assert_identical(pixels(results[1]), stock_images(model, b))
-    with pytest.raises(JobTimeoutException):
-        run_batch(model, [BatchItem(a), BatchItem(b, timeout)], invariant=True)
+    results = run_batch(model, [BatchItem(a), BatchItem(b, overdue)], invariant=True)
+    assert isinstance(results[1], JobTimedOut)
+    assert_identical(pixels(results[0]), stock_images(model, a))
 
 
 def test_when_every_job_stops_nothing_is_decoded(model: LoadedModel) -> None:
@@ -207,7 +207,6 @@ def test_only_the_stable_diffusion_pipeline_is_batched(model: LoadedModel) -> No
 def test_compiled_batches_are_padded_to_warmed_sizes_and_never_compile_mid_job(
     model: LoadedModel,
     tiny_model_dir: Path,
-    redis_conn: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # torch.compile as the worker calls it (fullgraph, static shapes), with a backend that
@@ -240,7 +239,7 @@ def test_compiled_batches_are_padded_to_warmed_sizes_and_never_compile_mid_job(
     try:
         compiled = load_model(settings)
         assert compiled.compiled_batches == (1, 2, 4)
-        Runtime(compiled, redis_conn, settings, "w", Counters()).warm_up()
+        Inference(compiled).warm_up()
         assert graphs, "the UNet and the VAE decoder were compiled at warm-up"
         warmed = len(graphs)
         # Row counts and timestep dtypes that were never warmed up: 3 guided images (6 rows),

@@ -1,27 +1,25 @@
 """Dynamic batching through the real service: claimed jobs share one denoising loop, keep their
-own seeds, prompts and guidance, go through RQ's registries, and can be canceled alone."""
+own seeds, prompts and guidance, and can be canceled alone."""
 
 from __future__ import annotations
 
 import secrets
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
 import redis
-from rq import Queue
-from rq.registry import FinishedJobRegistry
-from rq.serializers import JSONSerializer
 
-from app.service import JOB_FUNCTION
 from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
+from imagegen.lifecycle import Lifecycle
 from imagegen.redis_server import RedisServer
-from imagegen.store import JobStore
 from tests.stack import Gateway, Proc, start_gateway, start_worker, wait_for_job, wait_for_worker
-from worker.batching import Batcher
+from worker.loop import WorkLoop
+from worker.runner import JobRunner
+from worker.state import WorkerState
 
 MODEL = "tiny"
 
@@ -98,8 +96,8 @@ def test_compatible_jobs_share_a_loop_and_match_their_solo_runs(
     other_start = float(connection.hget(Keys.job(other_shape), "started_at") or 0)
     assert other_start > max(starts)  # ...and the other shape waited for its own loop
     assert "batched 3 queued job(s)" in worker.log()
-    finished = FinishedJobRegistry(f"imagegen:{MODEL}", connection=connection)
-    assert set(batched) <= set(finished.get_job_ids())  # followers went through RQ too
+    assert connection.zcard(Keys.running(MODEL)) == 0  # every job left the running set
+    assert all(connection.ttl(Keys.job(j)) > 0 for j in batched)
 
 
 def test_a_job_canceled_mid_batch_leaves_the_others_alone(
@@ -138,78 +136,93 @@ def _spec(**changes: object) -> JobSpec:
     return JobSpec.model_validate({**fields, **changes})
 
 
-def _queue_job(connection: redis.Redis, queue: Queue, **changes: object) -> str:
-    """A queued job written as the gateway writes one: its record, then RQ's enqueue."""
+def _queue_job(connection: redis.Redis, model: str, **changes: object) -> str:
+    """A queued job written as the gateway writes one (the lifecycle's submit script)."""
     record = JobRecord(
         id=secrets.token_hex(8),
         status=JobStatus.QUEUED,
-        spec=_spec(**changes),
+        spec=_spec(model=model, **changes),
         created_at=time.time(),
     )
-    with connection.pipeline() as pipe:
-        JobStore(connection).create(record, pipe)
-        pipe.execute()
-    queue.enqueue_call(JOB_FUNCTION, args=(record.id,), job_id=record.id)
+    assert Lifecycle(connection).submit(record, max_depth=100).outcome == "created"
     return record.id
 
 
-def _leader() -> JobSpec:
-    return _spec(prompt="leader", seed=0)
+class _FakeTime:
+    """The claim loop's clock and sleep: each poll advances the clock by `step_s` and runs
+    whatever the test scheduled for that poll, so nothing depends on real time."""
+
+    def __init__(self, step_s: float = 0.005) -> None:
+        self.now = 0.0
+        self.step_s = step_s
+        self.polls = 0
+        self.on_poll: dict[int, Callable[[], object]] = {}
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, _seconds: float) -> None:
+        self.polls += 1
+        self.now += self.step_s
+        action = self.on_poll.get(self.polls)
+        if action is not None:
+            action()
+
+
+def _loop(connection: redis.Redis, model: str, max_wait_s: float, fake: _FakeTime) -> WorkLoop:
+    state = WorkerState()
+    return WorkLoop(
+        connection,
+        Lifecycle(connection),
+        cast(JobRunner, None),  # claiming only
+        state,
+        model,
+        "w",
+        max_images=4,
+        max_wait_s=max_wait_s,
+        clock=fake.clock,
+        sleep=fake.sleep,
+    )
+
+
+def _queued(connection: redis.Redis, model: str) -> list[str]:
+    return [i.decode() for i in connection.zrange(Keys.queue(model), 0, -1)]
 
 
 def test_max_wait_fills_a_batch_with_jobs_that_arrive_meanwhile(redis_conn: redis.Redis) -> None:
-    name = f"imagegen:wait-{secrets.token_hex(4)}"
-    queue = Queue(name, connection=redis_conn, serializer=JSONSerializer)
+    model = f"wait-{secrets.token_hex(4)}"
+
+    # Default: no wait. The leader and what is queued now, nothing that comes later.
+    leader, waiting_now = _queue_job(redis_conn, model), _queue_job(redis_conn, model)
+    fake = _FakeTime()
+    batch = _loop(redis_conn, model, 0.0, fake).claim()
+    assert [job.id for job in batch] == [leader, waiting_now] and fake.polls == 0
+    assert all(job.record.status == JobStatus.RUNNING for job in batch)
+
+    # A max wait takes what arrives meanwhile, and stops as soon as the image budget (4) is
+    # full: the job queued at poll 1 (n=2) fills it, so there is no poll 2.
+    leader, waiting_now = _queue_job(redis_conn, model), _queue_job(redis_conn, model)
+    fake = _FakeTime()
     late: list[str] = []
-
-    def submit_later(delay_s: float, **changes: object) -> threading.Thread:
-        def run() -> None:
-            time.sleep(delay_s)
-            late.append(_queue_job(redis_conn, queue, **changes))
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
-
-    # Default: no wait; a job queued 0.2 s later is not taken.
-    waiting_now = _queue_job(redis_conn, queue)
-    thread = submit_later(0.2)
-    claimed = Batcher(redis_conn, name, max_images=4).claim(_leader(), "w")
-    thread.join()
-    assert [c.record.id for c in claimed] == [waiting_now]
-    assert redis_conn.lrange(queue.key, 0, -1) == [late[0].encode()]
-    redis_conn.delete(queue.key)
-    late.clear()
-
-    # A max wait of 2 s takes what arrives meanwhile and stops waiting as soon as the image
-    # budget is full, not at the deadline; each claimed job is announced as it is claimed.
-    waiting_now = _queue_job(redis_conn, queue)
-    threads = [submit_later(0.2, n=2), submit_later(0.4)]
-    announced: list[str] = []
-    started = time.monotonic()
-    claimed = Batcher(redis_conn, name, max_images=4, max_wait_s=2.0).claim(
-        _leader(), "w", announced.append
-    )
-    elapsed = time.monotonic() - started
-    for thread in threads:
-        thread.join()
-    fits, after_full = late
-    assert [c.record.id for c in claimed] == announced == [waiting_now, fits]
-    assert all(c.record.status == JobStatus.RUNNING for c in claimed)
-    assert redis_conn.lrange(queue.key, 0, -1) == [after_full.encode()]
-    assert 0.2 <= elapsed < 0.4
-    redis_conn.delete(queue.key)
-    late.clear()
+    fake.on_poll[1] = lambda: late.append(_queue_job(redis_conn, model, n=2))
+    fake.on_poll[2] = lambda: late.append(_queue_job(redis_conn, model))
+    loop = _loop(redis_conn, model, 2.0, fake)
+    batch = loop.claim()
+    assert [job.id for job in batch] == [leader, waiting_now, late[0]] and fake.polls == 1
+    assert loop.state.job_ids() == [job.id for job in batch]  # each listed as claimed
+    assert _queued(redis_conn, model) == []
 
     # A job of another shape waiting in the queue ends the wait: it is better served next.
-    thread = submit_later(0.2, steps=5)
-    started = time.monotonic()
-    assert Batcher(redis_conn, name, max_images=4, max_wait_s=2.0).claim(_leader(), "w") == []
-    assert 0.2 <= time.monotonic() - started < 1.0
-    thread.join()
-    redis_conn.delete(queue.key)
+    leader = _queue_job(redis_conn, model)
+    fake = _FakeTime()
+    fake.on_poll[3] = lambda: late.append(_queue_job(redis_conn, model, steps=5))
+    batch = _loop(redis_conn, model, 2.0, fake).claim()
+    assert [job.id for job in batch] == [leader] and fake.polls == 3
+    assert _queued(redis_conn, model) == [late[-1]]
+    redis_conn.delete(Keys.queue(model))
 
-    # With room left and nothing else waiting, it gives up at the deadline.
-    started = time.monotonic()
-    assert Batcher(redis_conn, name, max_images=4, max_wait_s=0.3).claim(_leader(), "w") == []
-    assert 0.3 <= time.monotonic() - started < 1.0
+    # With room left and nothing else waiting, it gives up at the deadline (0.3 s of polls).
+    leader = _queue_job(redis_conn, model)
+    fake = _FakeTime(step_s=0.1)
+    batch = _loop(redis_conn, model, 0.3, fake).claim()
+    assert [job.id for job in batch] == [leader] and fake.polls == 3

@@ -12,8 +12,7 @@ from PIL import Image
 from imagegen.contract import SCHEDULER_NAMES, JobSpec
 from imagegen.settings import Settings
 from worker.pipeline import load_model
-from worker.png import encode_png
-from worker.runtime import png_parameters
+from worker.png import encode_png, png_parameters
 from worker.schedulers import SCHEDULERS, build_scheduler, name_of
 
 

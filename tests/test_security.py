@@ -224,7 +224,7 @@ def test_queue_depth_limit_is_429_queue_full(
             assert client.post("/v1/generations", json=body).status_code == 202
     finally:
         gateway.proc.stop()
-        redis_conn.delete(Keys.model("deep-model"), "rq:queue:imagegen:deep-model")
+        redis_conn.delete(Keys.model("deep-model"), Keys.queue("deep-model"))
         redis_conn.srem(Keys.MODELS, "deep-model")
 
 
@@ -252,7 +252,7 @@ def test_queue_depth_holds_exactly_under_concurrent_submits(
             assert codes == [202] * 5 + [429] * 35, codes
             refused = [a.json()["error"]["code"] for a in answers if a.status_code == 429]
             assert set(refused) == {"queue_full"}
-            assert redis_conn.llen("rq:queue:imagegen:race-model") == 5
+            assert redis_conn.zcard(Keys.queue("race-model")) == 5
             admitted = next(i for i, a in enumerate(answers) if a.status_code == 202)
             replay = client.post(
                 "/v1/generations", json=body, headers={"Idempotency-Key": f"race-{admitted}"}
@@ -261,18 +261,16 @@ def test_queue_depth_holds_exactly_under_concurrent_submits(
             assert replay.json()["id"] == answers[admitted].json()["id"]
     finally:
         gateway.proc.stop()
-        jobs = redis_conn.lrange("rq:queue:imagegen:race-model", 0, -1)
+        jobs = redis_conn.zrange(Keys.queue("race-model"), 0, -1)
         claims = [
             Keys.idempotency(hashlib.sha256(f"\nrace-{i}".encode()).hexdigest()) for i in range(40)
         ]
         redis_conn.delete(
             Keys.model("race-model"),
-            "rq:queue:imagegen:race-model",
+            Keys.queue("race-model"),
             *claims,
             *(Keys.job(j.decode()) for j in jobs),
-            *(f"rq:job:{j.decode()}" for j in jobs),
         )
-        redis_conn.srem("rq:queues", "rq:queue:imagegen:race-model")
         redis_conn.srem(Keys.MODELS, "race-model")
 
 

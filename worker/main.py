@@ -2,40 +2,38 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import secrets
+import signal
 import socket
 import time
+from types import FrameType
 
 import redis
-from rq import SimpleWorker
-from rq.serializers import JSONSerializer
 
 from imagegen import __version__
-from imagegen.contract import ErrorCode, WorkerHeartbeat, queue_name
+from imagegen.contract import ErrorCode, WorkerHeartbeat
+from imagegen.lifecycle import Lifecycle
 from imagegen.logs import configure_logging
 from imagegen.settings import Settings
-from worker import jobs
-from worker.batching import Batcher
+from worker.faults import CrashPoint
 from worker.heartbeat import Heartbeat
+from worker.inference import Inference
+from worker.loop import WorkLoop
 from worker.metrics import WorkerMetrics
 from worker.pipeline import LoadedModel, free_gpu_gib, load_model
-from worker.recovery import Reaper
-from worker.runtime import Counters, Runtime
+from worker.reaper import Reaper
+from worker.runner import JobRunner
+from worker.state import WorkerState
 
 log = logging.getLogger("imagegen.worker")
 # Exit status of a worker that had to abandon a hung job (EX_TEMPFAIL: restart me).
 HUNG_EXIT_CODE = 75
 
 
-class ImagegenWorker(SimpleWorker):
-    """RQ's in-process worker: no fork per job, because CUDA and the warm pipeline live here."""
-
-
 def default_worker_name() -> str:
-    # Unique per process: RQ refuses a name whose previous holder's key has not yet expired.
+    # Unique per process: a restarted worker must not be mistaken for the one it replaces.
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
 
 
@@ -55,71 +53,47 @@ def batch_max_images(settings: Settings, model: LoadedModel) -> int:
     return max(1, min(largest, int((free - 2.0) / max(per_image, 1e-3))))
 
 
-def _work_until_stopped(
-    connection: redis.Redis,
-    queue: str,
-    name: str,
-    settings: Settings,
-    batcher: Batcher | None,
-) -> None:
-    """Run RQ's work loop; if Redis goes away, wait for it and start a fresh loop.
-
-    RQ's loop gives up on errors outside its dequeue; the warm pipeline is worth keeping, so
-    instead of exiting we reconnect here. Each loop registers under a fresh RQ name, since the
-    old one's key may survive the outage.
-    """
-    for incarnation in itertools.count():
-        rq_name = name if incarnation == 0 else f"{name}.{incarnation}"
-        worker = ImagegenWorker(
-            [queue], connection=connection, name=rq_name, serializer=JSONSerializer
-        )
-        if batcher is not None:
-            batcher.rq_worker = worker  # claimed jobs go through this loop's RQ bookkeeping
-        try:
-            worker.work(logging_level=settings.log_level, with_scheduler=False)
-        except redis.exceptions.RedisError as exc:
-            log.warning("work loop lost redis: %s", exc)
-        if worker._shutdown_requested_date is not None:
-            return  # SIGTERM/SIGINT: the current job was finished, nothing new was taken
-        _wait_for_redis(connection)
-        log.warning("redis is back; restarting the work loop")
-
-
-def _wait_for_redis(connection: redis.Redis, max_wait_s: float = 10.0) -> None:
-    wait = 0.5
-    while True:
-        try:
-            connection.ping()
-            return
-        except redis.exceptions.RedisError:
-            time.sleep(wait)
-            wait = min(wait * 2, max_wait_s)
+def _exit_at_once(signum: int, _frame: FrameType | None) -> None:
+    # Loading and warming up hold no job: a stop request ends the process right away
+    # (as PID 1 in a container, no handler would mean waiting out the grace period).
+    log.info("signal %d while starting; exiting", signum)
+    raise SystemExit(0)
 
 
 def run_worker(settings: Settings) -> int:
     """Run one worker until it is told to stop (SIGTERM/SIGINT: finish the current job, exit)."""
     configure_logging(settings.log_level, settings.log_json)
+    signal.signal(signal.SIGTERM, _exit_at_once)
+    signal.signal(signal.SIGINT, _exit_at_once)
     connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     name = settings.worker_name or default_worker_name()
-    counters = Counters()
+    state = WorkerState()
     started_at = time.time()
+    crash = CrashPoint(settings.fault_crash_at if settings.fault_injection else None)
 
     model = load_model(settings)
-    counters.pipelines_loaded += 1
-    metrics = WorkerMetrics(model.info.id, model.device)
+    state.pipelines_loaded += 1
+    metrics = WorkerMetrics(model.info.id, model.device, exact_steps=bool(settings.metrics_port))
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
-    queue = queue_name(model.info.id)
-    max_images = batch_max_images(settings, model)
-    batcher = (
-        Batcher(connection, queue, max_images, settings.batch_max_wait_s)
-        if max_images > 1
-        else None
-    )
-    runtime = Runtime(model, connection, settings, name, counters, metrics, batcher)
+    inference = Inference(model)
     if settings.warmup:
-        runtime.warm_up()
-    jobs.install(runtime)
+        inference.warm_up()
+    lifecycle = Lifecycle(connection)
+    runner = JobRunner(inference, lifecycle, settings, state, metrics, crash)
+    loop = WorkLoop(
+        connection,
+        lifecycle,
+        runner,
+        state,
+        model.info.id,
+        name,
+        # The stock pipeline runs job by job: a batch would only keep jobs waiting as running.
+        batch_max_images(settings, model) if inference.batching else 1,
+        settings.batch_max_wait_s,
+        crash,
+    )
+    loop.install_signal_handlers()
 
     base = WorkerHeartbeat(
         name=name,
@@ -135,28 +109,37 @@ def run_worker(settings: Settings) -> int:
     )
 
     def snapshot() -> dict[str, object]:
+        jobs = state.job_ids()
         return {
-            "state": "busy" if counters.current_job else "ready",
-            "current_job": counters.current_job,
-            "current_jobs": list(counters.current_jobs),
-            "jobs_done": counters.jobs_done,
-            "pipelines_loaded": counters.pipelines_loaded,
+            "state": "busy" if jobs else "ready",
+            "current_job": jobs[0] if jobs else None,
+            "current_jobs": jobs,
+            "jobs_done": state.jobs_done,
+            "pipelines_loaded": state.pipelines_loaded,
         }
 
     def watchdog() -> None:
-        # RQ's timeout is a SIGALRM, which cannot fire while a step is stuck in native code.
-        # The heartbeat thread still runs then, so it enforces the hard limit: fail the job
-        # and exit, for the supervisor (compose `restart`, `imagegen serve`) to restart us.
-        job, owner, deadline = counters.current_job, counters.current_owner, counters.deadline
-        if job and owner and deadline and time.time() > deadline + settings.hard_timeout_grace_s:
-            log.critical("job %s is stuck past its time limit; failing it and exiting", job)
-            runtime.fail(
+        # The alarm cannot fire while a step is stuck in native code. The heartbeat thread
+        # still runs then, so it enforces the hard limit: fail the overdue jobs and exit, for
+        # the supervisor (compose `restart`, `imagegen serve`) to restart us; the reaper of
+        # another worker takes back the rest of the batch.
+        now = time.time()
+        overdue = [
+            job
+            for job in state.running()
+            if job.record.deadline and now > job.record.deadline + settings.hard_timeout_grace_s
+        ]
+        if not overdue:
+            return
+        for job in overdue:
+            log.critical("job %s is stuck past its time limit; failing it and exiting", job.id)
+            lifecycle.fail(
                 job,
-                owner,
                 ErrorCode.TIMEOUT,
                 "the job exceeded its time limit (a step hung; the worker was restarted)",
+                settings.failure_ttl_s,
             )
-            os._exit(HUNG_EXIT_CODE)
+        os._exit(HUNG_EXIT_CODE)
 
     heartbeat = Heartbeat(
         connection,
@@ -168,13 +151,13 @@ def run_worker(settings: Settings) -> int:
         watchdog=watchdog,
     )
     heartbeat.start()
-    reaper = Reaper(connection, queue, settings)
+    reaper = Reaper(connection, settings)
     reaper.start()
-    log.info("worker %s ready on queue %s (%s, %s)", name, queue, base.device, base.dtype)
+    log.info("worker %s ready for model %s (%s, %s)", name, model.info.id, base.device, base.dtype)
     try:
-        _work_until_stopped(connection, queue, name, settings, batcher)
+        loop.run()
     finally:
         reaper.stop()
         heartbeat.stop()
-    log.info("worker %s stopped after %d job(s)", name, counters.jobs_done)
+    log.info("worker %s stopped after %d job(s)", name, state.jobs_done)
     return 0

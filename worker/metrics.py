@@ -6,6 +6,9 @@ exported by every gateway; these are the per-worker ones a scrape of each worker
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -13,8 +16,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 class WorkerMetrics:
     """Job and step durations, batch sizes and GPU memory of one worker process."""
 
-    def __init__(self, model_id: str, device: torch.device) -> None:
+    def __init__(self, model_id: str, device: torch.device, exact_steps: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.device = device
+        # CUDA runs asynchronously: a step's time is only its GPU time once the GPU caught
+        # up. Synchronizing costs the overlap of one step's launch with the last one's work,
+        # so it is done only where the step times are scraped.
+        self.synchronize = exact_steps and device.type == "cuda"
         labels = {"model": model_id}
         self.job_seconds = Histogram(
             "imagegen_worker_job_seconds",
@@ -62,6 +70,20 @@ class WorkerMetrics:
         self.step_seconds.observe(seconds)
         if first:
             self.batch_size.observe(batch)
+
+    def step_clock(self) -> Callable[[int, int], None]:
+        """A loop-step callback (step, rows) that times each denoising step."""
+        last = time.perf_counter()
+
+        def on_loop_step(step: int, rows: int) -> None:
+            nonlocal last
+            if self.synchronize:
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            self.observe_step(now - last, rows, first=step == 0)
+            last = now
+
+        return on_loop_step
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

@@ -9,6 +9,9 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from imagegen import __version__
+from imagegen.contract import JobSpec
+
 
 def encode_png(image: Image.Image, parameters: dict[str, Any]) -> bytes:
     """Encode `image` as PNG carrying `parameters` as JSON in a `parameters` tEXt/iTXt chunk.
@@ -20,3 +23,19 @@ def encode_png(image: Image.Image, parameters: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def png_parameters(spec: JobSpec, index: int) -> dict[str, Any]:
+    """The `parameters` chunk of image `index`: enough to reproduce it with n=1."""
+    return {
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "seed": spec.image_seed(index),
+        "steps": spec.steps,
+        "guidance_scale": spec.guidance_scale,
+        "width": spec.width,
+        "height": spec.height,
+        "scheduler": spec.scheduler,
+        "model": spec.model,
+        "version": __version__,
+    }

@@ -13,30 +13,47 @@ from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from builtin_model.build import build_tokenizer
+
+
+def _text_config(tokenizer: object, **extra: object) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),  # type: ignore[arg-type]
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,  # type: ignore[attr-defined]
+        pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
+        bos_token_id=tokenizer.bos_token_id,  # type: ignore[attr-defined]
+        eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
+        **extra,
+    )
+
+
+def _tiny_vae(**extra: object) -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        **extra,
+    )
 
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """Components of well under a million parameters each; 64x64 native size (32x32 latents)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -48,15 +65,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         cross_attention_dim=32,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=16,
-    )
+    vae = _tiny_vae()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
     )
@@ -75,4 +84,49 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 def save_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
     """Build and save the tiny pipeline in diffusers format; returns `directory`."""
     build_tiny_pipeline(seed).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL's shape in miniature: two text encoders (the second with a projection, whose pooled
+    output and the size/crop micro-conditioning feed the UNet's added embedding), and a VAE
+    that asks to be upcast to fp32 for decoding (`force_upcast`), as SDXL's does."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, projection_dim=32))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        # 6 micro-conditioning numbers x 8 + the pooled text embedding (32).
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+        norm_num_groups=16,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(force_upcast=True),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def save_tiny_sdxl_pipeline(directory: Path, seed: int = 0) -> Path:
+    """Build and save the tiny SDXL pipeline in diffusers format; returns `directory`."""
+    build_tiny_sdxl_pipeline(seed).save_pretrained(directory, safe_serialization=True)
     return directory

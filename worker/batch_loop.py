@@ -24,13 +24,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from rq.timeouts import JobTimeoutException
 
 from imagegen.contract import JobSpec
 from worker.pipeline import LoadedModel
 from worker.schedulers import build_scheduler
 
-StepCallback = Callable[[int], None]
+# on_step(done, total): `done` of the `total` denoising steps the loop runs are finished.
+StepCallback = Callable[[int, int], None]
 
 # Pixels one VAE decode call covers when not batch-invariant: 8 images of 512x512.
 DECODE_PIXELS = 8 * 512 * 512
@@ -40,8 +40,9 @@ DECODE_PIXELS = 8 * 512 * 512
 class BatchItem:
     """One job of a batch: its spec and its progress callback.
 
-    `on_step(k)` is called after denoising step k (1-based), like the stock pipeline's step
-    callback; whatever it raises (normally `worker.runtime.JobStopped`) ends that job alone.
+    `on_step(k, total)` is called after denoising step k (1-based) of `total`, like the stock
+    pipeline's step callback; whatever it raises (`worker.errors.JobStopped`, `JobTimedOut`)
+    ends that job alone.
     """
 
     spec: JobSpec
@@ -194,7 +195,7 @@ class _Loop:
             latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
             if self.on_loop_step is not None:
                 self.on_loop_step(i, self.rows)
-            stopped = self._report(i + 1)
+            stopped = self._report(i + 1, len(timesteps))
             if stopped:
                 latents = self._drop(stopped, latents)
                 if not self.live:
@@ -204,7 +205,7 @@ class _Loop:
         assert all(result is not None for result in self.results)
         return [result for result in self.results if result is not None]
 
-    def _report(self, step: int) -> set[int]:
+    def _report(self, step: int, total: int) -> set[int]:
         """Call each live job's on_step; the jobs whose callback raised, now finished."""
         stopped: set[int] = set()
         for job in self.live:
@@ -212,9 +213,7 @@ class _Loop:
             if on_step is None:
                 continue
             try:
-                on_step(step)
-            except JobTimeoutException:
-                raise  # RQ's time limit covers the whole batch, not the job it landed in
+                on_step(step, total)
             except Exception as exc:
                 self.results[job] = exc
                 stopped.add(job)

@@ -1,0 +1,263 @@
+"""What a job costs Redis, and how many jobs per second one Redis carries.
+
+Part `commands`: a real gateway and worker (built-in model, 20 steps) against a private
+redis-server; every command Redis runs is read with MONITOR while N jobs go from submit to
+their last image stored, one after another (the bench waits on each job's events channel, no
+polling). Commands run inside our Lua scripts are counted apart from round trips (commands a
+client sent). Idle traffic (heartbeats, sweeps, idle workers' bell waits) is measured over an
+idle window of the same length and subtracted.
+
+Part `ceiling`: N simulated workers (processes running the real work loop and job runner
+with a null pipeline that returns an 8x8 image at once) and submitter processes (the
+gateway's submit script) against one Redis; prints jobs/s as N grows and the Redis server's
+own CPU time per job, which gives the jobs/s one Redis core can carry.
+
+    python bench/redis_cost.py commands [--jobs 20]
+    python bench/redis_cost.py ceiling [--workers 1,2,4,8] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
+from imagegen.lifecycle import Lifecycle
+from imagegen.redis_server import RedisServer
+from imagegen.store import JobStore
+
+MODEL = "null"
+
+
+# -- commands per job ----------------------------------------------------------------------------
+def _monitor(url: str, sink: list[dict[str, Any]], stop: threading.Event) -> None:
+    connection = redis.Redis.from_url(url)
+    with connection.monitor() as monitor:
+        for command in monitor.listen():
+            if stop.is_set():
+                return
+            sink.append(command)
+
+
+def _tally(commands: list[dict[str, Any]]) -> tuple[Counter[str], Counter[str]]:
+    """(round trips by command, commands inside scripts by command)."""
+    trips: Counter[str] = Counter()
+    inner: Counter[str] = Counter()
+    for entry in commands:
+        name = entry["command"].split(" ", 1)[0].strip('"').upper()
+        if name in ("MONITOR", "SUBSCRIBE", "UNSUBSCRIBE", "PING"):
+            continue  # this bench's own connections, and connection health checks
+        (inner if entry.get("client_type") == "lua" else trips)[name] += 1
+    return trips, inner
+
+
+def commands(jobs: int) -> None:
+    import httpx
+
+    from bench._service import service
+
+    with service(workers=1) as gateway:
+        url = gateway.env["IMAGEGEN_REDIS_URL"]
+        connection = redis.Redis.from_url(url)
+        body = {"prompt": "a small red circle at the top left on a white background", "steps": 20}
+
+        def run_one(client: httpx.Client) -> None:
+            pubsub = connection.pubsub(ignore_subscribe_messages=True)
+            job = client.post("/v1/generations", json=body).json()["id"]
+            pubsub.subscribe(Keys.events(job))
+            while connection.hget(Keys.job(job), "status") != b"succeeded":
+                pubsub.get_message(timeout=1.0)  # wakes on the job's events; no HTTP polling
+            pubsub.close()
+
+        with httpx.Client(base_url=gateway.base_url, timeout=60) as client:
+            run_one(client)  # warm
+            windows: dict[str, tuple[list[dict[str, Any]], float]] = {}
+            for phase in ("jobs", "idle"):
+                sink: list[dict[str, Any]] = []
+                stop = threading.Event()
+                thread = threading.Thread(target=_monitor, args=(url, sink, stop), daemon=True)
+                thread.start()
+                time.sleep(0.5)  # MONITOR attached
+                sink.clear()
+                started = time.monotonic()
+                if phase == "jobs":
+                    for _ in range(jobs):
+                        run_one(client)
+                    elapsed = time.monotonic() - started
+                else:
+                    time.sleep(windows["jobs"][1])
+                    elapsed = time.monotonic() - started
+                stop.set()
+                connection.ping()  # one more command, so the monitor loop sees the stop
+                thread.join(timeout=5)
+                windows[phase] = (list(sink), elapsed)
+    job_trips, job_inner = _tally(windows["jobs"][0])
+    idle_trips, idle_inner = _tally(windows["idle"][0])
+    names = sorted(set(job_trips) | set(job_inner))
+    print(f"{jobs} jobs of 20 steps, one at a time, in {windows['jobs'][1]:.1f}s")
+    print(f"{'command':<12} {'round trips/job':>16} {'inside scripts/job':>19}")
+    total_trips = total_inner = 0.0
+    for name in names:
+        trips = (job_trips[name] - idle_trips[name]) / jobs
+        inner = (job_inner[name] - idle_inner[name]) / jobs
+        total_trips += trips
+        total_inner += inner
+        if abs(trips) >= 0.05 or abs(inner) >= 0.05:
+            print(f"{name:<12} {trips:>16.1f} {inner:>19.1f}")
+    print(f"{'total':<12} {total_trips:>16.1f} {total_inner:>19.1f}")
+    print(
+        f"idle traffic (subtracted): {sum(idle_trips.values()) / windows['idle'][1]:.1f} "
+        "round trips/s for one worker and one gateway"
+    )
+
+
+# -- ceiling -------------------------------------------------------------------------------------
+class NullInference:
+    """Stands in for the model: every step at once, an 8x8 image per image asked for."""
+
+    batching = False
+
+    def run(self, items: list[Any], on_loop_step: Any = None) -> list[Any]:
+        from PIL import Image
+
+        results: list[Any] = []
+        for item in items:
+            try:
+                for step in range(1, item.spec.steps + 1):
+                    if item.on_step is not None:
+                        item.on_step(step, item.spec.steps)
+                results.append([Image.new("RGB", (8, 8))] * item.spec.n)
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def free_memory(self) -> None:
+        pass
+
+
+def _null_worker(url: str, name: str, stop: Any) -> None:
+    import torch
+
+    from imagegen.settings import Settings
+    from worker.loop import WorkLoop
+    from worker.metrics import WorkerMetrics
+    from worker.runner import JobRunner
+    from worker.state import WorkerState
+
+    connection = redis.Redis.from_url(url)
+    lifecycle = Lifecycle(connection)
+    state = WorkerState()
+    settings = Settings()
+    runner = JobRunner(
+        NullInference(),  # type: ignore[arg-type]
+        lifecycle,
+        settings,
+        state,
+        WorkerMetrics(MODEL, torch.device("cpu")),
+    )
+    loop = WorkLoop(connection, lifecycle, runner, state, MODEL, name, max_images=1)
+    while not stop.is_set():
+        batch = loop.claim()
+        if batch:
+            runner.run(batch)
+        else:
+            connection.blpop([Keys.bell(MODEL)], timeout=1)
+
+
+def _submitter(url: str, stop: Any) -> None:
+    connection = redis.Redis.from_url(url)
+    lifecycle = Lifecycle(connection)
+    spec = JobSpec(
+        prompt="null",
+        negative_prompt="",
+        width=8,
+        height=8,
+        steps=20,
+        guidance_scale=1.0,
+        seed=1,
+        n=1,
+        scheduler="euler",
+        model=MODEL,
+    )
+    while not stop.is_set():
+        if connection.zcard(Keys.queue(MODEL)) > 200:
+            time.sleep(0.005)
+            continue
+        record = JobRecord(
+            id=secrets.token_hex(11),
+            status=JobStatus.QUEUED,
+            spec=spec,
+            created_at=time.time(),
+            timeout_s=60,
+        )
+        lifecycle.submit(record, max_depth=10**6)
+
+
+def _redis_cpu(connection: redis.Redis) -> float:
+    info = connection.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def ceiling(worker_counts: list[int], seconds: float) -> None:
+    context = multiprocessing.get_context("spawn")
+    print(f"null pipeline, 20 steps, 8x8 PNG; {seconds:.0f}s per point")
+    print(f"{'workers':>7} {'jobs/s':>8} {'redis CPU ms/job':>17} {'redis CPU share':>16}")
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), appendonly=False) as server:
+        connection = redis.Redis.from_url(server.url)
+        for count in worker_counts:
+            connection.flushdb()
+            stop = context.Event()
+            procs = [
+                context.Process(target=_null_worker, args=(server.url, f"n{i}", stop))
+                for i in range(count)
+            ] + [context.Process(target=_submitter, args=(server.url, stop)) for _ in range(2)]
+            for proc in procs:
+                proc.start()
+            time.sleep(8)  # imports, first claims
+            done_before = JobStore(connection).job_stats().get((MODEL, "succeeded"), 0)
+            cpu_before, started = _redis_cpu(connection), time.monotonic()
+            time.sleep(seconds)
+            done = JobStore(connection).job_stats().get((MODEL, "succeeded"), 0) - done_before
+            cpu = _redis_cpu(connection) - cpu_before
+            elapsed = time.monotonic() - started
+            stop.set()
+            for proc in procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+            rate = done / elapsed
+            per_job_ms = 1000 * cpu / max(done, 1)
+            print(f"{count:>7} {rate:>8.1f} {per_job_ms:>17.3f} {cpu / elapsed:>15.0%}")
+    print(
+        "one Redis core at 100% carries about 1000 / (redis CPU ms/job) jobs/s; divide by "
+        "10 images/s per GPU for GPUs per Redis"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["commands", "ceiling"])
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--workers", default="1,2,4,8")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    if args.part == "commands":
+        commands(args.jobs)
+    else:
+        ceiling([int(n) for n in args.workers.split(",")], args.seconds)
+
+
+if __name__ == "__main__":
+    main()

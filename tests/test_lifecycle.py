@@ -1,0 +1,473 @@
+"""The job lifecycle has one owner (imagegen/lifecycle.py): crash a worker at every named point
+of a job's life, and every job still ends succeeded exactly once, with the bytes of a run that
+did not crash, and nothing is left behind.
+
+Real processes throughout: one redis-server and gateway for the module (the database is
+flushed before each test), workers started and killed per scenario.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from imagegen.contract import ImageInfo, JobRecord, JobSpec, JobStatus, Keys, ModelInfo
+from imagegen.lifecycle import Claimed, Lifecycle
+from imagegen.redis_server import RedisServer
+from imagegen.settings import Settings
+from imagegen.store import JobStore
+from tests.stack import (
+    Gateway,
+    Proc,
+    Supervisor,
+    parse_sse,
+    start_gateway,
+    start_worker,
+    wait_for_job,
+    wait_for_worker,
+)
+from worker.faults import CRASH_POINTS, CrashPoint
+from worker.inference import Inference
+from worker.metrics import WorkerMetrics
+from worker.pipeline import load_model
+from worker.runner import JobRunner
+from worker.state import WorkerState
+
+MODEL = "tiny"
+FAST = {
+    "IMAGEGEN_WORKER_STALE_S": "3",
+    "IMAGEGEN_HEARTBEAT_INTERVAL_S": "0.5",
+    "IMAGEGEN_RECOVERY_INTERVAL_S": "0.5",
+    "IMAGEGEN_FAULT_INJECTION": "true",
+    "IMAGEGEN_DEFAULT_MODEL": MODEL,
+    "IMAGEGEN_RATE_LIMIT_PER_MINUTE": "1000000",
+    "IMAGEGEN_WARMUP": "false",
+}
+# Keys that hold no job's data: structure shared by all jobs, kept without a TTL.
+STRUCTURAL = (
+    Keys.MODELS,
+    Keys.RUNNING_MODELS,
+    Keys.QUEUE_SEQ,
+    Keys.JOB_STATS,
+)
+STRUCTURAL_PREFIXES = (
+    Keys.queue(""),
+    Keys.running(""),
+    Keys.run_seconds(""),
+    f"{Keys.PREFIX}:model:",
+    f"{Keys.PREFIX}:rate:",
+)
+REQUESTS = [
+    {"prompt": "crash me", "seed": 3, "steps": 6, "n": 2},
+    {"prompt": "and me", "seed": 9, "steps": 6, "negative_prompt": "blue"},
+]
+
+
+class Cluster:
+    def __init__(self, root: Path, tiny_model_dir: Path) -> None:
+        self.root = root
+        self.redis = RedisServer(root / "redis", appendonly=True).start()
+        self.conn = redis.Redis.from_url(self.redis.url)
+        self.env = {**FAST, "IMAGEGEN_MODEL": str(tiny_model_dir), "IMAGEGEN_MODEL_ID": MODEL}
+        self.gateway: Gateway = start_gateway(self.redis.url, root, FAST)
+        self.names = iter(range(10**6))
+        self.info: ModelInfo | None = None
+
+    def worker(self, **extra: str) -> tuple[str, Proc]:
+        name = f"w{next(self.names)}"
+        proc = start_worker(self.redis.url, self.root, name, {**self.env, **extra})
+        return name, proc
+
+    def ready_worker(self, **extra: str) -> Proc:
+        name, proc = self.worker(**extra)
+        beat = wait_for_worker(self.conn, proc, name)
+        self.info = beat.model
+        return proc
+
+    def clean(self) -> None:
+        """A clean database, with the model announced (as a worker that is gone had done)."""
+        self.conn.flushdb()
+        if self.info is not None:
+            self.conn.set(Keys.model(MODEL), self.info.model_dump_json())
+            self.conn.sadd(Keys.MODELS, MODEL)
+
+    def submit(self, client: httpx.Client, body: dict[str, object]) -> str:
+        response = client.post("/v1/generations", json=body)
+        assert response.status_code == 202, response.text
+        job_id: str = response.json()["id"]
+        return job_id
+
+    def close(self) -> None:
+        self.gateway.proc.stop()
+        self.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Cluster]:
+    made = Cluster(tmp_path_factory.mktemp("lifecycle"), tiny_model_dir)
+    made.ready_worker().stop()  # learn the model's record, announced again after each flush
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+def reference(cluster: Cluster) -> list[list[bytes]]:
+    """The PNGs of REQUESTS from a worker that never crashed."""
+    cluster.clean()
+    worker = cluster.ready_worker()
+    with cluster.gateway.client() as client:
+        jobs = [cluster.submit(client, body) for body in REQUESTS]
+        docs = [wait_for_job(client, job) for job in jobs]
+        pngs = [[client.get(i["url"]).content for i in d["images"]] for d in docs]  # type: ignore[attr-defined]
+    worker.stop()
+    return pngs
+
+
+def keys_without_ttl(connection: redis.Redis) -> list[str]:
+    """Keys of a job's own (record, images, idempotency, bell, ...) that would never expire."""
+    found = []
+    for raw in connection.scan_iter(match=f"{Keys.PREFIX}:*", count=1000):
+        key = raw.decode()
+        if key in STRUCTURAL or key.startswith(STRUCTURAL_PREFIXES):
+            continue
+        if connection.ttl(key) == -1:
+            found.append(key)
+    return found
+
+
+def assert_settled(connection: redis.Redis) -> None:
+    """Nothing queued, nothing running, nothing that never expires."""
+    assert connection.zcard(Keys.queue(MODEL)) == 0
+    assert connection.zcard(Keys.running(MODEL)) == 0
+    assert keys_without_ttl(connection) == []
+
+
+@pytest.mark.parametrize("jobs", [1, 2], ids=["alone", "batch-of-2"])
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_worker_dying_at_any_point_loses_nothing_and_runs_nothing_twice(
+    cluster: Cluster, reference: list[list[bytes]], point: str, jobs: int
+) -> None:
+    cluster.clean()
+    with cluster.gateway.client() as client:
+        # Queued before any worker runs, so the first claim takes them all in one batch.
+        ids = [cluster.submit(client, body) for body in REQUESTS[:jobs]]
+        _, crasher = cluster.worker(IMAGEGEN_FAULT_CRASH_AT=point, IMAGEGEN_BATCH_MAX_IMAGES="4")
+        assert crasher.process.wait(timeout=120) == 70, crasher.log()[-3000:]
+        rescuer = cluster.ready_worker()
+        try:
+            docs = [wait_for_job(client, job, timeout_s=60) for job in ids]
+            pngs = [[client.get(i["url"]).content for i in d["images"]] for d in docs]  # type: ignore[attr-defined]
+        finally:
+            rescuer.stop()
+    finished_before_crash = point in ("after_finish", "before_next_claim")
+    assert [d["status"] for d in docs] == ["succeeded"] * jobs
+    attempts = [int(cluster.conn.hget(Keys.job(j), "attempts") or 0) for j in ids]
+    assert attempts == [1 if finished_before_crash else 2] * jobs
+    assert pngs == reference[:jobs]  # byte for byte, all images present
+    stats = JobStore(cluster.conn).job_stats()
+    assert stats == {(MODEL, "succeeded"): jobs}  # each succeeded exactly once
+    assert_settled(cluster.conn)
+
+
+def test_jobs_of_a_model_without_live_workers_are_taken_back(cluster: Cluster) -> None:
+    cluster.clean()
+    with cluster.gateway.client() as client:
+        job = cluster.submit(client, {"prompt": "orphan", "steps": 6})
+        _, crasher = cluster.worker(IMAGEGEN_FAULT_CRASH_AT="mid_loop")
+        assert crasher.process.wait(timeout=120) == 70
+        assert cluster.conn.zrange(Keys.running(MODEL), 0, -1) == [job.encode()]
+        # A worker of another model sweeps every model's running set.
+        other = cluster.ready_worker(IMAGEGEN_MODEL_ID="another-model")
+        try:
+            deadline = time.monotonic() + 30
+            while cluster.conn.zcard(Keys.queue(MODEL)) == 0:
+                assert time.monotonic() < deadline, "the orphaned job was never taken back"
+                time.sleep(0.05)
+        finally:
+            other.stop()
+        doc = client.get(f"/v1/generations/{job}").json()
+    assert doc["status"] == "queued" and doc["queue_position"] == 0
+    assert cluster.conn.zcard(Keys.running(MODEL)) == 0
+
+
+def test_the_event_stream_follows_a_take_back(cluster: Cluster) -> None:
+    cluster.clean()
+    events: list[tuple[str, dict[str, object]]] = []
+    with cluster.gateway.client() as client:
+        job = cluster.submit(client, {"prompt": "followed", "steps": 6})
+
+        def follow() -> None:
+            with client.stream("GET", f"/v1/generations/{job}/events") as response:
+                events.extend(parse_sse(list(response.iter_lines())))
+
+        reader = threading.Thread(target=follow)
+        reader.start()
+        _, crasher = cluster.worker(IMAGEGEN_FAULT_CRASH_AT="mid_loop")
+        assert crasher.process.wait(timeout=120) == 70
+        rescuer = cluster.ready_worker()
+        try:
+            reader.join(timeout=60)
+        finally:
+            rescuer.stop()
+    names = [name for name, _ in events]
+    assert names[0] == "queued" and names[-1] == "succeeded", names
+    first_run = names.index("running")
+    again = names.index("queued", first_run)  # the take-back is announced...
+    assert "running" in names[again:]  # ...and the rerun too
+    rerun = names.index("running", again)
+    steps = [doc["progress"]["step"] for name, doc in events[rerun:] if name == "progress"]  # type: ignore[index]
+    assert steps and steps[0] <= 6 and steps == sorted(steps)
+
+
+def test_cancel_of_a_queued_job_leaves_no_key_without_a_ttl(cluster: Cluster) -> None:
+    cluster.clean()
+    with cluster.gateway.client() as client:
+        job = cluster.submit(client, {"prompt": "never mind", "steps": 6})
+        assert client.delete(f"/v1/generations/{job}").json()["status"] == "canceled"
+    assert_settled(cluster.conn)
+    assert cluster.conn.ttl(Keys.job(job)) > 0
+
+
+def _claimed_jobs(connection: redis.Redis, model: str, specs: list[JobSpec]) -> list[Claimed]:
+    lifecycle = Lifecycle(connection)
+    for i, spec in enumerate(specs):
+        record = JobRecord(
+            id=f"job-{model}-{i}",
+            status=JobStatus.QUEUED,
+            spec=spec,
+            created_at=time.time(),
+            timeout_s=600,
+        )
+        assert lifecycle.submit(record, max_depth=100).outcome == "created"
+    batch, _ = lifecycle.claim(model, "w", budget=100)
+    return batch
+
+
+def _spec(model: str, **changes: object) -> JobSpec:
+    fields: dict[str, object] = {
+        "prompt": "p",
+        "negative_prompt": "",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "guidance_scale": 4.0,
+        "seed": 1,
+        "n": 1,
+        "scheduler": "euler",
+        "model": model,
+    }
+    return JobSpec.model_validate({**fields, **changes})
+
+
+def test_a_stale_run_cannot_finish_a_job_that_was_taken_back(redis_conn: redis.Redis) -> None:
+    redis_conn.flushdb()
+    lifecycle = Lifecycle(redis_conn)
+    (first,) = _claimed_jobs(redis_conn, "stale", [_spec("stale")])
+    assert lifecycle.requeue(first.record)  # its worker was presumed dead
+    (second,), _ = lifecycle.claim("stale", "w2", budget=1)
+    assert second.owner == "w2#2" and first.owner == "w#1"
+    info = [ImageInfo(index=0, seed=1, width=64, height=64)]
+    # The slow first run finishes late: nothing of it lands, images included.
+    assert not lifecycle.succeed(first, [b"stale"], info, 60, 60, 1.0)
+    assert redis_conn.get(Keys.image(first.id, 0)) is None
+    assert lifecycle.succeed(second, [b"fresh"], info, 60, 60, 1.0)
+    assert redis_conn.get(Keys.image(first.id, 0)) == b"fresh"
+    assert not lifecycle.succeed(first, [b"stale"], info, 60, 60, 1.0)
+    assert redis_conn.get(Keys.image(first.id, 0)) == b"fresh"
+    assert redis_conn.zcard(Keys.running("stale")) == 0
+
+
+def test_a_batched_job_keeps_its_own_time_limit(
+    redis_conn: redis.Redis, tiny_model_dir: Path
+) -> None:
+    redis_conn.flushdb()
+    settings = Settings(model=str(tiny_model_dir), model_id="deadline", device="cpu")
+    model = load_model(settings)
+    overdue, on_time = _claimed_jobs(
+        redis_conn, "deadline", [_spec("deadline", seed=1), _spec("deadline", seed=2, n=2)]
+    )
+    # The first is past its own deadline; the second (same batch) has ten minutes left.
+    overdue = Claimed(overdue.record.model_copy(update={"deadline": time.time() - 1}))
+    runner = JobRunner(
+        Inference(model),
+        Lifecycle(redis_conn),
+        settings,
+        WorkerState(),
+        WorkerMetrics("deadline", model.device),
+        CrashPoint(None),
+    )
+    outcomes = runner.run([overdue, on_time])
+    assert [(o.status, o.detail) for o in outcomes] == [("failed", "timeout"), ("succeeded", "")]
+    store = JobStore(redis_conn)
+    failed = store.get(overdue.id)
+    assert failed is not None and failed.error is not None and failed.error.code == "timeout"
+    assert redis_conn.zcard(Keys.running("deadline")) == 0
+
+
+def test_an_out_of_memory_batch_is_split_and_only_what_fails_alone_fails(
+    redis_conn: redis.Redis, tiny_model_dir: Path
+) -> None:
+    redis_conn.flushdb()
+    settings = Settings(
+        model=str(tiny_model_dir), model_id="oom", device="cpu", fault_injection=True
+    )
+    model = load_model(settings)
+    # The middle job makes any loop step of more than one image run out of memory; it holds
+    # two images itself, so it cannot run even alone.
+    batch = _claimed_jobs(
+        redis_conn,
+        "oom",
+        [
+            _spec("oom", prompt="a"),
+            _spec("oom", prompt="__fault__:oom_over:1", n=2),
+            _spec("oom", prompt="c"),
+        ],
+    )
+    runner = JobRunner(
+        Inference(model),
+        Lifecycle(redis_conn),
+        settings,
+        WorkerState(),
+        WorkerMetrics("oom", model.device),
+        CrashPoint(None),
+    )
+    outcomes = runner.run(batch)
+    assert [(o.status, o.detail) for o in outcomes] == [
+        ("succeeded", ""),
+        ("failed", "out_of_memory"),
+        ("succeeded", ""),
+    ]
+
+
+def _wait_through_outages(gateway: Gateway, job_id: str) -> dict[str, object]:
+    """The job's final document, polling through a Redis restart (503) and dropped
+    connections; a 404 (the job is gone: lost) ends the wait too."""
+    deadline = time.monotonic() + 300
+    with gateway.client() as client:
+        while time.monotonic() < deadline:
+            try:
+                response = client.get(f"/v1/generations/{job_id}")
+            except httpx.TransportError:
+                continue
+            if response.status_code == 404:
+                return {"status": "lost"}
+            if response.status_code == 200:
+                doc: dict[str, object] = response.json()
+                if doc["status"] in ("succeeded", "failed", "canceled"):
+                    return doc
+            time.sleep(0.05)
+    return {"status": "stuck"}
+
+
+def test_soak_300_jobs_16_clients_workers_killed_and_redis_restarted(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """0 lost, 0 run twice to success, 0 stuck, while workers die every few seconds and
+    Redis restarts once."""
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    connection = redis.Redis.from_url(server.url)
+    connection.config_set("appendfsync", "always")  # a restart must lose no accepted write
+    env = {**FAST, "IMAGEGEN_MODEL": str(tiny_model_dir), "IMAGEGEN_MODEL_ID": MODEL}
+    gateway = start_gateway(server.url, tmp_path, FAST)
+
+    def start(generation: int, slot: int) -> Proc:
+        return start_worker(server.url, tmp_path, f"s{slot}-g{generation}", env)
+
+    supervisors = [Supervisor(lambda g, slot=slot: start(g, slot)) for slot in range(3)]
+    for slot, supervisor in enumerate(supervisors):
+        wait_for_worker(connection, supervisor.proc, f"s{slot}-g0")
+    stop = threading.Event()
+    kills = 0
+
+    def killer() -> None:
+        nonlocal kills
+        chooser = random.Random(7)
+        restarted = False
+        while not stop.wait(2.5):
+            victim = chooser.choice(supervisors).proc.process
+            if victim.poll() is None:
+                os.kill(victim.pid, signal.SIGKILL)
+                kills += 1
+            if kills == 3 and not restarted:
+                restarted = True
+                server.stop()
+                server.start()
+
+    def submit_all(client_no: int) -> list[str]:
+        ids = []
+        with gateway.client() as client:
+            for k in range(300 // 16 + (1 if client_no < 300 % 16 else 0)):
+                body = {"prompt": f"soak {client_no}-{k}", "steps": 3, "seed": k}
+                headers = {"Idempotency-Key": f"soak-{client_no}-{k}"}
+                for _ in range(200):  # retried through the Redis restart, never twice queued
+                    try:
+                        response = client.post("/v1/generations", json=body, headers=headers)
+                    except httpx.TransportError:
+                        continue
+                    if response.status_code in (200, 202):
+                        ids.append(response.json()["id"])
+                        break
+                    assert response.status_code == 503, response.text
+                    time.sleep(0.1)
+        return ids
+
+    kill_thread = threading.Thread(target=killer)
+    kill_thread.start()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            ids = [j for batch in pool.map(submit_all, range(16)) for j in batch]
+        docs = [_wait_through_outages(gateway, job) for job in ids]
+    finally:
+        stop.set()
+        kill_thread.join()
+        for supervisor in supervisors:
+            supervisor.stop()
+        gateway.proc.stop()
+    statuses = [d["status"] for d in docs]
+    succeeded_writes = JobStore(connection).job_stats().get((MODEL, "succeeded"), 0)
+    attempts = [int(connection.hget(Keys.job(j), "attempts") or 0) for j in ids]
+    print(
+        f"\nsoak: {len(ids)} jobs, {kills} workers killed, 1 Redis restart; "
+        f"succeeded {statuses.count('succeeded')}, lost {300 - len(ids) + statuses.count('lost')}, "
+        f"stuck {statuses.count('stuck')}, "
+        f"success writes {succeeded_writes}, rerun {sum(a > 1 for a in attempts)}"
+    )
+    try:
+        assert len(ids) == len(set(ids)) == 300
+        assert statuses == ["succeeded"] * 300
+        assert succeeded_writes == 300  # each job succeeded exactly once
+        assert kills >= 3
+        assert connection.zcard(Keys.running(MODEL)) == 0
+        assert connection.zcard(Keys.queue(MODEL)) == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [("app.main", ("torch", "diffusers")), ("worker.main", ("fastapi", "starlette"))],
+)
+def test_the_gateway_never_imports_torch_and_the_worker_never_fastapi(
+    module: str, forbidden: tuple[str, ...]
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()}
+    assert imported & set(forbidden) == set()
+    assert "redis" in imported  # the check reads what was imported

@@ -1,0 +1,195 @@
+"""The warm model at work: the batch loop where it can run the model, the stock diffusers
+pipeline call where it cannot, warm-up, and the model's known state restored after a failure."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from imagegen.contract import JobSpec
+from worker.batch_loop import BatchItem, BatchResult, StepCallback, run_batch, supports_batching
+from worker.pipeline import LoadedModel
+from worker.schedulers import build_scheduler
+
+log = logging.getLogger("imagegen.worker")
+
+# on_loop_step(step, rows): denoising step `step` (0-based) of the loop ran `rows` images.
+LoopStepCallback = Callable[[int, int], None]
+
+
+class Inference:
+    """Runs batches of jobs on one warm pipeline."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.batching = supports_batching(model.pipe)
+        if not self.batching and hasattr(model.pipe, "vae"):
+            # The stock call decodes all of a job's images at once: SDXL at 1024² needs about
+            # 4 GiB of fp32 activations per image there. One image per decode call caps it.
+            model.pipe.vae.enable_slicing()
+        # The dtypes the pipeline was loaded in. Some stock pipelines change them mid-call and
+        # change them back only on success (SDXL upcasts its fp16 VAE to fp32 for the decode):
+        # after any failure they are put back, or every later job would fail.
+        self._dtypes: dict[str, torch.dtype] = {
+            name: _dtype_of(component)
+            for name, component in model.pipe.components.items()
+            if isinstance(component, torch.nn.Module)
+        }
+
+    def run(
+        self, items: list[BatchItem], on_loop_step: LoopStepCallback | None = None
+    ) -> list[BatchResult]:
+        """One result per item: its images, or what its step callback raised. Anything
+        raised outside a callback (out of memory, ...) concerns the whole batch and
+        propagates, after the pipeline's state is restored."""
+        try:
+            if self.batching:
+                return run_batch(
+                    self.model,
+                    items,
+                    invariant=self.model.batch_invariant,
+                    on_loop_step=on_loop_step,
+                )
+            results: list[BatchResult] = []
+            for item in items:
+                try:
+                    results.append(self.generate(item.spec, item.on_step, on_loop_step))
+                except Exception as exc:
+                    if not _raised_by_callback(exc):
+                        raise
+                    results.append(exc)
+            return results
+        except BaseException:
+            self.restore()
+            raise
+
+    # -- the stock pipeline ---------------------------------------------------------------------
+    def generate(
+        self,
+        spec: JobSpec,
+        on_step: StepCallback | None = None,
+        on_loop_step: LoopStepCallback | None = None,
+    ) -> list[Any]:
+        """Run the stock pipeline for one spec and return PIL images, image i seeded seed + i.
+
+        In batch-invariant mode (the default on CPU) each image gets its own pipeline call:
+        float kernels give slightly different results for different batch sizes, and this
+        mode keeps image i byte-identical to the same seed generated alone (n=1).
+        """
+        if not self.model.batch_invariant or spec.n == 1:
+            return self._call(spec, list(range(spec.n)), on_step, on_loop_step)
+        images: list[Any] = []
+        for i in range(spec.n):
+
+            def scaled(done: int, total: int, before: int = i) -> None:
+                # Progress over all n runs, never going back.
+                if on_step is not None:
+                    on_step(before * total + done, spec.n * total)
+
+            images += self._call(spec, [i], scaled, on_loop_step)
+        return images
+
+    def _call(
+        self,
+        spec: JobSpec,
+        indices: list[int],
+        on_step: StepCallback | None,
+        on_loop_step: LoopStepCallback | None,
+    ) -> list[Any]:
+        pipe = self.model.pipe
+        # A fresh scheduler per call: schedulers keep per-run state and must not be shared.
+        pipe.scheduler = build_scheduler(spec.scheduler, self.model.scheduler_config)
+        # CPU generators make the starting noise identical on every device and batch layout.
+        generators = [torch.Generator("cpu").manual_seed(spec.image_seed(i)) for i in indices]
+
+        def callback(pipe_: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if on_loop_step is not None:
+                on_loop_step(step, len(indices))
+            if on_step is not None:
+                try:
+                    on_step(step + 1, getattr(pipe_, "num_timesteps", spec.steps))
+                except Exception as exc:
+                    exc.raised_by_callback = True  # type: ignore[attr-defined]
+                    raise
+            return kwargs
+
+        with torch.inference_mode():
+            result = pipe(
+                prompt=[spec.prompt] * len(indices),
+                # None, not "", when empty: SDXL encodes a None negative prompt as zeros
+                # (force_zeros_for_empty_prompt); SD 1.x/2.x encode None and "" alike.
+                negative_prompt=[spec.negative_prompt] * len(indices)
+                if spec.negative_prompt
+                else None,
+                width=spec.width,
+                height=spec.height,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                generator=generators,
+                output_type="pil",
+                callback_on_step_end=callback,
+            )
+        images: list[Any] = result.images
+        return images
+
+    # -- state ----------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Put the pipeline back in its loaded state and free what a failed run left."""
+        for name, dtype in self._dtypes.items():
+            component = getattr(self.model.pipe, name, None)
+            if isinstance(component, torch.nn.Module) and _dtype_of(component) != dtype:
+                log.warning("restoring %s to %s after a failed job", name, dtype)
+                component.to(dtype=dtype)
+        self.free_memory()
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def warm_up(self) -> None:
+        """One small generation, so the first job pays no lazy-initialisation cost; with
+        torch.compile, one per batch size to be served, so no job pays for compiling."""
+        for size in self.model.compiled_batches or (1,):
+            self._warm_up_batch(size)
+        if self.model.compiled_batches:
+            # From now on a shape that was not warmed up (another resolution, a pipeline the
+            # batch loop does not pad) runs eagerly: compiling it would stall its batch for a
+            # minute, and past dynamo's recompile limit a fullgraph compile is an error.
+            torch.compiler.set_stance("eager_on_recompile")
+
+    def _warm_up_batch(self, size: int) -> None:
+        info = self.model.info
+        spec = JobSpec(
+            prompt="warm-up",
+            negative_prompt="",
+            width=info.width,
+            height=info.height,
+            steps=2,
+            # Guided, so that the batch loop's UNet calls are the 2 * size rows it pads to.
+            guidance_scale=max(info.guidance_scale, 2.0) if self.batching else info.guidance_scale,
+            seed=0,
+            n=size,
+            scheduler=info.scheduler,
+            model=info.id,
+        )
+        started = time.perf_counter()
+        self.run([BatchItem(spec)])
+        log.info("warm-up of batch %d took %.2fs", size, time.perf_counter() - started)
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a component's first floating-point parameter (what diffusers reports)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def _raised_by_callback(exc: BaseException) -> bool:
+    return bool(getattr(exc, "raised_by_callback", False))

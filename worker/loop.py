@@ -1,0 +1,122 @@
+"""The worker's loop: claim a batch, run it, repeat; wait on the model's bell when idle.
+
+A claim is one lifecycle script (queued → running, into the running set), so the loop holds
+nothing a crash could lose: whatever this process held is in the running set under its name,
+and the reaper of any live worker takes it back once this worker's heartbeat expires.
+SIGTERM and SIGINT let the running batch finish and then end the loop; if Redis goes away the
+loop waits for it and goes on with the warm model.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import redis
+
+from imagegen.contract import Keys
+from imagegen.lifecycle import Claimed, Lifecycle
+from worker.faults import CrashPoint
+from worker.runner import JobRunner
+from worker.state import WorkerState
+
+log = logging.getLogger("imagegen.worker")
+
+# While a batch has room and max-wait allows, how often the queue is looked at again.
+POLL_S = 0.005
+# An idle worker re-checks its queue at least this often, even if no bell rang.
+IDLE_WAIT_S = 1
+
+
+class WorkLoop:
+    """Claims and runs batches of one model's jobs until told to stop."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        lifecycle: Lifecycle,
+        runner: JobRunner,
+        state: WorkerState,
+        model_id: str,
+        worker_name: str,
+        max_images: int,
+        max_wait_s: float = 0.0,
+        crash: CrashPoint | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.redis = connection
+        self.clock = clock
+        self.sleep = sleep
+        self.lifecycle = lifecycle
+        self.runner = runner
+        self.state = state
+        self.model_id = model_id
+        self.worker_name = worker_name
+        self.max_images = max_images
+        self.max_wait_s = max_wait_s
+        self.crash = crash or CrashPoint(None)
+        self.stopping = False
+
+    def stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
+        if not self.stopping:
+            log.info("stopping after the running batch (signal %d)", signum)
+        self.stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        while not self.stopping:
+            try:
+                batch = self.claim()
+                if not batch:
+                    self.redis.blpop([Keys.bell(self.model_id)], timeout=IDLE_WAIT_S)
+                    continue
+                self.runner.run(batch)
+                self.crash.reached("before_next_claim")
+            except redis.exceptions.RedisError as exc:
+                log.warning("work loop lost redis: %s", exc)
+                self._wait_for_redis()
+
+    def claim(self) -> list[Claimed]:
+        """The queue's next job and the queued jobs that can share its denoising loop.
+
+        Without `max_wait_s` a batch is whatever is queued now; with it, the loop keeps
+        looking while the image budget has room and no job of another shape waits (that one
+        is better served next than kept waiting)."""
+        batch, others_waiting = self.lifecycle.claim(
+            self.model_id, self.worker_name, budget=self.max_images
+        )
+        self.state.add(batch)  # listed in the heartbeat before anything else happens
+        if not batch:
+            return batch
+        self.crash.reached("after_claim")
+        budget = self.max_images - sum(job.record.spec.n for job in batch)
+        deadline = self.clock() + self.max_wait_s
+        while budget > 0 and not others_waiting and self.clock() < deadline:
+            self.sleep(POLL_S)
+            more, others_waiting = self.lifecycle.claim(
+                self.model_id, self.worker_name, batch[0].record.spec.batch_key, budget
+            )
+            self.state.add(more)
+            batch += more
+            budget -= sum(job.record.spec.n for job in more)
+        if len(batch) > 1:
+            log.info("batched %d queued job(s) with the next one", len(batch) - 1)
+        return batch
+
+    def _wait_for_redis(self, max_wait_s: float = 10.0) -> None:
+        wait = 0.5
+        while not self.stopping:
+            try:
+                self.redis.ping()
+                log.warning("redis is back; the work loop goes on")
+                return
+            except redis.exceptions.RedisError:
+                time.sleep(wait)
+                wait = min(wait * 2, max_wait_s)
