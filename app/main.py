@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "socket_connect_timeout": 0.5,
             "health_check_interval": 30,
             "client_name": REDIS_CLIENT_NAME,
+            **settings.redis_options(),  # the password, kept out of the URL
         }
         # Sync for the thread-pool routes (reads, cancel); async for submits, the rate limit
         # and the event subscription. Both bounded alike.

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Toggle = Literal["auto", "on", "off"]
@@ -23,7 +23,14 @@ class Settings(BaseSettings):
 
     # --- shared -----------------------------------------------------------------------------
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis that holds the queues, jobs and images."
+        "redis://127.0.0.1:6379/0",
+        description="Redis that holds the queues, jobs and images. A password in the URL must "
+        "be percent-encoded; better, leave it out and set IMAGEGEN_REDIS_PASSWORD.",
+    )
+    redis_password: SecretStr | None = Field(
+        None,
+        description="Password of that Redis, kept out of the URL so that any characters work "
+        "(`openssl rand -base64` makes `/` and `+`); unset = the URL's, if any.",
     )
     result_ttl_s: int = Field(
         3600, ge=1, description="How long the images of a succeeded job stay downloadable."
@@ -186,6 +193,39 @@ class Settings(BaseSettings):
     # --- local runner / gateway process -----------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _parsable_url(cls, value: str) -> str:
+        from redis.connection import parse_url
+
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError:
+            # Never echo the URL: it may hold a password.
+            raise ValueError(
+                "not a redis:// URL that redis-py can read; a password with characters such "
+                "as / # @ : must be percent-encoded, or set in IMAGEGEN_REDIS_PASSWORD"
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_redis_password(self) -> Settings:
+        from redis.connection import parse_url
+
+        in_url = parse_url(self.redis_url).get("password")  # type: ignore[no-untyped-call]
+        if self.redis_password is not None and in_url:
+            raise ValueError(
+                "IMAGEGEN_REDIS_PASSWORD is set and IMAGEGEN_REDIS_URL holds a password too; "
+                "keep it in one place"
+            )
+        return self
+
+    def redis_options(self) -> dict[str, Any]:
+        """Keyword arguments for redis-py's `from_url(settings.redis_url, ...)`."""
+        if self.redis_password is None:
+            return {}
+        return {"password": self.redis_password.get_secret_value()}
 
     @field_validator("compile_batches")
     @classmethod

@@ -99,7 +99,9 @@ def _wait_for_redis(connection: redis.Redis, max_wait_s: float = 10.0) -> None:
 def run_worker(settings: Settings) -> int:
     """Run one worker until it is told to stop (SIGTERM/SIGINT: finish the current job, exit)."""
     configure_logging(settings.log_level, settings.log_json)
-    connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    connection = redis.Redis.from_url(
+        settings.redis_url, health_check_interval=30, **settings.redis_options()
+    )
     name = settings.worker_name or default_worker_name()
     counters = Counters()
     started_at = time.time()
