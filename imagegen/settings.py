@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     worker_stale_s: int = Field(
         30, ge=3, description="A worker whose heartbeat is older than this counts as gone."
     )
+    redis_high_water: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Fraction of Redis's maxmemory past which the gateway refuses new jobs "
+        "(503 unavailable + Retry-After), before a full Redis refuses heartbeats and results; "
+        "1 = off. No effect when Redis has no maxmemory.",
+    )
     # --- worker -----------------------------------------------------------------------------
     model: str | None = Field(
         None,
