@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import secrets
+import signal
 import socket
 import time
 
@@ -96,8 +97,23 @@ def _wait_for_redis(connection: redis.Redis, max_wait_s: float = 10.0) -> None:
             wait = min(wait * 2, max_wait_s)
 
 
+def _exit_on_stop_signals_while_starting() -> None:
+    """SIGTERM/SIGINT before the work loop: exit 0 at once. Loading and warm-up hold no job,
+    so there is nothing to finish; RQ's loop installs its own handlers (finish the job, then
+    exit) when it starts. Without this, PID 1 in a container ignores SIGTERM and `compose stop`
+    waits the whole stop_grace_period."""
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("worker got %s while starting; exiting", signal.Signals(signum).name)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def run_worker(settings: Settings) -> int:
     """Run one worker until it is told to stop (SIGTERM/SIGINT: finish the current job, exit)."""
+    _exit_on_stop_signals_while_starting()
     configure_logging(settings.log_level, settings.log_json)
     connection = redis.Redis.from_url(
         settings.redis_url, health_check_interval=30, **settings.redis_options()
