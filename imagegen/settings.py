@@ -132,7 +132,8 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False,
         description="torch.compile the UNet and VAE decoder at start (CUDA), warmed up for the "
-        "batch sizes in IMAGEGEN_COMPILE_BATCHES; halves GPU latency, costs a minute at start.",
+        "batch sizes in IMAGEGEN_COMPILE_BATCHES; halves GPU latency, costs about a minute per "
+        "size at start on an H100 (less on a restart with TORCHINDUCTOR_CACHE_DIR kept).",
     )
     compile_batches: str = Field(
         "1,2,4,8",
