@@ -55,5 +55,5 @@ def register(app: typer.Typer) -> None:
         compose = yaml.safe_load(compose_file.read_text())
         document = gpu_workers(compose, gpus)
         header = HEADER.format(gpus=gpus, source=compose_file.name, output=output.name)
-        output.write_text(header + yaml.safe_dump(document, sort_keys=False))
+        output.write_text(header + yaml.safe_dump(document, sort_keys=False, width=200))
         typer.echo(f"wrote {output}: worker on GPU 0, worker-gpu1..worker-gpu{gpus - 1}")
