@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.capacity import MemoryGuard
 from app.registry import ModelRegistry
 from app.service import GenerationService
 from imagegen.settings import Settings
@@ -30,6 +31,12 @@ async def _settings(request: Request) -> Settings:
     return settings
 
 
+async def _memory(request: Request) -> MemoryGuard:
+    guard: MemoryGuard = request.app.state.memory
+    return guard
+
+
+MemoryDep = Annotated[MemoryGuard, Depends(_memory)]
 ServiceDep = Annotated[GenerationService, Depends(_service)]
 RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
 SettingsDep = Annotated[Settings, Depends(_settings)]

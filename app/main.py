@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
 from app.auth import KeyStore, RateLimiter
+from app.capacity import MemoryGuard
 from app.errors import install_error_handlers
 from app.events import EventHub
 from app.metrics import RequestMetrics, ServiceCollector
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "socket_connect_timeout": 0.5,
             "health_check_interval": 30,
             "client_name": REDIS_CLIENT_NAME,
+            **settings.redis_options(),  # the password, kept out of the URL
         }
         # Sync for the thread-pool routes (reads, cancel); async for submits, the rate limit
         # and the event subscription. Both bounded alike.
@@ -81,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.service = GenerationService(
             connection, store, registry, settings, async_connection
         )
+        app.state.memory = MemoryGuard(async_connection, settings.redis_high_water)
         app.state.collector = ServiceCollector(registry, app.state.service, events)
         log.info("gateway %s started; redis at %s", __version__, _redact(settings.redis_url))
         if keys.enabled:

@@ -22,6 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.capacity import MemoryGuard, RedisMemory
 from app.events import EventHub
 from app.registry import ModelRegistry
 from app.service import GenerationService
@@ -70,6 +71,8 @@ class ServiceCollector(Collector):
         self.service = service
         self.hub = hub
         self.tasks = 0
+        self.memory: RedisMemory | None = None
+        self.high_water = 1.0
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         store = self.service.store
@@ -98,6 +101,22 @@ class ServiceCollector(Collector):
         yield depth
         yield workers
         yield runs
+        if self.memory is not None:
+            yield GaugeMetricFamily(
+                "imagegen_redis_used_memory_bytes",
+                "Redis used_memory: job records and the PNGs kept for IMAGEGEN_RESULT_TTL_S.",
+                value=self.memory.used,
+            )
+            yield GaugeMetricFamily(
+                "imagegen_redis_maxmemory_bytes",
+                "Redis maxmemory (0 = no limit); with noeviction, writes fail past it.",
+                value=self.memory.limit,
+            )
+            yield GaugeMetricFamily(
+                "imagegen_redis_high_water_ratio",
+                "Fraction of maxmemory past which the gateway refuses new jobs (503).",
+                value=self.high_water,
+            )
         yield GaugeMetricFamily(
             "imagegen_gateway_event_streams",
             "Open event streams in this gateway process.",
@@ -114,6 +133,9 @@ class ServiceCollector(Collector):
 async def metrics(request: Request) -> Response:
     collector: ServiceCollector = request.app.state.collector
     collector.tasks = len(asyncio.all_tasks())
+    guard: MemoryGuard = request.app.state.memory
+    collector.memory = await guard.read(max_age_s=0)
+    collector.high_water = guard.high_water
     registry = CollectorRegistry()
     registry.register(collector)
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:

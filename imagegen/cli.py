@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from imagegen.cli_compose import register as register_compose
 from imagegen.cli_generate import register as register_generate
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ def tiny_model(directory: Path) -> None:
 
 
 register_generate(app)
+register_compose(app)
 
 
 def main() -> None:

@@ -37,7 +37,10 @@ def _stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
 
 def serve(settings: Settings, data_dir: Path, workers: int = 1) -> int:
     """Run Redis, the gateway and `workers` workers until interrupted."""
-    redis_server = RedisServer(data_dir / "redis", appendonly=True).start()
+    # With IMAGEGEN_REDIS_PASSWORD set (say, by a .env made for compose), the local Redis asks
+    # for it too, so the gateway and workers that send it are let in.
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    redis_server = RedisServer(data_dir / "redis", appendonly=True, password=password).start()
     env = {**os.environ, "IMAGEGEN_REDIS_URL": redis_server.url}
     print(f"imagegen: redis on {redis_server.url} (data in {data_dir / 'redis'})", flush=True)
     processes: list[subprocess.Popen[bytes]] = []

@@ -53,11 +53,13 @@ class RedisServer:
         port: int | None = None,
         appendonly: bool = True,
         maxmemory: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.appendonly = appendonly
         self.maxmemory = maxmemory
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,8 +91,10 @@ class RedisServer:
         ]
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, password=self.password)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Toggle = Literal["auto", "on", "off"]
@@ -23,7 +23,14 @@ class Settings(BaseSettings):
 
     # --- shared -----------------------------------------------------------------------------
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis that holds the queues, jobs and images."
+        "redis://127.0.0.1:6379/0",
+        description="Redis that holds the queues, jobs and images. A password in the URL must "
+        "be percent-encoded; better, leave it out and set IMAGEGEN_REDIS_PASSWORD.",
+    )
+    redis_password: SecretStr | None = Field(
+        None,
+        description="Password of that Redis, kept out of the URL so that any characters work "
+        "(`openssl rand -base64` makes `/` and `+`); unset = the URL's, if any.",
     )
     result_ttl_s: int = Field(
         3600, ge=1, description="How long the images of a succeeded job stay downloadable."
@@ -88,6 +95,14 @@ class Settings(BaseSettings):
     worker_stale_s: int = Field(
         30, ge=3, description="A worker whose heartbeat is older than this counts as gone."
     )
+    redis_high_water: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Fraction of Redis's maxmemory past which the gateway refuses new jobs "
+        "(503 unavailable + Retry-After), before a full Redis refuses heartbeats and results; "
+        "1 = off. No effect when Redis has no maxmemory.",
+    )
     # --- worker -----------------------------------------------------------------------------
     model: str | None = Field(
         None,
@@ -117,7 +132,8 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False,
         description="torch.compile the UNet and VAE decoder at start (CUDA), warmed up for the "
-        "batch sizes in IMAGEGEN_COMPILE_BATCHES; halves GPU latency, costs a minute at start.",
+        "batch sizes in IMAGEGEN_COMPILE_BATCHES; halves GPU latency, costs about a minute per "
+        "size at start on an H100 (less on a restart with TORCHINDUCTOR_CACHE_DIR kept).",
     )
     compile_batches: str = Field(
         "1,2,4,8",
@@ -191,6 +207,39 @@ class Settings(BaseSettings):
     # --- local runner / gateway process -----------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _parsable_url(cls, value: str) -> str:
+        from redis.connection import parse_url
+
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError:
+            # Never echo the URL: it may hold a password.
+            raise ValueError(
+                "not a redis:// URL that redis-py can read; a password with characters such "
+                "as / # @ : must be percent-encoded, or set in IMAGEGEN_REDIS_PASSWORD"
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_redis_password(self) -> Settings:
+        from redis.connection import parse_url
+
+        in_url = parse_url(self.redis_url).get("password")  # type: ignore[no-untyped-call]
+        if self.redis_password is not None and in_url:
+            raise ValueError(
+                "IMAGEGEN_REDIS_PASSWORD is set and IMAGEGEN_REDIS_URL holds a password too; "
+                "keep it in one place"
+            )
+        return self
+
+    def redis_options(self) -> dict[str, Any]:
+        """Keyword arguments for redis-py's `from_url(settings.redis_url, ...)`."""
+        if self.redis_password is None:
+            return {}
+        return {"password": self.redis_password.get_secret_value()}
 
     @field_validator("compile_batches")
     @classmethod

@@ -62,10 +62,15 @@ def _exit_at_once(signum: int, _frame: FrameType | None) -> None:
 
 def run_worker(settings: Settings) -> int:
     """Run one worker until it is told to stop (SIGTERM/SIGINT: finish the current job, exit)."""
-    configure_logging(settings.log_level, settings.log_json)
+    # Loading and warm-up hold no job: until the loop installs its own handlers (finish the
+    # batch, then exit), a stop signal ends the process at once. Without this, PID 1 in a
+    # container ignores SIGTERM and `compose stop` waits out the whole stop_grace_period.
     signal.signal(signal.SIGTERM, _exit_at_once)
     signal.signal(signal.SIGINT, _exit_at_once)
-    connection = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    configure_logging(settings.log_level, settings.log_json)
+    connection = redis.Redis.from_url(
+        settings.redis_url, health_check_interval=30, **settings.redis_options()
+    )
     name = settings.worker_name or default_worker_name()
     state = WorkerState()
     started_at = time.time()

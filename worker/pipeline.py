@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ log = logging.getLogger("imagegen.worker")
 FALLBACK_STEPS = 30
 FALLBACK_GUIDANCE = 7.5
 FALLBACK_SCHEDULER = "euler"
+# Hub repositories such as SD 1.5 and SDXL ship half-size fp16 weights under this variant
+# (`unet/diffusion_pytorch_model.fp16.safetensors`).
+FP16_VARIANT = "fp16"
 
 
 @dataclass
@@ -103,19 +107,72 @@ def _speed_up(pipe: Any, settings: Settings) -> None:
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, dynamic=False)
 
 
+def has_fp16_variant(files: Iterable[str]) -> bool:
+    """Whether a pipeline's files (paths relative to its root) hold fp16-variant weights in a
+    component folder, the way diffusers recognises a variant (`name.fp16[-shard].ext`)."""
+    for file in files:
+        parts = file.split("/")
+        names = parts[-1].split(".")
+        if len(parts) == 2 and len(names) > 2 and names[1].startswith(FP16_VARIANT):
+            return True
+    return False
+
+
+def _has_plain_weights(files: Iterable[str]) -> bool:
+    weights = (".safetensors", ".bin")
+    return any(
+        file.count("/") == 1 and file.endswith(weights) and len(file.split("/")[1].split(".")) == 2
+        for file in files
+    )
+
+
+def weights_variant(files: Iterable[str], dtype: torch.dtype) -> str | None:
+    """The variant to load: fp16 when the weights are loaded as fp16 and the model has it (half
+    the bytes to read), or when the model holds only fp16 weights (a prefetch for a GPU)."""
+    files = list(files)
+    if not has_fp16_variant(files):
+        return None
+    if dtype == torch.float16 or not _has_plain_weights(files):
+        return FP16_VARIANT
+    return None
+
+
+def _local_files(folder: Path) -> list[str]:
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+
+
+def _model_files(source: str) -> list[str]:
+    """The files of a local pipeline, of a hub model's cached snapshot (what prefetch fetched),
+    or, when nothing is cached, of the hub repository."""
+    if Path(source).is_dir():
+        return _local_files(Path(source))
+    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return _local_files(Path(snapshot_download(source, local_files_only=True)))
+    except LocalEntryNotFoundError:
+        return list_repo_files(source)
+
+
 def prefetch_model(settings: Settings) -> str:
     """Download the configured hub model into the Hugging Face cache; returns what it did.
 
     Compose runs this once before the workers start, so that the workers can run with
-    HF_HUB_OFFLINE=1 and several of them never race to download the same files.
+    HF_HUB_OFFLINE=1 and several of them never race to download the same files. Where the
+    weights will be fp16 (IMAGEGEN_DTYPE float16, or auto: the workers are meant for GPUs)
+    and the repository has the fp16 variant, only that is fetched: half the bytes.
     """
     source = settings.model
     if not source or Path(source).is_dir():
         return f"nothing to fetch: {source or 'the built-in model'} is on disk"
     from diffusers import DiffusionPipeline
+    from huggingface_hub import list_repo_files
 
-    path = DiffusionPipeline.download(source)
-    return f"{source} is in the cache at {path}"
+    fp16 = settings.dtype in ("auto", "float16")
+    variant = FP16_VARIANT if fp16 and has_fp16_variant(list_repo_files(source)) else None
+    path = DiffusionPipeline.download(source, variant=variant)
+    return f"{source} ({variant or 'default'} weights) is in the cache at {path}"
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -123,8 +180,9 @@ def load_model(settings: Settings) -> LoadedModel:
     source = settings.model or str(default_model_dir())
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    log.info("loading %s on %s as %s", source, device, dtype)
-    pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
+    variant = weights_variant(_model_files(source), dtype)
+    log.info("loading %s on %s as %s (%s weights)", source, device, dtype, variant or "default")
+    pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant=variant)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     # Stable Diffusion safety checkers are optional components; we load what the model ships.

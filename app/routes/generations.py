@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.auth import PrincipalDep
-from app.deps import ServiceDep
+from app.deps import MemoryDep, ServiceDep
 from app.events import EventHub, job_event_stream
 from app.schemas import GenerationRequest, JobDocument
 
@@ -31,6 +31,7 @@ async def submit_generation(
     body: GenerationRequest,
     service: ServiceDep,
     principal: PrincipalDep,
+    memory: MemoryDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -43,6 +44,7 @@ async def submit_generation(
     ] = None,
 ) -> JobDocument:
     """Queue a generation job."""
+    await memory.check()  # before Redis is too full to take the job's results
     document, created = await service.submit(body, principal.name, idempotency_key)
     response.headers["Location"] = f"/v1/generations/{document.id}"
     if not created:

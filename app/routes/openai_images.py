@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from app.auth import PrincipalDep
-from app.deps import ServiceDep
+from app.deps import MemoryDep, ServiceDep
 from app.errors import ApiError, Conflict, InvalidRequest, Unavailable
 from app.events import RESYNC_S, EventHub
 from app.openai_schemas import (
@@ -51,10 +51,15 @@ CLIENT_CLOSED_REQUEST = 499
 
 @router.post("/generations", response_model=OpenAIImagesResponse, response_model_exclude_none=True)
 async def create_image(
-    body: OpenAIImageRequest, request: Request, service: ServiceDep, principal: PrincipalDep
+    body: OpenAIImageRequest,
+    request: Request,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    memory: MemoryDep,
 ) -> OpenAIImagesResponse | Response:
     """Generate images and answer with them once done (OpenAI's `images.generate`)."""
     generation = to_generation_request(body)
+    await memory.check()
     owner = principal.name
     job = await _submit(service, generation, owner, body.size is not None)
     hub: EventHub = request.app.state.events
