@@ -20,6 +20,7 @@ from app.events import EventHub
 from app.metrics import RequestMetrics, ServiceCollector
 from app.metrics import router as metrics_router
 from app.middleware import BodySizeLimit, RequestId
+from app.playground import router as playground_router
 from app.registry import ModelRegistry
 from app.routes import generations, health, models, openai_images
 from app.schemas import ErrorEnvelope
@@ -131,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(metrics_router)
+    app.include_router(playground_router)
     return app
 
 
