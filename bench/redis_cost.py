@@ -39,6 +39,7 @@ from imagegen.redis_server import RedisServer
 from imagegen.store import JobStore
 
 MODEL = "null"
+TERMINAL = (b"succeeded", b"failed", b"canceled")
 
 
 # -- commands per job ----------------------------------------------------------------------------
@@ -77,9 +78,11 @@ def commands(jobs: int) -> None:
             pubsub = connection.pubsub(ignore_subscribe_messages=True)
             job = client.post("/v1/generations", json=body).json()["id"]
             pubsub.subscribe(Keys.events(job))
-            while connection.hget(Keys.job(job), "status") != b"succeeded":
+            while (status := connection.hget(Keys.job(job), "status")) not in TERMINAL:
                 pubsub.get_message(timeout=1.0)  # wakes on the job's events; no HTTP polling
             pubsub.close()
+            if status != b"succeeded":
+                raise RuntimeError(f"job {job} ended {status!r}")
 
         with httpx.Client(base_url=gateway.base_url, timeout=60) as client:
             run_one(client)  # warm
