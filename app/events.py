@@ -101,6 +101,7 @@ async def job_event_stream(
         doc = await read(job_id)
         yield event(doc.status, doc)
         last_rank, last_step = _RANK[doc.status], doc.progress.step
+        run_started = doc.started_at
         while last_rank < 2:
             try:
                 batch = [await asyncio.wait_for(messages.get(), timeout=RESYNC_S)]
@@ -109,12 +110,13 @@ async def job_event_stream(
             while not messages.empty():  # a backlog of progress pings costs one read
                 batch.append(messages.get_nowait())
             doc = await read(job_id)
-            if doc.status == "queued" and last_rank == 1:
-                # Taken back from a lost worker: queued again, and its rerun's progress
-                # starts from step 0 again.
+            if last_rank == 1 and (
+                "queued" in batch or doc.status == "queued" or doc.started_at != run_started
+            ):
+                # Taken back from a lost worker: queued again (perhaps already rerunning),
+                # and the rerun's progress starts from step 0.
                 yield event("queued", doc)
                 last_rank, last_step = 0, 0
-                continue
             # Each transition under its own name, in order; then the state if one was missed.
             for name in batch:
                 if _RANK.get(name, -1) > last_rank:
@@ -123,6 +125,7 @@ async def job_event_stream(
             if _RANK[doc.status] > last_rank:
                 yield event(doc.status, doc)
                 last_rank = _RANK[doc.status]
+            run_started = doc.started_at
             if last_rank == 1 and doc.status == "running" and doc.progress.step > last_step:
                 yield event("progress", doc)
             last_step = max(last_step, doc.progress.step)

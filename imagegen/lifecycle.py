@@ -18,8 +18,8 @@ through this module; nothing else writes a job's state.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -214,50 +214,57 @@ def record_fields(record: JobRecord) -> dict[str, str]:
     )
 
 
-def _transition_call(
-    job_id: str,
-    model: str,
-    allowed: Iterable[JobStatus],
-    new_status: JobStatus,
-    fields: Mapping[str, Any] | None = None,
-    ttl_s: int = 0,
-    owner: str = "",
-    blobs: Sequence[tuple[str, bytes]] = (),
-    blob_ttl_s: int = 0,
-    run_s: float | None = None,
-) -> tuple[list[str], list[Any]]:
-    allowed_values = [s.value for s in allowed]
-    encoded = encode_fields(fields or {})
-    hist = (
-        [f"le:{b}" for b in RUN_SECONDS_BUCKETS if run_s <= b] + ["count"]
-        if run_s is not None
-        else []
-    )
-    args: list[Any] = [
-        job_id,
-        owner,
-        new_status.value,
-        ttl_s,
-        blob_ttl_s,
-        len(allowed_values),
-        *allowed_values,
-        len(encoded),
-    ]
-    for key, value in encoded.items():
-        args += [key, value]
-    args += [len(hist), *hist, repr(run_s or 0.0), *(blob for _, blob in blobs)]
-    keys = [
-        Keys.job(job_id),
-        Keys.events(job_id),
-        Keys.JOB_STATS,
-        Keys.queue(model),
-        Keys.running(model),
-        Keys.bell(model),
-        Keys.QUEUE_SEQ,
-        Keys.run_seconds(model),
-        *(key for key, _ in blobs),
-    ]
-    return keys, args
+@dataclass(frozen=True)
+class Transition:
+    """One state change: to `new_status` from one of `allowed` (and, with `owner`, only while
+    that run holds the job), with the record fields to write, the record's TTL (0: none),
+    blobs to store with it (a succeeded job's images) and, for a finished run, its seconds."""
+
+    job_id: str
+    model: str
+    allowed: tuple[JobStatus, ...]
+    new_status: JobStatus
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    ttl_s: int = 0
+    owner: str = ""
+    blobs: Sequence[tuple[str, bytes]] = ()
+    blob_ttl_s: int = 0
+    run_s: float | None = None
+
+    def script_call(self) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of `_TRANSITION`."""
+        allowed_values = [s.value for s in self.allowed]
+        encoded = encode_fields(self.fields)
+        hist = (
+            [f"le:{b}" for b in RUN_SECONDS_BUCKETS if self.run_s <= b] + ["count"]
+            if self.run_s is not None
+            else []
+        )
+        args: list[Any] = [
+            self.job_id,
+            self.owner,
+            self.new_status.value,
+            self.ttl_s,
+            self.blob_ttl_s,
+            len(allowed_values),
+            *allowed_values,
+            len(encoded),
+        ]
+        for key, value in encoded.items():
+            args += [key, value]
+        args += [len(hist), *hist, repr(self.run_s or 0.0), *(blob for _, blob in self.blobs)]
+        keys = [
+            Keys.job(self.job_id),
+            Keys.events(self.job_id),
+            Keys.JOB_STATS,
+            Keys.queue(self.model),
+            Keys.running(self.model),
+            Keys.bell(self.model),
+            Keys.QUEUE_SEQ,
+            Keys.run_seconds(self.model),
+            *(key for key, _ in self.blobs),
+        ]
+        return keys, args
 
 
 def _decode(value: bytes | str) -> str:
@@ -286,16 +293,18 @@ class Lifecycle:
 
     def cancel(self, record: JobRecord, ttl_s: int) -> bool:
         """Cancel a queued or running job (a running one's worker stops at its next step)."""
-        moved, _ = self.transition(
-            record.id,
-            record.spec.model,
-            [JobStatus.QUEUED, JobStatus.RUNNING],
-            JobStatus.CANCELED,
-            {
-                "finished_at": time.time(),
-                "error": {"code": "canceled", "message": "canceled by the client"},
-            },
-            ttl_s=ttl_s,
+        moved, _ = self.apply(
+            Transition(
+                record.id,
+                record.spec.model,
+                (JobStatus.QUEUED, JobStatus.RUNNING),
+                JobStatus.CANCELED,
+                {
+                    "finished_at": time.time(),
+                    "error": {"code": "canceled", "message": "canceled by the client"},
+                },
+                ttl_s=ttl_s,
+            )
         )
         return moved
 
@@ -339,80 +348,67 @@ class Lifecycle:
         blobs = [
             (Keys.image(job.id, info.index), png) for info, png in zip(images, pngs, strict=True)
         ]
-        moved, _ = self.transition(
-            job.id,
-            job.record.spec.model,
-            [JobStatus.RUNNING],
-            JobStatus.SUCCEEDED,
-            {"finished_at": time.time(), "images": [i.model_dump() for i in images]},
-            ttl_s=record_ttl_s,
-            owner=job.owner,
-            blobs=blobs,
-            blob_ttl_s=image_ttl_s,
-            run_s=run_s,
+        moved, _ = self.apply(
+            Transition(
+                job.id,
+                job.record.spec.model,
+                (JobStatus.RUNNING,),
+                JobStatus.SUCCEEDED,
+                {"finished_at": time.time(), "images": [i.model_dump() for i in images]},
+                ttl_s=record_ttl_s,
+                owner=job.owner,
+                blobs=blobs,
+                blob_ttl_s=image_ttl_s,
+                run_s=run_s,
+            )
         )
         return moved
 
     def fail(self, job: Claimed, code: str, message: str, ttl_s: int) -> bool:
         """Mark a run's job failed with `code`; False if the run no longer holds it."""
-        moved, _ = self.transition(
-            job.id,
-            job.record.spec.model,
-            [JobStatus.RUNNING],
-            JobStatus.FAILED,
-            {"finished_at": time.time(), "error": {"code": code, "message": message}},
-            ttl_s=ttl_s,
-            owner=job.owner,
+        return self.fail_run(job.record, code, message, ttl_s)
+
+    def fail_run(self, record: JobRecord, code: str, message: str, ttl_s: int) -> bool:
+        """Mark the run that `record` names (its owner) failed with `code`."""
+        moved, _ = self.apply(
+            Transition(
+                record.id,
+                record.spec.model,
+                (JobStatus.RUNNING,),
+                JobStatus.FAILED,
+                {"finished_at": time.time(), "error": {"code": code, "message": message}},
+                ttl_s=ttl_s,
+                owner=record.owner or "",
+            )
         )
         return moved
 
     # -- reaper ---------------------------------------------------------------------------------
     def requeue(self, record: JobRecord) -> bool:
         """Put a lost run's job back at the front of its queue (fenced by the run's owner)."""
-        moved, _ = self.transition(
-            record.id,
-            record.spec.model,
-            [JobStatus.RUNNING],
-            JobStatus.QUEUED,
-            {
-                "started_at": "",
-                "worker": "",
-                "owner": "",
-                "progress_step": 0,
-                "progress_at": "",
-                "deadline": "",
-            },
-            owner=record.owner or "",
+        moved, _ = self.apply(
+            Transition(
+                record.id,
+                record.spec.model,
+                (JobStatus.RUNNING,),
+                JobStatus.QUEUED,
+                {
+                    "started_at": "",
+                    "worker": "",
+                    "owner": "",
+                    "progress_step": 0,
+                    "progress_at": "",
+                    "deadline": "",
+                },
+                owner=record.owner or "",
+            )
         )
         return moved
 
-    def transition(
-        self,
-        job_id: str,
-        model: str,
-        allowed: Iterable[JobStatus],
-        new_status: JobStatus,
-        fields: Mapping[str, Any] | None = None,
-        ttl_s: int = 0,
-        owner: str = "",
-        blobs: Sequence[tuple[str, bytes]] = (),
-        blob_ttl_s: int = 0,
-        run_s: float | None = None,
-    ) -> tuple[bool, str]:
-        """Move a job to `new_status` if it is in one of `allowed` (and, with `owner`, still
-        held by that run), keeping the queue and running sets in step; (moved, status)."""
-        keys, args = _transition_call(
-            job_id,
-            model,
-            allowed,
-            new_status,
-            fields,
-            ttl_s,
-            owner,
-            blobs,
-            blob_ttl_s,
-            run_s,
-        )
+    def apply(self, change: Transition) -> tuple[bool, str]:
+        """Make `change` if the job allows it, keeping the queue and running sets in step;
+        returns (moved, the job's status now, or 'lost' when another run holds it)."""
+        keys, args = change.script_call()
         moved, status = self._transition(keys=keys, args=args)
         return bool(moved), _decode(status)
 

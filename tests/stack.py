@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from imagegen.contract import Keys, ModelInfo, WorkerHeartbeat
+from imagegen.contract import JobSpec, Keys, ModelInfo, WorkerHeartbeat
 from imagegen.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,3 +213,33 @@ def announce_idle_model(connection: redis.Redis, model_id: str) -> None:
     )
     connection.set(Keys.model(model_id), info.model_dump_json(), ex=600)
     connection.sadd(Keys.MODELS, model_id)
+
+
+# Recovery bounds shortened for tests that kill workers (defaults: 30 s TTL, 5 s sweeps).
+FAST_RECOVERY = {
+    "IMAGEGEN_WORKER_STALE_S": "4",
+    "IMAGEGEN_HEARTBEAT_INTERVAL_S": "0.5",
+    "IMAGEGEN_RECOVERY_INTERVAL_S": "0.5",
+    "IMAGEGEN_HARD_TIMEOUT_GRACE_S": "2",
+    "IMAGEGEN_FAULT_INJECTION": "true",
+    "IMAGEGEN_DEFAULT_MODEL": "tiny",
+    "IMAGEGEN_MAX_STEPS": "10000",
+    "IMAGEGEN_RATE_LIMIT_PER_MINUTE": "1000000",
+}
+
+
+def job_spec(**changes: object) -> JobSpec:
+    """A 64x64, 4-step euler job of the tiny model, with `changes`."""
+    fields: dict[str, object] = {
+        "prompt": "p",
+        "negative_prompt": "",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "guidance_scale": 4.0,
+        "seed": 1,
+        "n": 1,
+        "scheduler": "euler",
+        "model": "tiny",
+    }
+    return JobSpec.model_validate({**fields, **changes})

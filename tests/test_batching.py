@@ -13,10 +13,18 @@ import httpx
 import pytest
 import redis
 
-from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
+from imagegen.contract import JobRecord, JobStatus, Keys
 from imagegen.lifecycle import Lifecycle
 from imagegen.redis_server import RedisServer
-from tests.stack import Gateway, Proc, start_gateway, start_worker, wait_for_job, wait_for_worker
+from tests.stack import (
+    Gateway,
+    Proc,
+    job_spec,
+    start_gateway,
+    start_worker,
+    wait_for_job,
+    wait_for_worker,
+)
 from worker.loop import WorkLoop
 from worker.runner import JobRunner
 from worker.state import WorkerState
@@ -119,29 +127,12 @@ def test_a_job_canceled_mid_batch_leaves_the_others_alone(
     assert docs[1]["images"] == []
 
 
-def _spec(**changes: object) -> JobSpec:
-    """A 64x64, 4-step euler job of the tiny model, with `changes`."""
-    fields: dict[str, object] = {
-        "prompt": "p",
-        "negative_prompt": "",
-        "width": 64,
-        "height": 64,
-        "steps": 4,
-        "guidance_scale": 4.0,
-        "seed": 1,
-        "n": 1,
-        "scheduler": "euler",
-        "model": MODEL,
-    }
-    return JobSpec.model_validate({**fields, **changes})
-
-
 def _queue_job(connection: redis.Redis, model: str, **changes: object) -> str:
     """A queued job written as the gateway writes one (the lifecycle's submit script)."""
     record = JobRecord(
         id=secrets.token_hex(8),
         status=JobStatus.QUEUED,
-        spec=_spec(model=model, **changes),
+        spec=job_spec(model=model, **changes),
         created_at=time.time(),
     )
     assert Lifecycle(connection).submit(record, max_depth=100).outcome == "created"

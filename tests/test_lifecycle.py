@@ -29,9 +29,11 @@ from imagegen.redis_server import RedisServer
 from imagegen.settings import Settings
 from imagegen.store import JobStore
 from tests.stack import (
+    FAST_RECOVERY,
     Gateway,
     Proc,
     Supervisor,
+    job_spec,
     parse_sse,
     start_gateway,
     start_worker,
@@ -46,15 +48,7 @@ from worker.runner import JobRunner
 from worker.state import WorkerState
 
 MODEL = "tiny"
-FAST = {
-    "IMAGEGEN_WORKER_STALE_S": "3",
-    "IMAGEGEN_HEARTBEAT_INTERVAL_S": "0.5",
-    "IMAGEGEN_RECOVERY_INTERVAL_S": "0.5",
-    "IMAGEGEN_FAULT_INJECTION": "true",
-    "IMAGEGEN_DEFAULT_MODEL": MODEL,
-    "IMAGEGEN_RATE_LIMIT_PER_MINUTE": "1000000",
-    "IMAGEGEN_WARMUP": "false",
-}
+FAST = {**FAST_RECOVERY, "IMAGEGEN_WORKER_STALE_S": "3", "IMAGEGEN_WARMUP": "false"}
 # Keys that hold no job's data: structure shared by all jobs, kept without a TTL.
 STRUCTURAL = (
     Keys.MODELS,
@@ -256,19 +250,20 @@ def _claimed_jobs(connection: redis.Redis, model: str, specs: list[JobSpec]) -> 
 
 
 def _spec(model: str, **changes: object) -> JobSpec:
-    fields: dict[str, object] = {
-        "prompt": "p",
-        "negative_prompt": "",
-        "width": 64,
-        "height": 64,
-        "steps": 4,
-        "guidance_scale": 4.0,
-        "seed": 1,
-        "n": 1,
-        "scheduler": "euler",
-        "model": model,
-    }
-    return JobSpec.model_validate({**fields, **changes})
+    return job_spec(model=model, **changes)
+
+
+def _runner(connection: redis.Redis, settings: Settings) -> JobRunner:
+    """A job runner on the settings' model, as a worker builds it."""
+    model = load_model(settings)
+    return JobRunner(
+        Inference(model),
+        Lifecycle(connection),
+        settings,
+        WorkerState(),
+        WorkerMetrics(settings.model_id or "", model.device),
+        CrashPoint(None),
+    )
 
 
 def test_a_stale_run_cannot_finish_a_job_that_was_taken_back(redis_conn: redis.Redis) -> None:
@@ -294,21 +289,12 @@ def test_a_batched_job_keeps_its_own_time_limit(
 ) -> None:
     redis_conn.flushdb()
     settings = Settings(model=str(tiny_model_dir), model_id="deadline", device="cpu")
-    model = load_model(settings)
     overdue, on_time = _claimed_jobs(
         redis_conn, "deadline", [_spec("deadline", seed=1), _spec("deadline", seed=2, n=2)]
     )
     # The first is past its own deadline; the second (same batch) has ten minutes left.
     overdue = Claimed(overdue.record.model_copy(update={"deadline": time.time() - 1}))
-    runner = JobRunner(
-        Inference(model),
-        Lifecycle(redis_conn),
-        settings,
-        WorkerState(),
-        WorkerMetrics("deadline", model.device),
-        CrashPoint(None),
-    )
-    outcomes = runner.run([overdue, on_time])
+    outcomes = _runner(redis_conn, settings).run([overdue, on_time])
     assert [(o.status, o.detail) for o in outcomes] == [("failed", "timeout"), ("succeeded", "")]
     store = JobStore(redis_conn)
     failed = store.get(overdue.id)
@@ -323,7 +309,6 @@ def test_an_out_of_memory_batch_is_split_and_only_what_fails_alone_fails(
     settings = Settings(
         model=str(tiny_model_dir), model_id="oom", device="cpu", fault_injection=True
     )
-    model = load_model(settings)
     # The middle job makes any loop step of more than one image run out of memory; it holds
     # two images itself, so it cannot run even alone.
     batch = _claimed_jobs(
@@ -335,15 +320,7 @@ def test_an_out_of_memory_batch_is_split_and_only_what_fails_alone_fails(
             _spec("oom", prompt="c"),
         ],
     )
-    runner = JobRunner(
-        Inference(model),
-        Lifecycle(redis_conn),
-        settings,
-        WorkerState(),
-        WorkerMetrics("oom", model.device),
-        CrashPoint(None),
-    )
-    outcomes = runner.run(batch)
+    outcomes = _runner(redis_conn, settings).run(batch)
     assert [(o.status, o.detail) for o in outcomes] == [
         ("succeeded", ""),
         ("failed", "out_of_memory"),

@@ -16,6 +16,7 @@ import torch
 from imagegen.contract import JobRecord, JobSpec, JobStatus
 from imagegen.lifecycle import Claimed, Lifecycle
 from imagegen.settings import Settings
+from tests.stack import job_spec
 from worker.batch_loop import BatchItem
 from worker.inference import Inference
 from worker.pipeline import LoadedModel, load_model
@@ -40,19 +41,8 @@ def sdxl(sdxl_dir: Path) -> Iterator[LoadedModel]:
 
 
 def spec(**changes: Any) -> JobSpec:
-    fields: dict[str, Any] = {
-        "prompt": "a red circle",
-        "negative_prompt": "",
-        "width": 64,
-        "height": 64,
-        "steps": 3,
-        "guidance_scale": 5.0,
-        "seed": 7,
-        "n": 1,
-        "scheduler": "euler",
-        "model": "sdxl",
-    }
-    return JobSpec.model_validate({**fields, **changes})
+    defaults = {"prompt": "a red circle", "steps": 3, "guidance_scale": 5.0, "seed": 7}
+    return job_spec(**{**defaults, "model": "sdxl", **changes})
 
 
 def pixels(images: Any) -> list[np.ndarray]:

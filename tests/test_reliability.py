@@ -22,6 +22,7 @@ import redis
 from imagegen.contract import Keys
 from imagegen.redis_server import RedisServer
 from tests.stack import (
+    FAST_RECOVERY,
     Proc,
     Supervisor,
     rss_mib,
@@ -32,16 +33,7 @@ from tests.stack import (
 )
 
 MODEL = "tiny"
-FAST = {
-    "IMAGEGEN_WORKER_STALE_S": "4",
-    "IMAGEGEN_HEARTBEAT_INTERVAL_S": "0.5",
-    "IMAGEGEN_RECOVERY_INTERVAL_S": "0.5",
-    "IMAGEGEN_HARD_TIMEOUT_GRACE_S": "2",
-    "IMAGEGEN_FAULT_INJECTION": "true",
-    "IMAGEGEN_DEFAULT_MODEL": MODEL,
-    "IMAGEGEN_MAX_STEPS": "10000",
-    "IMAGEGEN_RATE_LIMIT_PER_MINUTE": "1000000",
-}
+FAST = FAST_RECOVERY
 # Detecting a dead worker takes at most the heartbeat TTL plus one sweep.
 DETECT_S = 4 + 0.5
 

@@ -91,19 +91,9 @@ class Reaper:
             f"the worker running this job was lost {record.attempts} time(s) "
             f"(killed, out of host memory, or crashed by this job); giving up"
         )
-        moved, _ = self.lifecycle.transition(
-            record.id,
-            record.spec.model,
-            [JobStatus.RUNNING],
-            JobStatus.FAILED,
-            {
-                "finished_at": time.time(),
-                "error": {"code": ErrorCode.WORKER_LOST.value, "message": message},
-            },
-            ttl_s=self.settings.failure_ttl_s,
-            owner=record.owner or "",
-        )
-        if moved:
+        if self.lifecycle.fail_run(
+            record, ErrorCode.WORKER_LOST.value, message, self.settings.failure_ttl_s
+        ):
             log.error("job %s failed: worker_lost after %d attempts", record.id, record.attempts)
             return "failed"
         return "raced"

@@ -49,6 +49,12 @@ def _tiny_vae(**extra: object) -> AutoencoderKL:
     )
 
 
+def _tiny_scheduler() -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+
+
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """Components of well under a million parameters each; 64x64 native size (32x32 latents)."""
     torch.manual_seed(seed)
@@ -66,9 +72,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         norm_num_groups=16,
     )
     vae = _tiny_vae()
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
+    scheduler = _tiny_scheduler()
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -112,9 +116,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         cross_attention_dim=64,  # both encoders' hidden states side by side
         norm_num_groups=16,
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
+    scheduler = _tiny_scheduler()
     return StableDiffusionXLPipeline(
         vae=_tiny_vae(force_upcast=True),
         text_encoder=text_encoder,
