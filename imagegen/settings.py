@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     max_input_image_bytes: int = Field(
         10 * 1024 * 1024,
         ge=1024,
-        description="Largest input image (`image`, `mask`), as a file (before base64); 422 past it.",
+        description="Largest input image (`image`, `mask`) as a file, before base64; 422 "
+        "naming the field past it.",
     )
     max_image_body_bytes: int = Field(
         32 * 1024 * 1024,

@@ -85,12 +85,15 @@ def stock(
             "generator": generator,
             "output_type": "pil",
         }
+        kind: Any = StableDiffusionImg2ImgPipeline if mask is None else StableDiffusionInpaintPipeline
+        pipe = kind(**components)
+        # Set after construction, as the worker sets it: a pipeline's __init__ rewrites some
+        # scheduler configs (clip_sample, steps_offset) that the worker's schedulers keep.
+        pipe.scheduler = scheduler
         with torch.inference_mode():
             if mask is None:
-                pipe: Any = StableDiffusionImg2ImgPipeline(**{**components, "scheduler": scheduler})
                 result = pipe(**common)
             else:
-                pipe = StableDiffusionInpaintPipeline(**{**components, "scheduler": scheduler})
                 result = pipe(**common, mask_image=[mask], width=spec.width, height=spec.height)
         out += [np.asarray(im) for im in result.images]
     return out

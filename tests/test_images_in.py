@@ -148,7 +148,7 @@ def test_a_header_claiming_100000_squared_is_refused_before_any_pixel() -> None:
     elapsed = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert "100000x100000" in refused.value.message and "pixel cap" in refused.value.message
+    assert "pixel cap" in refused.value.message and "10000000000" in refused.value.message
     # 30 GB of pixels were never allocated: the peak is the header's bytes, not the image's.
     assert peak < 5 * 1024 * 1024, peak
     assert elapsed < 5  # generous: a decode would take minutes, or crash
