@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 
 from fastapi import Request
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import InvalidRequest, PayloadTooLarge
 from app.middleware import BODY_BYTES
@@ -91,8 +91,8 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
-    except Image.UnidentifiedImageError as exc:
+            opened = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+    except UnidentifiedImageError as exc:
         raise InvalidRequest.for_field(
             field, "is not a PNG, JPEG or WebP image (the format is read from the content)"
         ) from exc
@@ -102,6 +102,7 @@ def load_image(
         ) from exc
     except Exception as exc:
         raise InvalidRequest.for_field(field, "is corrupt (its header cannot be read)") from exc
+    image: Image.Image = opened
     width, height = image.size
     # The header's claim, before a single pixel is decoded.
     if width * height > max_pixels:

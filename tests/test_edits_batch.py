@@ -85,7 +85,9 @@ def stock(
             "generator": generator,
             "output_type": "pil",
         }
-        kind: Any = StableDiffusionImg2ImgPipeline if mask is None else StableDiffusionInpaintPipeline
+        kind: Any = (
+            StableDiffusionImg2ImgPipeline if mask is None else StableDiffusionInpaintPipeline
+        )
         pipe = kind(**components)
         # Set after construction, as the worker sets it: a pipeline's __init__ rewrites some
         # scheduler configs (clip_sample, steps_offset) that the worker's schedulers keep.

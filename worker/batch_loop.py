@@ -276,6 +276,10 @@ class _Loop:
                 )
                 if inpaint:
                     assert latent_mask is not None
+                    # The stock inpainting pipeline repeats its image latents (a contiguous
+                    # copy); the encoder leaves them channels-last, and on one CPU thread the
+                    # UNet's kernels then round differently.
+                    latent = latent.contiguous()
                     # The stock pipeline's encoding of the masked image: only its draw matters.
                     randn_tensor(latent.shape, generator=generator, device=self.device, dtype=dtype)
                     masks.append(latent_mask)
@@ -288,10 +292,12 @@ class _Loop:
             self.inputs["mask"] = torch.cat(masks)
         latent_timestep = timesteps[:1].repeat(self.rows)
         if inpaint and strength == 1.0:
-            return self.inputs["noise"] * scheduler.init_noise_sigma
-        return scheduler.add_noise(
+            start: torch.Tensor = self.inputs["noise"] * scheduler.init_noise_sigma
+            return start
+        start = scheduler.add_noise(
             self.inputs["image_latents"], self.inputs["noise"], latent_timestep
         )
+        return start
 
     def _report(self, step: int, total: int) -> set[int]:
         """Call each live job's on_step; the jobs whose callback raised, now finished."""
