@@ -80,7 +80,23 @@ def main() -> None:
         "--service-runs", type=int, default=5, help="jobs timed through the service (0: skip)"
     )
     parser.add_argument("--write-card", action="store_true")
+    parser.add_argument(
+        "--edits",
+        action="store_true",
+        help="score image-to-image, inpainting and outpainting instead (builtin_model/edit_score)",
+    )
     args = parser.parse_args()
+    if args.edits:
+        from builtin_model.edit_score import evaluate_edits
+
+        edit_scenes = list(data.held_out_scenes())[: args.limit]
+        started = time.perf_counter()
+        scores = evaluate_edits(str(args.model_dir), args.device, edit_scenes)
+        print(
+            f"images in, {len(edit_scenes)} held-out scenes, seed 0 ({time.perf_counter() - started:.0f} s)\n"
+        )
+        print(scores.table())
+        return
 
     device = torch.device(args.device)
     hardware = (

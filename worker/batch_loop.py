@@ -175,7 +175,12 @@ class _Loop:
         self.live = [job for job in self.live if job not in jobs]
         if self.live:
             self._layout()
-        return latents.index_select(0, index)
+        kept = latents.index_select(0, index)
+        if not latents.is_contiguous() and latents.is_contiguous(memory_format=torch.channels_last):
+            # Image-to-image latents come channels-last from the VAE encoder, as in the stock
+            # pipeline; the UNet's CPU kernels round by layout, so the layout stays.
+            kept = kept.contiguous(memory_format=torch.channels_last)
+        return kept
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> list[BatchResult]:
