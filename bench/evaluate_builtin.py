@@ -92,9 +92,8 @@ def main() -> None:
         edit_scenes = list(data.held_out_scenes())[: args.limit]
         started = time.perf_counter()
         scores = evaluate_edits(str(args.model_dir), args.device, edit_scenes)
-        print(
-            f"images in, {len(edit_scenes)} held-out scenes, seed 0 ({time.perf_counter() - started:.0f} s)\n"
-        )
+        took = time.perf_counter() - started
+        print(f"images in, {len(edit_scenes)} held-out scenes, seed 0 ({took:.0f} s)\n")
         print(scores.table())
         return
 
