@@ -18,6 +18,8 @@ scheduler, pndm with too few steps) is fixed and kept as regression tests at the
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import time
 import zlib
@@ -30,6 +32,7 @@ import pytest
 import redis
 import schemathesis
 from hypothesis import strategies as st
+from PIL import Image
 from schemathesis.checks import (
     CheckContext,
     CheckFunction,
@@ -57,6 +60,21 @@ REQUEST_TIMEOUT_S = 20
 SUBMIT = "POST /v1/generations"
 # OpenAI's images.generate: answers once the job is done, so its accepted bodies are kept small.
 OPENAI = "POST /v1/images/generations"
+# OpenAI's images.edit (multipart): waits likewise.
+EDITS = "POST /v1/images/edits"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# Valid inputs for schema-valid bodies: a generated string is no image, which the schema
+# cannot say (the content is checked by decoding it).
+INPUT_PNG = _png(Image.new("RGB", (64, 64), (200, 30, 30)))
+MASK_PNG = _png(Image.new("L", (64, 64), 255))
+OPENAI_MASK_PNG = _png(Image.new("RGBA", (64, 64), (0, 0, 0, 0)))
 
 # The test gateway runs with default settings; the served models are the `stack` fixture's.
 LIMITS = {name: info.default for name, info in Settings.model_fields.items()}
@@ -198,7 +216,7 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
     body = case.body
     meta = case.meta
     if (
-        case.operation.label not in (SUBMIT, OPENAI)
+        case.operation.label not in (SUBMIT, OPENAI, EDITS)
         or not isinstance(body, dict)
         or meta is None
         or not meta.generation.mode.is_positive
@@ -212,6 +230,9 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
     for name, value in list(body.items()):
         if isinstance(value, float) and value.is_integer() and name != "guidance_scale":
             body[name] = int(value)
+    if case.operation.label == EDITS:
+        _keep_edit_form_valid(body)
+        return case
     _keep_generation_rules(body)
     if case.operation.label == OPENAI:
         _keep_openai_answer_quick(body)
@@ -253,6 +274,53 @@ def _keep_generation_rules(body: dict[str, Any]) -> None:
     if isinstance(body.get("n"), int):
         body["n"] = min(body["n"], 2)
     _keep_scheduler_minimum(body)
+    _keep_image_rules(body)
+
+
+def _keep_image_rules(body: dict[str, Any]) -> None:
+    """Images in: real images, and the cross-field rules (mask/outpaint/strength need an image,
+    outpaint excludes mask, not all sides 0, steps × strength leaves a step)."""
+    present = {k for k in ("image", "mask", "outpaint", "strength") if body.get(k) is not None}
+    if not present:
+        return
+    body["image"] = base64.b64encode(INPUT_PNG).decode()
+    if isinstance(body.get("outpaint"), dict):
+        body.pop("mask", None)
+        sides = {k: (v % 5) * 8 for k, v in body["outpaint"].items() if isinstance(v, int)}
+        body["outpaint"] = sides if any(sides.values()) else {"right": 8}
+    if body.get("mask") is not None:
+        body["mask"] = base64.b64encode(MASK_PNG).decode()
+    if isinstance(body.get("width"), int) or isinstance(body.get("height"), int):
+        body.pop("outpaint", None)  # an explicit size with margins may leave no room
+    strength = body.get("strength")
+    minimum = SCHEDULER_MIN_STEPS.get(str(body.get("scheduler")), 1)
+    if isinstance(strength, float | int) and int((body.get("steps") or 4) * strength) < minimum:
+        body["strength"] = 1.0
+
+
+def _keep_edit_form_valid(body: dict[str, Any]) -> None:
+    body["image"] = INPUT_PNG
+    body.pop("image[]", None)
+    if body.get("mask") is not None:
+        body["mask"] = OPENAI_MASK_PNG
+    body.pop("outpaint", None)
+    body["model"] = TINY_MODEL_ID
+    body["n"] = 1
+    body["steps"] = 2
+    body.pop("scheduler", None)
+    body.pop("size", None)
+    prompt = body.get("prompt")
+    body["prompt"] = prompt.replace("\x00", "").strip()[:100] if isinstance(prompt, str) else ""
+    body["prompt"] = body["prompt"] or "a prompt"
+    negative = body.get("negative_prompt")
+    if isinstance(negative, str):
+        body["negative_prompt"] = negative.replace("\x00", "")[:100]
+    if isinstance(body.get("seed"), int):
+        body["seed"] %= SEED_MAX + 1
+    if isinstance(body.get("guidance_scale"), float | int):
+        body["guidance_scale"] = min(max(body["guidance_scale"], 0), 30)
+    if isinstance(body.get("strength"), float | int):
+        body["strength"] = 1.0 if not 0 < body["strength"] <= 1 else max(body["strength"], 0.5)
 
 
 def _keep_scheduler_minimum(body: dict[str, Any]) -> None:

@@ -294,3 +294,33 @@ def test_a_canceled_edit_job_expires_its_inputs(stack: Gateway, redis_conn: redi
         client.delete(f"/v1/generations/{job_id}")
     ttl = redis_conn.ttl(Keys.input(job_id, "image"))
     assert 0 < ttl <= redis_conn.ttl(Keys.job(job_id)) + 1
+
+
+def test_the_lifecycle_writes_inputs_with_the_job_and_expires_them_with_it(
+    redis_conn: redis.Redis,
+) -> None:
+    from imagegen.contract import InputRef, JobRecord, JobSpec, JobStatus
+    from imagegen.lifecycle import Lifecycle
+    from imagegen.store import JobStore
+
+    ref = InputRef(sha256="a" * 64, width=64, height=64)
+    spec = JobSpec(
+        prompt="x", negative_prompt="", width=64, height=64, steps=2, guidance_scale=1.0,
+        seed=1, n=1, scheduler="euler", model="lifecycle-inputs", task="inpaint", image=ref,
+        mask=ref, strength=1.0,
+    )  # fmt: skip
+    record = JobRecord(
+        id="gen_" + "i" * 22, status=JobStatus.QUEUED, spec=spec, created_at=time.time()
+    )
+    lifecycle = Lifecycle(redis_conn)
+    with pytest.raises(ValueError, match="needs inputs"):
+        lifecycle.submit(record, max_depth=10, inputs={"image": b"png"})
+    assert redis_conn.exists(Keys.job(record.id)) == 0  # nothing written
+    blobs = {"image": b"\x89PNG image", "mask": b"\x89PNG mask"}
+    assert lifecycle.submit(record, max_depth=10, inputs=blobs).outcome == "created"
+    assert JobStore(redis_conn).get_input(record.id, "mask") == b"\x89PNG mask"
+    assert redis_conn.ttl(Keys.input(record.id, "image")) == -1  # queued: no TTL, as the record
+    assert redis_conn.hget(Keys.job(record.id), "inputs") == b"image,mask"
+    assert lifecycle.cancel(record, ttl_s=120)
+    for name in ("image", "mask"):
+        assert 0 < redis_conn.ttl(Keys.input(record.id, name)) <= 120

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urljoin
 
 import anyio
@@ -109,7 +109,7 @@ async def edit_image(
     ] = None,
     n: Annotated[int | None, Form()] = None,
     size: Annotated[str | None, Form()] = None,
-    response_format: Annotated[str | None, Form()] = None,
+    response_format: Annotated[Literal["b64_json", "url"] | None, Form()] = None,
     model: Annotated[str | None, Form()] = None,
     negative_prompt: Annotated[str | None, Form()] = None,
     steps: Annotated[int | None, Form()] = None,
@@ -120,8 +120,8 @@ async def edit_image(
     outpaint: Annotated[str | None, Form(description='JSON, e.g. {"right": 32}.')] = None,
     user: Annotated[str | None, Form()] = None,
     quality: Annotated[str | None, Form()] = None,
-    background: Annotated[str | None, Form()] = None,
-    output_format: Annotated[str | None, Form()] = None,
+    background: Annotated[Literal["auto", "opaque"] | None, Form()] = None,
+    output_format: Annotated[Literal["png"] | None, Form()] = None,
     input_fidelity: Annotated[str | None, Form()] = None,
 ) -> OpenAIImagesResponse | Response:
     """Edit an image (OpenAI's `images.edit`): mask pixels with alpha 0 are repainted."""
