@@ -293,8 +293,10 @@ def _keep_image_rules(body: dict[str, Any]) -> None:
     if isinstance(body.get("width"), int) or isinstance(body.get("height"), int):
         body.pop("outpaint", None)  # an explicit size with margins may leave no room
     strength = body.get("strength")
+    if not isinstance(strength, float | int):
+        strength = 0.8  # image-to-image's default
     minimum = SCHEDULER_MIN_STEPS.get(str(body.get("scheduler")), 1)
-    if isinstance(strength, float | int) and int((body.get("steps") or 4) * strength) < minimum:
+    if int((body.get("steps") or 4) * strength) < minimum:
         body["strength"] = 1.0
 
 
