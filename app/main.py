@@ -22,7 +22,7 @@ from app.metrics import router as metrics_router
 from app.middleware import BodySizeLimit, RequestId
 from app.playground import router as playground_router
 from app.registry import ModelRegistry
-from app.routes import generations, health, models, openai_images
+from app.routes import generations, health, models, openai_edits, openai_images
 from app.schemas import ErrorEnvelope
 from app.service import GenerationService
 from imagegen import __version__
@@ -116,7 +116,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     _finish_openapi(app, settings)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        image_max_bytes=settings.max_image_body_bytes,
+    )
     app.add_middleware(RequestMetrics)
     app.add_middleware(RequestId)  # outermost: even a 413 carries the request id
     if settings.cors_origins:
@@ -129,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(generations.router)
     app.include_router(openai_images.router)
+    app.include_router(openai_edits.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(metrics_router)

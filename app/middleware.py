@@ -40,33 +40,47 @@ class RequestId:
             request_id.reset(token)
 
 
+# Where a body may carry images (POST only): these get `image_max_bytes`; the route then
+# holds a body past `max_bytes` that turned out to carry no image to the small limit
+# (`app.images_in.check_body_size`), so the larger limit serves only requests with images.
+IMAGE_PATHS = frozenset({"/v1/generations", "/v1/images/generations", "/v1/images/edits"})
+# The bytes received, for the route: scope["state"][BODY_BYTES].
+BODY_BYTES = "imagegen_body_bytes"
+
+
 class BodySizeLimit:
-    """Answer 413 past `max_bytes`: at once when Content-Length says so, else as soon as the
+    """Answer 413 past the limit: at once when Content-Length says so, else as soon as the
     bytes received (chunked, or a lying Content-Length) pass the limit — the body is never
     buffered past it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, image_max_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.image_max_bytes = max(image_max_bytes or max_bytes, max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"the request body exceeds the limit of {self.max_bytes} bytes"
+        limit = self.max_bytes
+        if scope.get("method") == "POST" and scope.get("path") in IMAGE_PATHS:
+            limit = self.image_max_bytes
+        message = f"the request body exceeds the limit of {limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             await _send_413(send, message)
             return
         received = 0
         started = False
+        state = scope.setdefault("state", {})
 
         async def limited_receive() -> Message:
             nonlocal received
             incoming = await receive()
             if incoming["type"] == "http.request":
                 received += len(incoming.get("body", b""))
-                if received > self.max_bytes:
+                state[BODY_BYTES] = received
+                if received > limit:
                     # An ApiError, so the app's own handler answers if it is reading the body.
                     raise PayloadTooLarge(message)
             return incoming

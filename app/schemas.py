@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from imagegen.contract import SEED_MAX
+from imagegen.contract import SEED_MAX, InputRef, Outpaint
 
 
 def check_text(value: str, field: str) -> str:
@@ -33,6 +33,27 @@ Width = Annotated[int, Field(ge=64, multiple_of=8), _Integral]
 Steps = Annotated[int, Field(ge=1), _Integral]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX), _Integral]
 Count = Annotated[int, Field(ge=1), _Integral]
+Margin = Annotated[int, Field(ge=0, multiple_of=8), _Integral]
+
+
+class OutpaintRequest(BaseModel):
+    """`outpaint`: pixels the canvas grows by on each side."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    left: Margin = Field(0, description="Multiple of 8, ≥ 0.")
+    right: Margin = Field(0, description="Multiple of 8, ≥ 0.")
+    top: Margin = Field(0, description="Multiple of 8, ≥ 0.")
+    bottom: Margin = Field(0, description="Multiple of 8, ≥ 0.")
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> OutpaintRequest:
+        if not (self.left or self.right or self.top or self.bottom):
+            raise ValueError("at least one of left, right, top, bottom must be > 0")
+        return self
+
+    def to_contract(self) -> Outpaint:
+        return Outpaint(left=self.left, right=self.right, top=self.top, bottom=self.bottom)
 
 
 class GenerationRequest(BaseModel):
@@ -58,6 +79,30 @@ class GenerationRequest(BaseModel):
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
         description="One of the ids `GET /v1/models` lists.",
+    )
+    # Images in (../shared/API.md "Images in"); checked and decoded by app.images_in.
+    image: str | None = Field(
+        None,
+        description="A PNG, JPEG or WebP as base64 or a data:image/...;base64, URI. Alone: "
+        "image-to-image.",
+    )
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="0 < s ≤ 1: how much of `image` is re-noised. Default 0.8 for "
+        "image-to-image, 1.0 for inpainting and outpainting. Only with `image`.",
+    )
+    mask: str | None = Field(
+        None,
+        description="Same encodings as `image`, same size. WHITE (luminance ≥ 128) = repaint, "
+        "black = keep. Needs `image`.",
+    )
+    outpaint: OutpaintRequest | None = Field(
+        None,
+        description="Grow the canvas by these pixels (multiples of 8) and generate only the new "
+        "area. Needs `image`, excludes `mask`.",
     )
 
     @field_validator("prompt")
@@ -111,6 +156,11 @@ class GenerationParams(BaseModel):
     n: int
     scheduler: str
     model: str
+    task: str = Field("text", description="text | img2img | inpaint | outpaint")
+    image: InputRef | None = Field(None, description="The input image: sha256 and size.")
+    mask: InputRef | None = Field(None, description="The mask as sent: sha256 and size.")
+    strength: float | None = None
+    outpaint: Outpaint | None = None
 
 
 class JobDocument(BaseModel):

@@ -12,6 +12,7 @@ import anyio
 import redis
 import redis.asyncio as aioredis
 
+from app import images_in
 from app.errors import Conflict, InvalidRequest, NotFound, QueueFull, Unavailable
 from app.registry import ModelRegistry
 from app.schemas import (
@@ -71,15 +72,56 @@ class GenerationService:
         self.submitter = AsyncSubmitter(async_connection)
 
     # -- submit ---------------------------------------------------------------------------------
-    async def resolve(self, request: GenerationRequest) -> JobSpec:
+    async def resolve(
+        self, request: GenerationRequest, inputs: images_in.PreparedInputs | None = None
+    ) -> JobSpec:
         """Fill in the model's defaults and apply the configured limits, naming any field."""
         model_id = request.model or self.settings.default_model
         info = await self.registry.aget(model_id)
         known = await self.registry.amodel_ids() if info is None else []
-        return self._resolve(request, model_id, info, known)
+        return self._resolve(request, model_id, info, known, inputs)
+
+    def prepare_inputs(self, request: GenerationRequest) -> images_in.PreparedInputs | None:
+        """Decode, check and normalize the request's images (None: text-to-image). Blocking:
+        the gateway runs it in a worker thread."""
+        if request.image is None:
+            for field in ("mask", "outpaint", "strength"):
+                if getattr(request, field) is not None:
+                    raise InvalidRequest.for_field(field, "needs `image`")
+            return None
+        if request.outpaint is not None and request.mask is not None:
+            raise InvalidRequest.for_field("outpaint", "excludes `mask` (the new area is the mask)")
+        s = self.settings
+        image = images_in.load_image(
+            images_in.decode_base64(request.image, "image", s.max_input_image_bytes),
+            "image",
+            s.max_input_image_bytes,
+            s.max_pixels,
+        )
+        mask = None
+        if request.mask is not None:
+            mask = images_in.load_image(
+                images_in.decode_base64(request.mask, "mask", s.max_input_image_bytes),
+                "mask",
+                s.max_input_image_bytes,
+                s.max_pixels,
+            )
+        outpaint = request.outpaint.to_contract().sides() if request.outpaint else None
+        return images_in.prepare(
+            image=image,
+            mask=mask,
+            outpaint=outpaint,
+            width=request.width,
+            height=request.height,
+        )
 
     def _resolve(
-        self, request: GenerationRequest, model_id: str, info: ModelInfo | None, known: list[str]
+        self,
+        request: GenerationRequest,
+        model_id: str,
+        info: ModelInfo | None,
+        known: list[str],
+        inputs: images_in.PreparedInputs | None = None,
     ) -> JobSpec:
         s = self.settings
         if info is None:
@@ -100,9 +142,14 @@ class GenerationService:
             )
         width = request.width if request.width is not None else info.width
         height = request.height if request.height is not None else info.height
+        if inputs is not None:  # the input's size (grown by any outpaint) unless given
+            width, height = inputs.width, inputs.height
         if width * height > s.max_pixels:
+            named = "width" if request.width is not None else "height"
+            if inputs is not None and request.width is None and request.height is None:
+                named = "outpaint" if request.outpaint is not None else "image"
             raise InvalidRequest.for_field(
-                "width" if request.width is not None else "height",
+                named,
                 f"width*height = {width * height} exceeds the pixel cap of {s.max_pixels}",
             )
         steps = request.steps if request.steps is not None else info.steps
@@ -121,6 +168,15 @@ class GenerationService:
             raise InvalidRequest.for_field(
                 "steps", f"scheduler {scheduler!r} needs at least {min_steps} steps"
             )
+        if inputs is not None:
+            strength = self._input_fields(request, inputs)["strength"]
+            assert isinstance(strength, float | int)
+            if int(steps * strength) < min_steps:
+                raise InvalidRequest.for_field(
+                    "strength",
+                    f"strength {strength} x {steps} steps leaves {int(steps * strength)} steps "
+                    f"to run; at least {min_steps} needed (raise strength or steps)",
+                )
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         return JobSpec(
             prompt=request.prompt,
@@ -137,7 +193,23 @@ class GenerationService:
             n=request.n,
             scheduler=scheduler,
             model=model_id,
+            **self._input_fields(request, inputs),
         )
+
+    @staticmethod
+    def _input_fields(
+        request: GenerationRequest, inputs: images_in.PreparedInputs | None
+    ) -> dict[str, object]:
+        if inputs is None:
+            return {}
+        default_strength = 0.8 if inputs.task == "img2img" else 1.0
+        return {
+            "task": inputs.task,
+            "image": inputs.refs["image"],
+            "mask": inputs.refs.get("mask"),
+            "strength": request.strength if request.strength is not None else default_strength,
+            "outpaint": request.outpaint.to_contract() if request.outpaint else None,
+        }
 
     def job_timeout_s(self, spec: JobSpec) -> int:
         """A hard limit that grows with the work: steps x megapixels x images."""
@@ -155,7 +227,13 @@ class GenerationService:
         One round trip to Redis, on the event loop: a script checks the Idempotency-Key and
         the queue's depth and, only if both allow it, writes the job (see `_SUBMIT_LUA`).
         """
-        spec = await self.resolve(request)  # a bad request never consumes an idempotency key
+        inputs = None
+        if request.image is not None or request.mask is not None or request.outpaint is not None:
+            inputs = await anyio.to_thread.run_sync(self.prepare_inputs, request)
+        elif request.strength is not None:
+            raise InvalidRequest.for_field("strength", "needs `image`")
+        # A bad request never consumes an idempotency key.
+        spec = await self.resolve(request, inputs)
         record = JobRecord(
             id=new_job_id(),
             status=JobStatus.QUEUED,
@@ -175,7 +253,12 @@ class GenerationService:
                 f"{record.id} {body_hash}",
                 IDEMPOTENCY_TTL_S,
             )
-        result = await self.submitter.submit(record, self.settings.max_queue_depth, idempotency)
+        result = await self.submitter.submit(
+            record,
+            self.settings.max_queue_depth,
+            idempotency,
+            inputs.blobs if inputs is not None else None,
+        )
         if result.outcome == "created":
             return self.document(record, queue_position=int(result.value)), True
         if result.outcome == "full":

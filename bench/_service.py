@@ -22,7 +22,10 @@ from tests.stack import Gateway, start_gateway, start_worker, wait_for_worker
 
 @contextmanager
 def service(
-    workers: int = 1, worker_env: dict[str, str] | None = None, threads: str = "2"
+    workers: int = 1,
+    worker_env: dict[str, str] | None = None,
+    threads: str = "2",
+    gateway_env: dict[str, str] | None = None,
 ) -> Iterator[Gateway]:
     """Redis, a gateway and `workers` workers (built-in model unless `worker_env` says else)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,7 +39,9 @@ def service(
                 proc = start_worker(server.url, root, f"bench-{i}", env)
                 wait_for_worker(connection, proc, f"bench-{i}")
                 procs.append(proc)
-            gateway = start_gateway(server.url, root, {"IMAGEGEN_MAX_QUEUE_DEPTH": "100000"})
+            gateway = start_gateway(
+                server.url, root, {"IMAGEGEN_MAX_QUEUE_DEPTH": "100000", **(gateway_env or {})}
+            )
             procs.append(gateway.proc)
             yield gateway
         finally:

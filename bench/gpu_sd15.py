@@ -7,6 +7,8 @@ short by a time limit still reports what it finished):
   eager    images/s with 32 concurrent clients, batching on, no compilation  (target >= 5)
   options  the same with fused QKV projections and channels_last (still eager)
   compiled the same with torch.compile as well                                (target >= 7)
+  img2img  image-to-image (strength 0.8): one job through the service vs the bare
+           StableDiffusionImg2ImgPipeline call, then images/s with 32 clients, eager
   (bare, one at a time, on an H100: 1.18 images/s, ../shared/anchors)
 
 Run on a GPU host from the repo root (see bench/README.md for the device wheels):
@@ -18,6 +20,8 @@ Run on a GPU host from the repo root (see bench/README.md for the device wheels)
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import tempfile
 import time
@@ -29,9 +33,11 @@ from _service import generate, median, now, service, throughput
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from builtin_model.build import build_tokenizer
@@ -110,10 +116,31 @@ def build_sd15(directory: Path, small: bool) -> None:
     (directory / "imagegen.json").write_text(json.dumps(card))
 
 
-def bare_latency(directory: Path, runs: int, steps: int, size: int) -> float:
+IMG2IMG_STRENGTH = 0.8
+
+
+def input_image(size: int) -> Image.Image:
+    image = Image.new("RGB", (size, size), (245, 220, 40))
+    image.paste((30, 70, 220), (size // 8, size // 8, size // 2, size // 2))
+    return image
+
+
+def input_b64(size: int) -> str:
+    buffer = io.BytesIO()
+    input_image(size).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def bare_latency(directory: Path, runs: int, steps: int, size: int, img2img: bool = False) -> float:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(directory, dtype=dtype).to(device)
+    kind: Any = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    extra: dict[str, Any] = (
+        {"image": input_image(size), "strength": IMG2IMG_STRENGTH}
+        if img2img
+        else {"width": size, "height": size}
+    )
+    pipe = kind.from_pretrained(directory, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     times = []
     for i in range(runs + 1):
@@ -122,8 +149,7 @@ def bare_latency(directory: Path, runs: int, steps: int, size: int) -> float:
         started = now()
         pipe(
             "a prompt",
-            width=size,
-            height=size,
+            **extra,
             num_inference_steps=steps,
             guidance_scale=7.5,
             generator=torch.Generator("cpu").manual_seed(i),
@@ -149,7 +175,7 @@ def body(size: int, steps: int, seed: int) -> dict[str, object]:
     }
 
 
-PHASES = ("single", "eager", "options", "compiled")
+PHASES = ("single", "eager", "options", "compiled", "img2img")
 
 
 def main() -> None:
@@ -205,7 +231,7 @@ def main() -> None:
             "IMAGEGEN_COMPILE": "true",
             "IMAGEGEN_COMPILE_BATCHES": args.compile_batches,
         }
-        for phase in phases:
+        for phase in [p for p in phases if p != "img2img"]:
             worker_env = {"single": env, "eager": env, "options": options}.get(phase, compiled)
             if phase == "single":  # a lone job would wait out the whole max-wait
                 worker_env = {**env, "IMAGEGEN_BATCH_MAX_WAIT_S": "0"}
@@ -236,6 +262,42 @@ def main() -> None:
                 images_per_s=images_per_s,
                 ready_s=ready,
                 ratio_to_bare=images_per_s * bare,
+            )
+
+        if "img2img" in phases:
+            # Same figures as text-to-image: one job vs the bare call, then throughput.
+            bare_i2i = bare_latency(directory, args.runs, steps, size, img2img=True)
+            report("bare img2img call, one image", f"{bare_i2i:7.3f} s", seconds=bare_i2i)
+            image = input_b64(size)
+
+            def i2i(seed: int, image: str = image) -> dict[str, object]:
+                return {**body(size, steps, seed), "image": image, "strength": IMG2IMG_STRENGTH}
+
+            with service(worker_env={**env, "IMAGEGEN_BATCH_MAX_WAIT_S": "0"}) as gateway:
+                times = []
+                with gateway.client() as client:
+                    for i in range(args.runs + 1):
+                        begun = now()
+                        generate(client, i2i(i))
+                        if i:
+                            times.append(now() - begun)
+                single = median(times)
+                report(
+                    "img2img through the service",
+                    f"{single:7.3f} s (ratio {single / bare_i2i:.3f}, target <= 1.10)",
+                    seconds=single,
+                    ratio=single / bare_i2i,
+                )
+            with service(worker_env=env, threads="4") as gateway:
+                images_per_s, _ = throughput(
+                    gateway, args.clients, args.seconds, lambda c, k: i2i(c * 10_000 + k)
+                )
+            report(
+                f"{args.clients} clients, img2img",
+                f"{images_per_s:7.2f} images/s; ratio to bare one at a time "
+                f"{images_per_s * bare_i2i:.2f}",
+                images_per_s=images_per_s,
+                ratio_to_bare=images_per_s * bare_i2i,
             )
 
 

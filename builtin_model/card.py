@@ -68,8 +68,31 @@ def write(
     }
     (model_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     sample_grid(evaluations[0]).save(model_dir / "samples.png", optimize=True)
-    (model_dir / "README.md").write_text(
-        _card(model_dir, record, evaluations, eval_hardware, latency)
+    card = _card(model_dir, record, evaluations, eval_hardware, latency)
+    (model_dir / "README.md").write_text(card.rstrip("\n") + "\n" + edits_section(model_dir))
+
+
+EDITS_BEGIN = "<!-- images-in: written by bench/evaluate_builtin.py --edits --write-card -->"
+EDITS_END = "<!-- /images-in -->"
+
+
+def edits_section(model_dir: Path) -> str:
+    """The card's "Images in" section as it stands (kept when the rest is rewritten)."""
+    path = model_dir / "README.md"
+    text = path.read_text() if path.exists() else ""
+    if EDITS_BEGIN not in text:
+        return ""
+    return "\n" + text[text.index(EDITS_BEGIN) : text.index(EDITS_END) + len(EDITS_END)] + "\n"
+
+
+def write_edits_section(model_dir: Path, body: str) -> None:
+    """Put `body` as the card's "Images in" section (replacing any earlier one)."""
+    path = model_dir / "README.md"
+    text = path.read_text()
+    if EDITS_BEGIN in text:
+        text = text[: text.index(EDITS_BEGIN)] + text[text.index(EDITS_END) + len(EDITS_END) :]
+    path.write_text(
+        text.rstrip("\n") + "\n\n" + EDITS_BEGIN + "\n" + body.strip() + "\n" + EDITS_END + "\n"
     )
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from imagegen.cli_compose import register as register_compose
+from imagegen.cli_edit import register as register_edit
 from imagegen.cli_generate import register as register_generate
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ def tiny_model(directory: Path) -> None:
 
 
 register_generate(app)
+register_edit(app)
 register_compose(app)
 
 

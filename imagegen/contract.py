@@ -56,6 +56,35 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
 
 
+class InputRef(BaseModel):
+    """An input image as the job shows it: the sha256 of the file sent, and its size (after
+    EXIF orientation). The pixels are stored apart, once (`Keys.input`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sha256: str
+    width: int
+    height: int
+
+
+class Outpaint(BaseModel):
+    """Pixels the canvas grows by on each side."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+
+    def sides(self) -> tuple[int, int, int, int]:
+        return (self.left, self.right, self.top, self.bottom)
+
+
+# What a job does with its inputs: draw from noise, or start from / keep part of an image.
+TASKS = ("text", "img2img", "inpaint", "outpaint")
+
+
 class JobSpec(BaseModel):
     """A generation request with every default filled in: exactly what the worker runs."""
 
@@ -71,6 +100,21 @@ class JobSpec(BaseModel):
     n: int
     scheduler: str
     model: str
+    # Images in (defaults: text-to-image). `image`/`mask` reference the normalized PNGs stored
+    # with the job (`Keys.input(job, "image" | "mask")`); outpainting stores the grown canvas
+    # and its mask under the same names.
+    task: str = "text"
+    image: InputRef | None = None
+    mask: InputRef | None = None
+    strength: float | None = None
+    outpaint: Outpaint | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        """The input blobs stored with the job."""
+        if self.task == "text":
+            return []
+        return ["image"] if self.task == "img2img" else ["image", "mask"]
 
     def image_seed(self, index: int) -> int:
         """Image `index` of a job uses seed + index, so n=1 reproduces any single image."""
@@ -83,8 +127,13 @@ class JobSpec(BaseModel):
 
     @property
     def batch_key(self) -> str:
-        """`shape_key` as the text the claim script compares (stored with the job)."""
-        return "|".join(str(part) for part in self.shape_key)
+        """`shape_key` as the text the claim script compares (stored with the job); jobs with
+        images in also share task, strength and whether a mask is used."""
+        key = "|".join(str(part) for part in self.shape_key)
+        if self.task == "text":
+            return key
+        masked = "mask" if self.task in ("inpaint", "outpaint") else "nomask"
+        return f"{key}|{self.task}|{self.strength!r}|{masked}"
 
 
 class ImageInfo(BaseModel):
@@ -164,6 +213,11 @@ class Keys:
     @staticmethod
     def image(job_id: str, index: int) -> str:
         return f"{Keys.PREFIX}:job:{job_id}:image:{index}"
+
+    @staticmethod
+    def input(job_id: str, name: str) -> str:
+        """An input image of the job (normalized PNG), written at submit, expired with it."""
+        return f"{Keys.PREFIX}:job:{job_id}:input:{name}"
 
     @staticmethod
     def events(job_id: str) -> str:

@@ -30,19 +30,27 @@ from imagegen.store import RUN_SECONDS_BUCKETS, encode_fields, record_from_hash
 
 _P = Keys.PREFIX
 
-# Submit. KEYS: queue, job, queue-seq, bell, [idempotency record].
-# ARGV: max depth, idempotency value, idempotency TTL, job id, then the record's field/value pairs.
-# Returns {'created', position} | {'full', depth} | {'exists', idempotency value}.
-# Out of memory (noeviction), Redis refuses the script's first write and so the whole job.
+# Submit. KEYS: queue, job, queue-seq, bell, the k input blob keys, [idempotency record].
+# ARGV: max depth, idempotency value, idempotency TTL, job id, k, the k input blobs, then the
+# record's field/value pairs. Returns {'created', position} | {'full', depth} |
+# {'exists', idempotency value}. The inputs are written with the record, in the same step, and
+# carry no TTL while the job is queued or running (the record has none either); every terminal
+# transition expires them with the record (see _TRANSITION). Out of memory (noeviction), Redis
+# refuses the script's first write and so the whole job.
 _SUBMIT = """
-if KEYS[5] then
-  local existing = redis.call('GET', KEYS[5])
+local k = tonumber(ARGV[5])
+local idem = KEYS[5 + k]
+if idem then
+  local existing = redis.call('GET', idem)
   if existing then return {'exists', existing} end
 end
 local depth = redis.call('ZCARD', KEYS[1])
 if depth >= tonumber(ARGV[1]) then return {'full', depth} end
-if KEYS[5] then redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[3]) end
-redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+if idem then redis.call('SET', idem, ARGV[2], 'EX', ARGV[3]) end
+for j = 1, k do
+  redis.call('SET', KEYS[4 + j], ARGV[5 + j])
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 6 + k))
 redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[3]), ARGV[4])
 redis.call('LPUSH', KEYS[4], 1)
 redis.call('LTRIM', KEYS[4], 0, 63)
@@ -138,6 +146,13 @@ end
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 if ttl == 0 then redis.call('PERSIST', KEYS[1]) end
+-- The job's input images (listed in the record) live exactly as long as the record.
+local inputs = redis.call('HGET', KEYS[1], 'inputs') or ''
+for name in string.gmatch(inputs, '[^,]+') do
+  local input_key = '{P}:job:' .. id .. ':input:' .. name
+  if ttl > 0 then redis.call('EXPIRE', input_key, ttl) end
+  if ttl == 0 then redis.call('PERSIST', input_key) end
+end
 if new == 'succeeded' or new == 'failed' or new == 'canceled' then
   -- Cluster-wide job counts by model and final status, for /metrics on any gateway.
   local model = redis.call('HGET', KEYS[1], 'model')
@@ -210,6 +225,7 @@ def record_fields(record: JobRecord) -> dict[str, str]:
             "api_key": record.api_key,
             "request_id": record.request_id,
             "timeout_s": record.timeout_s,
+            "inputs": ",".join(spec.input_names),
         }
     )
 
@@ -284,10 +300,15 @@ class Lifecycle:
 
     # -- gateway --------------------------------------------------------------------------------
     def submit(
-        self, record: JobRecord, max_depth: int, idempotency: tuple[str, str, int] | None = None
+        self,
+        record: JobRecord,
+        max_depth: int,
+        idempotency: tuple[str, str, int] | None = None,
+        inputs: Mapping[str, bytes] | None = None,
     ) -> Submitted:
-        """Queue `record` unless the queue is full or the Idempotency-Key was used (sync)."""
-        keys, args = submit_call(record, max_depth, idempotency)
+        """Queue `record` unless the queue is full or the Idempotency-Key was used (sync);
+        `inputs` (name -> normalized PNG, one per `record.spec.input_names`) in the same step."""
+        keys, args = submit_call(record, max_depth, idempotency, inputs)
         outcome, value = self._submit(keys=keys, args=args)
         return parse_submit(outcome, value)
 
@@ -414,12 +435,20 @@ class Lifecycle:
 
 
 def submit_call(
-    record: JobRecord, max_depth: int, idempotency: tuple[str, str, int] | None
+    record: JobRecord,
+    max_depth: int,
+    idempotency: tuple[str, str, int] | None,
+    inputs: Mapping[str, bytes] | None = None,
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the submit script. `idempotency`: (key, value, TTL)."""
     model = record.spec.model
+    names = record.spec.input_names
+    given = dict(inputs or {})
+    if sorted(given) != sorted(names):
+        raise ValueError(f"job {record.id} needs inputs {names}, got {sorted(given)}")
     keys = [Keys.queue(model), Keys.job(record.id), Keys.QUEUE_SEQ, Keys.bell(model)]
-    args: list[Any] = [max_depth, "", 0, record.id]
+    keys += [Keys.input(record.id, name) for name in names]
+    args: list[Any] = [max_depth, "", 0, record.id, len(names), *(given[n] for n in names)]
     if idempotency is not None:
         keys.append(idempotency[0])
         args[1], args[2] = idempotency[1], idempotency[2]
@@ -442,9 +471,13 @@ class AsyncSubmitter:
         self._submit = connection.register_script(_script(_SUBMIT))
 
     async def submit(
-        self, record: JobRecord, max_depth: int, idempotency: tuple[str, str, int] | None = None
+        self,
+        record: JobRecord,
+        max_depth: int,
+        idempotency: tuple[str, str, int] | None = None,
+        inputs: Mapping[str, bytes] | None = None,
     ) -> Submitted:
-        keys, args = submit_call(record, max_depth, idempotency)
+        keys, args = submit_call(record, max_depth, idempotency, inputs)
         outcome, value = await self._submit(keys=keys, args=args)
         return parse_submit(outcome, value)
 

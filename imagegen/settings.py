@@ -82,6 +82,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         65536, ge=1024, description="Largest request body, chunked or not (413 past it)."
     )
+    max_input_image_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        description="Largest input image (`image`, `mask`) as a file, before base64; 422 "
+        "naming the field past it.",
+    )
+    max_image_body_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Largest body of a request that carries images (JSON with `image`/`mask`, "
+        "or /v1/images/edits); other requests keep IMAGEGEN_MAX_BODY_BYTES. 413 past it.",
+    )
     max_queue_depth: int = Field(
         1000, ge=1, description="Jobs a model's queue may hold; 429 queue_full past it."
     )

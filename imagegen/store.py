@@ -89,3 +89,8 @@ class JobStore:
     def get_image(self, job_id: str, index: int) -> bytes | None:
         value: bytes | None = self.redis.get(Keys.image(job_id, index))  # type: ignore[assignment]
         return value
+
+    def get_input(self, job_id: str, name: str) -> bytes | None:
+        """An input image of the job (the normalized PNG stored at submit)."""
+        value: bytes | None = self.redis.get(Keys.input(job_id, name))  # type: ignore[assignment]
+        return value

@@ -18,6 +18,8 @@ scheduler, pndm with too few steps) is fixed and kept as regression tests at the
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import time
 import zlib
@@ -30,6 +32,7 @@ import pytest
 import redis
 import schemathesis
 from hypothesis import strategies as st
+from PIL import Image
 from schemathesis.checks import (
     CheckContext,
     CheckFunction,
@@ -58,6 +61,18 @@ SUBMIT = "POST /v1/generations"
 # OpenAI's images.generate: answers once the job is done, so its accepted bodies are kept small.
 OPENAI = "POST /v1/images/generations"
 
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# Valid inputs for schema-valid bodies: a generated string is no image, which the schema
+# cannot say (the content is checked by decoding it).
+INPUT_PNG = _png(Image.new("RGB", (64, 64), (200, 30, 30)))
+MASK_PNG = _png(Image.new("L", (64, 64), 255))
+
 # The test gateway runs with default settings; the served models are the `stack` fixture's.
 LIMITS = {name: info.default for name, info in Settings.model_fields.items()}
 SERVED_MODELS = sorted({TINY_MODEL_ID, LIMITS["default_model"]})
@@ -85,7 +100,11 @@ CONFIG = schemathesis.Config.from_dict(
 
 
 APP_SPEC = create_app().openapi()
-SCHEMA = schemathesis.openapi.from_dict(APP_SPEC, config=CONFIG)
+# /v1/images/edits is multipart: schemathesis sends its file fields (OpenAPI 3.1
+# `contentMediaType`, no `format: binary`) as plain form fields, which no upload can be. Its
+# rules are tested with the openai client and raw multipart in tests/test_openai_edits.py; the
+# JSON fields of images in (`image`, `mask`, `strength`, `outpaint`) are fuzzed here.
+SCHEMA = schemathesis.openapi.from_dict(APP_SPEC, config=CONFIG).exclude(path="/v1/images/edits")
 
 
 def no_rate_limiting(ctx: CheckContext, response: Any, case: schemathesis.Case) -> bool | None:
@@ -253,6 +272,30 @@ def _keep_generation_rules(body: dict[str, Any]) -> None:
     if isinstance(body.get("n"), int):
         body["n"] = min(body["n"], 2)
     _keep_scheduler_minimum(body)
+    _keep_image_rules(body)
+
+
+def _keep_image_rules(body: dict[str, Any]) -> None:
+    """Images in: real images, and the cross-field rules (mask/outpaint/strength need an image,
+    outpaint excludes mask, not all sides 0, steps × strength leaves a step)."""
+    present = {k for k in ("image", "mask", "outpaint", "strength") if body.get(k) is not None}
+    if not present:
+        return
+    body["image"] = base64.b64encode(INPUT_PNG).decode()
+    if isinstance(body.get("outpaint"), dict):
+        body.pop("mask", None)
+        sides = {k: (v % 5) * 8 for k, v in body["outpaint"].items() if isinstance(v, int)}
+        body["outpaint"] = sides if any(sides.values()) else {"right": 8}
+    if body.get("mask") is not None:
+        body["mask"] = base64.b64encode(MASK_PNG).decode()
+    if isinstance(body.get("width"), int) or isinstance(body.get("height"), int):
+        body.pop("outpaint", None)  # an explicit size with margins may leave no room
+    strength = body.get("strength")
+    if not isinstance(strength, float | int):
+        strength = 0.8  # image-to-image's default
+    minimum = SCHEDULER_MIN_STEPS.get(str(body.get("scheduler")), 1)
+    if int((body.get("steps") or 4) * strength) < minimum:
+        body["strength"] = 1.0
 
 
 def _keep_scheduler_minimum(body: dict[str, Any]) -> None:

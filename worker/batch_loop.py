@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -47,6 +48,9 @@ class BatchItem:
 
     spec: JobSpec
     on_step: StepCallback | None = None
+    # Images in: the normalized input (RGB) and mask (L, 255 = repaint) at the job's size.
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
 
 
 BatchResult = list[Image.Image] | Exception
@@ -75,10 +79,15 @@ def run_batch(
     """
     if not items:
         return []
-    key = items[0].spec.shape_key
-    if any(item.spec.shape_key != key for item in items):
-        keys = sorted({item.spec.shape_key for item in items})
-        raise ValueError(f"a batch needs one (width, height, steps, scheduler); got {keys}")
+    key = items[0].spec.batch_key
+    if any(item.spec.batch_key != key for item in items):
+        keys = sorted({item.spec.batch_key for item in items})
+        raise ValueError(
+            f"a batch needs one (width, height, steps, scheduler), task, strength and mask use; "
+            f"got {keys}"
+        )
+    if items[0].spec.task != "text" and any(item.image is None for item in items):
+        raise ValueError("a job with images in needs its input image")
     with torch.inference_mode():
         return _Loop(model, items, invariant, on_loop_step).run()
 
@@ -104,6 +113,8 @@ class _Loop:
         self.scheduler = build_scheduler(spec.scheduler, model.scheduler_config)
         self.results: list[BatchResult | None] = [None] * len(items)
         self.live = list(range(len(items)))
+        # Per-row tensors of jobs with images in: image latents, their noise, latent masks.
+        self.inputs: dict[str, torch.Tensor] = {}
         self._embeddings: dict[str, torch.Tensor] = {}  # text -> [1, tokens, dim]
         # CPU generators make the starting noise identical on every device and batch layout.
         self.generators = [
@@ -159,11 +170,17 @@ class _Loop:
         keep = [r for job, a, b in self.spans if job not in jobs for r in range(a, b)]
         self.generators = [self.generators[r] for r in keep]
         index = torch.tensor(keep, dtype=torch.long, device=latents.device)
+        self.inputs = {k: v.index_select(0, index) for k, v in self.inputs.items()}
         _slice_scheduler_state(self.scheduler, latents.shape, index)
         self.live = [job for job in self.live if job not in jobs]
         if self.live:
             self._layout()
-        return latents.index_select(0, index)
+        kept = latents.index_select(0, index)
+        if not latents.is_contiguous() and latents.is_contiguous(memory_format=torch.channels_last):
+            # Image-to-image latents come channels-last from the VAE encoder, as in the stock
+            # pipeline; the UNet's CPU kernels round by layout, so the layout stays.
+            kept = kept.contiguous(memory_format=torch.channels_last)
+        return kept
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> list[BatchResult]:
@@ -171,16 +188,21 @@ class _Loop:
         spec = self.items[0].spec
         scheduler.set_timesteps(spec.steps, device=self.device)
         timesteps = scheduler.timesteps
-        shape = (
-            self.rows,
-            pipe.unet.config.in_channels,
-            spec.height // pipe.vae_scale_factor,
-            spec.width // pipe.vae_scale_factor,
-        )
-        latents = randn_tensor(
-            shape, generator=self.generators, device=self.device, dtype=self.cond.dtype
-        )
-        latents = latents * scheduler.init_noise_sigma
+        if spec.task == "text":
+            shape = (
+                self.rows,
+                pipe.unet.config.in_channels,
+                spec.height // pipe.vae_scale_factor,
+                spec.width // pipe.vae_scale_factor,
+            )
+            latents = randn_tensor(
+                shape, generator=self.generators, device=self.device, dtype=self.cond.dtype
+            )
+            latents = latents * scheduler.init_noise_sigma
+        else:
+            timesteps = _strength_timesteps(scheduler, spec.steps, spec.strength or 1.0)
+            latents = self._input_latents(timesteps)
+        inpaint = spec.task in ("inpaint", "outpaint")
         step_params = set(inspect.signature(scheduler.step).parameters)
         for i, t in enumerate(timesteps):
             model_input = latents
@@ -193,6 +215,16 @@ class _Loop:
             if "generator" in step_params:
                 extra["generator"] = self.generators
             latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            if inpaint:
+                # StableDiffusionInpaintPipeline with a 4-channel UNet: the kept area is the
+                # input's latents, noised to the next step's level (clean after the last).
+                proper = self.inputs["image_latents"]
+                if i < len(timesteps) - 1:
+                    proper = scheduler.add_noise(
+                        proper, self.inputs["noise"], torch.tensor([timesteps[i + 1]])
+                    )
+                mask = self.inputs["mask"]
+                latents = (1 - mask) * proper + mask * latents
             if self.on_loop_step is not None:
                 self.on_loop_step(i, self.rows)
             stopped = self._report(i + 1, len(timesteps))
@@ -204,6 +236,73 @@ class _Loop:
             self._decode(latents)
         assert all(result is not None for result in self.results)
         return [result for result in self.results if result is not None]
+
+    def _input_latents(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The starting latents of image-to-image and inpainting rows, drawing from each
+        row's generator in the stock pipelines' order: the VAE encoding's sample, the noise,
+        then (inpainting) the masked image's encoding sample, which a 4-channel UNet does not
+        use but the stock pipeline draws."""
+        pipe, scheduler = self.pipe, self.scheduler
+        spec = self.items[0].spec
+        dtype = self.cond.dtype
+        strength = spec.strength or 1.0
+        inpaint = spec.task in ("inpaint", "outpaint")
+        image_latents: list[torch.Tensor] = []
+        noises: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        row = 0
+        for job in self.live:
+            item = self.items[job]
+            assert item.image is not None
+            pixels = pipe.image_processor.preprocess(
+                item.image, height=spec.height, width=spec.width
+            ).to(dtype=torch.float32)
+            pixels = pixels.to(device=self.device, dtype=dtype)
+            # One encoding per job: it is deterministic; each row samples it with its generator.
+            encoded = pipe.vae.encode(pixels).latent_dist
+            latent_mask = None
+            if inpaint:
+                assert item.mask is not None
+                condition = _mask_processor(pipe).preprocess(
+                    item.mask, height=spec.height, width=spec.width
+                )
+                latent_mask = torch.nn.functional.interpolate(
+                    condition,
+                    size=(
+                        spec.height // pipe.vae_scale_factor,
+                        spec.width // pipe.vae_scale_factor,
+                    ),
+                ).to(device=self.device, dtype=dtype)
+            for _ in range(item.spec.n):
+                generator = self.generators[row]
+                latent = encoded.sample(generator) * pipe.vae.config.scaling_factor
+                noise = randn_tensor(
+                    latent.shape, generator=[generator], device=self.device, dtype=dtype
+                )
+                if inpaint:
+                    assert latent_mask is not None
+                    # The stock inpainting pipeline repeats its image latents (a contiguous
+                    # copy); the encoder leaves them channels-last, and on one CPU thread the
+                    # UNet's kernels then round differently.
+                    latent = latent.contiguous()
+                    # The stock pipeline's encoding of the masked image: only its draw matters.
+                    randn_tensor(latent.shape, generator=generator, device=self.device, dtype=dtype)
+                    masks.append(latent_mask)
+                image_latents.append(latent)
+                noises.append(noise)
+                row += 1
+        self.inputs["image_latents"] = torch.cat(image_latents)
+        self.inputs["noise"] = torch.cat(noises)
+        if masks:
+            self.inputs["mask"] = torch.cat(masks)
+        latent_timestep = timesteps[:1].repeat(self.rows)
+        if inpaint and strength == 1.0:
+            start: torch.Tensor = self.inputs["noise"] * scheduler.init_noise_sigma
+            return start
+        start = scheduler.add_noise(
+            self.inputs["image_latents"], self.inputs["noise"], latent_timestep
+        )
+        return start
 
     def _report(self, step: int, total: int) -> set[int]:
         """Call each live job's on_step; the jobs whose callback raised, now finished."""
@@ -318,6 +417,26 @@ class _Loop:
             image, output_type="pt", do_denormalize=denormalize
         )
         return _to_pil(image)
+
+
+def _mask_processor(pipe: Any) -> VaeImageProcessor:
+    """The inpainting pipelines' mask processor: grayscale, in [0, 1], binarized at 0.5."""
+    return VaeImageProcessor(
+        vae_scale_factor=pipe.vae_scale_factor,
+        do_normalize=False,
+        do_binarize=True,
+        do_convert_grayscale=True,
+    )
+
+
+def _strength_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
+    """The stock image-to-image pipelines' `get_timesteps`: the last `steps * strength` steps."""
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    timesteps: torch.Tensor = scheduler.timesteps[t_start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return timesteps
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:

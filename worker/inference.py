@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from imagegen.contract import JobSpec
+from worker import edits
 from worker.batch_loop import BatchItem, BatchResult, StepCallback, run_batch, supports_batching
 from worker.pipeline import LoadedModel
 from worker.schedulers import build_scheduler
@@ -28,6 +29,8 @@ class Inference:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.batching = supports_batching(model.pipe)
+        # Image-to-image and inpainting pipelines made from the warm one (`from_pipe`).
+        self._stock: dict[str, Any] = {}
         if not self.batching and hasattr(model.pipe, "vae"):
             # The stock call decodes all of a job's images at once: SDXL at 1024² needs about
             # 4 GiB of fp32 activations per image there. One image per decode call caps it.
@@ -46,7 +49,17 @@ class Inference:
     ) -> list[BatchResult]:
         """One result per item: its images, or what its step callback raised. Anything
         raised outside a callback (out of memory, ...) concerns the whole batch and
-        propagates, after the pipeline's state is restored."""
+        propagates, after the pipeline's state is restored. Inpainting and outpainting
+        results have the kept pixels composited back exactly."""
+        results = self._run(items, on_loop_step)
+        return [
+            edits.composite(result, item.image, item.mask) if isinstance(result, list) else result
+            for item, result in zip(items, results, strict=True)
+        ]
+
+    def _run(
+        self, items: list[BatchItem], on_loop_step: LoopStepCallback | None = None
+    ) -> list[BatchResult]:
         try:
             if self.batching:
                 return run_batch(
@@ -58,7 +71,11 @@ class Inference:
             results: list[BatchResult] = []
             for item in items:
                 try:
-                    results.append(self.generate(item.spec, item.on_step, on_loop_step))
+                    results.append(
+                        self.generate(
+                            item.spec, item.on_step, on_loop_step, image=item.image, mask=item.mask
+                        )
+                    )
                 except Exception as exc:
                     if not _raised_by_callback(exc):
                         raise
@@ -74,6 +91,8 @@ class Inference:
         spec: JobSpec,
         on_step: StepCallback | None = None,
         on_loop_step: LoopStepCallback | None = None,
+        image: Any = None,
+        mask: Any = None,
     ) -> list[Any]:
         """Run the stock pipeline for one spec and return PIL images, image i seeded seed + i.
 
@@ -82,7 +101,7 @@ class Inference:
         mode keeps image i byte-identical to the same seed generated alone (n=1).
         """
         if not self.model.batch_invariant or spec.n == 1:
-            return self._call(spec, list(range(spec.n)), on_step, on_loop_step)
+            return self._call(spec, list(range(spec.n)), on_step, on_loop_step, image, mask)
         images: list[Any] = []
         for i in range(spec.n):
 
@@ -91,7 +110,7 @@ class Inference:
                 if on_step is not None:
                     on_step(before * total + done, spec.n * total)
 
-            images += self._call(spec, [i], scaled, on_loop_step)
+            images += self._call(spec, [i], scaled, on_loop_step, image, mask)
         return images
 
     def _call(
@@ -100,8 +119,17 @@ class Inference:
         indices: list[int],
         on_step: StepCallback | None,
         on_loop_step: LoopStepCallback | None,
+        image: Any = None,
+        mask: Any = None,
     ) -> list[Any]:
-        pipe = self.model.pipe
+        pipe = edits.stock_pipeline(self.model.pipe, spec.task, self._stock)
+        inputs: dict[str, Any] = {"width": spec.width, "height": spec.height}
+        if spec.task != "text":
+            inputs = {"image": [image] * len(indices), "strength": spec.strength}
+            if spec.task in ("inpaint", "outpaint"):
+                inputs.update(
+                    mask_image=[mask] * len(indices), width=spec.width, height=spec.height
+                )
         # A fresh scheduler per call: schedulers keep per-run state and must not be shared.
         pipe.scheduler = build_scheduler(spec.scheduler, self.model.scheduler_config)
         # CPU generators make the starting noise identical on every device and batch layout.
@@ -126,8 +154,7 @@ class Inference:
                 negative_prompt=[spec.negative_prompt] * len(indices)
                 if spec.negative_prompt
                 else None,
-                width=spec.width,
-                height=spec.height,
+                **inputs,
                 num_inference_steps=spec.steps,
                 guidance_scale=spec.guidance_scale,
                 generator=generators,

@@ -26,8 +26,9 @@ def encode_png(image: Image.Image, parameters: dict[str, Any]) -> bytes:
 
 
 def png_parameters(spec: JobSpec, index: int) -> dict[str, Any]:
-    """The `parameters` chunk of image `index`: enough to reproduce it with n=1."""
-    return {
+    """The `parameters` chunk of image `index`: enough to reproduce it with n=1 (with the
+    same input images, named by sha256 and size)."""
+    parameters = {
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt,
         "seed": spec.image_seed(index),
@@ -39,3 +40,12 @@ def png_parameters(spec: JobSpec, index: int) -> dict[str, Any]:
         "model": spec.model,
         "version": __version__,
     }
+    if spec.task != "text":
+        parameters.update(
+            task=spec.task,
+            image=spec.image.model_dump() if spec.image else None,
+            mask=spec.mask.model_dump() if spec.mask else None,
+            strength=spec.strength,
+            outpaint=spec.outpaint.model_dump() if spec.outpaint else None,
+        )
+    return parameters

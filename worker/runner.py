@@ -25,7 +25,7 @@ from imagegen.contract import ImageInfo
 from imagegen.lifecycle import Claimed, Lifecycle
 from imagegen.logs import request_id
 from imagegen.settings import Settings
-from worker import faults
+from worker import edits, faults
 from worker.batch_loop import BatchItem, BatchResult
 from worker.errors import (
     JobStopped,
@@ -110,7 +110,23 @@ class JobRunner:
     def _infer(self, batch: list[Claimed]) -> list[BatchResult]:
         """Results for every job; a batch-wide failure becomes each job's own result, after
         halving the batch on out-of-memory until a job fails alone."""
-        items = [BatchItem(job.record.spec, self.progress.for_job(job)) for job in batch]
+        loaded: list[tuple[Any, Any] | Exception] = []
+        for job in batch:
+            try:
+                loaded.append(edits.load_inputs(self.lifecycle.redis, job.id, job.record.spec))
+            except Exception as exc:  # that job fails alone; the others run
+                loaded.append(exc)
+        if any(isinstance(inputs, Exception) for inputs in loaded):
+            runnable = [
+                j for j, x in zip(batch, loaded, strict=True) if not isinstance(x, Exception)
+            ]
+            rest = iter(self._infer(runnable) if runnable else [])
+            return [x if isinstance(x, Exception) else next(rest) for x in loaded]
+        items = [
+            BatchItem(job.record.spec, self.progress.for_job(job), *inputs)
+            for job, inputs in zip(batch, loaded, strict=True)
+            if not isinstance(inputs, Exception)
+        ]
         on_loop_step = self.metrics.step_clock()
         if self.settings.fault_injection:
             on_loop_step = faults.memory_limited(on_loop_step, [j.record.spec for j in batch])

@@ -12,6 +12,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from app.auth import PrincipalDep
 from app.deps import MemoryDep, ServiceDep
 from app.events import EventHub, job_event_stream
+from app.images_in import limit_body_without_images
 from app.schemas import GenerationRequest, JobDocument
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -26,6 +27,7 @@ JobId = Path(description="The job id returned at submit.")
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobDocument,
     responses={200: {"model": JobDocument, "description": "Replay of an Idempotency-Key."}},
+    dependencies=[Depends(limit_body_without_images)],
 )
 async def submit_generation(
     body: GenerationRequest,

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urljoin
 
 import anyio
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -24,6 +24,7 @@ from app.auth import PrincipalDep
 from app.deps import MemoryDep, ServiceDep
 from app.errors import ApiError, Conflict, InvalidRequest, Unavailable
 from app.events import RESYNC_S, EventHub
+from app.images_in import limit_body_without_images
 from app.openai_schemas import (
     OPENAI_MODEL_PREFIXES,
     OpenAIImage,
@@ -49,7 +50,12 @@ RETRYABLE_JOB_ERRORS = frozenset({"out_of_memory", "worker_lost", "timeout"})
 CLIENT_CLOSED_REQUEST = 499
 
 
-@router.post("/generations", response_model=OpenAIImagesResponse, response_model_exclude_none=True)
+@router.post(
+    "/generations",
+    response_model=OpenAIImagesResponse,
+    response_model_exclude_none=True,
+    dependencies=[Depends(limit_body_without_images)],
+)
 async def create_image(
     body: OpenAIImageRequest,
     request: Request,
@@ -101,6 +107,10 @@ def to_generation_request(body: OpenAIImageRequest) -> GenerationRequest:
         "n": body.n,
         "scheduler": body.scheduler,
         "model": body.model,
+        "image": body.image,
+        "strength": body.strength,
+        "mask": body.mask,
+        "outpaint": body.outpaint,
     }
     try:
         # Unset fields are left out, so GenerationRequest's defaults are the only defaults.

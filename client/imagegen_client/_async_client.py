@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ from ._base import (
     ClientConfig,
     Deadline,
     EventStreamState,
+    ImageInput,
     JobRef,
     RetryPolicy,
     SSEDecoder,
@@ -26,6 +27,7 @@ from ._base import (
     check_event_stream,
     error_from_response,
     events_path,
+    image_fields,
     image_path,
     job_from_response,
     job_path,
@@ -109,6 +111,10 @@ class AsyncClient:
         n: int | None = None,
         scheduler: str | None = None,
         model: str | None = None,
+        image: ImageInput | None = None,
+        mask: ImageInput | None = None,
+        strength: float | None = None,
+        outpaint: Mapping[str, int] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
@@ -126,6 +132,7 @@ class AsyncClient:
                 "n": n,
                 "scheduler": scheduler,
                 "model": model,
+                **image_fields(image, mask, strength, outpaint),
             },
         )
         response = await self._request("POST", GENERATIONS, json=body, headers=headers)
@@ -182,6 +189,10 @@ class AsyncClient:
         n: int | None = None,
         scheduler: str | None = None,
         model: str | None = None,
+        image: ImageInput | None = None,
+        mask: ImageInput | None = None,
+        strength: float | None = None,
+        outpaint: Mapping[str, int] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -198,6 +209,10 @@ class AsyncClient:
             n=n,
             scheduler=scheduler,
             model=model,
+            image=image,
+            mask=mask,
+            strength=strength,
+            outpaint=outpaint,
             idempotency_key=idempotency_key,
         )
         try:

@@ -209,6 +209,48 @@ def submit_parts(
     return body, {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
 
 
+ImageInput: TypeAlias = "bytes | str | os.PathLike[str] | Any"
+
+
+def encode_image(value: ImageInput | None) -> str | None:
+    """An input image for the JSON body: PNG/JPEG/WebP bytes, a file path, a PIL image, or
+    a string that already is a `data:` URI, all as base64 (the server checks the content)."""
+    import base64
+
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray):
+        data = bytes(value)
+    elif isinstance(value, str) and value.startswith("data:"):
+        return value
+    elif isinstance(value, str | os.PathLike):
+        with open(value, "rb") as file:
+            data = file.read()
+    elif hasattr(value, "save"):  # a PIL image
+        import io
+
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    else:
+        raise TypeError(f"an image is bytes, a path or a PIL image, not {type(value).__name__}")
+    return base64.b64encode(data).decode("ascii")
+
+
+def image_fields(
+    image: ImageInput | None,
+    mask: ImageInput | None,
+    strength: float | None,
+    outpaint: Mapping[str, int] | None,
+) -> dict[str, Any]:
+    return {
+        "image": encode_image(image),
+        "mask": encode_image(mask),
+        "strength": strength,
+        "outpaint": dict(outpaint) if outpaint is not None else None,
+    }
+
+
 # -- answers ------------------------------------------------------------------------------------
 def parse_retry_after(value: str | None) -> float | None:
     """`Retry-After` as seconds: either delta-seconds or an HTTP date."""

@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from ._base import (
     ClientConfig,
     Deadline,
     EventStreamState,
+    ImageInput,
     JobRef,
     RetryPolicy,
     SSEDecoder,
@@ -28,6 +29,7 @@ from ._base import (
     check_event_stream,
     error_from_response,
     events_path,
+    image_fields,
     image_path,
     job_from_response,
     job_path,
@@ -134,6 +136,10 @@ class Client:
         n: int | None = None,
         scheduler: str | None = None,
         model: str | None = None,
+        image: ImageInput | None = None,
+        mask: ImageInput | None = None,
+        strength: float | None = None,
+        outpaint: Mapping[str, int] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
@@ -151,6 +157,7 @@ class Client:
                 "n": n,
                 "scheduler": scheduler,
                 "model": model,
+                **image_fields(image, mask, strength, outpaint),
             },
         )
         return job_from_response(self._request("POST", GENERATIONS, json=body, headers=headers))
@@ -199,6 +206,10 @@ class Client:
         n: int | None = None,
         scheduler: str | None = None,
         model: str | None = None,
+        image: ImageInput | None = None,
+        mask: ImageInput | None = None,
+        strength: float | None = None,
+        outpaint: Mapping[str, int] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -215,6 +226,10 @@ class Client:
             n=n,
             scheduler=scheduler,
             model=model,
+            image=image,
+            mask=mask,
+            strength=strength,
+            outpaint=outpaint,
             idempotency_key=idempotency_key,
         )
         try:

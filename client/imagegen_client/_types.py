@@ -105,6 +105,12 @@ class GenerationParams:
     n: int
     scheduler: str
     model: str
+    # Images in: "text" | "img2img" | "inpaint" | "outpaint"; inputs as {sha256, width, height}.
+    task: str = "text"
+    image: Mapping[str, Any] | None = None
+    mask: Mapping[str, Any] | None = None
+    strength: float | None = None
+    outpaint: Mapping[str, int] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationParams:
@@ -119,6 +125,11 @@ class GenerationParams:
             n=int(data.get("n", 1)),
             scheduler=str(data.get("scheduler", "")),
             model=str(data.get("model", "")),
+            task=str(data.get("task") or "text"),
+            image=data.get("image"),
+            mask=data.get("mask"),
+            strength=_optional_float(data.get("strength")),
+            outpaint=data.get("outpaint"),
         )
 
 
