@@ -1,0 +1,376 @@
+"""Several models per worker: the list, loading on demand within a memory budget (LRU),
+`model_unavailable`, routing by warmth with its starvation bound, per-model caps, /v1/models."""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
+from imagegen.lifecycle import Lifecycle
+from imagegen.redis_server import RedisServer
+from imagegen.settings import Settings
+from tests.stack import (
+    Gateway,
+    Proc,
+    service_env,
+    start_gateway,
+    start_process,
+    start_worker,
+    wait_for_job,
+    wait_for_worker,
+)
+from worker.inference import Inference
+from worker.loop import WorkLoop
+from worker.models import ModelManager, ModelSource, UnsupportedModel, parse_models
+from worker.pipeline import load_model
+from worker.routing import WarmthRouter
+from worker.runner import JobRunner
+from worker.state import WorkerState
+from worker.tiny_model import save_tiny_pipeline
+
+# -- the list and the manager --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny SD pipelines with different random weights (so their images differ)."""
+    root = tmp_path_factory.mktemp("two-models")
+    return save_tiny_pipeline(root / "a", seed=0), save_tiny_pipeline(root / "b", seed=1)
+
+
+def test_the_list_takes_hub_ids_directories_and_ids() -> None:
+    assert parse_models(" sd=runwayml/sd15 , /models/x,, stabilityai/sdxl-turbo ") == [
+        ModelSource("sd", "runwayml/sd15"),
+        ModelSource(None, "/models/x"),
+        ModelSource(None, "stabilityai/sdxl-turbo"),
+    ]
+
+
+def test_least_recently_used_model_is_unloaded_past_the_budget(
+    two_models: tuple[Path, Path],
+) -> None:
+    a, b = two_models
+    settings = Settings(models=f"a={a},b={b}", device="cpu")
+    sizing = ModelManager(settings)
+    one = sizing.entries["a"].estimate
+    assert one > 0
+    manager = ModelManager(settings, budget_bytes=int(one * 1.5))  # room for one model
+    first = manager.acquire("a")
+    assert manager.acquire("a") is first  # warm: no second load
+    assert manager.loads == 1
+    manager.acquire("b")
+    assert manager.warm_ids() == ["b"]  # a was the least recently used
+    served = {m.info.id: m for m in manager.served()}
+    assert served["b"].loaded and not served["a"].loaded
+    assert manager.used_bytes() <= manager.budget
+
+    roomy = ModelManager(settings, budget_bytes=int(one * 2.5))
+    roomy.acquire("a")
+    roomy.acquire("b")
+    roomy.acquire("a")
+    assert roomy.warm_ids() == ["a", "b"] and roomy.loads == 2
+
+
+def test_a_model_that_cannot_load_is_unavailable_not_a_crash(
+    two_models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, _ = two_models
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(a, corrupt)
+    (corrupt / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+    settings = Settings(
+        models=f"a={a},gone=/nowhere/model,corrupt={corrupt}", device="cpu", model_retry_s=3600
+    )
+    manager = ModelManager(settings)
+    served = {m.info.id: m for m in manager.served()}
+    assert "no model directory at /nowhere/model" in (served["gone"].unavailable or "")
+    from worker.models import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable, match="no model directory"):
+        manager.acquire("gone")
+    with pytest.raises(ModelUnavailable, match="loading failed"):
+        manager.acquire("corrupt")
+    loads = manager.loads
+    with pytest.raises(ModelUnavailable, match="loading failed"):
+        manager.acquire("corrupt")  # remembered: no reload until model_retry_s
+    assert manager.loads == loads
+    tight = ModelManager(Settings(models=f"a={a}", device="cpu"), budget_bytes=1000)
+    with pytest.raises(ModelUnavailable, match="memory budget"):
+        tight.acquire("a")
+
+
+def test_identical_components_are_shared_not_loaded_twice(
+    two_models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = two_models
+    # A "fine-tune" of a: its own UNet (b's), a's VAE, text encoder and tokenizer.
+    tune = tmp_path / "tune"
+    shutil.copytree(a, tune)
+    shutil.rmtree(tune / "unet")
+    shutil.copytree(b / "unet", tune / "unet")
+    manager = ModelManager(Settings(models=f"a={a},tune={tune}", device="cpu"))
+    base = manager.acquire("a").model.pipe
+    tuned = manager.acquire("tune").model.pipe
+    assert tuned.vae is base.vae and tuned.text_encoder is base.text_encoder
+    assert tuned.unet is not base.unet
+
+
+def test_an_unsupported_family_is_refused_at_start(tmp_path: Path) -> None:
+    video = tmp_path / "video"
+    video.mkdir()
+    (video / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline"}))
+    with pytest.raises(UnsupportedModel, match="is a TextToVideoSDPipeline"):
+        ModelManager(Settings(models=f"v={video}", device="cpu"))
+
+
+def test_the_worker_refuses_an_unsupported_family_with_one_line(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    video = tmp_path / "video"
+    video.mkdir()
+    (video / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline"}))
+    env = service_env(redis_server.url, {"IMAGEGEN_MODELS": f"clip={video}"})
+    proc = start_process([sys.executable, "-m", "imagegen", "worker"], env, tmp_path / "w.log")
+    assert proc.process.wait(timeout=120) == 2
+    refusals = [line for line in proc.log().splitlines() if "refusing to start" in line]
+    assert len(refusals) == 1 and "TextToVideoSDPipeline" in refusals[0]
+    assert "Traceback" not in proc.log()
+
+
+# -- routing by warmth ---------------------------------------------------------------------------
+
+
+class _Models:
+    """A manager stand-in: which models are warm, and loading one makes it warm."""
+
+    def __init__(self, ids: list[str], warm: list[str]) -> None:
+        self._ids, self.warm = ids, list(warm)
+
+    def ids(self) -> list[str]:
+        return self._ids
+
+    def warm_ids(self) -> list[str]:
+        return list(reversed(self.warm))
+
+    def is_warm(self, model_id: str) -> bool:
+        return model_id in self.warm
+
+    def max_images(self, _model_id: str) -> int:
+        return 1
+
+    def acquire(self, model_id: str) -> None:
+        if model_id not in self.warm:
+            self.warm.append(model_id)
+
+
+def _spec(model: str) -> JobSpec:
+    return JobSpec(
+        prompt="p",
+        negative_prompt="",
+        width=64,
+        height=64,
+        steps=2,
+        guidance_scale=1.0,
+        seed=0,
+        n=1,
+        scheduler="euler",
+        model=model,
+    )
+
+
+def _queue(connection: redis.Redis, model: str, created_at: float | None = None) -> str:
+    record = JobRecord(
+        id=secrets.token_hex(8),
+        status=JobStatus.QUEUED,
+        spec=_spec(model),
+        created_at=created_at if created_at is not None else time.time(),
+    )
+    assert Lifecycle(connection).submit(record, max_depth=1000).outcome == "created"
+    return record.id
+
+
+def _router_loop(
+    connection: redis.Redis, models: _Models, max_wait_s: float, max_skips: int, now: list[float]
+) -> WorkLoop:
+    lifecycle = Lifecycle(connection)
+    settings = Settings(cold_max_wait_s=max_wait_s, cold_max_skips=max_skips)
+    router = WarmthRouter(
+        connection, lifecycle, cast(ModelManager, models), settings, "w", clock=lambda: now[0]
+    )
+    return WorkLoop(
+        connection,
+        lifecycle,
+        cast(JobRunner, None),  # claiming only
+        WorkerState(),
+        models.ids()[0],
+        "w",
+        max_images=1,
+        router=router,
+    )
+
+
+def test_a_warm_models_job_goes_first_and_a_cold_one_within_the_skip_bound(
+    redis_conn: redis.Redis,
+) -> None:
+    hot, cold = f"hot-{secrets.token_hex(3)}", f"cold-{secrets.token_hex(3)}"
+    now = [time.time()]
+    loop = _router_loop(redis_conn, _Models([cold, hot], warm=[hot]), 3600, 3, now)
+    cold_job = _queue(redis_conn, cold)  # queued first, and listed first
+    taken: list[str] = []
+    for _ in range(10):
+        _queue(redis_conn, hot)  # a steady stream of hot-model jobs
+        batch = loop.claim_next()
+        assert len(batch) == 1
+        taken.append(batch[0].record.spec.model)
+        if batch[0].id == cold_job:
+            break
+    # Three warm claims pass the cold job over; the fourth claim is the cold job.
+    assert taken == [hot, hot, hot, cold]
+
+
+def test_a_cold_job_that_waited_past_the_bound_is_taken_next(redis_conn: redis.Redis) -> None:
+    hot, cold = f"hot-{secrets.token_hex(3)}", f"cold-{secrets.token_hex(3)}"
+    now = [time.time()]
+    loop = _router_loop(redis_conn, _Models([hot, cold], warm=[hot]), 10, 1000, now)
+    cold_job = _queue(redis_conn, cold, created_at=now[0])
+    _queue(redis_conn, hot)
+    _queue(redis_conn, hot)
+    assert loop.claim_next()[0].record.spec.model == hot  # the cold job waited 0 s
+    now[0] += 10  # ... now it has waited the bound
+    assert loop.claim_next()[0].id == cold_job
+    # With no warm work, a cold model's job is taken at once (after loading the model).
+    hot2, lone = f"hot-{secrets.token_hex(3)}", f"lone-{secrets.token_hex(3)}"
+    models = _Models([hot2, lone], warm=[hot2])
+    idle = _router_loop(redis_conn, models, 3600, 1000, now)
+    _queue(redis_conn, hot2)
+    assert idle.claim_next()[0].record.spec.model == hot2
+    lone_job = _queue(redis_conn, lone)
+    assert idle.claim_next()[0].id == lone_job and models.is_warm(lone)
+
+
+# -- the whole way: one worker, several models ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multi(
+    tmp_path_factory: pytest.TempPathFactory, two_models: tuple[Path, Path]
+) -> Iterator[tuple[Gateway, Proc, redis.Redis]]:
+    a, b = two_models
+    root = tmp_path_factory.mktemp("multi")
+    server = RedisServer(root / "redis", appendonly=False).start()
+    connection = redis.Redis.from_url(server.url)
+    sizing = ModelManager(Settings(models=f"a={a}", device="cpu")).entries["a"].estimate
+    env = {
+        "IMAGEGEN_MODELS": f"m-a={a}, m-b={b}, m-gone=/nowhere/model",
+        # Room for one tiny model at a time: every switch unloads the other.
+        "IMAGEGEN_MODEL_MEMORY_GIB": str(1.5 * sizing / 2**30),
+        "IMAGEGEN_DEVICE": "cpu",
+    }
+    worker = start_worker(server.url, root, "multi", env)
+    wait_for_worker(connection, worker, "multi")
+    gateway = start_gateway(server.url, root, {"IMAGEGEN_DEFAULT_MODEL": "m-a"})
+    yield gateway, worker, connection
+    gateway.proc.stop()
+    worker.stop()
+    connection.close()
+    server.stop()
+
+
+def _models(client: Any) -> dict[str, dict[str, Any]]:
+    return {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+
+
+def _wait_models(client: Any, check: Any, timeout_s: float = 30) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        models = _models(client)
+        if check(models) or time.monotonic() > deadline:
+            return models
+        time.sleep(0.1)
+
+
+def test_one_worker_serves_each_job_on_its_own_model(
+    multi: tuple[Gateway, Proc, redis.Redis], two_models: tuple[Path, Path]
+) -> None:
+    gateway, _worker, _ = multi
+    body = {"prompt": "a red circle", "seed": 5, "steps": 3}
+    with gateway.client() as client:
+        start = _models(client)
+        assert start["m-a"]["loaded"] == 1 and start["m-a"]["workers"] == 1
+        assert start["m-b"]["loaded"] == 0 and start["m-b"]["workers"] == 1
+        assert start["m-gone"]["available"] is False and start["m-gone"]["workers"] == 0
+        pngs = {}
+        for model in ("m-b", "m-a", "m-b"):
+            created = client.post("/v1/generations", json={**body, "model": model})
+            assert created.status_code == 202, created.text
+            done = wait_for_job(client, created.json()["id"])
+            assert done["status"] == "succeeded", done
+            pngs[model] = client.get(done["images"][0]["url"]).content  # type: ignore[index]
+            params = json.loads(Image.open(io.BytesIO(pngs[model])).text["parameters"])  # type: ignore[attr-defined]
+            assert params["model"] == model
+        # m-b was loaded last; the budget holds one model, so m-a was unloaded.
+        now = _wait_models(client, lambda m: m["m-b"]["loaded"] == 1 and m["m-a"]["loaded"] == 0)
+        assert now["m-b"]["loaded"] == 1 and now["m-a"]["loaded"] == 0
+
+    # The weights' identity: each image is what that model's own pipeline draws, not the other's.
+    spec = _spec("x").model_copy(update={"prompt": "a red circle", "seed": 5, "steps": 3})
+    spec = spec.model_copy(update={"guidance_scale": 7.5, "scheduler": "euler"})
+    for model, path in zip(("m-a", "m-b"), two_models, strict=True):
+        served = np.asarray(Image.open(io.BytesIO(pngs[model])).convert("RGB"), dtype=float)
+        local = {
+            name: np.asarray(
+                Inference(load_model(Settings(model=str(p), device="cpu"))).generate(spec)[0],
+                dtype=float,
+            )
+            for name, p in zip(("m-a", "m-b"), two_models, strict=True)
+        }
+        other = "m-b" if model == "m-a" else "m-a"
+        assert np.abs(served - local[model]).mean() < 1.0, model
+        assert np.abs(served - local[other]).mean() > 5.0, model
+        del path
+
+
+def test_jobs_of_a_model_that_cannot_load_fail_model_unavailable(
+    multi: tuple[Gateway, Proc, redis.Redis],
+) -> None:
+    gateway, worker, _ = multi
+    with gateway.client() as client:
+        created = client.post("/v1/generations", json={"prompt": "x", "model": "m-gone"})
+        assert created.status_code == 202, created.text
+        done = wait_for_job(client, created.json()["id"])
+        assert done["status"] == "failed"
+        assert done["error"]["code"] == "model_unavailable"  # type: ignore[index]
+        assert "no model directory" in done["error"]["message"]  # type: ignore[index]
+        models = _models(client)
+        assert models["m-gone"]["available"] is False
+        assert "no model directory" in models["m-gone"]["unavailable_reason"]
+        # The worker goes on serving the others.
+        ok = client.post("/v1/generations", json={"prompt": "x", "model": "m-a", "steps": 2})
+        assert wait_for_job(client, ok.json()["id"])["status"] == "succeeded"
+    assert worker.process.poll() is None
+
+
+def test_the_worker_announces_its_budget_and_loaded_set(
+    multi: tuple[Gateway, Proc, redis.Redis],
+) -> None:
+    _, _, connection = multi
+    from imagegen.contract import WorkerHeartbeat
+
+    beat = WorkerHeartbeat.model_validate_json(connection.get(Keys.worker("multi")))  # type: ignore[arg-type]
+    assert beat.memory_budget_bytes > 0
+    assert [m.info.id for m in beat.models] == ["m-a", "m-b", "m-gone"]
+    assert sum(m.loaded for m in beat.models) == 1
+    assert 0 < beat.memory_used_bytes <= beat.memory_budget_bytes
