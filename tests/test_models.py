@@ -374,3 +374,65 @@ def test_the_worker_announces_its_budget_and_loaded_set(
     assert [m.info.id for m in beat.models] == ["m-a", "m-b", "m-gone"]
     assert sum(m.loaded for m in beat.models) == 1
     assert 0 < beat.memory_used_bytes <= beat.memory_budget_bytes
+
+
+# -- limits per model ----------------------------------------------------------------------------
+
+
+def test_a_request_past_a_models_own_caps_is_a_422_naming_the_field_and_cap() -> None:
+    from app.errors import InvalidRequest
+    from app.schemas import GenerationRequest
+    from app.service import GenerationService
+    from builtin_model import MODEL_DIR
+    from imagegen.contract import SCHEDULER_NAMES, ModelInfo
+
+    card = json.loads((MODEL_DIR / "imagegen.json").read_text())
+    info = ModelInfo(
+        id="shapes-64",
+        width=64,
+        height=64,
+        steps=20,
+        guidance_scale=4.0,
+        scheduler="dpmpp_2m",
+        schedulers=list(SCHEDULER_NAMES),
+        max_pixels=card["max_pixels"],
+        max_steps=card["max_steps"],
+    )
+    service = GenerationService.__new__(GenerationService)
+    service.settings = Settings()
+
+    def resolve(**body: object) -> JobSpec:
+        request = GenerationRequest.model_validate({"prompt": "p", **body})
+        return service._resolve(request, "shapes-64", info, ["shapes-64"])
+
+    with pytest.raises(InvalidRequest) as big:
+        resolve(width=1024, height=1024)  # within the gateway's cap, not the model's
+    assert big.value.status_code == 422
+    assert big.value.details == [
+        {
+            "field": "width",
+            "message": "width*height = 1048576 exceeds model 'shapes-64''s pixel cap of "
+            "16384 (its native size is 64x64)",
+        }
+    ]
+    with pytest.raises(InvalidRequest) as tall:
+        resolve(height=1024)
+    assert tall.value.details[0]["field"] == "height"  # type: ignore[index]
+    with pytest.raises(InvalidRequest) as steps:
+        resolve(steps=card["max_steps"] + 1)
+    assert steps.value.details[0]["field"] == "steps"  # type: ignore[index]
+    assert "for model 'shapes-64'" in steps.value.details[0]["message"]  # type: ignore[index]
+    assert resolve(width=128, height=128).width == 128  # at the cap is fine
+    # A model without caps of its own has only the gateway's.
+    free = info.model_copy(update={"max_pixels": None, "max_steps": None})
+    request = GenerationRequest.model_validate({"prompt": "p", "width": 1024, "height": 1024})
+    assert service._resolve(request, "x", free, ["x"]).width == 1024
+
+
+def test_models_announce_their_caps(multi: tuple[Gateway, Proc, redis.Redis]) -> None:
+    gateway, _, _ = multi
+    with gateway.client() as client:
+        models = _models(client)
+    # Tiny models ship no card: the gateway's caps apply, and are shown.
+    assert models["m-a"]["max_pixels"] == Settings().max_pixels
+    assert models["m-a"]["max_steps"] == Settings().max_steps
