@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import torch
 import pytest
 import redis
 from PIL import Image
@@ -436,3 +437,64 @@ def test_models_announce_their_caps(multi: tuple[Gateway, Proc, redis.Redis]) ->
     # Tiny models ship no card: the gateway's caps apply, and are shown.
     assert models["m-a"]["max_pixels"] == Settings().max_pixels
     assert models["m-a"]["max_steps"] == Settings().max_steps
+
+
+# -- pipeline families ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype", "guidance"),
+    [("sd", "float32", 7.5), ("sdxl", "float16", 5.0), ("fewstep", "float32", 1.5)],
+)
+def test_every_family_runs_through_the_manager_as_the_stock_pipeline_does(
+    tmp_path: Path, family: str, dtype: str, guidance: float
+) -> None:
+    """Saved and loaded like a hub model; the worker's image is byte-identical to the stock
+    diffusers pipeline's for the same inputs (SDXL: two text encoders, micro-conditioning and
+    its VAE upcast to fp32 for the decode in fp16; few-step: the guidance embedding)."""
+    from diffusers import AutoPipelineForText2Image
+
+    from worker.batch_loop import BatchItem
+    from worker.tiny_model import (
+        save_tiny_fewstep_pipeline,
+        save_tiny_pipeline,
+        save_tiny_sdxl_pipeline,
+    )
+
+    save = {
+        "sd": save_tiny_pipeline,
+        "sdxl": save_tiny_sdxl_pipeline,
+        "fewstep": save_tiny_fewstep_pipeline,
+    }[family]
+    path = save(tmp_path / family)
+    settings = Settings(models=f"{family}={path}", device="cpu", dtype=dtype)
+    manager = ModelManager(settings)
+    (served,) = manager.served()
+    assert served.unavailable is None and served.info.width == 64
+    inference = manager.acquire(family)
+    spec = _spec(family).model_copy(
+        update={"prompt": "a red circle", "seed": 3, "steps": 3, "guidance_scale": guidance}
+    )
+    (images,) = inference.run([BatchItem(spec)])
+    assert isinstance(images, list)
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    stock = AutoPipelineForText2Image.from_pretrained(path, torch_dtype=torch_dtype)
+    stock.set_progress_bar_config(disable=True)
+    from worker.schedulers import build_scheduler
+
+    stock.scheduler = build_scheduler("euler", stock.scheduler.config)
+    expected = stock(
+        prompt=["a red circle"],
+        negative_prompt=None,
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=guidance,
+        generator=[torch.Generator("cpu").manual_seed(3)],
+        output_type="pil",
+    ).images[0]
+    assert images[0].tobytes() == expected.tobytes()
+    if family == "fewstep":
+        assert stock.unet.config.time_cond_proj_dim == 32
+        assert not stock.do_classifier_free_guidance  # one UNet row per image: guidance embedded

@@ -184,14 +184,23 @@ def _model_files(source: str) -> list[str]:
 
 
 def prefetch_model(settings: Settings) -> str:
-    """Download the configured hub model into the Hugging Face cache; returns what it did.
+    """Download the configured hub model(s) into the Hugging Face cache; returns what it did.
 
     Compose runs this once before the workers start, so that the workers can run with
     HF_HUB_OFFLINE=1 and several of them never race to download the same files. Where the
     weights will be fp16 (IMAGEGEN_DTYPE float16, or auto: the workers are meant for GPUs)
-    and the repository has the fp16 variant, only that is fetched: half the bytes.
+    and the repository has the fp16 variant, only that is fetched: half the bytes. With
+    IMAGEGEN_MODELS, every hub id of the list is fetched.
     """
-    source = settings.model
+    if settings.models:
+        from worker.models import parse_models
+
+        sources = [m.source for m in parse_models(settings.models)]
+        return "; ".join(_prefetch(source, settings) for source in sources)
+    return _prefetch(settings.model, settings)
+
+
+def _prefetch(source: str | None, settings: Settings) -> str:
     if not source or Path(source).is_dir():
         return f"nothing to fetch: {source or 'the built-in model'} is on disk"
     from diffusers import DiffusionPipeline
