@@ -18,6 +18,7 @@ text encoder and tokenizer files identical), so the second load can share compon
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import shutil
 import tempfile
@@ -101,7 +102,7 @@ def main() -> None:
 
         rng = random.Random(0)
         jobs = [spec(rng.choice(["base", "tune"]), i, args.steps) for i in range(args.jobs)]
-        switches = sum(a.model != b.model for a, b in zip(jobs, jobs[1:], strict=False))
+        switches = sum(a.model != b.model for a, b in itertools.pairwise(jobs))
         for manager in (both, one):  # warm up each pipeline once
             run_jobs(manager, [spec("base", 0, 2), spec("tune", 0, 2)])
         mixed_warm = run_jobs(both, jobs)

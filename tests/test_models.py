@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import torch
 import pytest
 import redis
+import torch
 from PIL import Image
 
 from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys

@@ -12,9 +12,7 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(
-    registry: RegistryDep, settings: SettingsDep, principal: PrincipalDep
-) -> ModelList:
+def list_models(registry: RegistryDep, settings: SettingsDep, principal: PrincipalDep) -> ModelList:
     """Every model a live worker can serve: its defaults and limits, how many live workers
     can load it (`workers`) and how many hold it warm now (`loaded`)."""
     entries = []
