@@ -82,13 +82,16 @@ def parse_models(value: str) -> list[ModelSource]:
     return out
 
 
-def builtin_sources() -> list[ModelSource]:
-    """The built-in models that are on disk: shapes-64, then shapes-64-fast."""
-    from builtin_model import MODEL_DIR
+def builtin_sources(first_id: str | None = None) -> list[ModelSource]:
+    """The built-in models that are on disk: shapes-64 (served as `first_id` if given), then
+    shapes-64-fast."""
+    from builtin_model import MODEL_DIR, MODEL_ID
 
     fast = MODEL_DIR.parent / "shapes-64-fast"
-    dirs = [MODEL_DIR] + ([fast] if (fast / "model_index.json").is_file() else [])
-    return [ModelSource(None, str(d)) for d in dirs]
+    out = [ModelSource(first_id or MODEL_ID, str(MODEL_DIR))]
+    if (fast / "model_index.json").is_file():
+        out.append(ModelSource(fast.name, str(fast)))
+    return out
 
 
 def configured_sources(settings: Settings) -> list[ModelSource]:
@@ -96,7 +99,7 @@ def configured_sources(settings: Settings) -> list[ModelSource]:
         return parse_models(settings.models)
     if settings.model:
         return [ModelSource(settings.model_id, settings.model)]
-    return builtin_sources()
+    return builtin_sources(settings.model_id)
 
 
 def _config_file(source: str, name: str) -> Path:
