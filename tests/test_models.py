@@ -21,7 +21,7 @@ from PIL import Image
 
 from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
 from imagegen.lifecycle import Lifecycle
-from imagegen.redis_server import RedisServer
+from imagegen.redis_server import RedisServer, free_port
 from imagegen.settings import Settings
 from tests.stack import (
     Gateway,
@@ -279,6 +279,7 @@ def multi(
         # Room for one tiny model at a time: every switch unloads the other.
         "IMAGEGEN_MODEL_MEMORY_GIB": str(1.5 * sizing / 2**30),
         "IMAGEGEN_DEVICE": "cpu",
+        "IMAGEGEN_METRICS_PORT": str(METRICS_PORT),
     }
     worker = start_worker(server.url, root, "multi", env)
     wait_for_worker(connection, worker, "multi")
@@ -288,6 +289,9 @@ def multi(
     worker.stop()
     connection.close()
     server.stop()
+
+
+METRICS_PORT = free_port()
 
 
 def _models(client: Any) -> dict[str, dict[str, Any]]:
@@ -375,6 +379,21 @@ def test_the_worker_announces_its_budget_and_loaded_set(
     assert [m.info.id for m in beat.models] == ["m-a", "m-b", "m-gone"]
     assert sum(m.loaded for m in beat.models) == 1
     assert 0 < beat.memory_used_bytes <= beat.memory_budget_bytes
+    import httpx
+
+    scrape = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics").text
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in scrape.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["imagegen_worker_model_memory_budget_bytes"] == beat.memory_budget_bytes
+    loaded = {
+        line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in scrape.splitlines()
+        if line.startswith("imagegen_worker_model_loaded{")
+    }
+    assert loaded["m-gone"] == -1 and loaded["m-a"] + loaded["m-b"] == 1
 
 
 # -- limits per model ----------------------------------------------------------------------------
