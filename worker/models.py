@@ -355,20 +355,23 @@ class ModelManager:
     # -- loading ----------------------------------------------------------------------------------
     def acquire(self, model_id: str, loader: Loader = _load) -> Inference:
         """The model's warm `Inference`, loaded now if it is cold; `ModelUnavailable` if it
-        cannot be loaded (the reason is remembered for IMAGEGEN_MODEL_RETRY_S)."""
+        cannot be loaded (the reason is remembered for IMAGEGEN_MODEL_RETRY_S).
+
+        Called by the work loop only. The lock guards the bookkeeping the heartbeat thread
+        reads, never a load: a load of minutes must not hold up the heartbeat."""
         with self._lock:
             warm = self.warm.get(model_id)
             if warm is not None:
                 self.warm.move_to_end(model_id)
                 warm.last_used = self.clock()
                 return warm.inference
-            reason = self.unavailable(model_id)
-            if reason:
-                raise ModelUnavailable(reason)
-            entry = self.entries[model_id]
+        reason = self.unavailable(model_id)
+        if reason:
+            raise ModelUnavailable(reason)
+        entry = self.entries[model_id]
+        with self._lock:
             shared = self._shared_components(entry)
-            shared_bytes = module_bytes(list(shared.values()))
-            need = max(entry.estimate - shared_bytes, 0)
+            need = max(entry.estimate - module_bytes(list(shared.values())), 0)
             if need > self.budget:
                 self._mark(entry, f"needs {_gib(need)} GiB, more than the worker's model "
                            f"memory budget of {_gib(self.budget)} GiB")  # fmt: skip
@@ -377,28 +380,30 @@ class ModelManager:
                 # An unloaded model may have been the one sharing components.
                 shared = self._shared_components(entry)
                 need = max(entry.estimate - module_bytes(list(shared.values())), 0)
-            started = time.perf_counter()
-            try:
-                model = self._load(loader, entry, model_id, shared)
-            except Exception as exc:
-                self._mark(entry, f"loading failed: {type(exc).__name__}: {exc}"[:500])
-            inference = Inference(model)
+        started = time.perf_counter()
+        try:
+            model = self._load(loader, entry, model_id, shared)
+        except Exception as exc:
+            self._mark(entry, f"loading failed: {type(exc).__name__}: {exc}"[:500])
+        inference = Inference(model)
+        with self._lock:
             self.loads += 1
             entry.loads += 1
             warm = Warm(model, inference, self._max_images(model, inference), self.clock())
             self.warm[model_id] = warm
-            log.info(
-                "loaded %s in %.2fs (shared %s); warm: %s; %s of %s GiB",
-                model_id,
-                time.perf_counter() - started,
-                ", ".join(shared) or "nothing",
-                ", ".join(self.warm),
-                _gib(self.used_bytes()),
-                _gib(self.budget),
-            )
-            if self.used_bytes() > self.budget and len(self.warm) == 1:
-                log.warning("model %s alone holds more than the memory budget", model_id)
-            return inference
+            used = self.used_bytes()
+        log.info(
+            "loaded %s in %.2fs (shared %s); warm: %s; %s of %s GiB",
+            model_id,
+            time.perf_counter() - started,
+            ", ".join(shared) or "nothing",
+            ", ".join(self.warm),
+            _gib(used),
+            _gib(self.budget),
+        )
+        if used > self.budget:
+            log.warning("model %s: more than the memory budget is held (low estimate)", model_id)
+        return inference
 
     def _load(
         self, loader: Loader, entry: Entry, model_id: str, shared: dict[str, torch.nn.Module]

@@ -58,6 +58,8 @@ class WarmthRouter:
     def order(self) -> list[str]:
         """The models with queued work, in the order to try claiming them."""
         ids = self.models.ids()
+        if len(ids) == 1:
+            return ids  # one model: nothing to order, and no read before the claim
         heads = self.lifecycle.queue_heads(ids)
         waiting = {m: t for m, t in heads.items() if t is not None}
         if not waiting:
