@@ -517,3 +517,46 @@ def test_every_family_runs_through_the_manager_as_the_stock_pipeline_does(
     if family == "fewstep":
         assert stock.unet.config.time_cond_proj_dim == 32
         assert not stock.do_classifier_free_guidance  # one UNet row per image: guidance embedded
+
+
+class _Unloadable(_Models):
+    """A manager stand-in whose model `gone` cannot be loaded."""
+
+    def acquire(self, model_id: str) -> None:
+        from worker.models import ModelUnavailable
+
+        if model_id == "gone" or model_id.startswith("gone-"):
+            raise ModelUnavailable("no model directory at /nowhere")
+        super().acquire(model_id)
+
+
+def test_a_model_this_worker_cannot_load_is_left_to_a_worker_that_can(
+    redis_conn: redis.Redis,
+) -> None:
+    from imagegen.contract import ModelInfo, ServedModel, WorkerHeartbeat
+
+    gone = f"gone-{secrets.token_hex(3)}"
+    now = [time.time()]
+    loop = _router_loop(redis_conn, _Unloadable([gone], warm=[]), 3600, 1000, now)
+    job = _queue(redis_conn, gone)
+    info = ModelInfo(
+        id=gone, width=64, height=64, steps=2, guidance_scale=1.0, scheduler="euler",
+        schedulers=["euler"],
+    )  # fmt: skip
+    other = WorkerHeartbeat(
+        name=f"able-{gone}", model=info, device="cpu", dtype="float32", version="x", host="h",
+        pid=1, started_at=now[0], sent_at=now[0], state="ready",
+        models=[ServedModel(info=info, loaded=False)],
+    )  # fmt: skip
+    redis_conn.set(Keys.worker(other.name), other.model_dump_json(), ex=60)
+    redis_conn.zadd(Keys.model_workers(gone), {other.name: now[0]})
+    # Another live worker can load it: this one leaves the job queued.
+    assert loop.claim_next() == []
+    assert redis_conn.hget(Keys.job(job), "status") == b"queued"
+    # No worker can: the job fails model_unavailable at once, naming why.
+    redis_conn.delete(Keys.worker(other.name))
+    assert loop.claim_next() == []
+    record = redis_conn.hgetall(Keys.job(job))
+    assert record[b"status"] == b"failed"
+    error = json.loads(record[b"error"])
+    assert error["code"] == "model_unavailable" and "/nowhere" in error["message"]
