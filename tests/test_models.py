@@ -560,3 +560,11 @@ def test_a_model_this_worker_cannot_load_is_left_to_a_worker_that_can(
     assert record[b"status"] == b"failed"
     error = json.loads(record[b"error"])
     assert error["code"] == "model_unavailable" and "/nowhere" in error["message"]
+
+
+def test_prefetch_covers_every_model_of_the_list(two_models: tuple[Path, Path]) -> None:
+    from worker.pipeline import prefetch_model
+
+    a, b = two_models
+    said = prefetch_model(Settings(models=f"a={a},{b}"))
+    assert said == f"nothing to fetch: {a} is on disk; nothing to fetch: {b} is on disk"
