@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
@@ -11,6 +12,16 @@ from imagegen.contract import Keys, ModelInfo, WorkerHeartbeat
 
 # Model records change when a worker starts; a submit may see one a second old.
 MODEL_CACHE_S = 1.0
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A model as `GET /v1/models` shows it: live workers able to load it, and holding it."""
+
+    info: ModelInfo
+    workers: int  # live workers that list it and can load it
+    loaded: int  # of those, the ones holding it warm now
+    unavailable: str | None  # why no live worker that lists it can load it (None: one can)
 
 
 class ModelRegistry:
@@ -79,13 +90,29 @@ class ModelRegistry:
         return [WorkerHeartbeat.model_validate_json(v) for v in values if v is not None]
 
     def models(self) -> list[tuple[ModelInfo, int]]:
+        return [(m.info, m.workers) for m in self.statuses()]
+
+    def statuses(self) -> list[ModelStatus]:
+        """Every announced model, with its live workers, warm workers and availability."""
         out = []
         for model_id in self.model_ids():
             info = self.get(model_id)
             if info is None:  # announced long ago by a worker that is gone: forget it
                 self.redis.srem(Keys.MODELS, model_id)
                 continue
-            out.append((info, len(self.live_workers(model_id))))
+            able = loaded = 0
+            reasons = []
+            for beat in self.live_workers(model_id):
+                for served in beat.served():
+                    if served.info.id != model_id:
+                        continue
+                    if served.unavailable is not None:
+                        reasons.append(served.unavailable)
+                        continue
+                    able += 1
+                    loaded += served.loaded
+            unavailable = reasons[0] if reasons and not able else None
+            out.append(ModelStatus(info, able, loaded, unavailable))
         return out
 
 

@@ -188,7 +188,16 @@ class ModelEntry(BaseModel):
     guidance_scale: float
     scheduler: str
     schedulers: list[str]
-    workers: int
+    max_pixels: int = Field(description="Largest width*height this model accepts.")
+    max_steps: int = Field(description="Largest `steps` this model accepts.")
+    workers: int = Field(description="Live workers able to load this model.")
+    loaded: int = Field(description="Live workers holding this model warm (loaded) now.")
+    available: bool = Field(
+        True, description="False when no live worker that lists the model can load it."
+    )
+    unavailable_reason: str | None = Field(
+        None, description="Why the model cannot be loaded (its jobs fail model_unavailable)."
+    )
 
 
 class ModelList(BaseModel):

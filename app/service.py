@@ -152,9 +152,19 @@ class GenerationService:
                 named,
                 f"width*height = {width * height} exceeds the pixel cap of {s.max_pixels}",
             )
+        if info.max_pixels is not None and width * height > info.max_pixels:
+            raise InvalidRequest.for_field(
+                "width" if request.width is not None else "height",
+                f"width*height = {width * height} exceeds model {model_id!r}'s pixel cap of "
+                f"{info.max_pixels} (its native size is {info.width}x{info.height})",
+            )
         steps = request.steps if request.steps is not None else info.steps
         if steps > s.max_steps:
             raise InvalidRequest.for_field("steps", f"must be at most {s.max_steps}")
+        if info.max_steps is not None and steps > info.max_steps:
+            raise InvalidRequest.for_field(
+                "steps", f"must be at most {info.max_steps} for model {model_id!r}"
+            )
         if request.n > s.max_n:
             raise InvalidRequest.for_field("n", f"must be at most {s.max_n}")
         scheduler = request.scheduler if request.scheduler is not None else info.scheduler

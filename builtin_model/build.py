@@ -200,4 +200,7 @@ def served_defaults() -> dict[str, Any]:
         "steps": DEFAULT_STEPS,
         "guidance_scale": DEFAULT_GUIDANCE,
         "scheduler": DEFAULT_SCHEDULER,
+        # Past 2x its native side the model draws repeats and noise: refused at the gateway.
+        "max_pixels": (2 * data.IMAGE_SIZE) ** 2,
+        "max_steps": 100,
     }

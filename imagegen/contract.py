@@ -54,6 +54,9 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     CANCELED = "canceled"
     INTERNAL = "internal"
+    # The worker could not load the job's model (missing, corrupt, too big for its memory
+    # budget): the job fails at once rather than run on another model or loop on a reload.
+    MODEL_UNAVAILABLE = "model_unavailable"
 
 
 class InputRef(BaseModel):
@@ -180,6 +183,19 @@ class ModelInfo(BaseModel):
     guidance_scale: float
     scheduler: str
     schedulers: list[str]
+    # The model's own request limits (its card, or settings for a hub model); None = only the
+    # gateway's global caps apply.
+    max_pixels: int | None = None
+    max_steps: int | None = None
+
+
+class ServedModel(BaseModel):
+    """One model of a worker's list, as its heartbeat announces it."""
+
+    info: ModelInfo
+    loaded: bool = False  # held warm in memory now
+    unavailable: str | None = None  # why it cannot be loaded (None: it can)
+    memory_bytes: int = 0  # held while loaded, else the estimate of what loading takes
 
 
 class WorkerHeartbeat(BaseModel):
@@ -199,6 +215,14 @@ class WorkerHeartbeat(BaseModel):
     current_jobs: list[str] = Field(default_factory=list)  # every job of the running batch
     jobs_done: int = 0
     pipelines_loaded: int = 0
+    # Every model the worker can serve (its `model` is the first); empty from a worker that
+    # serves one model, which then holds `model` warm.
+    models: list[ServedModel] = Field(default_factory=list)
+    memory_budget_bytes: int = 0  # what loaded models may hold together
+    memory_used_bytes: int = 0
+
+    def served(self) -> list[ServedModel]:
+        return self.models or [ServedModel(info=self.model, loaded=True)]
 
 
 class Keys:

@@ -101,6 +101,19 @@ if #out > 1 then redis.call('SADD', KEYS[3], ARGV[3]) end
 return out
 """
 
+# Read only: for each queue in KEYS, when its head job was created ('' when it is empty), for
+# the worker's routing by warmth. Returns one value per key.
+_HEADS = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local head = redis.call('ZRANGE', key, 0, 0)
+  local created = ''
+  if head[1] then created = redis.call('HGET', '{P}:job:' .. head[1], 'created_at') or '0' end
+  out[i] = created
+end
+return out
+"""
+
 # Any other state change. KEYS: job, events, stats, queue, running set, bell, queue-seq,
 # run-seconds histogram, then blob keys (a succeeded job's images).
 # ARGV: job id, owner ('' = any), new status, record TTL, blob TTL, n allowed, allowed...,
@@ -297,6 +310,7 @@ class Lifecycle:
         self._transition = connection.register_script(_script(_TRANSITION))
         self._progress = connection.register_script(_script(_PROGRESS))
         self._submit = connection.register_script(_script(_SUBMIT))
+        self._heads = connection.register_script(_script(_HEADS))
 
     # -- gateway --------------------------------------------------------------------------------
     def submit(
@@ -347,6 +361,17 @@ class Lifecycle:
             raw = dict(zip(flat[::2], flat[1::2], strict=True))
             claimed.append(Claimed(record_from_hash(job_id, raw)))
         return claimed, bool(reply[0])
+
+    def queue_heads(self, models: Sequence[str]) -> dict[str, float | None]:
+        """When each model's next queued job was created (None: its queue is empty); one
+        read, so a worker can route by warmth and see how long a cold model's job waited."""
+        if not models:
+            return {}
+        reply = self._heads(keys=[Keys.queue(m) for m in models])
+        return {
+            m: float(_decode(v) or 0) if _decode(v) != "" else None
+            for m, v in zip(models, reply, strict=True)
+        }
 
     def progress(self, job_id: str, step: int, owner: str) -> str:
         """Record that `step` steps are done; returns the job's status, "lost" when another

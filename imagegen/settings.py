@@ -126,6 +126,56 @@ class Settings(BaseSettings):
         description="Id the worker serves the model under; default: the hub id, the local "
         "model's imagegen.json id, or its directory name.",
     )
+    models: str | None = Field(
+        None,
+        description="Comma-separated models this worker serves, each a hub id or a local "
+        "directory, optionally `id=source`; loaded on demand, the least recently used "
+        "unloaded past the memory budget. Unset = IMAGEGEN_MODEL alone, or, when that is "
+        "unset too, the built-in models on disk (shapes-64; shapes-64-fast once built).",
+    )
+    model_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory the worker's loaded models may hold together; unset = "
+        "IMAGEGEN_MODEL_MEMORY_FRACTION of free GPU memory (CUDA) or of available RAM (CPU).",
+    )
+    model_memory_fraction: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="Share of free GPU memory / available RAM at start that loaded models "
+        "may hold (the rest is for activations), unless IMAGEGEN_MODEL_MEMORY_GIB is set.",
+    )
+    model_retry_s: float = Field(
+        60.0,
+        ge=0,
+        description="After a model failed to load, its jobs fail `model_unavailable` for this "
+        "long before the worker tries to load it again (no reload loop).",
+    )
+    cold_max_wait_s: float = Field(
+        10.0,
+        ge=0,
+        description="Routing by warmth: a job of a model this worker does not hold warm is "
+        "taken before warm models' jobs once it has waited this long.",
+    )
+    cold_max_skips: int = Field(
+        8,
+        ge=0,
+        description="Routing by warmth: a cold model's waiting job is taken next after the "
+        "worker passed it over for this many warm claims in a row.",
+    )
+    model_max_pixels: int | None = Field(
+        None,
+        ge=64 * 64,
+        description="Pixel cap (width*height) announced with a model whose directory has no "
+        "imagegen.json `max_pixels` (a hub model); unset = only IMAGEGEN_MAX_PIXELS.",
+    )
+    model_max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Steps cap announced with a model whose imagegen.json has no `max_steps`; "
+        "unset = only IMAGEGEN_MAX_STEPS.",
+    )
     device: Literal["auto", "cuda", "cpu", "mps"] = Field(
         "auto", description="Torch device; auto = cuda when available, else cpu."
     )

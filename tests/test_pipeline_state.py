@@ -101,9 +101,16 @@ def test_an_empty_negative_prompt_reaches_sdxl_as_zeros(sdxl: LoadedModel) -> No
     assert not np.array_equal(with_zeros[0], with_empty_text[0])
 
 
-def test_the_stock_path_decodes_one_image_at_a_time(sdxl: LoadedModel) -> None:
-    Inference(sdxl)
-    assert sdxl.pipe.vae.use_slicing
+def test_the_stock_path_decodes_one_image_at_a_time(tmp_path: Path) -> None:
+    # SDXL runs in the batch loop (one image per decode call while its VAE is upcast); a
+    # pipeline the loop does not run, such as a few-step guidance-embedding one, is stock.
+    from worker.tiny_model import save_tiny_fewstep_pipeline
+
+    path = save_tiny_fewstep_pipeline(tmp_path / "fewstep")
+    model = load_model(Settings(model=str(path), device="cpu"))
+    inference = Inference(model)
+    assert not inference.batching
+    assert model.pipe.vae.use_slicing
 
 
 class _RecordingLifecycle:

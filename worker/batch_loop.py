@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -57,10 +57,15 @@ BatchResult = list[Image.Image] | Exception
 
 
 def supports_batching(pipe: Any) -> bool:
-    """Whether `run_batch` can run this pipeline; other pipelines (SDXL, ...) run job by job."""
-    # Exactly the SD 1.x/2.x pipeline: a subclass may change __call__, and a guidance-distilled
-    # UNet (time_cond_proj_dim) takes guidance as an embedding instead of a second half.
-    return type(pipe) is StableDiffusionPipeline and pipe.unet.config.time_cond_proj_dim is None
+    """Whether `run_batch` can run this pipeline; other pipelines run job by job."""
+    # Exactly the SD 1.x/2.x or SDXL pipeline: a subclass may change __call__, and a
+    # guidance-distilled UNet (time_cond_proj_dim) takes guidance as an embedding instead of
+    # a second half.
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        return False
+    if type(pipe) is StableDiffusionXLPipeline:
+        return bool(pipe.unet.config.addition_embed_type == "text_time")
+    return type(pipe) is StableDiffusionPipeline
 
 
 def run_batch(
@@ -116,6 +121,12 @@ class _Loop:
         # Per-row tensors of jobs with images in: image latents, their noise, latent masks.
         self.inputs: dict[str, torch.Tensor] = {}
         self._embeddings: dict[str, torch.Tensor] = {}  # text -> [1, tokens, dim]
+        # SDXL: the second encoder's pooled output per text, and the micro-conditioning
+        # (original size, crop, target size) every row shares (one shape key per batch).
+        self.sdxl = isinstance(self.pipe, StableDiffusionXLPipeline)
+        self._pooled: dict[str, torch.Tensor] = {}
+        self.pooled_cond: torch.Tensor | None = None
+        self.pooled_uncond: torch.Tensor | None = None
         # CPU generators make the starting noise identical on every device and batch layout.
         self.generators = [
             torch.Generator("cpu").manual_seed(item.spec.image_seed(i))
@@ -140,9 +151,29 @@ class _Loop:
         missing = [text for text in dict.fromkeys(texts) if text not in self._embeddings]
         groups = [[text] for text in missing] if self.invariant else [missing] if missing else []
         for group in groups:
-            embeds, _ = self.pipe.encode_prompt(group, self.device, 1, False)
+            out = self.pipe.encode_prompt(
+                prompt=group,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+            embeds = out[0]
             for i, text in enumerate(group):
                 self._embeddings[text] = embeds[i : i + 1]
+                if self.sdxl:
+                    self._pooled[text] = out[2][i : i + 1]
+
+    def _negative(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A guided row's unconditional embeddings (and SDXL's pooled ones): SDXL, like its
+        stock pipeline given no negative prompt, uses zeros for an empty one
+        (`force_zeros_for_empty_prompt`); otherwise the text's own encoding."""
+        if self.sdxl and not text and self.pipe.config.force_zeros_for_empty_prompt:
+            some = next(iter(self._embeddings))
+            return (
+                torch.zeros_like(self._embeddings[some]),
+                torch.zeros_like(self._pooled[some]),
+            )
+        return self._embeddings[text], self._pooled.get(text)
 
     def _layout(self) -> None:
         """Per-row tensors for the jobs still live; rebuilt when a job leaves."""
@@ -155,13 +186,28 @@ class _Loop:
         self.rows = row
         specs = [self.items[job].spec for job in self.live]
         cfg_jobs = [s for s in specs if s.guidance_scale > 1]
-        self._encode_texts([s.prompt for s in specs] + [s.negative_prompt for s in cfg_jobs])
+        negatives = [s.negative_prompt for s in cfg_jobs]
+        if self.sdxl and self.pipe.config.force_zeros_for_empty_prompt:
+            negatives = [text for text in negatives if text]
+        self._encode_texts([s.prompt for s in specs] + negatives)
         self.cond = torch.cat([self._embeddings[s.prompt] for s in specs for _ in range(s.n)])
-        self.uncond = (
-            torch.cat([self._embeddings[s.negative_prompt] for s in cfg_jobs for _ in range(s.n)])
-            if cfg_jobs
-            else None
-        )
+        uncond = [self._negative(s.negative_prompt) for s in cfg_jobs for _ in range(s.n)]
+        self.uncond = torch.cat([u for u, _ in uncond]) if cfg_jobs else None
+        if self.sdxl:
+            pooled = [self._pooled[s.prompt] for s in specs for _ in range(s.n)]
+            self.pooled_cond = torch.cat(pooled)
+            self.pooled_uncond = (
+                torch.cat([p for _, p in uncond if p is not None]) if cfg_jobs else None
+            )
+            spec = specs[0]
+            size = (spec.height, spec.width)
+            self.time_ids = self.pipe._get_add_time_ids(
+                size,
+                (0, 0),
+                size,
+                dtype=self.cond.dtype,
+                text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim,
+            ).to(self.device)
         cfg_rows = [r for job, a, b in self.spans if self._cfg(job) for r in range(a, b)]
         self.cfg_rows = torch.tensor(cfg_rows, dtype=torch.long, device=self.device)
 
@@ -318,7 +364,13 @@ class _Loop:
                 stopped.add(job)
         return stopped
 
-    def _unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _unet(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         rows = sample.shape[0]
         if self.compiled:
             # Pad to a compiled size (a guided batch of b images is 2b rows), and give the
@@ -326,14 +378,20 @@ class _Loop:
             # float either way): a new shape or dtype would mean compiling mid-job.
             size = _bucket(rows, [2 * b for b in self.compiled])
             sample, context = _pad_rows(sample, size), _pad_rows(context, size)
+            if pooled is not None:
+                pooled = _pad_rows(pooled, size)
             t = t.to(torch.float32)
+        added = None
+        if pooled is not None:
+            # SDXL: the pooled text embedding and the size/crop micro-conditioning per row.
+            added = {"text_embeds": pooled, "time_ids": self.time_ids.repeat(pooled.shape[0], 1)}
         out: torch.Tensor = self.pipe.unet(
             sample,
             t,
             encoder_hidden_states=context,
             timestep_cond=None,
             cross_attention_kwargs=None,
-            added_cond_kwargs=None,
+            added_cond_kwargs=added,
             return_dict=False,
         )[0]
         return out[:rows]
@@ -348,21 +406,28 @@ class _Loop:
                 scale = self.items[job].spec.guidance_scale
                 for r in range(a, b):
                     x, cond = model_input[r : r + 1], self.cond[r : r + 1]
+                    pooled = self.pooled_cond[r : r + 1] if self.pooled_cond is not None else None
                     if self._cfg(job):
                         assert self.uncond is not None
-                        context = torch.cat([self.uncond[uncond_row : uncond_row + 1], cond])
+                        u = slice(uncond_row, uncond_row + 1)
+                        context = torch.cat([self.uncond[u], cond])
+                        if pooled is not None and self.pooled_uncond is not None:
+                            pooled = torch.cat([self.pooled_uncond[u], pooled])
                         uncond_row += 1
-                        uncond_pred, cond_pred = self._unet(torch.cat([x] * 2), t, context).chunk(2)
+                        pair = self._unet(torch.cat([x] * 2), t, context, pooled)
+                        uncond_pred, cond_pred = pair.chunk(2)
                         parts.append(uncond_pred + scale * (cond_pred - uncond_pred))
                     else:
-                        parts.append(self._unet(x, t, cond))
+                        parts.append(self._unet(x, t, cond, pooled))
             return torch.cat(parts)
         # One call for the whole batch: the unconditional rows of the guided jobs, then all.
-        sample, context = model_input, self.cond
+        sample, context, pooled = model_input, self.cond, self.pooled_cond
         if self.uncond is not None:
             sample = torch.cat([model_input.index_select(0, self.cfg_rows), model_input])
             context = torch.cat([self.uncond, self.cond])
-        out = self._unet(sample, t, context)
+            if self.pooled_cond is not None and self.pooled_uncond is not None:
+                pooled = torch.cat([self.pooled_uncond, self.pooled_cond])
+        out = self._unet(sample, t, context, pooled)
         uncond_all, cond_all = out[: out.shape[0] - self.rows], out[out.shape[0] - self.rows :]
         uncond_row = 0
         for job, a, b in self.spans:
@@ -384,31 +449,63 @@ class _Loop:
         a few images per call, across jobs."""
         spec = self.items[0].spec
         chunk = 1
-        if not self.invariant:
-            # About what a 512x512 batch of 8 takes; larger images, fewer per call.
+        if not self.invariant and not self._needs_upcast():
+            # About what a 512x512 batch of 8 takes; larger images, fewer per call. (A VAE
+            # upcast to fp32 for decoding, as SDXL's, decodes one image per call.)
             chunk = max(1, DECODE_PIXELS // (spec.width * spec.height))
             if self.compiled:
                 # A compiled size, so that no chunk is padded past the pixel budget.
                 chunk = max([b for b in self.compiled if b <= chunk], default=self.compiled[0])
         images: list[Image.Image] = []
-        for lo in range(0, self.rows, chunk):
-            hi = min(lo + chunk, self.rows)
-            images += self._decode_rows(latents[lo:hi], self.generators[lo:hi])
+        upcast = self._needs_upcast()
+        if upcast:
+            # As the stock SDXL pipeline: an fp16 VAE that overflows decodes in fp32, and is
+            # put back afterwards (and by Inference.restore should anything fail here).
+            self.pipe.vae.to(dtype=torch.float32)
+        try:
+            for lo in range(0, self.rows, chunk):
+                hi = min(lo + chunk, self.rows)
+                rows = latents[lo:hi]
+                if upcast:
+                    rows = rows.to(next(iter(self.pipe.vae.post_quant_conv.parameters())).dtype)
+                images += self._decode_rows(rows, self.generators[lo:hi])
+        finally:
+            if upcast:
+                self.pipe.vae.to(dtype=torch.float16)
         for job, a, b in self.spans:
             self.results[job] = images[a:b]
+
+    def _needs_upcast(self) -> bool:
+        vae = self.pipe.vae
+        return bool(
+            self.sdxl and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        )
 
     def _decode_rows(
         self, latents: torch.Tensor, generators: list[torch.Generator]
     ) -> list[Image.Image]:
         pipe = self.pipe
         vae_config = pipe.vae.config
-        latents = latents / vae_config.scaling_factor
+        mean = getattr(vae_config, "latents_mean", None)
+        std = getattr(vae_config, "latents_std", None)
+        if self.sdxl and mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std_t = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std_t / vae_config.scaling_factor + mean_t
+        else:
+            latents = latents / vae_config.scaling_factor
         shift = getattr(vae_config, "shift_factor", None)
-        if shift is not None:
+        if shift is not None and not self.sdxl:
             latents = latents + shift
         count = latents.shape[0]
         if self.compiled:
             latents = _pad_rows(latents, _bucket(count, self.compiled))
+        if self.sdxl:
+            image = pipe.vae.decode(latents, return_dict=False)[0][:count]
+            if pipe.watermark is not None:
+                image = pipe.watermark.apply_watermark(image)
+            image = pipe.image_processor.postprocess(image, output_type="pt")
+            return _to_pil(image)
         image = pipe.vae.decode(latents, return_dict=False, generator=generators)[0][:count]
         # The model's own safety checker, if it ships one, as the stock pipeline runs it.
         image, nsfw = pipe.run_safety_checker(image, self.device, self.cond.dtype)

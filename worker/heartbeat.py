@@ -1,5 +1,6 @@
 """The worker's heartbeat: a daemon thread, independent of the job loop, that announces the
-model this worker serves and proves the worker is alive while a long job runs."""
+models this worker serves (which are loaded, which cannot be) and proves the worker is alive
+while a long job runs."""
 
 from __future__ import annotations
 
@@ -48,12 +49,20 @@ class Heartbeat:
 
     def beat(self) -> None:
         hb = self.current()
-        model: ModelInfo = hb.model
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(Keys.worker(hb.name), hb.model_dump_json(), ex=self.ttl_s)
-            pipe.zadd(Keys.model_workers(model.id), {hb.name: hb.sent_at})
-            pipe.set(Keys.model(model.id), model.model_dump_json(), ex=MODEL_RECORD_TTL_S)
-            pipe.sadd(Keys.MODELS, model.id)
+            for served in hb.served():
+                model: ModelInfo = served.info
+                pipe.zadd(Keys.model_workers(model.id), {hb.name: hb.sent_at})
+                # A model this worker cannot load has only its configured defaults: they never
+                # overwrite what a worker that loaded it announced.
+                pipe.set(
+                    Keys.model(model.id),
+                    model.model_dump_json(),
+                    ex=MODEL_RECORD_TTL_S,
+                    nx=served.unavailable is not None,
+                )
+                pipe.sadd(Keys.MODELS, model.id)
             pipe.execute()
         if self.local_file is not None:
             # Written only after Redis took the beat: a healthy file means a reachable Redis.
@@ -80,9 +89,10 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=self.interval_s + 1)
         try:
-            hb = self.base
+            hb = self.current()
             self.redis.delete(Keys.worker(hb.name))
-            self.redis.zrem(Keys.model_workers(hb.model.id), hb.name)
+            for served in hb.served():
+                self.redis.zrem(Keys.model_workers(served.info.id), hb.name)
         except redis.exceptions.RedisError:
             pass
         if self.local_file is not None:

@@ -17,9 +17,10 @@ from types import FrameType
 
 import redis
 
-from imagegen.contract import Keys
+from imagegen.contract import ErrorCode, Keys
 from imagegen.lifecycle import Claimed, Lifecycle
 from worker.faults import CrashPoint
+from worker.routing import WarmthRouter
 from worker.runner import JobRunner
 from worker.state import WorkerState
 
@@ -29,10 +30,13 @@ log = logging.getLogger("imagegen.worker")
 POLL_S = 0.005
 # An idle worker re-checks its queue at least this often, even if no bell rang.
 IDLE_WAIT_S = 1
+# Jobs of a model that cannot be loaded are failed this many at a time.
+FAIL_BATCH = 64
 
 
 class WorkLoop:
-    """Claims and runs batches of one model's jobs until told to stop."""
+    """Claims and runs batches of one model's jobs until told to stop; with a `router`, of
+    several models' jobs, in the router's order (routing by warmth, worker.routing)."""
 
     def __init__(
         self,
@@ -47,7 +51,11 @@ class WorkLoop:
         crash: CrashPoint | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        router: WarmthRouter | None = None,
+        failure_ttl_s: int = 86400,
     ) -> None:
+        self.router = router
+        self.failure_ttl_s = failure_ttl_s
         self.redis = connection
         self.clock = clock
         self.sleep = sleep
@@ -73,9 +81,9 @@ class WorkLoop:
     def run(self) -> None:
         while not self.stopping:
             try:
-                batch = self.claim()
+                batch = self.claim_next()
                 if not batch:
-                    self.redis.blpop([Keys.bell(self.model_id)], timeout=IDLE_WAIT_S)
+                    self.redis.blpop([Keys.bell(m) for m in self.model_ids()], timeout=IDLE_WAIT_S)
                     continue
                 self.runner.run(batch)
                 self.crash.reached("before_next_claim")
@@ -83,25 +91,58 @@ class WorkLoop:
                 log.warning("work loop lost redis: %s", exc)
                 self._wait_for_redis()
 
-    def claim(self) -> list[Claimed]:
+    def model_ids(self) -> list[str]:
+        return self.router.model_ids() if self.router is not None else [self.model_id]
+
+    def claim_next(self) -> list[Claimed]:
+        """The next batch: of the one model, or of the first model in the router's order
+        that has one (a cold model is loaded first; one that cannot be has its jobs failed
+        `model_unavailable`, unless another worker can load it)."""
+        if self.router is None:
+            return self.claim()
+        for model in self.router.order():
+            reason = self.router.ready(model)
+            if reason is not None:
+                self._fail_unavailable(model, reason)
+                continue
+            batch = self.claim(model, self.router.max_images(model))
+            if batch:
+                self.router.claimed(model)
+                return batch
+        return []
+
+    def _fail_unavailable(self, model: str, reason: str) -> None:
+        if self.router is not None and self.router.others_can_serve(model):
+            return
+        batch, _ = self.lifecycle.claim(model, self.worker_name, budget=FAIL_BATCH)
+        for job in batch:
+            log.error("job %s failed: model %s is unavailable: %s", job.id, model, reason)
+            self.lifecycle.fail(
+                job,
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"model {model!r} cannot be loaded: {reason}",
+                self.failure_ttl_s,
+            )
+
+    def claim(self, model: str | None = None, max_images: int | None = None) -> list[Claimed]:
         """The queue's next job and the queued jobs that can share its denoising loop.
 
         Without `max_wait_s` a batch is whatever is queued now; with it, the loop keeps
         looking while the image budget has room and no job of another shape waits (that one
         is better served next than kept waiting)."""
-        batch, others_waiting = self.lifecycle.claim(
-            self.model_id, self.worker_name, budget=self.max_images
-        )
+        model = model or self.model_id
+        max_images = max_images or self.max_images
+        batch, others_waiting = self.lifecycle.claim(model, self.worker_name, budget=max_images)
         self.state.add(batch)  # listed in the heartbeat before anything else happens
         if not batch:
             return batch
         self.crash.reached("after_claim")
-        budget = self.max_images - sum(job.record.spec.n for job in batch)
+        budget = max_images - sum(job.record.spec.n for job in batch)
         deadline = self.clock() + self.max_wait_s
         while budget > 0 and not others_waiting and self.clock() < deadline:
             self.sleep(POLL_S)
             more, others_waiting = self.lifecycle.claim(
-                self.model_id, self.worker_name, batch[0].record.spec.batch_key, budget
+                model, self.worker_name, batch[0].record.spec.batch_key, budget
             )
             self.state.add(more)
             batch += more

@@ -1,4 +1,5 @@
-"""Worker process start-up: load the pipeline once, warm it, announce it, then take jobs."""
+"""Worker process start-up: list its models, load and warm the first, announce them all, then
+take jobs (loading the others on demand, routing by warmth: worker.models, worker.routing)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import socket
 import time
 from types import FrameType
+from typing import cast
 
 import redis
 
@@ -22,8 +24,10 @@ from worker.heartbeat import Heartbeat
 from worker.inference import Inference
 from worker.loop import WorkLoop
 from worker.metrics import WorkerMetrics
-from worker.pipeline import LoadedModel, free_gpu_gib, load_model
+from worker.models import ModelManager, ModelUnavailable, UnsupportedModel
+from worker.pipeline import LoadedModel, free_gpu_gib
 from worker.reaper import Reaper
+from worker.routing import WarmthRouter
 from worker.runner import JobRunner
 from worker.state import WorkerState
 
@@ -76,41 +80,69 @@ def run_worker(settings: Settings) -> int:
     started_at = time.time()
     crash = CrashPoint(settings.fault_crash_at if settings.fault_injection else None)
 
-    model = load_model(settings)
-    state.pipelines_loaded += 1
-    metrics = WorkerMetrics(model.info.id, model.device, exact_steps=bool(settings.metrics_port))
+    try:
+        models = ModelManager(
+            settings,
+            # The stock pipeline runs job by job: a batch would only keep jobs waiting as running.
+            max_images=lambda m, inf: batch_max_images(settings, m) if inf.batching else 1,
+        )
+    except UnsupportedModel as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
+    first = models.ids()[0]
+    metrics = WorkerMetrics(first, models.device, exact_steps=bool(settings.metrics_port))
+    metrics.watch_models(models.served, models.budget)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
-    inference = Inference(model)
-    if settings.warmup:
-        inference.warm_up()
+    # The first model is loaded (and warmed up) at start; the others when their jobs come.
+    inference: Inference | None = None
+    try:
+        inference = models.acquire(first)
+        state.pipelines_loaded += 1
+        if settings.warmup:
+            inference.warm_up()
+    except ModelUnavailable as exc:
+        log.error("model %s is unavailable; its jobs will fail: %s", first, exc)
     lifecycle = Lifecycle(connection)
-    runner = JobRunner(inference, lifecycle, settings, state, metrics, crash)
+    runner = JobRunner(
+        cast(Inference, inference),
+        lifecycle,
+        settings,
+        state,
+        metrics,
+        crash,
+        inference_for=models.acquire,
+    )
+    router = WarmthRouter(connection, lifecycle, models, settings, name)
     loop = WorkLoop(
         connection,
         lifecycle,
         runner,
         state,
-        model.info.id,
+        first,
         name,
-        # The stock pipeline runs job by job: a batch would only keep jobs waiting as running.
-        batch_max_images(settings, model) if inference.batching else 1,
+        models.max_images(first),
         settings.batch_max_wait_s,
         crash,
+        router=router,
+        failure_ttl_s=settings.failure_ttl_s,
     )
     loop.install_signal_handlers()
 
+    served = models.served()
     base = WorkerHeartbeat(
         name=name,
-        model=model.info,
-        device=str(model.device),
-        dtype=str(model.dtype).removeprefix("torch."),
+        model=served[0].info,
+        device=str(models.device),
+        dtype=str(models.dtype).removeprefix("torch."),
         version=__version__,
         host=socket.gethostname(),
         pid=os.getpid(),
         started_at=started_at,
         sent_at=started_at,
         state="ready",
+        models=served,
+        memory_budget_bytes=models.budget,
     )
 
     def snapshot() -> dict[str, object]:
@@ -120,7 +152,9 @@ def run_worker(settings: Settings) -> int:
             "current_job": jobs[0] if jobs else None,
             "current_jobs": jobs,
             "jobs_done": state.jobs_done,
-            "pipelines_loaded": state.pipelines_loaded,
+            "pipelines_loaded": models.loads,
+            "models": models.served(),
+            "memory_used_bytes": models.used_bytes(),
         }
 
     def watchdog() -> None:
@@ -158,7 +192,14 @@ def run_worker(settings: Settings) -> int:
     heartbeat.start()
     reaper = Reaper(connection, settings)
     reaper.start()
-    log.info("worker %s ready for model %s (%s, %s)", name, model.info.id, base.device, base.dtype)
+    log.info(
+        "worker %s ready for model(s) %s (%s, %s; model memory budget %.2f GiB)",
+        name,
+        ", ".join(models.ids()),
+        base.device,
+        base.dtype,
+        models.budget / 2**30,
+    )
     try:
         loop.run()
     finally:

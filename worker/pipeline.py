@@ -81,8 +81,12 @@ def _read_card(source: str) -> dict[str, Any]:
     return {}
 
 
-def model_id_for(source: str, settings: Settings, card: dict[str, Any]) -> str:
-    if settings.model_id:
+def model_id_for(
+    source: str, settings: Settings, card: dict[str, Any], model_id: str | None = None
+) -> str:
+    if model_id:
+        return model_id
+    if settings.model_id and not settings.models:
         return settings.model_id
     if "id" in card:
         return str(card["id"])
@@ -105,6 +109,30 @@ def _speed_up(pipe: Any, settings: Settings) -> None:
         mode = "max-autotune-no-cudagraphs"
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True, dynamic=False)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, dynamic=False)
+
+
+def model_info(
+    model_id: str,
+    card: dict[str, Any],
+    native: int,
+    scheduler: str | None,
+    settings: Settings,
+) -> ModelInfo:
+    """What a worker announces about a model: its card's defaults and caps over the
+    pipeline's own (native size, scheduler), the settings' caps for a model without a card."""
+    max_pixels = card.get("max_pixels", settings.model_max_pixels)
+    max_steps = card.get("max_steps", settings.model_max_steps)
+    return ModelInfo(
+        id=model_id,
+        width=int(card.get("width", native)),
+        height=int(card.get("height", native)),
+        steps=int(card.get("steps", FALLBACK_STEPS)),
+        guidance_scale=float(card.get("guidance_scale", FALLBACK_GUIDANCE)),
+        scheduler=str(card.get("scheduler") or scheduler or FALLBACK_SCHEDULER),
+        schedulers=list(SCHEDULER_NAMES),
+        max_pixels=int(max_pixels) if max_pixels is not None else None,
+        max_steps=int(max_steps) if max_steps is not None else None,
+    )
 
 
 def has_fp16_variant(files: Iterable[str]) -> bool:
@@ -156,14 +184,23 @@ def _model_files(source: str) -> list[str]:
 
 
 def prefetch_model(settings: Settings) -> str:
-    """Download the configured hub model into the Hugging Face cache; returns what it did.
+    """Download the configured hub model(s) into the Hugging Face cache; returns what it did.
 
     Compose runs this once before the workers start, so that the workers can run with
     HF_HUB_OFFLINE=1 and several of them never race to download the same files. Where the
     weights will be fp16 (IMAGEGEN_DTYPE float16, or auto: the workers are meant for GPUs)
-    and the repository has the fp16 variant, only that is fetched: half the bytes.
+    and the repository has the fp16 variant, only that is fetched: half the bytes. With
+    IMAGEGEN_MODELS, every hub id of the list is fetched.
     """
-    source = settings.model
+    if settings.models:
+        from worker.models import parse_models
+
+        sources = [m.source for m in parse_models(settings.models)]
+        return "; ".join(_prefetch(source, settings) for source in sources)
+    return _prefetch(settings.model, settings)
+
+
+def _prefetch(source: str | None, settings: Settings) -> str:
     if not source or Path(source).is_dir():
         return f"nothing to fetch: {source or 'the built-in model'} is on disk"
     from diffusers import DiffusionPipeline
@@ -175,14 +212,25 @@ def prefetch_model(settings: Settings) -> str:
     return f"{source} ({variant or 'default'} weights) is in the cache at {path}"
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Load the configured pipeline onto its device; the only place weights are loaded."""
-    source = settings.model or str(default_model_dir())
+def load_model(
+    settings: Settings,
+    source: str | None = None,
+    model_id: str | None = None,
+    components: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load a pipeline onto its device (default: the configured one); the only place weights
+    are loaded. Safetensors weights are memory-mapped by diffusers while loading: a second
+    load of a model from the page cache reads no disk. `components` are modules already in
+    memory (another loaded model's identical VAE, text encoder, ...) used instead of loading
+    those again."""
+    source = source or settings.model or str(default_model_dir())
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     variant = weights_variant(_model_files(source), dtype)
     log.info("loading %s on %s as %s (%s weights)", source, device, dtype, variant or "default")
-    pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, variant=variant)
+    pipe = AutoPipelineForText2Image.from_pretrained(
+        source, dtype=dtype, variant=variant, **(components or {})
+    )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     # Stable Diffusion safety checkers are optional components; we load what the model ships.
@@ -202,14 +250,12 @@ def load_model(settings: Settings) -> LoadedModel:
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
     sample_size = pipe.unet.config.sample_size
     native = int(sample_size if isinstance(sample_size, int) else sample_size[0]) * vae_scale
-    info = ModelInfo(
-        id=model_id_for(source, settings, card),
-        width=int(card.get("width", native)),
-        height=int(card.get("height", native)),
-        steps=int(card.get("steps", FALLBACK_STEPS)),
-        guidance_scale=float(card.get("guidance_scale", FALLBACK_GUIDANCE)),
-        scheduler=str(card.get("scheduler") or name_of(pipe.scheduler) or FALLBACK_SCHEDULER),
-        schedulers=list(SCHEDULER_NAMES),
+    info = model_info(
+        model_id_for(source, settings, card, model_id),
+        card,
+        native,
+        name_of(pipe.scheduler),
+        settings,
     )
     log.info(
         "loaded %s: native %dx%d, attention slicing %s, vae tiling %s, free gpu %s GiB",

@@ -15,13 +15,13 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from imagegen.contract import ImageInfo
+from imagegen.contract import ErrorCode, ImageInfo
 from imagegen.lifecycle import Claimed, Lifecycle
 from imagegen.logs import request_id
 from imagegen.settings import Settings
@@ -64,8 +64,11 @@ class JobRunner:
         state: WorkerState,
         metrics: WorkerMetrics,
         crash: CrashPoint | None = None,
+        inference_for: Callable[[str], Inference] | None = None,
     ) -> None:
         self.inference = inference
+        # A worker serving several models: the warm Inference of a batch's model, by id.
+        self.inference_for = inference_for
         self.lifecycle = lifecycle
         self.settings = settings
         self.state = state
@@ -85,6 +88,15 @@ class JobRunner:
         token = request_id.set(batch[0].record.request_id or batch[0].id)
         started = time.perf_counter()
         try:
+            model = batch[0].record.spec.model
+            # A batch is one model's (one queue's): it runs on that model's pipeline or not at all.
+            assert all(job.record.spec.model == model for job in batch)
+            if self.inference_for is not None:
+                try:
+                    self.inference = self.inference_for(model)
+                except Exception as exc:  # ModelUnavailable, or anything a load raised
+                    return [self._unavailable(job, model, exc) for job in batch]
+                self.metrics.use_model(model)
             results = self._infer(batch)
             encoded = [
                 self._encode(job, result) if isinstance(result, list) else []
@@ -176,6 +188,16 @@ class JobRunner:
         self.metrics.observe_job(run_s, len(infos))
         log.info("job %s succeeded: %d image(s) in %.2fs", job.id, len(infos), run_s)
         return Outcome(job.id, "succeeded")
+
+    def _unavailable(self, job: Claimed, model: str, exc: Exception) -> Outcome:
+        log.error("job %s failed: model %s is unavailable: %s", job.id, model, exc)
+        self.lifecycle.fail(
+            job,
+            ErrorCode.MODEL_UNAVAILABLE,
+            f"model {model!r} cannot be loaded: {exc}",
+            self.settings.failure_ttl_s,
+        )
+        return Outcome(job.id, "failed", ErrorCode.MODEL_UNAVAILABLE)
 
     def _fail(self, job: Claimed, exc: BaseException) -> Outcome:
         if is_redis_down(exc):

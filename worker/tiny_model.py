@@ -132,3 +132,30 @@ def save_tiny_sdxl_pipeline(directory: Path, seed: int = 0) -> Path:
     """Build and save the tiny SDXL pipeline in diffusers format; returns `directory`."""
     build_tiny_sdxl_pipeline(seed).save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def build_tiny_fewstep_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A distilled few-step model's shape (LCM / Turbo style): the SD pipeline whose UNet takes
+    the guidance scale as an embedding (`time_cond_proj_dim`) instead of a second,
+    unconditional half of the batch."""
+    pipe = build_tiny_pipeline(seed)
+    torch.manual_seed(seed + 1)
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    config["time_cond_proj_dim"] = 32
+    return StableDiffusionPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=UNet2DConditionModel.from_config(config),
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_fewstep_pipeline(directory: Path, seed: int = 0) -> Path:
+    """Build and save the tiny few-step pipeline in diffusers format; returns `directory`."""
+    pipe = build_tiny_fewstep_pipeline(seed)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory

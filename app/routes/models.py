@@ -5,17 +5,30 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.auth import PrincipalDep
-from app.deps import RegistryDep
+from app.deps import RegistryDep, SettingsDep
 from app.schemas import ModelEntry, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(registry: RegistryDep, principal: PrincipalDep) -> ModelList:
-    """Every model a worker has announced, its defaults, and how many live workers serve it."""
-    entries = [
-        ModelEntry(default=info.id == registry.default_model, workers=workers, **info.model_dump())
-        for info, workers in registry.models()
-    ]
+def list_models(registry: RegistryDep, settings: SettingsDep, principal: PrincipalDep) -> ModelList:
+    """Every model a live worker can serve: its defaults and limits, how many live workers
+    can load it (`workers`) and how many hold it warm now (`loaded`)."""
+    entries = []
+    for status in registry.statuses():
+        info = status.info
+        fields = info.model_dump(exclude={"max_pixels", "max_steps"})
+        entries.append(
+            ModelEntry(
+                **fields,
+                default=info.id == registry.default_model,
+                max_pixels=min(settings.max_pixels, info.max_pixels or settings.max_pixels),
+                max_steps=min(settings.max_steps, info.max_steps or settings.max_steps),
+                workers=status.workers,
+                loaded=status.loaded,
+                available=status.unavailable is None,
+                unavailable_reason=status.unavailable,
+            )
+        )
     return ModelList(data=entries)

@@ -1,0 +1,122 @@
+"""SDXL in the batch loop: byte-identical on CPU to the stock StableDiffusionXLPipeline (two text
+encoders, pooled embedding and size/crop micro-conditioning per row, the empty negative prompt
+as zeros, the fp16 VAE upcast to fp32 for the decode), alone and batched. A tiny random SDXL
+pipeline, saved and loaded like a hub model, stands in for the real one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from imagegen.contract import JobSpec
+from imagegen.settings import Settings
+from tests.test_batch import assert_identical, pixels
+from worker.batch_loop import BatchItem, run_batch, supports_batching
+from worker.inference import Inference
+from worker.pipeline import LoadedModel, load_model
+from worker.schedulers import build_scheduler
+from worker.tiny_model import save_tiny_sdxl_pipeline
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sdxl(sdxl_dir: Path) -> LoadedModel:
+    return load_model(Settings(model=str(sdxl_dir), model_id="sdxl", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def sdxl16(sdxl_dir: Path) -> LoadedModel:
+    settings = Settings(model=str(sdxl_dir), model_id="sdxl", device="cpu", dtype="float16")
+    return load_model(settings)
+
+
+def job(**changes: Any) -> JobSpec:
+    spec = JobSpec(
+        prompt="a red cube",
+        negative_prompt="blurry",
+        width=64,
+        height=64,
+        steps=3,
+        guidance_scale=5.0,
+        seed=11,
+        n=1,
+        scheduler="euler",
+        model="sdxl",
+    )
+    return spec.model_copy(update=changes)
+
+
+def stock_images(model: LoadedModel, spec: JobSpec) -> list[np.ndarray]:
+    """The stock pipeline, one call per image, as the worker calls it (Inference._call): an
+    empty negative prompt is passed as None (SDXL then uses zeros)."""
+    pipe = model.pipe
+    images = []
+    for i in range(spec.n):
+        pipe.scheduler = build_scheduler(spec.scheduler, model.scheduler_config)
+        with torch.inference_mode():
+            result = pipe(
+                prompt=[spec.prompt],
+                negative_prompt=[spec.negative_prompt] if spec.negative_prompt else None,
+                width=spec.width,
+                height=spec.height,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(spec.image_seed(i))],
+                output_type="pil",
+            )
+        images += result.images
+    return [np.asarray(image) for image in images]
+
+
+def test_sdxl_is_batched(sdxl: LoadedModel) -> None:
+    assert supports_batching(sdxl.pipe)
+    assert Inference(sdxl).batching
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "guidance", "negative"),
+    [
+        ("euler", 5.0, "blurry"),
+        ("euler", 5.0, ""),
+        ("dpmpp_2m", 5.0, "blurry"),
+        ("ddim", 1.0, ""),
+        ("euler_a", 3.0, ""),
+    ],
+)
+def test_an_sdxl_job_alone_matches_the_stock_pipeline(
+    sdxl: LoadedModel, scheduler: str, guidance: float, negative: str
+) -> None:
+    spec = job(scheduler=scheduler, guidance_scale=guidance, negative_prompt=negative, n=2)
+    (result,) = run_batch(sdxl, [BatchItem(spec)], invariant=True)
+    assert_identical(pixels(result), stock_images(sdxl, spec))
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
+def test_batched_sdxl_jobs_match_their_solo_runs_byte_for_byte(
+    sdxl: LoadedModel, scheduler: str
+) -> None:
+    specs = [
+        job(scheduler=scheduler, n=2),
+        job(scheduler=scheduler, prompt="a green sphere", negative_prompt="", guidance_scale=1.0),
+        job(scheduler=scheduler, prompt="blurry", negative_prompt="", seed=5),
+    ]
+    batched = run_batch(sdxl, [BatchItem(spec) for spec in specs], invariant=True)
+    for spec, result in zip(specs, batched, strict=True):
+        assert_identical(pixels(result), stock_images(sdxl, spec))
+
+
+def test_the_fp16_vae_is_upcast_for_the_decode_as_the_stock_pipeline_does(
+    sdxl16: LoadedModel,
+) -> None:
+    spec = job(negative_prompt="", n=2)
+    (result,) = run_batch(sdxl16, [BatchItem(spec)], invariant=True)
+    assert sdxl16.pipe.vae.dtype == torch.float16  # put back after the decode
+    assert_identical(pixels(result), stock_images(sdxl16, spec))

@@ -1,0 +1,467 @@
+"""A worker's list of models: what each is (read from its configs, no weights), which are warm,
+and loading on demand within a memory budget, the least recently used unloaded first.
+
+A model that cannot be loaded (missing, corrupt, larger than the budget) is marked unavailable
+with the reason; its jobs fail `model_unavailable` and the worker tries again only after
+IMAGEGEN_MODEL_RETRY_S — never a reload loop, never a crash. A job only ever runs on the
+pipeline loaded for its own model id: the manager hands out pipelines by id and nothing else.
+
+Switch cost: diffusers memory-maps safetensors while loading (a second load from the page cache
+reads no disk), and a component whose files are identical to one a loaded model already holds
+(the same VAE or text encoder in two fine-tunes of one base, the built-in shapes-64 and its
+distilled shapes-64-fast) is passed to the new pipeline instead of being loaded again — the
+`from_pipe` idea, for pipelines that share some components rather than all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from imagegen.contract import ModelInfo, ServedModel
+from imagegen.settings import Settings
+from worker.inference import Inference
+from worker.pipeline import (
+    FP16_VARIANT,
+    LoadedModel,
+    _read_card,
+    free_gpu_gib,
+    load_model,
+    model_id_for,
+    model_info,
+    resolve_device,
+    resolve_dtype,
+    weights_variant,
+)
+
+log = logging.getLogger("imagegen.worker")
+
+# Pipeline families the worker runs (the `_class_name` of model_index.json). SD 1.x/2.x covers
+# guidance-distilled few-step UNets (LCM/Turbo style, `time_cond_proj_dim`) too.
+SUPPORTED_FAMILIES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class UnsupportedModel(Exception):
+    """A configured model is of a pipeline family the worker cannot run: refused at start."""
+
+
+class ModelUnavailable(Exception):
+    """The job's model cannot be loaded on this worker (the message says why)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One entry of IMAGEGEN_MODELS: `source` (hub id or directory), served as `model_id`."""
+
+    model_id: str | None
+    source: str
+
+
+def parse_models(value: str) -> list[ModelSource]:
+    """`a=/models/a, stabilityai/sdxl-turbo` → entries; ids and sources stripped."""
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        model_id, sep, source = part.partition("=")
+        entry = ModelSource(model_id.strip(), source.strip()) if sep else ModelSource(None, part)
+        out.append(entry)
+    return out
+
+
+def builtin_sources(first_id: str | None = None) -> list[ModelSource]:
+    """The built-in models that are on disk: shapes-64 (served as `first_id` if given), then
+    shapes-64-fast."""
+    from builtin_model import MODEL_DIR, MODEL_ID
+
+    fast = MODEL_DIR.parent / "shapes-64-fast"
+    out = [ModelSource(first_id or MODEL_ID, str(MODEL_DIR))]
+    if (fast / "model_index.json").is_file():
+        out.append(ModelSource(fast.name, str(fast)))
+    return out
+
+
+def configured_sources(settings: Settings) -> list[ModelSource]:
+    if settings.models:
+        return parse_models(settings.models)
+    if settings.model:
+        return [ModelSource(settings.model_id, settings.model)]
+    return builtin_sources(settings.model_id)
+
+
+def _config_file(source: str, name: str) -> Path:
+    if Path(source).is_dir():
+        return Path(source) / name
+    if source.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"no model directory at {source}")
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(source, name))
+
+
+def _json(source: str, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(_config_file(source, name).read_text())
+    return data
+
+
+def family_of(source: str) -> str:
+    return str(_json(source, "model_index.json").get("_class_name", "?"))
+
+
+def _component_files(root: Path, component: str) -> list[Path]:
+    folder = root / component
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def _file_digest(path: Path) -> str:
+    # A hub snapshot's weights are links to blobs named by their sha256: no need to read them.
+    if path.is_symlink():
+        return Path(os.readlink(path)).name
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def component_fingerprints(root: Path, index: dict[str, Any]) -> dict[str, str]:
+    """A digest per model component of its config and weights: equal digests, equal modules."""
+    out = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        files = _component_files(root, name)
+        if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in files):
+            continue
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.name.encode() + b"\0" + _file_digest(f).encode() + b"\n")
+        out[name] = digest.hexdigest()
+    return out
+
+
+def module_bytes(modules: list[torch.nn.Module]) -> int:
+    """Bytes of the parameters and buffers of `modules`, each module counted once."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _modules(pipe: Any) -> list[torch.nn.Module]:
+    return [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+
+
+def memory_budget_bytes(settings: Settings, device: torch.device) -> int:
+    """IMAGEGEN_MODEL_MEMORY_GIB, or the memory fraction of free GPU memory / available RAM."""
+    if settings.model_memory_gib is not None:
+        return int(settings.model_memory_gib * 2**30)
+    free = free_gpu_gib(device)
+    if free is not None:
+        return int(settings.model_memory_fraction * free * 2**30)
+    available = _available_ram()
+    return int(settings.model_memory_fraction * available)
+
+
+def _available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+@dataclass
+class Entry:
+    """One model of the list and what is known of it."""
+
+    source: str
+    info: ModelInfo
+    estimate: int = 0  # bytes loading it takes (from its weight files), before it is loaded
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    unavailable: str | None = None
+    failed_at: float = 0.0
+    loads: int = 0
+
+
+@dataclass
+class Warm:
+    """A loaded model: its pipeline and the runner of its batches."""
+
+    model: LoadedModel
+    inference: Inference
+    max_images: int = 1
+    last_used: float = field(default_factory=time.monotonic)
+
+
+Loader = Callable[[Settings, str, str, dict[str, Any]], LoadedModel]
+
+
+def _load(
+    settings: Settings, source: str, model_id: str, components: dict[str, Any]
+) -> LoadedModel:
+    return load_model(settings, source, model_id, components)
+
+
+class ModelManager:
+    """The worker's models by id; `acquire(id)` returns the model's warm `Inference`, loading
+    it (and unloading the least recently used ones past the budget) when it is cold."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sources: list[ModelSource] | None = None,
+        budget_bytes: int | None = None,
+        max_images: Callable[[LoadedModel, Inference], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.budget = (
+            budget_bytes if budget_bytes is not None else memory_budget_bytes(settings, self.device)
+        )
+        self.clock = clock
+        self._max_images = max_images or (lambda _m, _i: 1)
+        self._lock = threading.RLock()
+        self.entries: dict[str, Entry] = {}
+        self.warm: OrderedDict[str, Warm] = OrderedDict()  # least recently used first
+        self.loads = 0
+        for src in sources if sources is not None else configured_sources(settings):
+            entry = self._probe(src)
+            if entry.info.id in self.entries:
+                raise UnsupportedModel(f"model id {entry.info.id!r} is listed twice")
+            self.entries[entry.info.id] = entry
+
+    # -- what the models are ----------------------------------------------------------------------
+    def _probe(self, src: ModelSource) -> Entry:
+        """The model's announced info from its configs alone; a model whose configs cannot be
+        read is listed unavailable (never a crash), one of another family is refused."""
+        source = src.source
+        card = _read_card(source) if Path(source).is_dir() else {}
+        model_id = model_id_for(source, self.settings, card, src.model_id)
+        try:
+            index = _json(source, "model_index.json")
+        except Exception as exc:  # missing directory, offline hub id, unreadable json
+            reason = f"cannot read the model at {source}: {exc}"
+            log.error("model %s unavailable: %s", model_id, reason)
+            info = model_info(model_id, card, int(card.get("width", 512)), None, self.settings)
+            return Entry(source, info, unavailable=reason, failed_at=self.clock())
+        family = str(index.get("_class_name", "?"))
+        if family not in SUPPORTED_FAMILIES:
+            raise UnsupportedModel(
+                f"model {model_id!r} ({source}) is a {family}; this worker runs only "
+                f"text-to-image {' and '.join(SUPPORTED_FAMILIES)} models"
+            )
+        try:
+            unet = _json(source, "unet/config.json")
+            vae = _json(source, "vae/config.json")
+            sample = unet.get("sample_size", 64)
+            sample = int(sample if isinstance(sample, int) else sample[0])
+            native = sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+            scheduler = self._scheduler_name(source)
+            info = model_info(model_id, card, native, scheduler, self.settings)
+            entry = Entry(source, info)
+            if Path(source).is_dir():
+                entry.estimate = self._estimate(Path(source))
+                entry.fingerprints = component_fingerprints(Path(source), index)
+            return entry
+        except Exception as exc:
+            reason = f"cannot read the model's configs: {type(exc).__name__}: {exc}"
+            info = model_info(model_id, card, 512, None, self.settings)
+            return Entry(source, info, unavailable=reason, failed_at=self.clock())
+
+    @staticmethod
+    def _scheduler_name(source: str) -> str | None:
+        import diffusers
+
+        from worker.schedulers import name_of
+
+        config = _json(source, "scheduler/scheduler_config.json")
+        cls = getattr(diffusers, str(config.get("_class_name")), None)
+        return name_of(cls.from_config(config)) if cls is not None else None
+
+    def _estimate(self, root: Path) -> int:
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        variant = weights_variant(files, self.dtype)
+        total = 0
+        for rel in files:
+            if rel.count("/") != 1 or not rel.endswith(WEIGHT_SUFFIXES):
+                continue
+            parts = rel.split("/")[1].split(".")
+            is_variant = len(parts) > 2 and parts[1].startswith(FP16_VARIANT)
+            if is_variant != (variant is not None):
+                continue
+            size = (root / rel).stat().st_size
+            if variant is None and self.dtype in (torch.float16, torch.bfloat16):
+                size //= 2  # fp32 files, loaded as half
+            total += size
+        return total
+
+    # -- warmth -----------------------------------------------------------------------------------
+    def ids(self) -> list[str]:
+        return list(self.entries)
+
+    def warm_ids(self) -> list[str]:
+        """Models held warm, the most recently used first."""
+        with self._lock:
+            return list(reversed(self.warm))
+
+    def is_warm(self, model_id: str) -> bool:
+        return model_id in self.warm
+
+    def max_images(self, model_id: str) -> int:
+        warm = self.warm.get(model_id)
+        return warm.max_images if warm is not None else 1
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return module_bytes([m for w in self.warm.values() for m in _modules(w.model.pipe)])
+
+    def unavailable(self, model_id: str) -> str | None:
+        """Why the model cannot be loaded now (None: it can be, or is loaded)."""
+        entry = self.entries[model_id]
+        retry = self.clock() - entry.failed_at >= self.settings.model_retry_s
+        if entry.unavailable and retry and self._probe_again(model_id):
+            return None
+        return entry.unavailable
+
+    def _probe_again(self, model_id: str) -> bool:
+        entry = self.entries[model_id]
+        fresh = self._probe(ModelSource(model_id, entry.source))
+        fresh.loads = entry.loads
+        self.entries[model_id] = fresh
+        return fresh.unavailable is None
+
+    # -- loading ----------------------------------------------------------------------------------
+    def acquire(self, model_id: str, loader: Loader = _load) -> Inference:
+        """The model's warm `Inference`, loaded now if it is cold; `ModelUnavailable` if it
+        cannot be loaded (the reason is remembered for IMAGEGEN_MODEL_RETRY_S).
+
+        Called by the work loop only. The lock guards the bookkeeping the heartbeat thread
+        reads, never a load: a load of minutes must not hold up the heartbeat."""
+        with self._lock:
+            warm = self.warm.get(model_id)
+            if warm is not None:
+                self.warm.move_to_end(model_id)
+                warm.last_used = self.clock()
+                return warm.inference
+        reason = self.unavailable(model_id)
+        if reason:
+            raise ModelUnavailable(reason)
+        entry = self.entries[model_id]
+        with self._lock:
+            shared = self._shared_components(entry)
+            need = max(entry.estimate - module_bytes(list(shared.values())), 0)
+            if need > self.budget:
+                self._mark(entry, f"needs {_gib(need)} GiB, more than the worker's model "
+                           f"memory budget of {_gib(self.budget)} GiB")  # fmt: skip
+            while self.warm and self.used_bytes() + need > self.budget:
+                self.unload(next(iter(self.warm)))
+                # An unloaded model may have been the one sharing components.
+                shared = self._shared_components(entry)
+                need = max(entry.estimate - module_bytes(list(shared.values())), 0)
+        started = time.perf_counter()
+        try:
+            model = self._load(loader, entry, model_id, shared)
+        except Exception as exc:
+            self._mark(entry, f"loading failed: {type(exc).__name__}: {exc}"[:500])
+        inference = Inference(model)
+        with self._lock:
+            self.loads += 1
+            entry.loads += 1
+            warm = Warm(model, inference, self._max_images(model, inference), self.clock())
+            self.warm[model_id] = warm
+            used = self.used_bytes()
+        log.info(
+            "loaded %s in %.2fs (shared %s); warm: %s; %s of %s GiB",
+            model_id,
+            time.perf_counter() - started,
+            ", ".join(shared) or "nothing",
+            ", ".join(self.warm),
+            _gib(used),
+            _gib(self.budget),
+        )
+        if used > self.budget:
+            log.warning("model %s: more than the memory budget is held (low estimate)", model_id)
+        return inference
+
+    def _load(
+        self, loader: Loader, entry: Entry, model_id: str, shared: dict[str, torch.nn.Module]
+    ) -> LoadedModel:
+        return loader(self.settings, entry.source, model_id, shared)
+
+    def _shared_components(self, entry: Entry) -> dict[str, torch.nn.Module]:
+        """Components of warm models whose files are identical to this model's own."""
+        out: dict[str, torch.nn.Module] = {}
+        for warm_id, warm in self.warm.items():
+            other = self.entries[warm_id].fingerprints
+            for name, digest in entry.fingerprints.items():
+                module = getattr(warm.model.pipe, name, None)
+                if name not in out and other.get(name) == digest and module is not None:
+                    out[name] = module
+        return out
+
+    def _mark(self, entry: Entry, reason: str) -> NoReturn:
+        entry.unavailable = reason
+        entry.failed_at = self.clock()
+        log.error("model %s unavailable: %s", entry.info.id, reason)
+        raise ModelUnavailable(reason)
+
+    def unload(self, model_id: str) -> None:
+        with self._lock:
+            warm = self.warm.pop(model_id, None)
+            if warm is None:
+                return
+            log.info("unloading %s (least recently used)", model_id)
+            warm.model.pipe = None
+            warm.inference.model = None  # type: ignore[assignment]
+            del warm
+            import gc
+
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -- announcing ------------------------------------------------------------------------------
+    def served(self) -> list[ServedModel]:
+        with self._lock:
+            out = []
+            for model_id, entry in self.entries.items():
+                warm = self.warm.get(model_id)
+                out.append(
+                    ServedModel(
+                        info=warm.model.info if warm is not None else entry.info,
+                        loaded=warm is not None,
+                        unavailable=entry.unavailable if warm is None else None,
+                        memory_bytes=(
+                            module_bytes(_modules(warm.model.pipe))
+                            if warm is not None
+                            else entry.estimate
+                        ),
+                    )
+                )
+            return out
+
+
+def _gib(value: int) -> str:
+    return f"{value / 2**30:.2f}"
