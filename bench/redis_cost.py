@@ -58,7 +58,7 @@ def _tally(commands: list[dict[str, Any]]) -> tuple[Counter[str], Counter[str]]:
     inner: Counter[str] = Counter()
     for entry in commands:
         name = entry["command"].split(" ", 1)[0].strip('"').upper()
-        if name in ("MONITOR", "SUBSCRIBE", "UNSUBSCRIBE", "PING"):
+        if name in ("MONITOR", "PSUBSCRIBE", "PING"):
             continue  # this bench's own connections, and connection health checks
         (inner if entry.get("client_type") == "lua" else trips)[name] += 1
     return trips, inner
@@ -74,15 +74,25 @@ def commands(jobs: int) -> None:
         connection = redis.Redis.from_url(url)
         body = {"prompt": "a small red circle at the top left on a white background", "steps": 20}
 
+        # One pattern subscription for the whole run: the bench adds no command per job.
+        pubsub = connection.pubsub(ignore_subscribe_messages=True)
+        pubsub.psubscribe(Keys.events("*"))
+
         def run_one(client: httpx.Client) -> None:
-            pubsub = connection.pubsub(ignore_subscribe_messages=True)
             job = client.post("/v1/generations", json=body).json()["id"]
-            pubsub.subscribe(Keys.events(job))
-            while (status := connection.hget(Keys.job(job), "status")) not in TERMINAL:
-                pubsub.get_message(timeout=1.0)  # wakes on the job's events; no HTTP polling
-            pubsub.close()
-            if status != b"succeeded":
-                raise RuntimeError(f"job {job} ended {status!r}")
+            channel = Keys.events(job).encode()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                message = pubsub.get_message(timeout=1.0)
+                if (
+                    message is not None
+                    and message["channel"] == channel
+                    and message["data"] in TERMINAL
+                ):
+                    if message["data"] != b"succeeded":
+                        raise RuntimeError(f"job {job} ended {message['data']!r}")
+                    return
+            raise RuntimeError(f"job {job} did not end within 60 s")
 
         with httpx.Client(base_url=gateway.base_url, timeout=60) as client:
             run_one(client)  # warm
