@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from imagegen.contract import Keys
 from imagegen.redis_server import RedisServer
 from tests.stack import Gateway, Proc, start_gateway, start_worker, wait_for_worker
 
@@ -26,6 +28,28 @@ def redis_conn(redis_server: RedisServer) -> Iterator[redis.Redis]:
     connection = redis.Redis.from_url(redis_server.url)
     yield connection
     connection.close()
+
+
+@pytest.fixture(autouse=True)
+def clean_redis(request: pytest.FixtureRequest) -> None:
+    """Each test on the shared redis-server starts from a clean database: nothing another test
+    wrote is there, and the session's warm workers have announced themselves again (their next
+    heartbeat, half a second away, writes their model records back).
+
+    A module whose tests share seeded state on purpose opts out with the
+    `shares_redis_state` marker (the fuzzer: its generated cases name two seeded jobs)."""
+    if "redis_server" not in request.fixturenames:
+        return
+    if request.node.get_closest_marker("shares_redis_state") is not None:
+        return
+    connection: redis.Redis = request.getfixturevalue("redis_conn")
+    workers = list(connection.scan_iter(match=Keys.worker("*")))
+    connection.flushdb()
+    deadline = time.monotonic() + 30
+    while not all(connection.exists(key) for key in workers):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers did not announce themselves again: {workers}")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

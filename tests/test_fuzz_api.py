@@ -52,6 +52,9 @@ from imagegen.settings import Settings
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import Gateway, wait_for_job
 
+# One fuzzing session: its generated cases name the two jobs `fuzz_target` seeds.
+pytestmark = pytest.mark.shares_redis_state
+
 SEED = 20240611
 # Hypothesis examples per operation (both generation modes together), on top of the
 # coverage-phase cases; the module sends about 800 requests and runs in about 30 s.

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from imagegen_client import Client, JobFailed, QueueFull
 
 from imagegen.contract import ImageInfo, JobRecord, JobSpec, JobStatus, Keys, ModelInfo
 from imagegen.lifecycle import Claimed, Lifecycle
@@ -448,3 +449,33 @@ def test_the_gateway_never_imports_torch_and_the_worker_never_fastapi(
     imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()}
     assert imported & set(forbidden) == set()
     assert "redis" in imported  # the check reads what was imported
+
+
+def test_the_sdk_meets_a_real_failed_job_and_a_real_full_queue(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.clean()
+    worker = cluster.ready_worker()
+    try:
+        with (
+            Client(base_url=cluster.gateway.base_url) as client,
+            pytest.raises(JobFailed) as failed,
+        ):
+            client.generate("__fault__:error", steps=3)
+    finally:
+        worker.stop()
+    assert failed.value.code == "internal"
+    assert failed.value.job.error is not None and "RuntimeError" in failed.value.job.error.message
+    cluster.clean()  # no worker from here on: what is queued stays queued
+    gateway = start_gateway(
+        cluster.redis.url, tmp_path, {**FAST, "IMAGEGEN_MAX_QUEUE_DEPTH": "1"}, name="depth-1"
+    )
+    try:
+        with Client(base_url=gateway.base_url, max_retries=0) as client:
+            client.submit("first", steps=3)
+            with pytest.raises(QueueFull) as full:
+                client.submit("second", steps=3)
+    finally:
+        gateway.proc.stop()
+    assert full.value.status_code == 429 and full.value.code == "queue_full"
+    assert full.value.retry_after is not None
