@@ -267,8 +267,24 @@ def _runner(connection: redis.Redis, settings: Settings) -> JobRunner:
     )
 
 
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    """A Redis of these tests' own: they hold jobs running under a worker name with no
+    heartbeat, which any live worker's reaper would rightly take back."""
+    server = RedisServer(tmp_path_factory.mktemp("private-redis"), appendonly=False).start()
+    connection = redis.Redis.from_url(server.url)
+    yield connection
+    connection.close()
+    server.stop()
+
+
+@pytest.fixture
+def redis_conn(private_redis: redis.Redis) -> redis.Redis:
+    private_redis.flushdb()
+    return private_redis
+
+
 def test_a_stale_run_cannot_finish_a_job_that_was_taken_back(redis_conn: redis.Redis) -> None:
-    redis_conn.flushdb()
     lifecycle = Lifecycle(redis_conn)
     (first,) = _claimed_jobs(redis_conn, "stale", [_spec("stale")])
     assert lifecycle.requeue(first.record)  # its worker was presumed dead
@@ -288,7 +304,6 @@ def test_a_stale_run_cannot_finish_a_job_that_was_taken_back(redis_conn: redis.R
 def test_a_batched_job_keeps_its_own_time_limit(
     redis_conn: redis.Redis, tiny_model_dir: Path
 ) -> None:
-    redis_conn.flushdb()
     settings = Settings(model=str(tiny_model_dir), model_id="deadline", device="cpu")
     overdue, on_time = _claimed_jobs(
         redis_conn, "deadline", [_spec("deadline", seed=1), _spec("deadline", seed=2, n=2)]
@@ -306,7 +321,6 @@ def test_a_batched_job_keeps_its_own_time_limit(
 def test_an_out_of_memory_batch_is_split_and_only_what_fails_alone_fails(
     redis_conn: redis.Redis, tiny_model_dir: Path
 ) -> None:
-    redis_conn.flushdb()
     settings = Settings(
         model=str(tiny_model_dir), model_id="oom", device="cpu", fault_injection=True
     )

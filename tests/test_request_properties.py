@@ -54,6 +54,11 @@ optional_fields: dict[str, st.SearchStrategy[Any]] = {
     "n": st.integers(1, 10**6),
     "scheduler": st.none() | st.text(min_size=1, max_size=64),
     "model": st.none() | st.from_regex(MODEL_ID, fullmatch=True),
+    # Images in: absent here (their content is checked by decoding, in app.images_in).
+    "image": st.none(),
+    "strength": st.none(),
+    "mask": st.none(),
+    "outpaint": st.none(),
 }
 valid_bodies = st.fixed_dictionaries({"prompt": prompts}, optional=optional_fields)
 
@@ -221,6 +226,18 @@ def test_each_rejection_names_the_one_field_that_is_wrong(
         | st.integers()
         | st.lists(st.text(), max_size=2),
         "model": st.just("") | st.just("-x") | st.integers() | st.booleans(),
+        "image": st.integers() | st.booleans() | st.lists(st.text(), max_size=2),
+        "mask": st.integers() | st.booleans() | st.lists(st.text(), max_size=2),
+        "strength": st.floats(min_value=1.001)
+        | st.just(0.0)
+        | st.sampled_from([math.nan, math.inf])
+        | st.booleans()
+        | st.text(),
+        "outpaint": st.integers()
+        | st.text()
+        | st.just({"left": 7})
+        | st.just({"left": 0})
+        | st.just({"up": 8}),
     }
     value = data.draw(bad_values[field], label=field)
     assert_rejected_naming({**body, field: value}, field)
