@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from typing import Annotated, Any, Literal
-from urllib.parse import urljoin
 
 import anyio
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
@@ -25,17 +23,8 @@ from app import images_in
 from app.auth import PrincipalDep
 from app.deps import MemoryDep, ServiceDep
 from app.errors import InvalidRequest
-from app.events import EventHub
-from app.openai_schemas import OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
-from app.routes.openai_images import (
-    CLIENT_CLOSED_REQUEST,
-    _read_images,
-    _submit,
-    _wait_for_job,
-    job_failure,
-    to_generation_request,
-)
-from imagegen.contract import JobStatus
+from app.openai_schemas import OpenAIImageRequest, OpenAIImagesResponse
+from app.routes.openai_images import answer_when_done
 from imagegen.settings import Settings
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
@@ -164,23 +153,7 @@ async def edit_image(
         except ValueError as exc:
             raise InvalidRequest.for_field("outpaint", 'must be JSON, e.g. {"right": 32}') from exc
     body = _validated(fields)
-    generation = to_generation_request(body)
-    await memory.check()
-    owner = principal.name
-    job = await _submit(service, generation, owner, body.size is not None)
-    hub: EventHub = request.app.state.events
-    done = await _wait_for_job(request, service, hub, job, owner)
-    if done is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    if done.status != JobStatus.SUCCEEDED:
-        raise job_failure(done)
-    if body.response_format == "url":
-        base = str(request.base_url)
-        data = [OpenAIImage(url=urljoin(base, i.url.lstrip("/"))) for i in done.images]
-    else:
-        pngs = await anyio.to_thread.run_sync(_read_images, service, done, owner)
-        data = [OpenAIImage(b64_json=base64.b64encode(png).decode("ascii")) for png in pngs]
-    return OpenAIImagesResponse(created=int(time.time()), data=data)
+    return await answer_when_done(request, service, principal.name, memory, body)
 
 
 def _validated(fields: dict[str, Any]) -> OpenAIImageRequest:

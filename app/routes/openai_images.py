@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from app.auth import PrincipalDep
+from app.capacity import MemoryGuard
 from app.deps import MemoryDep, ServiceDep
 from app.errors import ApiError, Conflict, InvalidRequest, Unavailable
 from app.events import RESYNC_S, EventHub
@@ -64,9 +65,20 @@ async def create_image(
     memory: MemoryDep,
 ) -> OpenAIImagesResponse | Response:
     """Generate images and answer with them once done (OpenAI's `images.generate`)."""
+    return await answer_when_done(request, service, principal.name, memory, body)
+
+
+async def answer_when_done(
+    request: Request,
+    service: GenerationService,
+    owner: str,
+    memory: MemoryGuard,
+    body: OpenAIImageRequest,
+) -> OpenAIImagesResponse | Response:
+    """Submit `body` as a job, wait for it and answer in OpenAI's shape (generations and
+    edits alike)."""
     generation = to_generation_request(body)
     await memory.check()
-    owner = principal.name
     job = await _submit(service, generation, owner, body.size is not None)
     hub: EventHub = request.app.state.events
     done = await _wait_for_job(request, service, hub, job, owner)
