@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-from imagegen.contract import SEED_MAX
+from imagegen.contract import (
+    CONTROL_SCALE_MAX,
+    LORA_SCALE_LIMIT,
+    MAX_LORAS,
+    SEED_MAX,
+    AdapterInfo,
+)
 
 
 def check_text(value: str, field: str) -> str:
@@ -35,6 +48,53 @@ Seed = Annotated[int, Field(ge=0, le=SEED_MAX), _Integral]
 Count = Annotated[int, Field(ge=1), _Integral]
 
 
+AdapterId = Annotated[
+    str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+
+
+class LoraRequest(BaseModel):
+    """One LoRA of `loras`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: AdapterId = Field(description="One of the model's `adapters`.")
+    scale: float = Field(
+        1.0,
+        ge=-LORA_SCALE_LIMIT,
+        le=LORA_SCALE_LIMIT,
+        allow_inf_nan=False,
+        description="Finite, -2..2; 0 = the request without this LoRA.",
+    )
+
+
+class ControlRequest(BaseModel):
+    """`control`: a ControlNet and its image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: AdapterId = Field(description="One of the model's `controls`.")
+    image: str = Field(
+        description="PNG, JPEG or WebP as base64 or a data:image/...;base64, URI; resized to "
+        "the output size."
+    )
+    scale: float = Field(
+        1.0, ge=0, le=CONTROL_SCALE_MAX, allow_inf_nan=False, description="0..2; 0 = no control."
+    )
+    start: float = Field(
+        0.0, ge=0, le=1, allow_inf_nan=False, description="Fraction of the steps where it starts."
+    )
+    end: float = Field(
+        1.0, ge=0, le=1, allow_inf_nan=False, description="Fraction of the steps where it ends."
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> ControlRequest:
+        if self.start >= self.end:
+            raise ValueError("control.start must be less than control.end")
+        return self
+
+
 class GenerationRequest(BaseModel):
     """`POST /v1/generations`. Types are strict: "64" is not a width, and true is not a seed."""
 
@@ -59,6 +119,10 @@ class GenerationRequest(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
         description="One of the ids `GET /v1/models` lists.",
     )
+    loras: list[LoraRequest] | None = Field(
+        None, max_length=MAX_LORAS, description="Up to 4 of the model's `adapters`, each once."
+    )
+    control: ControlRequest | None = Field(None, description="A ControlNet and its image.")
 
     @field_validator("prompt")
     @classmethod
@@ -98,6 +162,21 @@ class Timings(BaseModel):
     run_s: float | None = None
 
 
+class LoraParams(BaseModel):
+    id: str
+    scale: float
+
+
+class ControlParams(BaseModel):
+    """The control as the job uses it; its image shown by digest and size, never its bytes."""
+
+    id: str
+    scale: float
+    start: float
+    end: float
+    image: dict[str, Any] = Field(description='{"sha256", "width", "height"}')
+
+
 class GenerationParams(BaseModel):
     """Every parameter as the job uses it, defaults filled in."""
 
@@ -111,6 +190,8 @@ class GenerationParams(BaseModel):
     n: int
     scheduler: str
     model: str
+    loras: list[LoraParams] = Field(default_factory=list)
+    control: ControlParams | None = None
 
 
 class JobDocument(BaseModel):
@@ -129,6 +210,20 @@ class JobDocument(BaseModel):
     timings: Timings
 
 
+class AdapterEntry(BaseModel):
+    """A LoRA (`kind` "lora") or ControlNet (`kind` "controlnet") served with a model."""
+
+    id: str
+    kind: str
+    description: str
+    trigger_words: list[str] = Field(default_factory=list)
+    default_scale: float = 1.0
+
+    @classmethod
+    def of(cls, info: AdapterInfo) -> AdapterEntry:
+        return cls(**info.model_dump())
+
+
 class ModelEntry(BaseModel):
     id: str
     default: bool
@@ -139,6 +234,8 @@ class ModelEntry(BaseModel):
     scheduler: str
     schedulers: list[str]
     workers: int
+    adapters: list[AdapterEntry] = Field(default_factory=list)
+    controls: list[AdapterEntry] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

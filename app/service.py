@@ -13,8 +13,10 @@ import redis
 import redis.asyncio as aioredis
 
 from app.errors import Conflict, InvalidRequest, NotFound, QueueFull, Unavailable
+from app.image_input import InputImage, control_input
 from app.registry import ModelRegistry
 from app.schemas import (
+    ControlParams,
     ErrorInfo,
     GenerationParams,
     GenerationRequest,
@@ -26,10 +28,12 @@ from app.schemas import (
 from imagegen.contract import (
     JOB_ID_PREFIX,
     SCHEDULER_MIN_STEPS,
+    ControlRef,
     JobRecord,
     JobSpec,
     JobStatus,
     Keys,
+    LoraRef,
     ModelInfo,
     is_valid_job_id,
 )
@@ -49,6 +53,17 @@ def rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def request_params(spec: JobSpec) -> GenerationParams:
+    """The job's parameters as the job document shows them (an input image by digest)."""
+    params = spec.model_dump(exclude={"control"})
+    control = None
+    if spec.control is not None:
+        c = spec.control
+        image = {"sha256": c.sha256, "width": c.width, "height": c.height}
+        control = ControlParams(id=c.id, scale=c.scale, start=c.start, end=c.end, image=image)
+    return GenerationParams(**params, control=control)
 
 
 class GenerationService:
@@ -73,14 +88,29 @@ class GenerationService:
     # -- submit ---------------------------------------------------------------------------------
     async def resolve(self, request: GenerationRequest) -> JobSpec:
         """Fill in the model's defaults and apply the configured limits, naming any field."""
+        spec, _ = await self.resolve_with_inputs(request)
+        return spec
+
+    async def resolve_with_inputs(
+        self, request: GenerationRequest
+    ) -> tuple[JobSpec, dict[str, bytes]]:
+        """`resolve`, and the job's input blobs by name (decoded off the event loop)."""
         model_id = request.model or self.settings.default_model
         info = await self.registry.aget(model_id)
         known = await self.registry.amodel_ids() if info is None else []
-        return self._resolve(request, model_id, info, known)
+        if request.control is None:
+            return self._resolve_full(request, model_id, info, known)
+        # Decoding an image is CPU work: off the event loop.
+        return await anyio.to_thread.run_sync(self._resolve_full, request, model_id, info, known)
 
     def _resolve(
         self, request: GenerationRequest, model_id: str, info: ModelInfo | None, known: list[str]
     ) -> JobSpec:
+        return self._resolve_full(request, model_id, info, known)[0]
+
+    def _resolve_full(
+        self, request: GenerationRequest, model_id: str, info: ModelInfo | None, known: list[str]
+    ) -> tuple[JobSpec, dict[str, bytes]]:
         s = self.settings
         if info is None:
             if request.model is None:
@@ -122,7 +152,9 @@ class GenerationService:
                 "steps", f"scheduler {scheduler!r} needs at least {min_steps} steps"
             )
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-        return JobSpec(
+        loras = self._loras(request, info)
+        control = self._control(request, info, width, height)
+        spec = JobSpec(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             width=width,
@@ -137,7 +169,67 @@ class GenerationService:
             n=request.n,
             scheduler=scheduler,
             model=model_id,
+            loras=loras,
+            control=control[0] if control is not None else None,
         )
+        return spec, ({"control": control[1].png} if control is not None else {})
+
+    @staticmethod
+    def _loras(request: GenerationRequest, info: ModelInfo) -> tuple[LoraRef, ...]:
+        """The request's LoRAs, each among the model's adapters and named once; scale 0 is
+        the request without that LoRA, so it is left out."""
+        known = [a.id for a in info.adapters]
+        seen: set[str] = set()
+        out = []
+        for i, lora in enumerate(request.loras or []):
+            if lora.id not in known:
+                raise InvalidRequest.for_field(
+                    f"loras[{i}].id",
+                    f"unknown adapter {lora.id!r} for model {info.id!r}; "
+                    f"its adapters: {', '.join(known) or 'none'}",
+                )
+            if lora.id in seen:
+                raise InvalidRequest.for_field(f"loras[{i}].id", f"{lora.id!r} is listed twice")
+            seen.add(lora.id)
+            if lora.scale != 0:
+                out.append(LoraRef(id=lora.id, scale=lora.scale))
+        return tuple(out)
+
+    def _control(
+        self, request: GenerationRequest, info: ModelInfo, width: int, height: int
+    ) -> tuple[ControlRef, InputImage] | None:
+        """The control and its decoded image (resized to the output size); None without one
+        or at scale 0 (the request without control)."""
+        control = request.control
+        if control is None:
+            return None
+        known = [c.id for c in info.controls]
+        if control.id not in known:
+            raise InvalidRequest.for_field(
+                "control.id",
+                f"unknown control {control.id!r} for model {info.id!r}; "
+                f"its controls: {', '.join(known) or 'none'}",
+            )
+        image = control_input(
+            control.image,
+            width,
+            height,
+            "control.image",
+            self.settings.max_image_bytes,
+            self.settings.max_pixels,
+        )
+        if control.scale == 0:
+            return None
+        ref = ControlRef(
+            id=control.id,
+            scale=control.scale,
+            start=control.start,
+            end=control.end,
+            sha256=image.sha256,
+            width=image.width,
+            height=image.height,
+        )
+        return ref, image
 
     def job_timeout_s(self, spec: JobSpec) -> int:
         """A hard limit that grows with the work: steps x megapixels x images."""
@@ -155,7 +247,8 @@ class GenerationService:
         One round trip to Redis, on the event loop: a script checks the Idempotency-Key and
         the queue's depth and, only if both allow it, writes the job (see `_SUBMIT_LUA`).
         """
-        spec = await self.resolve(request)  # a bad request never consumes an idempotency key
+        # A bad request never consumes an idempotency key.
+        spec, inputs = await self.resolve_with_inputs(request)
         record = JobRecord(
             id=new_job_id(),
             status=JobStatus.QUEUED,
@@ -175,7 +268,9 @@ class GenerationService:
                 f"{record.id} {body_hash}",
                 IDEMPOTENCY_TTL_S,
             )
-        result = await self.submitter.submit(record, self.settings.max_queue_depth, idempotency)
+        result = await self.submitter.submit(
+            record, self.settings.max_queue_depth, idempotency, inputs
+        )
         if result.outcome == "created":
             return self.document(record, queue_position=int(result.value)), True
         if result.outcome == "full":
@@ -255,7 +350,7 @@ class GenerationService:
             progress=Progress(
                 step=record.progress_step, total_steps=spec.steps, eta_s=self._eta_s(record)
             ),
-            request=GenerationParams(**spec.model_dump()),
+            request=request_params(spec),
             images=images,
             error=ErrorInfo(**record.error.model_dump()) if record.error else None,
             timings=Timings(queued_s=queued_s, run_s=run_s),

@@ -56,6 +56,45 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
 
 
+MAX_LORAS = 4
+LORA_SCALE_LIMIT = 2.0
+CONTROL_SCALE_MAX = 2.0
+
+
+class LoraRef(BaseModel):
+    """One LoRA a job runs with: an id among its model's `adapters`, and its scale."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    scale: float
+
+
+class ControlRef(BaseModel):
+    """The ControlNet a job runs with. Its image (a PNG of the output's size) is stored apart,
+    under `Keys.input(job, "control")`; `sha256` names it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    scale: float
+    start: float
+    end: float
+    sha256: str
+    width: int
+    height: int
+
+
+class AdapterInfo(BaseModel):
+    """A LoRA or ControlNet a worker serves with its model (from the adapter's card)."""
+
+    id: str
+    kind: str  # "lora" | "controlnet"
+    description: str = ""
+    trigger_words: list[str] = Field(default_factory=list)
+    default_scale: float = 1.0
+
+
 class JobSpec(BaseModel):
     """A generation request with every default filled in: exactly what the worker runs."""
 
@@ -71,6 +110,9 @@ class JobSpec(BaseModel):
     n: int
     scheduler: str
     model: str
+    # Adapters with a scale of 0 are left out at submit: scale 0 is the request without them.
+    loras: tuple[LoraRef, ...] = ()
+    control: ControlRef | None = None
 
     def image_seed(self, index: int) -> int:
         """Image `index` of a job uses seed + index, so n=1 reproduces any single image."""
@@ -82,9 +124,25 @@ class JobSpec(BaseModel):
         return (self.width, self.height, self.steps, self.scheduler)
 
     @property
+    def adapter_key(self) -> str:
+        """The adapter set with its scales and the control id: jobs batch together only when
+        it matches ("" for a job without any)."""
+        parts = [f"{lora.id}:{lora.scale!r}" for lora in sorted(self.loras, key=lambda x: x.id)]
+        if self.control is not None:
+            parts.append(f"control={self.control.id}")
+        return ",".join(parts)
+
+    @property
     def batch_key(self) -> str:
-        """`shape_key` as the text the claim script compares (stored with the job)."""
-        return "|".join(str(part) for part in self.shape_key)
+        """`shape_key` (and the adapter key, when any) as the text the claim script compares
+        (stored with the job)."""
+        key = "|".join(str(part) for part in self.shape_key)
+        return f"{key}|{self.adapter_key}" if self.adapter_key else key
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Names of the input blobs stored with the job (`Keys.input`)."""
+        return ("control",) if self.control is not None else ()
 
 
 class ImageInfo(BaseModel):
@@ -131,6 +189,8 @@ class ModelInfo(BaseModel):
     guidance_scale: float
     scheduler: str
     schedulers: list[str]
+    adapters: list[AdapterInfo] = Field(default_factory=list)
+    controls: list[AdapterInfo] = Field(default_factory=list)
 
 
 class WorkerHeartbeat(BaseModel):
@@ -164,6 +224,12 @@ class Keys:
     @staticmethod
     def image(job_id: str, index: int) -> str:
         return f"{Keys.PREFIX}:job:{job_id}:image:{index}"
+
+    @staticmethod
+    def input(job_id: str, name: str) -> str:
+        """An input blob of the job (e.g. its control image), written at submit and expired
+        with the job's terminal transition."""
+        return f"{Keys.PREFIX}:job:{job_id}:input:{name}"
 
     @staticmethod
     def events(job_id: str) -> str:

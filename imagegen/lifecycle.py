@@ -30,19 +30,23 @@ from imagegen.store import RUN_SECONDS_BUCKETS, encode_fields, record_from_hash
 
 _P = Keys.PREFIX
 
-# Submit. KEYS: queue, job, queue-seq, bell, [idempotency record].
-# ARGV: max depth, idempotency value, idempotency TTL, job id, then the record's field/value pairs.
+# Submit. KEYS: queue, job, queue-seq, bell, idempotency record or '', then input blob keys.
+# ARGV: max depth, idempotency value, idempotency TTL, job id, number of input blobs m, the m
+# blobs, then the record's field/value pairs. Input blobs are kept as long as the record (no
+# TTL while the job lives; every terminal transition expires them with the record).
 # Returns {'created', position} | {'full', depth} | {'exists', idempotency value}.
 # Out of memory (noeviction), Redis refuses the script's first write and so the whole job.
 _SUBMIT = """
-if KEYS[5] then
+if KEYS[5] ~= '' then
   local existing = redis.call('GET', KEYS[5])
   if existing then return {'exists', existing} end
 end
 local depth = redis.call('ZCARD', KEYS[1])
 if depth >= tonumber(ARGV[1]) then return {'full', depth} end
-if KEYS[5] then redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[3]) end
-redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[3]) end
+local m = tonumber(ARGV[5])
+for k = 1, m do redis.call('SET', KEYS[5 + k], ARGV[5 + k]) end
+redis.call('HSET', KEYS[2], unpack(ARGV, 6 + m))
 redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[3]), ARGV[4])
 redis.call('LPUSH', KEYS[4], 1)
 redis.call('LTRIM', KEYS[4], 0, 63)
@@ -139,6 +143,15 @@ local ttl = tonumber(ARGV[4])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 if ttl == 0 then redis.call('PERSIST', KEYS[1]) end
 if new == 'succeeded' or new == 'failed' or new == 'canceled' then
+  -- The job's input blobs (named in its 'inputs' field) go with the record: expired now,
+  -- at once when the record itself has no TTL.
+  local inputs = redis.call('HGET', KEYS[1], 'inputs')
+  if inputs and inputs ~= '' then
+    for name in string.gmatch(inputs, '[^,]+') do
+      local ik = KEYS[1] .. ':input:' .. name
+      if ttl > 0 then redis.call('EXPIRE', ik, ttl) else redis.call('DEL', ik) end
+    end
+  end
   -- Cluster-wide job counts by model and final status, for /metrics on any gateway.
   local model = redis.call('HGET', KEYS[1], 'model')
   redis.call('HINCRBY', KEYS[3], model .. '|' .. new, 1)
@@ -210,6 +223,7 @@ def record_fields(record: JobRecord) -> dict[str, str]:
             "api_key": record.api_key,
             "request_id": record.request_id,
             "timeout_s": record.timeout_s,
+            "inputs": ",".join(spec.inputs),
         }
     )
 
@@ -277,10 +291,15 @@ class Lifecycle:
 
     # -- gateway --------------------------------------------------------------------------------
     def submit(
-        self, record: JobRecord, max_depth: int, idempotency: tuple[str, str, int] | None = None
+        self,
+        record: JobRecord,
+        max_depth: int,
+        idempotency: tuple[str, str, int] | None = None,
+        inputs: Mapping[str, bytes] | None = None,
     ) -> Submitted:
-        """Queue `record` unless the queue is full or the Idempotency-Key was used (sync)."""
-        keys, args = submit_call(record, max_depth, idempotency)
+        """Queue `record` (with its input blobs, by name) unless the queue is full or the
+        Idempotency-Key was used (sync)."""
+        keys, args = submit_call(record, max_depth, idempotency, inputs)
         outcome, value = self._submit(keys=keys, args=args)
         return parse_submit(outcome, value)
 
@@ -317,6 +336,12 @@ class Lifecycle:
             raw = dict(zip(flat[::2], flat[1::2], strict=True))
             claimed.append(Claimed(record_from_hash(job_id, raw)))
         return claimed, bool(reply[0])
+
+    def read_input(self, job_id: str, name: str) -> bytes | None:
+        """An input blob of a job (read only; its writes are the submit and the terminal
+        transitions')."""
+        value: bytes | None = self.redis.get(Keys.input(job_id, name))  # type: ignore[assignment]
+        return value
 
     def progress(self, job_id: str, step: int, owner: str) -> str:
         """Record that `step` steps are done; returns the job's status, "lost" when another
@@ -418,15 +443,25 @@ class Lifecycle:
 
 
 def submit_call(
-    record: JobRecord, max_depth: int, idempotency: tuple[str, str, int] | None
+    record: JobRecord,
+    max_depth: int,
+    idempotency: tuple[str, str, int] | None,
+    inputs: Mapping[str, bytes] | None = None,
 ) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of the submit script. `idempotency`: (key, value, TTL)."""
+    """KEYS and ARGV of the submit script. `idempotency`: (key, value, TTL); `inputs`: the
+    job's input blobs by name, exactly those its spec names (`JobSpec.inputs`)."""
+    inputs = dict(inputs or {})
+    if sorted(inputs) != sorted(record.spec.inputs):
+        raise ValueError(f"job inputs {sorted(inputs)} != {sorted(record.spec.inputs)}")
     model = record.spec.model
-    keys = [Keys.queue(model), Keys.job(record.id), Keys.QUEUE_SEQ, Keys.bell(model)]
-    args: list[Any] = [max_depth, "", 0, record.id]
+    keys = [Keys.queue(model), Keys.job(record.id), Keys.QUEUE_SEQ, Keys.bell(model), ""]
+    args: list[Any] = [max_depth, "", 0, record.id, len(inputs)]
     if idempotency is not None:
-        keys.append(idempotency[0])
+        keys[4] = idempotency[0]
         args[1], args[2] = idempotency[1], idempotency[2]
+    for name, blob in inputs.items():
+        keys.append(Keys.input(record.id, name))
+        args.append(blob)
     for key, value in record_fields(record).items():
         args += [key, value]
     return keys, args
@@ -446,9 +481,13 @@ class AsyncSubmitter:
         self._submit = connection.register_script(_script(_SUBMIT))
 
     async def submit(
-        self, record: JobRecord, max_depth: int, idempotency: tuple[str, str, int] | None = None
+        self,
+        record: JobRecord,
+        max_depth: int,
+        idempotency: tuple[str, str, int] | None = None,
+        inputs: Mapping[str, bytes] | None = None,
     ) -> Submitted:
-        keys, args = submit_call(record, max_depth, idempotency)
+        keys, args = submit_call(record, max_depth, idempotency, inputs)
         outcome, value = await self._submit(keys=keys, args=args)
         return parse_submit(outcome, value)
 

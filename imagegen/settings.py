@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         65536, ge=1024, description="Largest request body, chunked or not (413 past it)."
     )
+    max_image_bytes: int = Field(
+        10 * 2**20,
+        ge=1024,
+        description="Largest encoded input image (a control image, ...), after base64 decoding.",
+    )
     max_queue_depth: int = Field(
         1000, ge=1, description="Jobs a model's queue may hold; 429 queue_full past it."
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from diffusers import AutoPipelineForText2Image
 
 from imagegen.contract import SCHEDULER_NAMES, ModelInfo
 from imagegen.settings import Settings
+from worker.adapters import Adapters, load_adapters
 from worker.schedulers import name_of
 
 log = logging.getLogger("imagegen.worker")
@@ -42,6 +43,8 @@ class LoadedModel:
     # Batch sizes (images) the UNet and VAE decoder were compiled for; () when not compiled.
     # The batch loop pads to the next of them, so serving never compiles.
     compiled_batches: tuple[int, ...] = ()
+    # The model's LoRAs and ControlNets (none: an empty set).
+    adapters: Adapters = field(default_factory=lambda: Adapters(None))
 
 
 def default_model_dir() -> Path:
@@ -196,6 +199,21 @@ def load_model(settings: Settings) -> LoadedModel:
     if tiling and hasattr(pipe, "vae"):
         pipe.vae.enable_tiling()
     # Otherwise attention uses torch's scaled_dot_product_attention, diffusers' default.
+    # Adapters before the speed-ups: a LoRA targets the unfused projections, and a compiled
+    # UNet must already hold every adapter (padded to one rank: switching never recompiles).
+    from worker.batch_loop import supports_batching
+
+    adapters = load_adapters(
+        pipe,
+        Path(source) if Path(source).is_dir() else None,
+        device,
+        dtype,
+        batching=supports_batching(pipe),
+        hotswap=settings.compile,
+    )
+    if adapters.loras and settings.fuse_qkv:
+        log.warning("fused QKV projections are off: the model's LoRAs target the unfused ones")
+        settings = settings.model_copy(update={"fuse_qkv": False})
     _speed_up(pipe, settings)
 
     card = _read_card(source)
@@ -210,6 +228,8 @@ def load_model(settings: Settings) -> LoadedModel:
         guidance_scale=float(card.get("guidance_scale", FALLBACK_GUIDANCE)),
         scheduler=str(card.get("scheduler") or name_of(pipe.scheduler) or FALLBACK_SCHEDULER),
         schedulers=list(SCHEDULER_NAMES),
+        adapters=list(adapters.loras.values()),
+        controls=list(adapters.controls.values()),
     )
     log.info(
         "loaded %s: native %dx%d, attention slicing %s, vae tiling %s, free gpu %s GiB",
@@ -231,4 +251,5 @@ def load_model(settings: Settings) -> LoadedModel:
         batch_invariant=settings.batch_invariant == "on"
         or (settings.batch_invariant == "auto" and device.type == "cpu"),
         compiled_batches=settings.compile_batch_sizes if settings.compile else (),
+        adapters=adapters,
     )

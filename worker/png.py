@@ -27,7 +27,20 @@ def encode_png(image: Image.Image, parameters: dict[str, Any]) -> bytes:
 
 def png_parameters(spec: JobSpec, index: int) -> dict[str, Any]:
     """The `parameters` chunk of image `index`: enough to reproduce it with n=1."""
+    extra: dict[str, Any] = {}
+    if spec.loras:
+        extra["loras"] = [{"id": lora.id, "scale": lora.scale} for lora in spec.loras]
+    if spec.control is not None:
+        c = spec.control
+        extra["control"] = {
+            "id": c.id,
+            "scale": c.scale,
+            "start": c.start,
+            "end": c.end,
+            "image": {"sha256": c.sha256, "width": c.width, "height": c.height},
+        }
     return {
+        **extra,
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt,
         "seed": spec.image_seed(index),

@@ -110,11 +110,14 @@ class JobRunner:
     def _infer(self, batch: list[Claimed]) -> list[BatchResult]:
         """Results for every job; a batch-wide failure becomes each job's own result, after
         halving the batch on out-of-memory until a job fails alone."""
-        items = [BatchItem(job.record.spec, self.progress.for_job(job)) for job in batch]
         on_loop_step = self.metrics.step_clock()
         if self.settings.fault_injection:
             on_loop_step = faults.memory_limited(on_loop_step, [j.record.spec for j in batch])
         try:
+            items = [
+                BatchItem(job.record.spec, self.progress.for_job(job), self._control_image(job))
+                for job in batch
+            ]
             with _alarm(max((job.record.deadline or 0.0) for job in batch)):
                 return self.inference.run(items, on_loop_step)
         except Exception as exc:
@@ -123,6 +126,21 @@ class JobRunner:
                 log.warning("batch of %d jobs ran out of memory; retrying in halves", len(batch))
                 return self._infer(batch[:half]) + self._infer(batch[half:])
             return [exc] * len(batch)
+
+    def _control_image(self, job: Claimed) -> Any:
+        """The job's control image (stored at submit, PNG at the output size), or None."""
+        if job.record.spec.control is None:
+            return None
+        png = self.lifecycle.read_input(job.id, "control")
+        if png is None:
+            raise InputMissing(f"job {job.id}: its control image is gone from Redis")
+        from io import BytesIO
+
+        from PIL import Image
+
+        image = Image.open(BytesIO(png), formats=["PNG"])
+        image.load()
+        return image
 
     def _encode(self, job: Claimed, images: list[Any]) -> list[Future[bytes]]:
         """Start encoding a job's images as PNG, each with its `parameters` chunk."""
@@ -171,6 +189,10 @@ class JobRunner:
         log.error("job %s failed: %s: %r", job.id, code, exc)
         self.lifecycle.fail(job, code, message, self.settings.failure_ttl_s)
         return Outcome(job.id, "failed", code)
+
+
+class InputMissing(RuntimeError):
+    """A job's stored input (its control image) could not be read."""
 
 
 @contextmanager
