@@ -12,6 +12,7 @@ is checked byte-identical to the request without control, through the batch loop
 Images are generated with the served defaults (steps, guidance, scheduler).
 """
 
+# ruff: noqa: E501  (Markdown table rows)
 from __future__ import annotations
 
 import argparse
