@@ -222,9 +222,7 @@ def test_switching_adapters_never_leaks(model: LoadedModel) -> None:
     first = run(plain)
     with_lora = run(plain.model_copy(update={"loras": (LoraRef(id="lines", scale=1.0),)}))
     both = run(
-        plain.model_copy(
-            update={"loras": (LoraRef(id="lines", scale=0.5),), "control": control()}
-        ),
+        plain.model_copy(update={"loras": (LoraRef(id="lines", scale=0.5),), "control": control()}),
         image,
     )
     assert not np.array_equal(first[0], with_lora[0])
@@ -257,9 +255,7 @@ def test_a_lora_switch_is_a_change_of_scales_not_a_load(
     assert model.adapters.switches >= before + 3
 
 
-def test_a_lora_that_does_not_fit_is_refused_at_start(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def test_a_lora_that_does_not_fit_is_refused_at_start(tiny_model_dir: Path, tmp_path: Path) -> None:
     directory = tmp_path / "tiny"
     shutil.copytree(tiny_model_dir, directory)
     save_misfit_lora(directory)

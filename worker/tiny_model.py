@@ -158,9 +158,8 @@ def save_tiny_adapters(directory: Path, seed: int = 0) -> Path:
     net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
     with torch.no_grad():
         for param_name, param in net.named_parameters():
-            if "controlnet_" in param_name and "cond_embedding" not in param_name:
-                param.normal_(0.0, 0.05)
-            elif "cond_embedding.conv_out" in param_name:
+            zero_conv = "controlnet_" in param_name and "cond_embedding" not in param_name
+            if zero_conv or "cond_embedding.conv_out" in param_name:
                 param.normal_(0.0, 0.05)
     out = directory / "controlnets" / "edges"
     net.save_pretrained(out, safe_serialization=True)
@@ -176,7 +175,10 @@ def save_misfit_lora(directory: Path, name: str = "misfit") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     prefix = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     save_file(
-        {f"{prefix}.lora_A.weight": torch.zeros(4, 48), f"{prefix}.lora_B.weight": torch.zeros(48, 4)},
+        {
+            f"{prefix}.lora_A.weight": torch.zeros(4, 48),
+            f"{prefix}.lora_B.weight": torch.zeros(48, 4),
+        },
         str(out / "pytorch_lora_weights.safetensors"),
     )
     return directory
