@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from ._base import (
     TimeoutTypes,
     at_deadline,
     check_event_stream,
+    control_object,
     error_from_response,
     events_path,
     image_path,
@@ -31,6 +32,7 @@ from ._base import (
     job_path,
     log,
     log_retry,
+    lora_list,
     outcome,
     poll_delays,
     submit_parts,
@@ -109,6 +111,8 @@ class AsyncClient:
         n: int | None = None,
         scheduler: str | None = None,
         model: str | None = None,
+        loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
+        control: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
@@ -126,6 +130,8 @@ class AsyncClient:
                 "n": n,
                 "scheduler": scheduler,
                 "model": model,
+                "loras": lora_list(loras),
+                "control": control_object(control),
             },
         )
         response = await self._request("POST", GENERATIONS, json=body, headers=headers)
@@ -182,6 +188,8 @@ class AsyncClient:
         n: int | None = None,
         scheduler: str | None = None,
         model: str | None = None,
+        loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
+        control: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -198,6 +206,8 @@ class AsyncClient:
             n=n,
             scheduler=scheduler,
             model=model,
+            loras=loras,
+            control=control,
             idempotency_key=idempotency_key,
         )
         try:

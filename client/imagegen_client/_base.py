@@ -6,7 +6,9 @@ loops around it: the sync one with `httpx.Client` and `time.sleep`, the async on
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import io
 import json
 import logging
 import math
@@ -14,7 +16,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 from urllib.parse import quote
@@ -197,6 +199,34 @@ def image_path(job: JobRef, index: int) -> str:
 
 def events_path(job: JobRef) -> str:
     return job_path(job, "/events")
+
+
+def lora_list(
+    loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None,
+) -> list[dict[str, Any]] | None:
+    """`loras` as the API takes it: `[{"id", "scale"}]` from dicts or `(id, scale)` pairs."""
+    if loras is None:
+        return None
+    return [
+        dict(lora) if isinstance(lora, Mapping) else {"id": lora[0], "scale": lora[1]}
+        for lora in loras
+    ]
+
+
+def control_object(control: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """`control` as the API takes it; an `image` given as bytes (a PNG, JPEG or WebP file's
+    content) or a PIL image is sent as base64."""
+    if control is None:
+        return None
+    out = dict(control)
+    image: Any = out.get("image")
+    if image is not None and hasattr(image, "save"):  # a PIL image
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        image = buffer.getvalue()
+    if isinstance(image, (bytes, bytearray)):
+        out["image"] = base64.b64encode(bytes(image)).decode()
+    return out
 
 
 def submit_parts(

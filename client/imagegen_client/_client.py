@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from ._base import (
     TimeoutTypes,
     at_deadline,
     check_event_stream,
+    control_object,
     error_from_response,
     events_path,
     image_path,
@@ -33,6 +34,7 @@ from ._base import (
     job_path,
     log,
     log_retry,
+    lora_list,
     outcome,
     poll_delays,
     submit_parts,
@@ -134,6 +136,8 @@ class Client:
         n: int | None = None,
         scheduler: str | None = None,
         model: str | None = None,
+        loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
+        control: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
@@ -151,6 +155,8 @@ class Client:
                 "n": n,
                 "scheduler": scheduler,
                 "model": model,
+                "loras": lora_list(loras),
+                "control": control_object(control),
             },
         )
         return job_from_response(self._request("POST", GENERATIONS, json=body, headers=headers))
@@ -199,6 +205,8 @@ class Client:
         n: int | None = None,
         scheduler: str | None = None,
         model: str | None = None,
+        loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
+        control: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -215,6 +223,8 @@ class Client:
             n=n,
             scheduler=scheduler,
             model=model,
+            loras=loras,
+            control=control,
             idempotency_key=idempotency_key,
         )
         try:
