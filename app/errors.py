@@ -112,8 +112,16 @@ def error_response(
 
 def _field_name(loc: Sequence[Any]) -> str:
     # FastAPI prefixes locations with "body"/"query"/"path"; clients know fields by name.
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or "body"
+    # A list index joins its list as `loras[0]`, as the API reference names such fields.
+    name = ""
+    for part in loc:
+        if part in ("body", "query", "path", "header"):
+            continue
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += f".{part}" if name else str(part)
+    return name or "body"
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:

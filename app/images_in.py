@@ -224,6 +224,15 @@ def prepare(
     return PreparedInputs(task, w, h, blobs, refs)
 
 
+def control_input(
+    value: str, width: int, height: int, field: str, max_bytes: int, max_pixels: int
+) -> tuple[bytes, InputRef]:
+    """A control image, resized to the output size (Lanczos): the PNG the worker reads and the
+    reference the job shows."""
+    decoded = load_image(decode_base64(value, field, max_bytes), field, max_bytes, max_pixels)
+    return to_png(_resized(decoded.image, width, height, Image.Resampling.LANCZOS)), decoded.ref
+
+
 def _resized(image: Image.Image, w: int, h: int, method: Image.Resampling) -> Image.Image:
     if image.size == (w, h):
         return image

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import GenerationRequest, OutpaintRequest
+from app.schemas import ControlRequest, GenerationRequest, LoraRequest, OutpaintRequest
 
 # Names of OpenAI's own image models. Code written for OpenAI passes one of these; here each
 # means "this server's default model", so such code runs unchanged (see `openai_images`).
@@ -65,6 +65,8 @@ class OpenAIImageRequest(BaseModel):
     strength: float | None = _as_in_generations("strength")
     mask: str | None = _as_in_generations("mask")
     outpaint: OutpaintRequest | None = _as_in_generations("outpaint")
+    loras: list[LoraRequest] | None = _as_in_generations("loras")
+    control: ControlRequest | None = _as_in_generations("control")
 
     # OpenAI fields that change nothing here and are accepted so that code written for OpenAI
     # runs unchanged: `user` and `safety_identifier` (abuse-monitoring ids), `quality`, `style`

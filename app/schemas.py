@@ -6,7 +6,15 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from imagegen.contract import SEED_MAX, InputRef, Outpaint
+from imagegen.contract import (
+    CONTROL_SCALE_MAX,
+    LORA_SCALE_LIMIT,
+    MAX_LORAS,
+    SEED_MAX,
+    AdapterInfo,
+    InputRef,
+    Outpaint,
+)
 
 
 def check_text(value: str, field: str) -> str:
@@ -54,6 +62,53 @@ class OutpaintRequest(BaseModel):
 
     def to_contract(self) -> Outpaint:
         return Outpaint(left=self.left, right=self.right, top=self.top, bottom=self.bottom)
+
+
+AdapterId = Annotated[
+    str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+
+
+class LoraRequest(BaseModel):
+    """One LoRA of `loras`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: AdapterId = Field(description="One of the model's `adapters`.")
+    scale: float = Field(
+        1.0,
+        ge=-LORA_SCALE_LIMIT,
+        le=LORA_SCALE_LIMIT,
+        allow_inf_nan=False,
+        description="Finite, -2..2; 0 = the request without this LoRA.",
+    )
+
+
+class ControlRequest(BaseModel):
+    """`control`: a ControlNet and its image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: AdapterId = Field(description="One of the model's `controls`.")
+    image: str = Field(
+        description="PNG, JPEG or WebP as base64 or a data:image/...;base64, URI; resized to "
+        "the output size."
+    )
+    scale: float = Field(
+        1.0, ge=0, le=CONTROL_SCALE_MAX, allow_inf_nan=False, description="0..2; 0 = no control."
+    )
+    start: float = Field(
+        0.0, ge=0, le=1, allow_inf_nan=False, description="Fraction of the steps where it starts."
+    )
+    end: float = Field(
+        1.0, ge=0, le=1, allow_inf_nan=False, description="Fraction of the steps where it ends."
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> ControlRequest:
+        if self.start >= self.end:
+            raise ValueError("control.start must be less than control.end")
+        return self
 
 
 class GenerationRequest(BaseModel):
@@ -104,6 +159,10 @@ class GenerationRequest(BaseModel):
         description="Grow the canvas by these pixels (multiples of 8) and generate only the new "
         "area. Needs `image`, excludes `mask`.",
     )
+    loras: list[LoraRequest] | None = Field(
+        None, max_length=MAX_LORAS, description="Up to 4 of the model's `adapters`, each once."
+    )
+    control: ControlRequest | None = Field(None, description="A ControlNet and its image.")
 
     @field_validator("prompt")
     @classmethod
@@ -143,6 +202,21 @@ class Timings(BaseModel):
     run_s: float | None = None
 
 
+class LoraParams(BaseModel):
+    id: str
+    scale: float
+
+
+class ControlParams(BaseModel):
+    """The control as the job uses it; its image shown by digest and size, never its bytes."""
+
+    id: str
+    scale: float
+    start: float
+    end: float
+    image: InputRef = Field(description="The control image as sent: sha256 and size.")
+
+
 class GenerationParams(BaseModel):
     """Every parameter as the job uses it, defaults filled in."""
 
@@ -161,6 +235,8 @@ class GenerationParams(BaseModel):
     mask: InputRef | None = Field(None, description="The mask as sent: sha256 and size.")
     strength: float | None = None
     outpaint: Outpaint | None = None
+    loras: list[LoraParams] = Field(default_factory=list)
+    control: ControlParams | None = None
 
 
 class JobDocument(BaseModel):
@@ -177,6 +253,20 @@ class JobDocument(BaseModel):
     images: list[ImageLink]
     error: ErrorInfo | None
     timings: Timings
+
+
+class AdapterEntry(BaseModel):
+    """A LoRA (`kind` "lora") or ControlNet (`kind` "controlnet") served with a model."""
+
+    id: str
+    kind: str
+    description: str
+    trigger_words: list[str] = Field(default_factory=list)
+    default_scale: float = 1.0
+
+    @classmethod
+    def of(cls, info: AdapterInfo) -> AdapterEntry:
+        return cls(**info.model_dump())
 
 
 class ModelEntry(BaseModel):
@@ -198,6 +288,8 @@ class ModelEntry(BaseModel):
     unavailable_reason: str | None = Field(
         None, description="Why the model cannot be loaded (its jobs fail model_unavailable)."
     )
+    adapters: list[AdapterEntry] = Field(default_factory=list)
+    controls: list[AdapterEntry] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

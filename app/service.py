@@ -27,10 +27,12 @@ from app.schemas import (
 from imagegen.contract import (
     JOB_ID_PREFIX,
     SCHEDULER_MIN_STEPS,
+    ControlRef,
     JobRecord,
     JobSpec,
     JobStatus,
     Keys,
+    LoraRef,
     ModelInfo,
     is_valid_job_id,
 )
@@ -50,6 +52,11 @@ def rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def request_params(spec: JobSpec) -> GenerationParams:
+    """The job's parameters as the job document shows them (input images by digest)."""
+    return GenerationParams(**spec.model_dump())
 
 
 class GenerationService:
@@ -76,10 +83,22 @@ class GenerationService:
         self, request: GenerationRequest, inputs: images_in.PreparedInputs | None = None
     ) -> JobSpec:
         """Fill in the model's defaults and apply the configured limits, naming any field."""
+        spec, _ = await self.resolve_with_blobs(request, inputs)
+        return spec
+
+    async def resolve_with_blobs(
+        self, request: GenerationRequest, inputs: images_in.PreparedInputs | None = None
+    ) -> tuple[JobSpec, dict[str, bytes]]:
+        """`resolve`, and the job's input blobs by name (`inputs`' and the control image's)."""
         model_id = request.model or self.settings.default_model
         info = await self.registry.aget(model_id)
         known = await self.registry.amodel_ids() if info is None else []
-        return self._resolve(request, model_id, info, known, inputs)
+        if request.control is None:
+            return self._resolve_with_blobs(request, model_id, info, known, inputs)
+        # Decoding an image is CPU work: off the event loop.
+        return await anyio.to_thread.run_sync(
+            self._resolve_with_blobs, request, model_id, info, known, inputs
+        )
 
     def prepare_inputs(self, request: GenerationRequest) -> images_in.PreparedInputs | None:
         """Decode, check and normalize the request's images (None: text-to-image). Blocking:
@@ -89,6 +108,12 @@ class GenerationService:
                 if getattr(request, field) is not None:
                     raise InvalidRequest.for_field(field, "needs `image`")
             return None
+        if request.control is not None:
+            raise InvalidRequest.for_field(
+                "control",
+                "cannot be combined with `image` (image-to-image, inpainting, "
+                "outpainting) in this version; send one or the other",
+            )
         if request.outpaint is not None and request.mask is not None:
             raise InvalidRequest.for_field("outpaint", "excludes `mask` (the new area is the mask)")
         s = self.settings
@@ -123,6 +148,16 @@ class GenerationService:
         known: list[str],
         inputs: images_in.PreparedInputs | None = None,
     ) -> JobSpec:
+        return self._resolve_with_blobs(request, model_id, info, known, inputs)[0]
+
+    def _resolve_with_blobs(
+        self,
+        request: GenerationRequest,
+        model_id: str,
+        info: ModelInfo | None,
+        known: list[str],
+        inputs: images_in.PreparedInputs | None = None,
+    ) -> tuple[JobSpec, dict[str, bytes]]:
         s = self.settings
         if info is None:
             if request.model is None:
@@ -188,7 +223,9 @@ class GenerationService:
                     f"to run; at least {min_steps} needed (raise strength or steps)",
                 )
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-        return JobSpec(
+        loras = self._loras(request, info)
+        control = self._control(request, info, width, height)
+        spec = JobSpec(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             width=width,
@@ -204,7 +241,64 @@ class GenerationService:
             scheduler=scheduler,
             model=model_id,
             **self._input_fields(request, inputs),
+            loras=loras,
+            control=control[0] if control is not None else None,
         )
+        blobs = dict(inputs.blobs) if inputs is not None else {}
+        if control is not None:
+            blobs["control"] = control[1]
+        return spec, blobs
+
+    @staticmethod
+    def _loras(request: GenerationRequest, info: ModelInfo) -> tuple[LoraRef, ...]:
+        """The request's LoRAs, each among the model's adapters and named once; scale 0 is
+        the request without that LoRA, so it is left out."""
+        known = [a.id for a in info.adapters]
+        seen: set[str] = set()
+        out = []
+        for i, lora in enumerate(request.loras or []):
+            if lora.id not in known:
+                raise InvalidRequest.for_field(
+                    f"loras[{i}].id",
+                    f"unknown adapter {lora.id!r} for model {info.id!r}; "
+                    f"its adapters: {', '.join(known) or 'none'}",
+                )
+            if lora.id in seen:
+                raise InvalidRequest.for_field(f"loras[{i}].id", f"{lora.id!r} is listed twice")
+            seen.add(lora.id)
+            if lora.scale != 0:
+                out.append(LoraRef(id=lora.id, scale=lora.scale))
+        return tuple(out)
+
+    def _control(
+        self, request: GenerationRequest, info: ModelInfo, width: int, height: int
+    ) -> tuple[ControlRef, bytes] | None:
+        """The control and its decoded image (resized to the output size); None without one
+        or at scale 0 (the request without control)."""
+        control = request.control
+        if control is None:
+            return None
+        known = [c.id for c in info.controls]
+        if control.id not in known:
+            raise InvalidRequest.for_field(
+                "control.id",
+                f"unknown control {control.id!r} for model {info.id!r}; "
+                f"its controls: {', '.join(known) or 'none'}",
+            )
+        png, image = images_in.control_input(
+            control.image,
+            width,
+            height,
+            "control.image",
+            self.settings.max_input_image_bytes,
+            self.settings.max_pixels,
+        )
+        if control.scale == 0:
+            return None
+        ref = ControlRef(
+            id=control.id, scale=control.scale, start=control.start, end=control.end, image=image
+        )
+        return ref, png
 
     @staticmethod
     def _input_fields(
@@ -243,7 +337,7 @@ class GenerationService:
         elif request.strength is not None:
             raise InvalidRequest.for_field("strength", "needs `image`")
         # A bad request never consumes an idempotency key.
-        spec = await self.resolve(request, inputs)
+        spec, blobs = await self.resolve_with_blobs(request, inputs)
         record = JobRecord(
             id=new_job_id(),
             status=JobStatus.QUEUED,
@@ -264,10 +358,7 @@ class GenerationService:
                 IDEMPOTENCY_TTL_S,
             )
         result = await self.submitter.submit(
-            record,
-            self.settings.max_queue_depth,
-            idempotency,
-            inputs.blobs if inputs is not None else None,
+            record, self.settings.max_queue_depth, idempotency, blobs
         )
         if result.outcome == "created":
             return self.document(record, queue_position=int(result.value)), True
@@ -348,7 +439,7 @@ class GenerationService:
             progress=Progress(
                 step=record.progress_step, total_steps=spec.steps, eta_s=self._eta_s(record)
             ),
-            request=GenerationParams(**spec.model_dump()),
+            request=request_params(spec),
             images=images,
             error=ErrorInfo(**record.error.model_dump()) if record.error else None,
             timings=Timings(queued_s=queued_s, run_s=run_s),

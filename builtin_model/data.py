@@ -212,6 +212,21 @@ def render(batch: SceneBatch, chunk: int = 8192) -> torch.Tensor:
 
 
 def _render(batch: SceneBatch) -> torch.Tensor:
+    cover = (0.5 - signed_distance(batch)).clamp(0.0, 1.0)  # (n, 1, H, W)
+    return paint(batch, cover)
+
+
+def paint(batch: SceneBatch, cover: torch.Tensor) -> torch.Tensor:
+    """Blend each scene's shape color over its background by ``cover`` (n, 1, H, W) in [0, 1]."""
+    n = len(batch)
+    palette = palette_tensor(batch.kind.device)
+    fg = palette[batch.color].view(n, 3, 1, 1)
+    bg = palette[batch.bg].view(n, 3, 1, 1)
+    return bg + (fg - bg) * cover
+
+
+def signed_distance(batch: SceneBatch) -> torch.Tensor:
+    """Each scene's signed distance to its shape's edge (negative inside), (n, 1, H, W) pixels."""
     device = batch.kind.device
     n = len(batch)
     coords = torch.arange(IMAGE_SIZE, device=device, dtype=torch.float32) + 0.5
@@ -231,13 +246,7 @@ def _render(batch: SceneBatch) -> torch.Tensor:
     arm = s / 3
     cross = torch.minimum(torch.maximum(ax - arm, ay - s), torch.maximum(ay - arm, ax - s))
     dist = torch.stack([circle, square, triangle, diamond, cross], dim=1)
-    dist = dist.gather(1, batch.kind.view(n, 1, 1, 1).expand(n, 1, IMAGE_SIZE, IMAGE_SIZE))
-    cover = (0.5 - dist).clamp(0.0, 1.0)  # (n, 1, H, W)
-
-    palette = palette_tensor(device)
-    fg = palette[batch.color].view(n, 3, 1, 1)
-    bg = palette[batch.bg].view(n, 3, 1, 1)
-    return bg + (fg - bg) * cover
+    return dist.gather(1, batch.kind.view(n, 1, 1, 1).expand(n, 1, IMAGE_SIZE, IMAGE_SIZE))
 
 
 def palette_tensor(device: torch.device | str = "cpu") -> torch.Tensor:

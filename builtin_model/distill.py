@@ -56,7 +56,7 @@ def fast_defaults() -> dict[str, object]:
 
 @torch.no_grad()
 def teacher_pairs(
-    pipe: object, n: int, seed: int, batch: int, start: float
+    pipe: object, n: int, seed: int, batch: int, start: float, device: str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt embeddings, starting noise z, teacher latent x0) for n training prompts."""
     g = torch.Generator().manual_seed(seed)
@@ -72,8 +72,8 @@ def teacher_pairs(
     latent = data.IMAGE_SIZE // 4
     for i in range(0, n, batch):
         chunk = texts[i : i + batch]
-        z = torch.randn((len(chunk), 4, latent, latent), generator=g)
-        emb, _ = pipe.encode_prompt(chunk, "cpu", 1, False)  # type: ignore[attr-defined]
+        z = torch.randn((len(chunk), 4, latent, latent), generator=g).to(device)
+        emb, _ = pipe.encode_prompt(chunk, device, 1, False)  # type: ignore[attr-defined]
         out = pipe(  # type: ignore[operator]
             prompt=chunk,
             negative_prompt=[""] * len(chunk),
@@ -102,20 +102,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--budget-s", type=float, default=2400)
+    ap.add_argument("--teacher-batch", type=int, default=64)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    device = args.device
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     start = time.perf_counter()
     torch.manual_seed(args.seed)
 
     from builtin_model.card import load
 
-    pipe = load(args.teacher)
+    pipe = load(args.teacher).to(device)
     pipe.set_progress_bar_config(disable=True)
-    embeds, zs, x0s = teacher_pairs(pipe, args.pairs, args.seed, 64, start)
+    embeds, zs, x0s = teacher_pairs(pipe, args.pairs, args.seed, args.teacher_batch, start, device)
 
     sched = build.make_scheduler(FAST_SCHEDULER, pipe.scheduler.config)
     sched.set_timesteps(FAST_STEPS)
     timesteps = sched.timesteps.clone()
-    ab_all = sched.alphas_cumprod.float()
+    ab_all = sched.alphas_cumprod.float().to(device)
+    timesteps = timesteps.to(device)
     log(f"student timesteps {timesteps.tolist()}", start)
     ab0 = ab_all[timesteps[0]]
     eps_star = (zs - ab0.sqrt() * x0s) / (1 - ab0).sqrt()
@@ -128,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     loss_avg = 0.0
     step = 0
     while step < args.steps and time.perf_counter() < deadline:
-        idx = torch.randint(args.pairs, (args.batch,), generator=g)
-        k = torch.randint(FAST_STEPS, (args.batch,), generator=g)
+        idx = torch.randint(args.pairs, (args.batch,), generator=g).to(device)
+        k = torch.randint(FAST_STEPS, (args.batch,), generator=g).to(device)
         t = timesteps[k]
         ab = ab_all[t].view(-1, 1, 1, 1)
         eps = eps_star[idx]
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         step += 1
         loss_avg = loss.item() if step == 1 else 0.98 * loss_avg + 0.02 * loss.item()
-        if step % 50 == 0:
+        if step % 200 == 0:
             log(f"student {step}/{args.steps} loss {loss_avg:.4f}", start)
     log(f"trained {step} steps", start)
 
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     if out.exists():
         shutil.rmtree(out)
     pipe.unet = student.eval()
-    build.save(pipe, out)
+    build.save(pipe.to("cpu"), out)
     (out / "imagegen.json").write_text(json.dumps(fast_defaults(), indent=2) + "\n")
     record = {
         "recipe": "knowledge distillation on deterministic teacher pairs (DDIM, 4 steps)",

@@ -74,6 +74,30 @@ def generate(
     model: Annotated[
         str | None, typer.Option(help="A model id the service lists; default: its default.")
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            help="A LoRA the model lists, as ID or ID:SCALE (scale -2..2, default 1); "
+            "repeat for several (at most 4).",
+        ),
+    ] = None,
+    control: Annotated[
+        str | None,
+        typer.Option(
+            help="A ControlNet the model lists and its image file, as ID:PATH (the image is "
+            "resized to the output size)."
+        ),
+    ] = None,
+    control_scale: Annotated[
+        float | None, typer.Option(help="ControlNet conditioning scale, 0..2; default 1.")
+    ] = None,
+    control_start: Annotated[
+        float | None, typer.Option(help="Fraction of the steps where control starts; default 0.")
+    ] = None,
+    control_end: Annotated[
+        float | None, typer.Option(help="Fraction of the steps where control ends; default 1.")
+    ] = None,
     base_url: Annotated[
         str | None,
         typer.Option(
@@ -117,6 +141,8 @@ def generate(
         "n": n,
         "scheduler": scheduler,
         "model": model,
+        "loras": [parse_lora(value) for value in lora] if lora else None,
+        "control": parse_control(control, control_scale, control_start, control_end),
     }
     try:
         anyio.run(_generate, prompt, fields, output, base_url, api_key, timeout)
@@ -124,6 +150,37 @@ def generate(
         # The server's message names the field and the limit; that is all the user needs.
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(EXIT_FAILED) from None
+
+
+def parse_lora(value: str) -> dict[str, Any]:
+    """`ID` or `ID:SCALE` → `{"id", "scale"}` (the server checks the id and the range)."""
+    name, sep, scale = value.rpartition(":")
+    if not sep:
+        return {"id": value, "scale": 1.0}
+    try:
+        return {"id": name, "scale": float(scale)}
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: the scale after ':' must be a number") from None
+
+
+def parse_control(
+    value: str | None, scale: float | None, start: float | None, end: float | None
+) -> dict[str, Any] | None:
+    """`ID:PATH` (and the options) → the request's `control`, with the file's bytes."""
+    if value is None:
+        return None
+    name, sep, path = value.partition(":")
+    if not sep or not name or not path:
+        raise typer.BadParameter(f"{value!r}: --control takes ID:PATH")
+    try:
+        image = Path(path).read_bytes()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read control image {path}: {exc.strerror}") from None
+    out: dict[str, Any] = {"id": name, "image": image}
+    for key, option in (("scale", scale), ("start", start), ("end", end)):
+        if option is not None:
+            out[key] = option
+    return out
 
 
 async def _generate(

@@ -88,6 +88,43 @@ class Outpaint(BaseModel):
 TASKS = ("text", "img2img", "inpaint", "outpaint")
 
 
+MAX_LORAS = 4
+LORA_SCALE_LIMIT = 2.0
+CONTROL_SCALE_MAX = 2.0
+
+
+class LoraRef(BaseModel):
+    """One LoRA a job runs with: an id among its model's `adapters`, and its scale."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    scale: float
+
+
+class ControlRef(BaseModel):
+    """The ControlNet a job runs with. Its image, normalized to a PNG of the output's size, is
+    stored apart (`Keys.input(job, "control")`); `image` names the file sent."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    scale: float
+    start: float
+    end: float
+    image: InputRef
+
+
+class AdapterInfo(BaseModel):
+    """A LoRA or ControlNet a worker serves with its model (from the adapter's card)."""
+
+    id: str
+    kind: str  # "lora" | "controlnet"
+    description: str = ""
+    trigger_words: list[str] = Field(default_factory=list)
+    default_scale: float = 1.0
+
+
 class JobSpec(BaseModel):
     """A generation request with every default filled in: exactly what the worker runs."""
 
@@ -112,12 +149,15 @@ class JobSpec(BaseModel):
     strength: float | None = None
     outpaint: Outpaint | None = None
 
+    # Adapters with a scale of 0 are left out at submit: scale 0 is the request without them.
+    loras: tuple[LoraRef, ...] = ()
+    control: ControlRef | None = None
+
     @property
     def input_names(self) -> list[str]:
-        """The input blobs stored with the job."""
-        if self.task == "text":
-            return []
-        return ["image"] if self.task == "img2img" else ["image", "mask"]
+        """The input blobs stored with the job (`Keys.input`)."""
+        names = {"text": [], "img2img": ["image"]}.get(self.task, ["image", "mask"])
+        return [*names, "control"] if self.control is not None else names
 
     def image_seed(self, index: int) -> int:
         """Image `index` of a job uses seed + index, so n=1 reproduces any single image."""
@@ -129,14 +169,24 @@ class JobSpec(BaseModel):
         return (self.width, self.height, self.steps, self.scheduler)
 
     @property
+    def adapter_key(self) -> str:
+        """The adapter set with its scales and the control id: jobs batch together only when
+        it matches ("" for a job without any)."""
+        parts = [f"{lora.id}:{lora.scale!r}" for lora in sorted(self.loras, key=lambda x: x.id)]
+        if self.control is not None:
+            parts.append(f"control={self.control.id}")
+        return ",".join(parts)
+
+    @property
     def batch_key(self) -> str:
         """`shape_key` as the text the claim script compares (stored with the job); jobs with
-        images in also share task, strength and whether a mask is used."""
+        images in also share task, strength and whether a mask is used, and jobs with adapters
+        share the adapter key."""
         key = "|".join(str(part) for part in self.shape_key)
-        if self.task == "text":
-            return key
-        masked = "mask" if self.task in ("inpaint", "outpaint") else "nomask"
-        return f"{key}|{self.task}|{self.strength!r}|{masked}"
+        if self.task != "text":
+            masked = "mask" if self.task in ("inpaint", "outpaint") else "nomask"
+            key = f"{key}|{self.task}|{self.strength!r}|{masked}"
+        return f"{key}|{self.adapter_key}" if self.adapter_key else key
 
 
 class ImageInfo(BaseModel):
@@ -187,6 +237,8 @@ class ModelInfo(BaseModel):
     # gateway's global caps apply.
     max_pixels: int | None = None
     max_steps: int | None = None
+    adapters: list[AdapterInfo] = Field(default_factory=list)
+    controls: list[AdapterInfo] = Field(default_factory=list)
 
 
 class ServedModel(BaseModel):
@@ -240,7 +292,8 @@ class Keys:
 
     @staticmethod
     def input(job_id: str, name: str) -> str:
-        """An input image of the job (normalized PNG), written at submit, expired with it."""
+        """An input blob of the job (normalized PNG: its image, mask or control image),
+        written at submit and expired with the job's terminal transition."""
         return f"{Keys.PREFIX}:job:{job_id}:input:{name}"
 
     @staticmethod

@@ -59,6 +59,9 @@ optional_fields: dict[str, st.SearchStrategy[Any]] = {
     "strength": st.none(),
     "mask": st.none(),
     "outpaint": st.none(),
+    # Adapters: absent here (their ids are checked against the model's, at resolve).
+    "loras": st.none(),
+    "control": st.none(),
 }
 valid_bodies = st.fixed_dictionaries({"prompt": prompts}, optional=optional_fields)
 
@@ -238,6 +241,16 @@ def test_each_rejection_names_the_one_field_that_is_wrong(
         | st.just({"left": 7})
         | st.just({"left": 0})
         | st.just({"up": 8}),
+        "loras": st.integers()
+        | st.text()
+        | st.just([{"id": "x"}] * 5)
+        | st.just([{"id": "x", "scale": 2.5}])
+        | st.just([{"scale": 1.0}]),
+        "control": st.integers()
+        | st.text()
+        | st.just({"id": "x"})
+        | st.just({"id": "x", "image": "x", "start": 0.5, "end": 0.5})
+        | st.just({"id": "x", "image": "x", "scale": -1}),
     }
     value = data.draw(bad_values[field], label=field)
     assert_rejected_naming({**body, field: value}, field)

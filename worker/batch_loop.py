@@ -51,6 +51,8 @@ class BatchItem:
     # Images in: the normalized input (RGB) and mask (L, 255 = repaint) at the job's size.
     image: Image.Image | None = None
     mask: Image.Image | None = None
+    # The job's control image (its spec's `control`), already at the output size.
+    control_image: Image.Image | None = None
 
 
 BatchResult = list[Image.Image] | Exception
@@ -93,6 +95,9 @@ def run_batch(
         )
     if items[0].spec.task != "text" and any(item.image is None for item in items):
         raise ValueError("a job with images in needs its input image")
+    if any((item.spec.control is None) != (item.control_image is None) for item in items):
+        raise ValueError("a job with a control needs its control image, and only such a job")
+    model.adapters.apply(items[0].spec.loras)
     with torch.inference_mode():
         return _Loop(model, items, invariant, on_loop_step).run()
 
@@ -127,6 +132,23 @@ class _Loop:
         self._pooled: dict[str, torch.Tensor] = {}
         self.pooled_cond: torch.Tensor | None = None
         self.pooled_uncond: torch.Tensor | None = None
+        self.controlnet: Any = None
+        if spec.control is not None:
+            self.controlnet = model.adapters.controlnets[spec.control.id]
+            from diffusers.image_processor import VaeImageProcessor
+
+            # The stock ControlNet pipeline's control image processor: [0, 1], no normalising.
+            processor = VaeImageProcessor(
+                vae_scale_factor=self.pipe.vae_scale_factor,
+                do_convert_rgb=True,
+                do_normalize=False,
+            )
+            self._control_images = [
+                processor.preprocess(item.control_image, height=spec.height, width=spec.width)
+                .to(dtype=torch.float32)
+                .to(device=self.device, dtype=self.controlnet.dtype)
+                for item in items
+            ]
         # CPU generators make the starting noise identical on every device and batch layout.
         self.generators = [
             torch.Generator("cpu").manual_seed(item.spec.image_seed(i))
@@ -210,6 +232,14 @@ class _Loop:
             ).to(self.device)
         cfg_rows = [r for job, a, b in self.spans if self._cfg(job) for r in range(a, b)]
         self.cfg_rows = torch.tensor(cfg_rows, dtype=torch.long, device=self.device)
+        if self.controlnet is not None:
+            self.control = torch.cat(
+                [
+                    self._control_images[job]
+                    for job in self.live
+                    for _ in range(self.items[job].spec.n)
+                ]
+            )
 
     def _drop(self, jobs: set[int], latents: torch.Tensor) -> torch.Tensor:
         """Remove `jobs`' rows from the latents, the generators and the scheduler's history."""
@@ -254,7 +284,7 @@ class _Loop:
             model_input = latents
             if hasattr(scheduler, "scale_model_input"):
                 model_input = scheduler.scale_model_input(latents, t)
-            noise_pred = self._predict(model_input, t)
+            noise_pred = self._predict(model_input, t, i, len(timesteps))
             extra: dict[str, Any] = {}
             if "eta" in step_params:
                 extra["eta"] = 0.0
@@ -370,6 +400,7 @@ class _Loop:
         t: torch.Tensor,
         context: torch.Tensor,
         pooled: torch.Tensor | None = None,
+        residuals: tuple[list[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         rows = sample.shape[0]
         if self.compiled:
@@ -380,11 +411,20 @@ class _Loop:
             sample, context = _pad_rows(sample, size), _pad_rows(context, size)
             if pooled is not None:
                 pooled = _pad_rows(pooled, size)
+            if residuals is not None:
+                down, mid = residuals
+                residuals = ([_pad_rows(d, size) for d in down], _pad_rows(mid, size))
             t = t.to(torch.float32)
         added = None
         if pooled is not None:
             # SDXL: the pooled text embedding and the size/crop micro-conditioning per row.
             added = {"text_embeds": pooled, "time_ids": self.time_ids.repeat(pooled.shape[0], 1)}
+        extra: dict[str, Any] = {}
+        if residuals is not None:
+            extra = {
+                "down_block_additional_residuals": residuals[0],
+                "mid_block_additional_residual": residuals[1],
+            }
         out: torch.Tensor = self.pipe.unet(
             sample,
             t,
@@ -392,11 +432,48 @@ class _Loop:
             timestep_cond=None,
             cross_attention_kwargs=None,
             added_cond_kwargs=added,
+            **extra,
             return_dict=False,
         )[0]
         return out[:rows]
 
-    def _predict(self, model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _control_scale(self, job: int, step: int, total: int) -> float:
+        """The stock ControlNet pipeline's conditioning scale at `step`: the job's scale inside
+        its [start, end] window of the steps, 0 outside it."""
+        control = self.items[job].spec.control
+        assert control is not None
+        keep = 1.0 - float(step / total < control.start or (step + 1) / total > control.end)
+        return control.scale * keep
+
+    def _residuals(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        image: torch.Tensor,
+        scale: float | torch.Tensor,
+    ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """The ControlNet's residuals for these rows (None for a job without control). A float
+        `scale` is the stock call's; a per-row tensor scales the rows after one call."""
+        if self.controlnet is None:
+            return None
+        down, mid = self.controlnet(
+            sample,
+            t,
+            encoder_hidden_states=context,
+            controlnet_cond=image,
+            conditioning_scale=scale if isinstance(scale, float) else 1.0,
+            guess_mode=False,
+            return_dict=False,
+        )
+        if isinstance(scale, torch.Tensor):
+            per_row = scale.view(-1, 1, 1, 1).to(mid.dtype)
+            down, mid = [d * per_row for d in down], mid * per_row
+        return list(down), mid
+
+    def _predict(
+        self, model_input: torch.Tensor, t: torch.Tensor, step: int, total: int
+    ) -> torch.Tensor:
         """The guided noise prediction for every row, each with its own job's guidance."""
         parts: list[torch.Tensor] = []
         if self.invariant:
@@ -404,9 +481,11 @@ class _Loop:
             uncond_row = 0
             for job, a, b in self.spans:
                 scale = self.items[job].spec.guidance_scale
+                cscale = self._control_scale(job, step, total) if self.controlnet else 0.0
                 for r in range(a, b):
                     x, cond = model_input[r : r + 1], self.cond[r : r + 1]
                     pooled = self.pooled_cond[r : r + 1] if self.pooled_cond is not None else None
+                    image = self.control[r : r + 1] if self.controlnet is not None else x
                     if self._cfg(job):
                         assert self.uncond is not None
                         u = slice(uncond_row, uncond_row + 1)
@@ -414,11 +493,13 @@ class _Loop:
                         if pooled is not None and self.pooled_uncond is not None:
                             pooled = torch.cat([self.pooled_uncond[u], pooled])
                         uncond_row += 1
-                        pair = self._unet(torch.cat([x] * 2), t, context, pooled)
-                        uncond_pred, cond_pred = pair.chunk(2)
+                        pair = torch.cat([x] * 2)
+                        res = self._residuals(pair, t, context, torch.cat([image] * 2), cscale)
+                        uncond_pred, cond_pred = self._unet(pair, t, context, pooled, res).chunk(2)
                         parts.append(uncond_pred + scale * (cond_pred - uncond_pred))
                     else:
-                        parts.append(self._unet(x, t, cond, pooled))
+                        res = self._residuals(x, t, cond, image, cscale)
+                        parts.append(self._unet(x, t, cond, pooled, res))
             return torch.cat(parts)
         # One call for the whole batch: the unconditional rows of the guided jobs, then all.
         sample, context, pooled = model_input, self.cond, self.pooled_cond
@@ -427,7 +508,22 @@ class _Loop:
             context = torch.cat([self.uncond, self.cond])
             if self.pooled_cond is not None and self.pooled_uncond is not None:
                 pooled = torch.cat([self.pooled_uncond, self.pooled_cond])
-        out = self._unet(sample, t, context, pooled)
+        residuals = None
+        if self.controlnet is not None:
+            row_scales = torch.tensor(
+                [
+                    self._control_scale(job, step, total)
+                    for job, a, b in self.spans
+                    for _ in range(a, b)
+                ],
+                device=self.device,
+            )
+            image, scales = self.control, row_scales
+            if self.uncond is not None:
+                image = torch.cat([self.control.index_select(0, self.cfg_rows), self.control])
+                scales = torch.cat([row_scales.index_select(0, self.cfg_rows), row_scales])
+            residuals = self._residuals(sample, t, context, image, scales)
+        out = self._unet(sample, t, context, pooled, residuals)
         uncond_all, cond_all = out[: out.shape[0] - self.rows], out[out.shape[0] - self.rows :]
         uncond_row = 0
         for job, a, b in self.spans:

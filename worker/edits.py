@@ -21,12 +21,9 @@ class InputMissing(Exception):
     """A job's stored input is gone (it expired with a record that was taken back too late)."""
 
 
-def load_inputs(
-    connection: redis.Redis, job_id: str, spec: JobSpec
-) -> tuple[Image.Image | None, Image.Image | None]:
-    """The job's input image (RGB) and mask (L), as the gateway stored them."""
-    if spec.task == "text":
-        return None, None
+def load_inputs(connection: redis.Redis, job_id: str, spec: JobSpec) -> dict[str, Image.Image]:
+    """The job's stored inputs by name, as the gateway stored them: "image" (RGB), "mask" (L),
+    "control" (RGB), those its spec names."""
     images: dict[str, Image.Image] = {}
     for name in spec.input_names:
         data: bytes | None = connection.get(Keys.input(job_id, name))  # type: ignore[assignment]
@@ -37,7 +34,7 @@ def load_inputs(
             images[name] = opened.convert("L" if name == "mask" else "RGB")
         if images[name].size != (spec.width, spec.height):
             raise InputMissing(f"input {name!r} of job {job_id} is not {spec.width}x{spec.height}")
-    return images["image"], images.get("mask")
+    return images
 
 
 def composite(

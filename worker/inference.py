@@ -70,6 +70,7 @@ class Inference:
                 )
             results: list[BatchResult] = []
             for item in items:
+                self.model.adapters.apply(item.spec.loras)
                 try:
                     results.append(
                         self.generate(
@@ -166,7 +167,12 @@ class Inference:
 
     # -- state ----------------------------------------------------------------------------------
     def restore(self) -> None:
-        """Put the pipeline back in its loaded state and free what a failed run left."""
+        """Put the pipeline back in its loaded state and free what a failed run left: its
+        dtypes, and no LoRA active (the next batch sets its own)."""
+        try:
+            self.model.adapters.reset()
+        except Exception:  # never hide the failure that brought us here
+            log.exception("could not reset the LoRA adapters after a failed job")
         for name, dtype in self._dtypes.items():
             component = getattr(self.model.pipe, name, None)
             if isinstance(component, torch.nn.Module) and _dtype_of(component) != dtype:

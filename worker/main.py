@@ -19,6 +19,7 @@ from imagegen.contract import ErrorCode, WorkerHeartbeat
 from imagegen.lifecycle import Lifecycle
 from imagegen.logs import configure_logging
 from imagegen.settings import Settings
+from worker.adapters import AdapterError
 from worker.faults import CrashPoint
 from worker.heartbeat import Heartbeat
 from worker.inference import Inference
@@ -102,6 +103,11 @@ def run_worker(settings: Settings) -> int:
         if settings.warmup:
             inference.warm_up()
     except ModelUnavailable as exc:
+        if isinstance(exc.__context__, AdapterError):
+            # A LoRA or ControlNet that does not fit is a deployment mistake: refused at start
+            # (the line above names it), not discovered by the first job.
+            log.error("refusing to start: an adapter of model %s does not fit it", first)
+            return 2
         log.error("model %s is unavailable; its jobs will fail: %s", first, exc)
     lifecycle = Lifecycle(connection)
     runner = JobRunner(

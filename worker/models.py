@@ -31,6 +31,7 @@ import torch
 
 from imagegen.contract import ModelInfo, ServedModel
 from imagegen.settings import Settings
+from worker.adapters import AdapterError, adapter_cards
 from worker.inference import Inference
 from worker.pipeline import (
     FP16_VARIANT,
@@ -279,7 +280,8 @@ class ModelManager:
             sample = int(sample if isinstance(sample, int) else sample[0])
             native = sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
             scheduler = self._scheduler_name(source)
-            info = model_info(model_id, card, native, scheduler, self.settings)
+            loras, controls = adapter_cards(Path(source)) if Path(source).is_dir() else ([], [])
+            info = model_info(model_id, card, native, scheduler, self.settings, loras, controls)
             entry = Entry(source, info)
             if Path(source).is_dir():
                 entry.estimate = self._estimate(Path(source))
@@ -383,6 +385,8 @@ class ModelManager:
         started = time.perf_counter()
         try:
             model = self._load(loader, entry, model_id, shared)
+        except AdapterError as exc:  # its own line names the adapter and the misfit
+            self._mark(entry, str(exc))
         except Exception as exc:
             self._mark(entry, f"loading failed: {type(exc).__name__}: {exc}"[:500])
         inference = Inference(model)

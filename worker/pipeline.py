@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoPipelineForText2Image
 
-from imagegen.contract import SCHEDULER_NAMES, ModelInfo
+from imagegen.contract import SCHEDULER_NAMES, AdapterInfo, ModelInfo
 from imagegen.settings import Settings
+from worker.adapters import Adapters, load_adapters
 from worker.schedulers import name_of
 
 log = logging.getLogger("imagegen.worker")
@@ -42,6 +43,8 @@ class LoadedModel:
     # Batch sizes (images) the UNet and VAE decoder were compiled for; () when not compiled.
     # The batch loop pads to the next of them, so serving never compiles.
     compiled_batches: tuple[int, ...] = ()
+    # The model's LoRAs and ControlNets (none: an empty set).
+    adapters: Adapters = field(default_factory=lambda: Adapters(None))
 
 
 def default_model_dir() -> Path:
@@ -117,6 +120,8 @@ def model_info(
     native: int,
     scheduler: str | None,
     settings: Settings,
+    adapters: list[AdapterInfo] | None = None,
+    controls: list[AdapterInfo] | None = None,
 ) -> ModelInfo:
     """What a worker announces about a model: its card's defaults and caps over the
     pipeline's own (native size, scheduler), the settings' caps for a model without a card."""
@@ -132,6 +137,8 @@ def model_info(
         schedulers=list(SCHEDULER_NAMES),
         max_pixels=int(max_pixels) if max_pixels is not None else None,
         max_steps=int(max_steps) if max_steps is not None else None,
+        adapters=adapters or [],
+        controls=controls or [],
     )
 
 
@@ -244,6 +251,24 @@ def load_model(
     if tiling and hasattr(pipe, "vae"):
         pipe.vae.enable_tiling()
     # Otherwise attention uses torch's scaled_dot_product_attention, diffusers' default.
+    # Adapters before the speed-ups: a LoRA targets the unfused projections, and a compiled
+    # UNet must already hold every adapter (padded to one rank: switching never recompiles).
+    from worker.batch_loop import supports_batching
+
+    adapters = load_adapters(
+        pipe,
+        Path(source) if Path(source).is_dir() else None,
+        device,
+        dtype,
+        # ControlNet residuals run in the batch loop for SD 1.x/2.x (not SDXL: its ControlNets
+        # take the micro-conditioning too, which the loop does not pass them).
+        controls_allowed=supports_batching(pipe)
+        and type(pipe).__name__ == "StableDiffusionPipeline",
+        hotswap=settings.compile,
+    )
+    if adapters.loras and settings.fuse_qkv:
+        log.warning("fused QKV projections are off: the model's LoRAs target the unfused ones")
+        settings = settings.model_copy(update={"fuse_qkv": False})
     _speed_up(pipe, settings)
 
     card = _read_card(source)
@@ -256,6 +281,8 @@ def load_model(
         native,
         name_of(pipe.scheduler),
         settings,
+        adapters=list(adapters.loras.values()),
+        controls=list(adapters.controls.values()),
     )
     log.info(
         "loaded %s: native %dx%d, attention slicing %s, vae tiling %s, free gpu %s GiB",
@@ -277,4 +304,5 @@ def load_model(
         batch_invariant=settings.batch_invariant == "on"
         or (settings.batch_invariant == "auto" and device.type == "cpu"),
         compiled_batches=settings.compile_batch_sizes if settings.compile else (),
+        adapters=adapters,
     )

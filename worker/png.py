@@ -28,7 +28,7 @@ def encode_png(image: Image.Image, parameters: dict[str, Any]) -> bytes:
 def png_parameters(spec: JobSpec, index: int) -> dict[str, Any]:
     """The `parameters` chunk of image `index`: enough to reproduce it with n=1 (with the
     same input images, named by sha256 and size)."""
-    parameters = {
+    parameters: dict[str, Any] = {
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt,
         "seed": spec.image_seed(index),
@@ -48,4 +48,8 @@ def png_parameters(spec: JobSpec, index: int) -> dict[str, Any]:
             strength=spec.strength,
             outpaint=spec.outpaint.model_dump() if spec.outpaint else None,
         )
+    if spec.loras:
+        parameters["loras"] = [{"id": lora.id, "scale": lora.scale} for lora in spec.loras]
+    if spec.control is not None:
+        parameters["control"] = spec.control.model_dump()
     return parameters

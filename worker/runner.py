@@ -122,7 +122,7 @@ class JobRunner:
     def _infer(self, batch: list[Claimed]) -> list[BatchResult]:
         """Results for every job; a batch-wide failure becomes each job's own result, after
         halving the batch on out-of-memory until a job fails alone."""
-        loaded: list[tuple[Any, Any] | Exception] = []
+        loaded: list[dict[str, Any] | Exception] = []
         for job in batch:
             try:
                 loaded.append(edits.load_inputs(self.lifecycle.redis, job.id, job.record.spec))
@@ -135,7 +135,13 @@ class JobRunner:
             rest = iter(self._infer(runnable) if runnable else [])
             return [x if isinstance(x, Exception) else next(rest) for x in loaded]
         items = [
-            BatchItem(job.record.spec, self.progress.for_job(job), *inputs)
+            BatchItem(
+                job.record.spec,
+                self.progress.for_job(job),
+                image=inputs.get("image"),
+                mask=inputs.get("mask"),
+                control_image=inputs.get("control"),
+            )
             for job, inputs in zip(batch, loaded, strict=True)
             if not isinstance(inputs, Exception)
         ]

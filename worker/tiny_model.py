@@ -6,6 +6,7 @@ model. It makes noise, not pictures; the built-in shapes-64 model is the one tha
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -158,4 +159,55 @@ def save_tiny_fewstep_pipeline(directory: Path, seed: int = 0) -> Path:
     """Build and save the tiny few-step pipeline in diffusers format; returns `directory`."""
     pipe = build_tiny_fewstep_pipeline(seed)
     pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def save_tiny_adapters(directory: Path, seed: int = 0) -> Path:
+    """Give the tiny pipeline at `directory` two LoRAs (`lines`, rank 4, and `dots`, rank 2)
+    and a ControlNet (`edges`), all random but with effect (no zero-initialised halves)."""
+    from diffusers import ControlNetModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(directory)
+    torch.manual_seed(seed + 1)
+    for name, rank in (("lines", 4), ("dots", 2)):
+        unet = UNet2DConditionModel.from_pretrained(directory / "unet")
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_v", "conv1"])
+        unet.add_adapter(config)
+        with torch.no_grad():
+            for param_name, param in unet.named_parameters():
+                if "lora_" in param_name:
+                    param.normal_(0.0, 0.2)
+        out = directory / "loras" / name
+        pipe.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet))
+        (out / "imagegen_adapter.json").write_text(
+            json.dumps({"description": f"test LoRA {name}", "default_scale": 1.0})
+        )
+    net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():
+        for param_name, param in net.named_parameters():
+            zero_conv = "controlnet_" in param_name and "cond_embedding" not in param_name
+            if zero_conv or "cond_embedding.conv_out" in param_name:
+                param.normal_(0.0, 0.05)
+    out = directory / "controlnets" / "edges"
+    net.save_pretrained(out, safe_serialization=True)
+    (out / "imagegen_adapter.json").write_text(json.dumps({"description": "test control"}))
+    return directory
+
+
+def save_misfit_lora(directory: Path, name: str = "misfit") -> Path:
+    """A LoRA for another model: its to_q pair maps 48 features where the tiny UNet has 32."""
+    from safetensors.torch import save_file
+
+    out = directory / "loras" / name
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file(
+        {
+            f"{prefix}.lora_A.weight": torch.zeros(4, 48),
+            f"{prefix}.lora_B.weight": torch.zeros(48, 4),
+        },
+        str(out / "pytorch_lora_weights.safetensors"),
+    )
     return directory

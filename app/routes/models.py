@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from app.auth import PrincipalDep
 from app.deps import RegistryDep, SettingsDep
-from app.schemas import ModelEntry, ModelList
+from app.schemas import AdapterEntry, ModelEntry, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -18,7 +18,7 @@ def list_models(registry: RegistryDep, settings: SettingsDep, principal: Princip
     entries = []
     for status in registry.statuses():
         info = status.info
-        fields = info.model_dump(exclude={"max_pixels", "max_steps"})
+        fields = info.model_dump(exclude={"max_pixels", "max_steps", "adapters", "controls"})
         entries.append(
             ModelEntry(
                 **fields,
@@ -29,6 +29,8 @@ def list_models(registry: RegistryDep, settings: SettingsDep, principal: Princip
                 loaded=status.loaded,
                 available=status.unavailable is None,
                 unavailable_reason=status.unavailable,
+                adapters=[AdapterEntry.of(a) for a in info.adapters],
+                controls=[AdapterEntry.of(c) for c in info.controls],
             )
         )
     return ModelList(data=entries)

@@ -123,6 +123,8 @@ def to_generation_request(body: OpenAIImageRequest) -> GenerationRequest:
         "strength": body.strength,
         "mask": body.mask,
         "outpaint": body.outpaint,
+        "loras": body.loras,
+        "control": body.control,
     }
     try:
         # Unset fields are left out, so GenerationRequest's defaults are the only defaults.
@@ -178,7 +180,9 @@ async def _wait_for_job(
     The wait is limited by the job's own time limit, which already allows for queueing; past
     it the job is canceled and the client gets a 503.
     """
-    limit_s = service.job_timeout_s(JobSpec.model_validate(job.request.model_dump()))
+    # The time limit depends on the work only (steps, size, n): adapters do not change it.
+    work = job.request.model_dump(exclude={"loras", "control"})
+    limit_s = service.job_timeout_s(JobSpec.model_validate(work))
     disconnected = False
     finished: JobDocument | None = None
     failure: Exception | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ from ._base import (
     TimeoutTypes,
     at_deadline,
     check_event_stream,
+    control_object,
     error_from_response,
     events_path,
     image_fields,
@@ -33,6 +34,7 @@ from ._base import (
     job_path,
     log,
     log_retry,
+    lora_list,
     outcome,
     poll_delays,
     submit_parts,
@@ -115,6 +117,8 @@ class AsyncClient:
         mask: ImageInput | None = None,
         strength: float | None = None,
         outpaint: Mapping[str, int] | None = None,
+        loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
+        control: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
@@ -133,6 +137,8 @@ class AsyncClient:
                 "scheduler": scheduler,
                 "model": model,
                 **image_fields(image, mask, strength, outpaint),
+                "loras": lora_list(loras),
+                "control": control_object(control),
             },
         )
         response = await self._request("POST", GENERATIONS, json=body, headers=headers)
@@ -193,6 +199,8 @@ class AsyncClient:
         mask: ImageInput | None = None,
         strength: float | None = None,
         outpaint: Mapping[str, int] | None = None,
+        loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
+        control: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -213,6 +221,8 @@ class AsyncClient:
             mask=mask,
             strength=strength,
             outpaint=outpaint,
+            loras=loras,
+            control=control,
             idempotency_key=idempotency_key,
         )
         try:

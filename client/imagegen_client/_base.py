@@ -6,6 +6,7 @@ loops around it: the sync one with `httpx.Client` and `time.sleep`, the async on
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 from urllib.parse import quote
@@ -199,6 +200,27 @@ def events_path(job: JobRef) -> str:
     return job_path(job, "/events")
 
 
+def lora_list(
+    loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None,
+) -> list[dict[str, Any]] | None:
+    """`loras` as the API takes it: `[{"id", "scale"}]` from dicts or `(id, scale)` pairs."""
+    if loras is None:
+        return None
+    return [
+        dict(lora) if isinstance(lora, Mapping) else {"id": lora[0], "scale": lora[1]}
+        for lora in loras
+    ]
+
+
+def control_object(control: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """`control` as the API takes it; its `image` may be anything `encode_image` takes."""
+    if control is None:
+        return None
+    out = dict(control)
+    out["image"] = encode_image(out.get("image"))
+    return out
+
+
 def submit_parts(
     prompt: str, idempotency_key: str | None, fields: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -215,7 +237,6 @@ ImageInput: TypeAlias = "bytes | str | os.PathLike[str] | Any"
 def encode_image(value: ImageInput | None) -> str | None:
     """An input image for the JSON body: PNG/JPEG/WebP bytes, a file path, a PIL image, or
     a string that already is a `data:` URI, all as base64 (the server checks the content)."""
-    import base64
 
     if value is None:
         return None

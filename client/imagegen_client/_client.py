@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from ._base import (
     TimeoutTypes,
     at_deadline,
     check_event_stream,
+    control_object,
     error_from_response,
     events_path,
     image_fields,
@@ -35,6 +36,7 @@ from ._base import (
     job_path,
     log,
     log_retry,
+    lora_list,
     outcome,
     poll_delays,
     submit_parts,
@@ -140,6 +142,8 @@ class Client:
         mask: ImageInput | None = None,
         strength: float | None = None,
         outpaint: Mapping[str, int] | None = None,
+        loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
+        control: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
@@ -158,6 +162,8 @@ class Client:
                 "scheduler": scheduler,
                 "model": model,
                 **image_fields(image, mask, strength, outpaint),
+                "loras": lora_list(loras),
+                "control": control_object(control),
             },
         )
         return job_from_response(self._request("POST", GENERATIONS, json=body, headers=headers))
@@ -210,6 +216,8 @@ class Client:
         mask: ImageInput | None = None,
         strength: float | None = None,
         outpaint: Mapping[str, int] | None = None,
+        loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
+        control: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -230,6 +238,8 @@ class Client:
             mask=mask,
             strength=strength,
             outpaint=outpaint,
+            loras=loras,
+            control=control,
             idempotency_key=idempotency_key,
         )
         try:

@@ -1,0 +1,234 @@
+"""Train the built-in model's adapters on top of the frozen ``shapes-64`` pipeline.
+
+    python -m builtin_model.train_adapters outline --budget-s 3000     # LoRA (PEFT format)
+    python -m builtin_model.train_adapters silhouette --budget-s 3000  # ControlNetModel
+
+``outline``: a rank-8 LoRA on the UNet's attention, feed-forward and resnet convolutions, trained
+on the same scenes and captions as the base model but rendered hollow (an outline in the shape's
+color, background within); base weights frozen. ``silhouette``: a ``ControlNetModel`` copied from
+the UNet's encoder (zero convolutions, conditioning embedding 4× down to the 16×16 latents),
+trained with the control image = the shape's silhouette, white on black, and captions whose kind,
+size and position are replaced at random 30 % of the time each (so the control wins); UNet, text
+encoder and VAE frozen. Both: ε-prediction MSE with min-SNR-5 weighting, 10 % caption dropout,
+AdamW, warm-up then cosine, step count cut to fit ``--budget-s`` once the speed is known (or
+``--steps N`` exactly). Weights are saved in fp16 (the evaluator scores the saved files).
+Held-out combinations never appear in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from builtin_model import MODEL_DIR, adapter_data, build, data
+from builtin_model.train import CAPTION_DROPOUT, MIN_SNR_GAMMA, log, lr_factor
+
+LORA_RANK = 8
+LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2",
+]  # fmt: skip
+
+CARDS = {
+    adapter_data.OUTLINE_ID: {
+        "kind": "lora",
+        "description": "Draws the shape hollow: an outline a few pixels wide in the shape's "
+        "color, the background inside.",
+        "trigger_words": [],
+        "default_scale": 1.0,
+    },
+    adapter_data.SILHOUETTE_ID: {
+        "kind": "controlnet",
+        "description": "Control image: a white shape on black, the output's size. The generated "
+        "shape takes that outline, place and size; the prompt picks the colors.",
+        "default_scale": 1.0,
+    },
+}
+
+
+def load_base(model_dir: Path) -> tuple[Any, Any, Any, Any, float]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir / "tokenizer")
+    text = CLIPTextModel.from_pretrained(model_dir / "text_encoder").eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae").eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").requires_grad_(False)
+    return tokenizer, text, vae, unet, float(vae.config.scaling_factor)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("adapter", choices=sorted(CARDS))
+    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    parser.add_argument("--out", type=Path, help="default: <model-dir>/loras|controlnets/<id>")
+    parser.add_argument("--steps", type=int, help="exactly this many steps (default: fit budget)")
+    parser.add_argument("--max-steps", type=int, default=6000)
+    parser.add_argument("--budget-s", type=float, default=3000.0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    tokenizer, text, vae, unet, scaling = load_base(args.model_dir)
+    text, vae, unet = text.to(device), vae.to(device), unet.to(device)
+    is_lora = CARDS[args.adapter]["kind"] == "lora"
+    if is_lora:
+        from peft import LoraConfig
+
+        unet.add_adapter(
+            LoraConfig(
+                r=LORA_RANK,
+                lora_alpha=LORA_RANK,
+                init_lora_weights="gaussian",
+                target_modules=LORA_TARGETS,
+            )
+        )
+        trained: Any = unet
+        params = [p for p in unet.parameters() if p.requires_grad]
+        lr = args.lr or 1e-3
+        unet.train()
+    else:
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=(16, 32, 64)
+        )
+        controlnet.to(device).train().requires_grad_(True)
+        trained = controlnet
+        params = list(controlnet.parameters())
+        lr = args.lr or 3e-4
+        unet.eval()
+    log(
+        f"{args.adapter}: {sum(p.numel() for p in params) / 1e6:.3f} M trained parameters, "
+        f"batch {args.batch}, lr {lr:g}",
+        start,
+    )
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if is_lora else 0.01)
+    alphas_cumprod = build.train_alphas_cumprod().float().to(device)
+    g = torch.Generator().manual_seed(args.seed + 11)
+    tok = {"padding": "max_length", "max_length": build.MAX_TOKENS, "truncation": True}
+    empty_ids = tokenizer([""], return_tensors="pt", **tok).input_ids.to(device)
+
+    total = args.steps or args.max_steps
+    warmup = min(100, max(total // 20, 1))
+    deadline = start + args.budget_s
+    t0 = time.perf_counter()
+    step, loss_avg = 0, 0.0
+    while step < total:
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, warmup, total)
+        scenes = data.sample_scenes(args.batch, g)
+        with torch.no_grad():
+            target = adapter_data.render_outline(scenes) if is_lora else data.render(scenes)
+            post = vae.encode(target.to(device)).latent_dist
+            z = (
+                post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
+            ) * scaling
+            texts = (
+                data.captions(scenes, args.seed * 1_000_003 + step)
+                if is_lora
+                else adapter_data.control_captions(scenes, args.seed * 1_000_003 + step)
+            )
+            ids = tokenizer(texts, return_tensors="pt", **tok).input_ids.to(device)
+            drop = (torch.rand(args.batch, generator=g) < CAPTION_DROPOUT).to(device)
+            ids = torch.where(drop[:, None], empty_ids, ids)
+            cond = text(ids)[0]
+        t = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
+        noise = torch.randn(z.shape, generator=g).to(device)
+        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        zt = ab.sqrt() * z + (1 - ab).sqrt() * noise
+        if is_lora:
+            pred = unet(zt, t, cond).sample
+        else:
+            control = adapter_data.render_silhouette(scenes).to(device)
+            down, mid = controlnet(zt, t, cond, controlnet_cond=control, return_dict=False)
+            pred = unet(
+                zt, t, cond, down_block_additional_residuals=down, mid_block_additional_residual=mid
+            ).sample
+        snr = ab.view(-1) / (1 - ab.view(-1))
+        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        loss_avg = 0.98 * loss_avg + 0.02 * loss.item() if step > 1 else loss.item()
+        now = time.perf_counter()
+        if args.steps is None and now > deadline - 10:  # leave time to save
+            log(f"budget reached at step {step}", start)
+            total = step
+            break
+        if args.steps is None and (step in (20, 100) or (step > 100 and step % 200 == 0)):
+            sps = (now - t0) / step
+            fits = step + int((deadline - now) / sps)
+            if fits < total:
+                log(f"{sps:.3f} s/step: the budget allows {fits} of {total} steps", start)
+                total = max(fits, step + 1)
+        if step % 50 == 0 or step == total:
+            log(f"{args.adapter} {step}/{total} loss {loss_avg:.4f}", start)
+        if step % 500 == 0 and step < total:
+            save(args, trained, is_lora, {"checkpoint_step": step})
+    record = {
+        "adapter": args.adapter,
+        "steps": step,
+        "batch": args.batch,
+        "lr": lr,
+        "seed": args.seed,
+        "final_loss": round(loss_avg, 5),
+        "train_s": round(time.perf_counter() - start, 1),
+        "s_per_step": round((time.perf_counter() - t0) / max(step, 1), 3),
+        "hardware": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        ),
+        "command": "python -m builtin_model.train_adapters "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+    }
+    out = save(args, trained, is_lora, record)
+    log(f"saved {out}", start)
+
+
+def save(args: argparse.Namespace, trained: Any, is_lora: bool, record: dict[str, Any]) -> Path:
+    """Write the adapter in fp16 with its card (``imagegen_adapter.json``) and training record."""
+    if is_lora:
+        from diffusers import StableDiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        out = args.out or args.model_dir / "loras" / args.adapter
+        layers = {k: v.detach().cpu().half() for k, v in get_peft_model_state_dict(trained).items()}
+        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers)
+    else:
+        out = args.out or args.model_dir / "controlnets" / args.adapter
+        copy.deepcopy(trained).to("cpu", torch.float16).save_pretrained(
+            out, safe_serialization=True
+        )
+        config = json.loads((out / "config.json").read_text())
+        config.pop("_name_or_path", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    card = {"id": args.adapter, **CARDS[args.adapter]}
+    (out / "imagegen_adapter.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "train_state.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Adapters and control through the real service: a worker serving the tiny model with two
+LoRAs and a ControlNet, the gateway, HTTP. Listing, every limit (422 naming the field), scale 0,
+the control image stored with the job and expired with it, and no leakage between jobs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+
+from imagegen.contract import Keys
+from imagegen.redis_server import RedisServer
+from tests.stack import Gateway, Proc, start_worker, wait_for_job, wait_for_worker
+
+MODEL = "tiny-adapters"
+
+
+@pytest.fixture(scope="module")
+def adapter_worker(
+    redis_server: RedisServer,
+    redis_conn: redis.Redis,
+    log_dir: Path,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Proc]:
+    from worker.tiny_model import save_tiny_adapters
+
+    directory = tmp_path_factory.mktemp("adapters-http") / "tiny"
+    shutil.copytree(tiny_model_dir, directory)
+    save_tiny_adapters(directory)
+    env = {"IMAGEGEN_MODEL": str(directory), "IMAGEGEN_MODEL_ID": MODEL}
+    proc = start_worker(redis_server.url, log_dir, "adapters-1", env)
+    wait_for_worker(redis_conn, proc, "adapters-1")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def service(gateway: Gateway, adapter_worker: Proc) -> Gateway:
+    return gateway
+
+
+def png_b64(
+    size: tuple[int, int] = (64, 64), box: tuple[int, int, int, int] = (8, 8, 40, 40)
+) -> str:
+    image = Image.new("RGB", size, "black")
+    image.paste((255, 255, 255), box)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+BASE: dict[str, Any] = {"model": MODEL, "prompt": "a red cube", "steps": 3, "seed": 7}
+
+
+def post(client: httpx.Client, **body: Any) -> httpx.Response:
+    return client.post("/v1/generations", json={**BASE, **body})
+
+
+def run(client: httpx.Client, **body: Any) -> bytes:
+    response = post(client, **body)
+    assert response.status_code == 202, response.text
+    doc = wait_for_job(client, response.json()["id"])
+    assert doc["status"] == "succeeded", doc
+    return client.get(f"/v1/generations/{doc['id']}/images/0").content
+
+
+def test_models_list_adapters_and_controls(service: Gateway) -> None:
+    with service.client() as client:
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    entry = models[MODEL]
+    assert [(a["id"], a["kind"]) for a in entry["adapters"]] == [
+        ("dots", "lora"),
+        ("lines", "lora"),
+    ]
+    assert [(c["id"], c["kind"]) for c in entry["controls"]] == [("edges", "controlnet")]
+    assert entry["adapters"][1]["description"] == "test LoRA lines"
+
+
+BAD: list[tuple[str, dict[str, Any], str]] = [
+    ("five loras", {"loras": [{"id": "lines", "scale": 0.1}] * 5}, "loras"),
+    ("unknown lora", {"loras": [{"id": "lines"}, {"id": "nope"}]}, "loras[1].id"),
+    ("lora listed twice", {"loras": [{"id": "lines"}, {"id": "lines"}]}, "loras[1].id"),
+    ("lora scale > 2", {"loras": [{"id": "lines", "scale": 2.5}]}, "loras[0].scale"),
+    ("lora scale < -2", {"loras": [{"id": "lines", "scale": -3}]}, "loras[0].scale"),
+    ("unknown control", {"control": {"id": "nope", "image": png_b64()}}, "control.id"),
+    ("control not an image", {"control": {"id": "edges", "image": "aGVsbG8="}}, "control.image"),
+    ("control not base64", {"control": {"id": "edges", "image": "***"}}, "control.image"),
+    (
+        "control scale > 2",
+        {"control": {"id": "edges", "image": png_b64(), "scale": 3}},
+        "control.scale",
+    ),
+    (
+        "control start = end",
+        {"control": {"id": "edges", "image": png_b64(), "start": 0.5, "end": 0.5}},
+        "control",
+    ),
+    (
+        "control end > 1",
+        {"control": {"id": "edges", "image": png_b64(), "end": 1.5}},
+        "control.end",
+    ),
+    ("control without image", {"control": {"id": "edges"}}, "control.image"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "field"), BAD, ids=[c[0] for c in BAD])
+def test_bad_adapters_are_a_422_naming_the_field(
+    service: Gateway, case: str, body: dict[str, Any], field: str
+) -> None:
+    with service.client() as client:
+        response = post(client, **body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith(field), error
+    assert "Traceback" not in response.text
+
+
+def test_a_lora_scale_that_is_not_finite_is_a_422(service: Gateway) -> None:
+    raw = '{"model": "MODEL", "prompt": "x", "loras": [{"id": "lines", "scale": NaN}]}'
+    raw = raw.replace("MODEL", MODEL)
+    with service.client() as client:
+        response = client.post(
+            "/v1/generations", content=raw, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 422, response.text
+    assert "Traceback" not in response.text
+
+
+def test_the_control_image_is_resized_stored_with_the_job_and_expired_with_it(
+    service: Gateway, redis_conn: redis.Redis
+) -> None:
+    with service.client() as client:
+        response = post(client, control={"id": "edges", "image": png_b64((100, 80))})
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        shown = response.json()["request"]["control"]
+        # The job shows the file as sent (its digest and size); the worker gets it resized.
+        assert shown["image"]["width"] == 100 and shown["image"]["height"] == 80
+        assert len(shown["image"]["sha256"]) == 64 and "image" not in shown["image"]
+        doc = wait_for_job(client, job_id)
+    assert doc["status"] == "succeeded", doc
+    stored = redis_conn.get(Keys.input(job_id, "control"))
+    assert stored is not None and Image.open(io.BytesIO(stored)).size == (64, 64)
+    ttl = redis_conn.ttl(Keys.input(job_id, "control"))
+    assert 0 < ttl <= redis_conn.ttl(Keys.job(job_id)) + 1
+
+
+def test_scale_zero_is_the_request_without_the_adapter(service: Gateway) -> None:
+    with service.client() as client:
+        plain = run(client)
+        assert run(client, loras=[{"id": "lines", "scale": 0}]) == plain
+        assert run(client, control={"id": "edges", "image": png_b64(), "scale": 0}) == plain
+        assert run(client, loras=[{"id": "lines", "scale": 1}]) != plain
+
+
+def test_no_adapter_leaks_into_a_later_job(service: Gateway) -> None:
+    """plain → `lines` → `lines` at 0.5 with control → plain again: the last image is the
+    first's bytes; the same after a job with a LoRA canceled mid-loop."""
+    with service.client() as client:
+        first = run(client)
+        with_lora = run(client, loras=[{"id": "lines"}])
+        both = run(
+            client,
+            loras=[{"id": "lines", "scale": 0.5}],
+            control={"id": "edges", "image": png_b64()},
+        )
+        assert len({first, with_lora, both}) == 3
+        assert run(client) == first
+
+        response = post(client, steps=150, loras=[{"id": "dots", "scale": 2}])
+        job_id = response.json()["id"]
+        wait_for_job(client, job_id, until=("running",))
+        client.delete(f"/v1/generations/{job_id}")
+        assert wait_for_job(client, job_id)["status"] == "canceled"
+        assert run(client) == first
+
+
+def test_sdk_cli_and_openai_endpoint_take_loras_and_control(
+    service: Gateway, tmp_path: Path
+) -> None:
+    """The same request (LoRA `lines` at 0.8, control `edges`) through the Python SDK, the
+    CLI and the official `openai` client (extra fields): the same image bytes as over HTTP."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from imagegen_client import Client
+    from openai import OpenAI
+
+    from tests.stack import ROOT
+
+    control_png = base64.b64decode(png_b64())
+    body = {
+        "loras": [{"id": "lines", "scale": 0.8}],
+        "control": {"id": "edges", "image": png_b64()},
+    }
+    with service.client() as client:
+        want = run(client, **body)
+    want_pixels = Image.open(io.BytesIO(want)).tobytes()
+
+    with Client(base_url=service.base_url) as sdk:
+        result = sdk.generate(
+            "a red cube",
+            model=MODEL,
+            steps=3,
+            seed=7,
+            loras=[("lines", 0.8)],
+            control={"id": "edges", "image": control_png},
+        )
+    assert result.images[0].data == want
+
+    image_path = tmp_path / "shape.png"
+    image_path.write_bytes(control_png)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "imagegen", "generate", "a red cube", "--model", MODEL),
+            *("--steps", "3", "--seed", "7", "--lora", "lines:0.8"),
+            *("--control", f"edges:{image_path}", "--output", str(tmp_path / "out.png")),
+            *("--base-url", service.base_url),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.png").read_bytes() == want
+
+    with OpenAI(base_url=service.base_url + "/v1", api_key="unused", max_retries=0) as openai:
+        answer = openai.images.generate(
+            prompt="a red cube",
+            model=MODEL,
+            extra_body={"steps": 3, "seed": 7, **body},
+        )
+    assert answer.data is not None and answer.data[0].b64_json is not None
+    got = base64.b64decode(answer.data[0].b64_json)
+    assert Image.open(io.BytesIO(got)).tobytes() == want_pixels
+    params = json.loads(Image.open(io.BytesIO(got)).text["parameters"])
+    assert params["loras"] == [{"id": "lines", "scale": 0.8}]
+    assert params["control"]["id"] == "edges"
