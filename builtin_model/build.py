@@ -35,11 +35,14 @@ DEFAULT_SCHEDULER = "dpmpp_2m"
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: lower-case, split on whitespace and punctuation, unknown → <unk>."""
+    """Word-level tokenizer: NFKC and lower-case, split on whitespace and on every punctuation
+    mark, unknown → <unk>. The original 44 words keep their ids as the vocabulary grows."""
     vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *data.vocabulary()])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation("isolated")]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",
         pair=f"{BOS} $A {EOS} $B {EOS}",

@@ -69,7 +69,8 @@ def write(
     (model_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     sample_grid(evaluations[0]).save(model_dir / "samples.png", optimize=True)
     card = _card(model_dir, record, evaluations, eval_hardware, latency)
-    (model_dir / "README.md").write_text(card.rstrip("\n") + "\n" + edits_section(model_dir))
+    kept = phrasing_section(model_dir) + edits_section(model_dir)
+    (model_dir / "README.md").write_text(card.rstrip("\n") + "\n" + kept)
 
 
 EDITS_BEGIN = "<!-- images-in: written by bench/evaluate_builtin.py --edits --write-card -->"
@@ -83,6 +84,26 @@ def edits_section(model_dir: Path) -> str:
     if EDITS_BEGIN not in text:
         return ""
     return "\n" + text[text.index(EDITS_BEGIN) : text.index(EDITS_END) + len(EDITS_END)] + "\n"
+
+
+PHRASING_BEGIN = "<!-- phrasing: written by bench/evaluate_phrasing.py --write-card -->"
+PHRASING_END = "<!-- /phrasing -->"
+
+
+def phrasing_section(model_dir: Path) -> str:
+    """The card's per-style "Phrasing" section as it stands (kept when the rest is rewritten)."""
+    path = model_dir / "README.md"
+    text = path.read_text() if path.exists() else ""
+    if PHRASING_BEGIN not in text:
+        return ""
+    start, end = text.index(PHRASING_BEGIN), text.index(PHRASING_END) + len(PHRASING_END)
+    return "\n" + text[start:end] + "\n"
+
+
+def tokenizer_size(model_dir: Path) -> int:
+    """Tokens in the saved tokenizer (the shipped one, not what `build` would make today)."""
+    config = json.loads((model_dir / "tokenizer" / "tokenizer.json").read_text())
+    return len(config["model"]["vocab"])
 
 
 def write_edits_section(model_dir: Path, body: str) -> None:
@@ -186,7 +207,7 @@ never appear in training, neither for the VAE nor the UNet; they are what is sco
 
 | component | class | parameters |
 |---|---|---:|
-| tokenizer | `PreTrainedTokenizerFast` (word level, {len(build.build_tokenizer())} tokens, max {build.MAX_TOKENS}) | — |
+| tokenizer | `PreTrainedTokenizerFast` (word level, {tokenizer_size(model_dir)} tokens, max {build.MAX_TOKENS}) | — |
 | text encoder | `CLIPTextModel`, 3 layers, width 128, absolute position embeddings | {params.get("text_encoder", 0):.2f} M |
 | VAE | `AutoencoderKL`, channels 16/32/64, 4× down → 16×16×4 latents, no attention | {params.get("vae", 0):.2f} M |
 | UNet | `UNet2DConditionModel`, 16×16 → 8×8 → 4×4, channels 64/128/128, cross-attention at 16×16, 8×8 and the middle | {params.get("unet", 0):.2f} M |
@@ -221,38 +242,63 @@ The first 48 samples at the default settings, prompt under each.
 - 64×64 only (other sizes run but leave the training distribution).
 - Trained on procedural data only: no people, no photographs, no text; it is a test fixture and a
   demonstration, not a general image model.
-- Scores are for the canonical phrasing; unusual phrasings of the same attributes do less well.
+- The scores above are for the canonical sentences; the "Phrasing" section below (when present)
+  scores the same scenes written as tags and in users' words.
 """
 
 
 def _recipe(record: dict[str, Any]) -> str:
-    """The training section: one stage from scratch, or a stage continued by a `refine` run."""
-    parent = record.get("parent")
-    if not parent:
+    """The training section: one stage from scratch, then each stage that continued it (a
+    `refine` or `phrasing` run), oldest first, as their records say."""
+    chain = [record]
+    while chain[0].get("parent"):
+        chain.insert(0, chain[0]["parent"])
+    root = chain[0]
+    if len(chain) == 1:
         return (
-            f"`python -m builtin_model.train --profile {record.get('profile', '?')}` (seed {record.get('seed', 0)}) "
-            f"reproduces these weights; this copy was trained on {_trained_on(record)}.\n\n"
-            + _from_scratch(record)
+            f"`python -m builtin_model.train --profile {root.get('profile', '?')}` (seed {root.get('seed', 0)}) "
+            f"reproduces these weights; this copy was trained on {_trained_on(root)}.\n\n"
+            + _from_scratch(root)
         )
+    parts = [
+        f"{len(chain)} stages, seed {record.get('seed', 0)}:",
+        f"**Stage 1** — `python -m builtin_model.train --profile {root.get('profile', '?')} --steps {root.get('unet_steps', '?')} --out stage1`,\n"
+        f"on {_trained_on(root)}:\n\n{_from_scratch(root)}",
+    ]
+    for n, stage in enumerate(chain[1:], start=2):
+        out = "builtin_model/shapes-64" if n == len(chain) else f"stage{n}"
+        parts.append(
+            f"**Stage {n}** — `python -m builtin_model.train --profile {stage.get('profile', '?')} --init-from stage{n - 1} "
+            f"--steps {stage.get('unet_steps', '?')} --out {out}`,\n"
+            f"on {_trained_on(stage)}:\n{_continued(stage, n - 1)}"
+        )
+    parts.append(
+        "Stages run on a GPU were fitted to their time budget, which recomputed the schedule's length as\n"
+        "they ran; `--steps` lays the same schedule over that many steps from the start, so it reproduces\n"
+        "the recipe but not bit for bit (GPU kernels are not bitwise deterministic either). CPU stages ran\n"
+        "from seeded generators with a fixed step count."
+    )
+    return "\n\n".join(parts)
+
+
+def _continued(record: dict[str, Any], previous: int) -> str:
     r = record.get("recipe", {})
-    return f"""Two stages, seed {record.get("seed", 0)}:
-
-**Stage 1** — `python -m builtin_model.train --profile {parent.get("profile", "?")} --steps {parent.get("unet_steps", "?")} --out stage1`,
-on {_trained_on(parent)}:
-
-{_from_scratch(parent)}
-
-**Stage 2** — `python -m builtin_model.train --profile {record.get("profile", "?")} --init-from stage1 --steps {record.get("unet_steps", "?")} --out builtin_model/shapes-64`,
-on {_trained_on(record)}:
-stage 1's VAE and `scaling_factor` kept; {r.get("images", "?")} fresh scenes encoded ({record.get("cache_s", 0):.0f} s);
-text encoder + UNet continued for {record.get("unet_steps", "?")} steps of batch {r.get("batch", "?")}, AdamW lr {r.get("unet_lr", "?")} (UNet) /
+    words = record.get("vocabulary_added") or []
+    phrasing = (
+        f"the tokenizer grew by {len(words)} words people write ({', '.join(f'`{w}`' for w in words[:12])}"
+        f"{', ...' if len(words) > 12 else ''}), each new embedding row started from a synonym's (`bg` from\n"
+        f"`background`, `tiny` from `small`, `upper` from `top`, punctuation from `,`); "
+        f"{r.get('captions_per_image', 1)} captions cached per scene, {100 * r.get('phrasing', 0):.0f} % of them "
+        "written as users write prompts (`data.user_caption`: tags in any order, synonyms, capitals,\n"
+        "punctuation, a few unknown filler words), the rest the original captions; token embeddings at lr "
+        f"{r.get('embed_lr', '?')};\n"
+        if r.get("phrasing")
+        else ""
+    )
+    return f"""stage {previous}'s VAE and `scaling_factor` kept; {r.get("images", "?")} fresh scenes encoded ({record.get("cache_s", 0):.0f} s);
+{phrasing}text encoder + UNet continued for {record.get("unet_steps", "?")} steps of batch {r.get("batch", "?")}, AdamW lr {r.get("unet_lr", "?")} (UNet) /
 {r.get("text_lr", "?")} (text), {r.get("warmup", "?")} warm-up steps then cosine to 10 %, the same loss, caption dropout and EMA
-({record.get("unet_s", 0) / 60:.0f} min, {record.get("unet_s_per_step", 0):.2f} s/step). Final loss {record.get("final_loss", float("nan")):.4f}.
-
-Stage 1 was fitted to its time budget, which recomputed the schedule's length as it ran; `--steps`
-lays the same schedule over that many steps from the start, so it reproduces the recipe but not
-bit for bit (GPU kernels are not bitwise deterministic either). Stage 2 ran on a CPU from seeded
-generators with a fixed step count."""
+({record.get("unet_s", 0) / 60:.1f} min, {record.get("unet_s_per_step", 0):.3f} s/step). Final loss {record.get("final_loss", float("nan")):.4f}."""
 
 
 def _trained_on(record: dict[str, Any]) -> str:

@@ -331,27 +331,181 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return text
 
 
-def captions(batch: SceneBatch, seed: int) -> list[str]:
+def captions(batch: SceneBatch, seed: int, phrasing: float = 0.0) -> list[str]:
+    """One caption per scene; a share ``phrasing`` of them as people write prompts
+    (:func:`user_caption`), the rest as :func:`caption`. With ``phrasing = 0`` the captions are
+    exactly those of the original recipe (the same generator draws)."""
     rng = random.Random(seed)
     kind, color, bg, size, pos = (
         t.tolist() for t in (batch.kind, batch.color, batch.bg, batch.size, batch.pos)
     )
-    return [
-        caption(Scene(SHAPES[k], COLORS[c], COLORS[b], SIZES[s], POSITIONS[p]), rng)
-        for k, c, b, s, p in zip(kind, color, bg, size, pos, strict=True)
-    ]
+    out = []
+    for k, c, b, s, p in zip(kind, color, bg, size, pos, strict=True):
+        scene = Scene(SHAPES[k], COLORS[c], COLORS[b], SIZES[s], POSITIONS[p])
+        if phrasing > 0 and rng.random() < phrasing:
+            out.append(user_caption(scene, rng))
+        else:
+            out.append(caption(scene, rng))
+    return out
 
 
-def vocabulary() -> list[str]:
-    """Every word any caption can use, in a stable order (punctuation included)."""
+# ---- prompts as people write them -----------------------------------------------------------
+#
+# Tags in any order, synonyms ("big", "tiny", "upper left", "bg"), a leading article or none,
+# capitals, punctuation, filler words. The tokenizer lower-cases (NFKC + Lowercase) and splits
+# every punctuation mark off, so "Upper-left," is "upper - left ,". Words outside the
+# vocabulary (the fillers below) become <unk>: training on them teaches the model to ignore them.
+
+SIZE_WORDS = {"large": ("large", "big", "huge", "giant"), "small": ("small", "little", "tiny")}
+_VERTICAL = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
+_MID = ("center", "centre", "middle")
+
+
+def _user_positions() -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for v, vs in _VERTICAL.items():
+        for h in ("left", "right"):
+            forms: list[str] = []
+            for w in vs:
+                forms += [f"{w} {h}", f"{w}-{h}", f"{w} {h} corner", f"{h} {w}"]
+            out[f"{v} {h}"] = tuple(forms)
+        forms = []
+        for w in vs:
+            forms += [w, f"{w} edge", f"{w} middle", f"{w} center", f"{w} centre", f"{w} side"]
+        out[v] = tuple(forms)
+    for h in ("left", "right"):
+        out[h] = (h, f"{h} side", f"{h} edge", f"middle {h}", f"center {h}", f"{h} middle")
+    out["center"] = (*_MID, "centered", "central", "dead center", "middle center")
+    return out
+
+
+USER_POSITIONS = _user_positions()
+_POSITION_LEAD = ("", "", "", "at the ", "in the ", "on the ", "at ", "in ", "on ")
+_USER_BACKGROUND = (
+    "{} background", "{} background", "{} bg", "{} bg", "background {}", "bg {}",
+    "background: {}", "bg: {}", "on {}", "on a {} background", "on {} bg", "on a {} bg",
+    "with a {} background", "with {} bg", "against {}", "over {}", "{} backdrop",
+    "on a {} backdrop", "{} colored background", "background color {}", "in front of {}",
+)  # fmt: skip
+_USER_LEAD = ("", "", "", "", "a ", "a ", "an ", "the ", "one ", "single ")
+_USER_PREFIX = ("a picture of ", "an image of ", "draw ", "picture of ", "image: ", "icon of ")
+_USER_END = ("", "", "", ".", ".", "!", "!!", "...", ";", "?", ",")
+_USER_SEP = (", ", ", ", ", ", "; ", " | ", " / ", " - ", ". ", " ", " and ")
+# Not in the vocabulary on purpose (→ <unk>): the model learns such words change nothing.
+UNKNOWN_FILLERS = ("simple", "flat", "nice", "cute", "minimal", "vector", "style", "please", "4k")
+_USER_DROP = {"size": 0.1, "color": 0.03, "kind": 0.03, "position": 0.05, "background": 0.05}
+COLOR_WORDS: dict[str, tuple[str, ...]] = {c: (c,) for c in COLORS}
+COLOR_WORDS["gray"] = ("gray", "grey")
+
+
+def _case(text: str, rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.55:
+        return text
+    if r < 0.75:
+        return text[:1].upper() + text[1:]
+    if r < 0.85:
+        return text.title()
+    if r < 0.9:
+        return text.upper()
+    return " ".join(w.capitalize() if rng.random() < 0.3 else w for w in text.split(" "))
+
+
+def user_caption(scene: Scene, rng: random.Random) -> str:
+    """A caption the way users write prompts: as tags in any order, as a loose sentence, or as
+    "X on Y"; synonyms, capitals, punctuation; some attributes left out (left free)."""
+    keep = {k: rng.random() >= p for k, p in _USER_DROP.items()}
+    size = rng.choice(SIZE_WORDS[scene.size]) if keep["size"] else None
+    color = rng.choice(COLOR_WORDS[scene.color]) if keep["color"] else None
+    kind = scene.kind if keep["kind"] else rng.choice(("shape", "object", "thing"))
+    if rng.random() < 0.08:
+        kind += " shape"
+    bg_color = rng.choice(COLOR_WORDS[scene.background])
+    bg = rng.choice(_USER_BACKGROUND).format(bg_color) if keep["background"] else None
+    where = rng.choice(USER_POSITIONS[scene.position]) if keep["position"] else None
+
+    style = rng.random()
+    if style < 0.45:  # tags: "red circle, large, left, blue background", any order and grouping
+        split = rng.random()
+        if split < 0.45:
+            items = [" ".join(w for w in (size, color, kind) if w)]
+        elif split < 0.8:
+            items = [" ".join(w for w in (color, kind) if w), *([size] if size else [])]
+        else:
+            items = [kind, *(w for w in (color, size) if w)]
+        items += [w for w in (where, bg) if w]
+        rng.shuffle(items)
+        sep = rng.choice(_USER_SEP)
+        text = sep.join(items)
+    elif style < 0.8:  # a loose sentence: "A big Red circle upper left, blue bg."
+        obj = rng.choice(_USER_LEAD) + " ".join(w for w in (size, color, kind) if w)
+        placed = [rng.choice(_POSITION_LEAD) + where if where else None, bg]
+        rest = [w for w in placed if w]
+        if len(rest) == 2 and rng.random() < 0.3:
+            rest.reverse()
+        if rest and rng.random() < 0.15:  # background or position first
+            text = rest[0] + rng.choice((", ", " ", " with ")) + obj
+            text += "".join(rng.choice((", ", " ")) + w for w in rest[1:])
+        else:
+            text = obj + "".join(rng.choice((", ", " ", ", ")) + w for w in rest)
+    else:  # "X on Y": "big red circle on blue, upper left"
+        obj = rng.choice(_USER_LEAD) + " ".join(w for w in (size, color, kind) if w)
+        text = f"{obj} on {bg_color}" if keep["background"] else obj
+        if where:
+            text += rng.choice((", ", " ", " ")) + rng.choice(_POSITION_LEAD) + where
+    if rng.random() < 0.08:
+        text = rng.choice(_USER_PREFIX) + text
+    if rng.random() < 0.12:
+        filler = rng.choice(UNKNOWN_FILLERS)
+        text = f"{filler} {text}" if rng.random() < 0.5 else f"{text}, {filler}"
+    return _case(text, rng) + rng.choice(_USER_END)
+
+
+def _words(texts: list[str]) -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation("isolated")]
+    )
     words: list[str] = []
+    for text in texts:
+        for word, _ in split.pre_tokenize_str(text.lower()):
+            if word != "x" and word not in words:
+                words.append(word)
+    return words
+
+
+# Punctuation people type; each mark is one token of its own.
+PUNCTUATION = (",", ".", "!", ";", ":", "?", "-", "(", ")", "'", '"', "/", "|", "&", "+", "*")
+
+
+def legacy_vocabulary() -> list[str]:
+    """The 44 words of the original captions, in the order their token ids were given."""
     texts = [*SHAPES, *COLORS, *SIZES, "big", "little", *_GENERIC_KIND, "a", "one", "with", ","]
     for group in (_POSITION_NATURAL, _POSITION_BARE):
         for phrases in group.values():
             texts.extend(phrases)
     texts.extend(t.format("x") for t in (*_BACKGROUND_NATURAL, *_BACKGROUND_BARE))
-    for text in texts:
-        for word in text.replace(",", " , ").split():
-            if word != "x" and word not in words:
-                words.append(word)
+    return _words(texts)
+
+
+def vocabulary() -> list[str]:
+    """Every word any caption can use, in a stable order (punctuation included): the original
+    words first, so their token ids stay those of weights trained before the vocabulary grew."""
+    texts = [*legacy_vocabulary(), *PUNCTUATION, *(w for ws in SIZE_WORDS.values() for w in ws)]
+    texts += [w for ws in COLOR_WORDS.values() for w in ws] + ["shape", "object", "thing"]
+    texts += [p for ps in USER_POSITIONS.values() for p in ps] + list(_POSITION_LEAD)
+    texts += [t.format("x") for t in _USER_BACKGROUND] + list(_USER_LEAD) + list(_USER_PREFIX)
+    texts += ["and", "with", "on"]
+    words = _words(texts)
+    assert not set(words) & set(UNKNOWN_FILLERS)
     return words
+
+
+# New words → the known word whose embedding row a refined text encoder starts from.
+SYNONYM_OF = {
+    "huge": "large", "giant": "large", "tiny": "small", "upper": "top", "lower": "bottom",
+    "centre": "center", "central": "center", "dead": "center", "grey": "gray", "bg": "background",
+    "backdrop": "background", "colored": "background", "color": "background", "an": "a",
+    "single": "one", "thing": "object", "front": "against", "of": "with", "and": "with",
+}  # fmt: skip

@@ -4,6 +4,9 @@
     python -m builtin_model.train --profile cpu --out builtin_model/shapes-64
     python -m builtin_model.train --profile refine --init-from /tmp/shapes-64 --steps 4000 \
         --out builtin_model/shapes-64          # continue a trained model (on a CPU)
+    python -m builtin_model.train --profile phrasing --init-from builtin_model/shapes-64 \
+        --device cuda --budget-s 160 --no-eval --out /tmp/shapes-64-phrasing
+                                               # teach a trained model the words users write
 
 Each profile has a wall-clock budget; once the UNet's speed is known, its step count is cut to
 fit, so a run always ends with a saved, evaluated model. ``--steps N`` instead runs exactly N
@@ -56,6 +59,11 @@ class Profile:
     eval_reserve_s: float  # kept free at the end for saving and evaluation
     checkpoint_s: float
     eval_batch: int
+    # Share of captions written the way users write prompts (data.user_caption); 0 keeps the
+    # original captions draw for draw.
+    phrasing: float = 0.0
+    captions_per_image: int = 1  # captions cached per scene; each step picks one at random
+    embed_lr: float = 0.0  # the text encoder's token embeddings (0: text_lr)
 
 
 PROFILES = {
@@ -78,7 +86,18 @@ PROFILES = {
         images=60_000, steps=4_000, batch=64, unet_lr=1.5e-4, text_lr=1.5e-4, warmup=100,
         budget_s=5700, eval_reserve_s=300, checkpoint_s=600, eval_batch=24,
     ),
+    # Continue a trained pipeline (``--init-from``) on prompts as users write them: the
+    # tokenizer's vocabulary grows (new words start from a synonym's embedding row), 60 % of
+    # the captions are tags, synonyms, capitals and punctuation, 40 % the original ones so the
+    # canonical sentences keep their scores. Sized for a ~160 s GPU budget (H100/H200).
+    "phrasing": Profile(
+        vae_steps=0, vae_batch=0, vae_crop=0, vae_full_steps=0, vae_lr=0.0,
+        images=150_000, steps=6_000, batch=256, unet_lr=1e-4, text_lr=3e-4, warmup=150,
+        budget_s=160, eval_reserve_s=12, checkpoint_s=60, eval_batch=144,
+        phrasing=0.6, captions_per_image=2, embed_lr=5e-4,
+    ),
 }  # fmt: skip
+CONTINUING = ("refine", "phrasing")
 
 
 def log(msg: str, start: float) -> None:
@@ -168,24 +187,36 @@ def check_vae(vae: torch.nn.Module, device: torch.device, n: int = 256) -> dict[
 class Cache:
     mean: torch.Tensor  # (n, 4, 16, 16)
     std: torch.Tensor
-    ids: torch.Tensor  # (n, MAX_TOKENS)
+    ids: torch.Tensor  # (n, captions_per_image, MAX_TOKENS)
     empty_ids: torch.Tensor  # (MAX_TOKENS,), the unconditional caption ""
 
 
 @torch.no_grad()
 def build_cache(
-    vae: torch.nn.Module, tokenizer: Any, n: int, device: torch.device, seed: int, chunk: int
+    vae: torch.nn.Module,
+    tokenizer: Any,
+    n: int,
+    device: torch.device,
+    seed: int,
+    chunk: int,
+    phrasing: float = 0.0,
+    captions_per_image: int = 1,
 ) -> Cache:
     g = torch.Generator().manual_seed(seed + 2)
     scenes = data.sample_scenes(n, g, device)
-    texts = data.captions(scenes, seed + 3)
     tok = {
         "padding": "max_length",
         "max_length": build.MAX_TOKENS,
         "truncation": True,
         "return_tensors": "pt",
     }
-    ids = tokenizer(texts, **tok).input_ids.to(device)
+    ids = torch.stack(
+        [
+            tokenizer(data.captions(scenes, seed + 3 + 1000 * k, phrasing), **tok).input_ids
+            for k in range(captions_per_image)
+        ],
+        dim=1,
+    ).to(device)
     empty = tokenizer([""], **tok).input_ids[0].to(device)
     means, stds = [], []
     for i in range(0, n, chunk):
@@ -206,6 +237,7 @@ def train_unet(
     init: Path | None = None, fixed_steps: bool = False,
 ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:  # fmt: skip
     torch.manual_seed(seed + 4)
+    added: list[str] = []
     if init is None:
         text = build.build_text_encoder(len(tokenizer)).to(device)
         unet = build.build_unet(text.config.hidden_size).to(device)
@@ -213,18 +245,25 @@ def train_unet(
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        text = CLIPTextModel.from_pretrained(init / "text_encoder").to(device)
+        text = CLIPTextModel.from_pretrained(init / "text_encoder")
+        added = grow_vocabulary(text, init, tokenizer)
+        text = text.to(device)
         unet = UNet2DConditionModel.from_pretrained(init / "unet").to(device)
     text.train()
     unet.train()
     ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
     params = [*text.parameters(), *unet.parameters()]
     ema_params = [*ema_text.parameters(), *ema_unet.parameters()]
+    groups = [
+        {"params": list(unet.parameters()), "lr": profile.unet_lr, "base": profile.unet_lr},
+        {"params": list(text.parameters()), "lr": profile.text_lr, "base": profile.text_lr},
+    ]
+    if profile.embed_lr:
+        embed = text.get_input_embeddings().weight
+        groups[1]["params"] = [p for p in text.parameters() if p is not embed]
+        groups.append({"params": [embed], "lr": profile.embed_lr, "base": profile.embed_lr})
     opt = torch.optim.AdamW(
-        [
-            {"params": list(unet.parameters()), "lr": profile.unet_lr, "base": profile.unet_lr},
-            {"params": list(text.parameters()), "lr": profile.text_lr, "base": profile.text_lr},
-        ],
+        groups,
         weight_decay=0.01,
         fused=device.type == "cuda",
     )
@@ -247,7 +286,11 @@ def train_unet(
             cache.mean[idx]
             + cache.std[idx] * torch.randn(cache.mean[idx].shape, device=device, generator=g)
         ) * scaling
-        ids = cache.ids[idx]
+        if cache.ids.shape[1] == 1:
+            ids = cache.ids[idx, 0]
+        else:
+            pick = torch.randint(cache.ids.shape[1], (profile.batch,), device=device, generator=g)
+            ids = cache.ids[idx, pick]
         drop = torch.rand(profile.batch, device=device, generator=g) < CAPTION_DROPOUT
         ids = torch.where(drop[:, None], cache.empty_ids[None], ids)
         t = torch.randint(0, 1000, (profile.batch,), device=device, generator=g)
@@ -297,8 +340,34 @@ def train_unet(
         "unet_steps": step,
         "unet_s_per_step": (time.perf_counter() - t0) / max(step, 1),
         "final_loss": loss_avg,
+        "vocabulary_added": added,
     }
     return ema_text, ema_unet, stats
+
+
+def grow_vocabulary(text: torch.nn.Module, init: Path, tokenizer: Any) -> list[str]:
+    """Give ``text`` (trained with ``init``'s tokenizer) a row for each word ``tokenizer`` adds,
+    started from the row of the word's synonym (``data.SYNONYM_OF``: "bg" from "background",
+    "tiny" from "small"; punctuation from ","; others from "a"). The old words must keep their
+    ids. Returns the words added."""
+    from transformers import PreTrainedTokenizerFast
+
+    old = PreTrainedTokenizerFast.from_pretrained(init / "tokenizer").get_vocab()
+    new = tokenizer.get_vocab()
+    moved = [w for w, i in old.items() if new.get(w) != i]
+    if moved:
+        raise ValueError(f"{init}: words whose token id would change: {moved[:10]}")
+    rows = int(text.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+    if len(tokenizer) <= rows:
+        return []
+    text.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # type: ignore[operator]
+    weight = text.get_input_embeddings().weight  # type: ignore[operator]
+    added = sorted((i, w) for w, i in new.items() if i >= rows)
+    with torch.no_grad():
+        for i, word in added:
+            source = data.SYNONYM_OF.get(word) or ("," if word in data.PUNCTUATION else "a")
+            weight[i] = weight[old[source]]
+    return [w for _, w in added]
 
 
 # ---- saving -----------------------------------------------------------------------------------
@@ -412,8 +481,8 @@ def main(argv: list[str] | None = None) -> None:
         profile = replace(profile, steps=args.steps)
     if args.init_from is not None and args.vae_from is None:
         args.vae_from = args.init_from
-    if args.profile == "refine" and args.init_from is None:
-        parser.error("--profile refine continues a trained pipeline: give --init-from")
+    if args.profile in CONTINUING and args.init_from is None:
+        parser.error(f"--profile {args.profile} continues a trained pipeline: give --init-from")
     # Read now: --out may be the --init-from directory, and checkpoints overwrite it.
     parent = _parent_record(args.init_from)
     device = torch.device(args.device)
@@ -447,6 +516,8 @@ def main(argv: list[str] | None = None) -> None:
         device,
         args.seed,
         chunk=4096 if device.type == "cuda" else 512,
+        phrasing=profile.phrasing,
+        captions_per_image=profile.captions_per_image,
     )
     # A continued model keeps the latent scale its UNet was trained with.
     scaling = (

@@ -4,6 +4,7 @@ the right image for held-out prompts (a small sample of ``bench/evaluate_builtin
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,57 @@ def test_refine_continues_a_trained_model(tmp_path: Path) -> None:
     # Two small steps from the shipped weights: moved, but still the same model.
     for a, b in zip(before.unet.parameters(), after.unet.parameters(), strict=True):
         assert torch.allclose(a, b, atol=0.05)
+
+
+def test_vocabulary_keeps_the_original_ids_and_knows_user_words() -> None:
+    """The grown vocabulary appends: the shipped weights' 44 words keep their token ids; the
+    words people write ("bg", "upper", "tiny", punctuation) are known, capitals fold."""
+    tokenizer = build.build_tokenizer()
+    assert data.vocabulary()[:44] == data.legacy_vocabulary()
+    batch = data.sample_scenes(500, torch.Generator().manual_seed(2))
+    texts = [t for t in data.captions(batch, seed=2, phrasing=1.0) if not _has_filler(t)]
+    texts.append("A big Red circle upper-left, blue bg!!...")
+    ids = tokenizer(texts, max_length=build.MAX_TOKENS, truncation=True).input_ids
+    assert all(tokenizer.unk_token_id not in row for row in ids)
+    assert all(len(row) < build.MAX_TOKENS for row in ids)
+    assert tokenizer("BG").input_ids == tokenizer("bg").input_ids
+
+
+def _has_filler(text: str) -> bool:
+    return bool(set(re.findall(r"\w+", text.lower())) & set(data.UNKNOWN_FILLERS))
+
+
+def test_phrasing_refine_grows_the_text_encoder(tmp_path: Path) -> None:
+    """`--profile phrasing --init-from`: the text encoder gets a row per new word, started from
+    its synonym's row; the result loads with the worker's loader and draws from a user prompt."""
+    from builtin_model import train
+    from imagegen.settings import Settings
+    from worker.pipeline import load_model
+
+    out = tmp_path / "phrasing"
+    train.main(
+        [
+            *("--profile", "phrasing", "--init-from", str(MODEL_DIR), "--steps", "2"),
+            *("--max-steps-scale", "0.002", "--max-batch", "4", "--no-eval"),
+            *("--out", str(out), "--device", "cpu"),
+        ]
+    )
+    record = json.loads((out / "train_state.json").read_text())
+    assert record["profile"] == "phrasing" and "bg" in record["vocabulary_added"]
+    model = load_model(Settings(model=str(out), model_id="shapes-64", device="cpu"))
+    pipe = model.pipe
+    vocab = pipe.tokenizer.get_vocab()
+    assert len(pipe.tokenizer) == len(build.build_tokenizer())
+    embed = pipe.text_encoder.get_input_embeddings().weight
+    assert embed.shape[0] == len(pipe.tokenizer)
+    # Two small steps: "bg" still sits next to "background", where it started.
+    bg, background = embed[vocab["bg"]], embed[vocab["background"]]
+    assert torch.allclose(bg, background, atol=0.05)
+    image = pipe(
+        "A big Red circle upper left, blue bg.",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
