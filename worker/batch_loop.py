@@ -143,10 +143,14 @@ class _Loop:
                 do_convert_rgb=True,
                 do_normalize=False,
             )
+            # Contiguous, as the stock pipeline's `repeat_interleave` leaves it: preprocess
+            # returns a channels-last view of the pixels, and a convolution over that layout
+            # rounds differently on CPU (1/255 off in the images with some schedulers).
             self._control_images = [
                 processor.preprocess(item.control_image, height=spec.height, width=spec.width)
                 .to(dtype=torch.float32)
                 .to(device=self.device, dtype=self.controlnet.dtype)
+                .contiguous()
                 for item in items
             ]
         # CPU generators make the starting noise identical on every device and batch layout.
