@@ -22,7 +22,7 @@ from app.metrics import router as metrics_router
 from app.middleware import BodySizeLimit, RequestId
 from app.playground import router as playground_router
 from app.registry import ModelRegistry
-from app.routes import generations, health, models, openai_edits, openai_images
+from app.routes import generations, health, models, openai_edits, openai_images, usage
 from app.schemas import ErrorEnvelope
 from app.service import GenerationService
 from imagegen import __version__
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.registry = registry
         app.state.service = GenerationService(
-            connection, store, registry, settings, async_connection
+            connection, store, registry, settings, async_connection, keys
         )
         app.state.memory = MemoryGuard(async_connection, settings.redis_high_water)
         app.state.collector = ServiceCollector(registry, app.state.service, events)
@@ -135,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_images.router)
     app.include_router(openai_edits.router)
     app.include_router(models.router)
+    app.include_router(usage.router)
     app.include_router(health.router)
     app.include_router(metrics_router)
     app.include_router(playground_router)

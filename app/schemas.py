@@ -204,6 +204,26 @@ class ModelList(BaseModel):
     data: list[ModelEntry]
 
 
+class JobCounts(BaseModel):
+    succeeded: int
+    failed: int
+    canceled: int
+
+
+class UsageDocument(BaseModel):
+    """`GET /v1/usage`: the calling key's use of its limits."""
+
+    day: str = Field(description="The UTC day counted, YYYY-MM-DD.")
+    megapixel_steps: float = Field(
+        description="Charged today: width*height/1e6 * steps * n per job submitted, less "
+        "the jobs canceled before they ran."
+    )
+    quota: float | None = Field(description="The daily quota; null = unlimited.")
+    active_jobs: int = Field(description="The key's jobs queued or running now.")
+    max_active_jobs: int | None = Field(description="Its limit; null = unlimited.")
+    jobs: JobCounts = Field(description="The key's jobs that ended today, by final status.")
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str

@@ -13,7 +13,16 @@ import redis
 import redis.asyncio as aioredis
 
 from app import images_in
-from app.errors import Conflict, InvalidRequest, NotFound, QueueFull, Unavailable
+from app.auth import KeyStore
+from app.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    QueueFull,
+    QuotaExceeded,
+    TooManyJobs,
+    Unavailable,
+)
 from app.registry import ModelRegistry
 from app.schemas import (
     ErrorInfo,
@@ -34,12 +43,19 @@ from imagegen.contract import (
     ModelInfo,
     is_valid_job_id,
 )
-from imagegen.lifecycle import AsyncSubmitter, Lifecycle, queue_position
+from imagegen.lifecycle import Admission, AsyncSubmitter, Lifecycle, queue_position
 from imagegen.logs import request_id
 from imagegen.settings import Settings
 from imagegen.store import JobStore
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+# What a key at its max_active_jobs is told to wait (a job of this service takes seconds).
+TOO_MANY_JOBS_RETRY_S = 5
+
+
+def seconds_to_utc_midnight(now: float) -> int:
+    """Whole seconds until the next UTC midnight (at least 1): when a daily quota resets."""
+    return max(1, 86400 - int(now) % 86400)
 
 
 def new_job_id() -> str:
@@ -62,7 +78,9 @@ class GenerationService:
         registry: ModelRegistry,
         settings: Settings,
         async_connection: aioredis.Redis,
+        keys: KeyStore | None = None,
     ) -> None:
+        self.keys = keys or KeyStore([], settings)
         self.redis = connection
         self.aredis = async_connection
         self.store = store
@@ -263,14 +281,30 @@ class GenerationService:
                 f"{record.id} {body_hash}",
                 IDEMPOTENCY_TTL_S,
             )
+        limits = self.keys.limits(api_key)
         result = await self.submitter.submit(
             record,
             self.settings.max_queue_depth,
             idempotency,
             inputs.blobs if inputs is not None else None,
+            Admission(limits.max_active_jobs, limits.daily_quota),
         )
         if result.outcome == "created":
             return self.document(record, queue_position=int(result.value)), True
+        if result.outcome == "too_many_jobs":
+            raise TooManyJobs(
+                f"this API key has {int(result.value)} jobs queued or running, its limit "
+                f"(max_active_jobs = {limits.max_active_jobs}); retry when one has finished",
+                headers={"Retry-After": str(TOO_MANY_JOBS_RETRY_S)},
+            )
+        if result.outcome == "quota_exceeded":
+            used = float(result.value)
+            raise QuotaExceeded(
+                f"this job costs {spec.megapixel_steps:g} megapixel-steps (width*height/1e6 * "
+                f"steps * n) and this API key used {used:g} of its daily quota of "
+                f"{limits.daily_quota:g} today (UTC); the quota resets at the next UTC midnight",
+                headers={"Retry-After": str(seconds_to_utc_midnight(record.created_at))},
+            )
         if result.outcome == "full":
             raise QueueFull(
                 f"the queue of model {spec.model!r} holds {int(result.value)} jobs, its limit; "

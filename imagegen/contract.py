@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -122,6 +123,11 @@ class JobSpec(BaseModel):
     def image_seed(self, index: int) -> int:
         """Image `index` of a job uses seed + index, so n=1 reproduces any single image."""
         return (self.seed + index) % (SEED_MAX + 1)
+
+    @property
+    def megapixel_steps(self) -> float:
+        """What the job costs a key's daily quota: width*height/1e6 * steps * n."""
+        return self.width * self.height / 1e6 * self.steps * self.n
 
     @property
     def shape_key(self) -> tuple[int, int, int, str]:
@@ -278,6 +284,31 @@ class Keys:
 
     JOB_STATS = f"{PREFIX}:stats:jobs"
 
+    # Per API key (by name, "" for an open service), cluster-wide: jobs by final status,
+    # megapixel-steps run, webhook deliveries by outcome ("<name>|<counter>" fields).
+    KEY_STATS = f"{PREFIX}:stats:keys"
+
+    @staticmethod
+    def key_queue(model_id: str, key_name: str) -> str:
+        """Sorted set of one key's queued jobs of a model, scored as in the model's queue:
+        where the key's next job goes in the fair order."""
+        return f"{Keys.PREFIX}:queue:{model_id}:key:{key_name}"
+
+    @staticmethod
+    def fair_round(model_id: str) -> str:
+        """The round of the model's last claimed job (fair order: one job per key a round)."""
+        return f"{Keys.PREFIX}:fair:{model_id}"
+
+    @staticmethod
+    def active(key_name: str) -> str:
+        """Count of a key's queued and running jobs (deleted at 0)."""
+        return f"{Keys.PREFIX}:active:{key_name}"
+
+    @staticmethod
+    def usage(day: str, key_name: str) -> str:
+        """A key's use on one UTC day: megapixel_steps charged, jobs by final status."""
+        return f"{Keys.PREFIX}:usage:{day}:{key_name}"
+
     @staticmethod
     def run_seconds(model_id: str) -> str:
         return f"{Keys.PREFIX}:stats:run_seconds:{model_id}"
@@ -294,6 +325,11 @@ class Keys:
     def model_workers(model_id: str) -> str:
         """Sorted set of worker names by last heartbeat time."""
         return f"{Keys.PREFIX}:model:{model_id}:workers"
+
+
+def utc_day(ts: float) -> str:
+    """The UTC date of unix time `ts`, as a quota's day is named: YYYY-MM-DD."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
 def is_valid_job_id(value: str) -> bool:

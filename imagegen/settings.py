@@ -97,6 +97,20 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(
         1000, ge=1, description="Jobs a model's queue may hold; 429 queue_full past it."
     )
+    max_active_jobs: int = Field(
+        0,
+        ge=0,
+        description="Jobs (queued + running) one API key may have at once, past which a "
+        "submit is 429 too_many_jobs; 0 = unlimited. A key's `max_active_jobs=` in the key "
+        "file overrides it (there, 0 = none allowed).",
+    )
+    daily_quota_megapixel_steps: float = Field(
+        0,
+        ge=0,
+        description="Megapixel-steps (width*height/1e6 * steps * n) one API key may submit "
+        "per UTC day, past which a submit is 429 quota_exceeded; 0 = unlimited. A key's "
+        "`daily_quota_megapixel_steps=` in the key file overrides it (there, 0 = none).",
+    )
     cors_origins: str | None = Field(
         None,
         description="Comma-separated origins allowed by CORS; unset = no CORS headers at all.",

@@ -23,8 +23,11 @@ from ._errors import (
     NotFound,
     PayloadTooLarge,
     QueueFull,
+    QuotaExceeded,
     RateLimited,
     RequestTimeout,
+    TooManyJobs,
+    TooManyStreams,
     TransportError,
     Unauthorized,
     Unavailable,
@@ -43,6 +46,7 @@ from ._types import (
     Model,
     Progress,
     Timings,
+    Usage,
 )
 from ._version import __version__
 
@@ -75,13 +79,17 @@ __all__ = [
     "PayloadTooLarge",
     "Progress",
     "QueueFull",
+    "QuotaExceeded",
     "RateLimited",
     "RequestTimeout",
     "RetryPolicy",
     "Timings",
+    "TooManyJobs",
+    "TooManyStreams",
     "TransportError",
     "Unauthorized",
     "Unavailable",
+    "Usage",
     "WaitTimeout",
     "__version__",
 ]

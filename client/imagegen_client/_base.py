@@ -181,6 +181,7 @@ class ClientConfig:
 # -- paths and bodies ---------------------------------------------------------------------------
 GENERATIONS = "/v1/generations"
 MODELS = "/v1/models"
+USAGE = "/v1/usage"
 
 
 def job_id_of(job: JobRef) -> str:

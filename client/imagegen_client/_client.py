@@ -17,6 +17,7 @@ from ._base import (
     GENERATIONS,
     MODELS,
     SSE_HEADERS,
+    USAGE,
     ClientConfig,
     Deadline,
     EventStreamState,
@@ -41,7 +42,7 @@ from ._base import (
     transport_error,
 )
 from ._errors import APIError, ImagegenError, TransportError, WaitTimeout
-from ._types import Event, GeneratedImage, Generation, Job, Model
+from ._types import Event, GeneratedImage, Generation, Job, Model, Usage
 
 _C = TypeVar("_C", bound="Client")
 # One name for every wait, so that tests can skip the waiting.
@@ -245,6 +246,11 @@ class Client:
             for ref in done.images
         ]
         return Generation(done, images)
+
+    def usage(self) -> Usage:
+        """This API key's use of its limits today (UTC): megapixel-steps against the daily
+        quota, jobs queued or running against `max_active_jobs`, jobs that ended."""
+        return Usage.from_dict(self._request("GET", USAGE).json())
 
     def models(self) -> list[Model]:
         """The models the service offers, with their defaults and live workers."""

@@ -251,3 +251,27 @@ class Model:
             schedulers=[str(name) for name in data.get("schedulers") or []],
             workers=int(data.get("workers", 0)),
         )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """`GET /v1/usage`: the API key's use of its limits on one UTC day; None = unlimited."""
+
+    day: str
+    megapixel_steps: float
+    quota: float | None
+    active_jobs: int
+    max_active_jobs: int | None
+    jobs: Mapping[str, int]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Usage:
+        limit = data.get("max_active_jobs")
+        return cls(
+            day=str(data["day"]),
+            megapixel_steps=float(data.get("megapixel_steps") or 0),
+            quota=_optional_float(data.get("quota")),
+            active_jobs=int(data.get("active_jobs") or 0),
+            max_active_jobs=None if limit is None else int(limit),
+            jobs={str(k): int(v) for k, v in (data.get("jobs") or {}).items()},
+        )
