@@ -69,6 +69,10 @@ class KeyStore:
     def entry(self, name: str) -> KeyEntry | None:
         return self._entries.get(name)
 
+    def webhook_secrets(self) -> dict[str, str]:
+        """The keys that have a webhook secret of their own in the key file."""
+        return {n: e.webhook_secret for n, e in self._entries.items() if e.webhook_secret}
+
     def limits(self, name: str) -> Limits:
         """The key's limits: its own overrides in the key file, else the global defaults."""
         return limits_for(self._entries.get(name), self._settings)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from imagegen.contract import SEED_MAX, InputRef, Outpaint
+from imagegen.contract import (
+    DEFAULT_WEBHOOK_EVENTS,
+    SEED_MAX,
+    InputRef,
+    Outpaint,
+    WebhookTarget,
+)
+from imagegen.webhooks import MAX_URL_CHARS, Refused, parse_url
 
 
 def check_text(value: str, field: str) -> str:
@@ -56,6 +63,46 @@ class OutpaintRequest(BaseModel):
         return Outpaint(left=self.left, right=self.right, top=self.top, bottom=self.bottom)
 
 
+WebhookEvent = Literal["running", "succeeded", "failed", "canceled"]
+
+
+class WebhookRequest(BaseModel):
+    """`webhook`: where to POST the job's events, signed as Standard Webhooks says."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    url: str = Field(
+        max_length=MAX_URL_CHARS,
+        description="https:// URL of a public host (http and private hosts only when the "
+        "operator allows them); no credentials in it.",
+    )
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: [cast(WebhookEvent, e) for e in DEFAULT_WEBHOOK_EVENTS],
+        min_length=1,
+        max_length=4,
+        description="Events to deliver; default the terminal three.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        try:
+            parse_url(value)
+        except Refused as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each event at most once")
+        return value
+
+    def to_contract(self) -> WebhookTarget:
+        return WebhookTarget(url=self.url, events=list(self.events))
+
+
 class GenerationRequest(BaseModel):
     """`POST /v1/generations`. Types are strict: "64" is not a width, and true is not a seed."""
 
@@ -103,6 +150,12 @@ class GenerationRequest(BaseModel):
         None,
         description="Grow the canvas by these pixels (multiples of 8) and generate only the new "
         "area. Needs `image`, excludes `mask`.",
+    )
+
+    webhook: WebhookRequest | None = Field(
+        None,
+        description="POST the job's events to a URL, signed (Standard Webhooks); see "
+        "`GET /v1/webhook-secret`.",
     )
 
     @field_validator("prompt")
@@ -163,6 +216,24 @@ class GenerationParams(BaseModel):
     outpaint: Outpaint | None = None
 
 
+class WebhookAttempt(BaseModel):
+    """One attempt to deliver one of the job's events."""
+
+    event: str
+    webhook_id: str = Field(description="The `webhook-id` header: the same for every attempt.")
+    attempt: int
+    at: str
+    status_code: int | None = Field(description="The receiver's answer; null: none came.")
+    error: str | None
+    outcome: str = Field(description="delivered | retrying | failed (given up)")
+
+
+class WebhookInfo(BaseModel):
+    url: str
+    events: list[str]
+    deliveries: list[WebhookAttempt]
+
+
 class JobDocument(BaseModel):
     """The job document of `GET /v1/generations/{id}`."""
 
@@ -177,6 +248,9 @@ class JobDocument(BaseModel):
     images: list[ImageLink]
     error: ErrorInfo | None
     timings: Timings
+    webhook: WebhookInfo | None = Field(
+        None, description="The job's webhook and every delivery attempt; null without one."
+    )
 
 
 class ModelEntry(BaseModel):
@@ -222,6 +296,10 @@ class UsageDocument(BaseModel):
     active_jobs: int = Field(description="The key's jobs queued or running now.")
     max_active_jobs: int | None = Field(description="Its limit; null = unlimited.")
     jobs: JobCounts = Field(description="The key's jobs that ended today, by final status.")
+
+
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="`whsec_` + base64: verifies this key's webhooks.")
 
 
 class ErrorBody(BaseModel):

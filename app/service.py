@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import secrets
 import time
-from datetime import UTC, datetime
 
 import anyio
 import redis
@@ -14,6 +13,7 @@ import redis.asyncio as aioredis
 
 from app import images_in
 from app.auth import KeyStore
+from app.documents import render_document
 from app.errors import (
     Conflict,
     InvalidRequest,
@@ -24,15 +24,7 @@ from app.errors import (
     Unavailable,
 )
 from app.registry import ModelRegistry
-from app.schemas import (
-    ErrorInfo,
-    GenerationParams,
-    GenerationRequest,
-    ImageLink,
-    JobDocument,
-    Progress,
-    Timings,
-)
+from app.schemas import GenerationRequest, JobDocument
 from imagegen.contract import (
     JOB_ID_PREFIX,
     SCHEDULER_MIN_STEPS,
@@ -47,8 +39,11 @@ from imagegen.lifecycle import Admission, AsyncSubmitter, Lifecycle, queue_posit
 from imagegen.logs import request_id
 from imagegen.settings import Settings
 from imagegen.store import JobStore
+from imagegen.webhooks import AllowList, Refused, check_destination
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+# How long a submit waits for a webhook host's name to resolve before letting it through.
+WEBHOOK_RESOLVE_S = 2.0
 # What a key at its max_active_jobs is told to wait (a job of this service takes seconds).
 TOO_MANY_JOBS_RETRY_S = 5
 
@@ -60,12 +55,6 @@ def seconds_to_utc_midnight(now: float) -> int:
 
 def new_job_id() -> str:
     return JOB_ID_PREFIX + secrets.token_urlsafe(16)
-
-
-def rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 class GenerationService:
@@ -81,6 +70,7 @@ class GenerationService:
         keys: KeyStore | None = None,
     ) -> None:
         self.keys = keys or KeyStore([], settings)
+        self.webhook_allow = AllowList.parse(settings.webhook_allowed_hosts)
         self.redis = connection
         self.aredis = async_connection
         self.store = store
@@ -255,6 +245,8 @@ class GenerationService:
         One round trip to Redis, on the event loop: a script checks the Idempotency-Key and
         the queue's depth and, only if both allow it, writes the job (see `_SUBMIT_LUA`).
         """
+        if request.webhook is not None:
+            await self._check_webhook(request.webhook.url)
         inputs = None
         if request.image is not None or request.mask is not None or request.outpaint is not None:
             inputs = await anyio.to_thread.run_sync(self.prepare_inputs, request)
@@ -270,6 +262,7 @@ class GenerationService:
             api_key=api_key,
             request_id=request_id.get(),
             timeout_s=self.job_timeout_s(spec),
+            webhook=request.webhook.to_contract() if request.webhook is not None else None,
         )
         idempotency = None
         body_hash = ""
@@ -316,6 +309,20 @@ class GenerationService:
             raise Conflict("Idempotency-Key was already used with a different request body")
         return await anyio.to_thread.run_sync(self.get, job_id, api_key), False
 
+    async def _check_webhook(self, url: str) -> None:
+        """A 422 naming `webhook.url` when its destination is refused (see
+        imagegen.webhooks); a name that does not resolve now is let through, and checked
+        again, like every destination, at each delivery."""
+        try:
+            with anyio.fail_after(WEBHOOK_RESOLVE_S):
+                await anyio.to_thread.run_sync(
+                    check_destination, url, self.webhook_allow, abandon_on_cancel=True
+                )
+        except Refused as exc:
+            raise InvalidRequest.for_field("webhook.url", str(exc)) from None
+        except (OSError, TimeoutError, UnicodeError):
+            return
+
     # -- read -----------------------------------------------------------------------------------
     def get_record(self, job_id: str, api_key: str) -> JobRecord:
         """The job, if it exists and belongs to `api_key`; another key's job is a 404 too."""
@@ -352,51 +359,9 @@ class GenerationService:
         return int(self.redis.zcard(Keys.queue(model_id)))
 
     def document(self, record: JobRecord, queue_position: int | None = None) -> JobDocument:
-        spec = record.spec
-        images = [
-            ImageLink(
-                index=i.index,
-                seed=i.seed,
-                width=i.width,
-                height=i.height,
-                url=f"/v1/generations/{record.id}/images/{i.index}",
-            )
-            for i in record.images
-        ]
-        queued_s = run_s = None
-        if record.started_at is not None:
-            queued_s = round(record.started_at - record.created_at, 3)
-            if record.finished_at is not None:
-                run_s = round(record.finished_at - record.started_at, 3)
-        elif record.finished_at is not None:
-            queued_s = round(record.finished_at - record.created_at, 3)
-        return JobDocument(
-            id=record.id,
-            status=record.status.value,
-            created_at=rfc3339(record.created_at) or "",
-            started_at=rfc3339(record.started_at),
-            finished_at=rfc3339(record.finished_at),
-            queue_position=(
-                queue_position if queue_position is not None else self.queue_position(record)
-            ),
-            progress=Progress(
-                step=record.progress_step, total_steps=spec.steps, eta_s=self._eta_s(record)
-            ),
-            request=GenerationParams(**spec.model_dump()),
-            images=images,
-            error=ErrorInfo(**record.error.model_dump()) if record.error else None,
-            timings=Timings(queued_s=queued_s, run_s=run_s),
+        return render_document(
+            record, queue_position if queue_position is not None else self.queue_position(record)
         )
-
-    @staticmethod
-    def _eta_s(record: JobRecord) -> float | None:
-        """Seconds left at the step rate seen so far; None until a step rate is known."""
-        if record.status != JobStatus.RUNNING or not record.progress_step:
-            return None
-        if record.started_at is None or record.progress_at is None:
-            return None
-        per_step = (record.progress_at - record.started_at) / record.progress_step
-        return round(per_step * (record.spec.steps - record.progress_step), 2)
 
     # -- cancel ---------------------------------------------------------------------------------
     def cancel(self, job_id: str, api_key: str = "") -> JobDocument:

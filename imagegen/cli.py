@@ -43,7 +43,8 @@ def serve(
     ),
     workers: Annotated[int, typer.Option(min=1, help="Worker processes to start.")] = 1,
 ) -> None:
-    """Run everything locally: Redis, the gateway on IMAGEGEN_HOST:IMAGEGEN_PORT, a worker."""
+    """Run everything locally: Redis, the gateway on IMAGEGEN_HOST:IMAGEGEN_PORT, the webhook
+    delivery process, a worker."""
     settings = load_settings()
     from imagegen.localrun import serve as run_local
 
@@ -76,6 +77,16 @@ def worker() -> None:
     from worker.main import run_worker
 
     raise typer.Exit(run_worker(settings))
+
+
+@app.command()
+def webhooks() -> None:
+    """Run the webhook delivery process: post the jobs' webhook deliveries, signed, with
+    retries (Redis must be reachable at IMAGEGEN_REDIS_URL)."""
+    settings = load_settings()
+    from app.delivery import run_deliverer
+
+    raise typer.Exit(run_deliverer(settings))
 
 
 @app.command()

@@ -157,6 +157,33 @@ class JobError(BaseModel):
     message: str
 
 
+# Events a webhook may ask for (API.md "Webhooks"); the default is the terminal three.
+WEBHOOK_EVENTS: tuple[str, ...] = ("running", "succeeded", "failed", "canceled")
+DEFAULT_WEBHOOK_EVENTS: tuple[str, ...] = ("succeeded", "failed", "canceled")
+
+
+class WebhookTarget(BaseModel):
+    """Where a job's events are posted, and which (checked at the edge)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    events: list[str]
+
+
+class WebhookDelivery(BaseModel):
+    """One attempt to deliver an event: when, the answer's status code or the error, and
+    the outcome so far (`delivered`; `retrying`; `failed`: given up, the last attempt)."""
+
+    event: str
+    webhook_id: str
+    attempt: int
+    at: float
+    status_code: int | None = None
+    error: str | None = None
+    outcome: str
+
+
 class JobRecord(BaseModel):
     """The job as stored in Redis (one hash per job, see `Keys.job`)."""
 
@@ -177,6 +204,8 @@ class JobRecord(BaseModel):
     attempts: int = 0
     timeout_s: float = 0.0  # the run's time limit, set at submit (0 = none)
     deadline: float | None = None  # started_at + timeout_s while running
+    webhook: WebhookTarget | None = None
+    webhook_deliveries: list[WebhookDelivery] = Field(default_factory=list)
 
 
 class ModelInfo(BaseModel):
@@ -308,6 +337,17 @@ class Keys:
     def usage(day: str, key_name: str) -> str:
         """A key's use on one UTC day: megapixel_steps charged, jobs by final status."""
         return f"{Keys.PREFIX}:usage:{day}:{key_name}"
+
+    # Webhook outbox: one hash per delivery (written with the job's transition, deleted once
+    # delivered or given up) and the deliveries by when they are due next.
+    WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+    WEBHOOKS_BELL = f"{PREFIX}:webhooks:bell"
+    # The secret each key's webhook secret derives from, when IMAGEGEN_WEBHOOK_SECRET is unset.
+    WEBHOOK_MASTER = f"{PREFIX}:webhook-master"
+
+    @staticmethod
+    def webhook(message_id: str) -> str:
+        return f"{Keys.PREFIX}:webhook:{message_id}"
 
     @staticmethod
     def run_seconds(model_id: str) -> str:

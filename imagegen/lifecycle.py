@@ -17,6 +17,7 @@ through this module; nothing else writes a job's state.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from imagegen.contract import ImageInfo, JobRecord, JobStatus, Keys, utc_day
+from imagegen.contract import (
+    ImageInfo,
+    JobRecord,
+    JobStatus,
+    Keys,
+    WebhookDelivery,
+    utc_day,
+)
 from imagegen.store import RUN_SECONDS_BUCKETS, encode_fields, record_from_hash
 
 _P = Keys.PREFIX
@@ -86,12 +94,40 @@ redis.call('EXPIRE', KEYS[4], 60)
 return {'created', redis.call('ZRANK', KEYS[1], ARGV[4])}
 """
 
+# The webhook outbox, written in the same step as the transition it tells of: if the job's
+# webhook asks for `event`, a delivery (a hash holding a snapshot of the record as it is now)
+# and its due time. Delivery ids name the job, the event and the run: a receiver can drop
+# repeats of one id (deliveries are sent at least once). Prepended to the scripts that use it.
+_OUTBOX = """
+local function outbox(jk, id, event, now)
+  local hook = redis.call('HGET', jk, 'webhook')
+  if not hook or hook == '' then return end
+  local target = cjson.decode(hook)
+  local wanted = false
+  for _, name in ipairs(target['events']) do
+    if name == event then wanted = true end
+  end
+  if not wanted then return end
+  local attempt = redis.call('HGET', jk, 'attempts') or '0'
+  local msg = 'msg_' .. string.sub(id, 5) .. '_' .. event .. '_' .. attempt
+  redis.call('HSET', '{P}:webhook:' .. msg, 'job', id, 'event', event, 'url', target['url'],
+    'api_key', redis.call('HGET', jk, 'api_key') or '', 'created_at', now, 'attempts', 0,
+    'record', cjson.encode(redis.call('HGETALL', jk)))
+  redis.call('ZADD', '{P}:webhooks:due', now, msg)
+  redis.call('LPUSH', '{P}:webhooks:bell', 1)
+  redis.call('LTRIM', '{P}:webhooks:bell', 0, 63)
+  redis.call('EXPIRE', '{P}:webhooks:bell', 60)
+end
+"""
+
 # Claim: the head of the queue (when ARGV[4] is '') and then, or only, queued jobs of batch key
 # ARGV[4] that fit the image budget, among the first ARGV[6] of the queue, oldest first.
 # KEYS: queue, running set, running-models set, the model's fair round.
 # ARGV: worker, now, model, batch key or '', image budget, scan length.
 # Returns {others_waiting (0/1), {job id, record field, value, ...}, ...}.
-_CLAIM = """
+_CLAIM = (
+    _OUTBOX
+    + """
 local want = ARGV[4]
 local budget = tonumber(ARGV[5])
 local now = tonumber(ARGV[2])
@@ -123,6 +159,7 @@ for i = 1, #ids, 2 do
     if score == 0 then score = now + 1e9 end
     redis.call('ZADD', KEYS[2], score, id)
     redis.call('PUBLISH', jk .. ':events', 'running')
+    outbox(jk, id, 'running', ARGV[2])
     local entry = redis.call('HGETALL', jk)
     table.insert(entry, 1, id)
     table.insert(out, entry)
@@ -135,6 +172,7 @@ if served > round then redis.call('SET', KEYS[4], served) end
 if #out > 1 then redis.call('SADD', KEYS[3], ARGV[3]) end
 return out
 """
+)
 
 # Read only: for each queue in KEYS, when its head job was created ('' when it is empty), for
 # the worker's routing by warmth. Returns one value per key.
@@ -157,7 +195,9 @@ return out
 # A terminal transition also settles the job's key: one active job fewer, the job counted on
 # today's usage and the key's totals, and a job canceled while queued refunds its
 # megapixel-steps to the day it was charged to.
-_TRANSITION = """
+_TRANSITION = (
+    _OUTBOX
+    + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, ''} end
 local i = 8
@@ -234,10 +274,12 @@ if new == 'succeeded' or new == 'failed' or new == 'canceled' then
   redis.call('HINCRBY', today, new, 1)
   redis.call('EXPIRE', today, {USAGE_TTL})
   redis.call('HINCRBY', '{P}:stats:keys', name .. '|' .. new, 1)
+  outbox(KEYS[1], id, new, ARGV[6])
 end
 redis.call('PUBLISH', KEYS[2], new)
 return {1, new}
 """
+)
 
 # Progress only moves forward and only while running under this owner: a late write never
 # resurrects a canceled job or rolls a finished one back. Returns the job's status ("lost" if
@@ -254,6 +296,55 @@ end
 return status
 """
 
+
+# Webhook delivery, taking: the first delivery due by ARGV[1] (now), leased for ARGV[2]
+# seconds (its due time moves past the lease, so a delivery process killed mid-send leaves it
+# to be sent again), with its attempt counted. KEYS: the due set. Returns {message id, hash
+# field, value, ...}, or {'', next due time or ''} when none is due.
+_WEBHOOK_TAKE = """
+while true do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+  if not due[1] then
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {'', first[2] or ''}
+  end
+  local wk = '{P}:webhook:' .. due[1]
+  if redis.call('EXISTS', wk) == 1 then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), due[1])
+    redis.call('HINCRBY', wk, 'attempts', 1)
+    local entry = redis.call('HGETALL', wk)
+    table.insert(entry, 1, due[1])
+    return entry
+  end
+  redis.call('ZREM', KEYS[1], due[1])
+end
+"""
+
+# Webhook delivery, an attempt's outcome: recorded on the job (its `webhook_deliveries`, if
+# the record still exists; the last 50 kept) and in the key's totals; 'retrying' puts the
+# delivery back at ARGV[3], 'delivered' and 'failed' (given up) end it. KEYS: the due set,
+# the delivery. ARGV: message id, outcome, next due time, the attempt record (JSON).
+_WEBHOOK_DONE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local f = redis.call('HMGET', KEYS[2], 'job', 'api_key')
+local jk = '{P}:job:' .. f[1]
+if redis.call('EXISTS', jk) == 1 then
+  local items = {}
+  local kept = redis.call('HGET', jk, 'webhook_deliveries')
+  if kept and kept ~= '' then items = cjson.decode(kept) end
+  table.insert(items, cjson.decode(ARGV[4]))
+  while #items > 50 do table.remove(items, 1) end
+  redis.call('HSET', jk, 'webhook_deliveries', cjson.encode(items))
+end
+redis.call('HINCRBY', '{P}:stats:keys', (f[2] or '') .. '|webhook_' .. ARGV[2], 1)
+if ARGV[2] == 'retrying' then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"""
 
 # Fair order: a queue score is round * ROUND + submit order (see _SUBMIT).
 ROUND = 1_000_000
@@ -325,6 +416,7 @@ def record_fields(record: JobRecord) -> dict[str, str]:
             # What the key's quota was charged, and on which UTC day (for a refund).
             "megapixel_steps": spec.megapixel_steps,
             "usage_day": utc_day(record.created_at),
+            "webhook": record.webhook.model_dump_json() if record.webhook else "",
         }
     )
 
@@ -548,6 +640,60 @@ class Lifecycle:
         keys, args = change.script_call()
         moved, status = self._transition(keys=keys, args=args)
         return bool(moved), _decode(status)
+
+
+@dataclass(frozen=True)
+class WebhookTask:
+    """A delivery taken from the outbox: which job and event, to where, for which key, the
+    record as it was at the transition, and which attempt this is."""
+
+    message_id: str
+    job_id: str
+    event: str
+    url: str
+    api_key: str
+    created_at: float
+    attempt: int
+    record: dict[str, str]
+
+
+class Outbox:
+    """The webhook outbox's delivery side (the transitions write it: see `_OUTBOX`)."""
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self.redis = connection
+        self._take = connection.register_script(_script(_WEBHOOK_TAKE))
+        self._done = connection.register_script(_script(_WEBHOOK_DONE))
+
+    def take(self, lease_s: float) -> tuple[WebhookTask | None, float | None]:
+        """The next due delivery, leased for `lease_s`; else (None, when the next is due)."""
+        reply = self._take(keys=[Keys.WEBHOOKS_DUE], args=[repr(time.time()), repr(lease_s)])
+        first = _decode(reply[0])
+        if not first:
+            due = _decode(reply[1]) if len(reply) > 1 else ""
+            return None, float(due) if due else None
+        flat = [_decode(v) for v in reply[1:]]
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        values = json.loads(raw["record"])
+        record = dict(zip(values[::2], values[1::2], strict=True))
+        task = WebhookTask(
+            message_id=first,
+            job_id=raw["job"],
+            event=raw["event"],
+            url=raw["url"],
+            api_key=raw.get("api_key", ""),
+            created_at=float(raw["created_at"]),
+            attempt=int(raw["attempts"]),
+            record=record,
+        )
+        return task, None
+
+    def done(self, task: WebhookTask, attempt: WebhookDelivery, next_at: float = 0.0) -> bool:
+        """Record `attempt` on the job; reschedule the delivery at `next_at` when retrying,
+        else end it. False when the delivery was already ended."""
+        keys = [Keys.WEBHOOKS_DUE, Keys.webhook(task.message_id)]
+        args = [task.message_id, attempt.outcome, repr(next_at), attempt.model_dump_json()]
+        return bool(self._done(keys=keys, args=args))
 
 
 def submit_call(

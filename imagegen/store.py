@@ -9,7 +9,16 @@ from typing import Any
 
 import redis
 
-from imagegen.contract import ImageInfo, JobError, JobRecord, JobSpec, JobStatus, Keys
+from imagegen.contract import (
+    ImageInfo,
+    JobError,
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    Keys,
+    WebhookDelivery,
+    WebhookTarget,
+)
 
 RUN_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -55,7 +64,17 @@ def record_from_hash(job_id: str, raw: Mapping[str, str]) -> JobRecord:
         attempts=int(raw.get("attempts") or 0),
         timeout_s=float(raw.get("timeout_s") or 0),
         deadline=deadline or None,
+        webhook=WebhookTarget.model_validate_json(hook) if (hook := raw.get("webhook")) else None,
+        webhook_deliveries=[
+            WebhookDelivery.model_validate(d) for d in _json_list(raw.get("webhook_deliveries"))
+        ],
     )
+
+
+def _json_list(raw: str | None) -> list[Any]:
+    """A JSON list field; Lua's cjson writes an empty list as `{}`."""
+    value = json.loads(raw) if raw else []
+    return value if isinstance(value, list) else []
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ STRUCTURAL = (
     Keys.QUEUE_SEQ,
     Keys.JOB_STATS,
     Keys.KEY_STATS,
+    Keys.WEBHOOK_MASTER,
 )
 STRUCTURAL_PREFIXES = (
     Keys.queue(""),

@@ -49,6 +49,7 @@ from ._types import (
     Usage,
 )
 from ._version import __version__
+from ._webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -91,5 +92,7 @@ __all__ = [
     "Unavailable",
     "Usage",
     "WaitTimeout",
+    "WebhookVerificationError",
     "__version__",
+    "verify_webhook",
 ]

@@ -116,10 +116,13 @@ class AsyncClient:
         mask: ImageInput | None = None,
         strength: float | None = None,
         outpaint: Mapping[str, int] | None = None,
+        webhook: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
-        defaults. Without an `idempotency_key` one is made up, so retries never double a job."""
+        defaults. Without an `idempotency_key` one is made up, so retries never double a job.
+        `webhook` (`{"url": ..., "events": [...]}`): the job's events are POSTed there, signed
+        (check them with `verify_webhook`)."""
         body, headers = submit_parts(
             prompt,
             idempotency_key,
@@ -134,6 +137,7 @@ class AsyncClient:
                 "scheduler": scheduler,
                 "model": model,
                 **image_fields(image, mask, strength, outpaint),
+                "webhook": dict(webhook) if webhook is not None else None,
             },
         )
         response = await self._request("POST", GENERATIONS, json=body, headers=headers)
@@ -194,6 +198,7 @@ class AsyncClient:
         mask: ImageInput | None = None,
         strength: float | None = None,
         outpaint: Mapping[str, int] | None = None,
+        webhook: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -214,6 +219,7 @@ class AsyncClient:
             mask=mask,
             strength=strength,
             outpaint=outpaint,
+            webhook=webhook,
             idempotency_key=idempotency_key,
         )
         try:

@@ -141,10 +141,13 @@ class Client:
         mask: ImageInput | None = None,
         strength: float | None = None,
         outpaint: Mapping[str, int] | None = None,
+        webhook: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
-        defaults. Without an `idempotency_key` one is made up, so retries never double a job."""
+        defaults. Without an `idempotency_key` one is made up, so retries never double a job.
+        `webhook` (`{"url": ..., "events": [...]}`): the job's events are POSTed there, signed
+        (check them with `verify_webhook`)."""
         body, headers = submit_parts(
             prompt,
             idempotency_key,
@@ -159,6 +162,7 @@ class Client:
                 "scheduler": scheduler,
                 "model": model,
                 **image_fields(image, mask, strength, outpaint),
+                "webhook": dict(webhook) if webhook is not None else None,
             },
         )
         return job_from_response(self._request("POST", GENERATIONS, json=body, headers=headers))
@@ -211,6 +215,7 @@ class Client:
         mask: ImageInput | None = None,
         strength: float | None = None,
         outpaint: Mapping[str, int] | None = None,
+        webhook: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -231,6 +236,7 @@ class Client:
             mask=mask,
             strength=strength,
             outpaint=outpaint,
+            webhook=webhook,
             idempotency_key=idempotency_key,
         )
         try:
