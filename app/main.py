@@ -159,7 +159,9 @@ EVENT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["event", "data"],
     "properties": {
-        "event": {"enum": ["queued", "running", "progress", "succeeded", "failed", "canceled"]},
+        "event": {
+            "enum": ["queued", "running", "progress", "preview", "succeeded", "failed", "canceled"]
+        },
         "data": {
             "type": "string",
             "contentMediaType": "application/json",

@@ -123,6 +123,17 @@ class ServiceCollector(Collector):
             value=self.hub.open_streams,
         )
         yield GaugeMetricFamily(
+            "imagegen_gateway_event_feeds",
+            "Jobs followed for the open event streams in this gateway process (one read and "
+            "one formatting per event, whatever the number of streams).",
+            value=self.hub.open_feeds,
+        )
+        yield CounterMetricFamily(
+            "imagegen_gateway_event_frames_dropped",
+            "Progress and preview events not sent to a stream whose client did not read them.",
+            value=self.hub.dropped,
+        )
+        yield GaugeMetricFamily(
             "imagegen_gateway_asyncio_tasks",
             "Asyncio tasks alive in this gateway process.",
             value=self.tasks,

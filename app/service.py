@@ -336,6 +336,14 @@ class GenerationService:
     def get(self, job_id: str, api_key: str = "") -> JobDocument:
         return self.document(self.get_record(job_id, api_key))
 
+    def read_for_events(self, job_id: str) -> tuple[JobRecord, JobDocument]:
+        """The job's record and document for its event feed (its stream checked the owner
+        when it opened)."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise NotFound(f"no generation job {job_id!r} (it expired)")
+        return record, self.document(record)
+
     def image(self, job_id: str, index: int, api_key: str = "") -> bytes:
         record = self.get_record(job_id, api_key)
         if index < 0 or index >= record.spec.n:

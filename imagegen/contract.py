@@ -283,6 +283,16 @@ class Keys:
         return f"{Keys.PREFIX}:job:{job_id}:events"
 
     @staticmethod
+    def previews(job_id: str) -> str:
+        """Channel of the job's preview pictures (JSON `{"step", "image"}`)."""
+        return f"{Keys.PREFIX}:job:{job_id}:previews"
+
+    @staticmethod
+    def previews_wanted(job_id: str) -> str:
+        """Set, with a short TTL, while a client watches the job's previews."""
+        return f"{Keys.PREFIX}:job:{job_id}:previews-wanted"
+
+    @staticmethod
     def idempotency(digest: str) -> str:
         return f"{Keys.PREFIX}:idempotency:{digest}"
 
