@@ -282,20 +282,22 @@ return {1, new}
 )
 
 # Progress only moves forward and only while running under this owner: a late write never
-# resurrects a canceled job or rolls a finished one back. Returns the job's status ("lost" if
-# another owner holds it), so the worker learns of a cancel on the round trip it already makes.
+# resurrects a canceled job or rolls a finished one back. Returns {the job's status ("lost" if
+# another owner holds it), whether a client watches its previews}, so the worker learns of a
+# cancel, and of a preview watcher, on the round trip it already makes.
+# KEYS: job, events, previews-wanted flag.
 _PROGRESS = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' then return status or '' end
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return 'lost' end
+local wanted = redis.call('EXISTS', KEYS[3])
+if status ~= 'running' then return {status or '', wanted} end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return {'lost', wanted} end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'progress_step') or '0')
 if tonumber(ARGV[1]) > cur then
   redis.call('HSET', KEYS[1], 'progress_step', ARGV[1], 'progress_at', ARGV[2])
   redis.call('PUBLISH', KEYS[2], 'progress')
 end
-return status
+return {status, wanted}
 """
-
 
 # Webhook delivery, taking: the first delivery due by ARGV[1] (now), leased for ARGV[2]
 # seconds (its due time moves past the lease, so a delivery process killed mid-send leaves it
@@ -556,12 +558,17 @@ class Lifecycle:
             for m, v in zip(models, reply, strict=True)
         }
 
-    def progress(self, job_id: str, step: int, owner: str) -> str:
-        """Record that `step` steps are done; returns the job's status, "lost" when another
-        owner holds it, or "" when the record is gone."""
-        keys = [Keys.job(job_id), Keys.events(job_id)]
-        status: bytes = self._progress(keys=keys, args=[step, repr(time.time()), owner])
-        return status.decode()
+    def progress(self, job_id: str, step: int, owner: str) -> tuple[str, bool]:
+        """Record that `step` steps are done; returns the job's status ("lost" when another
+        owner holds it, "" when the record is gone) and whether a client watches its
+        previews."""
+        keys = [Keys.job(job_id), Keys.events(job_id), Keys.previews_wanted(job_id)]
+        status, wanted = self._progress(keys=keys, args=[step, repr(time.time()), owner])
+        return _decode(status), bool(wanted)
+
+    def publish_preview(self, job_id: str, payload: str) -> None:
+        """A preview picture for the job's watchers (JSON `{"step", "image"}`); not stored."""
+        self.redis.publish(Keys.previews(job_id), payload)
 
     def succeed(
         self,

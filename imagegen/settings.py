@@ -316,6 +316,12 @@ class Settings(BaseSettings):
         description="File the worker rewrites after each heartbeat Redis took; "
         "`imagegen check-worker` reads it (container healthcheck).",
     )
+    preview_interval_s: float = Field(
+        0.5,
+        gt=0,
+        description="Least time between two live previews of one job (only made while a "
+        "client watches them: `/events?previews=true`).",
+    )
     progress_interval_s: float = Field(
         0.1, gt=0, description="Least time between two progress writes of one job."
     )

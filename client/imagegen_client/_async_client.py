@@ -158,10 +158,12 @@ class AsyncClient:
         )
         return response.content
 
-    def stream(self, job: JobRef) -> AsyncGenerator[Event, None]:
+    def stream(self, job: JobRef, *, previews: bool = False) -> AsyncGenerator[Event, None]:
         """The job's events (`queued`, `running`, `progress`, ...) up to and including the
-        terminal one; the current state comes first. Reconnects if the connection drops."""
-        return self._stream(job, None)
+        terminal one; the current state comes first. Reconnects if the connection drops.
+        With `previews`, `preview` events too (`event.preview`: a small JPEG of the current
+        estimate, at most one every IMAGEGEN_PREVIEW_INTERVAL_S)."""
+        return self._stream(job, None, previews)
 
     async def wait(self, job: JobRef, *, timeout: float | None = None) -> Job:
         """Wait until the job finishes and return it. Raises `JobFailed`, `JobCanceled`, or
@@ -247,7 +249,9 @@ class AsyncClient:
         return [Model.from_dict(entry) for entry in data["data"]]
 
     # -- plumbing -------------------------------------------------------------------------------
-    async def _stream(self, job: JobRef, deadline: Deadline | None) -> AsyncGenerator[Event, None]:
+    async def _stream(
+        self, job: JobRef, deadline: Deadline | None, previews: bool = False
+    ) -> AsyncGenerator[Event, None]:
         state = EventStreamState(self._config, deadline)
         while True:
             if state.expired:
@@ -256,7 +260,10 @@ class AsyncClient:
             error: TransportError | None = None
             try:
                 request = self._http.build_request(
-                    "GET", events_path(job), headers=SSE_HEADERS, timeout=state.timeout()
+                    "GET",
+                    events_path(job, previews),
+                    headers=SSE_HEADERS,
+                    timeout=state.timeout(),
                 )
                 response = await self._send(request, stream=True)
                 try:

@@ -179,10 +179,12 @@ class Client:
         """The PNG bytes of image `index` of a succeeded job."""
         return self._request("GET", image_path(job, index), headers={"Accept": "image/png"}).content
 
-    def stream(self, job: JobRef) -> Generator[Event, None]:
+    def stream(self, job: JobRef, *, previews: bool = False) -> Generator[Event, None]:
         """The job's events (`queued`, `running`, `progress`, ...) up to and including the
-        terminal one; the current state comes first. Reconnects if the connection drops."""
-        return self._stream(job, None)
+        terminal one; the current state comes first. Reconnects if the connection drops.
+        With `previews`, `preview` events too (`event.preview`: a small JPEG of the current
+        estimate, at most one every IMAGEGEN_PREVIEW_INTERVAL_S)."""
+        return self._stream(job, None, previews)
 
     def wait(self, job: JobRef, *, timeout: float | None = None) -> Job:
         """Block until the job finishes and return it. Raises `JobFailed`, `JobCanceled`, or
@@ -264,7 +266,9 @@ class Client:
         return [Model.from_dict(entry) for entry in data["data"]]
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _stream(self, job: JobRef, deadline: Deadline | None) -> Generator[Event, None]:
+    def _stream(
+        self, job: JobRef, deadline: Deadline | None, previews: bool = False
+    ) -> Generator[Event, None]:
         state = EventStreamState(self._config, deadline)
         while True:
             if state.expired:
@@ -273,7 +277,10 @@ class Client:
             error: TransportError | None = None
             try:
                 request = self._http.build_request(
-                    "GET", events_path(job), headers=SSE_HEADERS, timeout=state.timeout()
+                    "GET",
+                    events_path(job, previews),
+                    headers=SSE_HEADERS,
+                    timeout=state.timeout(),
                 )
                 response = self._send(request, stream=True)
                 watchdog = _cut_at(deadline, response)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
-EventName = Literal["queued", "running", "progress", "succeeded", "failed", "canceled"]
+EventName = Literal["queued", "running", "progress", "preview", "succeeded", "failed", "canceled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 
 
@@ -177,11 +177,36 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Preview:
+    """A live preview (`stream(job, previews=True)`): a small JPEG of the job's current
+    estimate of its final image, at denoising `step`."""
+
+    step: int
+    image: str
+    """A `data:image/jpeg;base64,...` URI."""
+
+    @property
+    def jpeg(self) -> bytes:
+        """The JPEG bytes."""
+        import base64
+
+        return base64.b64decode(self.image.split(",", 1)[1])
+
+    def save(self, path: str | PathLike[str]) -> Path:
+        """Write the JPEG to `path`; returns the path."""
+        target = Path(path)
+        target.write_bytes(self.jpeg)
+        return target
+
+
+@dataclass(frozen=True)
 class Event:
-    """One Server-Sent Event of a job: its name and the job document at that moment."""
+    """One Server-Sent Event of a job: its name and the job document at that moment (for a
+    `preview` event, the last document the stream carried, and the picture in `preview`)."""
 
     name: EventName
     job: Job
+    preview: Preview | None = None
 
 
 @dataclass(frozen=True)
