@@ -11,6 +11,7 @@ import typer
 from imagegen.cli_compose import register as register_compose
 from imagegen.cli_edit import register as register_edit
 from imagegen.cli_generate import register as register_generate
+from imagegen.cli_usage import register as register_usage
 
 if TYPE_CHECKING:
     from imagegen.settings import Settings
@@ -171,6 +172,7 @@ def tiny_model(directory: Path) -> None:
 register_generate(app)
 register_edit(app)
 register_compose(app)
+register_usage(app)
 
 
 def main() -> None:

@@ -130,6 +130,13 @@ class JobStore:
             jobs={s: int(fields.get(s) or 0) for s in ("succeeded", "failed", "canceled")},
         )
 
+    def active_jobs(self, key_names: list[str]) -> list[int]:
+        """Each key's jobs queued or running now (one round trip)."""
+        if not key_names:
+            return []
+        values: list[bytes | None] = self.redis.mget([Keys.active(n) for n in key_names])  # type: ignore[assignment]
+        return [max(int(v or 0), 0) for v in values]
+
     def key_stats(self) -> dict[str, dict[str, float]]:
         """Per key name, its cluster-wide totals: jobs by final status, megapixel_steps,
         webhook deliveries by outcome (`webhook_<outcome>`)."""

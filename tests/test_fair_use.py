@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,7 @@ from imagegen.contract import Keys, ModelInfo, WorkerHeartbeat, utc_day
 from imagegen.keys import parse_entries
 from imagegen.lifecycle import Lifecycle
 from imagegen.redis_server import RedisServer
-from tests.stack import Gateway, announce_idle_model, start_gateway
+from tests.stack import ROOT, Gateway, announce_idle_model, start_gateway
 
 MODEL = "idle"
 WORKER = "fair-test-worker"
@@ -249,3 +251,35 @@ def test_key_entries_take_options_and_refuse_bad_ones() -> None:
         with pytest.raises(ValueError) as failure:
             parse_entries(bad)
         assert "-1" not in str(failure.value)
+
+
+def test_metrics_and_the_usage_table_name_keys_never_secrets(fair: Gateway) -> None:
+    with _client(fair, "small") as small, _client(fair, "capped") as capped:
+        for client in (small, capped):
+            job = _submit(client).json()["id"]
+            client.delete(f"/v1/generations/{job}")
+        kept = _submit(capped).json()["id"]
+        metrics = fair.client().get("/metrics").text
+    assert 'imagegen_key_jobs_total{key="small",status="canceled"} 1.0' in metrics
+    assert 'imagegen_key_jobs_total{key="capped",status="canceled"} 1.0' in metrics
+    assert 'imagegen_key_active_jobs{key="capped"} 1.0' in metrics
+    assert 'imagegen_key_megapixel_steps_total{key="small"} 0.0' in metrics  # refunded
+    assert 'imagegen_key_webhook_deliveries_total{key="bravo",outcome="delivered"} 0.0' in metrics
+    for name in KEYS:
+        assert KEYS[name] not in metrics and _digest(name) not in metrics
+    env = {k: v for k, v in fair.env.items() if k != "IMAGEGEN_PORT"}
+    result = subprocess.run(
+        [sys.executable, "-m", "imagegen", "usage"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"usage on {utc_day(time.time())} (UTC)"
+    assert lines[1].split()[:3] == ["key", "active", "max"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(rows) == set(KEYS)
+    assert rows["capped"][1:3] == ["1", "2"] and rows["capped"][7] == "1"
+    assert rows["broke"][4] == "0" and rows["alpha"][2] == "unlimited"
+    assert rows["small"][3] == "0" and rows["small"][4] == "0.02"
+    assert _digest("capped") not in result.stdout
+    assert kept

@@ -250,6 +250,11 @@ def test_a_receiver_answering_500_is_given_up_with_a_final_failed_record(
     assert all(d["outcome"] == "retrying" for d in deliveries[:-1])
     assert "given up after" in deliveries[-1]["error"]
     assert redis_conn.zcard(Keys.WEBHOOKS_DUE) == 0
+    with hooks.client() as client:
+        metrics = client.get("/metrics").text
+    assert 'imagegen_key_webhook_deliveries_total{key="(open)",outcome="failed"} 1.0' in metrics
+    retried = len(deliveries) - 1
+    assert f'{{key="(open)",outcome="retrying"}} {retried}.0' in metrics
 
 
 def test_a_delivery_process_killed_mid_send_delivers_after_restart(
