@@ -73,6 +73,8 @@ class WebhookRequest(BaseModel):
 
     url: str = Field(
         max_length=MAX_URL_CHARS,
+        # For schema readers; the server's own check (below) explains a refusal.
+        json_schema_extra={"pattern": "^https?://"},
         description="https:// URL of a public host (http and private hosts only when the "
         "operator allows them); no credentials in it.",
     )
@@ -80,6 +82,7 @@ class WebhookRequest(BaseModel):
         default_factory=lambda: [cast(WebhookEvent, e) for e in DEFAULT_WEBHOOK_EVENTS],
         min_length=1,
         max_length=4,
+        json_schema_extra={"uniqueItems": True},
         description="Events to deliver; default the terminal three.",
     )
 

@@ -2,7 +2,8 @@
 
 A job is always in exactly one of these places, and moves between them atomically:
 
-- queued:  its id is in the model's queue (`Keys.queue`, a sorted set in run order);
+- queued:  its id is in the model's queue (`Keys.queue`, a sorted set in run order: the fair
+  order of `_SUBMIT`, one job per API key a round) and in its key's queue of that model;
 - running: its id is in the model's running set (`Keys.running`, scored by its deadline), its
   record names the run's `owner` ("<worker>#<attempt>");
 - terminal: neither; the record (and a succeeded job's images) carry a TTL.
@@ -13,6 +14,9 @@ where a job is in no queue and no running set, and no write of a run that was ta
 land. Recovery (`worker.reaper`) reads only what these scripts write. The gateway (submit,
 cancel) and the worker (claim, progress, finish, fail) and the reaper (take back) all go
 through this module; nothing else writes a job's state.
+
+The same steps keep each API key's books (active jobs, the day's megapixel-steps, totals) and
+write the webhook outbox (`_OUTBOX`): a delivery exists exactly when its transition happened.
 """
 
 from __future__ import annotations
@@ -113,6 +117,8 @@ local function outbox(jk, id, event, now)
   redis.call('HSET', '{P}:webhook:' .. msg, 'job', id, 'event', event, 'url', target['url'],
     'api_key', redis.call('HGET', jk, 'api_key') or '', 'created_at', now, 'attempts', 0,
     'record', cjson.encode(redis.call('HGETALL', jk)))
+  -- A safety net, far past any retry window: a delivery no process ever takes goes away.
+  redis.call('EXPIRE', '{P}:webhook:' .. msg, {OUTBOX_TTL})
   redis.call('ZADD', '{P}:webhooks:due', now, msg)
   redis.call('LPUSH', '{P}:webhooks:bell', 1)
   redis.call('LTRIM', '{P}:webhooks:bell', 0, 63)
@@ -352,6 +358,8 @@ return 1
 ROUND = 1_000_000
 # A key's daily usage record outlives its day by two, for /v1/usage and `imagegen usage`.
 USAGE_TTL_S = 3 * 86400
+# A webhook delivery no delivery process took is dropped after this (retries end far sooner).
+OUTBOX_TTL_S = 7 * 86400
 
 
 def _script(source: str) -> str:
@@ -359,6 +367,7 @@ def _script(source: str) -> str:
         source.replace("{P}", _P)
         .replace("{ROUND}", str(ROUND))
         .replace("{USAGE_TTL}", str(USAGE_TTL_S))
+        .replace("{OUTBOX_TTL}", str(OUTBOX_TTL_S))
     )
 
 
