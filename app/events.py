@@ -39,6 +39,9 @@ RESYNC_S = 5.0
 PING_S = 15.0
 # Frames a listener may have waiting; past it, its progress and preview frames are dropped.
 LISTENER_BUFFER = 8
+# Progress frames a feed sends, to all its streams together, per second at most: one stream
+# gets every progress step the worker writes (10 a second), 400 streams about 2.5 a second.
+FRAME_BUDGET_PER_S = 1000
 # The preview flag's lifetime; a feed with preview listeners renews it well before.
 PREVIEW_FLAG_TTL_S = 10
 _RANK = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2, "canceled": 2}
@@ -124,6 +127,8 @@ class JobFeed:
         self.attempts = 0
         self.task: asyncio.Task[None] | None = None
         self._starting: asyncio.Future[None] | None = None
+        self._last_progress = 0.0
+        self._held_until: float | None = None
         self.reads = 0
 
     @property
@@ -167,8 +172,11 @@ class JobFeed:
     async def _follow(self) -> None:
         last_flag = asyncio.get_running_loop().time()
         while self.rank < 2:
+            wait = RESYNC_S
+            if self._held_until is not None:  # a progress frame held back: send it then
+                wait = max(0.0, self._held_until - asyncio.get_running_loop().time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), RESYNC_S)
+                await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
             batch, self.messages = self.messages, []
             try:
@@ -205,8 +213,18 @@ class JobFeed:
             names.append(status)
             self.rank = _RANK[status]
         self.attempts = record.attempts
+        self._held_until = None
         if self.rank == 1 and status == "running" and record.progress_step > self.step:
-            names.append("progress")
+            # Many streams on one job: progress frames to all of them together stay within
+            # FRAME_BUDGET_PER_S (one stream: every step the worker reports).
+            now = asyncio.get_running_loop().time()
+            gap = len(self.listeners) / FRAME_BUDGET_PER_S
+            if names or now - self._last_progress >= gap:
+                names.append("progress")
+                self._last_progress = now
+            else:
+                self._held_until = self._last_progress + gap
+                return
         self.step = max(self.step, record.progress_step)
         if not names:
             return
