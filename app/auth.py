@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 import redis.asyncio as aioredis
@@ -22,10 +20,10 @@ from fastapi import Depends, Request
 
 from app.errors import ApiError, Unauthorized
 from imagegen.contract import Keys
+from imagegen.keys import KeyEntry, Limits, limits_for, load_entries
 from imagegen.settings import Settings
 
 log = logging.getLogger("imagegen.gateway")
-_ENTRY = re.compile(r"^(?P<name>[A-Za-z0-9._-]{1,64}):(?P<digest>[0-9a-f]{64})$")
 
 
 class RateLimited(ApiError):
@@ -48,30 +46,15 @@ class Principal:
 
 
 class KeyStore:
-    """The configured key hashes, by name."""
+    """The configured keys (hashes and each key's own limits), by name."""
 
-    def __init__(self, entries: dict[str, str]) -> None:
-        self._entries = entries  # name -> sha256 hex digest
+    def __init__(self, entries: list[KeyEntry], settings: Settings | None = None) -> None:
+        self._entries = {entry.name: entry for entry in entries}
+        self._settings = settings or Settings()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyStore:
-        lines = [e for e in re.split(r"[,\s]+", settings.api_keys or "") if e]
-        if settings.api_keys_file is not None:
-            text = Path(settings.api_keys_file).read_text()
-            lines += [
-                ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")
-            ]
-        entries: dict[str, str] = {}
-        for number, line in enumerate(lines, 1):
-            match = _ENTRY.match(line)
-            if match is None:
-                # Never echo the line: it might be a plain key pasted by mistake.
-                raise ValueError(
-                    f"API key entry {number} is not `name:sha256-hex`; "
-                    "make entries with `imagegen new-key NAME`"
-                )
-            entries[match["name"]] = match["digest"]
-        return cls(entries)
+        return cls(load_entries(settings), settings)
 
     @property
     def enabled(self) -> bool:
@@ -80,12 +63,26 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entry(self, name: str) -> KeyEntry | None:
+        return self._entries.get(name)
+
+    def webhook_secrets(self) -> dict[str, str]:
+        """The keys that have a webhook secret of their own in the key file."""
+        return {n: e.webhook_secret for n, e in self._entries.items() if e.webhook_secret}
+
+    def limits(self, name: str) -> Limits:
+        """The key's limits: its own overrides in the key file, else the global defaults."""
+        return limits_for(self._entries.get(name), self._settings)
+
     def identify(self, presented: str) -> str | None:
         """The name of the key, or None; every entry is compared, in constant time."""
         digest = hash_key(presented)
         found = None
-        for name, expected in self._entries.items():
-            if hmac.compare_digest(digest, expected):
+        for name, entry in self._entries.items():
+            if hmac.compare_digest(digest, entry.digest):
                 found = name
         return found
 

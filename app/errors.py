@@ -73,6 +73,27 @@ class QueueFull(ApiError):
     code = "queue_full"
 
 
+class TooManyJobs(ApiError):
+    """The key has its most jobs queued and running (429, with Retry-After)."""
+
+    status_code = 429
+    code = "too_many_jobs"
+
+
+class QuotaExceeded(ApiError):
+    """The key used its daily megapixel-step quota (429, Retry-After: the next UTC midnight)."""
+
+    status_code = 429
+    code = "quota_exceeded"
+
+
+class TooManyStreams(ApiError):
+    """The key has its most event streams open on this gateway process (429)."""
+
+    status_code = 429
+    code = "too_many_streams"
+
+
 class NotFound(ApiError):
     """No such job, image or route, or one that expired (404)."""
 

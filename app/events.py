@@ -1,82 +1,357 @@
-"""Job events for Server-Sent Events streams.
+"""Job events for Server-Sent Events streams, serialized once per job for all its listeners.
 
 Workers publish a short message on `imagegen:job:{id}:events` at every state change and
-progress write (see imagegen.store). Each gateway process holds ONE pattern subscription and
-fans messages out to the streams it serves, so a stream costs no Redis connection of its own
-and any replica can serve any job. Messages only say "look again": the stream re-reads the job
-document, so a lost message delays an event by at most `RESYNC_S` but never loses it.
+progress write (see imagegen.lifecycle). Each gateway process holds ONE pattern subscription
+and hands messages to a `JobFeed` per job that has listeners in this process: the feed reads
+the job document once per batch of messages, formats each SSE frame once, and offers the same
+bytes to every listener. A listener's buffer is small: when its client does not read, progress
+and preview frames are dropped for it (never a state change), so 400 idle streams on a job
+cost the job one read and one formatting per event, not 400.
+
+Messages only say "look again": the feed re-reads the job document, so a lost message delays
+an event by at most `RESYNC_S` but never loses it. Previews (`imagegen:job:{id}:previews`)
+carry their picture and go only to listeners that asked for them; while any does, the feed
+keeps the job's preview flag set in Redis, which is how the worker knows to make them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from fastapi.sse import ServerSentEvent
 
 from app.schemas import JobDocument
-from imagegen.contract import Keys
+from imagegen.contract import JobRecord, JobStatus, Keys
 
 log = logging.getLogger("imagegen.gateway")
 
 PATTERN = Keys.events("*")
-# With no message for this long, a stream re-reads the document anyway.
+PREVIEW_PATTERN = Keys.previews("*")
+# With no message for this long, a feed re-reads the document anyway.
 RESYNC_S = 5.0
+# A stream with nothing to send for this long gets a comment line (proxies keep it open).
+PING_S = 15.0
+# Frames a listener may have waiting; past it, its progress and preview frames are dropped.
+LISTENER_BUFFER = 8
+# Progress frames a feed sends, to all its streams together, per second at most: one stream
+# gets every progress step the worker writes (10 a second), 400 streams about 2.5 a second.
+FRAME_BUDGET_PER_S = 1000
+# The preview flag's lifetime; a feed with preview listeners renews it well before.
+PREVIEW_FLAG_TTL_S = 10
 _RANK = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2, "canceled": 2}
+
+# Reads a job for a feed: its record and document (any listener's right to it was checked
+# when its stream opened).
+Reader = Callable[[str], Awaitable[tuple[JobRecord, JobDocument]]]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One SSE event, formatted once: `seq` orders a feed's frames."""
+
+    seq: int
+    name: str
+    data: bytes
+
+    @property
+    def droppable(self) -> bool:
+        return self.name in ("progress", "preview")
+
+    @property
+    def terminal(self) -> bool:
+        return _RANK.get(self.name, 0) == 2
+
+
+def format_frame(seq: int, name: str, payload: str) -> Frame:
+    return Frame(seq, name, f"event: {name}\ndata: {payload}\n\n".encode())
+
+
+class Listener:
+    """One open stream's buffer of frames."""
+
+    def __init__(self, key: str, previews: bool, capacity: int = LISTENER_BUFFER) -> None:
+        self.key = key
+        self.previews = previews
+        self.capacity = capacity
+        self.seq = -1
+        self.dropped = 0
+        self._frames: deque[Frame] = deque()
+        self._ready = asyncio.Event()
+
+    def offer(self, frame: Frame) -> None:
+        """Take `frame` unless it is older than what this listener has; when the buffer is
+        full, a progress or preview frame is dropped (the newest state frame never is)."""
+        if frame.seq <= self.seq or (frame.name == "preview" and not self.previews):
+            return
+        if len(self._frames) >= self.capacity:
+            if frame.droppable:
+                self.dropped += 1
+                return
+            old = next((f for f in self._frames if f.droppable), None)
+            if old is not None:
+                self._frames.remove(old)
+                self.dropped += 1
+        self._frames.append(frame)
+        self.seq = frame.seq
+        self._ready.set()
+
+    async def next(self, timeout_s: float) -> Frame | None:
+        """The next frame, or None after `timeout_s` with none."""
+        if not self._frames:
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), timeout_s)
+        return self._frames.popleft() if self._frames else None
+
+
+class JobFeed:
+    """A job's events in this process: read and formatted once, offered to every listener."""
+
+    def __init__(self, hub: EventHub, job_id: str, read: Reader) -> None:
+        self.hub = hub
+        self.job_id = job_id
+        self.read = read
+        self.listeners: set[Listener] = set()
+        self.messages: list[str] = []
+        self._wake = asyncio.Event()
+        self.seq = 0
+        self.state: Frame | None = None  # the current state, for a listener that joins
+        self.rank = -1
+        self.step = 0
+        self.attempts = 0
+        self.task: asyncio.Task[None] | None = None
+        self._starting: asyncio.Future[None] | None = None
+        self._last_progress = 0.0
+        self._held_until: float | None = None
+        self.reads = 0
+
+    @property
+    def preview_listeners(self) -> int:
+        return sum(1 for listener in self.listeners if listener.previews)
+
+    def notify(self, message: str) -> None:
+        self.messages.append(message)
+        self._wake.set()
+
+    def preview(self, payload: str) -> None:
+        """A preview picture from the worker (JSON `{"step", "image"}`), as it came."""
+        if self.rank == 1 and self.preview_listeners:
+            self.seq += 1
+            frame = format_frame(self.seq, "preview", payload)
+            for listener in self.listeners:
+                listener.offer(frame)
+
+    async def join(self, listener: Listener) -> None:
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+        assert self.state is not None
+        listener.offer(self.state)
+        self.listeners.add(listener)
+        if listener.previews and self.preview_listeners == 1:
+            await self.hub.want_previews(self.job_id)
+
+    async def _start(self) -> None:
+        """The first read, then the task that follows the job."""
+        record, document = await self._read()
+        self.rank, self.step = _RANK[record.status], record.progress_step
+        self.attempts = record.attempts
+        self.state = format_frame(self.seq, record.status.value, document.model_dump_json())
+        self.task = asyncio.create_task(self._follow(), name=f"feed-{self.job_id}")
+
+    async def _read(self) -> tuple[JobRecord, JobDocument]:
+        self.reads += 1
+        return await self.read(self.job_id)
+
+    async def _follow(self) -> None:
+        last_flag = asyncio.get_running_loop().time()
+        while self.rank < 2:
+            wait = RESYNC_S
+            if self._held_until is not None:  # a progress frame held back: send it then
+                wait = max(0.0, self._held_until - asyncio.get_running_loop().time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            self._wake.clear()
+            batch, self.messages = self.messages, []
+            try:
+                record, document = await self._read()
+            except Exception as exc:  # Redis away: the next message or resync tries again
+                log.warning("event feed of job %s could not read it: %s", self.job_id, exc)
+                await asyncio.sleep(1.0)
+                continue
+            self._advance(batch, record, document)
+            now = asyncio.get_running_loop().time()
+            if self.preview_listeners and now - last_flag > PREVIEW_FLAG_TTL_S / 3:
+                last_flag = now
+                await self.hub.want_previews(self.job_id)
+
+    def _advance(self, batch: list[str], record: JobRecord, document: JobDocument) -> None:
+        """Publish the frames that `batch` (and the record read after it) make, in order."""
+        names: list[str] = []
+        status = record.status.value
+        if self.rank == 1 and (
+            "queued" in batch
+            or record.status == JobStatus.QUEUED
+            or record.attempts != self.attempts
+        ):
+            # Taken back from a lost worker: queued again (perhaps already rerunning), and the
+            # rerun's progress starts from step 0.
+            names.append("queued")
+            self.rank, self.step = 0, 0
+        # Each transition under its own name, in order; then the state if one was missed.
+        for name in batch:
+            if _RANK.get(name, -1) > self.rank:
+                names.append(name)
+                self.rank = _RANK[name]
+        if _RANK[status] > self.rank:
+            names.append(status)
+            self.rank = _RANK[status]
+        self.attempts = record.attempts
+        self._held_until = None
+        if self.rank == 1 and status == "running" and record.progress_step > self.step:
+            # Many streams on one job: progress frames to all of them together stay within
+            # FRAME_BUDGET_PER_S (one stream: every step the worker reports).
+            now = asyncio.get_running_loop().time()
+            gap = len(self.listeners) / FRAME_BUDGET_PER_S
+            if names or now - self._last_progress >= gap:
+                names.append("progress")
+                self._last_progress = now
+            else:
+                self._held_until = self._last_progress + gap
+                return
+        self.step = max(self.step, record.progress_step)
+        if not names:
+            return
+        payload = document.model_dump_json()  # once, for every listener and frame
+        for name in names:
+            self.seq += 1
+            frame = format_frame(self.seq, name, payload)
+            for listener in self.listeners:
+                listener.offer(frame)
+        # A listener that joins now starts from here, under the status's own name.
+        self.state = format_frame(self.seq, status, payload)
 
 
 class EventHub:
-    """One pattern subscription per process, fanned out to per-stream queues."""
+    """One pattern subscription per process, and one feed per job with listeners."""
 
     def __init__(self, connection: aioredis.Redis) -> None:
         self.redis = connection
-        self._listeners: dict[str, set[asyncio.Queue[str]]] = defaultdict(set)
+        self._raw: dict[str, set[asyncio.Queue[str]]] = defaultdict(set)
+        self._feeds: dict[str, JobFeed] = {}
+        self._per_key: dict[str, int] = defaultdict(int)
+        self._dropped = 0
         self._task: asyncio.Task[None] | None = None
 
     @property
     def open_streams(self) -> int:
-        return sum(len(queues) for queues in self._listeners.values())
+        return sum(len(feed.listeners) for feed in self._feeds.values())
+
+    @property
+    def open_feeds(self) -> int:
+        return len(self._feeds)
+
+    @property
+    def dropped(self) -> int:
+        """Frames dropped for slow listeners, by this process, so far."""
+        return self._dropped + sum(
+            listener.dropped for feed in self._feeds.values() for listener in feed.listeners
+        )
+
+    def streams_of(self, key: str) -> int:
+        return self._per_key.get(key, 0)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-hub")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in [self._task, *(f.task for f in self._feeds.values())] if t]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+
+    async def want_previews(self, job_id: str) -> None:
+        """Tell the worker that someone watches this job's previews (for a while)."""
+        try:
+            await self.redis.set(Keys.previews_wanted(job_id), 1, ex=PREVIEW_FLAG_TTL_S)
+        except Exception as exc:
+            log.warning("could not ask for previews of job %s: %s", job_id, exc)
 
     @contextlib.asynccontextmanager
     async def listen(self, job_id: str) -> AsyncIterator[asyncio.Queue[str]]:
+        """The job's raw messages (a status name or "progress"), for a wait that needs no
+        stream of its own (the OpenAI endpoints)."""
         channel = Keys.events(job_id)
         queue: asyncio.Queue[str] = asyncio.Queue()
-        self._listeners[channel].add(queue)
+        self._raw[channel].add(queue)
         try:
             yield queue
         finally:
-            listeners = self._listeners.get(channel)
+            listeners = self._raw.get(channel)
             if listeners is not None:
                 listeners.discard(queue)
                 if not listeners:
-                    del self._listeners[channel]
+                    del self._raw[channel]
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, job_id: str, read: Reader, key: str, previews: bool = False
+    ) -> AsyncIterator[Listener]:
+        """A listener on the job's feed: the current state first, then every event."""
+        listener = Listener(key, previews)
+        self._per_key[key] += 1
+        feed = self._feeds.get(job_id)
+        if feed is None:
+            feed = self._feeds[job_id] = JobFeed(self, job_id, read)
+        try:
+            await feed.join(listener)
+            yield listener
+        finally:
+            feed.listeners.discard(listener)
+            self._dropped += listener.dropped
+            self._per_key[key] -= 1
+            if not self._per_key[key]:
+                del self._per_key[key]
+            if not feed.listeners and self._feeds.get(job_id) is feed:
+                del self._feeds[job_id]
+                if feed.task is not None:
+                    feed.task.cancel()
+
+    def feed(self, job_id: str) -> JobFeed | None:
+        return self._feeds.get(job_id)
+
+    def _dispatch(self, channel: str, data: str) -> None:
+        # imagegen:job:<id>:events | imagegen:job:<id>:previews
+        head, _, kind = channel.rpartition(":")
+        job_id = head.removeprefix(f"{Keys.PREFIX}:job:")
+        feed = self._feeds.get(job_id)
+        if kind == "previews":
+            if feed is not None:
+                feed.preview(data)
+            return
+        for queue in self._raw.get(channel, ()):
+            queue.put_nowait(data)
+        if feed is not None:
+            feed.notify(data)
 
     async def _run(self) -> None:
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.psubscribe(PATTERN)
+                await pubsub.psubscribe(PATTERN, PREVIEW_PATTERN)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
-                    channel = message["channel"].decode()
-                    data = message["data"].decode()
-                    for queue in self._listeners.get(channel, ()):
-                        queue.put_nowait(data)
+                    self._dispatch(message["channel"].decode(), message["data"].decode())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis restarts must not end event delivery for good.
@@ -87,45 +362,22 @@ class EventHub:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-async def job_event_stream(
-    hub: EventHub,
-    job_id: str,
-    read: Callable[[str], Awaitable[JobDocument]],
-) -> AsyncIterator[ServerSentEvent]:
-    """Current state first, then every transition and progress step, until a terminal state."""
+async def sse_stream(
+    hub: EventHub, job_id: str, read: Reader, key: str, previews: bool = False
+) -> AsyncIterator[bytes]:
+    """The bytes of a job's event stream: the current state first, then every transition,
+    progress step (and preview, if asked), until a terminal state; comment pings between."""
+    async with hub.subscribe(job_id, read, key, previews) as listener:
+        while True:
+            frame = await listener.next(PING_S)
+            if frame is None:
+                yield b": ping\n\n"
+                continue
+            yield frame.data
+            if frame.terminal:
+                return
 
-    def event(name: str, doc: JobDocument) -> ServerSentEvent:
-        return ServerSentEvent(event=name, data=doc.model_dump(mode="json"))
 
-    async with hub.listen(job_id) as messages:
-        doc = await read(job_id)
-        yield event(doc.status, doc)
-        last_rank, last_step = _RANK[doc.status], doc.progress.step
-        run_started = doc.started_at
-        while last_rank < 2:
-            try:
-                batch = [await asyncio.wait_for(messages.get(), timeout=RESYNC_S)]
-            except TimeoutError:
-                batch = []
-            while not messages.empty():  # a backlog of progress pings costs one read
-                batch.append(messages.get_nowait())
-            doc = await read(job_id)
-            if last_rank == 1 and (
-                "queued" in batch or doc.status == "queued" or doc.started_at != run_started
-            ):
-                # Taken back from a lost worker: queued again (perhaps already rerunning),
-                # and the rerun's progress starts from step 0.
-                yield event("queued", doc)
-                last_rank, last_step = 0, 0
-            # Each transition under its own name, in order; then the state if one was missed.
-            for name in batch:
-                if _RANK.get(name, -1) > last_rank:
-                    yield event(name, doc)
-                    last_rank = _RANK[name]
-            if _RANK[doc.status] > last_rank:
-                yield event(doc.status, doc)
-                last_rank = _RANK[doc.status]
-            run_started = doc.started_at
-            if last_rank == 1 and doc.status == "running" and doc.progress.step > last_step:
-                yield event("progress", doc)
-            last_step = max(last_step, doc.progress.step)
+def preview_payload(step: int, image: str) -> str:
+    """What a worker publishes and a preview event carries: `{"step", "image"}`."""
+    return json.dumps({"step": step, "image": image}, separators=(",", ":"))

@@ -22,12 +22,21 @@ from app.metrics import router as metrics_router
 from app.middleware import BodySizeLimit, RequestId
 from app.playground import router as playground_router
 from app.registry import ModelRegistry
-from app.routes import generations, health, models, openai_edits, openai_images
+from app.routes import (
+    generations,
+    health,
+    models,
+    openai_edits,
+    openai_images,
+    usage,
+    webhooks,
+)
 from app.schemas import ErrorEnvelope
 from app.service import GenerationService
 from imagegen import __version__
 from imagegen.settings import Settings
 from imagegen.store import JobStore
+from imagegen.webhooks import Secrets
 
 log = logging.getLogger("imagegen.gateway")
 # Named connections let an operator (and the tests) tell the gateway's apart in CLIENT LIST.
@@ -82,8 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.registry = registry
         app.state.service = GenerationService(
-            connection, store, registry, settings, async_connection
+            connection, store, registry, settings, async_connection, keys
         )
+        app.state.webhook_secrets = Secrets(connection, settings, keys.webhook_secrets())
         app.state.memory = MemoryGuard(async_connection, settings.redis_high_water)
         app.state.collector = ServiceCollector(registry, app.state.service, events)
         log.info("gateway %s started; redis at %s", __version__, _redact(settings.redis_url))
@@ -135,6 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_images.router)
     app.include_router(openai_edits.router)
     app.include_router(models.router)
+    app.include_router(usage.router)
+    app.include_router(webhooks.router)
     app.include_router(health.router)
     app.include_router(metrics_router)
     app.include_router(playground_router)
@@ -147,7 +159,9 @@ EVENT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["event", "data"],
     "properties": {
-        "event": {"enum": ["queued", "running", "progress", "succeeded", "failed", "canceled"]},
+        "event": {
+            "enum": ["queued", "running", "progress", "preview", "succeeded", "failed", "canceled"]
+        },
         "data": {
             "type": "string",
             "contentMediaType": "application/json",

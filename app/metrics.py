@@ -26,6 +26,7 @@ from app.capacity import MemoryGuard, RedisMemory
 from app.events import EventHub
 from app.registry import ModelRegistry
 from app.service import GenerationService
+from imagegen.store import JobStore
 
 router = APIRouter(tags=["health"])
 
@@ -101,6 +102,7 @@ class ServiceCollector(Collector):
         yield depth
         yield workers
         yield runs
+        yield from self._per_key(store)
         if self.memory is not None:
             yield GaugeMetricFamily(
                 "imagegen_redis_used_memory_bytes",
@@ -123,10 +125,63 @@ class ServiceCollector(Collector):
             value=self.hub.open_streams,
         )
         yield GaugeMetricFamily(
+            "imagegen_gateway_event_feeds",
+            "Jobs followed for the open event streams in this gateway process (one read and "
+            "one formatting per event, whatever the number of streams).",
+            value=self.hub.open_feeds,
+        )
+        yield CounterMetricFamily(
+            "imagegen_gateway_event_frames_dropped",
+            "Progress and preview events not sent to a stream whose client did not read them.",
+            value=self.hub.dropped,
+        )
+        yield GaugeMetricFamily(
             "imagegen_gateway_asyncio_tasks",
             "Asyncio tasks alive in this gateway process.",
             value=self.tasks,
         )
+
+    def _per_key(self, store: JobStore) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Each API key's totals, labelled by its name (never its secret or hash; the open
+        service's one principal is `(open)`)."""
+        jobs = CounterMetricFamily(
+            "imagegen_key_jobs",
+            "Jobs that ended, by API key and final status.",
+            labels=["key", "status"],
+        )
+        work = CounterMetricFamily(
+            "imagegen_key_megapixel_steps",
+            "Megapixel-steps (width*height/1e6 * steps * n) of the key's jobs that ended, "
+            "less those canceled before they ran.",
+            labels=["key"],
+        )
+        hooks = CounterMetricFamily(
+            "imagegen_key_webhook_deliveries",
+            "Webhook delivery attempts by API key and outcome (delivered; retrying: failed, "
+            "will be retried; failed: given up).",
+            labels=["key", "outcome"],
+        )
+        active = GaugeMetricFamily(
+            "imagegen_key_active_jobs", "The key's jobs queued or running now.", labels=["key"]
+        )
+        stats = store.key_stats()
+        names = sorted(set(stats) | set(self.service.keys.names() or [""]))
+        for name in names:
+            label = key_label(name)
+            counters = stats.get(name, {})
+            for status in ("succeeded", "failed", "canceled"):
+                jobs.add_metric([label, status], counters.get(status, 0.0))
+            work.add_metric([label], counters.get("megapixel_steps", 0.0))
+            for outcome in ("delivered", "retrying", "failed"):
+                hooks.add_metric([label, outcome], counters.get(f"webhook_{outcome}", 0.0))
+        for name, count in zip(names, store.active_jobs(names), strict=True):
+            active.add_metric([key_label(name)], count)
+        yield from (jobs, work, hooks, active)
+
+
+def key_label(name: str) -> str:
+    """How a key is named in metrics and `imagegen usage`: its name; `(open)` without keys."""
+    return name or "(open)"
 
 
 @router.get("/metrics", response_class=Response, include_in_schema=False)

@@ -9,11 +9,19 @@ GenerationService's: `app.routes.openai_images` maps this body onto a Generation
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.schemas import ControlRequest, GenerationRequest, LoraRequest, OutpaintRequest
+
+
+def _json_bool(value: Any) -> Any:
+    """A boolean only: Literal[False] alone also takes 0 and 0.0 (they equal False)."""
+    if not isinstance(value, bool):
+        raise ValueError("must be a boolean")
+    return value
+
 
 # Names of OpenAI's own image models. Code written for OpenAI passes one of these; here each
 # means "this server's default model", so such code runs unchanged (see `openai_images`).
@@ -85,7 +93,9 @@ class OpenAIImageRequest(BaseModel):
     background: Literal["auto", "opaque"] | None = Field(
         None, description="`auto` or `opaque`; transparency is not supported."
     )
-    stream: Literal[False] | None = Field(None, description="Only `false`: no streaming.")
+    stream: Annotated[Literal[False], BeforeValidator(_json_bool)] | None = Field(
+        None, description="Only `false`: no streaming."
+    )
 
 
 class OpenAIImage(BaseModel):

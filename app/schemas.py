@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from imagegen.contract import (
     CONTROL_SCALE_MAX,
+    DEFAULT_WEBHOOK_EVENTS,
     LORA_SCALE_LIMIT,
     MAX_LORAS,
     SEED_MAX,
     AdapterInfo,
     InputRef,
     Outpaint,
+    WebhookTarget,
 )
+from imagegen.webhooks import MAX_URL_CHARS, Refused, parse_url
 
 
 def check_text(value: str, field: str) -> str:
@@ -111,6 +114,49 @@ class ControlRequest(BaseModel):
         return self
 
 
+WebhookEvent = Literal["running", "succeeded", "failed", "canceled"]
+
+
+class WebhookRequest(BaseModel):
+    """`webhook`: where to POST the job's events, signed as Standard Webhooks says."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    url: str = Field(
+        max_length=MAX_URL_CHARS,
+        # For schema readers; the server's own check (below) explains a refusal.
+        json_schema_extra={"pattern": "^https?://"},
+        description="https:// URL of a public host (http and private hosts only when the "
+        "operator allows them); no credentials in it.",
+    )
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: [cast(WebhookEvent, e) for e in DEFAULT_WEBHOOK_EVENTS],
+        min_length=1,
+        max_length=4,
+        json_schema_extra={"uniqueItems": True},
+        description="Events to deliver; default the terminal three.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        try:
+            parse_url(value)
+        except Refused as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each event at most once")
+        return value
+
+    def to_contract(self) -> WebhookTarget:
+        return WebhookTarget(url=self.url, events=list(self.events))
+
+
 class GenerationRequest(BaseModel):
     """`POST /v1/generations`. Types are strict: "64" is not a width, and true is not a seed."""
 
@@ -163,6 +209,12 @@ class GenerationRequest(BaseModel):
         None, max_length=MAX_LORAS, description="Up to 4 of the model's `adapters`, each once."
     )
     control: ControlRequest | None = Field(None, description="A ControlNet and its image.")
+
+    webhook: WebhookRequest | None = Field(
+        None,
+        description="POST the job's events to a URL, signed (Standard Webhooks); see "
+        "`GET /v1/webhook-secret`.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -239,6 +291,24 @@ class GenerationParams(BaseModel):
     control: ControlParams | None = None
 
 
+class WebhookAttempt(BaseModel):
+    """One attempt to deliver one of the job's events."""
+
+    event: str
+    webhook_id: str = Field(description="The `webhook-id` header: the same for every attempt.")
+    attempt: int
+    at: str
+    status_code: int | None = Field(description="The receiver's answer; null: none came.")
+    error: str | None
+    outcome: str = Field(description="delivered | retrying | failed (given up)")
+
+
+class WebhookInfo(BaseModel):
+    url: str
+    events: list[str]
+    deliveries: list[WebhookAttempt]
+
+
 class JobDocument(BaseModel):
     """The job document of `GET /v1/generations/{id}`."""
 
@@ -253,6 +323,9 @@ class JobDocument(BaseModel):
     images: list[ImageLink]
     error: ErrorInfo | None
     timings: Timings
+    webhook: WebhookInfo | None = Field(
+        None, description="The job's webhook and every delivery attempt; null without one."
+    )
 
 
 class AdapterEntry(BaseModel):
@@ -294,6 +367,30 @@ class ModelEntry(BaseModel):
 
 class ModelList(BaseModel):
     data: list[ModelEntry]
+
+
+class JobCounts(BaseModel):
+    succeeded: int
+    failed: int
+    canceled: int
+
+
+class UsageDocument(BaseModel):
+    """`GET /v1/usage`: the calling key's use of its limits."""
+
+    day: str = Field(description="The UTC day counted, YYYY-MM-DD.")
+    megapixel_steps: float = Field(
+        description="Charged today: width*height/1e6 * steps * n per job submitted, less "
+        "the jobs canceled before they ran."
+    )
+    quota: float | None = Field(description="The daily quota; null = unlimited.")
+    active_jobs: int = Field(description="The key's jobs queued or running now.")
+    max_active_jobs: int | None = Field(description="Its limit; null = unlimited.")
+    jobs: JobCounts = Field(description="The key's jobs that ended today, by final status.")
+
+
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="`whsec_` + base64: verifies this key's webhooks.")
 
 
 class ErrorBody(BaseModel):

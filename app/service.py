@@ -6,24 +6,25 @@ import hashlib
 import hmac
 import secrets
 import time
-from datetime import UTC, datetime
 
 import anyio
 import redis
 import redis.asyncio as aioredis
 
 from app import images_in
-from app.errors import Conflict, InvalidRequest, NotFound, QueueFull, Unavailable
-from app.registry import ModelRegistry
-from app.schemas import (
-    ErrorInfo,
-    GenerationParams,
-    GenerationRequest,
-    ImageLink,
-    JobDocument,
-    Progress,
-    Timings,
+from app.auth import KeyStore
+from app.documents import render_document
+from app.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    QueueFull,
+    QuotaExceeded,
+    TooManyJobs,
+    Unavailable,
 )
+from app.registry import ModelRegistry
+from app.schemas import GenerationRequest, JobDocument
 from imagegen.contract import (
     JOB_ID_PREFIX,
     SCHEDULER_MIN_STEPS,
@@ -36,27 +37,26 @@ from imagegen.contract import (
     ModelInfo,
     is_valid_job_id,
 )
-from imagegen.lifecycle import AsyncSubmitter, Lifecycle, queue_position
+from imagegen.lifecycle import Admission, AsyncSubmitter, Lifecycle, queue_position
 from imagegen.logs import request_id
 from imagegen.settings import Settings
 from imagegen.store import JobStore
+from imagegen.webhooks import AllowList, Refused, check_destination
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+# How long a submit waits for a webhook host's name to resolve before letting it through.
+WEBHOOK_RESOLVE_S = 2.0
+# What a key at its max_active_jobs is told to wait (a job of this service takes seconds).
+TOO_MANY_JOBS_RETRY_S = 5
+
+
+def seconds_to_utc_midnight(now: float) -> int:
+    """Whole seconds until the next UTC midnight (at least 1): when a daily quota resets."""
+    return max(1, 86400 - int(now) % 86400)
 
 
 def new_job_id() -> str:
     return JOB_ID_PREFIX + secrets.token_urlsafe(16)
-
-
-def rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-def request_params(spec: JobSpec) -> GenerationParams:
-    """The job's parameters as the job document shows them (input images by digest)."""
-    return GenerationParams(**spec.model_dump())
 
 
 class GenerationService:
@@ -69,7 +69,10 @@ class GenerationService:
         registry: ModelRegistry,
         settings: Settings,
         async_connection: aioredis.Redis,
+        keys: KeyStore | None = None,
     ) -> None:
+        self.keys = keys or KeyStore([], settings)
+        self.webhook_allow = AllowList.parse(settings.webhook_allowed_hosts)
         self.redis = connection
         self.aredis = async_connection
         self.store = store
@@ -331,6 +334,8 @@ class GenerationService:
         One round trip to Redis, on the event loop: a script checks the Idempotency-Key and
         the queue's depth and, only if both allow it, writes the job (see `_SUBMIT_LUA`).
         """
+        if request.webhook is not None:
+            await self._check_webhook(request.webhook.url)
         inputs = None
         if request.image is not None or request.mask is not None or request.outpaint is not None:
             inputs = await anyio.to_thread.run_sync(self.prepare_inputs, request)
@@ -346,6 +351,7 @@ class GenerationService:
             api_key=api_key,
             request_id=request_id.get(),
             timeout_s=self.job_timeout_s(spec),
+            webhook=request.webhook.to_contract() if request.webhook is not None else None,
         )
         idempotency = None
         body_hash = ""
@@ -357,11 +363,30 @@ class GenerationService:
                 f"{record.id} {body_hash}",
                 IDEMPOTENCY_TTL_S,
             )
+        limits = self.keys.limits(api_key)
         result = await self.submitter.submit(
-            record, self.settings.max_queue_depth, idempotency, blobs
+            record,
+            self.settings.max_queue_depth,
+            idempotency,
+            blobs,
+            Admission(limits.max_active_jobs, limits.daily_quota),
         )
         if result.outcome == "created":
             return self.document(record, queue_position=int(result.value)), True
+        if result.outcome == "too_many_jobs":
+            raise TooManyJobs(
+                f"this API key has {int(result.value)} jobs queued or running, its limit "
+                f"(max_active_jobs = {limits.max_active_jobs}); retry when one has finished",
+                headers={"Retry-After": str(TOO_MANY_JOBS_RETRY_S)},
+            )
+        if result.outcome == "quota_exceeded":
+            used = float(result.value)
+            raise QuotaExceeded(
+                f"this job costs {spec.megapixel_steps:g} megapixel-steps (width*height/1e6 * "
+                f"steps * n) and this API key used {used:g} of its daily quota of "
+                f"{limits.daily_quota:g} today (UTC); the quota resets at the next UTC midnight",
+                headers={"Retry-After": str(seconds_to_utc_midnight(record.created_at))},
+            )
         if result.outcome == "full":
             raise QueueFull(
                 f"the queue of model {spec.model!r} holds {int(result.value)} jobs, its limit; "
@@ -372,6 +397,20 @@ class GenerationService:
         if stored_hash != body_hash:
             raise Conflict("Idempotency-Key was already used with a different request body")
         return await anyio.to_thread.run_sync(self.get, job_id, api_key), False
+
+    async def _check_webhook(self, url: str) -> None:
+        """A 422 naming `webhook.url` when its destination is refused (see
+        imagegen.webhooks); a name that does not resolve now is let through, and checked
+        again, like every destination, at each delivery."""
+        try:
+            with anyio.fail_after(WEBHOOK_RESOLVE_S):
+                await anyio.to_thread.run_sync(
+                    check_destination, url, self.webhook_allow, abandon_on_cancel=True
+                )
+        except Refused as exc:
+            raise InvalidRequest.for_field("webhook.url", str(exc)) from None
+        except (OSError, TimeoutError, UnicodeError):
+            return
 
     # -- read -----------------------------------------------------------------------------------
     def get_record(self, job_id: str, api_key: str) -> JobRecord:
@@ -385,6 +424,14 @@ class GenerationService:
 
     def get(self, job_id: str, api_key: str = "") -> JobDocument:
         return self.document(self.get_record(job_id, api_key))
+
+    def read_for_events(self, job_id: str) -> tuple[JobRecord, JobDocument]:
+        """The job's record and document for its event feed (its stream checked the owner
+        when it opened)."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise NotFound(f"no generation job {job_id!r} (it expired)")
+        return record, self.document(record)
 
     def image(self, job_id: str, index: int, api_key: str = "") -> bytes:
         record = self.get_record(job_id, api_key)
@@ -409,51 +456,9 @@ class GenerationService:
         return int(self.redis.zcard(Keys.queue(model_id)))
 
     def document(self, record: JobRecord, queue_position: int | None = None) -> JobDocument:
-        spec = record.spec
-        images = [
-            ImageLink(
-                index=i.index,
-                seed=i.seed,
-                width=i.width,
-                height=i.height,
-                url=f"/v1/generations/{record.id}/images/{i.index}",
-            )
-            for i in record.images
-        ]
-        queued_s = run_s = None
-        if record.started_at is not None:
-            queued_s = round(record.started_at - record.created_at, 3)
-            if record.finished_at is not None:
-                run_s = round(record.finished_at - record.started_at, 3)
-        elif record.finished_at is not None:
-            queued_s = round(record.finished_at - record.created_at, 3)
-        return JobDocument(
-            id=record.id,
-            status=record.status.value,
-            created_at=rfc3339(record.created_at) or "",
-            started_at=rfc3339(record.started_at),
-            finished_at=rfc3339(record.finished_at),
-            queue_position=(
-                queue_position if queue_position is not None else self.queue_position(record)
-            ),
-            progress=Progress(
-                step=record.progress_step, total_steps=spec.steps, eta_s=self._eta_s(record)
-            ),
-            request=request_params(spec),
-            images=images,
-            error=ErrorInfo(**record.error.model_dump()) if record.error else None,
-            timings=Timings(queued_s=queued_s, run_s=run_s),
+        return render_document(
+            record, queue_position if queue_position is not None else self.queue_position(record)
         )
-
-    @staticmethod
-    def _eta_s(record: JobRecord) -> float | None:
-        """Seconds left at the step rate seen so far; None until a step rate is known."""
-        if record.status != JobStatus.RUNNING or not record.progress_step:
-            return None
-        if record.started_at is None or record.progress_at is None:
-            return None
-        per_step = (record.progress_at - record.started_at) / record.progress_step
-        return round(per_step * (record.spec.steps - record.progress_step), 2)
 
     # -- cancel ---------------------------------------------------------------------------------
     def cancel(self, job_id: str, api_key: str = "") -> JobDocument:

@@ -11,6 +11,7 @@ import typer
 from imagegen.cli_compose import register as register_compose
 from imagegen.cli_edit import register as register_edit
 from imagegen.cli_generate import register as register_generate
+from imagegen.cli_usage import register as register_usage
 
 if TYPE_CHECKING:
     from imagegen.settings import Settings
@@ -43,7 +44,8 @@ def serve(
     ),
     workers: Annotated[int, typer.Option(min=1, help="Worker processes to start.")] = 1,
 ) -> None:
-    """Run everything locally: Redis, the gateway on IMAGEGEN_HOST:IMAGEGEN_PORT, a worker."""
+    """Run everything locally: Redis, the gateway on IMAGEGEN_HOST:IMAGEGEN_PORT, the webhook
+    delivery process, a worker."""
     settings = load_settings()
     from imagegen.localrun import serve as run_local
 
@@ -83,6 +85,16 @@ def worker() -> None:
         typer.echo(f"imagegen worker: refusing to start: {exc}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
+
+
+@app.command()
+def webhooks() -> None:
+    """Run the webhook delivery process: post the jobs' webhook deliveries, signed, with
+    retries (Redis must be reachable at IMAGEGEN_REDIS_URL)."""
+    settings = load_settings()
+    from app.delivery import run_deliverer
+
+    raise typer.Exit(run_deliverer(settings))
 
 
 @app.command()
@@ -167,6 +179,7 @@ def tiny_model(directory: Path) -> None:
 register_generate(app)
 register_edit(app)
 register_compose(app)
+register_usage(app)
 
 
 def main() -> None:

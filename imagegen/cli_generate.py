@@ -115,6 +115,14 @@ def generate(
             help="Give up after this many seconds, canceling the job; default: no limit.",
         ),
     ] = None,
+    previews: Annotated[
+        Path | None,
+        typer.Option(
+            file_okay=False,
+            help="Write the job's live previews (small JPEGs of the image as it forms) into "
+            "this directory, as JOB-step-NNN.jpg.",
+        ),
+    ] = None,
 ) -> None:
     """Generate images with a running imagegen service and save them as PNG files.
 
@@ -145,7 +153,7 @@ def generate(
         "control": parse_control(control, control_scale, control_start, control_end),
     }
     try:
-        anyio.run(_generate, prompt, fields, output, base_url, api_key, timeout)
+        anyio.run(_generate, prompt, fields, output, base_url, api_key, timeout, previews)
     except imagegen_client.ImagegenError as exc:
         # The server's message names the field and the limit; that is all the user needs.
         typer.echo(f"error: {exc.message}", err=True)
@@ -190,6 +198,7 @@ async def _generate(
     base_url: str | None,
     api_key: str | None,
     timeout: float | None,
+    previews: Path | None = None,
 ) -> None:
     """Submit, follow with a progress bar, save; the job is canceled if this is abandoned."""
     import anyio
@@ -200,7 +209,7 @@ async def _generate(
         typer.echo(f"job {job.id} (seed {job.request.seed})")
         try:
             with anyio.fail_after(timeout):
-                done = await _follow(client, job)
+                done = await _follow(client, job, previews)
         except BaseException as exc:
             # Ctrl-C, --timeout or a lost connection: nobody will collect the images.
             with anyio.CancelScope(shield=True), contextlib.suppress(ImagegenError):
@@ -223,8 +232,9 @@ async def _generate(
             typer.echo(f"wrote {path} (seed {image.seed})")
 
 
-async def _follow(client: AsyncClient, job: Job) -> Job:
-    """The job's final document, with a progress bar fed by its event stream."""
+async def _follow(client: AsyncClient, job: Job, previews: Path | None = None) -> Job:
+    """The job's final document, with a progress bar fed by its event stream (and its live
+    previews written to `previews`, each named on stderr)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -238,8 +248,16 @@ async def _follow(client: AsyncClient, job: Job) -> Job:
         transient=True,
     ) as bar:
         task = bar.add_task("queued", total=job.progress.total_steps)
-        async with contextlib.aclosing(client.stream(job)) as events:
+        if previews is not None:
+            previews.mkdir(parents=True, exist_ok=True)
+        async with contextlib.aclosing(client.stream(job, previews=previews is not None)) as events:
             async for event in events:
+                if event.preview is not None and previews is not None:
+                    path = event.preview.save(
+                        previews / f"{job.id}-step-{event.preview.step:03d}.jpg"
+                    )
+                    bar.console.print(f"preview {path}", soft_wrap=True, highlight=False)
+                    continue
                 _show(bar, task, event.job)
                 if event.job.is_terminal:
                     return event.job

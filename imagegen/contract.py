@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -164,6 +165,11 @@ class JobSpec(BaseModel):
         return (self.seed + index) % (SEED_MAX + 1)
 
     @property
+    def megapixel_steps(self) -> float:
+        """What the job costs a key's daily quota: width*height/1e6 * steps * n."""
+        return self.width * self.height / 1e6 * self.steps * self.n
+
+    @property
     def shape_key(self) -> tuple[int, int, int, str]:
         """Jobs that share this key can share one denoising loop."""
         return (self.width, self.height, self.steps, self.scheduler)
@@ -201,6 +207,33 @@ class JobError(BaseModel):
     message: str
 
 
+# Events a webhook may ask for (API.md "Webhooks"); the default is the terminal three.
+WEBHOOK_EVENTS: tuple[str, ...] = ("running", "succeeded", "failed", "canceled")
+DEFAULT_WEBHOOK_EVENTS: tuple[str, ...] = ("succeeded", "failed", "canceled")
+
+
+class WebhookTarget(BaseModel):
+    """Where a job's events are posted, and which (checked at the edge)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    events: list[str]
+
+
+class WebhookDelivery(BaseModel):
+    """One attempt to deliver an event: when, the answer's status code or the error, and
+    the outcome so far (`delivered`; `retrying`; `failed`: given up, the last attempt)."""
+
+    event: str
+    webhook_id: str
+    attempt: int
+    at: float
+    status_code: int | None = None
+    error: str | None = None
+    outcome: str
+
+
 class JobRecord(BaseModel):
     """The job as stored in Redis (one hash per job, see `Keys.job`)."""
 
@@ -221,6 +254,8 @@ class JobRecord(BaseModel):
     attempts: int = 0
     timeout_s: float = 0.0  # the run's time limit, set at submit (0 = none)
     deadline: float | None = None  # started_at + timeout_s while running
+    webhook: WebhookTarget | None = None
+    webhook_deliveries: list[WebhookDelivery] = Field(default_factory=list)
 
 
 class ModelInfo(BaseModel):
@@ -301,6 +336,16 @@ class Keys:
         return f"{Keys.PREFIX}:job:{job_id}:events"
 
     @staticmethod
+    def previews(job_id: str) -> str:
+        """Channel of the job's preview pictures (JSON `{"step", "image"}`)."""
+        return f"{Keys.PREFIX}:job:{job_id}:previews"
+
+    @staticmethod
+    def previews_wanted(job_id: str) -> str:
+        """Set, with a short TTL, while a client watches the job's previews."""
+        return f"{Keys.PREFIX}:job:{job_id}:previews-wanted"
+
+    @staticmethod
     def idempotency(digest: str) -> str:
         return f"{Keys.PREFIX}:idempotency:{digest}"
 
@@ -331,6 +376,42 @@ class Keys:
 
     JOB_STATS = f"{PREFIX}:stats:jobs"
 
+    # Per API key (by name, "" for an open service), cluster-wide: jobs by final status,
+    # megapixel-steps run, webhook deliveries by outcome ("<name>|<counter>" fields).
+    KEY_STATS = f"{PREFIX}:stats:keys"
+
+    @staticmethod
+    def key_queue(model_id: str, key_name: str) -> str:
+        """Sorted set of one key's queued jobs of a model, scored as in the model's queue:
+        where the key's next job goes in the fair order."""
+        return f"{Keys.PREFIX}:queue:{model_id}:key:{key_name}"
+
+    @staticmethod
+    def fair_round(model_id: str) -> str:
+        """The round of the model's last claimed job (fair order: one job per key a round)."""
+        return f"{Keys.PREFIX}:fair:{model_id}"
+
+    @staticmethod
+    def active(key_name: str) -> str:
+        """Count of a key's queued and running jobs (deleted at 0)."""
+        return f"{Keys.PREFIX}:active:{key_name}"
+
+    @staticmethod
+    def usage(day: str, key_name: str) -> str:
+        """A key's use on one UTC day: megapixel_steps charged, jobs by final status."""
+        return f"{Keys.PREFIX}:usage:{day}:{key_name}"
+
+    # Webhook outbox: one hash per delivery (written with the job's transition, deleted once
+    # delivered or given up) and the deliveries by when they are due next.
+    WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+    WEBHOOKS_BELL = f"{PREFIX}:webhooks:bell"
+    # The secret each key's webhook secret derives from, when IMAGEGEN_WEBHOOK_SECRET is unset.
+    WEBHOOK_MASTER = f"{PREFIX}:webhook-master"
+
+    @staticmethod
+    def webhook(message_id: str) -> str:
+        return f"{Keys.PREFIX}:webhook:{message_id}"
+
     @staticmethod
     def run_seconds(model_id: str) -> str:
         return f"{Keys.PREFIX}:stats:run_seconds:{model_id}"
@@ -347,6 +428,11 @@ class Keys:
     def model_workers(model_id: str) -> str:
         """Sorted set of worker names by last heartbeat time."""
         return f"{Keys.PREFIX}:model:{model_id}:workers"
+
+
+def utc_day(ts: float) -> str:
+    """The UTC date of unix time `ts`, as a quota's day is named: YYYY-MM-DD."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
 def is_valid_job_id(value: str) -> bool:

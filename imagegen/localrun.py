@@ -1,4 +1,5 @@
-"""`imagegen serve`: the whole service on one machine — Redis, the gateway and one worker.
+"""`imagegen serve`: the whole service on one machine — Redis, the gateway, the webhook
+delivery process and one worker.
 
 Each part runs as its own process, exactly as in a deployment; Ctrl-C (or SIGTERM) stops the
 worker and the gateway gracefully, then Redis.
@@ -36,7 +37,8 @@ def _stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
 
 
 def serve(settings: Settings, data_dir: Path, workers: int = 1) -> int:
-    """Run Redis, the gateway and `workers` workers until interrupted."""
+    """Run Redis, the gateway, the webhook delivery process and `workers` workers until
+    interrupted."""
     # With IMAGEGEN_REDIS_PASSWORD set (say, by a .env made for compose), the local Redis asks
     # for it too, so the gateway and workers that send it are let in.
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
@@ -59,6 +61,7 @@ def serve(settings: Settings, data_dir: Path, workers: int = 1) -> int:
             worker_env.setdefault("OMP_NUM_THREADS", "1")
         for _ in range(workers):
             processes.append(_spawn([sys.executable, "-m", "imagegen", "worker"], worker_env))
+        processes.append(_spawn([sys.executable, "-m", "imagegen", "webhooks"], env))
         processes.append(_spawn([sys.executable, "-m", "imagegen", "api"], env))
         base = f"http://{settings.host}:{settings.port}"
         announced = False

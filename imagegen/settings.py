@@ -97,6 +97,60 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(
         1000, ge=1, description="Jobs a model's queue may hold; 429 queue_full past it."
     )
+    max_active_jobs: int = Field(
+        0,
+        ge=0,
+        description="Jobs (queued + running) one API key may have at once, past which a "
+        "submit is 429 too_many_jobs; 0 = unlimited. A key's `max_active_jobs=` in the key "
+        "file overrides it (there, 0 = none allowed).",
+    )
+    daily_quota_megapixel_steps: float = Field(
+        0,
+        ge=0,
+        description="Megapixel-steps (width*height/1e6 * steps * n) one API key may submit "
+        "per UTC day, past which a submit is 429 quota_exceeded; 0 = unlimited. A key's "
+        "`daily_quota_megapixel_steps=` in the key file overrides it (there, 0 = none).",
+    )
+    max_streams_per_key: int = Field(
+        100,
+        ge=1,
+        description="Event streams one API key may hold open on one gateway process; 429 "
+        "too_many_streams past it.",
+    )
+    webhook_allowed_hosts: str | None = Field(
+        None,
+        description="Comma-separated hosts and CIDRs that webhooks may reach although they "
+        "are loopback, private or link-local (and over http too), e.g. "
+        "`hooks.internal,10.1.0.0/16`; unset = public https destinations only.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Master secret that each API key's webhook signing secret is derived "
+        "from (HMAC with the key's name; `GET /v1/webhook-secret` shows a key its own); unset "
+        "= one made at random, kept in Redis. A key's `webhook_secret=whsec_...` in the key "
+        "file overrides its own (gateway, webhook delivery).",
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, description="Time limit of each phase (connect, send, answer) of a delivery."
+    )
+    webhook_retry_first_s: float = Field(
+        5.0,
+        gt=0,
+        description="Wait before the first retry of a failed delivery; each later wait doubles "
+        "(with jitter) up to IMAGEGEN_WEBHOOK_RETRY_MAX_S.",
+    )
+    webhook_retry_max_s: float = Field(
+        600.0, gt=0, description="Longest wait between two attempts of one delivery."
+    )
+    webhook_retry_for_s: float = Field(
+        3 * 3600.0,
+        gt=0,
+        description="How long a delivery is retried before it is given up (a final `failed` "
+        "record on the job); the contract asks for at least an hour.",
+    )
+    webhook_concurrency: int = Field(
+        8, ge=1, description="Deliveries one webhook delivery process sends at once."
+    )
     cors_origins: str | None = Field(
         None,
         description="Comma-separated origins allowed by CORS; unset = no CORS headers at all.",
@@ -261,6 +315,12 @@ class Settings(BaseSettings):
         None,
         description="File the worker rewrites after each heartbeat Redis took; "
         "`imagegen check-worker` reads it (container healthcheck).",
+    )
+    preview_interval_s: float = Field(
+        0.5,
+        gt=0,
+        description="Least time between two live previews of one job (only made while a "
+        "client watches them: `/events?previews=true`).",
     )
     progress_interval_s: float = Field(
         0.1, gt=0, description="Least time between two progress writes of one job."

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from imagegen.contract import ImageInfo, JobError, JobRecord, JobSpec, JobStatus, Keys
+from imagegen.contract import (
+    ImageInfo,
+    JobError,
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    Keys,
+    WebhookDelivery,
+    WebhookTarget,
+)
 
 RUN_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -54,7 +64,27 @@ def record_from_hash(job_id: str, raw: Mapping[str, str]) -> JobRecord:
         attempts=int(raw.get("attempts") or 0),
         timeout_s=float(raw.get("timeout_s") or 0),
         deadline=deadline or None,
+        webhook=WebhookTarget.model_validate_json(hook) if (hook := raw.get("webhook")) else None,
+        webhook_deliveries=[
+            WebhookDelivery.model_validate(d) for d in _json_list(raw.get("webhook_deliveries"))
+        ],
     )
+
+
+def _json_list(raw: str | None) -> list[Any]:
+    """A JSON list field; Lua's cjson writes an empty list as `{}`."""
+    value = json.loads(raw) if raw else []
+    return value if isinstance(value, list) else []
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    """One key's books for a day."""
+
+    day: str
+    megapixel_steps: float
+    active_jobs: int
+    jobs: dict[str, int]
 
 
 class JobStore:
@@ -85,6 +115,37 @@ class JobStore:
         buckets = [(str(b), fields.get(f"le:{b}", 0.0)) for b in RUN_SECONDS_BUCKETS]
         buckets.append(("+Inf", fields.get("count", 0.0)))
         return buckets, fields.get("sum", 0.0)
+
+    def usage(self, key_name: str, day: str) -> KeyUsage:
+        """A key's use on UTC `day` and its jobs queued or running now."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(Keys.usage(day, key_name))
+            pipe.get(Keys.active(key_name))
+            raw, active = pipe.execute()
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        return KeyUsage(
+            day=day,
+            megapixel_steps=round(max(float(fields.get("megapixel_steps") or 0), 0.0), 6),
+            active_jobs=max(int(active or 0), 0),
+            jobs={s: int(fields.get(s) or 0) for s in ("succeeded", "failed", "canceled")},
+        )
+
+    def active_jobs(self, key_names: list[str]) -> list[int]:
+        """Each key's jobs queued or running now (one round trip)."""
+        if not key_names:
+            return []
+        values: list[bytes | None] = self.redis.mget([Keys.active(n) for n in key_names])  # type: ignore[assignment]
+        return [max(int(v or 0), 0) for v in values]
+
+    def key_stats(self) -> dict[str, dict[str, float]]:
+        """Per key name, its cluster-wide totals: jobs by final status, megapixel_steps,
+        webhook deliveries by outcome (`webhook_<outcome>`)."""
+        raw: dict[bytes, bytes] = self.redis.hgetall(Keys.KEY_STATS)  # type: ignore[assignment]
+        out: dict[str, dict[str, float]] = {}
+        for field, value in raw.items():
+            name, _, counter = field.decode().rpartition("|")
+            out.setdefault(name, {})[counter] = float(value)
+        return out
 
     def get_image(self, job_id: str, index: int) -> bytes | None:
         value: bytes | None = self.redis.get(Keys.image(job_id, index))  # type: ignore[assignment]

@@ -277,6 +277,9 @@ def _keep_generation_rules(body: dict[str, Any]) -> None:
     _keep_scheduler_minimum(body)
     _keep_image_rules(body)
     _drop_adapters(body)
+    if isinstance(body.get("webhook"), dict):
+        # A public https destination (whether or not the name resolves here, it is accepted).
+        body["webhook"]["url"] = "https://hooks.example.com/imagegen"
 
 
 def _keep_image_rules(body: dict[str, Any]) -> None:
@@ -317,6 +320,7 @@ def _keep_openai_answer_quick(body: dict[str, Any]) -> None:
     if body.get("size") not in (None, "auto"):
         body["size"] = "64x64"
     _keep_scheduler_minimum(body)
+    _keep_image_rules(body)  # again: fewer steps may leave strength x steps below one step
     _drop_adapters(body)
 
 

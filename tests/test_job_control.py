@@ -109,10 +109,11 @@ def test_hundred_concurrent_streams_complete_and_leave_nothing_behind(
         assert _gauge(client, "imagegen_gateway_event_streams") == 0
         assert _gauge(client, "imagegen_gateway_asyncio_tasks") <= tasks_before
     connections, subscriptions = _redis_clients(redis_conn)
-    # A stream holds no Redis connection or subscription of its own: the one pattern
-    # subscription is all there is, before and after. Pooled connections stay open for reuse
-    # by design, within the two pools' bound (sync and async, 64 each by default).
-    assert subscriptions == redis_before[1] == 1
+    # A stream holds no Redis connection or subscription of its own: the hub's two pattern
+    # subscriptions (events, previews) on one connection are all there are, before and
+    # after. Pooled connections stay open for reuse by design, within the two pools' bound
+    # (sync and async, 64 each by default).
+    assert subscriptions == redis_before[1] == 2
     assert connections <= 2 * 64 + 1, (redis_before, connections)
 
 

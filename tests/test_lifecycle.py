@@ -56,6 +56,8 @@ STRUCTURAL = (
     Keys.RUNNING_MODELS,
     Keys.QUEUE_SEQ,
     Keys.JOB_STATS,
+    Keys.KEY_STATS,
+    Keys.WEBHOOK_MASTER,
 )
 STRUCTURAL_PREFIXES = (
     Keys.queue(""),
@@ -63,6 +65,8 @@ STRUCTURAL_PREFIXES = (
     Keys.run_seconds(""),
     f"{Keys.PREFIX}:model:",
     f"{Keys.PREFIX}:rate:",
+    # The round each model's fair order serves (one short value per model).
+    f"{Keys.PREFIX}:fair:",
 )
 REQUESTS = [
     {"prompt": "crash me", "seed": 3, "steps": 6, "n": 2},

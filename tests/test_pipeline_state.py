@@ -117,9 +117,9 @@ class _RecordingLifecycle:
     def __init__(self) -> None:
         self.steps: list[int] = []
 
-    def progress(self, _job_id: str, step: int, _owner: str) -> str:
+    def progress(self, _job_id: str, step: int, _owner: str) -> tuple[str, bool]:
         self.steps.append(step)
-        return JobStatus.RUNNING.value
+        return JobStatus.RUNNING.value, False
 
 
 def test_progress_stays_on_the_requests_scale_when_the_scheduler_runs_an_extra_step() -> None:

@@ -16,9 +16,10 @@ differ from its solo run by a few rounding steps (bench/batch_equivalence.py mea
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -28,10 +29,21 @@ from PIL import Image
 
 from imagegen.contract import JobSpec
 from worker.pipeline import LoadedModel
+from worker.previews import estimate_x0
 from worker.schedulers import build_scheduler
 
 # on_step(done, total): `done` of the `total` denoising steps the loop runs are finished.
 StepCallback = Callable[[int, int], None]
+
+
+class PreviewHook(Protocol):
+    """A job's live previews (worker.progress.JobProgress): asked before each step whether
+    one is due, then shown the estimate of the job's first image's clean latents."""
+
+    def due(self) -> bool: ...
+
+    def show(self, done: int, total: int, latents: torch.Tensor) -> None: ...
+
 
 # Pixels one VAE decode call covers when not batch-invariant: 8 images of 512x512.
 DECODE_PIXELS = 8 * 512 * 512
@@ -53,6 +65,7 @@ class BatchItem:
     mask: Image.Image | None = None
     # The job's control image (its spec's `control`), already at the output size.
     control_image: Image.Image | None = None
+    preview: PreviewHook | None = None
 
 
 BatchResult = list[Image.Image] | Exception
@@ -289,6 +302,7 @@ class _Loop:
             if hasattr(scheduler, "scale_model_input"):
                 model_input = scheduler.scale_model_input(latents, t)
             noise_pred = self._predict(model_input, t, i, len(timesteps))
+            self._previews(i + 1, len(timesteps), model_input, noise_pred, t)
             extra: dict[str, Any] = {}
             if "eta" in step_params:
                 extra["eta"] = 0.0
@@ -383,6 +397,31 @@ class _Loop:
             self.inputs["image_latents"], self.inputs["noise"], latent_timestep
         )
         return start
+
+    def _previews(
+        self,
+        step: int,
+        total: int,
+        model_input: torch.Tensor,
+        noise_pred: torch.Tensor,
+        t: torch.Tensor,
+    ) -> None:
+        """Show the jobs whose preview is due the clean latents their first image's noise
+        prediction implies. Reads the tensors, writes none: the images stay as they were."""
+        for job, first, _end in self.spans:
+            hook = self.items[job].preview
+            if hook is None or not hook.due():
+                continue
+            try:
+                x0 = estimate_x0(
+                    self.scheduler,
+                    model_input[first : first + 1],
+                    noise_pred[first : first + 1],
+                    t,
+                )
+                hook.show(step, total, x0[0])
+            except Exception:  # a preview is a courtesy: it never fails its job
+                logging.getLogger("imagegen.worker").warning("preview failed", exc_info=True)
 
     def _report(self, step: int, total: int) -> set[int]:
         """Call each live job's on_step; the jobs whose callback raised, now finished."""

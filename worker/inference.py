@@ -13,8 +13,16 @@ import torch
 
 from imagegen.contract import JobSpec
 from worker import edits
-from worker.batch_loop import BatchItem, BatchResult, StepCallback, run_batch, supports_batching
+from worker.batch_loop import (
+    BatchItem,
+    BatchResult,
+    PreviewHook,
+    StepCallback,
+    run_batch,
+    supports_batching,
+)
 from worker.pipeline import LoadedModel
+from worker.previews import fit_projection
 from worker.schedulers import build_scheduler
 
 log = logging.getLogger("imagegen.worker")
@@ -38,6 +46,8 @@ class Inference:
         # The dtypes the pipeline was loaded in. Some stock pipelines change them mid-call and
         # change them back only on success (SDXL upcasts its fp16 VAE to fp32 for the decode):
         # after any failure they are put back, or every later job would fail.
+        # Live previews: the model's latent -> RGB map, fitted once, deterministically.
+        self.previews = fit_projection(model.pipe)
         self._dtypes: dict[str, torch.dtype] = {
             name: _dtype_of(component)
             for name, component in model.pipe.components.items()
@@ -74,7 +84,12 @@ class Inference:
                 try:
                     results.append(
                         self.generate(
-                            item.spec, item.on_step, on_loop_step, image=item.image, mask=item.mask
+                            item.spec,
+                            item.on_step,
+                            on_loop_step,
+                            image=item.image,
+                            mask=item.mask,
+                            preview=item.preview,
                         )
                     )
                 except Exception as exc:
@@ -94,6 +109,7 @@ class Inference:
         on_loop_step: LoopStepCallback | None = None,
         image: Any = None,
         mask: Any = None,
+        preview: PreviewHook | None = None,
     ) -> list[Any]:
         """Run the stock pipeline for one spec and return PIL images, image i seeded seed + i.
 
@@ -102,7 +118,9 @@ class Inference:
         mode keeps image i byte-identical to the same seed generated alone (n=1).
         """
         if not self.model.batch_invariant or spec.n == 1:
-            return self._call(spec, list(range(spec.n)), on_step, on_loop_step, image, mask)
+            return self._call(
+                spec, list(range(spec.n)), on_step, on_loop_step, image, mask, preview
+            )
         images: list[Any] = []
         for i in range(spec.n):
 
@@ -111,7 +129,7 @@ class Inference:
                 if on_step is not None:
                     on_step(before * total + done, spec.n * total)
 
-            images += self._call(spec, [i], scaled, on_loop_step, image, mask)
+            images += self._call(spec, [i], scaled, on_loop_step, image, mask, preview)
         return images
 
     def _call(
@@ -122,6 +140,7 @@ class Inference:
         on_loop_step: LoopStepCallback | None,
         image: Any = None,
         mask: Any = None,
+        preview: PreviewHook | None = None,
     ) -> list[Any]:
         pipe = edits.stock_pipeline(self.model.pipe, spec.task, self._stock)
         inputs: dict[str, Any] = {"width": spec.width, "height": spec.height}
@@ -139,9 +158,18 @@ class Inference:
         def callback(pipe_: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if on_loop_step is not None:
                 on_loop_step(step, len(indices))
+            total = getattr(pipe_, "num_timesteps", spec.steps)
+            latents = kwargs.get("latents")
+            if preview is not None and latents is not None and preview.due():
+                # The stock call shares no noise prediction: the preview shows the current
+                # (noisy) latents rather than the clean estimate. It never fails the job.
+                try:
+                    preview.show(step + 1, total, latents[0])
+                except Exception:
+                    log.warning("preview failed", exc_info=True)
             if on_step is not None:
                 try:
-                    on_step(step + 1, getattr(pipe_, "num_timesteps", spec.steps))
+                    on_step(step + 1, total)
                 except Exception as exc:
                     exc.raised_by_callback = True  # type: ignore[attr-defined]
                     raise

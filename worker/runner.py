@@ -75,7 +75,11 @@ class JobRunner:
         self.metrics = metrics
         self.crash = crash or CrashPoint(None)
         self.progress = ProgressReporter(
-            lifecycle, settings.progress_interval_s, settings.fault_injection, self.crash
+            lifecycle,
+            settings.progress_interval_s,
+            settings.fault_injection,
+            self.crash,
+            settings.preview_interval_s,
         )
         # PNG encoding is zlib, which runs without the GIL: a batch's images encode in
         # parallel instead of one after another while the GPU waits for the next loop.
@@ -134,17 +138,21 @@ class JobRunner:
             ]
             rest = iter(self._infer(runnable) if runnable else [])
             return [x if isinstance(x, Exception) else next(rest) for x in loaded]
-        items = [
-            BatchItem(
-                job.record.spec,
-                self.progress.for_job(job),
-                image=inputs.get("image"),
-                mask=inputs.get("mask"),
-                control_image=inputs.get("control"),
+        items = []
+        for job, inputs in zip(batch, loaded, strict=True):
+            if isinstance(inputs, Exception):
+                continue
+            progress = self.progress.for_job(job, self.inference.previews)
+            items.append(
+                BatchItem(
+                    job.record.spec,
+                    progress,
+                    image=inputs.get("image"),
+                    mask=inputs.get("mask"),
+                    control_image=inputs.get("control"),
+                    preview=progress,
+                )
             )
-            for job, inputs in zip(batch, loaded, strict=True)
-            if not isinstance(inputs, Exception)
-        ]
         on_loop_step = self.metrics.step_clock()
         if self.settings.fault_injection:
             on_loop_step = faults.memory_limited(on_loop_step, [j.record.spec for j in batch])

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
+from fastapi.sse import EventSourceResponse
 
 from app.auth import PrincipalDep
 from app.deps import MemoryDep, ServiceDep
-from app.events import EventHub, job_event_stream
+from app.errors import TooManyStreams
+from app.events import EventHub, sse_stream
 from app.images_in import limit_body_without_images
 from app.schemas import GenerationRequest, JobDocument
+from imagegen.contract import JobRecord
+from imagegen.settings import Settings
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -97,19 +99,42 @@ async def _existing_job(
     return await anyio.to_thread.run_sync(service.get, job_id, principal.name)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse)
+@router.get(
+    "/{job_id}/events",
+    # The stream is formatted by app.events (once per job for all listeners), not by
+    # FastAPI's per-stream SSE encoder; the schema of its events is set in app.main.
+    response_class=Response,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Successful Response"}},
+)
 async def stream_generation_events(
     request: Request,
     service: ServiceDep,
     principal: PrincipalDep,
     first: Annotated[JobDocument, Depends(_existing_job)],
     job_id: str = JobId,
-) -> AsyncIterator[ServerSentEvent]:
+    previews: Annotated[
+        Literal["true", "false"],
+        Query(
+            description='Add `preview` events: `{"step", "image": "data:image/jpeg;'
+            'base64,..."}`, a small picture of the current estimate, at most one every '
+            "IMAGEGEN_PREVIEW_INTERVAL_S.",
+        ),
+    ] = "false",
+) -> EventSourceResponse:
     """Server-Sent Events: the current state, every transition and progress, then the end."""
     hub: EventHub = request.app.state.events
+    settings: Settings = request.app.state.settings
+    if hub.streams_of(principal.name) >= settings.max_streams_per_key:
+        raise TooManyStreams(
+            f"this API key has {settings.max_streams_per_key} event streams open on this "
+            "server, its limit (IMAGEGEN_MAX_STREAMS_PER_KEY); close one, or poll",
+            headers={"Retry-After": "5"},
+        )
 
-    async def read(job: str) -> JobDocument:
-        return await anyio.to_thread.run_sync(service.get, job, principal.name)
+    async def read(job: str) -> tuple[JobRecord, JobDocument]:
+        return await anyio.to_thread.run_sync(service.read_for_events, job)
 
-    async for event in job_event_stream(hub, first.id, read):
-        yield event
+    return EventSourceResponse(
+        sse_stream(hub, first.id, read, principal.name, previews == "true"),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -23,8 +23,11 @@ from ._errors import (
     NotFound,
     PayloadTooLarge,
     QueueFull,
+    QuotaExceeded,
     RateLimited,
     RequestTimeout,
+    TooManyJobs,
+    TooManyStreams,
     TransportError,
     Unauthorized,
     Unavailable,
@@ -41,10 +44,13 @@ from ._types import (
     Job,
     JobStatus,
     Model,
+    Preview,
     Progress,
     Timings,
+    Usage,
 )
 from ._version import __version__
+from ._webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -73,15 +79,22 @@ __all__ = [
     "NetworkError",
     "NotFound",
     "PayloadTooLarge",
+    "Preview",
     "Progress",
     "QueueFull",
+    "QuotaExceeded",
     "RateLimited",
     "RequestTimeout",
     "RetryPolicy",
     "Timings",
+    "TooManyJobs",
+    "TooManyStreams",
     "TransportError",
     "Unauthorized",
     "Unavailable",
+    "Usage",
     "WaitTimeout",
+    "WebhookVerificationError",
     "__version__",
+    "verify_webhook",
 ]

@@ -34,7 +34,7 @@ from ._errors import (
     TransportError,
     WaitTimeout,
 )
-from ._types import Event, EventName, Job
+from ._types import Event, EventName, Job, Preview
 from ._version import __version__
 
 log = logging.getLogger("imagegen_client")
@@ -182,6 +182,7 @@ class ClientConfig:
 # -- paths and bodies ---------------------------------------------------------------------------
 GENERATIONS = "/v1/generations"
 MODELS = "/v1/models"
+USAGE = "/v1/usage"
 
 
 def job_id_of(job: JobRef) -> str:
@@ -196,8 +197,8 @@ def image_path(job: JobRef, index: int) -> str:
     return job_path(job, f"/images/{int(index)}")
 
 
-def events_path(job: JobRef) -> str:
-    return job_path(job, "/events")
+def events_path(job: JobRef, previews: bool = False) -> str:
+    return job_path(job, "/events?previews=true" if previews else "/events")
 
 
 def lora_list(
@@ -383,7 +384,9 @@ def poll_delays(deadline: Deadline | None) -> Iterator[float]:
 
 
 # -- Server-Sent Events -------------------------------------------------------------------------
-EVENT_NAMES = frozenset({"queued", "running", "progress", "succeeded", "failed", "canceled"})
+EVENT_NAMES = frozenset(
+    {"queued", "running", "progress", "preview", "succeeded", "failed", "canceled"}
+)
 
 
 def check_event_stream(response: httpx.Response) -> None:
@@ -402,6 +405,7 @@ class SSEDecoder:
     def __init__(self) -> None:
         self._name = ""
         self._data: list[str] = []
+        self._job: Job | None = None  # the last document: what a preview event refers to
 
     def feed(self, line: str) -> Event | None:
         """Take one line (without its line break); return an event when one is complete."""
@@ -424,7 +428,13 @@ class SSEDecoder:
             return None
         try:
             document = json.loads("\n".join(data))
+            if name == "preview":
+                preview = Preview(step=int(document["step"]), image=str(document["image"]))
+                if self._job is None:
+                    return None
+                return Event("preview", self._job, preview)
             job = Job.from_dict(document)
+            self._job = job
         except (ValueError, KeyError, TypeError) as exc:
             raise TransportError(
                 f"malformed {name!r} event in the job's event stream: {exc}"
@@ -473,6 +483,8 @@ class EventStreamState:
 
     def accept(self, event: Event) -> bool:
         """Whether to hand `event` on (a repeat after a reconnect is not)."""
+        if event.preview is not None:
+            return True
         if same_state(self.last, event):
             return False
         self.last, self.failures = event, 0

@@ -17,6 +17,7 @@ from ._base import (
     GENERATIONS,
     MODELS,
     SSE_HEADERS,
+    USAGE,
     ClientConfig,
     Deadline,
     EventStreamState,
@@ -43,7 +44,7 @@ from ._base import (
     transport_error,
 )
 from ._errors import APIError, ImagegenError, TransportError, WaitTimeout
-from ._types import Event, GeneratedImage, Generation, Job, Model
+from ._types import Event, GeneratedImage, Generation, Job, Model, Usage
 
 _C = TypeVar("_C", bound="Client")
 # One name for every wait, so that tests can skip the waiting.
@@ -144,10 +145,13 @@ class Client:
         outpaint: Mapping[str, int] | None = None,
         loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
         control: Mapping[str, Any] | None = None,
+        webhook: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
-        defaults. Without an `idempotency_key` one is made up, so retries never double a job."""
+        defaults. Without an `idempotency_key` one is made up, so retries never double a job.
+        `webhook` (`{"url": ..., "events": [...]}`): the job's events are POSTed there, signed
+        (check them with `verify_webhook`)."""
         body, headers = submit_parts(
             prompt,
             idempotency_key,
@@ -164,6 +168,7 @@ class Client:
                 **image_fields(image, mask, strength, outpaint),
                 "loras": lora_list(loras),
                 "control": control_object(control),
+                "webhook": dict(webhook) if webhook is not None else None,
             },
         )
         return job_from_response(self._request("POST", GENERATIONS, json=body, headers=headers))
@@ -180,10 +185,12 @@ class Client:
         """The PNG bytes of image `index` of a succeeded job."""
         return self._request("GET", image_path(job, index), headers={"Accept": "image/png"}).content
 
-    def stream(self, job: JobRef) -> Generator[Event, None]:
+    def stream(self, job: JobRef, *, previews: bool = False) -> Generator[Event, None]:
         """The job's events (`queued`, `running`, `progress`, ...) up to and including the
-        terminal one; the current state comes first. Reconnects if the connection drops."""
-        return self._stream(job, None)
+        terminal one; the current state comes first. Reconnects if the connection drops.
+        With `previews`, `preview` events too (`event.preview`: a small JPEG of the current
+        estimate, at most one every IMAGEGEN_PREVIEW_INTERVAL_S)."""
+        return self._stream(job, None, previews)
 
     def wait(self, job: JobRef, *, timeout: float | None = None) -> Job:
         """Block until the job finishes and return it. Raises `JobFailed`, `JobCanceled`, or
@@ -218,6 +225,7 @@ class Client:
         outpaint: Mapping[str, int] | None = None,
         loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
         control: Mapping[str, Any] | None = None,
+        webhook: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -240,6 +248,7 @@ class Client:
             outpaint=outpaint,
             loras=loras,
             control=control,
+            webhook=webhook,
             idempotency_key=idempotency_key,
         )
         try:
@@ -256,13 +265,20 @@ class Client:
         ]
         return Generation(done, images)
 
+    def usage(self) -> Usage:
+        """This API key's use of its limits today (UTC): megapixel-steps against the daily
+        quota, jobs queued or running against `max_active_jobs`, jobs that ended."""
+        return Usage.from_dict(self._request("GET", USAGE).json())
+
     def models(self) -> list[Model]:
         """The models the service offers, with their defaults and live workers."""
         data = self._request("GET", MODELS).json()
         return [Model.from_dict(entry) for entry in data["data"]]
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _stream(self, job: JobRef, deadline: Deadline | None) -> Generator[Event, None]:
+    def _stream(
+        self, job: JobRef, deadline: Deadline | None, previews: bool = False
+    ) -> Generator[Event, None]:
         state = EventStreamState(self._config, deadline)
         while True:
             if state.expired:
@@ -271,7 +287,10 @@ class Client:
             error: TransportError | None = None
             try:
                 request = self._http.build_request(
-                    "GET", events_path(job), headers=SSE_HEADERS, timeout=state.timeout()
+                    "GET",
+                    events_path(job, previews),
+                    headers=SSE_HEADERS,
+                    timeout=state.timeout(),
                 )
                 response = self._send(request, stream=True)
                 watchdog = _cut_at(deadline, response)

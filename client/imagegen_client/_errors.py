@@ -110,6 +110,19 @@ class RateLimited(APIError):
     """Too many requests for this API key; see `retry_after` (429)."""
 
 
+class TooManyJobs(RateLimited):
+    """The API key has its most jobs queued and running at once; wait for one to end (429)."""
+
+
+class QuotaExceeded(RateLimited):
+    """The API key used its daily megapixel-step quota; `retry_after` runs to the next UTC
+    midnight (429)."""
+
+
+class TooManyStreams(RateLimited):
+    """The API key has its most event streams open on this server (429)."""
+
+
 class QueueFull(APIError):
     """The model's queue is at its configured depth; see `retry_after` (429)."""
 
@@ -162,6 +175,9 @@ ERRORS_BY_CODE: dict[str, type[APIError]] = {
     "payload_too_large": PayloadTooLarge,
     "rate_limited": RateLimited,
     "queue_full": QueueFull,
+    "too_many_jobs": TooManyJobs,
+    "quota_exceeded": QuotaExceeded,
+    "too_many_streams": TooManyStreams,
     "unavailable": Unavailable,
     "internal": InternalError,
 }

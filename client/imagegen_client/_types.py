@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
-EventName = Literal["queued", "running", "progress", "succeeded", "failed", "canceled"]
+EventName = Literal["queued", "running", "progress", "preview", "succeeded", "failed", "canceled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 
 
@@ -177,11 +177,36 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Preview:
+    """A live preview (`stream(job, previews=True)`): a small JPEG of the job's current
+    estimate of its final image, at denoising `step`."""
+
+    step: int
+    image: str
+    """A `data:image/jpeg;base64,...` URI."""
+
+    @property
+    def jpeg(self) -> bytes:
+        """The JPEG bytes."""
+        import base64
+
+        return base64.b64decode(self.image.split(",", 1)[1])
+
+    def save(self, path: str | PathLike[str]) -> Path:
+        """Write the JPEG to `path`; returns the path."""
+        target = Path(path)
+        target.write_bytes(self.jpeg)
+        return target
+
+
+@dataclass(frozen=True)
 class Event:
-    """One Server-Sent Event of a job: its name and the job document at that moment."""
+    """One Server-Sent Event of a job: its name and the job document at that moment (for a
+    `preview` event, the last document the stream carried, and the picture in `preview`)."""
 
     name: EventName
     job: Job
+    preview: Preview | None = None
 
 
 @dataclass(frozen=True)
@@ -250,4 +275,28 @@ class Model:
             scheduler=str(data.get("scheduler", "")),
             schedulers=[str(name) for name in data.get("schedulers") or []],
             workers=int(data.get("workers", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """`GET /v1/usage`: the API key's use of its limits on one UTC day; None = unlimited."""
+
+    day: str
+    megapixel_steps: float
+    quota: float | None
+    active_jobs: int
+    max_active_jobs: int | None
+    jobs: Mapping[str, int]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Usage:
+        limit = data.get("max_active_jobs")
+        return cls(
+            day=str(data["day"]),
+            megapixel_steps=float(data.get("megapixel_steps") or 0),
+            quota=_optional_float(data.get("quota")),
+            active_jobs=int(data.get("active_jobs") or 0),
+            max_active_jobs=None if limit is None else int(limit),
+            jobs={str(k): int(v) for k, v in (data.get("jobs") or {}).items()},
         )

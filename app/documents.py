@@ -1,0 +1,88 @@
+"""The job document (API.md "GET /v1/generations/{id}") rendered from a job record: by the
+gateway, and by the webhook delivery process from the record as it was at a transition."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from app.schemas import (
+    ErrorInfo,
+    GenerationParams,
+    ImageLink,
+    JobDocument,
+    Progress,
+    Timings,
+    WebhookAttempt,
+    WebhookInfo,
+)
+from imagegen.contract import JobRecord, JobStatus
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def render_document(record: JobRecord, queue_position: int | None) -> JobDocument:
+    """The document of `record`; `queue_position` as the queue says (None: not queued)."""
+    spec = record.spec
+    images = [
+        ImageLink(
+            index=i.index,
+            seed=i.seed,
+            width=i.width,
+            height=i.height,
+            url=f"/v1/generations/{record.id}/images/{i.index}",
+        )
+        for i in record.images
+    ]
+    queued_s = run_s = None
+    if record.started_at is not None:
+        queued_s = round(record.started_at - record.created_at, 3)
+        if record.finished_at is not None:
+            run_s = round(record.finished_at - record.started_at, 3)
+    elif record.finished_at is not None:
+        queued_s = round(record.finished_at - record.created_at, 3)
+    webhook = None
+    if record.webhook is not None:
+        webhook = WebhookInfo(
+            url=record.webhook.url,
+            events=list(record.webhook.events),
+            deliveries=[
+                WebhookAttempt(
+                    event=d.event,
+                    webhook_id=d.webhook_id,
+                    attempt=d.attempt,
+                    at=rfc3339(d.at) or "",
+                    status_code=d.status_code,
+                    error=d.error,
+                    outcome=d.outcome,
+                )
+                for d in record.webhook_deliveries
+            ],
+        )
+    return JobDocument(
+        id=record.id,
+        status=record.status.value,
+        created_at=rfc3339(record.created_at) or "",
+        started_at=rfc3339(record.started_at),
+        finished_at=rfc3339(record.finished_at),
+        queue_position=queue_position if record.status == JobStatus.QUEUED else None,
+        progress=Progress(step=record.progress_step, total_steps=spec.steps, eta_s=_eta_s(record)),
+        request=GenerationParams(**spec.model_dump()),
+        images=images,
+        error=ErrorInfo(**record.error.model_dump()) if record.error else None,
+        timings=Timings(queued_s=queued_s, run_s=run_s),
+        webhook=webhook,
+    )
+
+
+def _eta_s(record: JobRecord) -> float | None:
+    """Seconds left at the step rate seen so far; None until a step rate is known."""
+    if record.status != JobStatus.RUNNING or not record.progress_step:
+        return None
+    if record.started_at is None or record.progress_at is None:
+        return None
+    per_step = (record.progress_at - record.started_at) / record.progress_step
+    return round(per_step * (record.spec.steps - record.progress_step), 2)

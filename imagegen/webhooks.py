@@ -1,0 +1,208 @@
+"""Webhooks, the parts the gateway and the delivery process share: where a webhook may go,
+each key's signing secret, the Standard Webhooks signature, and the retry schedule.
+
+A destination is checked twice: at submit (the gateway, so that a bad URL is a 422 naming
+`webhook.url`) and again at every delivery, after resolving its name then, against the
+addresses actually connected to (a name can be pointed at 169.254.169.254 after submit).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import random
+import secrets
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import redis
+
+from imagegen.contract import Keys
+from imagegen.settings import Settings
+
+MAX_URL_CHARS = 2000
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Refused(ValueError):
+    """A destination webhooks may not reach; the message says why."""
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """IMAGEGEN_WEBHOOK_ALLOWED_HOSTS: host names, and addresses or networks (CIDR)."""
+
+    hosts: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | None) -> AllowList:
+        hosts: set[str] = set()
+        networks: list[IPNetwork] = []
+        for item in (part.strip() for part in (text or "").split(",")):
+            if not item:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
+            except ValueError:
+                hosts.add(item.lower().rstrip("."))
+        return cls(frozenset(hosts), tuple(networks))
+
+    def names(self, host: str) -> bool:
+        """Whether `host` (a URL's host: a name or an address) is on the list."""
+        address = _address(host)
+        if address is None:
+            return host.lower().rstrip(".") in self.hosts
+        return self.holds(address)
+
+    def holds(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.networks)
+
+
+def _address(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def why_blocked(address: IPAddress) -> str | None:
+    """Why webhooks must not reach `address` (None: a public address)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address (where cloud metadata services answer)"
+    if address.is_private:
+        return "a private address"
+    if address.is_multicast or address.is_unspecified or not address.is_global:
+        return "not a public address"
+    return None
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A webhook URL taken apart."""
+
+    scheme: str
+    host: str
+    port: int
+
+
+def parse_url(url: str) -> Destination:
+    """The URL's scheme, host and port, or `Refused` naming what is wrong with its form."""
+    if len(url) > MAX_URL_CHARS:
+        raise Refused(f"must be at most {MAX_URL_CHARS} characters")
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        raise Refused("must not contain white space or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise Refused("is not a valid URL") from None
+    if parts.scheme not in ("http", "https"):
+        raise Refused("must be an https:// URL")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise Refused("must not carry credentials (user:password@); put a token in the path")
+    if not parts.hostname:
+        raise Refused("needs a host")
+    default = 443 if parts.scheme == "https" else 80
+    return Destination(parts.scheme, parts.hostname, port or default)
+
+
+def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address `host` resolves to now (an address literal: itself)."""
+    literal = _address(host)
+    if literal is not None:
+        return [literal]
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    found: list[IPAddress] = []
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if address not in found:
+            found.append(address)
+    return found
+
+
+def check_destination(
+    url: str,
+    allow: AllowList,
+    resolver: Callable[[str, int], list[IPAddress]] = resolve,
+) -> tuple[Destination, list[IPAddress]]:
+    """The URL's destination and the addresses it may be reached at, or `Refused`.
+
+    https only, and no loopback, private, link-local or otherwise non-public address (every
+    address the name resolves to is checked), unless the allow-list names the host (then
+    http is allowed too) or holds the address. `OSError` when the name does not resolve."""
+    destination = parse_url(url)
+    listed = allow.names(destination.host)
+    if destination.scheme != "https" and not listed:
+        raise Refused("must be an https:// URL (http only for IMAGEGEN_WEBHOOK_ALLOWED_HOSTS)")
+    addresses = resolver(destination.host, destination.port)
+    if not addresses:
+        raise OSError(f"{destination.host} resolves to no address")
+    for address in addresses:
+        reason = why_blocked(address)
+        if reason is not None and not listed and not allow.holds(address):
+            shown = destination.host
+            named = f"{shown} resolves to {address}, " if _address(shown) is None else ""
+            raise Refused(
+                f"{named}{reason}: webhooks go to public addresses only (an operator can "
+                "allow hosts with IMAGEGEN_WEBHOOK_ALLOWED_HOSTS)"
+            )
+    return destination, addresses
+
+
+# -- signing (Standard Webhooks) ----------------------------------------------------------------
+def derive_secret(master: bytes, key_name: str) -> str:
+    """A key's webhook secret, `whsec_` + base64 of 32 bytes: HMAC of its name."""
+    digest = hmac.new(master, b"imagegen webhook secret\x00" + key_name.encode(), "sha256")
+    return "whsec_" + base64.b64encode(digest.digest()).decode()
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header: `v1,` + base64 HMAC-SHA256 of `id.timestamp.body`."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    mac = hmac.new(key, signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+class Secrets:
+    """Each API key's webhook secret: its own from the key file, else derived from
+    IMAGEGEN_WEBHOOK_SECRET, else from a random master kept in Redis (made once, shared by
+    every gateway and delivery process)."""
+
+    def __init__(
+        self, connection: redis.Redis, settings: Settings, own: Mapping[str, str] | None = None
+    ) -> None:
+        self.redis = connection
+        self.settings = settings
+        self.own = dict(own or {})
+
+    def master(self) -> bytes:
+        if self.settings.webhook_secret is not None:
+            return self.settings.webhook_secret.get_secret_value().encode()
+        # Read each time (one round trip), never cached: every process then signs and
+        # verifies with what Redis holds now, even after Redis lost its data.
+        self.redis.set(Keys.WEBHOOK_MASTER, secrets.token_bytes(32), nx=True)
+        stored: bytes | None = self.redis.get(Keys.WEBHOOK_MASTER)  # type: ignore[assignment]
+        if not stored:
+            raise RuntimeError("the webhook master secret vanished from Redis")
+        return stored
+
+    def for_key(self, key_name: str) -> str:
+        return self.own.get(key_name) or derive_secret(self.master(), key_name)
+
+
+def retry_delay(attempt: int, first_s: float, max_s: float) -> float:
+    """The wait after failed attempt `attempt` (1-based): doubling from `first_s` up to
+    `max_s`, "equal jitter" (between half and all of it), so that retries spread out."""
+    ceiling = min(max_s, first_s * 2 ** min(attempt - 1, 60))
+    return random.uniform(ceiling / 2, ceiling)
