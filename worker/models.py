@@ -42,6 +42,7 @@ from worker.pipeline import (
     model_info,
     resolve_device,
     resolve_dtype,
+    tokenizer_of,
     weights_variant,
 )
 
@@ -279,7 +280,9 @@ class ModelManager:
             sample = int(sample if isinstance(sample, int) else sample[0])
             native = sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
             scheduler = self._scheduler_name(source)
-            info = model_info(model_id, card, native, scheduler, self.settings)
+            info = model_info(
+                model_id, card, native, scheduler, self.settings, tokenizer_of(source)
+            )
             entry = Entry(source, info)
             if Path(source).is_dir():
                 entry.estimate = self._estimate(Path(source))
