@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from app import images_in
 from app.errors import Conflict, InvalidRequest, NotFound, QueueFull, Unavailable
+from app.prompt_tokens import Encode, TokenCounters
 from app.registry import ModelRegistry
 from app.schemas import (
     ErrorInfo,
@@ -24,6 +25,7 @@ from app.schemas import (
     Progress,
     Timings,
 )
+from imagegen import prompts
 from imagegen.contract import (
     JOB_ID_PREFIX,
     SCHEDULER_MIN_STEPS,
@@ -70,6 +72,7 @@ class GenerationService:
         self.settings = settings
         self.lifecycle = Lifecycle(connection)
         self.submitter = AsyncSubmitter(async_connection)
+        self.token_counters = TokenCounters(async_connection)
 
     # -- submit ---------------------------------------------------------------------------------
     async def resolve(
@@ -79,7 +82,8 @@ class GenerationService:
         model_id = request.model or self.settings.default_model
         info = await self.registry.aget(model_id)
         known = await self.registry.amodel_ids() if info is None else []
-        return self._resolve(request, model_id, info, known, inputs)
+        encode = await self.token_counters.encoder(info) if info is not None else None
+        return self._resolve(request, model_id, info, known, inputs, encode)
 
     def prepare_inputs(self, request: GenerationRequest) -> images_in.PreparedInputs | None:
         """Decode, check and normalize the request's images (None: text-to-image). Blocking:
@@ -122,6 +126,7 @@ class GenerationService:
         info: ModelInfo | None,
         known: list[str],
         inputs: images_in.PreparedInputs | None = None,
+        encode: Encode | None = None,
     ) -> JobSpec:
         s = self.settings
         if info is None:
@@ -140,6 +145,14 @@ class GenerationService:
             raise InvalidRequest.for_field(
                 "negative_prompt", f"must be at most {s.max_prompt_chars} characters"
             )
+        if encode is not None and info.max_prompt_tokens is not None:
+            for field in ("prompt", "negative_prompt"):
+                text = getattr(request, field)
+                tokens = prompts.count_tokens(encode, text, info.prompt_weighting)
+                if tokens > info.max_prompt_tokens:
+                    raise InvalidRequest.for_field(
+                        field, prompts.too_long(tokens, info.max_prompt_tokens, model_id)
+                    )
         width = request.width if request.width is not None else info.width
         height = request.height if request.height is not None else info.height
         if inputs is not None:  # the input's size (grown by any outpaint) unless given

@@ -98,9 +98,10 @@ def max_prompt_tokens(window: int, chunks: int) -> int:
     return chunks * (window - 2)
 
 
-def too_long(field: str, tokens: int, limit: int, model: str) -> str:
-    """The one message for a prompt past its model's limit (gateway 422 and worker failure)."""
+def too_long(tokens: int, limit: int, model: str) -> str:
+    """The one message for a text past its model's limit; the gateway's 422 and the worker's
+    `invalid_request` failure both put the field's name before it (`prompt: ...`)."""
     return (
-        f"{field} is {tokens} tokens long for model {model!r}, past its limit of {limit} tokens "
+        f"{tokens} tokens for model {model!r} is past its limit of {limit} tokens "
         f"(max_prompt_tokens in GET /v1/models); shorten it"
     )

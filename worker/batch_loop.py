@@ -211,12 +211,9 @@ class _Loop:
         negatives = [text for text in negatives if not self._zero_negative(text)]
         texts = [s.prompt for s in specs] + negatives
         self._encode_texts(texts)
+        if len({self._embeddings[text].shape[1] for text in texts}) > 1:
+            self._encode_texts([""])  # pads a job's shorter text (only when lengths differ)
         self.text = {job: self._job_embeddings(job) for job in self.live}
-        if any(
-            t.cond.shape[1] != self.text[self.live[0]].cond.shape[1] for t in self.text.values()
-        ):
-            self._encode_texts([""])  # for padding, only where lengths differ
-            self.text = {job: self._job_embeddings(job) for job in self.live}
         first = self.text[self.live[0]]
         self.dtype = first.cond.dtype
         if self.sdxl:

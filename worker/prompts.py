@@ -69,7 +69,8 @@ class PromptEncoder:
         for field, text in (("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt)):
             tokens = self.count(text)
             if tokens > self.limit:
-                raise PromptTooLong(prompts.too_long(field, tokens, self.limit, spec.model))
+                message = prompts.too_long(tokens, self.limit, spec.model)
+                raise PromptTooLong(f"{field}: {message}")
 
     # -- encoding -------------------------------------------------------------------------------
     def prepare(self, text: str) -> Prepared:
@@ -79,17 +80,63 @@ class PromptEncoder:
             return Prepared(plain, None)
         return Prepared(plain, fragments)
 
+    def encode(self, prepared: Prepared, device: torch.device) -> Encoded:
+        """Embeddings of one text: the pipeline's own `encode_prompt` for a plain text within
+        one window, compel otherwise."""
+        if prepared.fragments is not None:
+            return self.encode_long(prepared, device)
+        out = self.pipe.encode_prompt(
+            prompt=[prepared.text],
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        return Encoded(out[0], out[2] if self.sdxl else None)
+
+    def stock_inputs(self, spec: JobSpec, count: int, device: torch.device) -> dict[str, Any]:
+        """The text arguments of a stock pipeline call for `count` images of `spec`: the
+        strings themselves when neither text has weights nor runs past one window (the call
+        is then exactly what it was before weighting existed), else the embeddings."""
+        prompt, negative = self.prepare(spec.prompt), self.prepare(spec.negative_prompt)
+        if (
+            prompt.fragments is None
+            and negative.fragments is None
+            and (prompt.text, negative.text) == (spec.prompt, spec.negative_prompt)
+        ):
+            # None, not "", when empty: SDXL encodes a None negative prompt as zeros
+            # (force_zeros_for_empty_prompt); SD 1.x/2.x encode None and "" alike.
+            return {
+                "prompt": [spec.prompt] * count,
+                "negative_prompt": [spec.negative_prompt] * count if spec.negative_prompt else None,
+            }
+        cond = self.encode(prompt, device)
+        embeds, pooled = cond.embeds, cond.pooled
+        out: dict[str, Any] = {}
+        zero = (
+            self.sdxl and not spec.negative_prompt and self.pipe.config.force_zeros_for_empty_prompt
+        )
+        if spec.guidance_scale > 1 and not zero:
+            # Given prompt embeddings, a stock pipeline needs the negative ones too (it would
+            # encode "" at the prompt's length, past the encoder's window).
+            uncond = self.encode(negative, device)
+            negative_embeds = uncond.embeds
+            if embeds.shape[1] != negative_embeds.shape[1]:
+                empty = self.encode(self.prepare(""), device).embeds
+                embeds, negative_embeds = pad_pair(embeds, negative_embeds, empty)
+            out["negative_prompt_embeds"] = torch.cat([negative_embeds] * count)
+            if uncond.pooled is not None:
+                out["negative_pooled_prompt_embeds"] = torch.cat([uncond.pooled] * count)
+        out["prompt_embeds"] = torch.cat([embeds] * count)
+        if pooled is not None:
+            out["pooled_prompt_embeds"] = torch.cat([pooled] * count)
+        return out
+
     def encode_long(self, prepared: Prepared, device: torch.device) -> Encoded:
         """Embeddings of a weighted or long text, window by window (compel)."""
         assert prepared.fragments is not None
         texts = [part for part, _ in prepared.fragments if part] or [""]
         weights = [w for part, w in prepared.fragments if part] or [1.0]
-        parts = [
-            provider.get_embeddings_for_weighted_prompt_fragments(
-                text_batch=[texts], fragment_weights_batch=[weights], device=device
-            )
-            for provider in self.providers(device)
-        ]
+        parts = [_weighted(provider, texts, weights, device) for provider in self.providers(device)]
         embeds = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         pooled = None
         if self.sdxl:
@@ -145,3 +192,24 @@ def pad_to(embeds: torch.Tensor, tokens: int, empty: torch.Tensor) -> torch.Tens
     window = empty.shape[1]
     fill = torch.cat([empty] * (missing // window + 1), dim=1)[:, :missing]
     return torch.cat([embeds, fill.to(embeds.dtype)], dim=1)
+
+
+def _weighted(
+    provider: Any, texts: list[str], weights: list[float], device: torch.device
+) -> torch.Tensor:
+    """[1, tokens, dim]: compel tokenizes the fragments, expands their weights to tokens and
+    encodes window by window; each window's token embeddings are then multiplied by their
+    weights and the window rescaled to its unweighted mean, as AUTOMATIC1111 weights."""
+    ids, token_weights, mask = provider.get_token_ids_and_expand_weights(texts, weights, device)
+    ones = torch.ones_like(token_weights)
+    z = provider.build_weighted_embedding_tensor(ids, ones, mask, device=device)
+    if bool((token_weights == 1).all()):
+        return z  # type: ignore[no-any-return]
+    window = provider.max_token_count
+    chunks = []
+    for start in range(0, z.shape[1], window):
+        chunk = z[:, start : start + window]
+        w = token_weights[start : start + window].to(chunk.dtype).view(1, -1, 1)
+        weighted = chunk * w
+        chunks.append(weighted * (chunk.mean() / weighted.mean()))
+    return torch.cat(chunks, dim=1)

@@ -18,7 +18,7 @@ def list_models(registry: RegistryDep, settings: SettingsDep, principal: Princip
     entries = []
     for status in registry.statuses():
         info = status.info
-        fields = info.model_dump(exclude={"max_pixels", "max_steps"})
+        fields = info.model_dump(exclude={"max_pixels", "max_steps", "tokenizer"})
         entries.append(
             ModelEntry(
                 **fields,
