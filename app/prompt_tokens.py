@@ -46,6 +46,9 @@ class TokenCounters:
             return None
         try:
             tokenizer = Tokenizer.from_str(raw.decode() if isinstance(raw, bytes) else raw)
+            # Saved tokenizers may pad or cut to their window: counting needs neither.
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
         except Exception as exc:  # a tokenizer this `tokenizers` cannot read
             log.warning("cannot read tokenizer %s of model %s: %s", digest[:12], info.id, exc)
             return None
