@@ -246,7 +246,9 @@ class _Loop:
             if guided:
                 pooled_uncond = torch.cat([t.pooled_uncond.expand(n, -1) for t, n in guided])  # type: ignore[union-attr]
         rows = [r for _, a, b in spans for r in range(a, b)]
-        cfg_rows = [r for job, a, b in spans if self._cfg(job) for r in range(a, b)]
+        # The guided jobs' rows, numbered within the group (the batch's numbers when the
+        # group is the whole batch).
+        cfg_rows = [i for i, r in enumerate(rows) if self._cfg(self._job_of(r, spans))]
         return _Group(
             spans=spans,
             rows=None if len(rows) == self.rows else _index(rows, self.device),
@@ -256,6 +258,10 @@ class _Loop:
             pooled_cond=pooled_cond,
             pooled_uncond=pooled_uncond,
         )
+
+    @staticmethod
+    def _job_of(row: int, spans: list[tuple[int, int, int]]) -> int:
+        return next(job for job, a, b in spans if a <= row < b)
 
     def _drop(self, jobs: set[int], latents: torch.Tensor) -> torch.Tensor:
         """Remove `jobs`' rows from the latents, the generators and the scheduler's history."""
@@ -482,12 +488,8 @@ class _Loop:
         parts: list[torch.Tensor] = []
         rows = model_input.shape[0]
         sample, context, pooled = model_input, group.cond, group.pooled_cond
-        cfg_rows = group.cfg_rows
-        if group.rows is not None:  # the group's own row numbers, from 0
-            local = {r: i for i, r in enumerate(group.rows.tolist())}
-            cfg_rows = _index([local[r] for r in group.cfg_rows.tolist()], self.device)
         if group.uncond is not None:
-            sample = torch.cat([model_input.index_select(0, cfg_rows), model_input])
+            sample = torch.cat([model_input.index_select(0, group.cfg_rows), model_input])
             context = torch.cat([group.uncond, group.cond])
             if group.pooled_cond is not None and group.pooled_uncond is not None:
                 pooled = torch.cat([group.pooled_uncond, group.pooled_cond])
@@ -599,7 +601,7 @@ class _Group:
 
     spans: list[tuple[int, int, int]]
     rows: torch.Tensor | None  # the batch rows they hold (None: all of them, in order)
-    cfg_rows: torch.Tensor  # the batch rows of their guided jobs
+    cfg_rows: torch.Tensor  # the rows of their guided jobs, numbered within the group
     cond: torch.Tensor
     uncond: torch.Tensor | None
     pooled_cond: torch.Tensor | None
