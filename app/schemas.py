@@ -353,6 +353,16 @@ class ModelEntry(BaseModel):
     schedulers: list[str]
     max_pixels: int = Field(description="Largest width*height this model accepts.")
     max_steps: int = Field(description="Largest `steps` this model accepts.")
+    max_prompt_tokens: int | None = Field(
+        None,
+        description="Longest `prompt` (and `negative_prompt`) in tokens of this model's own "
+        "tokenizer: its text encoder's windows a prompt may fill, each window's tokens less "
+        "its start and end markers. Longer prompts are refused (422), never cut.",
+    )
+    prompt_weighting: bool = Field(
+        False,
+        description="Whether `(word:1.3)`, `(word)` and `[word]` in prompts are read as weights.",
+    )
     workers: int = Field(description="Live workers able to load this model.")
     loaded: int = Field(description="Live workers holding this model warm (loaded) now.")
     available: bool = Field(

@@ -23,8 +23,10 @@ from app.errors import (
     TooManyJobs,
     Unavailable,
 )
+from app.prompt_tokens import Encode, TokenCounters
 from app.registry import ModelRegistry
 from app.schemas import GenerationRequest, JobDocument
+from imagegen import prompts
 from imagegen.contract import (
     JOB_ID_PREFIX,
     SCHEDULER_MIN_STEPS,
@@ -80,6 +82,7 @@ class GenerationService:
         self.settings = settings
         self.lifecycle = Lifecycle(connection)
         self.submitter = AsyncSubmitter(async_connection)
+        self.token_counters = TokenCounters(async_connection)
 
     # -- submit ---------------------------------------------------------------------------------
     async def resolve(
@@ -96,11 +99,12 @@ class GenerationService:
         model_id = request.model or self.settings.default_model
         info = await self.registry.aget(model_id)
         known = await self.registry.amodel_ids() if info is None else []
+        encode = await self.token_counters.encoder(info) if info is not None else None
         if request.control is None:
-            return self._resolve_with_blobs(request, model_id, info, known, inputs)
+            return self._resolve_with_blobs(request, model_id, info, known, inputs, encode)
         # Decoding an image is CPU work: off the event loop.
         return await anyio.to_thread.run_sync(
-            self._resolve_with_blobs, request, model_id, info, known, inputs
+            self._resolve_with_blobs, request, model_id, info, known, inputs, encode
         )
 
     def prepare_inputs(self, request: GenerationRequest) -> images_in.PreparedInputs | None:
@@ -150,8 +154,9 @@ class GenerationService:
         info: ModelInfo | None,
         known: list[str],
         inputs: images_in.PreparedInputs | None = None,
+        encode: Encode | None = None,
     ) -> JobSpec:
-        return self._resolve_with_blobs(request, model_id, info, known, inputs)[0]
+        return self._resolve_with_blobs(request, model_id, info, known, inputs, encode)[0]
 
     def _resolve_with_blobs(
         self,
@@ -160,6 +165,7 @@ class GenerationService:
         info: ModelInfo | None,
         known: list[str],
         inputs: images_in.PreparedInputs | None = None,
+        encode: Encode | None = None,
     ) -> tuple[JobSpec, dict[str, bytes]]:
         s = self.settings
         if info is None:
@@ -178,6 +184,14 @@ class GenerationService:
             raise InvalidRequest.for_field(
                 "negative_prompt", f"must be at most {s.max_prompt_chars} characters"
             )
+        if encode is not None and info.max_prompt_tokens is not None:
+            for field in ("prompt", "negative_prompt"):
+                text = getattr(request, field)
+                tokens = prompts.count_tokens(encode, text, info.prompt_weighting)
+                if tokens > info.max_prompt_tokens:
+                    raise InvalidRequest.for_field(
+                        field, prompts.too_long(tokens, info.max_prompt_tokens, model_id)
+                    )
         width = request.width if request.width is not None else info.width
         height = request.height if request.height is not None else info.height
         if inputs is not None:  # the input's size (grown by any outpaint) unless given

@@ -58,6 +58,9 @@ class ErrorCode(enum.StrEnum):
     # The worker could not load the job's model (missing, corrupt, too big for its memory
     # budget): the job fails at once rather than run on another model or loop on a reload.
     MODEL_UNAVAILABLE = "model_unavailable"
+    # The request broke a limit only the worker could check (a prompt past the model's
+    # max_prompt_tokens when the gateway could not count its tokens).
+    INVALID_REQUEST = "invalid_request"
 
 
 class InputRef(BaseModel):
@@ -274,6 +277,12 @@ class ModelInfo(BaseModel):
     max_steps: int | None = None
     adapters: list[AdapterInfo] = Field(default_factory=list)
     controls: list[AdapterInfo] = Field(default_factory=list)
+    # Prompts: the longest prompt in tokens of the model's own tokenizer (its text encoder's
+    # windows times the configured count), whether `(word:1.3)` weighting is read, and the
+    # sha256 of the tokenizer (`Keys.tokenizer`) the gateway counts with (None: it cannot).
+    max_prompt_tokens: int | None = None
+    prompt_weighting: bool = False
+    tokenizer: str | None = None
 
 
 class ServedModel(BaseModel):
@@ -354,6 +363,13 @@ class Keys:
         return f"{Keys.PREFIX}:model:{model_id}"
 
     MODELS = f"{PREFIX}:models"
+
+    @staticmethod
+    def tokenizer(digest: str) -> str:
+        """A model's tokenizer (the `tokenizers` JSON), by its sha256: workers write it, the
+        gateway counts prompt tokens with it."""
+        return f"{Keys.PREFIX}:tokenizer:{digest}"
+
     # Models that have (or had) a running set: the reaper sweeps every one of them.
     RUNNING_MODELS = f"{PREFIX}:running-models"
     # Order of submission across all queues (a queue is a sorted set scored by it).

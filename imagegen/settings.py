@@ -57,6 +57,18 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1, description="Largest `steps` a request may ask for.")
     max_n: int = Field(8, ge=1, description="Largest `n` (images per job).")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt / negative prompt.")
+    max_prompt_chunks: int = Field(
+        4,
+        ge=1,
+        description="Worker: text-encoder windows a prompt may fill (longer prompts are encoded "
+        "window by window and concatenated); with the window size it sets each model's "
+        "`max_prompt_tokens` (4 x 75 = 300 for CLIP).",
+    )
+    prompt_weighting: bool = Field(
+        True,
+        description="Worker: read `(word:1.3)`, `(word)`, `[word]` in prompts as weights "
+        "(off: brackets are plain text).",
+    )
     job_timeout_base_s: int = Field(
         120, ge=1, description="Fixed part of a job's hard time limit (covers queue overhead)."
     )

@@ -267,3 +267,61 @@ def test_compiled_batches_are_padded_to_warmed_sizes_and_never_compile_mid_job(
     finally:
         torch.compiler.set_stance("default")
         torch._dynamo.reset()
+
+
+# -- long and weighted prompts (worker/prompts.py) ------------------------------------------------
+# The tiny model's tokenizer is the built-in word-level one: a 32-token window, 30 words each.
+LONG_PROMPT = (
+    "a large (red:1.3) circle at the top left on a blue background, "
+    + ", ".join(["a small green square in the middle"] * 5)
+    + ", [white] edge"
+)
+
+
+def test_a_long_weighted_prompt_matches_the_stock_pipeline_given_the_same_embeddings(
+    model: LoadedModel,
+) -> None:
+    """Past one window the prompt is encoded window by window (here two) and weighted; the
+    batch loop's images are byte-identical to the stock pipeline's given the same
+    `prompt_embeds` / `negative_prompt_embeds` (the worker's stock path, `Inference.generate`)."""
+    assert model.prompts is not None
+    prepared = model.prompts.prepare(LONG_PROMPT)
+    assert prepared.fragments is not None
+    assert model.prompts.count(LONG_PROMPT) > model.prompts.window - 2
+    embeds = model.prompts.encode(prepared, model.device).embeds
+    assert embeds.shape[1] == 2 * model.prompts.window
+    spec = job(prompt=LONG_PROMPT, negative_prompt="blurry", n=2)
+    (result,) = run_batch(model, [BatchItem(spec)], invariant=True)
+    stock = Inference(model).generate(spec)
+    assert_identical(pixels(result), pixels(stock))
+    # And a long negative prompt with a short prompt: the prompt is the one padded.
+    spec = job(prompt="a red cube", negative_prompt=LONG_PROMPT, scheduler="dpmpp_2m")
+    (result,) = run_batch(model, [BatchItem(spec)], invariant=True)
+    assert_identical(pixels(result), pixels(Inference(model).generate(spec)))
+
+
+def test_long_and_short_prompts_share_a_batch(model: LoadedModel) -> None:
+    """A long prompt's job and short ones in one batch: byte-identical to their solo runs when
+    invariant; with one UNet call per context length otherwise, within the batching
+    tolerance."""
+    specs = [job(prompt=LONG_PROMPT, n=2), job(prompt="a green sphere", guidance_scale=1.0), job()]
+    for invariant in (True, False):
+        batched = run_batch(model, [BatchItem(s) for s in specs], invariant=invariant)
+        for spec, result in zip(specs, batched, strict=True):
+            (alone,) = run_batch(model, [BatchItem(spec)], invariant=True)
+            if invariant:
+                assert_identical(pixels(result), pixels(alone))
+            else:
+                assert max_diff(pixels(result), pixels(alone)) <= FAST_TOLERANCE
+
+
+def test_a_plain_prompt_reaches_the_stock_pipeline_as_text(model: LoadedModel) -> None:
+    """No weighting syntax and one window: the stock pipeline gets the strings, as before
+    weighting existed (so its images are today's, byte for byte), and the batch loop the
+    pipeline's own `encode_prompt` of them (the byte-identity tests above)."""
+    assert model.prompts is not None
+    spec = job(prompt="a red cube, (tiny) world", negative_prompt="blurry")
+    assert "prompt_embeds" in model.prompts.stock_inputs(spec, 1, model.device)
+    spec = job(prompt="a red cube: the tiny world!", negative_prompt="")
+    text = model.prompts.stock_inputs(spec, 2, model.device)
+    assert text == {"prompt": [spec.prompt] * 2, "negative_prompt": None}

@@ -120,3 +120,22 @@ def test_the_fp16_vae_is_upcast_for_the_decode_as_the_stock_pipeline_does(
     (result,) = run_batch(sdxl16, [BatchItem(spec)], invariant=True)
     assert sdxl16.pipe.vae.dtype == torch.float16  # put back after the decode
     assert_identical(pixels(result), stock_images(sdxl16, spec))
+
+
+@pytest.mark.parametrize("negative", ["blurry", ""])
+def test_a_long_weighted_sdxl_prompt_matches_the_stock_pipeline_given_the_same_embeddings(
+    sdxl: LoadedModel, negative: str
+) -> None:
+    """Both encoders window by window, the pooled embedding from the first window; with an
+    empty negative prompt the unconditional rows are zeros at the prompt's length, as the
+    stock pipeline makes them from `prompt_embeds`."""
+    from tests.test_batch import LONG_PROMPT
+
+    assert sdxl.prompts is not None and sdxl.prompts.sdxl
+    prepared = sdxl.prompts.prepare(LONG_PROMPT)
+    assert prepared.fragments is not None
+    encoded = sdxl.prompts.encode(prepared, sdxl.device)
+    assert encoded.embeds.shape[1] == 2 * sdxl.prompts.window and encoded.pooled is not None
+    spec = job(prompt=LONG_PROMPT, negative_prompt=negative, n=2)
+    (result,) = run_batch(sdxl, [BatchItem(spec)], invariant=True)
+    assert_identical(pixels(result), pixels(Inference(sdxl).generate(spec)))

@@ -30,6 +30,7 @@ from PIL import Image
 from imagegen.contract import JobSpec
 from worker.pipeline import LoadedModel
 from worker.previews import estimate_x0
+from worker.prompts import Prepared, pad_pair
 from worker.schedulers import build_scheduler
 
 # on_step(done, total): `done` of the `total` denoising steps the loop runs are finished.
@@ -139,17 +140,14 @@ class _Loop:
         # Per-row tensors of jobs with images in: image latents, their noise, latent masks.
         self.inputs: dict[str, torch.Tensor] = {}
         self._embeddings: dict[str, torch.Tensor] = {}  # text -> [1, tokens, dim]
+        self.prompts = model.prompts
         # SDXL: the second encoder's pooled output per text, and the micro-conditioning
         # (original size, crop, target size) every row shares (one shape key per batch).
         self.sdxl = isinstance(self.pipe, StableDiffusionXLPipeline)
         self._pooled: dict[str, torch.Tensor] = {}
-        self.pooled_cond: torch.Tensor | None = None
-        self.pooled_uncond: torch.Tensor | None = None
         self.controlnet: Any = None
         if spec.control is not None:
             self.controlnet = model.adapters.controlnets[spec.control.id]
-            from diffusers.image_processor import VaeImageProcessor
-
             # The stock ControlNet pipeline's control image processor: [0, 1], no normalising.
             processor = VaeImageProcessor(
                 vae_scale_factor=self.pipe.vae_scale_factor,
@@ -183,15 +181,29 @@ class _Loop:
         """Encode the texts not encoded yet. A negative prompt goes through the same tokenizer
         and encoder as a prompt, so one cache serves both roles.
 
-        Batch-invariant: one encoder call per text at batch 1, as a solo run makes it.
-        Otherwise one call for all of them: a batch of distinct prompts costs one call, not
-        one each (rows are independent: every text is padded to the same length).
+        A text with weights, or longer than the encoder's window, is encoded window by window
+        (worker.prompts, with compel). Every other text goes through the pipeline's own
+        `encode_prompt`, as before weighting existed: batch-invariant, one call per text at
+        batch 1, as a solo run makes it; otherwise one call for all of them (a batch of
+        distinct prompts costs one call, not one each; every text is padded to the window).
         """
         missing = [text for text in dict.fromkeys(texts) if text not in self._embeddings]
-        groups = [[text] for text in missing] if self.invariant else [missing] if missing else []
+        plain: dict[str, str] = {}  # text -> what the encoder reads (weighting syntax out)
+        for text in missing:
+            prepared = self.prompts.prepare(text) if self.prompts else Prepared(text, None)
+            if prepared.fragments is None:
+                plain[text] = prepared.text
+                continue
+            assert self.prompts is not None
+            encoded = self.prompts.encode_long(prepared, self.device)
+            self._embeddings[text] = encoded.embeds
+            if encoded.pooled is not None:
+                self._pooled[text] = encoded.pooled
+        keys = list(plain)
+        groups = [[k] for k in keys] if self.invariant else [keys] if keys else []
         for group in groups:
             out = self.pipe.encode_prompt(
-                prompt=group,
+                prompt=[plain[k] for k in group],
                 device=self.device,
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=False,
@@ -202,17 +214,25 @@ class _Loop:
                 if self.sdxl:
                     self._pooled[text] = out[2][i : i + 1]
 
-    def _negative(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A guided row's unconditional embeddings (and SDXL's pooled ones): SDXL, like its
-        stock pipeline given no negative prompt, uses zeros for an empty one
-        (`force_zeros_for_empty_prompt`); otherwise the text's own encoding."""
-        if self.sdxl and not text and self.pipe.config.force_zeros_for_empty_prompt:
-            some = next(iter(self._embeddings))
-            return (
-                torch.zeros_like(self._embeddings[some]),
-                torch.zeros_like(self._pooled[some]),
-            )
-        return self._embeddings[text], self._pooled.get(text)
+    def _zero_negative(self, text: str) -> bool:
+        """SDXL, like its stock pipeline given no negative prompt, uses zeros for an empty one
+        (`force_zeros_for_empty_prompt`)."""
+        return bool(self.sdxl and not text and self.pipe.config.force_zeros_for_empty_prompt)
+
+    def _job_embeddings(self, job: int) -> _JobText:
+        """A job's conditional and (guided) unconditional embeddings, the same length: the
+        shorter padded with windows of the empty prompt's embedding."""
+        spec = self.items[job].spec
+        cond, pooled = self._embeddings[spec.prompt], self._pooled.get(spec.prompt)
+        if not self._cfg(job):
+            return _JobText(cond, None, pooled, None)
+        if self._zero_negative(spec.negative_prompt):
+            assert pooled is not None
+            return _JobText(cond, torch.zeros_like(cond), pooled, torch.zeros_like(pooled))
+        uncond = self._embeddings[spec.negative_prompt]
+        if cond.shape[1] != uncond.shape[1]:
+            cond, uncond = pad_pair(cond, uncond, self._embeddings[""])
+        return _JobText(cond, uncond, pooled, self._pooled.get(spec.negative_prompt))
 
     def _layout(self) -> None:
         """Per-row tensors for the jobs still live; rebuilt when a job leaves."""
@@ -224,31 +244,25 @@ class _Loop:
             row += n
         self.rows = row
         specs = [self.items[job].spec for job in self.live]
-        cfg_jobs = [s for s in specs if s.guidance_scale > 1]
-        negatives = [s.negative_prompt for s in cfg_jobs]
-        if self.sdxl and self.pipe.config.force_zeros_for_empty_prompt:
-            negatives = [text for text in negatives if text]
-        self._encode_texts([s.prompt for s in specs] + negatives)
-        self.cond = torch.cat([self._embeddings[s.prompt] for s in specs for _ in range(s.n)])
-        uncond = [self._negative(s.negative_prompt) for s in cfg_jobs for _ in range(s.n)]
-        self.uncond = torch.cat([u for u, _ in uncond]) if cfg_jobs else None
+        negatives = [s.negative_prompt for s in specs if s.guidance_scale > 1]
+        negatives = [text for text in negatives if not self._zero_negative(text)]
+        texts = [s.prompt for s in specs] + negatives
+        self._encode_texts(texts)
+        if len({self._embeddings[text].shape[1] for text in texts}) > 1:
+            self._encode_texts([""])  # pads a job's shorter text (only when lengths differ)
+        self.text = {job: self._job_embeddings(job) for job in self.live}
+        first = self.text[self.live[0]]
+        self.dtype = first.cond.dtype
         if self.sdxl:
-            pooled = [self._pooled[s.prompt] for s in specs for _ in range(s.n)]
-            self.pooled_cond = torch.cat(pooled)
-            self.pooled_uncond = (
-                torch.cat([p for _, p in uncond if p is not None]) if cfg_jobs else None
-            )
             spec = specs[0]
             size = (spec.height, spec.width)
             self.time_ids = self.pipe._get_add_time_ids(
                 size,
                 (0, 0),
                 size,
-                dtype=self.cond.dtype,
+                dtype=self.dtype,
                 text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim,
             ).to(self.device)
-        cfg_rows = [r for job, a, b in self.spans if self._cfg(job) for r in range(a, b)]
-        self.cfg_rows = torch.tensor(cfg_rows, dtype=torch.long, device=self.device)
         if self.controlnet is not None:
             self.control = torch.cat(
                 [
@@ -257,6 +271,42 @@ class _Loop:
                     for _ in range(self.items[job].spec.n)
                 ]
             )
+        # One UNet call per step for rows whose context has one length (all of them, unless
+        # a long prompt shares the batch with short ones).
+        by_length: dict[int, list[tuple[int, int, int]]] = {}
+        for span in self.spans:
+            by_length.setdefault(self.text[span[0]].cond.shape[1], []).append(span)
+        self.groups = [self._group(spans) for spans in by_length.values()]
+
+    def _group(self, spans: list[tuple[int, int, int]]) -> _Group:
+        texts = [(self.text[job], b - a) for job, a, b in spans]
+        cond = torch.cat([t.cond.expand(n, -1, -1) for t, n in texts])
+        guided = [
+            (t, n) for (job, _, _), (t, n) in zip(spans, texts, strict=True) if self._cfg(job)
+        ]
+        uncond = torch.cat([t.uncond.expand(n, -1, -1) for t, n in guided]) if guided else None  # type: ignore[union-attr]
+        pooled_cond = pooled_uncond = None
+        if self.sdxl:
+            pooled_cond = torch.cat([t.pooled.expand(n, -1) for t, n in texts])  # type: ignore[union-attr]
+            if guided:
+                pooled_uncond = torch.cat([t.pooled_uncond.expand(n, -1) for t, n in guided])  # type: ignore[union-attr]
+        rows = [r for _, a, b in spans for r in range(a, b)]
+        # The guided jobs' rows, numbered within the group (the batch's numbers when the
+        # group is the whole batch).
+        cfg_rows = [i for i, r in enumerate(rows) if self._cfg(self._job_of(r, spans))]
+        return _Group(
+            spans=spans,
+            rows=None if len(rows) == self.rows else _index(rows, self.device),
+            cfg_rows=_index(cfg_rows, self.device),
+            cond=cond,
+            uncond=uncond,
+            pooled_cond=pooled_cond,
+            pooled_uncond=pooled_uncond,
+        )
+
+    @staticmethod
+    def _job_of(row: int, spans: list[tuple[int, int, int]]) -> int:
+        return next(job for job, a, b in spans if a <= row < b)
 
     def _drop(self, jobs: set[int], latents: torch.Tensor) -> torch.Tensor:
         """Remove `jobs`' rows from the latents, the generators and the scheduler's history."""
@@ -289,7 +339,7 @@ class _Loop:
                 spec.width // pipe.vae_scale_factor,
             )
             latents = randn_tensor(
-                shape, generator=self.generators, device=self.device, dtype=self.cond.dtype
+                shape, generator=self.generators, device=self.device, dtype=self.dtype
             )
             latents = latents * scheduler.init_noise_sigma
         else:
@@ -338,7 +388,7 @@ class _Loop:
         use but the stock pipeline draws."""
         pipe, scheduler = self.pipe, self.scheduler
         spec = self.items[0].spec
-        dtype = self.cond.dtype
+        dtype = self.dtype
         strength = spec.strength or 1.0
         inpaint = spec.task in ("inpaint", "outpaint")
         image_latents: list[torch.Tensor] = []
@@ -521,21 +571,18 @@ class _Loop:
         parts: list[torch.Tensor] = []
         if self.invariant:
             # One image per call, laid out as the stock pipeline lays out a solo run.
-            uncond_row = 0
             for job, a, b in self.spans:
                 scale = self.items[job].spec.guidance_scale
+                text = self.text[job]
                 cscale = self._control_scale(job, step, total) if self.controlnet else 0.0
                 for r in range(a, b):
-                    x, cond = model_input[r : r + 1], self.cond[r : r + 1]
-                    pooled = self.pooled_cond[r : r + 1] if self.pooled_cond is not None else None
+                    x, cond, pooled = model_input[r : r + 1], text.cond, text.pooled
                     image = self.control[r : r + 1] if self.controlnet is not None else x
                     if self._cfg(job):
-                        assert self.uncond is not None
-                        u = slice(uncond_row, uncond_row + 1)
-                        context = torch.cat([self.uncond[u], cond])
-                        if pooled is not None and self.pooled_uncond is not None:
-                            pooled = torch.cat([self.pooled_uncond[u], pooled])
-                        uncond_row += 1
+                        assert text.uncond is not None
+                        context = torch.cat([text.uncond, cond])
+                        if pooled is not None and text.pooled_uncond is not None:
+                            pooled = torch.cat([text.pooled_uncond, pooled])
                         pair = torch.cat([x] * 2)
                         res = self._residuals(pair, t, context, torch.cat([image] * 2), cscale)
                         uncond_pred, cond_pred = self._unet(pair, t, context, pooled, res).chunk(2)
@@ -544,35 +591,60 @@ class _Loop:
                         res = self._residuals(x, t, cond, image, cscale)
                         parts.append(self._unet(x, t, cond, pooled, res))
             return torch.cat(parts)
-        # One call for the whole batch: the unconditional rows of the guided jobs, then all.
-        sample, context, pooled = model_input, self.cond, self.pooled_cond
-        if self.uncond is not None:
-            sample = torch.cat([model_input.index_select(0, self.cfg_rows), model_input])
-            context = torch.cat([self.uncond, self.cond])
-            if self.pooled_cond is not None and self.pooled_uncond is not None:
-                pooled = torch.cat([self.pooled_uncond, self.pooled_cond])
+        if len(self.groups) == 1:
+            return self._predict_group(self.groups[0], model_input, t, step, total)
+        # Contexts of several lengths: one call per length, the rows put back in order.
+        out: list[torch.Tensor | None] = [None] * self.rows
+        for group in self.groups:
+            assert group.rows is not None
+            pred = self._predict_group(
+                group, model_input.index_select(0, group.rows), t, step, total
+            )
+            for i, r in enumerate(group.rows.tolist()):
+                out[r] = pred[i : i + 1]
+        return torch.cat([p for p in out if p is not None])
+
+    def _predict_group(
+        self, group: _Group, model_input: torch.Tensor, t: torch.Tensor, step: int, total: int
+    ) -> torch.Tensor:
+        """One UNet call for a group's rows (`model_input` holds just them, in order): the
+        unconditional rows of the guided jobs, then all."""
+        parts: list[torch.Tensor] = []
+        rows = model_input.shape[0]
+        sample, context, pooled = model_input, group.cond, group.pooled_cond
+        if group.uncond is not None:
+            sample = torch.cat([model_input.index_select(0, group.cfg_rows), model_input])
+            context = torch.cat([group.uncond, group.cond])
+            if group.pooled_cond is not None and group.pooled_uncond is not None:
+                pooled = torch.cat([group.pooled_uncond, group.pooled_cond])
         residuals = None
         if self.controlnet is not None:
+            # Each row its own control image and its job's scale at this step, one call.
+            control = (
+                self.control if group.rows is None else self.control.index_select(0, group.rows)
+            )
             row_scales = torch.tensor(
                 [
                     self._control_scale(job, step, total)
-                    for job, a, b in self.spans
+                    for job, a, b in group.spans
                     for _ in range(a, b)
                 ],
                 device=self.device,
             )
-            image, scales = self.control, row_scales
-            if self.uncond is not None:
-                image = torch.cat([self.control.index_select(0, self.cfg_rows), self.control])
-                scales = torch.cat([row_scales.index_select(0, self.cfg_rows), row_scales])
+            image, scales = control, row_scales
+            if group.uncond is not None:
+                image = torch.cat([control.index_select(0, group.cfg_rows), control])
+                scales = torch.cat([row_scales.index_select(0, group.cfg_rows), row_scales])
             residuals = self._residuals(sample, t, context, image, scales)
         out = self._unet(sample, t, context, pooled, residuals)
-        uncond_all, cond_all = out[: out.shape[0] - self.rows], out[out.shape[0] - self.rows :]
+        uncond_all, cond_all = out[: out.shape[0] - rows], out[out.shape[0] - rows :]
         uncond_row = 0
-        for job, a, b in self.spans:
-            cond_pred = cond_all[a:b]
+        row = 0
+        for job, a, b in group.spans:
+            n = b - a
+            cond_pred = cond_all[row : row + n]
+            row += n
             if self._cfg(job):
-                n = b - a
                 uncond_pred = uncond_all[uncond_row : uncond_row + n]
                 uncond_row += n
                 # A python float, as in the stock pipeline: on fp16 that keeps the product in
@@ -647,12 +719,40 @@ class _Loop:
             return _to_pil(image)
         image = pipe.vae.decode(latents, return_dict=False, generator=generators)[0][:count]
         # The model's own safety checker, if it ships one, as the stock pipeline runs it.
-        image, nsfw = pipe.run_safety_checker(image, self.device, self.cond.dtype)
+        image, nsfw = pipe.run_safety_checker(image, self.device, self.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
         image = pipe.image_processor.postprocess(
             image, output_type="pt", do_denormalize=denormalize
         )
         return _to_pil(image)
+
+
+@dataclass(frozen=True)
+class _JobText:
+    """A job's text embeddings: [1, tokens, dim] each, the unconditional ones None unless
+    guided; SDXL's pooled [1, dim2] (else None)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    pooled: torch.Tensor | None
+    pooled_uncond: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Jobs whose contexts have one length: their rows run through one UNet call a step."""
+
+    spans: list[tuple[int, int, int]]
+    rows: torch.Tensor | None  # the batch rows they hold (None: all of them, in order)
+    cfg_rows: torch.Tensor  # the rows of their guided jobs, numbered within the group
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    pooled_cond: torch.Tensor | None
+    pooled_uncond: torch.Tensor | None
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def _mask_processor(pipe: Any) -> VaeImageProcessor:

@@ -6,6 +6,7 @@ import redis
 import torch
 
 from imagegen.contract import ErrorCode
+from worker.prompts import PromptTooLong
 
 
 class JobStopped(Exception):
@@ -28,6 +29,8 @@ def is_redis_down(exc: BaseException) -> bool:
 
 def failure_of(exc: BaseException) -> tuple[str, str]:
     """The job document's (code, message) for a job that raised `exc`."""
+    if isinstance(exc, PromptTooLong):
+        return ErrorCode.INVALID_REQUEST, str(exc)
     if isinstance(exc, JobTimedOut):
         return ErrorCode.TIMEOUT, "the job exceeded its time limit"
     if is_out_of_memory(exc):

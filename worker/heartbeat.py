@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from imagegen.contract import Keys, ModelInfo, WorkerHeartbeat
+from worker.pipeline import TOKENIZERS
 
 log = logging.getLogger("imagegen.worker")
 
@@ -49,6 +50,7 @@ class Heartbeat:
 
     def beat(self) -> None:
         hb = self.current()
+        self._publish_tokenizers(hb)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(Keys.worker(hb.name), hb.model_dump_json(), ex=self.ttl_s)
             for served in hb.served():
@@ -69,6 +71,21 @@ class Heartbeat:
             tmp = self.local_file.with_suffix(".tmp")
             tmp.write_text(hb.model_dump_json())
             tmp.replace(self.local_file)
+
+    def _publish_tokenizers(self, hb: WorkerHeartbeat) -> None:
+        """Write the tokenizers of the announced models that Redis lacks (one EXISTS per
+        beat; the JSON, megabytes for CLIP, only when missing)."""
+        digests = sorted({s.info.tokenizer for s in hb.served() if s.info.tokenizer})
+        known = [d for d in digests if d in TOKENIZERS]
+        if not known:
+            return
+        present = self.redis.exists(*(Keys.tokenizer(d) for d in known))
+        if present == len(known):
+            return
+        for digest in known:
+            self.redis.set(
+                Keys.tokenizer(digest), TOKENIZERS[digest], ex=MODEL_RECORD_TTL_S, nx=True
+            )
 
     def start(self) -> None:
         self.beat()

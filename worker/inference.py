@@ -176,13 +176,20 @@ class Inference:
             return kwargs
 
         with torch.inference_mode():
+            if self.model.prompts is not None:
+                # Weighted and long prompts as embeddings; plain ones as the strings.
+                text = self.model.prompts.stock_inputs(
+                    spec, len(indices), self.model.pipe._execution_device
+                )
+            else:
+                text = {
+                    "prompt": [spec.prompt] * len(indices),
+                    "negative_prompt": [spec.negative_prompt] * len(indices)
+                    if spec.negative_prompt
+                    else None,
+                }
             result = pipe(
-                prompt=[spec.prompt] * len(indices),
-                # None, not "", when empty: SDXL encodes a None negative prompt as zeros
-                # (force_zeros_for_empty_prompt); SD 1.x/2.x encode None and "" alike.
-                negative_prompt=[spec.negative_prompt] * len(indices)
-                if spec.negative_prompt
-                else None,
+                **text,
                 **inputs,
                 num_inference_steps=spec.steps,
                 guidance_scale=spec.guidance_scale,

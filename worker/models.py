@@ -43,6 +43,7 @@ from worker.pipeline import (
     model_info,
     resolve_device,
     resolve_dtype,
+    tokenizer_of,
     weights_variant,
 )
 
@@ -281,7 +282,16 @@ class ModelManager:
             native = sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
             scheduler = self._scheduler_name(source)
             loras, controls = adapter_cards(Path(source)) if Path(source).is_dir() else ([], [])
-            info = model_info(model_id, card, native, scheduler, self.settings, loras, controls)
+            info = model_info(
+                model_id,
+                card,
+                native,
+                scheduler,
+                self.settings,
+                tokenizer_of(source),
+                adapters=loras,
+                controls=controls,
+            )
             entry = Entry(source, info)
             if Path(source).is_dir():
                 entry.estimate = self._estimate(Path(source))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -15,6 +16,7 @@ from diffusers import AutoPipelineForText2Image
 from imagegen.contract import SCHEDULER_NAMES, AdapterInfo, ModelInfo
 from imagegen.settings import Settings
 from worker.adapters import Adapters, load_adapters
+from worker.prompts import PromptEncoder
 from worker.schedulers import name_of
 
 log = logging.getLogger("imagegen.worker")
@@ -45,6 +47,8 @@ class LoadedModel:
     compiled_batches: tuple[int, ...] = ()
     # The model's LoRAs and ControlNets (none: an empty set).
     adapters: Adapters = field(default_factory=lambda: Adapters(None))
+    # Weighted and long prompts (worker.prompts); None for a pipeline without a tokenizer.
+    prompts: PromptEncoder | None = None
 
 
 def default_model_dir() -> Path:
@@ -114,17 +118,58 @@ def _speed_up(pipe: Any, settings: Settings) -> None:
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, dynamic=False)
 
 
+# The tokenizers of the models this process announced, by sha256 of their JSON: the
+# heartbeat writes each to Redis (`Keys.tokenizer`) for the gateway to count prompt tokens.
+TOKENIZERS: dict[str, str] = {}
+
+
+def tokenizer_of(source: str, tokenizer: Any = None) -> Any:
+    """The model's (first) tokenizer: the loaded one, else read from its files (no weights);
+    None when it cannot be read."""
+    if tokenizer is not None:
+        return tokenizer
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    except Exception as exc:  # an offline hub id, a model without a tokenizer folder
+        log.warning("cannot read the tokenizer of %s (%s): prompts are not counted", source, exc)
+        return None
+
+
+def prompt_fields(settings: Settings, tokenizer: Any) -> dict[str, Any]:
+    """`max_prompt_tokens`, `prompt_weighting` and `tokenizer` of a model's announcement."""
+    if tokenizer is None:
+        return {}
+    from imagegen.prompts import max_prompt_tokens
+
+    window = int(tokenizer.model_max_length)
+    fields: dict[str, Any] = {
+        "max_prompt_tokens": max_prompt_tokens(window, settings.max_prompt_chunks),
+        "prompt_weighting": settings.prompt_weighting,
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        TOKENIZERS[digest] = text
+        fields["tokenizer"] = digest
+    return fields
+
+
 def model_info(
     model_id: str,
     card: dict[str, Any],
     native: int,
     scheduler: str | None,
     settings: Settings,
+    tokenizer: Any = None,
     adapters: list[AdapterInfo] | None = None,
     controls: list[AdapterInfo] | None = None,
 ) -> ModelInfo:
     """What a worker announces about a model: its card's defaults and caps over the
-    pipeline's own (native size, scheduler), the settings' caps for a model without a card."""
+    pipeline's own (native size, scheduler), the settings' caps for a model without a card,
+    and its prompt limit from its tokenizer."""
     max_pixels = card.get("max_pixels", settings.model_max_pixels)
     max_steps = card.get("max_steps", settings.model_max_steps)
     return ModelInfo(
@@ -139,6 +184,7 @@ def model_info(
         max_steps=int(max_steps) if max_steps is not None else None,
         adapters=adapters or [],
         controls=controls or [],
+        **prompt_fields(settings, tokenizer),
     )
 
 
@@ -281,8 +327,14 @@ def load_model(
         native,
         name_of(pipe.scheduler),
         settings,
+        getattr(pipe, "tokenizer", None),
         adapters=list(adapters.loras.values()),
         controls=list(adapters.controls.values()),
+    )
+    prompts = (
+        PromptEncoder(pipe, settings.prompt_weighting, settings.max_prompt_chunks)
+        if getattr(pipe, "tokenizer", None) is not None
+        else None
     )
     log.info(
         "loaded %s: native %dx%d, attention slicing %s, vae tiling %s, free gpu %s GiB",
@@ -305,4 +357,5 @@ def load_model(
         or (settings.batch_invariant == "auto" and device.type == "cpu"),
         compiled_batches=settings.compile_batch_sizes if settings.compile else (),
         adapters=adapters,
+        prompts=prompts,
     )

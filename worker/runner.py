@@ -127,8 +127,13 @@ class JobRunner:
         """Results for every job; a batch-wide failure becomes each job's own result, after
         halving the batch on out-of-memory until a job fails alone."""
         loaded: list[dict[str, Any] | Exception] = []
+        prompts = self.inference.model.prompts
         for job in batch:
             try:
+                if prompts is not None:
+                    # The gateway's limit, checked here too: it counts only where it can
+                    # read the model's tokenizer. A prompt past it fails invalid_request.
+                    prompts.check(job.record.spec)
                 loaded.append(edits.load_inputs(self.lifecycle.redis, job.id, job.record.spec))
             except Exception as exc:  # that job fails alone; the others run
                 loaded.append(exc)

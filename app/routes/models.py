@@ -18,7 +18,9 @@ def list_models(registry: RegistryDep, settings: SettingsDep, principal: Princip
     entries = []
     for status in registry.statuses():
         info = status.info
-        fields = info.model_dump(exclude={"max_pixels", "max_steps", "adapters", "controls"})
+        fields = info.model_dump(
+            exclude={"max_pixels", "max_steps", "adapters", "controls", "tokenizer"}
+        )
         entries.append(
             ModelEntry(
                 **fields,

@@ -262,6 +262,10 @@ class Model:
     scheduler: str
     schedulers: list[str]
     workers: int
+    # The longest prompt in the model's own tokens (None from an older server), and whether
+    # `(word:1.3)` weighting is read.
+    max_prompt_tokens: int | None = None
+    prompt_weighting: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Model:
@@ -275,6 +279,12 @@ class Model:
             scheduler=str(data.get("scheduler", "")),
             schedulers=[str(name) for name in data.get("schedulers") or []],
             workers=int(data.get("workers", 0)),
+            max_prompt_tokens=(
+                int(data["max_prompt_tokens"])
+                if data.get("max_prompt_tokens") is not None
+                else None
+            ),
+            prompt_weighting=bool(data.get("prompt_weighting", False)),
         )
 
 
