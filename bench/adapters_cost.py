@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builtin_model import MODEL_DIR
-from imagegen.contract import ControlRef, JobSpec, LoraRef
+from imagegen.contract import ControlRef, InputRef, JobSpec, LoraRef
 from imagegen.settings import Settings
 
 
@@ -76,14 +76,12 @@ def main() -> None:
         scale=1.0,
         start=0.0,
         end=1.0,
-        sha256="0" * 64,
-        width=info.width,
-        height=info.height,
+        image=InputRef(sha256="0" * 64, width=info.width, height=info.height),
     )
     lora = (LoraRef(id=lora_id, scale=1.0),)
 
     def job(s: JobSpec, image: Image.Image | None = None) -> Any:
-        return lambda: inference.run([BatchItem(s, None, image)])
+        return lambda: inference.run([BatchItem(s, None, control_image=image)])
 
     plain = best(job(spec), args.runs) / spec.steps
     with_lora = best(job(spec.model_copy(update={"loras": lora})), args.runs) / spec.steps

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builtin_model import MODEL_DIR, adapter_data, data
 from builtin_model.score import ATTRIBUTES, read_image
-from imagegen.contract import ControlRef, JobSpec, LoraRef
+from imagegen.contract import ControlRef, InputRef, JobSpec, LoraRef
 from imagegen.settings import Settings
 
 CARD_BEGIN = "<!-- adapters:begin -->"
@@ -48,7 +48,7 @@ def generate(model: Any, specs: list[JobSpec], images: list[Any] | None = None) 
         chunk = specs[i : i + 8]
         controls = images[i : i + 8] if images is not None else [None] * len(chunk)
         results = inference.run(
-            [BatchItem(s, None, c) for s, c in zip(chunk, controls, strict=True)]
+            [BatchItem(s, None, control_image=c) for s, c in zip(chunk, controls, strict=True)]
         )
         for result in results:
             assert isinstance(result, list), result
@@ -105,9 +105,7 @@ def evaluate_silhouette(model: Any, scenes: list[data.Scene], seeds: range) -> d
         scale=1.0,
         start=0.0,
         end=1.0,
-        sha256="0" * 64,
-        width=data.IMAGE_SIZE,
-        height=data.IMAGE_SIZE,
+        image=InputRef(sha256="0" * 64, width=data.IMAGE_SIZE, height=data.IMAGE_SIZE),
     )
     specs = [
         spec_for(model, p, seed, control=ref) for p, (_, seed) in zip(prompts, jobs, strict=True)
