@@ -62,6 +62,8 @@ optional_fields: dict[str, st.SearchStrategy[Any]] = {
     # Adapters: absent here (their ids are checked against the model's, at resolve).
     "loras": st.none(),
     "control": st.none(),
+    # Webhooks: absent here (their URLs are resolved and checked, in tests/test_webhooks.py).
+    "webhook": st.none(),
 }
 valid_bodies = st.fixed_dictionaries({"prompt": prompts}, optional=optional_fields)
 
@@ -251,6 +253,11 @@ def test_each_rejection_names_the_one_field_that_is_wrong(
         | st.just({"id": "x"})
         | st.just({"id": "x", "image": "x", "start": 0.5, "end": 0.5})
         | st.just({"id": "x", "image": "x", "scale": -1}),
+        "webhook": st.integers()
+        | st.text()
+        | st.just({"url": "http://example.com/hook"})
+        | st.just({"url": "https://example.com/hook", "events": ["done"]})
+        | st.just({"url": "https://example.com/hook", "events": []}),
     }
     value = data.draw(bad_values[field], label=field)
     assert_rejected_naming({**body, field: value}, field)
