@@ -228,6 +228,24 @@ FAST_RECOVERY = {
 }
 
 
+def batch_job(**changes: object) -> JobSpec:
+    """The batch-loop tests' job: the tiny model, 64x64, 4 euler steps, guidance 7.5, a
+    negative prompt (so both halves of guidance run), with `changes`."""
+    fields: dict[str, object] = {
+        "prompt": "a red cube",
+        "negative_prompt": "blurry",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "guidance_scale": 7.5,
+        "seed": 11,
+        "n": 1,
+        "scheduler": "euler",
+        "model": "tiny",
+    }
+    return JobSpec(**fields).model_copy(update=changes)  # type: ignore[arg-type]
+
+
 def job_spec(**changes: object) -> JobSpec:
     """A 64x64, 4-step euler job of the tiny model, with `changes`."""
     fields: dict[str, object] = {

@@ -19,14 +19,13 @@ from PIL import Image
 
 from imagegen.contract import ControlRef, InputRef, JobSpec, LoraRef
 from imagegen.settings import Settings
+from tests.stack import batch_job
 from worker.adapters import AdapterError
 from worker.batch_loop import BatchItem, run_batch
 from worker.inference import Inference
 from worker.pipeline import LoadedModel, load_model
 from worker.schedulers import build_scheduler
 from worker.tiny_model import save_misfit_lora, save_tiny_adapters
-
-STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +41,7 @@ def model(adapter_model_dir: Path) -> LoadedModel:
 
 
 def job(**changes: Any) -> JobSpec:
-    spec = JobSpec(
-        prompt="a red cube",
-        negative_prompt="blurry",
-        width=64,
-        height=64,
-        steps=STEPS,
-        guidance_scale=7.5,
-        seed=11,
-        n=1,
-        scheduler="euler",
-        model="tiny",
-    )
-    return spec.model_copy(update=changes)
+    return batch_job(**changes)
 
 
 def control(scale: float = 1.0, start: float = 0.0, end: float = 1.0) -> ControlRef:

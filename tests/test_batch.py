@@ -13,6 +13,7 @@ from diffusers import StableDiffusionImg2ImgPipeline
 
 from imagegen.contract import SCHEDULER_NAMES, JobSpec
 from imagegen.settings import Settings
+from tests.stack import batch_job
 from worker.batch_loop import BatchItem, BatchResult, run_batch, supports_batching
 from worker.errors import JobStopped, JobTimedOut
 from worker.inference import Inference
@@ -32,19 +33,7 @@ def model(tiny_model_dir: Path) -> LoadedModel:
 
 
 def job(**changes: Any) -> JobSpec:
-    spec = JobSpec(
-        prompt="a red cube",
-        negative_prompt="blurry",
-        width=64,
-        height=64,
-        steps=STEPS,
-        guidance_scale=7.5,
-        seed=11,
-        n=1,
-        scheduler="euler",
-        model="tiny",
-    )
-    return spec.model_copy(update=changes)
+    return batch_job(**changes)
 
 
 def mixed_jobs(scheduler: str) -> list[JobSpec]:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from imagegen.contract import SCHEDULER_NAMES, InputRef, JobSpec, Outpaint
 from imagegen.settings import Settings
+from tests.stack import batch_job
 from worker import edits
 from worker.batch_loop import BatchItem, BatchResult, run_batch
 from worker.errors import JobStopped
@@ -46,17 +47,7 @@ def a_mask(size: tuple[int, int] = (64, 64)) -> Image.Image:
 
 
 def job(task: str, **changes: Any) -> JobSpec:
-    spec = JobSpec(
-        prompt="a red cube",
-        negative_prompt="blurry",
-        width=64,
-        height=64,
-        steps=STEPS,
-        guidance_scale=7.5,
-        seed=11,
-        n=1,
-        scheduler="euler",
-        model="tiny",
+    spec = batch_job(
         task=task,
         image=REF,
         mask=REF if task == "inpaint" else None,
