@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from imagegen.cli_generate import EXIT_FAILED, _generate
+from imagegen.cli_generate import common_fields, run_generation
 
 SIDES = ("left", "right", "top", "bottom")
 
@@ -92,33 +92,11 @@ def edit(
     ] = None,
 ) -> None:
     """Edit an image with a running imagegen service and save the result as PNG files."""
-    try:
-        import imagegen_client
-    except ImportError:
-        typer.echo(
-            "imagegen edit needs the Python SDK: pip install ./client (from the repository)",
-            err=True,
-        )
-        raise typer.Exit(EXIT_FAILED) from None
-    import anyio
-
     fields: dict[str, Any] = {
-        "negative_prompt": negative,
-        "width": width,
-        "height": height,
-        "steps": steps,
-        "guidance_scale": guidance,
-        "seed": seed,
-        "n": n,
-        "scheduler": scheduler,
-        "model": model,
+        **common_fields(negative, width, height, steps, guidance, seed, n, scheduler, model),
         "image": input_image,
         "mask": mask,
         "strength": strength,
         "outpaint": parse_outpaint(outpaint or []),
     }
-    try:
-        anyio.run(_generate, prompt, fields, output, base_url, api_key, timeout)
-    except imagegen_client.ImagegenError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(EXIT_FAILED) from None
+    run_generation("edit", prompt, fields, output, base_url, api_key, timeout)

@@ -129,17 +129,27 @@ def generate(
     Prints the job id, then each file written. A progress bar (on stderr) follows the job.
     Interrupting the command, or reaching --timeout, cancels the job.
     """
-    try:
-        import imagegen_client
-    except ImportError:
-        typer.echo(
-            "imagegen generate needs the Python SDK: pip install ./client (from the repository)",
-            err=True,
-        )
-        raise typer.Exit(EXIT_FAILED) from None
-    import anyio
-
     fields: dict[str, Any] = {
+        **common_fields(negative, width, height, steps, guidance, seed, n, scheduler, model),
+        "loras": [parse_lora(value) for value in lora] if lora else None,
+        "control": parse_control(control, control_scale, control_start, control_end),
+    }
+    run_generation("generate", prompt, fields, output, base_url, api_key, timeout, previews)
+
+
+def common_fields(
+    negative: str | None,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    guidance: float | None,
+    seed: int | None,
+    n: int | None,
+    scheduler: str | None,
+    model: str | None,
+) -> dict[str, Any]:
+    """The request fields `imagegen generate` and `imagegen edit` share."""
+    return {
         "negative_prompt": negative,
         "width": width,
         "height": height,
@@ -149,9 +159,30 @@ def generate(
         "n": n,
         "scheduler": scheduler,
         "model": model,
-        "loras": [parse_lora(value) for value in lora] if lora else None,
-        "control": parse_control(control, control_scale, control_start, control_end),
     }
+
+
+def run_generation(
+    command: str,
+    prompt: str,
+    fields: dict[str, Any],
+    output: Path,
+    base_url: str | None,
+    api_key: str | None,
+    timeout: float | None,
+    previews: Path | None = None,
+) -> None:
+    """Submit through the SDK, follow, save; a server's refusal is one line and exit status 1."""
+    try:
+        import imagegen_client
+    except ImportError:
+        typer.echo(
+            f"imagegen {command} needs the Python SDK: pip install ./client (from the repository)",
+            err=True,
+        )
+        raise typer.Exit(EXIT_FAILED) from None
+    import anyio
+
     try:
         anyio.run(_generate, prompt, fields, output, base_url, api_key, timeout, previews)
     except imagegen_client.ImagegenError as exc:
