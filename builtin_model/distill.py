@@ -1,18 +1,23 @@
 """Distil ``shapes-64`` into ``shapes-64-fast``: 4 DDIM steps, no classifier-free guidance.
 
-    python -m builtin_model.distill --out builtin_model/shapes-64-fast --pairs 1536 --steps 1200
+    python -m builtin_model.distill --out builtin_model/shapes-64-fast --trajectories 4096
 
-Recipe (knowledge distillation on deterministic teacher pairs, Luhman & Luhman 2021, sampled
-with DDIM): the teacher (shapes-64, DPM++ 2M, 20 steps, guidance 4) turns starting noise ``z``
-into a latent ``x0`` for training prompts (never the held-out scenes). The student starts as
-the teacher's UNet and learns, at the 4 timesteps t_k of a trailing DDIM schedule, the ε that
-keeps the deterministic DDIM path on the line from ``z`` to ``x0``:
+Recipe (step distillation on the teacher's own trajectories, after Salimans & Ho's progressive
+distillation, done in one stage): the teacher (shapes-64 with its served sampler, DPM++ 2M, 20
+steps, guidance 4) runs from starting noise for training prompts (never the held-out scenes),
+and its latent is recorded where the student's 4 trailing DDIM timesteps t_0..t_3 fall on its
+20-step schedule, and at the end. The student starts as the teacher's UNet and learns, at each
+t_k, the ε whose single DDIM step from the teacher's x_{t_k} lands exactly on the teacher's
+x_{t_{k+1}} (or on its final latent):
 
-    ε* = (z − √ᾱ_{t_0} x0) / √(1 − ᾱ_{t_0}),   x_{t_k} = √ᾱ_{t_k} x0 + √(1 − ᾱ_{t_k}) ε*
+    ε̂ = (x_{t'} − √(ᾱ_{t'}/ᾱ_t) x_t) / (√(1 − ᾱ_{t'}) − √(ᾱ_{t'}/ᾱ_t) √(1 − ᾱ_t))
 
-so x_{t_0} = z exactly, and a perfect student lands on the teacher's image in 4 UNet calls
-(guidance baked in: no unconditional half), against the teacher's 40. The text encoder, VAE
-and tokenizer are the teacher's, unchanged: a worker serving both models shares them.
+so each student call replaces five teacher steps (guidance baked in: no unconditional half) —
+4 UNet calls against the teacher's 40 — and every segment it learns starts where the teacher
+actually is, not on a straight line from noise to image (which a small UNet cannot learn in one
+jump: the first recipe, noise → image pairs, kept barely half the base model's colors). The
+text encoder, VAE and tokenizer are the teacher's, unchanged: a worker serving both models
+shares them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,39 +60,68 @@ def fast_defaults() -> dict[str, object]:
     }
 
 
-@torch.no_grad()
-def teacher_pairs(
-    pipe: object, n: int, seed: int, batch: int, start: float, device: str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(prompt embeddings, starting noise z, teacher latent x0) for n training prompts."""
+def training_prompts(n: int, seed: int) -> list[str]:
+    """Training captions (held-out combinations excluded), half in the canonical form the
+    service's users (and the evaluator) write."""
     g = torch.Generator().manual_seed(seed)
-    scenes = data.sample_scenes(n, g)  # held-out combinations excluded
+    scenes = data.sample_scenes(n, g)
     texts = data.captions(scenes, seed + 1)
-    # Half the prompts in the canonical form the service's users (and the evaluator) write.
     attrs = [
         data.Scene(*(names[int(i)] for names, i in zip(_NAMES, row, strict=True)))
         for row in zip(scenes.kind, scenes.color, scenes.bg, scenes.size, scenes.pos, strict=True)
     ]
-    texts = [a.prompt() if i % 2 else t for i, (a, t) in enumerate(zip(attrs, texts, strict=True))]
-    embeds, zs, x0s = [], [], []
+    return [a.prompt() if i % 2 else t for i, (a, t) in enumerate(zip(attrs, texts, strict=True))]
+
+
+@torch.no_grad()
+def teacher_trajectories(
+    pipe: Any, texts: list[str], stops: list[int], seed: int, batch: int, start: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt embeddings, latents (n, len(stops) + 1, 4, h, w)): the teacher's latent when its
+    sampler reaches each timestep in ``stops``, then its final latent."""
+    device = pipe.device
+    g = torch.Generator().manual_seed(seed)
     latent = data.IMAGE_SIZE // 4
-    for i in range(0, n, batch):
+    embeds, paths = [], []
+    for i in range(0, len(texts), batch):
         chunk = texts[i : i + batch]
         z = torch.randn((len(chunk), 4, latent, latent), generator=g).to(device)
-        emb, _ = pipe.encode_prompt(chunk, device, 1, False)  # type: ignore[attr-defined]
-        out = pipe(  # type: ignore[operator]
+        seen: list[torch.Tensor] = []
+
+        def record(
+            p: Any, step: int, t: Any, kwargs: dict[str, Any], seen: list[torch.Tensor] = seen
+        ) -> dict[str, Any]:
+            # Called after step ``step``: the latents are x at the next timestep (or final).
+            ts = p.scheduler.timesteps
+            nxt = int(ts[step + 1]) if step + 1 < len(ts) else None
+            if nxt in stops or nxt is None:
+                seen.append(kwargs["latents"].float().clone())
+            return kwargs
+
+        emb, _ = pipe.encode_prompt(chunk, device, 1, False)
+        pipe(
             prompt=chunk,
             negative_prompt=[""] * len(chunk),
             num_inference_steps=TEACHER_STEPS,
             guidance_scale=TEACHER_GUIDANCE,
             latents=z.clone(),
             output_type="latent",
+            callback_on_step_end=record,
+            callback_on_step_end_tensor_inputs=["latents"],
         )
+        assert len(seen) == len(stops) + 1, (len(seen), stops)
         embeds.append(emb)
-        zs.append(z)
-        x0s.append(out.images.float())
-        log(f"teacher pairs {i + len(chunk)}/{n}", start)
-    return torch.cat(embeds), torch.cat(zs), torch.cat(x0s)
+        paths.append(torch.stack([z.float(), *seen], dim=1))
+        log(f"teacher trajectories {i + len(chunk)}/{len(texts)}", start)
+    return torch.cat(embeds), torch.cat(paths)
+
+
+def ddim_eps(
+    x_t: torch.Tensor, x_next: torch.Tensor, ab: torch.Tensor, ab_next: torch.Tensor
+) -> torch.Tensor:
+    """The ε whose deterministic DDIM step from x_t (at ᾱ) lands on x_next (at ᾱ')."""
+    ratio = (ab_next / ab).sqrt()
+    return (x_next - ratio * x_t) / ((1 - ab_next).sqrt() - ratio * (1 - ab).sqrt())
 
 
 _NAMES = (data.SHAPES, data.COLORS, data.COLORS, data.SIZES, data.POSITIONS)
@@ -96,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", type=Path, default=MODEL_DIR)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--pairs", type=int, default=1536)
+    ap.add_argument("--trajectories", type=int, default=1536)
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5)
@@ -116,35 +151,40 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = load(args.teacher).to(device)
     pipe.set_progress_bar_config(disable=True)
-    embeds, zs, x0s = teacher_pairs(pipe, args.pairs, args.seed, args.teacher_batch, start, device)
-
     sched = build.make_scheduler(FAST_SCHEDULER, pipe.scheduler.config)
     sched.set_timesteps(FAST_STEPS)
-    timesteps = sched.timesteps.clone()
+    stops = [int(t) for t in sched.timesteps]
+    pipe.scheduler.set_timesteps(TEACHER_STEPS)
+    teacher_ts = [int(t) for t in pipe.scheduler.timesteps]
+    if not set(stops) <= set(teacher_ts):
+        raise SystemExit(f"student timesteps {stops} are not on the teacher's {teacher_ts}")
+    log(f"student timesteps {stops} on the teacher's {TEACHER_STEPS}", start)
+    texts = training_prompts(args.trajectories, args.seed)
+    embeds, paths = teacher_trajectories(
+        pipe, texts, stops[1:], args.seed + 1, args.teacher_batch, start
+    )
     ab_all = sched.alphas_cumprod.float().to(device)
-    timesteps = timesteps.to(device)
-    log(f"student timesteps {timesteps.tolist()}", start)
-    ab0 = ab_all[timesteps[0]]
-    eps_star = (zs - ab0.sqrt() * x0s) / (1 - ab0).sqrt()
+    final_ab = torch.as_tensor(float(sched.final_alpha_cumprod), device=device)
+    ab_k = ab_all[torch.tensor(stops, device=device)]
+    ab_next = torch.cat([ab_k[1:], final_ab.view(1)])
+    timesteps = torch.tensor(stops, device=device)
 
-    teacher_unet = pipe.unet
-    student = copy.deepcopy(teacher_unet).train()
+    student = copy.deepcopy(pipe.unet).train()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 2)
     deadline = time.perf_counter() + args.budget_s
     loss_avg = 0.0
     step = 0
     while step < args.steps and time.perf_counter() < deadline:
-        idx = torch.randint(args.pairs, (args.batch,), generator=g).to(device)
+        idx = torch.randint(args.trajectories, (args.batch,), generator=g).to(device)
         k = torch.randint(FAST_STEPS, (args.batch,), generator=g).to(device)
-        t = timesteps[k]
-        ab = ab_all[t].view(-1, 1, 1, 1)
-        eps = eps_star[idx]
-        xt = ab.sqrt() * x0s[idx] + (1 - ab).sqrt() * eps
-        pred = student(xt, t, embeds[idx]).sample
+        x_t, x_next = paths[idx, k], paths[idx, k + 1]
+        ab, abn = ab_k[k].view(-1, 1, 1, 1), ab_next[k].view(-1, 1, 1, 1)
+        target = ddim_eps(x_t, x_next, ab, abn)
+        pred = student(x_t, timesteps[k], embeds[idx]).sample
         # ε error plus the x0 error it causes (1/SNR times as large, capped at 20).
         w = 1 + ((1 - ab) / ab).clamp(max=20.0).view(-1)
-        loss = (w * F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = (w * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -162,17 +202,20 @@ def main(argv: list[str] | None = None) -> None:
     build.save(pipe.to("cpu"), out)
     (out / "imagegen.json").write_text(json.dumps(fast_defaults(), indent=2) + "\n")
     record = {
-        "recipe": "knowledge distillation on deterministic teacher pairs (DDIM, 4 steps)",
+        "recipe": "step distillation on the teacher's trajectories (DDIM, 4 steps)",
         "teacher": "shapes-64",
         "teacher_steps": TEACHER_STEPS,
         "teacher_guidance": TEACHER_GUIDANCE,
-        "pairs": args.pairs,
+        "trajectories": args.trajectories,
         "student_steps": step,
         "batch": args.batch,
         "lr": args.lr,
         "seed": args.seed,
         "final_loss": loss_avg,
         "train_s": time.perf_counter() - start,
+        "hardware": torch.cuda.get_device_name() if device.startswith("cuda") else "CPU",
+        "command": "python -m builtin_model.distill "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
     }
     (out / "train_state.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"saved {out}", start)

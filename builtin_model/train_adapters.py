@@ -3,15 +3,16 @@
     python -m builtin_model.train_adapters outline --budget-s 3000     # LoRA (PEFT format)
     python -m builtin_model.train_adapters silhouette --budget-s 3000  # ControlNetModel
 
-``outline``: a rank-8 LoRA on the UNet's attention, feed-forward and resnet convolutions, trained
-on the same scenes and captions as the base model but rendered hollow (an outline in the shape's
-color, background within); base weights frozen. ``silhouette``: a ``ControlNetModel`` copied from
-the UNet's encoder (zero convolutions, conditioning embedding 4× down to the 16×16 latents),
-trained with the control image = the shape's silhouette, white on black, and captions whose kind,
-size and position are replaced at random 30 % of the time each (so the control wins); UNet, text
-encoder and VAE frozen. Both: ε-prediction MSE with min-SNR-5 weighting, 10 % caption dropout,
-AdamW, warm-up then cosine, step count cut to fit ``--budget-s`` once the speed is known (or
-``--steps N`` exactly). Weights are saved in fp16 (the evaluator scores the saved files).
+``outline``: a LoRA (rank 8 unless ``--rank``) on the UNet's attention, feed-forward and resnet
+convolutions, trained on the same scenes and captions as the base model but rendered hollow (an
+outline in the shape's color, background within); base weights frozen. (Hollow shapes also need the
+VAE decoder tuned for them: ``builtin_model.tune_decoder``.) ``silhouette``: a ``ControlNetModel``
+copied from the UNet's encoder (zero convolutions, conditioning embedding 4× down to the 16×16
+latents), trained with the control image = the shape's silhouette, white on black, and captions
+whose kind, size and position are replaced at random 30 % of the time each (so the control wins);
+UNet, text encoder and VAE frozen. Both: ε-prediction MSE with min-SNR-5 weighting, 10 % caption
+dropout, AdamW, warm-up then cosine, step count cut to fit ``--budget-s`` once the speed is known
+(or ``--steps N`` exactly). Weights are saved in fp16 (the evaluator scores the saved files).
 Held-out combinations never appear in training.
 """
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-s", type=float, default=3000.0)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--rank", type=int, default=LORA_RANK, help="LoRA rank (outline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -94,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
 
         unet.add_adapter(
             LoraConfig(
-                r=LORA_RANK,
-                lora_alpha=LORA_RANK,
+                r=args.rank,
+                lora_alpha=args.rank,
                 init_lora_weights="gaussian",
                 target_modules=LORA_TARGETS,
             )
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         "adapter": args.adapter,
         "steps": step,
         "batch": args.batch,
+        **({"rank": args.rank} if is_lora else {}),
         "lr": lr,
         "seed": args.seed,
         "final_loss": round(loss_avg, 5),

@@ -258,3 +258,54 @@ def test_phrasing_refine_of_the_shipped_model_loads_and_draws(tmp_path: Path) ->
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.size == (64, 64)
+
+
+def test_distillation_target_lands_a_ddim_step_on_the_teachers_latent() -> None:
+    """The student's target ε, stepped by diffusers' own DDIM (as the worker serves the fast
+    model), reproduces the teacher's next latent, final step included."""
+    from builtin_model import distill
+
+    sched = build.make_scheduler(distill.FAST_SCHEDULER, build.scheduler_config())
+    sched.set_timesteps(distill.FAST_STEPS)
+    g = torch.Generator().manual_seed(0)
+    ts = [int(t) for t in sched.timesteps]
+    for i, t in enumerate(ts):
+        x_t, x_next = torch.randn((2, 4, 16, 16), generator=g).unbind(0)
+        ab = sched.alphas_cumprod[t]
+        ab_next = sched.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else sched.final_alpha_cumprod
+        eps = distill.ddim_eps(x_t, x_next, ab, torch.as_tensor(ab_next))
+        landed = sched.step(eps, t, x_t).prev_sample
+        assert torch.allclose(landed, x_next, atol=1e-4), (t, (landed - x_next).abs().max())
+
+
+def test_step_distillation_and_decoder_tune_run_end_to_end(tmp_path: Path) -> None:
+    """A few steps of each recipe on the CPU: the fast model saves and loads at its defaults,
+    and the tuned decoder leaves the encoder (the latents everything else learned on) as is."""
+    from safetensors.torch import load_file
+
+    base = MODEL_DIR / "vae" / "diffusion_pytorch_model.safetensors"
+    fast = tmp_path / "fast"
+    for module, args in (
+        ("distill", ["--out", str(fast), "--trajectories", "8", "--teacher-batch", "8",
+                     "--steps", "2", "--batch", "4"]),
+        ("tune_decoder", ["--out", str(tmp_path / "vae"), "--steps", "2", "--batch", "4"]),
+    ):  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", f"builtin_model.{module}", *args, "--device", "cpu"],
+            check=True,
+            cwd=MODEL_DIR.parents[1],
+            capture_output=True,
+        )
+    from builtin_model import card
+
+    pipe = card.load(fast)
+    defaults = json.loads((fast / "imagegen.json").read_text())
+    image = pipe("a red circle", num_inference_steps=defaults["steps"], guidance_scale=1.0).images[
+        0
+    ]
+    assert image.size == (64, 64)
+    before = load_file(base)
+    after = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))

@@ -1,0 +1,143 @@
+"""Fine-tune the built-in VAE's decoder so thin structures survive the round trip.
+
+    python -m builtin_model.tune_decoder --model-dir builtin_model/shapes-64 --budget-s 600
+
+Why: the VAE was trained on filled shapes only. Hollow shapes (what the ``outline`` LoRA draws)
+come back from its round trip hollow only 73 % of the time (48 % for small shapes, 96 % for
+large), so no UNet adapter could reach the 90 % the LoRA must. The encoder is frozen — the
+latents the UNet, the adapters and ``shapes-64-fast`` were trained on stay exactly what they
+were — and only the decoder learns, on half filled and half hollow scenes, with the VAE's own
+loss (squared plus half absolute error, shape pixels weighted 8×). ``--check`` prints the round
+trip scores (filled attributes, hollow share) before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from builtin_model import MODEL_DIR, adapter_data, data
+from builtin_model.train import SHAPE_WEIGHT, autocast, log, lr_factor
+
+
+def mixed_batch(n: int, g: torch.Generator, device: torch.device) -> tuple[Any, torch.Tensor]:
+    """``n`` scenes, the first half rendered filled and the second half hollow."""
+    scenes = data.sample_scenes(n, g, device)
+    filled = data.render(scenes)
+    hollow = adapter_data.render_outline(scenes)
+    half = torch.arange(n, device=device).view(-1, 1, 1, 1) >= n // 2
+    return scenes, torch.where(half, hollow, filled)
+
+
+@torch.no_grad()
+def round_trip_scores(vae: Any, device: torch.device, n: int = 256) -> dict[str, float]:
+    """Filled scenes: every attribute read back; hollow scenes: share still hollow, color right."""
+    from builtin_model.score import ATTRIBUTES, read_image
+
+    batch = data.sample_scenes(n, torch.Generator().manual_seed(999), device)
+    out: dict[str, float] = {}
+    for name, x in (("filled", data.render(batch)), ("hollow", adapter_data.render_outline(batch))):
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
+        images = data.to_uint8(rec)
+        if name == "filled":
+            hits = [read_image(images[i]).matches(batch.scene(i)) for i in range(n)]
+            out.update({f"filled_{a}": float(np.mean([h[a] for h in hits])) for a in ATTRIBUTES})
+        else:
+            readings = [adapter_data.read_outline(images[i]) for i in range(n)]
+            out["hollow"] = float(np.mean([h for _, h in readings]))
+            out["hollow_color"] = float(
+                np.mean([r.matches(batch.scene(i))["color"] for i, (r, _) in enumerate(readings)])
+            )
+        out[f"{name}_mse"] = float(torch.nn.functional.mse_loss(rec, x))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    parser.add_argument("--out", type=Path, help="VAE directory to write (default: the model's)")
+    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--budget-s", type=float, default=1800.0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--check", action="store_true", help="score the round trips only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(args.model_dir / "vae").to(device).eval()
+    before = round_trip_scores(vae, device)
+    log(f"round trip before: {json.dumps({k: round(v, 4) for k, v in before.items()})}", start)
+    if args.check:
+        return
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True).train()
+    if vae.post_quant_conv is not None:
+        vae.post_quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 5)
+    total, warmup = args.steps, min(100, max(args.steps // 20, 1))
+    deadline = start + args.budget_s
+    t0, step, loss_avg = time.perf_counter(), 0, 0.0
+    while step < total:
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_factor(step, warmup, total)
+        scenes, x = mixed_batch(args.batch, g, device)
+        bg = data.palette_tensor(device)[scenes.bg].view(-1, 3, 1, 1)
+        weight = 1.0 + (SHAPE_WEIGHT - 1.0) * ((x - bg).abs().sum(1, keepdim=True) > 1e-3).float()
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=None)
+        with autocast(device):
+            rec = vae.decode(z).sample.float()
+        err = rec - x
+        loss = (weight * (err**2 + 0.5 * err.abs())).mean() / weight.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        loss_avg = loss.item() if step == 1 else 0.98 * loss_avg + 0.02 * loss.item()
+        now = time.perf_counter()
+        if now > deadline - 15:
+            log(f"budget reached at step {step}", start)
+            break
+        if step in (20, 100) or step % 500 == 0:
+            sps = (now - t0) / step
+            fits = step + int((deadline - 15 - now) / sps)
+            if fits < total:
+                total = max(fits, step + 1)
+            log(f"decoder {step}/{total} loss {loss_avg:.5f} ({sps:.3f} s/step)", start)
+    vae.eval()
+    after = round_trip_scores(vae, device)
+    log(f"round trip after: {json.dumps({k: round(v, 4) for k, v in after.items()})}", start)
+    out = args.out or args.model_dir / "vae"
+    vae.to("cpu").save_pretrained(out, safe_serialization=True)
+    record = {
+        "recipe": "decoder fine-tune, encoder frozen, half filled / half hollow scenes",
+        "steps": step,
+        "batch": args.batch,
+        "lr": args.lr,
+        "seed": args.seed,
+        "final_loss": round(loss_avg, 6),
+        "before": before,
+        "after": after,
+        "train_s": round(time.perf_counter() - start, 1),
+    }
+    (out / "decoder_tune.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved {out}", start)
+
+
+if __name__ == "__main__":
+    main()
