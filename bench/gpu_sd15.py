@@ -15,6 +15,11 @@ Run on a GPU host from the repo root (see bench/README.md for the device wheels)
     python bench/gpu_sd15.py [--phases single,eager,options,compiled] [--seconds 40]
         [--clients 32] [--compile-batches 8,16] [--max-wait 0] [--json results.jsonl]
 `--small` builds a tiny variant so the script itself can be checked on a CPU.
+
+    python bench/gpu_sd15.py --save DIR [--small]
+
+only builds the model into DIR with a LoRA and a ControlNet beside it (`add_sd15_adapters`), for
+`bench/adapters_cost.py --model-dir DIR`.
 """
 
 from __future__ import annotations
@@ -105,15 +110,72 @@ def build_sd15(directory: Path, small: bool) -> None:
     if torch.cuda.is_available():
         pipe.to(dtype=torch.float16)  # what the worker loads on a GPU; half the bytes to write
     pipe.save_pretrained(directory, safe_serialization=True)
-    card = {
+    card = {  # the tiny variant's defaults are what --small runs it at
         "id": "sd15-random",
-        "width": 512,
-        "height": 512,
-        "steps": 30,
+        "width": 512 if not small else 64,
+        "height": 512 if not small else 64,
+        "steps": 30 if not small else 4,
         "guidance_scale": 7.5,
         "scheduler": "euler",
     }
     (directory / "imagegen.json").write_text(json.dumps(card))
+
+
+LORA_ID = "random-r16"
+CONTROL_ID = "random-control"
+
+
+def add_sd15_adapters(directory: Path, rank: int = 16) -> tuple[str, str]:
+    """Give the pipeline `build_sd15` saved at `directory` a LoRA and a ControlNet, random but
+    with effect, where the worker finds them: the LoRA `loras/random-r16/` of rank `rank` on the
+    UNet's attention projections to_q, to_k, to_v and to_out.0 (what most SD 1.5 LoRAs touch),
+    the ControlNet `controlnets/random-control/` made by `ControlNetModel.from_unet` (full size,
+    as SD 1.5 ControlNets are), its zero convolutions given weights. Both saved in fp16 with
+    their cards (`imagegen_adapter.json`), as builtin_model/train_adapters.py saves its own.
+    Returns the two ids."""
+    from diffusers import ControlNetModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=torch.float32)
+    net = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            # Trained ControlNets have moved off their zero-initialised output convolutions.
+            zero = "controlnet_" in name and "cond_embedding" not in name
+            if zero or "cond_embedding.conv_out" in name:
+                param.normal_(0.0, 0.02)
+    out = directory / "controlnets" / CONTROL_ID
+    net.to(dtype=torch.float16).save_pretrained(out, safe_serialization=True)
+    del net
+    card = {
+        "id": CONTROL_ID,
+        "kind": "controlnet",
+        "description": "Random weights (benchmark): ControlNetModel.from_unet of the SD 1.5 UNet.",
+        "default_scale": 1.0,
+    }
+    (out / "imagegen_adapter.json").write_text(json.dumps(card, indent=2) + "\n")
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:  # PEFT starts lora_B at zero: no effect until trained
+                param.normal_(0.0, 0.02)
+    layers = {k: v.detach().half() for k, v in get_peft_model_state_dict(unet).items()}
+    out = directory / "loras" / LORA_ID
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers)
+    card = {
+        "id": LORA_ID,
+        "kind": "lora",
+        "description": f"Random weights (benchmark): rank {rank} on the UNet's attention "
+        f"{', '.join(targets)}.",
+        "trigger_words": [],
+        "default_scale": 1.0,
+    }
+    (out / "imagegen_adapter.json").write_text(json.dumps(card, indent=2) + "\n")
+    return LORA_ID, CONTROL_ID
 
 
 IMG2IMG_STRENGTH = 0.8
@@ -190,7 +252,24 @@ def main() -> None:
     parser.add_argument("--max-wait", default="0", help="IMAGEGEN_BATCH_MAX_WAIT_S (seconds)")
     parser.add_argument("--json", type=Path, help="also append each figure here as a JSON line")
     parser.add_argument("--small", action="store_true", help="tiny model: check on a CPU")
+    parser.add_argument(
+        "--save",
+        type=Path,
+        metavar="DIR",
+        help="only build the model with a LoRA and a ControlNet into DIR (adapters_cost.py)",
+    )
     args = parser.parse_args()
+    if args.save:
+        started = time.monotonic()
+        build_sd15(args.save, args.small)
+        built = time.monotonic() - started
+        lora, control = add_sd15_adapters(args.save)
+        print(
+            f"built {args.save}: the model in {built:.1f} s, LoRA `{lora}` and ControlNet "
+            f"`{control}` in {time.monotonic() - started - built:.1f} s",
+            flush=True,
+        )
+        return
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = set(phases) - set(PHASES)
     if unknown:

@@ -267,3 +267,35 @@ def test_a_lora_that_does_not_fit_is_refused_at_start(tiny_model_dir: Path, tmp_
     lines = [line for line in proc.stderr.splitlines() if "misfit" in line]
     assert len(lines) == 1 and "does not fit" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_the_gpu_bench_adapters_load_and_act_in_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/gpu_sd15.py's random SD 1.5 LoRA and ControlNet (here on its tiny variant) are in
+    the layout the worker reads, pass its checks, and change the image."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from gpu_sd15 import add_sd15_adapters, build_sd15
+
+    directory = tmp_path / "sd15"
+    build_sd15(directory, small=True)
+    lora_id, control_id = add_sd15_adapters(directory)
+    model = load_model(Settings(model=str(directory), device="cpu"))
+    assert [a.id for a in model.info.adapters] == [lora_id]
+    assert [c.id for c in model.info.controls] == [control_id]
+    assert "rank 16" in model.info.adapters[0].description
+    spec = job(model=model.info.id, steps=1)
+    ref = control().model_copy(update={"id": control_id})
+    items = [
+        BatchItem(spec),
+        BatchItem(spec.model_copy(update={"loras": (LoraRef(id=lora_id, scale=1.0),)})),
+        BatchItem(
+            spec.model_copy(update={"control": ref}),
+            control_image=shape_image((16, 16, 48, 48)),
+        ),
+    ]
+    results = [run_batch(model, [item], invariant=True)[0] for item in items]
+    assert all(isinstance(result, list) for result in results), results
+    plain, lora, controlled = (np.asarray(result[0]) for result in results)
+    assert not np.array_equal(plain, lora)
+    assert not np.array_equal(plain, controlled)
