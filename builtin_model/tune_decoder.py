@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
             break
         if step in (20, 100) or step % 500 == 0:
             sps = (now - t0) / step
+            # Re-fitted each time (up or down, never past --steps): the machine may be shared.
             fits = step + int((deadline - 15 - now) / sps)
-            if fits < total:
-                total = max(fits, step + 1)
+            total = min(max(fits, step + 1), args.steps)
             log(f"decoder {step}/{total} loss {loss_avg:.5f} ({sps:.3f} s/step)", start)
     vae.eval()
     after = round_trip_scores(vae, device)
