@@ -25,6 +25,8 @@ import torch
 from builtin_model import MODEL_DIR, adapter_data, data
 from builtin_model.train import SHAPE_WEIGHT, autocast, log, lr_factor
 
+RECORD = "decoder_tune.json"  # beside the VAE's weights: what the card's recipe reads
+
 
 def mixed_batch(n: int, g: torch.Generator, device: torch.device) -> tuple[Any, torch.Tensor]:
     """``n`` scenes, the first half rendered filled and the second half hollow."""
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="score the round trips only")
+    parser.add_argument("--score-n", type=int, default=256, help="scenes per round-trip score")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(args.model_dir / "vae").to(device).eval()
-    before = round_trip_scores(vae, device)
+    before = round_trip_scores(vae, device, args.score_n)
     log(f"round trip before: {json.dumps({k: round(v, 4) for k, v in before.items()})}", start)
     if args.check:
         return
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             total = min(max(fits, step + 1), args.steps)
             log(f"decoder {step}/{total} loss {loss_avg:.5f} ({sps:.3f} s/step)", start)
     vae.eval()
-    after = round_trip_scores(vae, device)
+    after = round_trip_scores(vae, device, args.score_n)
     log(f"round trip after: {json.dumps({k: round(v, 4) for k, v in after.items()})}", start)
     out = args.out or args.model_dir / "vae"
     vae.to("cpu").save_pretrained(out, safe_serialization=True)
@@ -134,8 +137,18 @@ def main(argv: list[str] | None = None) -> None:
         "before": before,
         "after": after,
         "train_s": round(time.perf_counter() - start, 1),
+        "hardware": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU ({torch.get_num_threads()} threads)"
+        ),
+        "command": "python -m builtin_model.tune_decoder "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
     }
-    (out / "decoder_tune.json").write_text(json.dumps(record, indent=2) + "\n")
+    earlier = args.model_dir / "vae" / RECORD
+    if earlier.is_file():  # a run continuing an earlier tune: keep the chain
+        record["parent"] = json.loads(earlier.read_text())
+    (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     log(f"saved {out}", start)
 
 

@@ -288,7 +288,8 @@ def test_step_distillation_and_decoder_tune_run_end_to_end(tmp_path: Path) -> No
     for module, args in (
         ("distill", ["--out", str(fast), "--trajectories", "8", "--teacher-batch", "8",
                      "--steps", "2", "--batch", "4"]),
-        ("tune_decoder", ["--out", str(tmp_path / "vae"), "--steps", "2", "--batch", "4"]),
+        ("tune_decoder", ["--out", str(tmp_path / "vae"), "--steps", "2", "--batch", "4",
+                          "--score-n", "8"]),
     ):  # fmt: skip
         subprocess.run(
             [sys.executable, "-m", f"builtin_model.{module}", *args, "--device", "cpu"],
@@ -309,3 +310,20 @@ def test_step_distillation_and_decoder_tune_run_end_to_end(tmp_path: Path) -> No
     encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+def test_the_card_states_every_decoder_tune_run(tmp_path: Path) -> None:
+    from builtin_model import card
+
+    scores = {"filled_background": 1.0, "filled_kind": 0.9, "filled_mse": 0.001, "hollow": 0.7,
+              "hollow_color": 0.6}  # fmt: skip
+    first = {"steps": 10, "batch": 32, "lr": 5e-4, "train_s": 120, "before": scores,
+             "after": {**scores, "hollow": 0.8}}  # fmt: skip
+    second = {**first, "steps": 20, "before": first["after"], "parent": first,
+              "after": {**scores, "hollow": 0.93, "filled_kind": 0.95}}  # fmt: skip
+    (tmp_path / "vae").mkdir()
+    assert card._decoder_tune(tmp_path) == ""
+    (tmp_path / "vae" / "decoder_tune.json").write_text(json.dumps(second))
+    text = card._decoder_tune(tmp_path)
+    assert "2 run(s)" in text and "10 steps of batch 32" in text and "20 steps" in text
+    assert "70.0 % → 93.0 %" in text and "90.0 % → 95.0 %" in text
