@@ -143,7 +143,14 @@ def _card(
 ) -> str:
     d = build.served_defaults()
     params = _params(model_dir)
-    weights_mb = sum(f.stat().st_size for f in model_dir.rglob("*.safetensors")) / 1e6
+    weights_mb = (
+        sum(
+            f.stat().st_size
+            for f in model_dir.rglob("*.safetensors")
+            if f.relative_to(model_dir).parts[0] not in ("loras", "controlnets")
+        )
+        / 1e6
+    )  # the pipeline's own; the adapters' are in their section
     best = evaluations[0]
     latency_line = (
         f"{latency['seconds'] * 1000:.0f} ms per 64×64 image ({latency['steps']} steps, guidance {latency['guidance_scale']:g}, "
@@ -296,27 +303,36 @@ def _decoder_tune(model_dir: Path) -> str:
         f"{r.get('hardware', 'CPU')}"
         for r in runs
     )
-    return f"""
-
-**VAE decoder tune** — `python -m builtin_model.tune_decoder` ({len(runs)} run(s), each
-continuing the last: {listed}): the encoder frozen (every latent the UNet, the adapters and the
-latent cache saw is unchanged), the decoder trained on half filled, half hollow scenes with the
-VAE's loss, so thin outlines survive decoding. Round trips of 256 fresh scenes: hollow shapes
-still hollow {100 * first["hollow"]:.1f} % → {100 * last["hollow"]:.1f} % (their color read right
-{100 * first["hollow_color"]:.1f} % → {100 * last["hollow_color"]:.1f} %); filled scenes' kind
-{100 * first["filled_kind"]:.1f} % → {100 * last["filled_kind"]:.1f} %, their other attributes
-{min(100 * first[k] for k in first if k.startswith("filled_") and k not in ("filled_kind", "filled_mse")):.0f} % →
-{min(100 * last[k] for k in last if k.startswith("filled_") and k not in ("filled_kind", "filled_mse")):.0f} %."""
+    others = [
+        k for k in first if k.startswith("filled_") and k not in ("filled_kind", "filled_mse")
+    ]
+    return (
+        "\n\n**VAE decoder tune** — `python -m builtin_model.tune_decoder`, "
+        f"{len(runs)} run(s), each continuing the last ({listed}): the encoder frozen (every latent "
+        "the UNet, the adapters and the latent cache saw is unchanged), the decoder trained on half "
+        "filled, half hollow scenes with the VAE's loss, so thin outlines survive decoding. Round "
+        f"trips of {runs[-1].get('score_n', 256)} fresh scenes: hollow shapes still hollow "
+        f"{100 * first['hollow']:.1f} % → {100 * last['hollow']:.1f} %, their color read right "
+        f"{100 * first['hollow_color']:.1f} % → {100 * last['hollow_color']:.1f} %; filled "
+        f"scenes' kind {100 * first['filled_kind']:.1f} % → {100 * last['filled_kind']:.1f} %, "
+        f"their other attributes {min(100 * first[k] for k in others):.0f} % → "
+        f"{min(100 * last[k] for k in others):.0f} %."
+    )
 
 
 def _continued(record: dict[str, Any], previous: int) -> str:
     r = record.get("recipe", {})
     words = record.get("vocabulary_added") or []
-    phrasing = (
+    grew = (
         f"the tokenizer grew by {len(words)} words people write ({', '.join(f'`{w}`' for w in words[:12])}"
         f"{', ...' if len(words) > 12 else ''}), each new embedding row started from a synonym's (`bg` from\n"
         f"`background`, `tiny` from `small`, `upper` from `top`, punctuation from `,`); "
-        f"{r.get('captions_per_image', 1)} captions cached per scene, {100 * r.get('phrasing', 0):.0f} % of them "
+        if words
+        else f"stage {previous}'s vocabulary; "
+    )
+    phrasing = (
+        grew
+        + f"{r.get('captions_per_image', 1)} captions cached per scene, {100 * r.get('phrasing', 0):.0f} % of them "
         "written as users write prompts (`data.user_caption`: tags in any order, synonyms, capitals,\n"
         "punctuation, a few unknown filler words), the rest the original captions; token embeddings at lr "
         f"{r.get('embed_lr', '?')};\n"

@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     log(f"round trip after: {json.dumps({k: round(v, 4) for k, v in after.items()})}", start)
     out = args.out or args.model_dir / "vae"
     vae.to("cpu").save_pretrained(out, safe_serialization=True)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("_name_or_path", None)  # where this run read it: nothing a loader needs
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     record = {
         "recipe": "decoder fine-tune, encoder frozen, half filled / half hollow scenes",
         "steps": step,
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         "lr": args.lr,
         "seed": args.seed,
         "final_loss": round(loss_avg, 6),
+        "score_n": args.score_n,
         "before": before,
         "after": after,
         "train_s": round(time.perf_counter() - start, 1),
