@@ -46,3 +46,31 @@ def test_a_stop_signal_while_loading_ends_the_worker_promptly_with_status_0(
         proc.stop()
     assert code == 0, proc.log()[-4000:]
     assert "while starting; exiting" in proc.log()
+
+
+def test_a_stop_signal_swallowed_by_the_model_load_still_ends_the_start(
+    redis_server: RedisServer, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal landing inside safetensors' native read comes back from diffusers as a load
+    error, not as the handler's SystemExit (seen under load: the worker then served on). The
+    start-up still ends, status 0. The load is replaced here by one that does what that race
+    does, since a test cannot aim a signal inside the native read."""
+    from imagegen.settings import Settings
+    from worker import main as worker_main
+    from worker.models import ModelManager, ModelUnavailable
+
+    def signal_lost_in_load(self: ModelManager, model_id: str) -> object:
+        try:
+            worker_main._exit_at_once(signal.SIGTERM, None)
+        except SystemExit as exc:  # what the native read turns into a load error
+            raise ModelUnavailable(f"loading failed: OSError: {model_id}") from exc
+        raise AssertionError("the handler did not raise")
+
+    monkeypatch.setattr(ModelManager, "acquire", signal_lost_in_load)
+    monkeypatch.setattr(worker_main, "_STOP_WHILE_STARTING", worker_main.threading.Event())
+    settings = Settings(redis_url=redis_server.url, model=str(tiny_model_dir), device="cpu")
+    try:
+        assert worker_main.run_worker(settings) == 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)

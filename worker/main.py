@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import socket
+import threading
 import time
 from types import FrameType
 from typing import cast
@@ -58,10 +59,17 @@ def batch_max_images(settings: Settings, model: LoadedModel) -> int:
     return max(1, min(largest, int((free - 2.0) / max(per_image, 1e-3))))
 
 
+# Set by a stop signal before the job loop runs. The SystemExit the handler raises can be lost:
+# arriving inside safetensors' native read, it comes back as a load error (diffusers turns it
+# into an OSError), so start-up checks this flag after loading as well.
+_STOP_WHILE_STARTING = threading.Event()
+
+
 def _exit_at_once(signum: int, _frame: FrameType | None) -> None:
     # Loading and warming up hold no job: a stop request ends the process right away
     # (as PID 1 in a container, no handler would mean waiting out the grace period).
     log.info("signal %d while starting; exiting", signum)
+    _STOP_WHILE_STARTING.set()
     raise SystemExit(0)
 
 
@@ -109,6 +117,8 @@ def run_worker(settings: Settings) -> int:
             log.error("refusing to start: an adapter of model %s does not fit it", first)
             return 2
         log.error("model %s is unavailable; its jobs will fail: %s", first, exc)
+    if _STOP_WHILE_STARTING.is_set():  # the signal's SystemExit was swallowed by the load
+        return 0
     lifecycle = Lifecycle(connection)
     runner = JobRunner(
         cast(Inference, inference),
