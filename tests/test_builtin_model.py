@@ -283,20 +283,18 @@ def test_step_distillation_and_decoder_tune_run_end_to_end(tmp_path: Path) -> No
     and the tuned decoder leaves the encoder (the latents everything else learned on) as is."""
     from safetensors.torch import load_file
 
+    from builtin_model import distill, tune_decoder
+
     base = MODEL_DIR / "vae" / "diffusion_pytorch_model.safetensors"
     fast = tmp_path / "fast"
-    for module, args in (
-        ("distill", ["--out", str(fast), "--trajectories", "8", "--teacher-batch", "8",
-                     "--steps", "2", "--batch", "4"]),
-        ("tune_decoder", ["--out", str(tmp_path / "vae"), "--steps", "2", "--batch", "4",
-                          "--score-n", "8"]),
-    ):  # fmt: skip
-        subprocess.run(
-            [sys.executable, "-m", f"builtin_model.{module}", *args, "--device", "cpu"],
-            check=True,
-            cwd=MODEL_DIR.parents[1],
-            capture_output=True,
-        )
+    distill.main(
+        ["--out", str(fast), "--trajectories", "8", "--teacher-batch", "8", "--steps", "2",
+         "--batch", "4", "--device", "cpu"]
+    )  # fmt: skip
+    tune_decoder.main(
+        ["--out", str(tmp_path / "vae"), "--steps", "2", "--batch", "4", "--score-n", "8",
+         "--device", "cpu"]
+    )  # fmt: skip
     from builtin_model import card
 
     pipe = card.load(fast)
