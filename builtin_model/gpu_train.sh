@@ -17,7 +17,8 @@
 # command and hardware) and in the model card. This version (decoder tune, step distillation,
 # rank-16 outline, GPU evaluations) has been dry-run on a CPU only (tiny sizes; see the
 # variables below); the shipped shapes-64, `outline` and `silhouette` came from its previous
-# version (git log of this file) on an H200.
+# version (git log of this file) on an H200, and the shipped VAE decoder from tune_decoder on a
+# CPU (the model card), which phase 0 here continues.
 set -uo pipefail
 out="$(realpath -m "${OUT:-gpu-train}")"
 work=/tmp/train
