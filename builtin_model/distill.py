@@ -34,16 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from builtin_model import MODEL_DIR, build, data
+from builtin_model.train import log, provenance
 
 FAST_ID = "shapes-64-fast"
 FAST_STEPS = 4
 FAST_SCHEDULER = "ddim"
 TEACHER_STEPS = 20
 TEACHER_GUIDANCE = 4.0
-
-
-def log(msg: str, start: float) -> None:
-    print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
 
 
 def fast_defaults() -> dict[str, object]:
@@ -213,9 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "final_loss": loss_avg,
         "train_s": time.perf_counter() - start,
-        "hardware": torch.cuda.get_device_name() if device.startswith("cuda") else "CPU",
-        "command": "python -m builtin_model.distill "
-        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        **provenance("builtin_model.distill", device, argv),
     }
     (out / "train_state.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"saved {out}", start)

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -102,6 +103,20 @@ CONTINUING = ("refine", "phrasing")
 
 def log(msg: str, start: float) -> None:
     print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
+
+
+def hardware_name(device: torch.device | str) -> str:
+    """What a training record says it ran on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def provenance(module: str, device: torch.device | str, argv: list[str] | None) -> dict[str, str]:
+    """A record's ``hardware`` and the ``command`` that reproduces it."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {"hardware": hardware_name(device), "command": f"python -m {module} " + " ".join(args)}
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -491,11 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
-    hardware = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    )
+    hardware = hardware_name(device)
     log(f"profile {args.profile} on {hardware}: {asdict(profile)}", start)
 
     tokenizer = build.build_tokenizer()

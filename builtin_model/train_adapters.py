@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 
 from builtin_model import MODEL_DIR, adapter_data, build, data
-from builtin_model.train import CAPTION_DROPOUT, MIN_SNR_GAMMA, log, lr_factor
+from builtin_model.train import CAPTION_DROPOUT, MIN_SNR_GAMMA, log, lr_factor, provenance
 
 LORA_RANK = 8
 LORA_TARGETS = [
@@ -198,13 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         "final_loss": round(loss_avg, 5),
         "train_s": round(time.perf_counter() - start, 1),
         "s_per_step": round((time.perf_counter() - t0) / max(step, 1), 3),
-        "hardware": (
-            torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-        ),
-        "command": "python -m builtin_model.train_adapters "
-        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        **provenance("builtin_model.train_adapters", device, argv),
     }
     out = save(args, trained, is_lora, record)
     log(f"saved {out}", start)

@@ -16,10 +16,10 @@ from PIL import Image
 
 from builtin_model import MODEL_DIR, data
 from imagegen import prompts
-from imagegen.contract import JOB_ID_PREFIX, JobRecord, JobSpec, JobStatus, Keys
+from imagegen.contract import JOB_ID_PREFIX, JobRecord, JobStatus, Keys
 from imagegen.lifecycle import Lifecycle
 from imagegen.settings import Settings
-from tests.stack import Gateway, Proc, wait_for_job
+from tests.stack import Gateway, Proc, job_spec, wait_for_job
 from worker.batch_loop import BatchItem, run_batch
 from worker.pipeline import LoadedModel, load_model
 
@@ -90,18 +90,7 @@ def test_weighting_a_color_up_makes_more_of_the_image_that_color(builtin: Loaded
     nothing, see the README)."""
 
     def red(prompt: str) -> float:
-        spec = JobSpec(
-            prompt=prompt,
-            negative_prompt="",
-            width=64,
-            height=64,
-            steps=10,
-            guidance_scale=4.0,
-            seed=0,
-            n=6,
-            scheduler="dpmpp_2m",
-            model=BUILTIN,
-        )
+        spec = job_spec(prompt=prompt, steps=10, seed=0, n=6, scheduler="dpmpp_2m", model=BUILTIN)
         (images,) = run_batch(builtin, [BatchItem(spec)], invariant=False)
         assert not isinstance(images, BaseException)
         return float(np.mean([_share(im, "red") for im in images]))
@@ -173,18 +162,7 @@ def test_the_worker_refuses_what_the_gateway_could_not_count(
     """A job that reached the queue without the gateway's count (its tokenizer was not in
     Redis): the worker fails it `invalid_request` with the gateway's message."""
     over = " ".join(["red"] * (LIMIT + 5))
-    spec = JobSpec(
-        prompt=over,
-        negative_prompt="",
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=4.0,
-        seed=1,
-        n=1,
-        scheduler="dpmpp_2m",
-        model=BUILTIN,
-    )
+    spec = job_spec(prompt=over, steps=2, scheduler="dpmpp_2m", model=BUILTIN)
     record = JobRecord(
         id=JOB_ID_PREFIX + secrets.token_urlsafe(16),
         status=JobStatus.QUEUED,
