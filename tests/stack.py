@@ -1,14 +1,23 @@
-"""Real processes for the tests: a worker (`python -m imagegen worker`) and a gateway (uvicorn)."""
+"""Real processes for the tests: a worker (`python -m imagegen worker`, or the same entry point
+forked from a server that has imported it once) and a gateway (uvicorn)."""
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import redis
@@ -35,9 +44,29 @@ def service_env(redis_url: str, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+class ProcessHandle(Protocol):
+    """What tests use of a started process: `subprocess.Popen` has it, and `ForkedProcess`."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
 @dataclass
 class Proc:
-    process: subprocess.Popen[bytes]
+    process: ProcessHandle
     log_path: Path
 
     def log(self) -> str:
@@ -50,8 +79,7 @@ class Proc:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return self.process.wait()
 
 
 def start_process(args: list[str], env: Mapping[str, str], log_path: Path) -> Proc:
@@ -62,13 +90,162 @@ def start_process(args: list[str], env: Mapping[str, str], log_path: Path) -> Pr
     return Proc(process, log_path)
 
 
+# Forked workers. A worker start is mostly imports (torch, diffusers and with it torch._dynamo,
+# transformers, peft: ~5 s of CPU each, and the suite starts dozens of workers). A forked worker
+# is a child of a fork server (multiprocessing's `forkserver` start method) that imported these
+# modules once. It is faithful to `python -m imagegen worker`: the same entry point (imagegen.cli's
+# main, argv `worker`) runs the same code in its own process with its own pid, under exactly
+# service_env's environment (set before any setting is read), from the repository root, into
+# the same log file; it installs its own signal handlers, exits with its own status, and a signal
+# that kills it reads as minus its number, as with Popen. Only the interpreter's start and the
+# imports are shared (and multiprocessing imports the test runner's main script in the child,
+# unused). What the imports read from the environment (OMP_NUM_THREADS: the size of torch's
+# thread pool; PYTHONUNBUFFERED) they read once, in the server, which therefore starts under a
+# worker's environment, and a forked worker may not change that environment, only add settings.
+# The server imports and runs nothing else: no thread, Python's or torch's intra-op pool, is in
+# it to be lost by a fork (tests/test_forked_workers.py checks). Tests about the process start
+# itself (signals while starting, the session's built-in-model worker) keep the real command.
+WORKER_MODULES = ["imagegen.cli", "worker.main", "tests.stack"]
+# One reader at a time of a forked child's exit status: the fork server sends it once, down a
+# pipe that `poll()` reads, and multiprocessing polls its other children whenever it starts one.
+_FORK_LOCK = threading.Lock()
+_forked: list[ForkedProcess] = []
+_server_env: dict[str, str] | None = None
+
+
+def _shared_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The part of a worker's environment that imports may read: all but its settings
+    (IMAGEGEN_*, read when it starts) and pytest's marker of the current test."""
+    return {
+        k: v for k, v in env.items() if not k.startswith("IMAGEGEN_") and k != "PYTEST_CURRENT_TEST"
+    }
+
+
+class ForkedProcess:
+    """A process forked from the fork server, with the part of Popen's interface tests use."""
+
+    def __init__(self, process: BaseProcess, args: list[str]) -> None:
+        self._process = process
+        self.args = args
+
+    @property
+    def pid(self) -> int:
+        assert self._process.pid is not None, "not started"
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+    def poll(self) -> int | None:
+        with _FORK_LOCK:
+            return self._process.exitcode  # -N when signal N ended it
+
+    def wait(self, timeout: float | None = None) -> int:
+        multiprocessing.connection.wait([self._process.sentinel], timeout)
+        code = self.poll()
+        if code is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # as Popen: never a pid the system may have reused
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _run_forked(target: Callable[[], None], env: dict[str, str], log_path: str) -> None:
+    """In the forked child: run `target` under `env` (set before anything reads it), with
+    stdout and stderr going to `log_path`, from the repository root, as start_process does."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    try:
+        target()  # SystemExit(status) ends the child with that status, as the interpreter does
+    finally:
+        # The interpreter's exit runs these (logging.shutdown, ...); multiprocessing ends a
+        # child with os._exit, which does not.
+        atexit._run_exitfuncs()
+
+
+def _worker_main() -> None:
+    """What `python -m imagegen worker` runs (imagegen/__main__.py)."""
+    from imagegen.cli import main
+
+    sys.argv = [str(ROOT / "imagegen" / "__main__.py"), "worker"]
+    main()
+
+
+def _stop_forked_leftovers() -> None:
+    # multiprocessing joins its live children at exit: a worker a failed test left running
+    # would hold the session open (a Popen worker would be left behind instead).
+    for process in _forked:
+        process.kill()
+
+
+def fork_process(target: Callable[[], None], env: dict[str, str], log_path: Path) -> Proc:
+    """Run `target` (a module-level function) in a child of the fork server; see WORKER_MODULES."""
+    global _server_env
+    context = multiprocessing.get_context("forkserver")
+    with _FORK_LOCK:
+        if _server_env is None:
+            context.set_forkserver_preload(WORKER_MODULES)
+            _server_env = _shared_env(service_env(""))
+            previous = {k: os.environ.get(k) for k in _server_env}
+            os.environ.update(_server_env)  # the server inherits this process's environment
+            try:
+                multiprocessing.forkserver.ensure_running()
+            finally:
+                for key, value in previous.items():
+                    if value is None:
+                        del os.environ[key]
+                    else:
+                        os.environ[key] = value
+            atexit.register(_stop_forked_leftovers)  # after multiprocessing's: runs before it
+        # Only changes are refused: an import in this process may add a variable after the
+        # server started (torch sets TORCHINDUCTOR_CACHE_DIR to its default).
+        changed = sorted(k for k, v in _server_env.items() if env.get(k) != v)
+        if changed:
+            raise ValueError(
+                f"{changed} differ from the fork server's environment, which its imports read"
+                " once: start this process with forked=False"
+            )
+        log_path.write_bytes(b"")
+        child = context.Process(
+            target=_run_forked, args=(target, env, str(log_path)), name=log_path.stem
+        )
+        child.start()
+        forked = ForkedProcess(child, [f"{target.__module__}.{target.__qualname__}"])
+        _forked.append(forked)
+    return Proc(forked, log_path)
+
+
 def start_worker(
-    redis_url: str, log_dir: Path, name: str, extra: Mapping[str, str] | None = None
+    redis_url: str,
+    log_dir: Path,
+    name: str,
+    extra: Mapping[str, str] | None = None,
+    *,
+    forked: bool = False,
 ) -> Proc:
+    """`python -m imagegen worker` as `name`; `forked`: the same entry point in a process forked
+    from the fork server (saves the ~5 s of imports; see WORKER_MODULES)."""
     env = service_env(redis_url, {"IMAGEGEN_WORKER_NAME": name, **(extra or {})})
-    return start_process(
-        [sys.executable, "-m", "imagegen", "worker"], env, log_dir / f"worker-{name}.log"
-    )
+    log_path = log_dir / f"worker-{name}.log"
+    if forked:
+        if any(not key.startswith("IMAGEGEN_") for key in extra or {}):
+            raise ValueError("a forked worker takes IMAGEGEN_* settings only: use forked=False")
+        return fork_process(_worker_main, env, log_path)
+    return start_process([sys.executable, "-m", "imagegen", "worker"], env, log_path)
 
 
 def wait_for_worker(
