@@ -68,7 +68,10 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def builtin_worker(
     redis_server: RedisServer, redis_conn: redis.Redis, log_dir: Path
 ) -> Iterator[Proc]:
-    """One worker serving the built-in model (IMAGEGEN_MODEL unset), as in the local run."""
+    """One worker serving the built-in model (IMAGEGEN_MODEL unset), as in the local run.
+
+    Started by the real command (`python -m imagegen worker`), unlike the forked workers of
+    most tests: every session covers the real start path."""
     proc = start_worker(redis_server.url, log_dir, "builtin-1")
     wait_for_worker(redis_conn, proc, "builtin-1")
     yield proc
@@ -85,6 +88,7 @@ def tiny_worker(
         log_dir,
         "tiny-1",
         {"IMAGEGEN_MODEL": str(tiny_model_dir), "IMAGEGEN_MODEL_ID": TINY_MODEL_ID},
+        forked=True,
     )
     wait_for_worker(redis_conn, proc, "tiny-1")
     yield proc

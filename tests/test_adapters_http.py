@@ -37,7 +37,7 @@ def adapter_worker(
     shutil.copytree(tiny_model_dir, directory)
     save_tiny_adapters(directory)
     env = {"IMAGEGEN_MODEL": str(directory), "IMAGEGEN_MODEL_ID": MODEL}
-    proc = start_worker(redis_server.url, log_dir, "adapters-1", env)
+    proc = start_worker(redis_server.url, log_dir, "adapters-1", env, forked=True)
     wait_for_worker(redis_conn, proc, "adapters-1")
     yield proc
     proc.stop()

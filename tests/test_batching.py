@@ -40,7 +40,8 @@ def batching(
     server = RedisServer(root / "redis", appendonly=False).start()
     connection = redis.Redis.from_url(server.url)
     env = {"IMAGEGEN_MODEL": str(tiny_model_dir), "IMAGEGEN_MODEL_ID": MODEL}
-    worker = start_worker(server.url, root, "b", {**env, "IMAGEGEN_BATCH_MAX_IMAGES": "8"})
+    extra = {**env, "IMAGEGEN_BATCH_MAX_IMAGES": "8"}
+    worker = start_worker(server.url, root, "b", extra, forked=True)
     wait_for_worker(connection, worker, "b")
     gateway = start_gateway(
         server.url, root, {"IMAGEGEN_DEFAULT_MODEL": MODEL, "IMAGEGEN_MAX_STEPS": "1000"}

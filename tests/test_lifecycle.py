@@ -86,7 +86,7 @@ class Cluster:
 
     def worker(self, **extra: str) -> tuple[str, Proc]:
         name = f"w{next(self.names)}"
-        proc = start_worker(self.redis.url, self.root, name, {**self.env, **extra})
+        proc = start_worker(self.redis.url, self.root, name, {**self.env, **extra}, forked=True)
         return name, proc
 
     def ready_worker(self, **extra: str) -> Proc:
@@ -392,7 +392,7 @@ def test_soak_96_jobs_16_clients_workers_killed_and_redis_restarted(
     gateway = start_gateway(server.url, tmp_path, FAST)
 
     def start(generation: int, slot: int) -> Proc:
-        return start_worker(server.url, tmp_path, f"s{slot}-g{generation}", env)
+        return start_worker(server.url, tmp_path, f"s{slot}-g{generation}", env, forked=True)
 
     supervisors = [Supervisor(lambda g, slot=slot: start(g, slot)) for slot in range(3)]
     for slot, supervisor in enumerate(supervisors):

@@ -281,7 +281,7 @@ def multi(
         "IMAGEGEN_DEVICE": "cpu",
         "IMAGEGEN_METRICS_PORT": str(METRICS_PORT),
     }
-    worker = start_worker(server.url, root, "multi", env)
+    worker = start_worker(server.url, root, "multi", env, forked=True)
     wait_for_worker(connection, worker, "multi")
     gateway = start_gateway(server.url, root, {"IMAGEGEN_DEFAULT_MODEL": "m-a"})
     yield gateway, worker, connection

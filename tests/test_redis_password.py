@@ -64,7 +64,7 @@ def test_gateway_and_worker_run_a_job_with_the_password_in_its_setting(
     locked_redis: RedisServer, tmp_path: Path
 ) -> None:
     extra = {"IMAGEGEN_REDIS_PASSWORD": PASSWORD}
-    worker = start_worker(locked_redis.url, tmp_path, "auth-1", extra)
+    worker = start_worker(locked_redis.url, tmp_path, "auth-1", extra, forked=True)
     gateway = start_gateway(locked_redis.url, tmp_path, extra)
     admin = redis.Redis.from_url(locked_redis.url, password=PASSWORD)
     try:

@@ -49,14 +49,16 @@ class Cluster:
         self.supervisors: list[Supervisor] = []
 
     def worker(self, name: str, **extra: str) -> Proc:
-        proc = start_worker(self.redis.url, self.root, name, {**self.model_env, **extra})
+        env = {**self.model_env, **extra}
+        proc = start_worker(self.redis.url, self.root, name, env, forked=True)
         wait_for_worker(self.conn, proc, name)
         self.workers[name] = proc
         return proc
 
     def supervised(self, name: str) -> Supervisor:
         def start(generation: int) -> Proc:
-            return start_worker(self.redis.url, self.root, f"{name}-g{generation}", self.model_env)
+            name_now = f"{name}-g{generation}"
+            return start_worker(self.redis.url, self.root, name_now, self.model_env, forked=True)
 
         supervisor = Supervisor(start)
         wait_for_worker(self.conn, supervisor.proc, f"{name}-g0")

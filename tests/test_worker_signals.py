@@ -31,6 +31,7 @@ def _wait_for_line(proc: Proc, text: str, timeout_s: float = 120) -> None:
 def test_a_stop_signal_while_loading_ends_the_worker_promptly_with_status_0(
     redis_server: RedisServer, tmp_path: Path, tiny_model_dir: Path, sig: signal.Signals
 ) -> None:
+    # The real command, not a forked worker: this is about the process's own start.
     proc = start_worker(
         redis_server.url, tmp_path, f"starting-{sig.name}", {"IMAGEGEN_MODEL": str(tiny_model_dir)}
     )
