@@ -106,6 +106,8 @@ def start_process(args: list[str], env: Mapping[str, str], log_path: Path) -> Pr
 # it to be lost by a fork (tests/test_forked_workers.py checks). Tests about the process start
 # itself (signals while starting, the session's built-in-model worker) keep the real command.
 WORKER_MODULES = ["imagegen.cli", "worker.main", "tests.stack"]
+# TESTS_FORK_WORKERS=0: every worker by the real command (to compare, or to rule forking out).
+FORK_WORKERS = os.environ.get("TESTS_FORK_WORKERS", "1") != "0"
 # One reader at a time of a forked child's exit status: the fork server sends it once, down a
 # pipe that `poll()` reads, and multiprocessing polls its other children whenever it starts one.
 _FORK_LOCK = threading.Lock()
@@ -241,7 +243,7 @@ def start_worker(
     from the fork server (saves the ~5 s of imports; see WORKER_MODULES)."""
     env = service_env(redis_url, {"IMAGEGEN_WORKER_NAME": name, **(extra or {})})
     log_path = log_dir / f"worker-{name}.log"
-    if forked:
+    if forked and FORK_WORKERS:
         if any(not key.startswith("IMAGEGEN_") for key in extra or {}):
             raise ValueError("a forked worker takes IMAGEGEN_* settings only: use forked=False")
         return fork_process(_worker_main, env, log_path)
