@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--rank", type=int, default=LORA_RANK, help="LoRA rank (outline)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="continue this saved LoRA (outline; same rank): its record becomes the parent",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                 target_modules=LORA_TARGETS,
             )
         )
+        if args.init_from:
+            load_lora_into(unet, args.init_from)
         trained: Any = unet
         params = [p for p in unet.parameters() if p.requires_grad]
         lr = args.lr or 1e-3
@@ -199,8 +206,27 @@ def main(argv: list[str] | None = None) -> None:
         "s_per_step": round((time.perf_counter() - t0) / max(step, 1), 3),
         **provenance("builtin_model.train_adapters", device, argv),
     }
+    if args.init_from:
+        record["parent"] = json.loads((args.init_from / "train_state.json").read_text())
     out = save(args, trained, is_lora, record)
     log(f"saved {out}", start)
+
+
+def load_lora_into(unet: Any, lora_dir: Path) -> None:
+    """Put a saved LoRA's weights (diffusers format, keys ``unet.…``) into the UNet's freshly
+    added PEFT adapter, in fp32, so training continues from them."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(lora_dir / "pytorch_lora_weights.safetensors")
+    state = {k.removeprefix("unet."): v.float() for k, v in saved.items()}
+    result = set_peft_model_state_dict(unet, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise SystemExit(
+            f"{lora_dir} does not fit: {len(missing)} LoRA weights missing, "
+            f"{len(result.unexpected_keys)} unexpected (rank and targets must match)"
+        )
 
 
 def save(args: argparse.Namespace, trained: Any, is_lora: bool, record: dict[str, Any]) -> Path:
