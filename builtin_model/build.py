@@ -192,6 +192,12 @@ def save(pipe: StableDiffusionPipeline, out: Path) -> None:
         config = json.loads(path.read_text())
         if config.pop("_name_or_path", None) is not None:
             path.write_text(json.dumps(config, indent=2) + "\n")
+    # The saved scheduler config keeps only its class's keys; the schedule's other settings go
+    # in too, so a scheduler of another class built from it (a user's `ddim`) samples the same
+    # schedule and never clips x0 to [-1, 1] (DDIM's default, meant for pixel-space models).
+    path = out / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**scheduler_config(), **config}, indent=2, sort_keys=True) + "\n")
     (out / "imagegen.json").write_text(json.dumps(served_defaults(), indent=2) + "\n")
 
 
