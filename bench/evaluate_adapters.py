@@ -171,12 +171,17 @@ def card_section(result: dict[str, Any]) -> str:
     ]
     for name in ("outline", "silhouette"):
         state = result["training"].get(name)
-        if state:
-            lines.append(
-                f"`{name}`: {state.get('steps')} steps of batch {state.get('batch')}, lr "
-                f"{state.get('lr')}, {state.get('train_s')} s on {state.get('hardware')}, "
-                f"final loss {state.get('final_loss')}."
+        runs = []
+        while state:  # a run that continued an earlier one (--init-from) names it as its parent
+            runs.insert(
+                0,
+                f"{state.get('steps')} steps of batch {state.get('batch')}, lr {state.get('lr')}, "
+                f"{state.get('train_s')} s on {state.get('hardware')}, final loss "
+                f"{state.get('final_loss')}",
             )
+            state = state.get("parent")
+        if runs:
+            lines.append(f"`{name}`: " + "; then continued: ".join(runs) + ".")
     lines.append(CARD_END)
     return "\n".join(lines) + "\n"
 

@@ -197,7 +197,7 @@ class Settings(BaseSettings):
         description="Comma-separated models this worker serves, each a hub id or a local "
         "directory, optionally `id=source`; loaded on demand, the least recently used "
         "unloaded past the memory budget. Unset = IMAGEGEN_MODEL alone, or, when that is "
-        "unset too, the built-in models on disk (shapes-64; shapes-64-fast once built).",
+        "unset too, the built-in models on disk (shapes-64 and shapes-64-fast).",
     )
     model_memory_gib: float | None = Field(
         None,

@@ -18,6 +18,7 @@ from imagegen.contract import SCHEDULER_NAMES
 
 MAX_WEIGHT_BYTES = 30 * 10**6  # the pipeline itself
 MAX_ADAPTER_BYTES = 15 * 10**6  # its LoRAs and ControlNets together (issue 17)
+FAST_DIR = MODEL_DIR.parent / "shapes-64-fast"
 
 
 def test_package_imports_without_torch() -> None:
@@ -87,6 +88,39 @@ def test_shipped_files() -> None:
     assert served["id"] == "shapes-64" and (served["width"], served["height"]) == (64, 64)
     assert served["scheduler"] in SCHEDULER_NAMES
     assert (MODEL_DIR / "README.md").is_file() and (MODEL_DIR / "samples.png").is_file()
+
+
+def test_the_fast_model_ships_sharing_all_but_its_unet() -> None:
+    from builtin_model import distill
+
+    served = json.loads((FAST_DIR / "imagegen.json").read_text())
+    assert served["id"] == "shapes-64-fast" and (served["width"], served["height"]) == (64, 64)
+    assert served["steps"] <= 4 and served["guidance_scale"] == 1.0
+    assert 0 < sum(f.stat().st_size for f in FAST_DIR.rglob("*.safetensors")) <= MAX_WEIGHT_BYTES
+    for part in distill.SHARED_PARTS:
+        for f in (MODEL_DIR / part).iterdir():  # byte for byte: a worker loads them once
+            assert (FAST_DIR / part / f.name).read_bytes() == f.read_bytes(), f
+    assert (FAST_DIR / "README.md").is_file() and (FAST_DIR / "train_state.json").is_file()
+
+
+@pytest.mark.parametrize("model_dir", [MODEL_DIR, FAST_DIR], ids=lambda d: d.name)
+def test_no_scheduler_built_from_a_shipped_config_clips_the_latents(model_dir: Path) -> None:
+    # DDIM's default clip_sample (for pixel-space models) clamps x0 to [-1, 1]: on these
+    # latents it wrecked every image of the first fast model served with it.
+    config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    for name in SCHEDULER_NAMES:
+        assert not build.make_scheduler(name, config).config.get("clip_sample", False), name
+
+
+def test_the_fast_model_follows_held_out_prompts_in_four_steps() -> None:
+    from builtin_model import card
+
+    served = json.loads((FAST_DIR / "imagegen.json").read_text())
+    fast = card.load(FAST_DIR)
+    scenes = list(data.held_out_scenes())[::8]
+    ev = score.evaluate_pipeline(fast, scenes, (0,), served["steps"], served["guidance_scale"])
+    assert ev.accuracy["background"] >= 0.8, ev.accuracy
+    assert ev.accuracy["color"] >= 0.8, ev.accuracy
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +299,8 @@ def test_distillation_target_lands_a_ddim_step_on_the_teachers_latent() -> None:
     model), reproduces the teacher's next latent, final step included."""
     from builtin_model import distill
 
-    sched = build.make_scheduler(distill.FAST_SCHEDULER, build.scheduler_config())
+    teacher = json.loads((MODEL_DIR / "scheduler" / "scheduler_config.json").read_text())
+    sched = distill.student_scheduler(teacher)  # as distill builds it, from the shipped config
     sched.set_timesteps(distill.FAST_STEPS)
     g = torch.Generator().manual_seed(0)
     ts = [int(t) for t in sched.timesteps]

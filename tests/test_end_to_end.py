@@ -129,6 +129,27 @@ def test_default_request_uses_the_builtin_model(stack: Gateway) -> None:
     assert done["status"] == "succeeded", done
 
 
+def test_the_default_worker_serves_the_fast_built_in_model_too(stack: Gateway) -> None:
+    from builtin_model import data, score
+
+    scene = data.Scene("circle", "red", "blue", "large", "center")
+    with stack.client() as client:
+        fast = next(
+            m for m in client.get("/v1/models").json()["data"] if m["id"] == "shapes-64-fast"
+        )
+        assert fast["workers"] == 1 and fast["default"] is False
+        doc = client.post(
+            "/v1/generations", json={"prompt": scene.prompt(), "model": "shapes-64-fast", "seed": 1}
+        ).json()
+        done = wait_for_job(client, doc["id"])
+        assert done["status"] == "succeeded", done
+        assert done["request"]["steps"] == 4 and done["request"]["scheduler"] == "ddim"
+        picture = Image.open(io.BytesIO(client.get(done["images"][0]["url"]).content))  # type: ignore[index]
+    assert json.loads(picture.text["parameters"])["model"] == "shapes-64-fast"  # type: ignore[attr-defined]
+    reading = score.read_image(picture)
+    assert (reading.background, reading.color) == ("blue", "red"), reading
+
+
 def test_cancel_queued_job_never_runs(stack: Gateway, redis_conn: redis.Redis) -> None:
     # A model that a worker once announced but that has no live worker: its jobs stay queued.
     announce_idle_model(redis_conn, "idle-model")
