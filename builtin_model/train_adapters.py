@@ -2,6 +2,7 @@
 
     python -m builtin_model.train_adapters outline --budget-s 3000     # LoRA (PEFT format)
     python -m builtin_model.train_adapters silhouette --budget-s 3000  # ControlNetModel
+    python -m builtin_model.train_adapters outline --init-from DIR ...  # continue a saved LoRA
 
 ``outline``: a LoRA (rank 8 unless ``--rank``) on the UNet's attention, feed-forward and resnet
 convolutions, trained on the same scenes and captions as the base model but rendered hollow (an
