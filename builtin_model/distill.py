@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from builtin_model import MODEL_DIR, build, data
 from builtin_model.train import log, provenance
@@ -214,19 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out
     if out.exists():
         shutil.rmtree(out)
-    pipe.unet = student.eval()
+    # The UNet ships in fp16 (half the bytes; the worker loads it in its own dtype).
+    pipe.unet = student.eval().half()
     pipe.scheduler = student_scheduler(pipe.scheduler.config)  # saved: what the student learned
     build.save(pipe.to("cpu"), out)
     for part in SHARED_PARTS:  # the teacher's own files, so a worker's digests match
         shutil.rmtree(out / part)
         shutil.copytree(args.teacher / part, out / part)
-    # The UNet ships in fp16 (half the bytes; the worker loads it in its own dtype), and
-    # everything else stays the teacher's files byte for byte, so a worker shares them.
-    save_file(
-        {k: v.half().contiguous() for k, v in student.state_dict().items()},
-        out / "unet" / "diffusion_pytorch_model.safetensors",
-        metadata={"format": "pt"},
-    )
     (out / "imagegen.json").write_text(json.dumps(fast_defaults(), indent=2) + "\n")
     record = {
         "recipe": "step distillation on the teacher's trajectories (DDIM, 4 steps)",

@@ -332,6 +332,8 @@ def test_step_distillation_and_decoder_tune_run_end_to_end(tmp_path: Path) -> No
     )  # fmt: skip
     from builtin_model import card
 
+    unet = load_file(fast / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in unet.values()} == {torch.float16}
     pipe = card.load(fast)
     defaults = json.loads((fast / "imagegen.json").read_text())
     image = pipe("a red circle", num_inference_steps=defaults["steps"], guidance_scale=1.0).images[
