@@ -27,13 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builtin_model import MODEL_DIR, adapter_data, data
+from builtin_model import MODEL_DIR, adapter_data, card, data
 from builtin_model.score import ATTRIBUTES, read_image
 from imagegen.contract import ControlRef, InputRef, JobSpec, LoraRef
 from imagegen.settings import Settings
 
-CARD_BEGIN = "<!-- adapters:begin -->"
-CARD_END = "<!-- adapters:end -->"
+VALIDATION_SEED = 4321  # --validation's training scenes (held-out combinations excluded)
 TARGETS = {"hollow_with": 0.90, "hollow_without": 0.05, "control": 0.90, "colors": 0.85}
 
 
@@ -77,10 +76,12 @@ def rates(hits: list[dict[str, bool]]) -> dict[str, float]:
     return {a: float(np.mean([h[a] for h in hits])) for a in ATTRIBUTES}
 
 
-def evaluate_outline(model: Any, scenes: list[data.Scene], seeds: range) -> dict[str, Any]:
+def evaluate_outline(
+    model: Any, scenes: list[data.Scene], seeds: range, scale: float = 1.0
+) -> dict[str, Any]:
     jobs = [(s, seed) for seed in seeds for s in scenes]
-    lora = (LoraRef(id=adapter_data.OUTLINE_ID, scale=1.0),)
-    out: dict[str, Any] = {"images": len(jobs)}
+    lora = (LoraRef(id=adapter_data.OUTLINE_ID, scale=scale),)
+    out: dict[str, Any] = {"images": len(jobs), "scale": scale}
     for name, loras in (("without", ()), ("with", lora)):
         specs = [spec_for(model, s.prompt(), seed, loras=loras) for s, seed in jobs]
         readings = [adapter_data.read_outline(np.asarray(im)) for im in generate(model, specs)]
@@ -145,7 +146,6 @@ def card_section(result: dict[str, Any]) -> str:
     o, s = result["outline"], result["silhouette"]
     pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
     lines = [
-        CARD_BEGIN,
         "## Adapters",
         "",
         "Trained on top of the frozen model (`python -m builtin_model.train_adapters`, recipe in",
@@ -182,7 +182,6 @@ def card_section(result: dict[str, Any]) -> str:
             state = state.get("parent")
         if runs:
             lines.append(f"`{name}`: " + "; then continued: ".join(runs) + ".")
-    lines.append(CARD_END)
     return "\n".join(lines) + "\n"
 
 
@@ -193,6 +192,11 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--limit", type=int, help="score only the first N held-out scenes")
+    parser.add_argument(
+        "--validation", type=int, metavar="N", help="score N training scenes instead of the "
+        "held-out ones: where a recipe's choices (a LoRA's strength) are made",
+    )  # fmt: skip
+    parser.add_argument("--outline-scale", type=float, default=1.0, help="the LoRA's scale")
     parser.add_argument("--only", choices=("outline", "silhouette"), help="score just this one")
     parser.add_argument("--device", default="cpu", help="cuda: a quick figure on a lent GPU")
     parser.add_argument("--json", type=Path, help="also write the scores here")
@@ -204,7 +208,13 @@ def main() -> None:
     model = load_model(
         Settings(model=str(args.model_dir), device=args.device, dtype="float32", compile=False)
     )
-    scenes = list(data.held_out_scenes())[: args.limit]
+    if args.validation:
+        if args.write_card:
+            parser.error("--write-card reports the held-out scenes, not --validation")
+        batch = data.sample_scenes(args.validation, torch.Generator().manual_seed(VALIDATION_SEED))
+        scenes = [batch.scene(i) for i in range(len(batch))]
+    else:
+        scenes = list(data.held_out_scenes())[: args.limit]
     seeds = range(args.seeds)
     hardware = (
         torch.cuda.get_device_name()
@@ -223,7 +233,7 @@ def main() -> None:
         "training": training,
     }
     if args.only in (None, "outline"):
-        result["outline"] = evaluate_outline(model, scenes, seeds)
+        result["outline"] = evaluate_outline(model, scenes, seeds, args.outline_scale)
     if args.only in (None, "silhouette"):
         result["silhouette"] = evaluate_silhouette(model, scenes, seeds)
     print(json.dumps({k: v for k, v in result.items() if k != "training"}, indent=2))
@@ -235,13 +245,7 @@ def main() -> None:
     print(section)
     if args.write_card:
         (args.model_dir / "adapter_scores.json").write_text(json.dumps(result, indent=2) + "\n")
-        card = (args.model_dir / "README.md").read_text()
-        if CARD_BEGIN in card:
-            head, rest = card.split(CARD_BEGIN, 1)
-            card = head + section + rest.split(CARD_END, 1)[1].lstrip("\n")
-        else:
-            card = card.rstrip("\n") + "\n\n" + section
-        (args.model_dir / "README.md").write_text(card)
+        card.write_section(args.model_dir, "adapters", section)
         print(f"wrote {args.model_dir}/README.md and adapter_scores.json")
 
 

@@ -128,7 +128,7 @@ def main() -> None:
         print(f"images in, {len(edit_scenes)} held-out scenes, seed 0 ({took:.0f} s)\n")
         print(scores.table())
         if args.write_card:
-            card.write_edits_section(args.model_dir, edits_card(scores, len(edit_scenes)))
+            card.write_section(args.model_dir, "images-in", edits_card(scores, len(edit_scenes)))
             print(f"wrote the images-in section of {args.model_dir}/README.md")
         return
 

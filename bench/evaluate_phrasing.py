@@ -36,8 +36,6 @@ from builtin_model import MODEL_DIR, card, data
 from builtin_model.score import ATTRIBUTES, read_image
 
 STYLES = ("canonical", "tags", "user")
-BEGIN = "<!-- phrasing: written by bench/evaluate_phrasing.py --write-card -->"
-END = "<!-- /phrasing -->"
 
 _USER_SIZE = {"large": ("big", "huge", "Large", "big"), "small": ("tiny", "small", "little")}
 _UPPER = {"top": "upper", "bottom": "lower"}
@@ -147,14 +145,6 @@ def examples(results: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def write_card(model_dir: Path, body: str) -> None:
-    path = model_dir / "README.md"
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + text[text.index(END) + len(END) :]
-    path.write_text(text.rstrip("\n") + "\n\n" + BEGIN + "\n" + body.strip() + "\n" + END + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -214,7 +204,7 @@ drop of any attribute against the canonical sentences.
 
 {examples(results)}
 """
-        write_card(model_dir, body)
+        card.write_section(model_dir, "phrasing", body)
         print(f"wrote the phrasing section of {model_dir}/README.md")
 
 

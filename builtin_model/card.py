@@ -69,52 +69,53 @@ def write(
     (model_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     sample_grid(evaluations[0]).save(model_dir / "samples.png", optimize=True)
     card = _card(model_dir, record, evaluations, eval_hardware, latency)
-    kept = phrasing_section(model_dir) + edits_section(model_dir)
+    kept = "".join(section(model_dir, name) for name in SECTIONS)
     (model_dir / "README.md").write_text(card.rstrip("\n") + "\n" + kept)
 
 
-EDITS_BEGIN = "<!-- images-in: written by bench/evaluate_builtin.py --edits --write-card -->"
-EDITS_END = "<!-- /images-in -->"
+# Sections other tools write into the card, each between its markers; rewriting the rest of the
+# card (``write``) keeps them, in this order.
+SECTIONS = {
+    "phrasing": (
+        "<!-- phrasing: written by bench/evaluate_phrasing.py --write-card -->",
+        "<!-- /phrasing -->",
+    ),
+    "images-in": (
+        "<!-- images-in: written by bench/evaluate_builtin.py --edits --write-card -->",
+        "<!-- /images-in -->",
+    ),
+    "adapters": ("<!-- adapters:begin -->", "<!-- adapters:end -->"),
+}
 
 
-def edits_section(model_dir: Path) -> str:
-    """The card's "Images in" section as it stands (kept when the rest is rewritten)."""
+def section(model_dir: Path, name: str) -> str:
+    """The card's section ``name`` as it stands, markers included ("" when it has none)."""
+    begin, end = SECTIONS[name]
     path = model_dir / "README.md"
     text = path.read_text() if path.exists() else ""
-    if EDITS_BEGIN not in text:
+    if begin not in text:
         return ""
-    return "\n" + text[text.index(EDITS_BEGIN) : text.index(EDITS_END) + len(EDITS_END)] + "\n"
+    return "\n" + text[text.index(begin) : text.index(end) + len(end)] + "\n"
 
 
-PHRASING_BEGIN = "<!-- phrasing: written by bench/evaluate_phrasing.py --write-card -->"
-PHRASING_END = "<!-- /phrasing -->"
-
-
-def phrasing_section(model_dir: Path) -> str:
-    """The card's per-style "Phrasing" section as it stands (kept when the rest is rewritten)."""
+def write_section(model_dir: Path, name: str, body: str) -> None:
+    """Put ``body`` as the card's section ``name``, in place of an earlier one or at the end."""
+    begin, end = SECTIONS[name]
     path = model_dir / "README.md"
     text = path.read_text() if path.exists() else ""
-    if PHRASING_BEGIN not in text:
-        return ""
-    start, end = text.index(PHRASING_BEGIN), text.index(PHRASING_END) + len(PHRASING_END)
-    return "\n" + text[start:end] + "\n"
+    block = begin + "\n" + body.strip() + "\n" + end
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
 
 
 def tokenizer_size(model_dir: Path) -> int:
     """Tokens in the saved tokenizer (the shipped one, not what `build` would make today)."""
     config = json.loads((model_dir / "tokenizer" / "tokenizer.json").read_text())
     return len(config["model"]["vocab"])
-
-
-def write_edits_section(model_dir: Path, body: str) -> None:
-    """Put `body` as the card's "Images in" section (replacing any earlier one)."""
-    path = model_dir / "README.md"
-    text = path.read_text()
-    if EDITS_BEGIN in text:
-        text = text[: text.index(EDITS_BEGIN)] + text[text.index(EDITS_END) + len(EDITS_END) :]
-    path.write_text(
-        text.rstrip("\n") + "\n\n" + EDITS_BEGIN + "\n" + body.strip() + "\n" + EDITS_END + "\n"
-    )
 
 
 def _params(model_dir: Path) -> dict[str, float]:
@@ -224,7 +225,7 @@ Weights: {weights_mb:.1f} MB (fp32 safetensors).
 
 ## Training recipe
 
-{_recipe(record)}{_decoder_tune(model_dir)}
+{_recipe(record)}{_decoder_tune(model_dir)}{_text_refine(model_dir)}
 
 ## Scores (held-out combinations)
 
@@ -317,6 +318,37 @@ def _decoder_tune(model_dir: Path) -> str:
         f"scenes' kind {100 * first['filled_kind']:.1f} % → {100 * last['filled_kind']:.1f} %, "
         f"their other attributes {min(100 * first[k] for k in others):.0f} % → "
         f"{min(100 * last[k] for k in others):.0f} %."
+    )
+
+
+def _text_refine(model_dir: Path) -> str:
+    """The text encoder's phrasing refine (``builtin_model.refine_text``), its runs oldest
+    first, when the encoder carries its record."""
+    path = model_dir / "text_encoder" / "text_refine.json"
+    if not path.is_file():
+        return ""
+    runs = [json.loads(path.read_text())]
+    while runs[0].get("parent"):
+        runs.insert(0, runs[0]["parent"])
+    first, last = runs[0]["validation_before"], runs[-1]["validation_after"]
+    listed = "; ".join(
+        f"`{r['command']}`: {r['steps']} steps of batch {r['batch']}, lr {r['lr']:g}, keep "
+        f"weight {r['keep_weight']:g}, {r['train_s'] / 60:.0f} min on {r.get('hardware', 'CPU')}"
+        for r in runs
+    )
+    return (
+        "\n\n**Text encoder phrasing refine** — `python -m builtin_model.refine_text`, "
+        f"{len(runs)} run(s), each continuing the last ({listed}): the text encoder alone "
+        "learns (UNet, VAE and tokenizer unchanged), distilled from its own starting weights. "
+        "For a training scene written another way (tags in any order, synonyms, capitals, "
+        "punctuation; every attribute named), the UNet's cross-attention outputs, for the queries "
+        "of its own pass on the canonical sentence, are pulled towards those of the canonical "
+        "sentence; the canonical sentence and the empty prompt are held where they were (so "
+        "the adapters and `shapes-64-fast`, which share this encoder, keep their inputs). On "
+        f"{runs[-1]['validation_scenes']} fixed training scenes (a validation set, not the "
+        "held-out scenes): the UNet's ε for the other phrasing against the canonical sentence's, "
+        f"mean squared gap {first['eps_gap']:.2e} → {last['eps_gap']:.2e}; the canonical "
+        f"sentence's own gap {last['eps_gap_canonical']:.1e} after."
     )
 
 
