@@ -293,9 +293,10 @@ _GENERIC_KIND = ("shape", "object")
 _DROP = {"size": 0.2, "color": 0.05, "kind": 0.05, "position": 0.1, "background": 0.1}
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """A random caption for ``scene``: varied phrasing and order, some attributes left out."""
-    keep = {k: rng.random() >= p for k, p in _DROP.items()}
+def caption(scene: Scene, rng: random.Random, drop: bool = True) -> str:
+    """A random caption for ``scene``: varied phrasing and order, some attributes left out
+    (none with ``drop=False``; the default draws exactly what it always has)."""
+    keep = {k: rng.random() >= p or not drop for k, p in _DROP.items()}
     words = []
     if keep["size"]:
         words.append(
@@ -411,10 +412,11 @@ def _case(text: str, rng: random.Random) -> str:
     return " ".join(w.capitalize() if rng.random() < 0.3 else w for w in text.split(" "))
 
 
-def user_caption(scene: Scene, rng: random.Random) -> str:
+def user_caption(scene: Scene, rng: random.Random, drop: bool = True) -> str:
     """A caption the way users write prompts: as tags in any order, as a loose sentence, or as
-    "X on Y"; synonyms, capitals, punctuation; some attributes left out (left free)."""
-    keep = {k: rng.random() >= p for k, p in _USER_DROP.items()}
+    "X on Y"; synonyms, capitals, punctuation; some attributes left out (left free; none with
+    ``drop=False``; the default draws exactly what it always has)."""
+    keep = {k: rng.random() >= p or not drop for k, p in _USER_DROP.items()}
     size = rng.choice(SIZE_WORDS[scene.size]) if keep["size"] else None
     color = rng.choice(COLOR_WORDS[scene.color]) if keep["color"] else None
     kind = scene.kind if keep["kind"] else rng.choice(("shape", "object", "thing"))

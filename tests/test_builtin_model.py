@@ -4,6 +4,7 @@ the right image for held-out prompts (a small sample of ``bench/evaluate_builtin
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -362,3 +363,68 @@ def test_the_card_states_every_decoder_tune_run(tmp_path: Path) -> None:
     text = card._decoder_tune(tmp_path)
     assert "2 run(s)" in text and "10 steps of batch 32" in text and "20 steps" in text
     assert "70.0 % → 93.0 %" in text and "90.0 % → 95.0 %" in text
+
+
+def test_captions_can_name_every_attribute() -> None:
+    """``drop=False`` (the text refine's pairs) names every attribute."""
+    scenes = data.sample_scenes(300, torch.Generator().manual_seed(3))
+    for make in (data.caption, data.user_caption):
+        for i in range(len(scenes)):
+            scene = scenes.scene(i)
+            text = make(scene, random.Random(i), drop=False).lower()
+            colors = data.COLOR_WORDS[scene.color] + data.COLOR_WORDS[scene.background]
+            assert scene.kind in text and sum(text.count(c) for c in set(colors)) >= 2, text
+            assert any(w in text for w in data.SIZE_WORDS[scene.size]), text
+
+
+def test_text_refine_moves_the_encoder_only(tmp_path: Path) -> None:
+    """Two steps of the phrasing refine: only the text encoder's weights change, the record the
+    card reads is written, and before training the student is the teacher (no gap at all)."""
+    from builtin_model import card, refine_text
+
+    out = tmp_path / "refined"
+    refine_text.main(
+        ["--out", str(out), "--steps", "2", "--batch", "4", "--validate-every", "0",
+         "--device", "cpu"]
+    )  # fmt: skip
+    for part in ("unet", "vae", "tokenizer", "scheduler"):
+        for f in (MODEL_DIR / part).iterdir():
+            assert (out / part / f.name).read_bytes() == f.read_bytes(), f
+    weights = "text_encoder/model.safetensors"
+    assert (out / weights).read_bytes() != (MODEL_DIR / weights).read_bytes()
+    record = json.loads((out / "text_encoder" / refine_text.RECORD).read_text())
+    before = record["validation_before"]
+    assert before["keep_gap"] == 0 and before["eps_gap_canonical"] == 0 < before["eps_gap"]
+    assert record["steps"] == 2 and record["command"].startswith("python -m builtin_model.")
+    assert "2 steps of batch 4" in card._text_refine(out)
+    assert card.load(out)("red circle, blue bg", num_inference_steps=2).images[0].size == (64, 64)
+
+
+def test_the_text_refine_reads_every_cross_attention_layer() -> None:
+    """The interface objective hooks every layer where the UNet reads the text, and a student
+    equal to its teacher has no gap on any phrasing's canonical half."""
+    from builtin_model import refine_text
+
+    d = refine_text.Distiller(MODEL_DIR, MODEL_DIR, torch.device("cpu"))
+    attn2 = [m for n, m in d.unet.named_modules() if n.endswith("attn2")]
+    assert len(d.cross_attention) == len(attn2) >= 3
+    scenes = data.sample_scenes(4, torch.Generator().manual_seed(0))
+    other, keep = d.interface_losses(scenes, 0, torch.Generator().manual_seed(1))
+    assert float(keep) == 0.0 and float(other) > 0.0
+
+
+def test_card_sections_are_replaced_in_place_and_kept(tmp_path: Path) -> None:
+    """Each tool writes its own section of the card; writing it again replaces it where it is,
+    and ``section`` hands back what ``card.write`` keeps when it rewrites the rest."""
+    from builtin_model import card
+
+    (tmp_path / "README.md").write_text("# card\n\nbody\n")
+    assert all(card.section(tmp_path, name) == "" for name in card.SECTIONS)
+    card.write_section(tmp_path, "phrasing", "## Phrasing\nold")
+    card.write_section(tmp_path, "adapters", "## Adapters\nA")
+    card.write_section(tmp_path, "phrasing", "## Phrasing\nnew")
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# card\n\nbody\n") and "old" not in text
+    assert text.index("## Phrasing\nnew") < text.index("## Adapters\nA")
+    kept = "".join(card.section(tmp_path, name) for name in card.SECTIONS)
+    assert kept.strip() == text[text.index(card.SECTIONS["phrasing"][0]) :].strip()
