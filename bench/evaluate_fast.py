@@ -118,6 +118,14 @@ def main() -> None:
             "targets_met": met,
         }
         (args.fast_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        refined = (args.fast_dir / "text_encoder" / "text_refine.json").is_file()
+        refine_note = (
+            " The text encoder was refined after the distillation (`builtin_model.refine_text`,\n"
+            "shapes-64's card): other phrasings now read like the canonical sentence, which keeps"
+            "\nits encoding, as does the empty prompt; the figures below are with it."
+            if refined
+            else ""
+        )
         rows = "\n".join(
             f"| {a} | {fast.accuracy[a]:.1%} | {base_rates[a]:.1%} | {r:.2f} |"
             for a, r in ratios.items()
@@ -130,7 +138,7 @@ A few-step model distilled from [shapes-64](../shapes-64/README.md) by
 sampled with DDIM; recipe in that module's docstring): {fast_defaults["steps"]} steps of
 `{fast_defaults["scheduler"]}`, guidance baked in (served at guidance
 {fast_defaults["guidance_scale"]:g}: one UNet call per step). Its VAE, text encoder and tokenizer
-are shapes-64's, byte for byte: a worker serving both loads them once.
+are shapes-64's, byte for byte: a worker serving both loads them once.{refine_note}
 
 Training: {record["trajectories"]} teacher trajectories (training prompts only; the held-out
 combinations are never drawn), {record["student_steps"]} student steps of batch

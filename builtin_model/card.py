@@ -338,7 +338,8 @@ def _text_refine(model_dir: Path) -> str:
     )
     return (
         "\n\n**Text encoder phrasing refine** — `python -m builtin_model.refine_text`, "
-        f"{len(runs)} run(s), each continuing the last ({listed}): the text encoder alone "
+        f"{len(runs)} run(s){', each continuing the last' if len(runs) > 1 else ''} ({listed}): "
+        "the text encoder alone "
         "learns (UNet, VAE and tokenizer unchanged), distilled from its own starting weights. "
         "For a training scene written another way (tags in any order, synonyms, capitals, "
         "punctuation; every attribute named), the UNet's cross-attention outputs, for the queries "

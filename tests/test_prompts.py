@@ -85,9 +85,9 @@ def _share(image: Image.Image, color: str) -> float:
 
 def test_weighting_a_color_up_makes_more_of_the_image_that_color(builtin: LoadedModel) -> None:
     """Which color is the shape and which the background left to the model ("red circle,
-    blue"): weighting red up makes more of the images red (measured with the phrasing-refined
-    weights: 63 % of the pixels -> 77 % at 3; this small model's colors are mostly all or
-    nothing, see the README)."""
+    blue"): weighting red up makes more of the images red (measured with the shipped weights:
+    63 % of the pixels -> 79 % at 3; this small model's colors are mostly all or nothing, see
+    the README)."""
 
     def red(prompt: str) -> float:
         spec = job_spec(prompt=prompt, steps=10, seed=0, n=6, scheduler="dpmpp_2m", model=BUILTIN)
