@@ -86,6 +86,14 @@ def evaluate_outline(
         specs = [spec_for(model, s.prompt(), seed, loras=loras) for s, seed in jobs]
         readings = [adapter_data.read_outline(np.asarray(im)) for im in generate(model, specs)]
         out[f"hollow_{name}"] = float(np.mean([hollow for _, hollow in readings]))
+        if loras:  # where the misses are: by the scene's size and kind
+            for attr in ("size", "kind"):
+                groups: dict[str, list[bool]] = {}
+                for (_, hollow), (s, _) in zip(readings, jobs, strict=True):
+                    groups.setdefault(getattr(s, attr), []).append(hollow)
+                out[f"hollow_with_by_{attr}"] = {
+                    k: round(float(np.mean(v)), 4) for k, v in sorted(groups.items())
+                }
         out[f"attributes_{name}"] = rates(
             [r.matches(s) for (r, _), (s, _) in zip(readings, jobs, strict=True)]
         )
@@ -160,6 +168,12 @@ def card_section(result: dict[str, Any]) -> str:
     for a in ATTRIBUTES:
         w, b = o["attributes_with"][a], o["attributes_without"][a]
         lines.append(f"| {a} | {pct(b)} | {pct(w)} | ≥ base − 5 points |")
+    if "hollow_with_by_size" in o:
+        by = [
+            ", ".join(f"{k} {pct(v)}" for k, v in o[f"hollow_with_by_{attr}"].items())
+            for attr in ("size", "kind")
+        ]
+        lines += ["", f"Hollow with `outline`, by size: {by[0]}; by kind: {by[1]}."]
     lines += [
         "",
         "| `silhouette` (ControlNet), prompt naming another position | rate | target |",
