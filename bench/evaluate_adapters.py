@@ -184,16 +184,12 @@ def card_section(result: dict[str, Any]) -> str:
         "",
     ]
     for name in ("outline", "silhouette"):
-        state = result["training"].get(name)
-        runs = []
-        while state:  # a run that continued an earlier one (--init-from) names it as its parent
-            runs.insert(
-                0,
-                f"{state.get('steps')} steps of batch {state.get('batch')}, lr {state.get('lr')}, "
-                f"{state.get('train_s')} s on {state.get('hardware')}, final loss "
-                f"{state.get('final_loss')}",
-            )
-            state = state.get("parent")
+        # a run that continued an earlier one (--init-from) names it as its parent
+        runs = [
+            f"{r.get('steps')} steps of batch {r.get('batch')}, lr {r.get('lr')}, "
+            f"{r.get('train_s')} s on {r.get('hardware')}, final loss {r.get('final_loss')}"
+            for r in card.lineage(result["training"].get(name))
+        ]
         if runs:
             lines.append(f"`{name}`: " + "; then continued: ".join(runs) + ".")
     return "\n".join(lines) + "\n"

@@ -255,12 +255,25 @@ The first 48 samples at the default settings, prompt under each.
 """
 
 
+def lineage(record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A training record and the records of the runs it continued (each names the one before
+    as its ``parent``), oldest first; empty for no record."""
+    chain: list[dict[str, Any]] = []
+    while record:
+        chain.insert(0, record)
+        record = record.get("parent")
+    return chain
+
+
+def _recorded_runs(path: Path) -> list[dict[str, Any]]:
+    """The lineage of the record a tuning step leaves beside its weights (none: empty)."""
+    return lineage(json.loads(path.read_text())) if path.is_file() else []
+
+
 def _recipe(record: dict[str, Any]) -> str:
     """The training section: one stage from scratch, then each stage that continued it (a
     `refine` or `phrasing` run), oldest first, as their records say."""
-    chain = [record]
-    while chain[0].get("parent"):
-        chain.insert(0, chain[0]["parent"])
+    chain = lineage(record)
     root = chain[0]
     if len(chain) == 1:
         return (
@@ -292,12 +305,9 @@ def _recipe(record: dict[str, Any]) -> str:
 def _decoder_tune(model_dir: Path) -> str:
     """The VAE decoder's tune for thin structures (``builtin_model.tune_decoder``), its runs
     oldest first, when the VAE carries its record."""
-    path = model_dir / "vae" / "decoder_tune.json"
-    if not path.is_file():
+    runs = _recorded_runs(model_dir / "vae" / "decoder_tune.json")
+    if not runs:
         return ""
-    runs = [json.loads(path.read_text())]
-    while runs[0].get("parent"):
-        runs.insert(0, runs[0]["parent"])
     first, last = runs[0]["before"], runs[-1]["after"]
     listed = "; ".join(
         f"{r['steps']} steps of batch {r['batch']}, lr {r['lr']:g}, {r['train_s'] / 60:.0f} min on "
@@ -324,12 +334,9 @@ def _decoder_tune(model_dir: Path) -> str:
 def _text_refine(model_dir: Path) -> str:
     """The text encoder's phrasing refine (``builtin_model.refine_text``), its runs oldest
     first, when the encoder carries its record."""
-    path = model_dir / "text_encoder" / "text_refine.json"
-    if not path.is_file():
+    runs = _recorded_runs(model_dir / "text_encoder" / "text_refine.json")
+    if not runs:
         return ""
-    runs = [json.loads(path.read_text())]
-    while runs[0].get("parent"):
-        runs.insert(0, runs[0]["parent"])
     first, last = runs[0]["validation_before"], runs[-1]["validation_after"]
     listed = "; ".join(
         f"`{r['command']}`: {r['steps']} steps of batch {r['batch']}, lr {r['lr']:g}, keep "
