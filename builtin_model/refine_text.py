@@ -38,7 +38,6 @@ keeps its parent's) is what the model card's recipe reads.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import shutil
@@ -315,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     parent = args.model_dir / "text_encoder" / RECORD
     if parent.is_file():
         record["parent"] = json.loads(parent.read_text())
-    save(args.model_dir, args.out, copy.deepcopy(student).cpu(), record)
+    save(args.model_dir, args.out, student.cpu(), record)
     log(f"saved {args.out}", start)
 
 
