@@ -36,6 +36,9 @@ VALIDATION_SEED = 4321  # --validation's training scenes (held-out combinations 
 TARGETS = {"hollow_with": 0.90, "hollow_without": 0.05, "control": 0.90, "colors": 0.85}
 
 
+BATCH = 8  # images per run of the batch loop (--batch: more on a GPU)
+
+
 def generate(model: Any, specs: list[JobSpec], images: list[Any] | None = None) -> list[Any]:
     """Run specs through the worker's batch loop (batches of one key), images as PIL."""
     from worker.batch_loop import BatchItem
@@ -43,9 +46,9 @@ def generate(model: Any, specs: list[JobSpec], images: list[Any] | None = None) 
 
     inference = Inference(model)
     out: list[Any] = []
-    for i in range(0, len(specs), 8):
-        chunk = specs[i : i + 8]
-        controls = images[i : i + 8] if images is not None else [None] * len(chunk)
+    for i in range(0, len(specs), BATCH):
+        chunk = specs[i : i + BATCH]
+        controls = images[i : i + BATCH] if images is not None else [None] * len(chunk)
         results = inference.run(
             [BatchItem(s, None, control_image=c) for s, c in zip(chunk, controls, strict=True)]
         )
@@ -196,6 +199,7 @@ def card_section(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    global BATCH
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -209,9 +213,11 @@ def main() -> None:
     parser.add_argument("--outline-scale", type=float, default=1.0, help="the LoRA's scale")
     parser.add_argument("--only", choices=("outline", "silhouette"), help="score just this one")
     parser.add_argument("--device", default="cpu", help="cuda: a quick figure on a lent GPU")
+    parser.add_argument("--batch", type=int, default=BATCH, help="images per batch-loop run")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     parser.add_argument("--write-card", action="store_true")
     args = parser.parse_args()
+    BATCH = args.batch
 
     from worker.pipeline import load_model
 

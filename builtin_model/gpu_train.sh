@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# Train what the built-in models still need, on one lent GPU, in one call of about eight minutes
-# (a session gets 15 minutes of device time, start included). From the repo root, with the
-# wheels of bench/gpu_wheels.sh carried in .whl/:
+# Train what the built-in models still need, on one lent GPU, in one call of under ten minutes
+# (a session gets 15 minutes of device time, start included), then measure the adapters' GPU
+# cost. From the repo root, with the wheels of bench/gpu_wheels.sh carried in .whl/:
 #   bash builtin_model/gpu_train.sh
 # Phase 0 (t=0 .. END_S), side by side on the one GPU, all from the shipped shapes-64:
-#   - the `outline` LoRA at rank 8 and rank 16 (its ≥ 90 % hollow target is the one still open);
-#   - the VAE decoder tune, continuing the shipped one (the round trip's hollow ceiling: a LoRA
-#     cannot draw hollower than the decoder decodes);
-#   - the text encoder's phrasing refine (builtin_model.refine_text), continuing the shipped
-#     one. UNet, VAE encoder, tokenizer and so the silhouette ControlNet and shapes-64-fast are
-#     never retrained here: they meet their targets, and the fast model shares the encoder.
-# Phase 1: quick GPU figures (fp32) for each outline candidate with the tuned decoder and for the
-#   refined encoder's phrasing; the shipped figures are measured again on a CPU by
-#   bench/evaluate_{adapters,phrasing,fast}.py.
-# Everything comes back under $OUT as at most 8 files.
+#   - the `outline` LoRA (its ≥ 90 % hollow target is the one still open), four ways: rank 8 as
+#     shipped; rank 8 and rank 16 with the shape's latent pixels weighted 8× in the loss
+#     (--shape-weight: a small shape's hole is a latent pixel or two); the shipped LoRA
+#     continued with that weighting;
+#   - the VAE decoder tune, continuing the shipped one, two ways: as shipped, and with each scene
+#     normalized on its own and three hollow scenes in four (--per-scene --hollow-share 0.75:
+#     small hollow shapes are what the round trip loses).
+#   UNet, VAE encoder, text encoder, tokenizer, and so the silhouette ControlNet and
+#   shapes-64-fast, are never retrained here: they meet their targets.
+# Phase 1 (to EVAL_END_S): each outline candidate scored on the GPU with each decoder on
+#   training scenes (evaluate_adapters --validation: choices are never made on held-out scenes);
+#   the shipped figures are measured again on a CPU by bench/evaluate_*.py.
+# Phase 2: pack, then bench/gpu_device_run.sh's `adapters` phase (the GPU cost figures) in what
+#   time is left (its SD 1.5-shaped model is built on the CPU during phase 0). Everything comes back under $OUT as at most 8 files.
 #
 # What ran for the shipped weights is recorded in each artifact's record (train_state.json,
 # vae/decoder_tune.json, text_encoder/text_refine.json: command and hardware) and in the model
-# card. This version has been dry-run on a CPU only (tiny sizes; see the variables below); earlier
-# versions (git log of this file) trained the shipped shapes-64, `outline` and `silhouette` on an
-# H200.
+# card. Dry run on a CPU: SKIP_WHEELS=1 DEVICE=cpu PY=.venv/bin/python END_S=60 EVAL_END_S=200
+# A_BATCH=4 V_BATCH=4 EVAL_ARGS="--validation 2 --batch 4" SD15_ARGS=--small OUT=/tmp/x \
+#   bash builtin_model/gpu_train.sh
 set -uo pipefail
+start=$SECONDS  # every deadline below counts from here, the wheels' install included
 out="$(realpath -m "${OUT:-gpu-train}")"
 work=/tmp/train
 mkdir -p "$out" "$work/evals"
@@ -32,75 +37,87 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 TOKENIZE
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-start=$SECONDS
 base=builtin_model/shapes-64
-# Seconds, from the script's start, by which the trainings must have saved.
-END_S=${END_S:-400}
-EVAL_S=${EVAL_S:-80}
-# Batch sizes and step caps (smaller for a dry run of the plumbing on a CPU).
-A_BATCH=${A_BATCH:-128}
+# Seconds, from the script's start, by which the trainings must have saved, the evaluations
+# ended and the cost figures been printed (the device call's limit is 600 s).
+END_S=${END_S:-330}
+EVAL_END_S=${EVAL_END_S:-450}
+COST_END_S=${COST_END_S:-585}
+A_BATCH=${A_BATCH:-256}
 V_BATCH=${V_BATCH:-256}
-T_BATCH=${T_BATCH:-512}
-T_STEPS=${T_STEPS:-6000}
-# A dry run on a CPU: EVAL_ARGS="--limit 2"
-read -r -a eval_args <<<"${EVAL_ARGS:-}"
+read -r -a eval_args <<<"${EVAL_ARGS:---validation 192 --batch 64}"
 left() { echo $(($1 - (SECONDS - start))); }
 
-outline() {  # $1 out dir, $2 rank
-    "$PY" -m builtin_model.train_adapters outline --model-dir "$base" --out "$1" --rank "$2" \
-        --budget-s "$(left "$END_S")" --max-steps 40000 --batch "$A_BATCH" --lr 1e-3 \
-        --device "$DEVICE" >"$1.log" 2>&1 &
+outline() {  # $1 name, then train_adapters' options
+    local name=$1
+    shift
+    "$PY" -m builtin_model.train_adapters outline --model-dir "$base" --out "$work/$name" \
+        --budget-s "$(left "$END_S")" --max-steps 40000 --batch "$A_BATCH" --device "$DEVICE" \
+        "$@" >"$work/$name.log" 2>&1 &
 }
+decoder() {  # $1 name, then tune_decoder's options
+    local name=$1
+    shift
+    "$PY" -m builtin_model.tune_decoder --model-dir "$base" --out "$work/$name" \
+        --batch "$V_BATCH" --lr 3e-4 --steps 100000 --budget-s "$(($(left "$END_S") - 30))" \
+        --score-n 512 --device "$DEVICE" "$@" >"$work/$name.log" 2>&1 &
+}  # (its budget leaves 30 s for scoring the round trip after training)
 
 # ---- phase 0 ----
-outline "$work/outline" 8
-outline "$work/outline16" 16
-"$PY" -m builtin_model.tune_decoder --model-dir "$base" --out "$work/vae" --batch "$V_BATCH" \
-    --lr 3e-4 --steps 100000 --budget-s "$(left "$END_S")" --device "$DEVICE" \
-    >"$work/vae.log" 2>&1 &
-# A fixed step count (the cosine schedule ends where it should); the budget only stops it early.
-"$PY" -m builtin_model.refine_text --model-dir "$base" --out "$work/text" --steps "$T_STEPS" \
-    --batch "$T_BATCH" --lr 4e-4 --validate-every 1000 --budget-s "$(left "$END_S")" \
-    --device "$DEVICE" >"$work/text.log" 2>&1 &
+if [[ ${COST:-1} == 1 ]]; then  # the cost phase's SD 1.5-shaped model, built on the CPU meanwhile
+    timeout "$(left "$END_S")" "$PY" -u bench/gpu_sd15.py --save "$work/sd15" ${SD15_ARGS:-} \
+        >"$work/sd15-save.log" 2>&1 &
+fi
+outline o8 --rank 8 --lr 1e-3
+outline o8w --rank 8 --lr 1e-3 --shape-weight 8
+outline o16w --rank 16 --lr 1e-3 --shape-weight 8
+outline o8wc --rank 8 --lr 5e-4 --shape-weight 8 --init-from "$base/loras/outline"
+decoder vae
+decoder vaeb --per-scene --hollow-share 0.75
 wait
 echo "all trainings ended at $((SECONDS - start)) s"
-for f in "$work"/*.log; do echo "== $f"; grep -v -i warn "$f" | tail -n 3; done
+for f in "$work"/*.log; do echo "== $f"; grep -v -i warn "$f" | tail -n 2; done
 
-# ---- phase 1: quick figures on the GPU ----
-for v in outline outline16; do
-    [[ -d $work/$v ]] || continue
-    m=$work/eval-$v
-    cp -r "$base" "$m" && rm -rf "$m/loras/outline" && cp -r "$work/$v" "$m/loras/outline"
-    [[ -f $work/vae/diffusion_pytorch_model.safetensors ]] && cp "$work"/vae/* "$m/vae/"
-    timeout "$EVAL_S" "$PY" bench/evaluate_adapters.py --model-dir "$m" --device "$DEVICE" \
-        --seeds 1 --only outline "${eval_args[@]}" --json "$work/evals/adapters-$v.json" \
-        >"$work/evals/adapters-$v.log" 2>&1 &
+# ---- phase 1: every outline candidate with every decoder, on training scenes ----
+for o in shipped o8 o8w o16w o8wc; do
+    for v in shipped vae vaeb; do
+        lora=$work/$o && [[ $o == shipped ]] && lora=$base/loras/outline
+        vae=$work/$v && [[ $v == shipped ]] && vae=$base/vae
+        [[ -f $lora/pytorch_lora_weights.safetensors && -f $vae/config.json ]] || continue
+        m=$work/m-$o-$v
+        cp -r "$base" "$m" && rm -rf "$m/loras/outline" "$m/vae"
+        cp -r "$lora" "$m/loras/outline" && cp -r "$vae" "$m/vae"
+        timeout "$(left "$EVAL_END_S")" "$PY" bench/evaluate_adapters.py --model-dir "$m" \
+            --device "$DEVICE" --seeds 1 --only outline "${eval_args[@]}" \
+            --json "$work/evals/$o-$v.json" >"$work/evals/$o-$v.log" 2>&1 &
+    done
 done
-if [[ -f $work/text/text_encoder/model.safetensors ]]; then
-    timeout "$EVAL_S" "$PY" bench/evaluate_phrasing.py --model-dir "$work/text" --device "$DEVICE" \
-        --seeds 3 --batch 144 "${eval_args[@]}" --json "$work/evals/phrasing.json" \
-        >"$work/evals/phrasing.log" 2>&1 &
-fi
 wait
 echo "evaluations ended at $((SECONDS - start)) s"
-"$PY" - "$work/evals" <<'EOF'
+"$PY" - "$work" <<'EOF'
 import json, sys
 from pathlib import Path
-for f in sorted(Path(sys.argv[1]).glob("*.json")):
-    d = json.loads(f.read_text())
-    if "outline" in d:
-        print(f.name, json.dumps(d["outline"], separators=(",", ":"))[:600])
-    if "results" in d:
-        print(f.name, json.dumps(d, separators=(",", ":"))[:1500])
+work = Path(sys.argv[1])
+for f in sorted((work / "evals").glob("*.json")):
+    o = json.loads(f.read_text())["outline"]
+    print(f"{f.stem:14s} hollow {o['hollow_with']:.3f} (without {o['hollow_without']:.3f})",
+          "by size", o.get("hollow_with_by_size"), "kind", o["attributes_with"]["kind"],
+          "base kind", o["attributes_without"]["kind"])
+for f in sorted(work.glob("*/decoder_tune.json")):
+    a = json.loads(f.read_text())["after"]
+    print(f.parent.name, json.dumps({k: round(v, 4) for k, v in a.items()}))
 EOF
-grep -v -i warn "$work/evals/phrasing.log" 2>/dev/null | tail -n 8
 nvidia-smi --query-gpu=memory.used --format=csv,noheader || true
 
-# ---- pack: at most 8 files ----
-cd "$work" || exit 1
-tar -cf "$out/logs.tar" ./*.log ./*/train_state.json evals 2>/dev/null
-tar -cf "$out/outline.tar" outline outline16 2>/dev/null
-tar -cf "$out/vae.tar" vae 2>/dev/null
-tar -cf "$out/text-encoder.tar" text/text_encoder 2>/dev/null
+# ---- phase 2: pack (at most 8 files), then the adapters' GPU cost in the time left ----
+(cd "$work" && tar -cf "$out/logs.tar" ./*.log evals &&
+    tar -cf "$out/outline.tar" o8 o8w o16w o8wc; tar -cf "$out/vae.tar" vae vaeb) 2>/dev/null
 ls -la "$out"
 echo "packed at $((SECONDS - start)) s"
+if [[ ${COST:-1} == 1 && -f $work/sd15/imagegen.json ]]; then
+    # as bench/gpu_device_run.sh's `adapters` phase runs it
+    timeout "$(left "$COST_END_S")" "$PY" -u bench/adapters_cost.py --device "$DEVICE" \
+        --model-dir "$work/sd15" --runs 3 --n 4 --json "$out/adapters_cost.jsonl" 2>&1 \
+        | grep --line-buffered -v Warning | tee "$out/adapters_cost.txt"
+fi
+echo "done at $((SECONDS - start)) s"
