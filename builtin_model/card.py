@@ -310,8 +310,10 @@ def _decoder_tune(model_dir: Path) -> str:
         return ""
     first, last = runs[0]["before"], runs[-1]["after"]
     listed = "; ".join(
-        f"{r['steps']} steps of batch {r['batch']}, lr {r['lr']:g}, {r['train_s'] / 60:.0f} min on "
-        f"{r.get('hardware', 'CPU')}"
+        f"{r['steps']} steps of batch {r['batch']}, lr {r['lr']:g}{_decoder_options(r)}, "
+        f"{r['train_s'] / 60:.0f} min on {r.get('hardware', 'CPU')}, hollow "
+        f"{100 * r['before']['hollow']:.1f} → {100 * r['after']['hollow']:.1f} % "
+        f"({r.get('score_n', 256)} scenes)"
         for r in runs
     )
     others = [
@@ -320,14 +322,21 @@ def _decoder_tune(model_dir: Path) -> str:
     return (
         "\n\n**VAE decoder tune** — `python -m builtin_model.tune_decoder`, "
         f"{len(runs)} run(s), each continuing the last ({listed}): the encoder frozen (every latent "
-        "the UNet, the adapters and the latent cache saw is unchanged), the decoder trained on half "
-        "filled, half hollow scenes with the VAE's loss, so thin outlines survive decoding. Round "
-        f"trips of {runs[-1].get('score_n', 256)} fresh scenes: hollow shapes still hollow "
+        "the UNet, the adapters and the latent cache saw is unchanged), the decoder trained on "
+        "filled and hollow scenes with the VAE's loss, so thin outlines survive decoding. Round "
+        f"trips of fresh training scenes, first run's before → last run's after: hollow shapes still hollow "
         f"{100 * first['hollow']:.1f} % → {100 * last['hollow']:.1f} %, their color read right "
         f"{100 * first['hollow_color']:.1f} % → {100 * last['hollow_color']:.1f} %; filled "
         f"scenes' kind {100 * first['filled_kind']:.1f} % → {100 * last['filled_kind']:.1f} %, "
         f"their other attributes {min(100 * first[k] for k in others):.0f} % → "
         f"{min(100 * last[k] for k in others):.0f} %."
+    )
+
+
+def _decoder_options(run: dict[str, Any]) -> str:
+    share = run.get("hollow_share", 0.5)
+    return (f", {100 * share:.0f} % hollow" if share != 0.5 else "") + (
+        ", loss per scene" if run.get("per_scene") else ""
     )
 
 

@@ -21,7 +21,8 @@
 #
 # What ran for the shipped weights is recorded in each artifact's record (train_state.json,
 # vae/decoder_tune.json, text_encoder/text_refine.json: command and hardware) and in the model
-# card. Dry run on a CPU: SKIP_WHEELS=1 DEVICE=cpu PY=.venv/bin/python END_S=60 EVAL_END_S=200
+# card. This version ran once on an H200 (411 s; figures in bench/README.md), and
+# builtin_model/gpu_continue.sh continued its best candidates in a second call. Dry run on a CPU: SKIP_WHEELS=1 DEVICE=cpu PY=.venv/bin/python END_S=60 EVAL_END_S=200
 # A_BATCH=4 V_BATCH=4 EVAL_ARGS="--validation 2 --batch 4" SD15_ARGS=--small OUT=/tmp/x \
 #   bash builtin_model/gpu_train.sh
 set -uo pipefail

@@ -8,7 +8,14 @@ fare worst), so no UNet adapter could reach the 90 % the LoRA must. The encoder 
 latents the UNet, the adapters and ``shapes-64-fast`` were trained on stay exactly what they were —
 and only the decoder learns, on half filled and half hollow scenes, with the VAE's own loss
 (squared plus half absolute error, shape pixels weighted 8×). ``--check`` prints the round trip
-scores (filled attributes, hollow share) before and after.
+scores (filled attributes, hollow share, by size and for small crosses) before and after.
+
+``--per-scene`` normalizes that loss within each scene, so a small shape's few pixels count as
+much as a large one's; ``--hollow-share`` sets how many scenes of a batch are hollow. The shipped
+decoder: two CPU runs as above (hollow 69.9 → 91.4 % on 256 scenes), then on an H200 (``gpu_train.sh``,
+``gpu_continue.sh``) ``--per-scene --hollow-share 0.75`` for 1650 + 2356 steps of 256: round trip
+on 512 training scenes hollow 89.5 → 98.8 %, small crosses 46.7 → 90.0 %, filled kind 94.7 →
+98.4 %. The same GPU time without the two options gave 94.7 % (small crosses 60.0 %).
 """
 
 from __future__ import annotations
@@ -154,7 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     config.pop("_name_or_path", None)  # where this run read it: nothing a loader needs
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     record = {
-        "recipe": "decoder fine-tune, encoder frozen, half filled / half hollow scenes",
+        "recipe": "decoder fine-tune, encoder frozen, "
+        + (
+            "half filled / half hollow scenes"
+            if args.hollow_share == 0.5
+            else f"{1 - args.hollow_share:.0%} filled / {args.hollow_share:.0%} hollow scenes"
+        )
+        + (", loss normalized per scene" if args.per_scene else ""),
         "steps": step,
         "batch": args.batch,
         "lr": args.lr,

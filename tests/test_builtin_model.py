@@ -329,8 +329,11 @@ def test_step_distillation_and_decoder_tune_run_end_to_end(tmp_path: Path) -> No
     )  # fmt: skip
     tune_decoder.main(
         ["--out", str(tmp_path / "vae"), "--steps", "2", "--batch", "4", "--score-n", "8",
-         "--device", "cpu"]
+         "--per-scene", "--hollow-share", "0.75", "--device", "cpu"]
     )  # fmt: skip
+    record = json.loads((tmp_path / "vae" / tune_decoder.RECORD).read_text())
+    assert record["per_scene"] and record["hollow_share"] == 0.75
+    assert "25% filled / 75% hollow" in record["recipe"] and record["parent"]["steps"] > 0
     from builtin_model import card
 
     unet = load_file(fast / "unet" / "diffusion_pytorch_model.safetensors")
@@ -428,3 +431,43 @@ def test_card_sections_are_replaced_in_place_and_kept(tmp_path: Path) -> None:
     assert text.index("## Phrasing\nnew") < text.index("## Adapters\nA")
     kept = "".join(card.section(tmp_path, name) for name in card.SECTIONS)
     assert kept.strip() == text[text.index(card.SECTIONS["phrasing"][0]) :].strip()
+
+
+def test_shape_weights_cover_the_shape_and_its_edge_only() -> None:
+    """``train_adapters --shape-weight``: the latent pixels the shape reaches, grown by one, get
+    the weight; the rest of the scene keeps 1; a small shape gets fewer than a large one."""
+    from builtin_model import adapter_data, train_adapters
+
+    scenes = data.sample_scenes(64, torch.Generator().manual_seed(5))
+    weights = train_adapters.shape_weights(scenes, 8.0, 16)
+    assert weights.shape == (64, 1, 16, 16)
+    assert set(weights.unique().tolist()) == {1.0, 8.0}
+    cover = adapter_data.render_silhouette(scenes)[:, :1]
+    inside = torch.nn.functional.avg_pool2d(cover, 4) > 0.5  # latent pixels mostly shape
+    assert (weights[inside] == 8.0).all()
+    marked = (weights == 8.0).flatten(1).sum(1)
+    assert (marked > 0).all() and (marked < 256).all()
+    small = scenes.size == data.SIZES.index("small")
+    assert marked[small].float().mean() < marked[~small].float().mean()
+
+
+def test_an_outline_lora_continues_with_shape_weighting(tmp_path: Path) -> None:
+    """Two CPU steps continuing the shipped ``outline`` with ``--shape-weight``: the saved LoRA
+    moved, its record names the weighting and its parent, the base weights are untouched."""
+    from safetensors.torch import load_file
+
+    from builtin_model import train_adapters
+
+    shipped = MODEL_DIR / "loras" / "outline"
+    out = tmp_path / "outline"
+    train_adapters.main(
+        ["outline", "--out", str(out), "--init-from", str(shipped), "--steps", "2",
+         "--batch", "4", "--shape-weight", "8", "--lr", "1e-2", "--device", "cpu"]
+    )  # fmt: skip
+    record = json.loads((out / "train_state.json").read_text())
+    assert record["shape_weight"] == 8.0 and record["steps"] == 2
+    assert record["parent"] == json.loads((shipped / "train_state.json").read_text())
+    before = load_file(shipped / "pytorch_lora_weights.safetensors")
+    after = load_file(out / "pytorch_lora_weights.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
