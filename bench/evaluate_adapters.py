@@ -190,7 +190,8 @@ def card_section(result: dict[str, Any]) -> str:
         # a run that continued an earlier one (--init-from) names it as its parent
         runs = [
             f"{r.get('steps')} steps of batch {r.get('batch')}, lr {r.get('lr')}, "
-            f"{r.get('train_s')} s on {r.get('hardware')}, final loss {r.get('final_loss')}"
+            + (f"shape weight {r['shape_weight']:g}, " if "shape_weight" in r else "")
+            + f"{r.get('train_s')} s on {r.get('hardware')}, final loss {r.get('final_loss')}"
             for r in card.lineage(result["training"].get(name))
         ]
         if runs:
