@@ -36,19 +36,19 @@ VALIDATION_SEED = 4321  # --validation's training scenes (held-out combinations 
 TARGETS = {"hollow_with": 0.90, "hollow_without": 0.05, "control": 0.90, "colors": 0.85}
 
 
-BATCH = 8  # images per run of the batch loop (--batch: more on a GPU)
-
-
-def generate(model: Any, specs: list[JobSpec], images: list[Any] | None = None) -> list[Any]:
-    """Run specs through the worker's batch loop (batches of one key), images as PIL."""
+def generate(
+    model: Any, specs: list[JobSpec], images: list[Any] | None = None, batch: int = 8
+) -> list[Any]:
+    """Run specs through the worker's batch loop (``batch`` images of one key a run), images as
+    PIL."""
     from worker.batch_loop import BatchItem
     from worker.inference import Inference
 
     inference = Inference(model)
     out: list[Any] = []
-    for i in range(0, len(specs), BATCH):
-        chunk = specs[i : i + BATCH]
-        controls = images[i : i + BATCH] if images is not None else [None] * len(chunk)
+    for i in range(0, len(specs), batch):
+        chunk = specs[i : i + batch]
+        controls = images[i : i + batch] if images is not None else [None] * len(chunk)
         results = inference.run(
             [BatchItem(s, None, control_image=c) for s, c in zip(chunk, controls, strict=True)]
         )
@@ -80,14 +80,15 @@ def rates(hits: list[dict[str, bool]]) -> dict[str, float]:
 
 
 def evaluate_outline(
-    model: Any, scenes: list[data.Scene], seeds: range, scale: float = 1.0
+    model: Any, scenes: list[data.Scene], seeds: range, scale: float = 1.0, batch: int = 8
 ) -> dict[str, Any]:
     jobs = [(s, seed) for seed in seeds for s in scenes]
     lora = (LoraRef(id=adapter_data.OUTLINE_ID, scale=scale),)
     out: dict[str, Any] = {"images": len(jobs), "scale": scale}
     for name, loras in (("without", ()), ("with", lora)):
         specs = [spec_for(model, s.prompt(), seed, loras=loras) for s, seed in jobs]
-        readings = [adapter_data.read_outline(np.asarray(im)) for im in generate(model, specs)]
+        images = generate(model, specs, batch=batch)
+        readings = [adapter_data.read_outline(np.asarray(im)) for im in images]
         out[f"hollow_{name}"] = float(np.mean([hollow for _, hollow in readings]))
         if loras:  # where the misses are: by the scene's size and kind
             for attr in ("size", "kind"):
@@ -103,7 +104,9 @@ def evaluate_outline(
     return out
 
 
-def evaluate_silhouette(model: Any, scenes: list[data.Scene], seeds: range) -> dict[str, Any]:
+def evaluate_silhouette(
+    model: Any, scenes: list[data.Scene], seeds: range, batch: int = 8
+) -> dict[str, Any]:
     rng = random.Random(7)
     jobs = [(s, seed) for seed in seeds for s in scenes]
     geometry = data.scenes_from_list([s for s, _ in jobs], torch.Generator().manual_seed(99))
@@ -122,7 +125,7 @@ def evaluate_silhouette(model: Any, scenes: list[data.Scene], seeds: range) -> d
     specs = [
         spec_for(model, p, seed, control=ref) for p, (_, seed) in zip(prompts, jobs, strict=True)
     ]
-    images = generate(model, specs, controls)
+    images = generate(model, specs, controls, batch)
     readings = [read_image(np.asarray(im)) for im in images]
     follow = [
         r.kind == s.kind and r.position == s.position and r.size == s.size
@@ -200,7 +203,6 @@ def card_section(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    global BATCH
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -214,11 +216,10 @@ def main() -> None:
     parser.add_argument("--outline-scale", type=float, default=1.0, help="the LoRA's scale")
     parser.add_argument("--only", choices=("outline", "silhouette"), help="score just this one")
     parser.add_argument("--device", default="cpu", help="cuda: a quick figure on a lent GPU")
-    parser.add_argument("--batch", type=int, default=BATCH, help="images per batch-loop run")
+    parser.add_argument("--batch", type=int, default=8, help="images per batch-loop run")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     parser.add_argument("--write-card", action="store_true")
     args = parser.parse_args()
-    BATCH = args.batch
 
     from worker.pipeline import load_model
 
@@ -250,9 +251,9 @@ def main() -> None:
         "training": training,
     }
     if args.only in (None, "outline"):
-        result["outline"] = evaluate_outline(model, scenes, seeds, args.outline_scale)
+        result["outline"] = evaluate_outline(model, scenes, seeds, args.outline_scale, args.batch)
     if args.only in (None, "silhouette"):
-        result["silhouette"] = evaluate_silhouette(model, scenes, seeds)
+        result["silhouette"] = evaluate_silhouette(model, scenes, seeds, args.batch)
     print(json.dumps({k: v for k, v in result.items() if k != "training"}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -12,10 +12,11 @@ scores (filled attributes, hollow share, by size and for small crosses) before a
 
 ``--per-scene`` normalizes that loss within each scene, so a small shape's few pixels count as
 much as a large one's; ``--hollow-share`` sets how many scenes of a batch are hollow. The shipped
-decoder: two CPU runs as above (hollow 69.9 → 91.4 % on 256 scenes), then on an H200 (``gpu_train.sh``,
-``gpu_continue.sh``) ``--per-scene --hollow-share 0.75`` for 1650 + 2356 steps of 256: round trip
-on 512 training scenes hollow 89.5 → 98.8 %, small crosses 46.7 → 90.0 %, filled kind 94.7 →
-98.4 %. The same GPU time without the two options gave 94.7 % (small crosses 60.0 %).
+decoder: two CPU runs as above (hollow 69.9 → 91.4 % on 256 scenes), then on an H200
+(``gpu_train.sh``, ``gpu_continue.sh``) ``--per-scene --hollow-share 0.75`` for 1650 + 2356
+steps of 256: round trip on 512 training scenes hollow 89.5 → 98.8 %, small crosses 46.7 →
+90.0 %, filled kind 94.7 → 98.4 %. The first run's time without the two options gave 94.7 %
+(small crosses 60.0 %).
 """
 
 from __future__ import annotations
