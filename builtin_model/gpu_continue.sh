@@ -7,6 +7,7 @@
 # It ran once, on an H200, in 254 s: FROM held o8wc, o8, o16w and vaeb alone, END_S=235
 # EVAL_END_S=315, and the wheels travelled unpacked as one tar.xz extracted to /tmp/site with
 # SKIP_WHEELS=1 (the tree, the wheels and the candidates were over the 64 MiB a call carries).
+# Its setup and scoring have since moved to builtin_model/gpu_common.sh, shared with gpu_train.sh.
 # Dry run on a CPU: SKIP_WHEELS=1 DEVICE=cpu PY=.venv/bin/python END_S=60 EVAL_END_S=150
 #   A_BATCH=4 V_BATCH=4 EVAL_ARGS="--validation 2 --batch 4" OUT=/tmp/y FROM=... bash ...
 set -uo pipefail
@@ -14,21 +15,9 @@ start=$SECONDS
 out="$(realpath -m "${OUT:-gpu-continue}")"
 from="$(realpath "${FROM:?the unpacked gpu_train.sh results}")"
 work=/tmp/continue
-mkdir -p "$out" "$work/evals"
-if [[ -z ${SKIP_WHEELS:-} ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
-PY=${PY:-python3}
-DEVICE=${DEVICE:-cuda}
-base=builtin_model/shapes-64
+source builtin_model/gpu_common.sh
 END_S=${END_S:-200}
 EVAL_END_S=${EVAL_END_S:-275}
-A_BATCH=${A_BATCH:-256}
-V_BATCH=${V_BATCH:-256}
-read -r -a eval_args <<<"${EVAL_ARGS:---validation 192 --batch 64}"
-left() { echo $(($1 - (SECONDS - start))); }
 
 outline() {  # $1 candidate to continue, then train_adapters' options
     local name=$1
@@ -47,32 +36,17 @@ cp -r "$base" "$work/vb" && rm -rf "$work/vb/vae" && cp -r "$from/vaeb" "$work/v
     --budget-s "$(($(left "$END_S") - 25))" --device "$DEVICE" >"$work/vaebc.log" 2>&1 &
 wait
 echo "all trainings ended at $((SECONDS - start)) s"
-for f in "$work"/*.log; do echo "== $f"; grep -v -i warn "$f" | tail -n 2; done
+show_logs
 (cd "$work" && tar -cf "$out/continued.tar" o8wcc o8c o16wc vaebc)
 
 for o in o8wcc o8c o16wc; do
     for v in vaeb vaebc; do
         vae=$work/$v && [[ $v == vaeb ]] && vae=$from/vaeb
-        [[ -f $work/$o/pytorch_lora_weights.safetensors && -f $vae/config.json ]] || continue
-        m=$work/m-$o-$v
-        cp -r "$base" "$m" && rm -rf "$m/loras/outline" "$m/vae"
-        cp -r "$work/$o" "$m/loras/outline" && cp -r "$vae" "$m/vae"
-        timeout "$(left "$EVAL_END_S")" "$PY" bench/evaluate_adapters.py --model-dir "$m" \
-            --device "$DEVICE" --seeds 1 --only outline "${eval_args[@]}" \
-            --json "$work/evals/$o-$v.json" >"$work/evals/$o-$v.log" 2>&1 &
+        score_pair "$o-$v" "$work/$o" "$vae"
     done
 done
 wait
 echo "evaluations ended at $((SECONDS - start)) s"
-"$PY" - "$work" <<'EOF'
-import json, sys
-from pathlib import Path
-work = Path(sys.argv[1])
-for f in sorted((work / "evals").glob("*.json")):
-    o = json.loads(f.read_text())["outline"]
-    print(f"{f.stem:14s} hollow {o['hollow_with']:.3f} (without {o['hollow_without']:.3f})",
-          "by size", o.get("hollow_with_by_size"), "kind", o["attributes_with"]["kind"],
-          "base kind", o["attributes_without"]["kind"])
-EOF
+print_scores
 (cd "$work" && tar -cf "$out/logs.tar" ./*.log evals)
 echo "done at $((SECONDS - start)) s"

@@ -22,32 +22,21 @@
 # What ran for the shipped weights is recorded in each artifact's record (train_state.json,
 # vae/decoder_tune.json, text_encoder/text_refine.json: command and hardware) and in the model
 # card. This version ran once on an H200 (411 s; figures in bench/README.md), and
-# builtin_model/gpu_continue.sh continued its best candidates in a second call. Dry run on a CPU: SKIP_WHEELS=1 DEVICE=cpu PY=.venv/bin/python END_S=60 EVAL_END_S=200
-# A_BATCH=4 V_BATCH=4 EVAL_ARGS="--validation 2 --batch 4" SD15_ARGS=--small OUT=/tmp/x \
+# builtin_model/gpu_continue.sh continued its best candidates in a second call (both share
+# builtin_model/gpu_common.sh). Dry run on a CPU: SKIP_WHEELS=1 DEVICE=cpu PY=.venv/bin/python
+# END_S=60 EVAL_END_S=200 A_BATCH=4 V_BATCH=4 EVAL_ARGS="--validation 2 --batch 4" SD15_ARGS=--small OUT=/tmp/x \
 #   bash builtin_model/gpu_train.sh
 set -uo pipefail
 start=$SECONDS  # every deadline below counts from here, the wheels' install included
 out="$(realpath -m "${OUT:-gpu-train}")"
 work=/tmp/train
-mkdir -p "$out" "$work/evals"
-if [[ -z ${SKIP_WHEELS:-} ]]; then  # SKIP_WHEELS=1 where the venv has them (a dry run)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
-PY=${PY:-python3}
-DEVICE=${DEVICE:-cuda}
+source builtin_model/gpu_common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-base=builtin_model/shapes-64
 # Seconds, from the script's start, by which the trainings must have saved, the evaluations
 # ended and the cost figures been printed (the device call's limit is 600 s).
 END_S=${END_S:-330}
 EVAL_END_S=${EVAL_END_S:-450}
 COST_END_S=${COST_END_S:-585}
-A_BATCH=${A_BATCH:-256}
-V_BATCH=${V_BATCH:-256}
-read -r -a eval_args <<<"${EVAL_ARGS:---validation 192 --batch 64}"
-left() { echo $(($1 - (SECONDS - start))); }
 
 outline() {  # $1 name, then train_adapters' options
     local name=$1
@@ -77,37 +66,19 @@ decoder vae
 decoder vaeb --per-scene --hollow-share 0.75
 wait
 echo "all trainings ended at $((SECONDS - start)) s"
-for f in "$work"/*.log; do echo "== $f"; grep -v -i warn "$f" | tail -n 2; done
+show_logs
 
 # ---- phase 1: every outline candidate with every decoder, on training scenes ----
 for o in shipped o8 o8w o16w o8wc; do
     for v in shipped vae vaeb; do
         lora=$work/$o && [[ $o == shipped ]] && lora=$base/loras/outline
         vae=$work/$v && [[ $v == shipped ]] && vae=$base/vae
-        [[ -f $lora/pytorch_lora_weights.safetensors && -f $vae/config.json ]] || continue
-        m=$work/m-$o-$v
-        cp -r "$base" "$m" && rm -rf "$m/loras/outline" "$m/vae"
-        cp -r "$lora" "$m/loras/outline" && cp -r "$vae" "$m/vae"
-        timeout "$(left "$EVAL_END_S")" "$PY" bench/evaluate_adapters.py --model-dir "$m" \
-            --device "$DEVICE" --seeds 1 --only outline "${eval_args[@]}" \
-            --json "$work/evals/$o-$v.json" >"$work/evals/$o-$v.log" 2>&1 &
+        score_pair "$o-$v" "$lora" "$vae"
     done
 done
 wait
 echo "evaluations ended at $((SECONDS - start)) s"
-"$PY" - "$work" <<'EOF'
-import json, sys
-from pathlib import Path
-work = Path(sys.argv[1])
-for f in sorted((work / "evals").glob("*.json")):
-    o = json.loads(f.read_text())["outline"]
-    print(f"{f.stem:14s} hollow {o['hollow_with']:.3f} (without {o['hollow_without']:.3f})",
-          "by size", o.get("hollow_with_by_size"), "kind", o["attributes_with"]["kind"],
-          "base kind", o["attributes_without"]["kind"])
-for f in sorted(work.glob("*/decoder_tune.json")):
-    a = json.loads(f.read_text())["after"]
-    print(f.parent.name, json.dumps({k: round(v, 4) for k, v in a.items()}))
-EOF
+print_scores
 nvidia-smi --query-gpu=memory.used --format=csv,noheader || true
 
 # ---- phase 2: pack (at most 8 files), then the adapters' GPU cost in the time left ----
