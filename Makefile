@@ -1,19 +1,23 @@
 # Two commands from a fresh clone:  `make run`  (the whole service)  and  `make test`.
 # Both create .venv on first use. TORCH_SPEC picks the torch build; the default is the CPU
 # wheel this kind of machine keeps on disk, so no multi-GB CUDA build is downloaded.
+# Every other package is installed at the exact version requirements.lock names (the last
+# green run); `make lock` refreshes it on purpose, from the ranges in pyproject.toml.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements.lock
 STAMP := $(VENV)/.installed
+EXTRAS := -e ".[worker,local,dev]" -e "./client[pil]"
 
-.PHONY: run test lint typecheck openapi clean
+.PHONY: run test docs openapi lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --constraint $(LOCK) --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[worker,local,dev]" -e "./client[pil]"
+	$(BIN)/python -m pip install --quiet --constraint $(LOCK) $(EXTRAS)
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -23,10 +27,27 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/pytest
+
+# The docs site on http://127.0.0.1:8001, rebuilt as its pages change.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 openapi: $(STAMP)
 	$(BIN)/imagegen openapi
 
+# Resolve pyproject.toml's ranges afresh in a scratch venv and write what pip chose. Run
+# `make test` after it: a lock is only worth committing once the suite passed on it.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install --quiet $(EXTRAS)
+	{ echo "# Exact versions of the last green run; refresh with 'make lock' (torch: TORCH_SPEC)."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v '^torch=='; } > $(LOCK)
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-lock .run .pytest_cache .mypy_cache .ruff_cache

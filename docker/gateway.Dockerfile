@@ -1,4 +1,4 @@
-# The gateway: FastAPI + RQ client. No torch, no GPU; small and quick to scale.
+# The gateway: FastAPI and a Redis client. No torch, no GPU; small and quick to scale.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -7,9 +7,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /srv/imagegen
-COPY docker/requirements-gateway.txt ./docker/
-RUN pip install --requirement docker/requirements-gateway.txt
-COPY pyproject.toml README.md ./
+# The gateway's dependencies (pyproject.toml) at the versions of requirements.lock, the last
+# green run's, before the code: a code change reuses this layer.
+COPY pyproject.toml requirements.lock README.md ./
+COPY docker/requirements.py ./docker/
+RUN python docker/requirements.py gateway > /tmp/requirements.txt \
+    && pip install --constraint requirements.lock --requirement /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 COPY imagegen ./imagegen
 COPY app ./app
 RUN pip install --no-deps . \

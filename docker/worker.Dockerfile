@@ -25,13 +25,16 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /srv/imagegen
-COPY docker/requirements-gateway.txt docker/requirements-worker.txt ./docker/
-# The base image's torch is held as a constraint: a pin that wanted another torch fails the
-# build instead of replacing the CUDA build with a wheel from PyPI.
+# The worker's dependencies (pyproject.toml) at the versions of requirements.lock, the last
+# green run's. The base image's torch is held as a constraint too: a pin that wanted another
+# torch fails the build instead of replacing the CUDA build with a wheel from PyPI.
+COPY pyproject.toml requirements.lock README.md ./
+COPY docker/requirements.py ./docker/
 RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/torch.txt \
-    && pip install --constraint /tmp/torch.txt --requirement docker/requirements-worker.txt \
-    && rm /tmp/torch.txt
-COPY pyproject.toml README.md ./
+    && python docker/requirements.py gateway worker > /tmp/requirements.txt \
+    && pip install --constraint /tmp/torch.txt --constraint requirements.lock \
+        --requirement /tmp/requirements.txt \
+    && rm /tmp/torch.txt /tmp/requirements.txt
 COPY imagegen ./imagegen
 COPY worker ./worker
 COPY builtin_model ./builtin_model

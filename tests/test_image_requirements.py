@@ -2,7 +2,8 @@
 
 The images cannot be built here (no Docker engine), but what pip would do in them can be
 checked: for each image, pip's resolver takes the image's torch (the worker's base image),
-its requirements file and the ranges of pyproject.toml, and must find them compatible —
+the lock (requirements.lock, the versions both images install) and the ranges of
+pyproject.toml, and must find them compatible —
 e.g. transformers[torch] 5 needs torch >= 2.6, which a torch 2.5 base cannot give. Only
 metadata is fetched from PyPI (`--dry-run`); without PyPI the test is skipped, saying why.
 """
@@ -44,11 +45,11 @@ def _base_torch() -> str:
 def _images() -> dict[str, list[str]]:
     project = _project()
     return {
-        "gateway": ["-r", str(DOCKER / "requirements-gateway.txt"), *project["gateway"]],
+        "gateway": ["-c", str(ROOT / "requirements.lock"), *project["gateway"]],
         "worker": [
             f"torch=={_base_torch()}",  # what the base image holds
-            "-r",
-            str(DOCKER / "requirements-worker.txt"),
+            "-c",
+            str(ROOT / "requirements.lock"),
             *project["gateway"],
             *project["worker"],
             # The worker runs both on torch: what their [torch] extras ask of it applies
