@@ -88,13 +88,30 @@ class KeyStore:
 
 
 class RateLimiter:
-    """A fixed one-minute window per principal, counted in Redis so every replica shares it."""
+    """Fixed one-minute windows, counted in Redis so every replica shares them: requests per
+    principal, and failed authentications per client address (a key guessed at is slowed
+    down, and its 401s cost the service no more than the limit allows)."""
 
-    def __init__(self, connection: aioredis.Redis, per_minute: int) -> None:
+    def __init__(
+        self, connection: aioredis.Redis, per_minute: int, auth_failures_per_minute: int = 20
+    ) -> None:
         self.redis = connection
         self.per_minute = per_minute
+        self.auth_failures_per_minute = auth_failures_per_minute
 
     async def hit(self, budget_id: str) -> None:
+        """Count a request of `budget_id`; `RateLimited` past the budget."""
+        await self._count(budget_id, self.per_minute, "requests per minute")
+
+    async def failed_auth(self, client: str) -> None:
+        """Count a request from `client` without a valid key; `RateLimited` past the limit."""
+        await self._count(
+            f"auth-failures:{client}",
+            self.auth_failures_per_minute,
+            "requests without a valid API key per minute from this address",
+        )
+
+    async def _count(self, budget_id: str, limit: int, what: str) -> None:
         now = time.time()
         window = int(now // 60)
         key = Keys.rate(hashlib.sha256(budget_id.encode()).hexdigest()[:32], window)
@@ -102,11 +119,10 @@ class RateLimiter:
             pipe.incr(key)
             pipe.expire(key, 61)
             count, _ = await pipe.execute()
-        if int(count) > self.per_minute:
+        if int(count) > limit:
             retry_after = max(1, int(60 - now % 60) + 1)
             raise RateLimited(
-                f"rate limit of {self.per_minute} requests per minute reached; "
-                f"retry in {retry_after}s",
+                f"rate limit of {limit} {what} reached; retry in {retry_after}s",
                 headers={"Retry-After": str(retry_after)},
             )
 
@@ -114,14 +130,15 @@ class RateLimiter:
 async def _principal(request: Request) -> Principal:
     keys: KeyStore = request.app.state.keys
     limiter: RateLimiter = request.app.state.limiter
+    client = request.client.host if request.client else "unknown"
     if keys.enabled:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         name = keys.identify(token.strip()) if scheme.lower() == "bearer" and token else None
         if name is None:
+            await limiter.failed_auth(client)
             raise Unauthorized("a valid API key is required: `Authorization: Bearer <key>`")
         principal = Principal(name=name, budget_id=f"key:{name}")
     else:
-        client = request.client.host if request.client else "unknown"
         principal = Principal(name="", budget_id=f"ip:{client}")
     await limiter.hit(principal.budget_id)
     return principal

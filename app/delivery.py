@@ -118,8 +118,7 @@ class Deliverer:
             # Past the retry window, and tried a few times at least: a delivery process that
             # was down longer than the window still tries before it gives up.
             if next_at > task.created_at + s.webhook_retry_for_s and task.attempt >= MIN_ATTEMPTS:
-                outcome = "failed"
-                error = f"{error}; given up after {task.attempt} attempt(s)"
+                outcome = "failed"  # given up; the record's attempt says after how many
         record = WebhookDelivery(
             event=task.event,
             webhook_id=task.message_id,
@@ -149,13 +148,20 @@ class Deliverer:
         return json.dumps(payload, separators=(",", ":")).encode()
 
     def send(self, task: WebhookTask) -> tuple[int | None, str | None, bool]:
-        """Post `task` once: (the answer's status, the error, whether it is final)."""
+        """Post `task` once: (the answer's status, the error, whether it is final).
+
+        The error is what the job document shows its owner, so it is coarse on purpose
+        (`destination_refused`, `unreachable`, `timeout`, `http_<code>`): a finer one would
+        tell a tenant which ports and hosts answer behind the service. The log has the detail.
+        """
         try:
             destination, addresses = check_destination(task.url, self.allow)
         except Refused as exc:
-            return None, f"destination refused: {exc}", True
+            log.warning("webhook %s: destination refused: %s", task.message_id, exc)
+            return None, "destination_refused", True
         except (OSError, UnicodeError) as exc:
-            return None, f"cannot resolve the host: {exc}", False
+            log.warning("webhook %s: cannot resolve the host: %s", task.message_id, exc)
+            return None, "unreachable", False
         body = self.body(task)
         timestamp = int(time.time())
         headers = {
@@ -177,12 +183,14 @@ class Deliverer:
             ) as response:
                 status = response.status_code  # the body is never read
         except httpx.TimeoutException as exc:
-            return None, f"no answer within {self.settings.webhook_timeout_s:g}s ({exc!r})", False
+            log.warning("webhook %s: no answer in time: %r", task.message_id, exc)
+            return None, "timeout", False
         except httpx.HTTPError as exc:
-            return None, f"{type(exc).__name__}: {exc}", False
+            log.warning("webhook %s: %s: %s", task.message_id, type(exc).__name__, exc)
+            return None, "unreachable", False
         if 200 <= status < 300:
             return status, None, False
-        return status, f"answered {status}", False
+        return status, f"http_{status}", False
 
 
 def _host_header(destination: Destination) -> str:

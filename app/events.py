@@ -23,8 +23,11 @@ import logging
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
+from fastapi.sse import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
 from app.schemas import JobDocument
 from imagegen.contract import JobRecord, JobStatus, Keys
@@ -267,6 +270,20 @@ class EventHub:
     def streams_of(self, key: str) -> int:
         return self._per_key.get(key, 0)
 
+    def reserve_stream(self, key: str, cap: int) -> bool:
+        """Count a stream for `key` if it has fewer than `cap` open; whether it was counted.
+        Check and count are one step (no await between them), so concurrent opens cannot
+        all pass the check; `release_stream` gives the place back when the stream ends."""
+        if self._per_key.get(key, 0) >= cap:
+            return False
+        self._per_key[key] += 1
+        return True
+
+    def release_stream(self, key: str) -> None:
+        self._per_key[key] -= 1
+        if self._per_key[key] <= 0:
+            del self._per_key[key]
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-hub")
 
@@ -305,9 +322,9 @@ class EventHub:
     async def subscribe(
         self, job_id: str, read: Reader, key: str, previews: bool = False
     ) -> AsyncIterator[Listener]:
-        """A listener on the job's feed: the current state first, then every event."""
+        """A listener on the job's feed: the current state first, then every event. (Its
+        place in the key's stream count is `reserve_stream`'s, taken before.)"""
         listener = Listener(key, previews)
-        self._per_key[key] += 1
         feed = self._feeds.get(job_id)
         if feed is None:
             feed = self._feeds[job_id] = JobFeed(self, job_id, read)
@@ -317,9 +334,6 @@ class EventHub:
         finally:
             feed.listeners.discard(listener)
             self._dropped += listener.dropped
-            self._per_key[key] -= 1
-            if not self._per_key[key]:
-                del self._per_key[key]
             if not feed.listeners and self._feeds.get(job_id) is feed:
                 del self._feeds[job_id]
                 if feed.task is not None:
@@ -359,7 +373,7 @@ class EventHub:
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
 
 async def sse_stream(
@@ -381,3 +395,19 @@ async def sse_stream(
 def preview_payload(step: int, image: str) -> str:
     """What a worker publishes and a preview event carries: `{"step", "image"}`."""
     return json.dumps({"step": step, "image": image}, separators=(",", ":"))
+
+
+class ReservedStream(EventSourceResponse):
+    """An event stream that gives its key's reserved place back however it ends: after the
+    last event, on a client gone, or without ever starting (the body generator's own
+    `finally` would not run if it was never iterated)."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None], **kw: Any):
+        super().__init__(content, **kw)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()

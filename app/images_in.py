@@ -97,8 +97,11 @@ def load_image(
             field, "is not a PNG, JPEG or WebP image (the format is read from the content)"
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # In our words, with the size the header claims (Pillow's message holds the count).
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        said = f" ({claimed.group(1)} pixels)" if claimed else ""
         raise InvalidRequest.for_field(
-            field, f"claims more pixels than the pixel cap of {max_pixels} ({exc})"
+            field, f"claims more pixels{said} than the pixel cap of {max_pixels}"
         ) from exc
     except Exception as exc:
         raise InvalidRequest.for_field(field, "is corrupt (its header cannot be read)") from exc
@@ -184,11 +187,21 @@ def prepare(
     outpaint: tuple[int, int, int, int] | None,
     width: int | None,
     height: int | None,
+    max_pixels: int,
 ) -> PreparedInputs:
     """The normalized inputs of a job: resized to the output size (Lanczos for images, nearest
-    for masks); for outpainting the grown canvas, the input in place, and its mask."""
+    for masks); for outpainting the grown canvas, the input in place, and its mask.
+
+    Every size is checked before a pixel is touched: a refused request costs the same
+    whatever size it asked for (an unchecked 40000x40000 would be gigabytes of canvas)."""
     grow = outpaint or (0, 0, 0, 0)
     w, h = output_size(image.ref, width, height, grow)
+    if w * h > max_pixels:
+        named = "width" if width is not None else "height" if height is not None else None
+        raise InvalidRequest.for_field(
+            named or ("outpaint" if outpaint is not None else "image"),
+            f"width*height = {w * h} exceeds the pixel cap of {max_pixels}",
+        )
     refs = {"image": image.ref}
     if outpaint is not None:
         left, right, top, bottom = grow
@@ -207,16 +220,19 @@ def prepare(
         return PreparedInputs(
             "outpaint", w, h, {"image": to_png(canvas), "mask": to_png(mask_img)}, refs
         )
+    if mask is not None and (mask.ref.width, mask.ref.height) != (
+        image.ref.width,
+        image.ref.height,
+    ):
+        raise InvalidRequest.for_field(
+            "mask",
+            f"is {mask.ref.width}x{mask.ref.height}; it must have the image's size, "
+            f"{image.ref.width}x{image.ref.height}",
+        )
     normalized = _resized(image.image, w, h, Image.Resampling.LANCZOS)
     blobs = {"image": to_png(normalized)}
     task = "img2img"
     if mask is not None:
-        if mask.ref.width != image.ref.width or mask.ref.height != image.ref.height:
-            raise InvalidRequest.for_field(
-                "mask",
-                f"is {mask.ref.width}x{mask.ref.height}; it must have the image's size, "
-                f"{image.ref.width}x{image.ref.height}",
-            )
         refs["mask"] = mask.ref
         m = _resized(mask.image.convert("L"), w, h, Image.Resampling.NEAREST)
         blobs["mask"] = to_png(binarize_mask(m))

@@ -87,7 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = JobStore(connection)
         registry = ModelRegistry(connection, settings.default_model, async_connection)
         app.state.keys = keys
-        app.state.limiter = RateLimiter(async_connection, settings.rate_limit_per_minute)
+        app.state.limiter = RateLimiter(
+            async_connection, settings.rate_limit_per_minute, settings.auth_failures_per_minute
+        )
         app.state.settings = settings
         app.state.registry = registry
         app.state.service = GenerationService(

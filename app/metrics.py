@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import hmac
 import os
 from collections.abc import Iterator
 
@@ -20,6 +22,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.capacity import MemoryGuard, RedisMemory
@@ -74,6 +77,17 @@ class ServiceCollector(Collector):
         self.tasks = 0
         self.memory: RedisMemory | None = None
         self.high_water = 1.0
+        self.per_key = True
+
+    def for_scrape(
+        self, *, tasks: int, memory: RedisMemory, high_water: float, per_key: bool
+    ) -> ServiceCollector:
+        """A collector for one scrape (its own copy: concurrent scrapes, one with the
+        operator token and one without, never see each other's settings)."""
+        scrape = copy.copy(self)
+        scrape.tasks, scrape.memory, scrape.high_water = tasks, memory, high_water
+        scrape.per_key = per_key
+        return scrape
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         store = self.service.store
@@ -102,7 +116,8 @@ class ServiceCollector(Collector):
         yield depth
         yield workers
         yield runs
-        yield from self._per_key(store)
+        if self.per_key:
+            yield from self._per_key(store)
         if self.memory is not None:
             yield GaugeMetricFamily(
                 "imagegen_redis_used_memory_bytes",
@@ -187,15 +202,31 @@ def key_label(name: str) -> str:
 @router.get("/metrics", response_class=Response, include_in_schema=False)
 async def metrics(request: Request) -> Response:
     collector: ServiceCollector = request.app.state.collector
-    collector.tasks = len(asyncio.all_tasks())
     guard: MemoryGuard = request.app.state.memory
-    collector.memory = await guard.read(max_age_s=0)
-    collector.high_water = guard.high_water
+    scrape = collector.for_scrape(
+        tasks=len(asyncio.all_tasks()),
+        memory=await guard.read(max_age_s=0),
+        high_water=guard.high_water,
+        per_key=shows_tenants(request),
+    )
     registry = CollectorRegistry()
-    registry.register(collector)
+    registry.register(scrape)
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry.register(REQUESTS)
     body = await asyncio.to_thread(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def shows_tenants(request: Request) -> bool:
+    """Whether this scrape gets the per-key series: always on an open service (its one
+    principal is `(open)`), else only with `Authorization: Bearer <IMAGEGEN_METRICS_TOKEN>`,
+    so the public port never lists another tenant's name or usage."""
+    if not request.app.state.keys.enabled:
+        return True
+    token: SecretStr | None = request.app.state.settings.metrics_token
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if token is None or scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode())

@@ -107,9 +107,17 @@ class GenerationService:
             self._resolve_with_blobs, request, model_id, info, known, inputs, encode
         )
 
-    def prepare_inputs(self, request: GenerationRequest) -> images_in.PreparedInputs | None:
-        """Decode, check and normalize the request's images (None: text-to-image). Blocking:
-        the gateway runs it in a worker thread."""
+    def pixel_cap(self, info: ModelInfo | None) -> int:
+        """The most pixels an output may have: the service's cap, or the model's if lower."""
+        cap = self.settings.max_pixels
+        return min(cap, info.max_pixels) if info is not None and info.max_pixels else cap
+
+    def prepare_inputs(
+        self, request: GenerationRequest, max_pixels: int | None = None
+    ) -> images_in.PreparedInputs | None:
+        """Decode, check and normalize the request's images (None: text-to-image); the output
+        size is checked against `max_pixels` (default: the service's cap) before any resize.
+        Blocking: the gateway runs it in a worker thread."""
         if request.image is None:
             for field in ("mask", "outpaint", "strength"):
                 if getattr(request, field) is not None:
@@ -145,6 +153,7 @@ class GenerationService:
             outpaint=outpaint,
             width=request.width,
             height=request.height,
+            max_pixels=max_pixels if max_pixels is not None else s.max_pixels,
         )
 
     def _resolve(
@@ -184,6 +193,11 @@ class GenerationService:
             raise InvalidRequest.for_field(
                 "negative_prompt", f"must be at most {s.max_prompt_chars} characters"
             )
+        if info.prompt_weighting:
+            for field in ("prompt", "negative_prompt"):
+                problem = prompts.weight_problem(getattr(request, field))
+                if problem is not None:
+                    raise InvalidRequest.for_field(field, problem)
         if encode is not None and info.max_prompt_tokens is not None:
             for field in ("prompt", "negative_prompt"):
                 text = getattr(request, field)
@@ -352,7 +366,12 @@ class GenerationService:
             await self._check_webhook(request.webhook.url)
         inputs = None
         if request.image is not None or request.mask is not None or request.outpaint is not None:
-            inputs = await anyio.to_thread.run_sync(self.prepare_inputs, request)
+            # The model's own pixel cap is known before any pixel work (None: resolve names
+            # the unknown model below, after the inputs were checked against the service's).
+            info = await self.registry.aget(request.model or self.settings.default_model)
+            inputs = await anyio.to_thread.run_sync(
+                self.prepare_inputs, request, self.pixel_cap(info)
+            )
         elif request.strength is not None:
             raise InvalidRequest.for_field("strength", "needs `image`")
         # A bad request never consumes an idempotency key.

@@ -58,6 +58,7 @@ def api() -> None:
     settings = load_settings()
     import uvicorn
 
+    from app.http_guard import guarded_protocol
     from imagegen.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
@@ -68,6 +69,12 @@ def api() -> None:
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=30,
+        # h11 with a head size cap and read deadlines (app/http_guard.py); h11's own cap on
+        # an incomplete head sits just above ours, which answers first.
+        http=guarded_protocol(
+            settings.max_header_bytes, settings.header_read_timeout_s, settings.body_read_timeout_s
+        ),
+        h11_max_incomplete_event_size=settings.max_header_bytes + 1,
     )
 
 

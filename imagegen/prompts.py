@@ -4,9 +4,11 @@ Weighting follows the syntax people know from AUTOMATIC1111's web UI: ``(word)``
 the attention to ``word`` by 1.1, ``[word]`` divides it by 1.1, ``(word:1.3)`` sets the factor,
 brackets nest (factors multiply), and ``\\(`` ``\\)`` ``\\[`` ``\\]`` are literal brackets. An
 opening bracket never closed weights the rest of the prompt, a closing one never opened is
-text, as there. The worker turns the fragments into embeddings with ``compel``; the gateway
-and the worker both count a prompt's tokens here, from the fragments, with the model's own
-tokenizer, so the limit a user meets is the same wherever it is checked.
+text, as there. A weight may be written in exponent form (``(word:1e1)``), so that a huge one
+is refused as out of bounds (``weight_problem``) rather than read as text. The worker turns
+the fragments into embeddings with ``compel``; the gateway and the worker both count a
+prompt's tokens here, from the fragments, with the model's own tokenizer, so the limit a user
+meets is the same wherever it is checked.
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ from collections.abc import Callable
 
 ROUND = 1.1
 SQUARE = 1 / 1.1
+# Bounds on weighting (A1111 has none; an unbounded weight is an all-black image, or inf):
+# brackets nest at most this deep, and every fragment's weight, the product of its brackets'
+# factors, stays within +-MAX_WEIGHT (ten nested "(...)" are 1.1**10 = 2.6).
+MAX_NESTING = 10
+MAX_WEIGHT = 10.0
 
 _ATTENTION = re.compile(
     r"""
-    \\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:
+    \\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+(?:[eE][+-]?\d+)?)\s*\)|\)|]|[^\\()\[\]:]+|:
     """,
     re.X,
 )
@@ -65,6 +72,29 @@ def parse_weights(text: str) -> Fragments:
         else:
             merged.append((part, float(factor)))
     return merged or [("", 1.0)]
+
+
+def weight_problem(text: str) -> str | None:
+    """Why `text`'s weighting is out of bounds (brackets nested past MAX_NESTING, or a
+    fragment weighted past +-MAX_WEIGHT), or None. Cost is linear in the text."""
+    depth = deepest = 0
+    for match in _ATTENTION.finditer(text):
+        token = match.group(0)
+        if token in ("(", "["):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth and (token in (")", "]") or match.group(1) is not None):
+            depth -= 1
+    if deepest > MAX_NESTING:
+        return f"nests weighting brackets {deepest} deep; at most {MAX_NESTING}"
+    for part, weight in parse_weights(text):
+        if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:  # NaN and inf fail this too
+            shown = part if len(part) <= 40 else part[:40] + "..."
+            return (
+                f"weights {shown!r} by {weight:g}; a weight (the product of its brackets') "
+                f"must be within -{MAX_WEIGHT:g}..{MAX_WEIGHT:g}"
+            )
+    return None
 
 
 def _number(value: str) -> float:

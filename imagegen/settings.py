@@ -91,8 +91,40 @@ class Settings(BaseSettings):
         description="Requests per minute per API key (per client address when open), "
         "counted in Redis across gateway replicas.",
     )
+    auth_failures_per_minute: int = Field(
+        20,
+        ge=1,
+        description="Requests with a missing or wrong API key one client address may make per "
+        "minute before it is answered 429 rate_limited (with Retry-After) instead of 401; "
+        "counted in Redis across gateway replicas.",
+    )
     max_body_bytes: int = Field(
         65536, ge=1024, description="Largest request body, chunked or not (413 past it)."
+    )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=4096,
+        description="Largest request line plus headers a gateway reads; past it the request "
+        "is answered 431 and the connection closed.",
+    )
+    header_read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's line and headers, from the "
+        "connection's first byte; then 408 and the connection is closed.",
+    )
+    body_read_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a client has to send a request's whole body once its headers "
+        "are in (a slow sender holds a connection and its buffer); then 408 and the "
+        "connection is closed.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Operator token for `GET /metrics`: with API keys configured, the per-key "
+        "series (each key's name, jobs, megapixel-steps, webhook outcomes) are only in a "
+        "scrape that sends `Authorization: Bearer <token>`; unset = never on the public port.",
     )
     max_input_image_bytes: int = Field(
         10 * 1024 * 1024,
@@ -132,8 +164,9 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: str | None = Field(
         None,
         description="Comma-separated hosts and CIDRs that webhooks may reach although they "
-        "are loopback, private or link-local (and over http too), e.g. "
-        "`hooks.internal,10.1.0.0/16`; unset = public https destinations only.",
+        "are loopback, private or link-local (and over http too), each with an optional port "
+        "that it then allows alone, e.g. `hooks.internal:8443,10.1.0.0/16:443,[fd00::/8]:443`; "
+        "unset = public https destinations only.",
     )
     webhook_secret: SecretStr | None = Field(
         None,
@@ -374,6 +407,14 @@ class Settings(BaseSettings):
         if self.redis_password is None:
             return {}
         return {"password": self.redis_password.get_secret_value()}
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _allow_list(cls, value: str | None) -> str | None:
+        from imagegen.webhooks import AllowList  # it reads Settings: imported when checked
+
+        AllowList.parse(value)  # a ValueError names the entry
+        return value
 
     @field_validator("compile_batches")
     @classmethod

@@ -199,7 +199,12 @@ def test_outpainting_keeps_the_original_canvas_exactly(model: LoadedModel) -> No
 
     original = picture(4)
     prepared = prepare(
-        image=Decoded(original, REF), mask=None, outpaint=(0, 32, 0, 0), width=None, height=None
+        image=Decoded(original, REF),
+        mask=None,
+        outpaint=(0, 32, 0, 0),
+        width=None,
+        height=None,
+        max_pixels=1024 * 1024,
     )
     assert (prepared.width, prepared.height) == (96, 64)
     canvas = Image.open(__import__("io").BytesIO(prepared.blobs["image"]))

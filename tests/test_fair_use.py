@@ -35,6 +35,9 @@ JOB = {"prompt": "p", "model": MODEL, "width": 64, "height": 64, "steps": 2}
 COST = 64 * 64 / 1e6 * 2
 
 
+METRICS_TOKEN = "operator-" + "m" * 24
+
+
 def _digest(name: str) -> str:
     return hashlib.sha256(KEYS[name].encode()).hexdigest()
 
@@ -60,6 +63,7 @@ def fair(
             # Global defaults: alpha lifts the first in its entry; 0 = unlimited.
             "IMAGEGEN_MAX_ACTIVE_JOBS": "50",
             "IMAGEGEN_DAILY_QUOTA_MEGAPIXEL_STEPS": "0",
+            "IMAGEGEN_METRICS_TOKEN": METRICS_TOKEN,
         },
         name="gateway-fair",
     )
@@ -259,7 +263,14 @@ def test_metrics_and_the_usage_table_name_keys_never_secrets(fair: Gateway) -> N
             job = _submit(client).json()["id"]
             client.delete(f"/v1/generations/{job}")
         kept = _submit(capped).json()["id"]
-        metrics = fair.client().get("/metrics").text
+        operator = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+        metrics = fair.client().get("/metrics", headers=operator).text
+        public = fair.client().get("/metrics").text
+        as_tenant = small.get("/metrics").text  # a tenant's own key is not the operator's
+    # The public port lists no tenant: no per-key series, no key's name.
+    for text in (public, as_tenant):
+        assert "imagegen_key_" not in text and "imagegen_queue_depth" in text
+        assert not any(f'key="{name}"' in text for name in KEYS)
     assert 'imagegen_key_jobs_total{key="small",status="canceled"} 1.0' in metrics
     assert 'imagegen_key_jobs_total{key="capped",status="canceled"} 1.0' in metrics
     assert 'imagegen_key_active_jobs{key="capped"} 1.0' in metrics

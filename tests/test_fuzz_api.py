@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import time
 import zlib
@@ -439,3 +440,53 @@ def test_a_body_the_schema_accepts_is_accepted(
         if response.status_code in (200, 202):
             client.delete(f"/v1/generations/{response.json()['id']}")
     assert response.status_code == 202, response.text
+
+
+HUGE = [2**31, 2**40, 2**63, 10**30]
+# Every route that takes images, each with sizes and margins past any cap (every size is
+# checked before pixel work, so none of them may cost more than a small refused request) and
+# nesting past any parser's depth: a 422 naming the field, never a 5xx or a reset connection.
+IMAGE_ROUTE_CASES = [
+    *[("native", {"width": v, "height": 64}, "width") for v in HUGE],
+    *[("native", {"height": v}, "height") for v in HUGE],
+    *[("native", {"outpaint": {"left": v}}, "outpaint") for v in HUGE],
+    *[("native", {"outpaint": {"right": 8, "bottom": v}}, "outpaint") for v in HUGE],
+    *[("native", {"control": {"id": "x", "image": "", "scale": v}}, "control.scale") for v in HUGE],
+    ("native", {"outpaint": {"left": [[[[8]]]]}}, "outpaint.left"),
+    *[("edits", {"size": f"{v}x64"}, "size") for v in HUGE],
+    *[("edits", {"outpaint": json.dumps({"left": v})}, "outpaint") for v in HUGE],
+    ("edits", {"outpaint": "[" * 50000}, "outpaint"),
+    ("edits", {"outpaint": "[" * 2000 + "]" * 2000}, "outpaint"),
+    ("edits", {"steps": str(2**63)}, "steps"),
+    *[("openai", {"size": f"{v}x{v}"}, "size") for v in HUGE],
+    ("openai", {"prompt": "(" * 995 + "x"}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("route", "changes", "field"), IMAGE_ROUTE_CASES)
+def test_integer_and_nesting_cases_on_every_image_route(
+    fuzz_target: Gateway,
+    api_headers: dict[str, str],
+    route: str,
+    changes: dict[str, Any],
+    field: str,
+) -> None:
+    image = _png(Image.new("RGB", (64, 64), (10, 200, 10)))
+    with fuzz_target.client(headers=api_headers) as client:
+        if route == "native":
+            body = {
+                "prompt": "x",
+                "model": TINY_MODEL_ID,
+                "image": base64.b64encode(image).decode(),
+            }
+            response = client.post("/v1/generations", json={**body, **changes})
+        elif route == "edits":
+            form = {"prompt": "x", "model": TINY_MODEL_ID, **changes}
+            files = {"image": ("in.png", image, "image/png")}
+            response = client.post("/v1/images/edits", data=form, files=files)
+        else:
+            body = {"prompt": "x", "model": TINY_MODEL_ID, **changes}
+            response = client.post("/v1/images/generations", json=body)
+    assert response.status_code == 422, response.text
+    fields = [d.get("field", "") for d in response.json()["error"].get("details", [])]
+    assert any(f == field or f.startswith(field) for f in fields), (fields, response.text)

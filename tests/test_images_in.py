@@ -180,7 +180,9 @@ def test_alpha_is_composited_on_white() -> None:
 
 def test_inputs_are_resized_to_the_output_size() -> None:
     decoded = images_in.load_image(encode(scene((100, 70))), "image", MAX_BYTES, 1024 * 1024)
-    prepared = images_in.prepare(image=decoded, mask=None, outpaint=None, width=None, height=None)
+    prepared = images_in.prepare(
+        image=decoded, mask=None, outpaint=None, width=None, height=None, max_pixels=1024 * 1024
+    )
     assert (prepared.width, prepared.height) == (96, 64)  # multiples of 8
     assert Image.open(io.BytesIO(prepared.blobs["image"])).size == (96, 64)
     assert prepared.refs["image"].width == 100  # the document shows the input as sent

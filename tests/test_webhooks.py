@@ -209,7 +209,7 @@ def test_a_receiver_down_for_a_while_gets_the_delivery_once_it_is_up(
             lambda: len(d := _deliveries(client, job)) >= 2 and d, what="two failed attempts"
         )
         assert all(d["outcome"] == "retrying" and d["status_code"] is None for d in failed)
-        assert "ConnectError" in failed[0]["error"]
+        assert failed[0]["error"] == "unreachable"  # coarse: nothing about the host's ports
         receiver = Receiver(port)
         try:
             deliveries = _until(
@@ -248,7 +248,7 @@ def test_a_receiver_answering_500_is_given_up_with_a_final_failed_record(
     assert len(deliveries) >= 3 and len(receiver.requests) == len(deliveries)
     assert all(d["status_code"] == 500 for d in deliveries)
     assert all(d["outcome"] == "retrying" for d in deliveries[:-1])
-    assert "given up after" in deliveries[-1]["error"]
+    assert [d["error"] for d in deliveries] == ["http_500"] * len(deliveries)
     assert redis_conn.zcard(Keys.WEBHOOKS_DUE) == 0
     with hooks.client() as client:
         metrics = client.get("/metrics").text
@@ -297,7 +297,7 @@ def test_a_destination_refused_at_delivery_gets_a_failed_record(
     finally:
         receiver.stop()
     assert delivery["outcome"] == "failed"
-    assert delivery["error"].startswith("destination refused: must be an https:// URL")
+    assert delivery["error"] == "destination_refused"
     assert receiver.requests == []
 
 

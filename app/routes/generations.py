@@ -11,7 +11,7 @@ from fastapi.sse import EventSourceResponse
 from app.auth import PrincipalDep
 from app.deps import MemoryDep, ServiceDep
 from app.errors import TooManyStreams
-from app.events import EventHub, sse_stream
+from app.events import EventHub, ReservedStream, sse_stream
 from app.images_in import limit_body_without_images
 from app.schemas import GenerationRequest, JobDocument
 from imagegen.contract import JobRecord
@@ -124,7 +124,7 @@ async def stream_generation_events(
     """Server-Sent Events: the current state, every transition and progress, then the end."""
     hub: EventHub = request.app.state.events
     settings: Settings = request.app.state.settings
-    if hub.streams_of(principal.name) >= settings.max_streams_per_key:
+    if not hub.reserve_stream(principal.name, settings.max_streams_per_key):
         raise TooManyStreams(
             f"this API key has {settings.max_streams_per_key} event streams open on this "
             "server, its limit (IMAGEGEN_MAX_STREAMS_PER_KEY); close one, or poll",
@@ -134,7 +134,8 @@ async def stream_generation_events(
     async def read(job: str) -> tuple[JobRecord, JobDocument]:
         return await anyio.to_thread.run_sync(service.read_for_events, job)
 
-    return EventSourceResponse(
+    return ReservedStream(
         sse_stream(hub, first.id, read, principal.name, previews == "true"),
+        release=lambda: hub.release_stream(principal.name),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -24,8 +24,9 @@ def readyz(registry: RegistryDep) -> Health | JSONResponse:
     try:
         registry.redis.ping()
         workers = registry.live_workers(registry.default_model)
-    except redis.exceptions.RedisError as exc:
-        return _not_ready(f"redis is unavailable: {type(exc).__name__}")
+    except redis.exceptions.RedisError:
+        # In our words: the exception's class or text would tell a caller about internals.
+        return _not_ready("redis is unavailable")
     ready = [w for w in workers if w.state in ("ready", "busy")]
     if not ready:
         return _not_ready(f"no warm worker serves the default model {registry.default_model!r}")

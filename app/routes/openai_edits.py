@@ -28,6 +28,10 @@ from app.routes.openai_images import answer_when_done
 from imagegen.settings import Settings
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
+# `outpaint` is four small integers as JSON ({"left": 64, "right": 64, "top": 64, "bottom": 64}
+# is 52 characters): anything longer is refused before the JSON parser sees it, so no nesting
+# depth or size can reach the parser's recursion.
+MAX_OUTPAINT_CHARS = 200
 
 
 async def _read(upload: UploadFile, field: str, max_bytes: int) -> bytes:
@@ -148,9 +152,13 @@ async def edit_image(
         "output_format": output_format,
     }
     if outpaint is not None:
+        if len(outpaint) > MAX_OUTPAINT_CHARS:
+            raise InvalidRequest.for_field(
+                "outpaint", f"must be at most {MAX_OUTPAINT_CHARS} characters of JSON"
+            )
         try:
             fields["outpaint"] = json.loads(outpaint)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidRequest.for_field("outpaint", 'must be JSON, e.g. {"right": 32}') from exc
     body = _validated(fields)
     return await answer_when_done(request, service, principal.name, memory, body)
