@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
 from app.errors import ApiError, Unauthorized
-from imagegen.contract import Keys
-from imagegen.keys import KeyEntry, Limits, limits_for, load_entries
-from imagegen.settings import Settings
+from imagegen.core.api_keys import KeyEntry, Limits, limits_for, load_entries
+from imagegen.core.contract import Keys
+from imagegen.core.settings import Settings
 
 log = logging.getLogger("imagegen.gateway")
 

@@ -24,22 +24,20 @@ import redis
 
 from app.documents import render_document
 from imagegen import __version__
-from imagegen.contract import Keys, WebhookDelivery
-from imagegen.keys import load_entries
-from imagegen.lifecycle import Outbox, WebhookTask
-from imagegen.logs import configure_logging
-from imagegen.settings import Settings
-from imagegen.store import record_from_hash
-from imagegen.webhooks import (
+from imagegen.core.api_keys import load_entries
+from imagegen.core.contract import Keys, WebhookDelivery
+from imagegen.core.destinations import (
     AllowList,
     Destination,
     IPAddress,
     Refused,
-    Secrets,
     check_destination,
-    retry_delay,
-    sign,
 )
+from imagegen.core.lifecycle import Outbox, WebhookTask
+from imagegen.core.logs import configure_logging
+from imagegen.core.settings import Settings
+from imagegen.core.store import record_from_hash
+from imagegen.core.webhooks import Secrets, retry_delay, sign
 
 log = logging.getLogger("imagegen.webhooks")
 # A delivery is given up only past IMAGEGEN_WEBHOOK_RETRY_FOR_S and after this many attempts.

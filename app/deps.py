@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from app.capacity import MemoryGuard
 from app.registry import ModelRegistry
 from app.service import GenerationService
-from imagegen.settings import Settings
+from imagegen.core.settings import Settings
 
 
 async def _service(request: Request) -> GenerationService:

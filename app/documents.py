@@ -15,7 +15,7 @@ from app.schemas import (
     WebhookAttempt,
     WebhookInfo,
 )
-from imagegen.contract import JobRecord, JobStatus
+from imagegen.core.contract import JobRecord, JobStatus
 
 
 def rfc3339(ts: float | None) -> str | None:

@@ -30,7 +30,7 @@ from fastapi.sse import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from app.schemas import JobDocument
-from imagegen.contract import JobRecord, JobStatus, Keys
+from imagegen.core.contract import JobRecord, JobStatus, Keys
 
 log = logging.getLogger("imagegen.gateway")
 

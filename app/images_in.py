@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import InvalidRequest, PayloadTooLarge
 from app.middleware import BODY_BYTES
-from imagegen.contract import InputRef
+from imagegen.core.contract import InputRef
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URI = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)

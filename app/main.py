@@ -34,9 +34,9 @@ from app.routes import (
 from app.schemas import ErrorEnvelope
 from app.service import GenerationService
 from imagegen import __version__
-from imagegen.settings import Settings
-from imagegen.store import JobStore
-from imagegen.webhooks import Secrets
+from imagegen.core.settings import Settings
+from imagegen.core.store import JobStore
+from imagegen.core.webhooks import Secrets
 
 log = logging.getLogger("imagegen.gateway")
 # Named connections let an operator (and the tests) tell the gateway's apart in CLIENT LIST.

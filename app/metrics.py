@@ -29,7 +29,7 @@ from app.capacity import MemoryGuard, RedisMemory
 from app.events import EventHub
 from app.registry import ModelRegistry
 from app.service import GenerationService
-from imagegen.store import JobStore
+from imagegen.core.store import JobStore
 
 router = APIRouter(tags=["health"])
 

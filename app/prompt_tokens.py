@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from imagegen.contract import Keys, ModelInfo
+from imagegen.core.contract import Keys, ModelInfo
 
 log = logging.getLogger("imagegen.gateway")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aioredis
 
-from imagegen.contract import Keys, ModelInfo, WorkerHeartbeat
+from imagegen.core.contract import Keys, ModelInfo, WorkerHeartbeat
 
 # Model records change when a worker starts; a submit may see one a second old.
 MODEL_CACHE_S = 1.0

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from imagegen.contract import (
+from imagegen.core.contract import (
     CONTROL_SCALE_MAX,
     DEFAULT_WEBHOOK_EVENTS,
     LORA_SCALE_LIMIT,
@@ -17,7 +17,7 @@ from imagegen.contract import (
     Outpaint,
     WebhookTarget,
 )
-from imagegen.webhooks import MAX_URL_CHARS, Refused, parse_url
+from imagegen.core.destinations import MAX_URL_CHARS, Refused, parse_url
 
 
 def check_text(value: str, field: str) -> str:

@@ -26,8 +26,8 @@ from app.errors import (
 from app.prompt_tokens import Encode, TokenCounters
 from app.registry import ModelRegistry
 from app.schemas import GenerationRequest, JobDocument
-from imagegen import prompts
-from imagegen.contract import (
+from imagegen.core import prompts
+from imagegen.core.contract import (
     JOB_ID_PREFIX,
     SCHEDULER_MIN_STEPS,
     ControlRef,
@@ -39,11 +39,11 @@ from imagegen.contract import (
     ModelInfo,
     is_valid_job_id,
 )
-from imagegen.lifecycle import Admission, AsyncSubmitter, Lifecycle, queue_position
-from imagegen.logs import request_id
-from imagegen.settings import Settings
-from imagegen.store import JobStore
-from imagegen.webhooks import AllowList, Refused, check_destination
+from imagegen.core.destinations import AllowList, Refused, check_destination
+from imagegen.core.lifecycle import Admission, AsyncSubmitter, Lifecycle, queue_position
+from imagegen.core.logs import request_id
+from imagegen.core.settings import Settings
+from imagegen.core.store import JobStore
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 # How long a submit waits for a webhook host's name to resolve before letting it through.

@@ -16,7 +16,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
 from tests.stack import Gateway, start_gateway, start_worker, wait_for_worker
 
 

@@ -32,8 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builtin_model import MODEL_DIR
-from imagegen.contract import ControlRef, InputRef, JobSpec, LoraRef
-from imagegen.settings import Settings
+from imagegen.core.contract import ControlRef, InputRef, JobSpec, LoraRef
+from imagegen.core.settings import Settings
 
 
 def best(fn: Any, runs: int, cuda: bool) -> float:

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagegen.contract import JobSpec
-from imagegen.settings import Settings
-from worker.batch_loop import BatchItem, BatchResult, run_batch, supports_batching
+from imagegen.core.contract import JobSpec
+from imagegen.core.settings import Settings
+from worker.batch_loop import BatchItem, BatchResult, run_batch
+from worker.families import supports_batching
 from worker.pipeline import LoadedModel, load_model
 from worker.schedulers import build_scheduler
 
@@ -120,7 +121,7 @@ def main() -> None:
         if source is None and args.sd_shaped:
             source = str(build_sd_shaped(Path(tmp) / "sd-shaped"))
         elif source is None:
-            from worker.tiny_model import save_tiny_pipeline
+            from builtin_model.tiny import save_tiny_pipeline
 
             source = str(save_tiny_pipeline(Path(tmp) / "tiny"))
         model = load_model(Settings(model=source, device=args.device, dtype=args.dtype))

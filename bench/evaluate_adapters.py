@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builtin_model import MODEL_DIR, adapter_data, card, data
 from builtin_model.score import ATTRIBUTES, read_image
-from imagegen.contract import ControlRef, InputRef, JobSpec, LoraRef
-from imagegen.settings import Settings
+from imagegen.core.contract import ControlRef, InputRef, JobSpec, LoraRef
+from imagegen.core.settings import Settings
 
 VALIDATION_SEED = 4321  # --validation's training scenes (held-out combinations excluded)
 TARGETS = {"hollow_with": 0.90, "hollow_without": 0.05, "control": 0.90, "colors": 0.85}

@@ -68,8 +68,8 @@ def service_latency(runs: int, steps: int, guidance_scale: float) -> float:
 
 
 def edits_card(scores: object, scenes: int) -> str:
-    """The model card's "Images in" section from `builtin_model.edit_score` results."""
-    from builtin_model.edit_score import EditScores
+    """The model card's "Images in" section from `edit_score` results."""
+    from edit_score import EditScores
 
     assert isinstance(scores, EditScores)
     return f"""## Images in: image-to-image, inpainting, outpainting
@@ -78,7 +78,7 @@ Scored by `python bench/evaluate_builtin.py --edits` on the {scenes} held-out sc
 through the worker's own path (the batch loop, then the exact composite of kept pixels), at
 the served defaults. The UNet is the 4-channel text-to-image one: inpainting and outpainting
 blend latents as diffusers' `StableDiffusionInpaintPipeline` does with such a UNet (no
-9-channel variant was trained: blending meets every target). See `builtin_model/edit_score.py`
+9-channel variant was trained: blending meets every target). See `bench/edit_score.py`
 for each test.
 
 {scores.table()}
@@ -119,7 +119,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.edits:
-        from builtin_model.edit_score import evaluate_edits
+        from edit_score import evaluate_edits
 
         edit_scenes = list(data.held_out_scenes())[: args.limit]
         started = time.perf_counter()

@@ -27,8 +27,8 @@ from _service import now
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imagegen.contract import Keys
-from imagegen.redis_server import RedisServer, free_port
+from imagegen.cli.redis_server import RedisServer, free_port
+from imagegen.core.contract import Keys
 from tests.stack import start_gateway
 
 MINIMAL_APP = textwrap.dedent(

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from builtin_model import MODEL_DIR
-from imagegen.contract import JobSpec
-from imagegen.settings import Settings
+from imagegen.core.contract import JobSpec
+from imagegen.core.settings import Settings
 from worker.batch_loop import BatchItem
 from worker.models import ModelManager
 

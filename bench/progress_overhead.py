@@ -18,10 +18,10 @@ from pathlib import Path
 
 import redis
 
-from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
-from imagegen.lifecycle import Claimed, Lifecycle
-from imagegen.redis_server import RedisServer
-from imagegen.settings import Settings
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.contract import JobRecord, JobSpec, JobStatus, Keys
+from imagegen.core.lifecycle import Claimed, Lifecycle
+from imagegen.core.settings import Settings
 from worker.batch_loop import BatchItem, run_batch
 from worker.inference import Inference
 from worker.pipeline import load_model

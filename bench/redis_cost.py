@@ -33,10 +33,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
-from imagegen.lifecycle import Lifecycle
-from imagegen.redis_server import RedisServer
-from imagegen.store import JobStore
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.contract import JobRecord, JobSpec, JobStatus, Keys
+from imagegen.core.lifecycle import Lifecycle
+from imagegen.core.store import JobStore
 
 MODEL = "null"
 TERMINAL = (b"succeeded", b"failed", b"canceled")
@@ -163,7 +163,7 @@ class NullInference:
 def _null_worker(url: str, name: str, stop: Any) -> None:
     import torch
 
-    from imagegen.settings import Settings
+    from imagegen.core.settings import Settings
     from worker.loop import WorkLoop
     from worker.metrics import WorkerMetrics
     from worker.runner import JobRunner

@@ -27,8 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imagegen.contract import Keys, ModelInfo
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.contract import Keys, ModelInfo
 from tests.stack import start_gateway
 
 MODEL = "bench-refusal"

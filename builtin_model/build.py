@@ -142,10 +142,13 @@ def build_scheduler() -> DPMSolverMultistepScheduler:
 
 
 def make_scheduler(name: str, config: Any) -> Any:
-    """The scheduler the worker builds for ``name`` (its own table, so the two cannot drift)."""
-    from worker.schedulers import build_scheduler
+    """The scheduler the worker builds for ``name``: both read the one table in the contract."""
+    import diffusers
 
-    return build_scheduler(name, config)
+    from imagegen.core.contract import SCHEDULERS
+
+    class_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(config, **extra)
 
 
 def _known(cls: type, config: dict[str, Any]) -> dict[str, Any]:

@@ -1,3 +1,4 @@
-"""imagegen: shared contract, settings and command line of the image-generation service."""
+"""imagegen: an HTTP image-generation service. `imagegen.core` is what the gateway (`app`) and
+the worker (`worker`) share; `imagegen.cli` is the command line that puts them together."""
 
 __version__ = "0.1.0"

@@ -1,3 +1,3 @@
-from imagegen.cli import main
+from imagegen.cli.main import main
 
 main()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from imagegen.contract import Keys
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.contract import Keys
 from tests.stack import Gateway, Proc, start_gateway, start_worker, wait_for_worker
 
 TINY_MODEL_ID = "tiny"
@@ -54,7 +54,7 @@ def clean_redis(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny_model import save_tiny_pipeline
+    from builtin_model.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny")
 

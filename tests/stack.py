@@ -22,8 +22,8 @@ from typing import Protocol
 import httpx
 import redis
 
-from imagegen.contract import JobSpec, Keys, ModelInfo, WorkerHeartbeat
-from imagegen.redis_server import free_port
+from imagegen.cli.redis_server import free_port
+from imagegen.core.contract import JobSpec, Keys, ModelInfo, WorkerHeartbeat
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def start_process(args: list[str], env: Mapping[str, str], log_path: Path) -> Pr
 # The server imports and runs nothing else: no thread, Python's or torch's intra-op pool, is in
 # it to be lost by a fork (tests/test_forked_workers.py checks). Tests about the process start
 # itself (signals while starting, the session's built-in-model worker) keep the real command.
-WORKER_MODULES = ["imagegen.cli", "worker.main", "tests.stack"]
+WORKER_MODULES = ["imagegen.cli.main", "worker.main", "tests.stack"]
 # TESTS_FORK_WORKERS=0: every worker by the real command (to compare, or to rule forking out).
 FORK_WORKERS = os.environ.get("TESTS_FORK_WORKERS", "1") != "0"
 # One reader at a time of a forked child's exit status: the fork server sends it once, down a
@@ -181,7 +181,7 @@ def _run_forked(target: Callable[[], None], env: dict[str, str], log_path: str) 
 
 def _worker_main() -> None:
     """What `python -m imagegen worker` runs (imagegen/__main__.py)."""
-    from imagegen.cli import main
+    from imagegen.cli.main import main
 
     sys.argv = [str(ROOT / "imagegen" / "__main__.py"), "worker"]
     main()

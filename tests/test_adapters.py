@@ -17,15 +17,15 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from imagegen.contract import ControlRef, InputRef, JobSpec, LoraRef
-from imagegen.settings import Settings
+from builtin_model.tiny import save_misfit_lora, save_tiny_adapters
+from imagegen.core.contract import ControlRef, InputRef, JobSpec, LoraRef
+from imagegen.core.settings import Settings
 from tests.stack import batch_job
 from worker.adapters import AdapterError
 from worker.batch_loop import BatchItem, run_batch
 from worker.inference import Inference
 from worker.pipeline import LoadedModel, load_model
 from worker.schedulers import build_scheduler
-from worker.tiny_model import save_misfit_lora, save_tiny_adapters
 
 
 @pytest.fixture(scope="module")

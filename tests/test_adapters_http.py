@@ -16,8 +16,8 @@ import pytest
 import redis
 from PIL import Image
 
-from imagegen.contract import Keys
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.contract import Keys
 from tests.stack import Gateway, Proc, start_worker, wait_for_job, wait_for_worker
 
 MODEL = "tiny-adapters"
@@ -31,7 +31,7 @@ def adapter_worker(
     tiny_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Proc]:
-    from worker.tiny_model import save_tiny_adapters
+    from builtin_model.tiny import save_tiny_adapters
 
     directory = tmp_path_factory.mktemp("adapters-http") / "tiny"
     shutil.copytree(tiny_model_dir, directory)

@@ -11,11 +11,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 
-from imagegen.contract import SCHEDULER_NAMES, JobSpec
-from imagegen.settings import Settings
+from imagegen.core.contract import SCHEDULER_NAMES, JobSpec
+from imagegen.core.settings import Settings
 from tests.stack import batch_job
-from worker.batch_loop import BatchItem, BatchResult, run_batch, supports_batching
+from worker.batch_loop import BatchItem, BatchResult, run_batch
 from worker.errors import JobStopped, JobTimedOut
+from worker.families import supports_batching
 from worker.inference import Inference
 from worker.pipeline import LoadedModel, load_model
 from worker.schedulers import build_scheduler

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from imagegen.contract import JobSpec
-from imagegen.settings import Settings
+from builtin_model.tiny import save_tiny_sdxl_pipeline
+from imagegen.core.contract import JobSpec
+from imagegen.core.settings import Settings
 from tests.test_batch import assert_identical, pixels
-from worker.batch_loop import BatchItem, run_batch, supports_batching
+from worker.batch_loop import BatchItem, run_batch
+from worker.families import supports_batching
 from worker.inference import Inference
 from worker.pipeline import LoadedModel, load_model
 from worker.schedulers import build_scheduler
-from worker.tiny_model import save_tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")

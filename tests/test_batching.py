@@ -13,9 +13,9 @@ import httpx
 import pytest
 import redis
 
-from imagegen.contract import JobRecord, JobStatus, Keys
-from imagegen.lifecycle import Lifecycle
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.contract import JobRecord, JobStatus, Keys
+from imagegen.core.lifecycle import Lifecycle
 from tests.stack import (
     Gateway,
     Proc,

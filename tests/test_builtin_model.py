@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from builtin_model import MODEL_DIR, build, data, score
-from imagegen.contract import SCHEDULER_NAMES
+from imagegen.core.contract import SCHEDULER_NAMES
 
 MAX_WEIGHT_BYTES = 30 * 10**6  # the pipeline itself
 MAX_ADAPTER_BYTES = 15 * 10**6  # its LoRAs and ControlNets together (issue 17)
@@ -266,7 +266,7 @@ def test_phrasing_refine_of_the_shipped_model_loads_and_draws(tmp_path: Path) ->
     """`--profile phrasing --init-from` the shipped (already grown) model: nothing to add; the
     result loads with the worker's loader and draws from a user prompt."""
     from builtin_model import train
-    from imagegen.settings import Settings
+    from imagegen.core.settings import Settings
     from worker.pipeline import load_model
 
     out = tmp_path / "phrasing"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from imagegen.cli_generate import output_paths
+from imagegen.cli.generate import output_paths
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import ROOT, Gateway, wait_for_job
 

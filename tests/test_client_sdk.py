@@ -42,7 +42,7 @@ from imagegen_client import (
     WaitTimeout,
 )
 
-from imagegen.redis_server import RedisServer, free_port
+from imagegen.cli.redis_server import RedisServer, free_port
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import Gateway, start_gateway
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from imagegen.cli import app
+from imagegen.cli.main import app
 from tests.stack import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"

@@ -4,7 +4,7 @@ stays a short front page that maps the site (`make test` builds the site with `m
 
 from __future__ import annotations
 
-from imagegen.settings import Settings, markdown_table
+from imagegen.core.settings import Settings, markdown_table
 from tests.stack import ROOT
 
 

@@ -17,7 +17,7 @@ import typer
 from imagegen_client import AsyncClient, Client
 from PIL import Image
 
-from imagegen.cli_edit import parse_outpaint
+from imagegen.cli.edit import parse_outpaint
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import ROOT, Gateway
 

@@ -14,8 +14,8 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 from PIL import Image
 
-from imagegen.contract import SCHEDULER_NAMES, InputRef, JobSpec, Outpaint
-from imagegen.settings import Settings
+from imagegen.core.contract import SCHEDULER_NAMES, InputRef, JobSpec, Outpaint
+from imagegen.core.settings import Settings
 from tests.stack import batch_job
 from worker import edits
 from worker.batch_loop import BatchItem, BatchResult, run_batch

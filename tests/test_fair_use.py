@@ -18,10 +18,10 @@ import pytest
 import redis
 from imagegen_client import Client, QuotaExceeded
 
-from imagegen.contract import Keys, ModelInfo, WorkerHeartbeat, utc_day
-from imagegen.keys import parse_entries
-from imagegen.lifecycle import Lifecycle
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.api_keys import parse_entries
+from imagegen.core.contract import Keys, ModelInfo, WorkerHeartbeat, utc_day
+from imagegen.core.lifecycle import Lifecycle
 from tests.stack import ROOT, Gateway, announce_idle_model, start_gateway
 
 MODEL = "idle"

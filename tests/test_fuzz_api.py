@@ -48,8 +48,8 @@ from schemathesis.checks import (
 
 from app.main import EVENT_SCHEMA, create_app
 from app.registry import ModelRegistry
-from imagegen.contract import SCHEDULER_MIN_STEPS, SCHEDULER_NAMES, SEED_MAX
-from imagegen.settings import Settings
+from imagegen.core.contract import SCHEDULER_MIN_STEPS, SCHEDULER_NAMES, SEED_MAX
+from imagegen.core.settings import Settings
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import Gateway, wait_for_job
 

@@ -30,11 +30,12 @@ import redis
 from PIL import Image
 
 from app.delivery import Deliverer
-from imagegen.contract import Keys, ModelInfo
-from imagegen.lifecycle import WebhookTask
-from imagegen.redis_server import RedisServer, free_port
-from imagegen.settings import Settings
-from imagegen.webhooks import AllowList, IPAddress, Refused, Secrets, check_destination
+from imagegen.cli.redis_server import RedisServer, free_port
+from imagegen.core.contract import Keys, ModelInfo
+from imagegen.core.destinations import AllowList, IPAddress, Refused, check_destination
+from imagegen.core.lifecycle import WebhookTask
+from imagegen.core.settings import Settings
+from imagegen.core.webhooks import Secrets
 from tests.stack import Gateway, start_gateway
 
 KEY, OTHER = "ig_hardening_key_0123456789", "ig_hardening_other_987654321"

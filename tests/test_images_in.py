@@ -22,7 +22,7 @@ from PIL import Image
 
 from app import images_in
 from app.errors import InvalidRequest
-from imagegen.contract import Keys
+from imagegen.core.contract import Keys
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import Gateway, wait_for_job
 
@@ -301,9 +301,9 @@ def test_a_canceled_edit_job_expires_its_inputs(stack: Gateway, redis_conn: redi
 def test_the_lifecycle_writes_inputs_with_the_job_and_expires_them_with_it(
     redis_conn: redis.Redis,
 ) -> None:
-    from imagegen.contract import InputRef, JobRecord, JobSpec, JobStatus
-    from imagegen.lifecycle import Lifecycle
-    from imagegen.store import JobStore
+    from imagegen.core.contract import InputRef, JobRecord, JobSpec, JobStatus
+    from imagegen.core.lifecycle import Lifecycle
+    from imagegen.core.store import JobStore
 
     ref = InputRef(sha256="a" * 64, width=64, height=64)
     spec = JobSpec(

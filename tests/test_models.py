@@ -19,10 +19,11 @@ import redis
 import torch
 from PIL import Image
 
-from imagegen.contract import JobRecord, JobSpec, JobStatus, Keys
-from imagegen.lifecycle import Lifecycle
-from imagegen.redis_server import RedisServer, free_port
-from imagegen.settings import Settings
+from builtin_model.tiny import save_tiny_pipeline
+from imagegen.cli.redis_server import RedisServer, free_port
+from imagegen.core.contract import JobRecord, JobSpec, JobStatus, Keys
+from imagegen.core.lifecycle import Lifecycle
+from imagegen.core.settings import Settings
 from tests.stack import (
     Gateway,
     Proc,
@@ -40,7 +41,6 @@ from worker.pipeline import load_model
 from worker.routing import WarmthRouter
 from worker.runner import JobRunner
 from worker.state import WorkerState
-from worker.tiny_model import save_tiny_pipeline
 
 # -- the list and the manager --------------------------------------------------------------------
 
@@ -372,7 +372,7 @@ def test_the_worker_announces_its_budget_and_loaded_set(
     multi: tuple[Gateway, Proc, redis.Redis],
 ) -> None:
     _, _, connection = multi
-    from imagegen.contract import WorkerHeartbeat
+    from imagegen.core.contract import WorkerHeartbeat
 
     def read_beat() -> WorkerHeartbeat:
         return WorkerHeartbeat.model_validate_json(connection.get(Keys.worker("multi")))  # type: ignore[arg-type]
@@ -410,7 +410,7 @@ def test_a_request_past_a_models_own_caps_is_a_422_naming_the_field_and_cap() ->
     from app.schemas import GenerationRequest
     from app.service import GenerationService
     from builtin_model import MODEL_DIR
-    from imagegen.contract import SCHEDULER_NAMES, ModelInfo
+    from imagegen.core.contract import SCHEDULER_NAMES, ModelInfo
 
     card = json.loads((MODEL_DIR / "imagegen.json").read_text())
     info = ModelInfo(
@@ -479,12 +479,12 @@ def test_every_family_runs_through_the_manager_as_the_stock_pipeline_does(
     its VAE upcast to fp32 for the decode in fp16; few-step: the guidance embedding)."""
     from diffusers import AutoPipelineForText2Image
 
-    from worker.batch_loop import BatchItem
-    from worker.tiny_model import (
+    from builtin_model.tiny import (
         save_tiny_fewstep_pipeline,
         save_tiny_pipeline,
         save_tiny_sdxl_pipeline,
     )
+    from worker.batch_loop import BatchItem
 
     save = {
         "sd": save_tiny_pipeline,
@@ -539,7 +539,7 @@ class _Unloadable(_Models):
 def test_a_model_this_worker_cannot_load_is_left_to_a_worker_that_can(
     redis_conn: redis.Redis,
 ) -> None:
-    from imagegen.contract import ModelInfo, ServedModel, WorkerHeartbeat
+    from imagegen.core.contract import ModelInfo, ServedModel, WorkerHeartbeat
 
     gone = f"gone-{secrets.token_hex(3)}"
     now = [time.time()]
@@ -569,7 +569,7 @@ def test_a_model_this_worker_cannot_load_is_left_to_a_worker_that_can(
 
 
 def test_prefetch_covers_every_model_of_the_list(two_models: tuple[Path, Path]) -> None:
-    from worker.pipeline import prefetch_model
+    from worker.prefetch import prefetch_model
 
     a, b = two_models
     said = prefetch_model(Settings(models=f"a={a},{b}"))

@@ -26,9 +26,9 @@ from PIL import Image
 
 from app.routes.openai_images import job_failure
 from app.schemas import ErrorInfo, GenerationParams, JobDocument, Progress, Timings
-from imagegen.contract import JOB_ID_RE, JobRecord, Keys
-from imagegen.redis_server import RedisServer
-from imagegen.store import JobStore
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.contract import JOB_ID_RE, JobRecord, Keys
+from imagegen.core.store import JobStore
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import Gateway, start_gateway, wait_for_job
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imagegen.contract import SCHEDULER_NAMES, JobSpec
-from imagegen.settings import Settings
+from imagegen.core.contract import SCHEDULER_NAMES, JobSpec
+from imagegen.core.settings import Settings
 from worker.pipeline import load_model
 from worker.png import encode_png, png_parameters
-from worker.schedulers import SCHEDULERS, build_scheduler, name_of
+from worker.schedulers import build_scheduler, name_of, scheduler_class
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_every_scheduler_name_builds_a_fresh_scheduler(tiny) -> None:  # type: i
         first = build_scheduler(name, tiny.scheduler_config)
         second = build_scheduler(name, tiny.scheduler_config)
         assert first is not second
-        assert type(first) is SCHEDULERS[name][0]
+        assert type(first) is scheduler_class(name)[0]
         assert name_of(first) == name
 
 

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from imagegen.contract import JobRecord, JobSpec, JobStatus
-from imagegen.lifecycle import Claimed, Lifecycle
-from imagegen.settings import Settings
+from builtin_model.tiny import save_tiny_sdxl_pipeline
+from imagegen.core.contract import JobRecord, JobSpec, JobStatus
+from imagegen.core.lifecycle import Claimed, Lifecycle
+from imagegen.core.settings import Settings
 from tests.stack import job_spec
 from worker.batch_loop import BatchItem
 from worker.inference import Inference
 from worker.pipeline import LoadedModel, load_model
 from worker.progress import ProgressReporter
 from worker.schedulers import build_scheduler
-from worker.tiny_model import save_tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_an_empty_negative_prompt_reaches_sdxl_as_zeros(sdxl: LoadedModel) -> No
 def test_the_stock_path_decodes_one_image_at_a_time(tmp_path: Path) -> None:
     # SDXL runs in the batch loop (one image per decode call while its VAE is upcast); a
     # pipeline the loop does not run, such as a few-step guidance-embedding one, is stock.
-    from worker.tiny_model import save_tiny_fewstep_pipeline
+    from builtin_model.tiny import save_tiny_fewstep_pipeline
 
     path = save_tiny_fewstep_pipeline(tmp_path / "fewstep")
     model = load_model(Settings(model=str(path), device="cpu"))

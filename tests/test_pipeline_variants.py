@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagegen.settings import Settings
+from builtin_model.tiny import build_tiny_pipeline, save_tiny_pipeline
+from imagegen.core.settings import Settings
 from worker.pipeline import has_fp16_variant, load_model, weights_variant
-from worker.tiny_model import build_tiny_pipeline, save_tiny_pipeline
 
 
 def _save_fp16_variant(directory: Path, seed: int) -> Path:

@@ -32,7 +32,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
 from tests.stack import ROOT, Gateway, Proc, start_gateway, wait_for_job
 
 KEY = "ig_playground_key_0123456789abcdef"

@@ -16,8 +16,8 @@ import torch
 from imagegen_client import Client
 from PIL import Image
 
-from imagegen.contract import Keys
-from imagegen.settings import Settings
+from imagegen.core.contract import Keys
+from imagegen.core.settings import Settings
 from tests.stack import ROOT, Gateway, parse_sse, wait_for_job
 from worker.pipeline import load_model
 from worker.previews import LatentProjection, estimate_x0, scale_latents

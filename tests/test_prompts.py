@@ -15,10 +15,10 @@ import redis
 from PIL import Image
 
 from builtin_model import MODEL_DIR, data
-from imagegen import prompts
-from imagegen.contract import JOB_ID_PREFIX, JobRecord, JobStatus, Keys
-from imagegen.lifecycle import Lifecycle
-from imagegen.settings import Settings
+from imagegen.core import prompts
+from imagegen.core.contract import JOB_ID_PREFIX, JobRecord, JobStatus, Keys
+from imagegen.core.lifecycle import Lifecycle
+from imagegen.core.settings import Settings
 from tests.stack import Gateway, Proc, job_spec, wait_for_job
 from worker.batch_loop import BatchItem, run_batch
 from worker.pipeline import LoadedModel, load_model

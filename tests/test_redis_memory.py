@@ -9,7 +9,7 @@ import httpx
 import pytest
 import redis
 
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
 from tests.stack import Gateway, announce_idle_model, start_gateway
 
 MODEL = "guarded"

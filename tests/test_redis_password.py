@@ -11,9 +11,9 @@ import redis
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from imagegen.cli import app
-from imagegen.redis_server import RedisServer
-from imagegen.settings import Settings
+from imagegen.cli.main import app
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.settings import Settings
 from tests.stack import start_gateway, start_worker, wait_for_job, wait_for_worker
 
 # `/` and `#` end a URL's authority, `+` and `=` are harmless: redis-py cannot read the first

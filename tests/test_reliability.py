@@ -19,8 +19,8 @@ import httpx
 import pytest
 import redis
 
-from imagegen.contract import Keys
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.contract import Keys
 from tests.stack import (
     FAST_RECOVERY,
     Proc,

@@ -26,10 +26,10 @@ from app.errors import InvalidRequest, Unavailable
 from app.registry import ModelRegistry
 from app.schemas import GenerationRequest
 from app.service import GenerationService
-from imagegen.contract import SCHEDULER_NAMES, SEED_MAX, JobSpec, Keys, ModelInfo
-from imagegen.redis_server import RedisServer
-from imagegen.settings import Settings
-from imagegen.store import JobStore
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.contract import SCHEDULER_NAMES, SEED_MAX, JobSpec, Keys, ModelInfo
+from imagegen.core.settings import Settings
+from imagegen.core.store import JobStore
 
 # Derandomized and bounded: the same examples on every run, the whole module in seconds.
 PROPERTY = settings(max_examples=200, derandomize=True, deadline=None)

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import redis
 
-from imagegen.contract import Keys
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.contract import Keys
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import Gateway, Proc, announce_idle_model, start_gateway, wait_for_job
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from app.events import Frame, Listener, format_frame
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
 from tests.stack import Gateway, announce_idle_model, parse_sse, start_gateway
 
 MODEL = "idle-streams"

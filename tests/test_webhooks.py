@@ -22,8 +22,8 @@ import redis
 import standardwebhooks
 from imagegen_client import WebhookVerificationError, verify_webhook
 
-from imagegen.contract import Keys
-from imagegen.redis_server import RedisServer, free_port
+from imagegen.cli.redis_server import RedisServer, free_port
+from imagegen.core.contract import Keys
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import (
     Gateway,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.redis_server import RedisServer
+from imagegen.cli.redis_server import RedisServer
 from tests.stack import Proc, start_worker
 
 
@@ -56,7 +56,7 @@ def test_a_stop_signal_swallowed_by_the_model_load_still_ends_the_start(
     error, not as the handler's SystemExit (seen under load: the worker then served on). The
     start-up still ends, status 0. The load is replaced here by one that does what that race
     does, since a test cannot aim a signal inside the native read."""
-    from imagegen.settings import Settings
+    from imagegen.core.settings import Settings
     from worker import main as worker_main
     from worker.models import ModelManager, ModelUnavailable
 

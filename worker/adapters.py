@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from imagegen.contract import AdapterInfo, LoraRef
+from imagegen.core.contract import AdapterInfo, LoraRef
 
 log = logging.getLogger("imagegen.worker")
 

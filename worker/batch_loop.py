@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from imagegen.contract import JobSpec
+from imagegen.core.contract import JobSpec
 from worker.pipeline import LoadedModel
 from worker.previews import estimate_x0
 from worker.prompts import Prepared, pad_pair
@@ -70,18 +70,6 @@ class BatchItem:
 
 
 BatchResult = list[Image.Image] | Exception
-
-
-def supports_batching(pipe: Any) -> bool:
-    """Whether `run_batch` can run this pipeline; other pipelines run job by job."""
-    # Exactly the SD 1.x/2.x or SDXL pipeline: a subclass may change __call__, and a
-    # guidance-distilled UNet (time_cond_proj_dim) takes guidance as an embedding instead of
-    # a second half.
-    if pipe.unet.config.time_cond_proj_dim is not None:
-        return False
-    if type(pipe) is StableDiffusionXLPipeline:
-        return bool(pipe.unet.config.addition_embed_type == "text_time")
-    return type(pipe) is StableDiffusionPipeline
 
 
 def run_batch(

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from PIL import Image
 
-from imagegen.contract import JobSpec, Keys
+from imagegen.core.contract import JobSpec, Keys
 
 
 class InputMissing(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 import torch
 
-from imagegen.contract import ErrorCode
+from imagegen.core.contract import ErrorCode
 from worker.prompts import PromptTooLong
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from imagegen.contract import JobSpec
+from imagegen.core.contract import JobSpec
 
 PREFIX = "__fault__:"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from imagegen.contract import Keys, ModelInfo, WorkerHeartbeat
+from imagegen.core.contract import Keys, ModelInfo, WorkerHeartbeat
 from worker.pipeline import TOKENIZERS
 
 log = logging.getLogger("imagegen.worker")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from imagegen.contract import JobSpec
+from imagegen.core.contract import JobSpec
 from worker import edits
 from worker.batch_loop import (
     BatchItem,
@@ -19,8 +19,8 @@ from worker.batch_loop import (
     PreviewHook,
     StepCallback,
     run_batch,
-    supports_batching,
 )
+from worker.families import supports_batching
 from worker.pipeline import LoadedModel
 from worker.previews import fit_projection
 from worker.schedulers import build_scheduler

@@ -17,8 +17,8 @@ from types import FrameType
 
 import redis
 
-from imagegen.contract import ErrorCode, Keys
-from imagegen.lifecycle import Claimed, Lifecycle
+from imagegen.core.contract import ErrorCode, Keys
+from imagegen.core.lifecycle import Claimed, Lifecycle
 from worker.faults import CrashPoint
 from worker.routing import WarmthRouter
 from worker.runner import JobRunner

@@ -16,10 +16,10 @@ from typing import cast
 import redis
 
 from imagegen import __version__
-from imagegen.contract import ErrorCode, WorkerHeartbeat
-from imagegen.lifecycle import Lifecycle
-from imagegen.logs import configure_logging
-from imagegen.settings import Settings
+from imagegen.core.contract import ErrorCode, WorkerHeartbeat
+from imagegen.core.lifecycle import Lifecycle
+from imagegen.core.logs import configure_logging
+from imagegen.core.settings import Settings
 from worker.adapters import AdapterError
 from worker.faults import CrashPoint
 from worker.heartbeat import Heartbeat

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from imagegen.contract import ServedModel
+from imagegen.core.contract import ServedModel
 
 
 class WorkerMetrics:

@@ -29,18 +29,18 @@ from typing import Any, NoReturn
 
 import torch
 
-from imagegen.contract import ModelInfo, ServedModel
-from imagegen.settings import Settings
+from imagegen.core.contract import ModelInfo, ServedModel
+from imagegen.core.settings import Settings
 from worker.adapters import AdapterError, adapter_cards
 from worker.inference import Inference
 from worker.pipeline import (
     FP16_VARIANT,
     LoadedModel,
-    _read_card,
     free_gpu_gib,
     load_model,
     model_id_for,
     model_info,
+    read_card,
     resolve_device,
     resolve_dtype,
     tokenizer_of,
@@ -259,7 +259,7 @@ class ModelManager:
         """The model's announced info from its configs alone; a model whose configs cannot be
         read is listed unavailable (never a crash), one of another family is refused."""
         source = src.source
-        card = _read_card(source) if Path(source).is_dir() else {}
+        card = read_card(source) if Path(source).is_dir() else {}
         model_id = model_id_for(source, self.settings, card, src.model_id)
         try:
             index = _json(source, "model_index.json")

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from diffusers import AutoPipelineForText2Image
 
-from imagegen.contract import SCHEDULER_NAMES, AdapterInfo, ModelInfo
-from imagegen.settings import Settings
+from imagegen.core.contract import SCHEDULER_NAMES, AdapterInfo, ModelInfo
+from imagegen.core.settings import Settings
 from worker.adapters import Adapters, load_adapters
+from worker.families import supports_batching
 from worker.prompts import PromptEncoder
 from worker.schedulers import name_of
 
@@ -80,7 +81,7 @@ def _toggle(setting: str, short_of_memory: bool) -> bool:
     return setting == "on" or (setting == "auto" and short_of_memory)
 
 
-def _read_card(source: str) -> dict[str, Any]:
+def read_card(source: str) -> dict[str, Any]:
     card = Path(source) / "imagegen.json"
     if card.is_file():
         data: dict[str, Any] = json.loads(card.read_text())
@@ -141,7 +142,7 @@ def prompt_fields(settings: Settings, tokenizer: Any) -> dict[str, Any]:
     """`max_prompt_tokens`, `prompt_weighting` and `tokenizer` of a model's announcement."""
     if tokenizer is None:
         return {}
-    from imagegen.prompts import max_prompt_tokens
+    from imagegen.core.prompts import max_prompt_tokens
 
     window = int(tokenizer.model_max_length)
     fields: dict[str, Any] = {
@@ -236,35 +237,6 @@ def _model_files(source: str) -> list[str]:
         return list_repo_files(source)
 
 
-def prefetch_model(settings: Settings) -> str:
-    """Download the configured hub model(s) into the Hugging Face cache; returns what it did.
-
-    Compose runs this once before the workers start, so that the workers can run with
-    HF_HUB_OFFLINE=1 and several of them never race to download the same files. Where the
-    weights will be fp16 (IMAGEGEN_DTYPE float16, or auto: the workers are meant for GPUs)
-    and the repository has the fp16 variant, only that is fetched: half the bytes. With
-    IMAGEGEN_MODELS, every hub id of the list is fetched.
-    """
-    if settings.models:
-        from worker.models import parse_models
-
-        sources = [m.source for m in parse_models(settings.models)]
-        return "; ".join(_prefetch(source, settings) for source in sources)
-    return _prefetch(settings.model, settings)
-
-
-def _prefetch(source: str | None, settings: Settings) -> str:
-    if not source or Path(source).is_dir():
-        return f"nothing to fetch: {source or 'the built-in model'} is on disk"
-    from diffusers import DiffusionPipeline
-    from huggingface_hub import list_repo_files
-
-    fp16 = settings.dtype in ("auto", "float16")
-    variant = FP16_VARIANT if fp16 and has_fp16_variant(list_repo_files(source)) else None
-    path = DiffusionPipeline.download(source, variant=variant)
-    return f"{source} ({variant or 'default'} weights) is in the cache at {path}"
-
-
 def load_model(
     settings: Settings,
     source: str | None = None,
@@ -299,8 +271,6 @@ def load_model(
     # Otherwise attention uses torch's scaled_dot_product_attention, diffusers' default.
     # Adapters before the speed-ups: a LoRA targets the unfused projections, and a compiled
     # UNet must already hold every adapter (padded to one rank: switching never recompiles).
-    from worker.batch_loop import supports_batching
-
     adapters = load_adapters(
         pipe,
         Path(source) if Path(source).is_dir() else None,
@@ -317,7 +287,7 @@ def load_model(
         settings = settings.model_copy(update={"fuse_qkv": False})
     _speed_up(pipe, settings)
 
-    card = _read_card(source)
+    card = read_card(source)
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
     sample_size = pipe.unet.config.sample_size
     native = int(sample_size if isinstance(sample_size, int) else sample_size[0]) * vae_scale

@@ -10,7 +10,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from imagegen import __version__
-from imagegen.contract import JobSpec
+from imagegen.core.contract import JobSpec
 
 
 def encode_png(image: Image.Image, parameters: dict[str, Any]) -> bytes:

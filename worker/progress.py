@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from imagegen.contract import JobStatus
-from imagegen.lifecycle import Claimed, Lifecycle
+from imagegen.core.contract import JobStatus
+from imagegen.core.lifecycle import Claimed, Lifecycle
 from worker import faults
 from worker.errors import JobStopped, JobTimedOut
 from worker.previews import LatentProjection

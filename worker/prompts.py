@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from imagegen import prompts
-from imagegen.contract import JobSpec
+from imagegen.core import prompts
+from imagegen.core.contract import JobSpec
 
 
 class PromptTooLong(ValueError):

@@ -17,10 +17,10 @@ import time
 
 import redis
 
-from imagegen.contract import ErrorCode, JobRecord, JobStatus, Keys, WorkerHeartbeat
-from imagegen.lifecycle import Lifecycle
-from imagegen.settings import Settings
-from imagegen.store import JobStore
+from imagegen.core.contract import ErrorCode, JobRecord, JobStatus, Keys, WorkerHeartbeat
+from imagegen.core.lifecycle import Lifecycle
+from imagegen.core.settings import Settings
+from imagegen.core.store import JobStore
 
 log = logging.getLogger("imagegen.worker")
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import redis
 
-from imagegen.contract import Keys, WorkerHeartbeat
-from imagegen.lifecycle import Lifecycle
-from imagegen.settings import Settings
+from imagegen.core.contract import Keys, WorkerHeartbeat
+from imagegen.core.lifecycle import Lifecycle
+from imagegen.core.settings import Settings
 from worker.models import ModelManager, ModelUnavailable
 
 log = logging.getLogger("imagegen.worker")

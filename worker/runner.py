@@ -21,10 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from imagegen.contract import ErrorCode, ImageInfo
-from imagegen.lifecycle import Claimed, Lifecycle
-from imagegen.logs import request_id
-from imagegen.settings import Settings
+from imagegen.core.contract import ErrorCode, ImageInfo
+from imagegen.core.lifecycle import Claimed, Lifecycle
+from imagegen.core.logs import request_id
+from imagegen.core.settings import Settings
 from worker import edits, faults
 from worker.batch_loop import BatchItem, BatchResult
 from worker.errors import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from imagegen.lifecycle import Claimed
+from imagegen.core.lifecycle import Claimed
 
 
 @dataclass

@@ -14,8 +14,8 @@ from app.errors import TooManyStreams
 from app.events import EventHub, ReservedStream, sse_stream
 from app.images_in import limit_body_without_images
 from app.schemas import GenerationRequest, JobDocument
-from imagegen.contract import JobRecord
-from imagegen.settings import Settings
+from imagegen.core.contract import JobRecord
+from imagegen.core.settings import Settings
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 

@@ -25,7 +25,7 @@ from app.deps import MemoryDep, ServiceDep
 from app.errors import InvalidRequest
 from app.openai_schemas import OpenAIImageRequest, OpenAIImagesResponse
 from app.routes.openai_images import answer_when_done
-from imagegen.settings import Settings
+from imagegen.core.settings import Settings
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 # `outpaint` is four small integers as JSON ({"left": 64, "right": 64, "top": 64, "bottom": 64}

@@ -34,7 +34,7 @@ from app.openai_schemas import (
 )
 from app.schemas import ErrorInfo, GenerationRequest, JobDocument
 from app.service import GenerationService
-from imagegen.contract import JobSpec, JobStatus
+from imagegen.core.contract import JobSpec, JobStatus
 
 log = logging.getLogger("imagegen.gateway")
 

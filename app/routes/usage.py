@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from app.auth import PrincipalDep
 from app.deps import ServiceDep
 from app.schemas import JobCounts, UsageDocument
-from imagegen.contract import utc_day
+from imagegen.core.contract import utc_day
 
 router = APIRouter(prefix="/v1", tags=["usage"])
 

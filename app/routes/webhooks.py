@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from app.auth import PrincipalDep
 from app.schemas import WebhookSecret
-from imagegen.webhooks import Secrets
+from imagegen.core.webhooks import Secrets
 
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 

@@ -113,8 +113,8 @@ def evaluate_edits(
     from pathlib import Path
 
     from app.images_in import Decoded, prepare
-    from imagegen.contract import InputRef, JobSpec, Outpaint
-    from imagegen.settings import Settings
+    from imagegen.core.contract import InputRef, JobSpec, Outpaint
+    from imagegen.core.settings import Settings
     from worker.batch_loop import BatchItem
     from worker.inference import Inference
     from worker.pipeline import load_model

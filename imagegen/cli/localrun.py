@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from imagegen.redis_server import RedisServer
-from imagegen.settings import Settings
+from imagegen.cli.redis_server import RedisServer
+from imagegen.core.settings import Settings
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -39,10 +39,10 @@ def register(app: typer.Typer) -> None:
         time). Reads Redis at IMAGEGEN_REDIS_URL; names keys, never their secrets."""
         import redis
 
-        from imagegen.cli import load_settings
-        from imagegen.contract import utc_day
-        from imagegen.keys import limits_for, load_entries
-        from imagegen.store import JobStore
+        from imagegen.cli.startup import load_settings
+        from imagegen.core.api_keys import limits_for, load_entries
+        from imagegen.core.contract import utc_day
+        from imagegen.core.store import JobStore
 
         settings = load_settings()
         entries = {entry.name: entry for entry in load_entries(settings)}

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagegen.settings import Settings
+from imagegen.core.settings import Settings
 
 _ENTRY = re.compile(r"^(?P<name>[A-Za-z0-9._-]{1,64}):(?P<digest>[0-9a-f]{64})$")
 _OPTION = re.compile(r"^(?P<option>[a-z_]+)=(?P<value>\S+)$")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import re
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,16 +19,22 @@ JOB_ID_PREFIX = "gen_"
 JOB_ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
 SEED_MAX = 2**32 - 1
 
-# The scheduler names a client may ask for; the worker maps each to a diffusers class.
-SCHEDULER_NAMES: tuple[str, ...] = (
-    "euler",
-    "euler_a",
-    "ddim",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "unipc",
-    "pndm",
-)
+# The scheduler names a client may ask for, each a diffusers scheduler class (by name) and the
+# config it overrides on the pipeline's own: data that the worker and the built-in model's
+# recipes both build from, so the two cannot drift.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+}
+SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 
 # Schedulers that cannot run fewer steps than this (PNDM's Runge-Kutta warm-up takes 4).
 SCHEDULER_MIN_STEPS: dict[str, int] = {"pndm": 4}

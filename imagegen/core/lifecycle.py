@@ -30,7 +30,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from imagegen.contract import (
+from imagegen.core.contract import (
     ImageInfo,
     JobRecord,
     JobStatus,
@@ -38,7 +38,7 @@ from imagegen.contract import (
     WebhookDelivery,
     utc_day,
 )
-from imagegen.store import RUN_SECONDS_BUCKETS, encode_fields, record_from_hash
+from imagegen.core.store import RUN_SECONDS_BUCKETS, encode_fields, record_from_hash
 
 _P = Keys.PREFIX
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from imagegen.cli_generate import common_fields, run_generation
+from imagegen.cli.generate import common_fields, run_generation
 
 SIDES = ("left", "right", "top", "bottom")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from imagegen.contract import (
+from imagegen.core.contract import (
     ImageInfo,
     JobError,
     JobRecord,

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from imagegen.core.destinations import AllowList
+
 Toggle = Literal["auto", "on", "off"]
 
 
@@ -411,8 +413,6 @@ class Settings(BaseSettings):
     @field_validator("webhook_allowed_hosts")
     @classmethod
     def _allow_list(cls, value: str | None) -> str | None:
-        from imagegen.webhooks import AllowList  # it reads Settings: imported when checked
-
         AllowList.parse(value)  # a ValueError names the entry
         return value
 

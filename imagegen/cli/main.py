@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-from imagegen.cli_compose import register as register_compose
-from imagegen.cli_edit import register as register_edit
-from imagegen.cli_generate import register as register_generate
-from imagegen.cli_usage import register as register_usage
-
-if TYPE_CHECKING:
-    from imagegen.settings import Settings
+from imagegen.cli.compose import register as register_compose
+from imagegen.cli.edit import register as register_edit
+from imagegen.cli.generate import register as register_generate
+from imagegen.cli.startup import load_settings
+from imagegen.cli.usage import register as register_usage
 
 app = typer.Typer(help="imagegen: text-to-image over HTTP.", no_args_is_help=True)
-
-
-def load_settings() -> Settings:
-    """The IMAGEGEN_* settings; if one is invalid, a line per problem naming the variable and
-    the rule, then exit status 2 (no traceback; the values are not echoed: some are secrets)."""
-    from pydantic import ValidationError
-
-    from imagegen.settings import Settings
-
-    try:
-        return Settings()
-    except ValidationError as exc:
-        for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"])
-            where = f"IMAGEGEN_{field.upper()}: " if field else ""
-            message = str(error["msg"]).removeprefix("Value error, ")
-            typer.echo(f"invalid setting: {where}{message}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -47,7 +27,7 @@ def serve(
     """Run everything locally: Redis, the gateway on IMAGEGEN_HOST:IMAGEGEN_PORT, the webhook
     delivery process, a worker."""
     settings = load_settings()
-    from imagegen.localrun import serve as run_local
+    from imagegen.cli.localrun import serve as run_local
 
     raise typer.Exit(run_local(settings, data_dir.resolve(), workers))
 
@@ -59,7 +39,7 @@ def api() -> None:
     import uvicorn
 
     from app.http_guard import guarded_protocol
-    from imagegen.logs import configure_logging
+    from imagegen.core.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(
@@ -108,7 +88,7 @@ def webhooks() -> None:
 def prefetch() -> None:
     """Download IMAGEGEN_MODEL (a hub id) into the Hugging Face cache, then exit."""
     settings = load_settings()
-    from worker.pipeline import prefetch_model
+    from worker.prefetch import prefetch_model
 
     typer.echo(prefetch_model(settings))
 
@@ -160,7 +140,7 @@ def settings_table(
     ] = None,
 ) -> None:
     """Print the settings as a Markdown table (or refresh it in the README)."""
-    from imagegen.settings import markdown_table
+    from imagegen.core.settings import markdown_table
 
     table = markdown_table()
     if readme is None:
@@ -177,7 +157,7 @@ def settings_table(
 @app.command("tiny-model")
 def tiny_model(directory: Path) -> None:
     """Save a tiny random Stable Diffusion pipeline to DIRECTORY (for tests and smoke runs)."""
-    from worker.tiny_model import save_tiny_pipeline
+    from builtin_model.tiny import save_tiny_pipeline
 
     save_tiny_pipeline(directory)
     typer.echo(f"wrote {directory}")
