@@ -180,7 +180,7 @@ class ServiceCollector(Collector):
             "imagegen_key_active_jobs", "The key's jobs queued or running now.", labels=["key"]
         )
         stats = store.key_stats()
-        names = sorted(set(stats) | set(self.service.keys.names() or [""]))
+        names = sorted(set(stats) | set(self.service.api_keys.names() or [""]))
         for name in names:
             label = key_label(name)
             counters = stats.get(name, {})

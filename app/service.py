@@ -11,7 +11,7 @@ import anyio
 import redis
 import redis.asyncio as aioredis
 
-from app import images_in
+from app import images_in, resolve
 from app.auth import KeyStore
 from app.documents import render_document
 from app.errors import (
@@ -21,21 +21,16 @@ from app.errors import (
     QueueFull,
     QuotaExceeded,
     TooManyJobs,
-    Unavailable,
 )
-from app.prompt_tokens import Encode, TokenCounters
+from app.prompt_tokens import TokenCounters
 from app.registry import ModelRegistry
 from app.schemas import GenerationRequest, JobDocument
-from imagegen.core import prompts
 from imagegen.core.contract import (
     JOB_ID_PREFIX,
-    SCHEDULER_MIN_STEPS,
-    ControlRef,
     JobRecord,
     JobSpec,
     JobStatus,
     Keys,
-    LoraRef,
     ModelInfo,
     is_valid_job_id,
 )
@@ -71,9 +66,9 @@ class GenerationService:
         registry: ModelRegistry,
         settings: Settings,
         async_connection: aioredis.Redis,
-        keys: KeyStore | None = None,
+        api_keys: KeyStore | None = None,
     ) -> None:
-        self.keys = keys or KeyStore([], settings)
+        self.api_keys = api_keys or KeyStore([], settings)
         self.webhook_allow = AllowList.parse(settings.webhook_allowed_hosts)
         self.redis = connection
         self.aredis = async_connection
@@ -100,17 +95,17 @@ class GenerationService:
         info = await self.registry.aget(model_id)
         known = await self.registry.amodel_ids() if info is None else []
         encode = await self.token_counters.encoder(info) if info is not None else None
+        target = resolve.Target(model_id, info, tuple(known))
         if request.control is None:
-            return self._resolve_with_blobs(request, model_id, info, known, inputs, encode)
+            return resolve.resolve_request(request, self.settings, target, inputs, encode)
         # Decoding an image is CPU work: off the event loop.
         return await anyio.to_thread.run_sync(
-            self._resolve_with_blobs, request, model_id, info, known, inputs, encode
+            resolve.resolve_request, request, self.settings, target, inputs, encode
         )
 
     def pixel_cap(self, info: ModelInfo | None) -> int:
         """The most pixels an output may have: the service's cap, or the model's if lower."""
-        cap = self.settings.max_pixels
-        return min(cap, info.max_pixels) if info is not None and info.max_pixels else cap
+        return resolve.pixel_cap(self.settings, info)
 
     def prepare_inputs(
         self, request: GenerationRequest, max_pixels: int | None = None
@@ -155,196 +150,6 @@ class GenerationService:
             height=request.height,
             max_pixels=max_pixels if max_pixels is not None else s.max_pixels,
         )
-
-    def _resolve(
-        self,
-        request: GenerationRequest,
-        model_id: str,
-        info: ModelInfo | None,
-        known: list[str],
-        inputs: images_in.PreparedInputs | None = None,
-        encode: Encode | None = None,
-    ) -> JobSpec:
-        return self._resolve_with_blobs(request, model_id, info, known, inputs, encode)[0]
-
-    def _resolve_with_blobs(
-        self,
-        request: GenerationRequest,
-        model_id: str,
-        info: ModelInfo | None,
-        known: list[str],
-        inputs: images_in.PreparedInputs | None = None,
-        encode: Encode | None = None,
-    ) -> tuple[JobSpec, dict[str, bytes]]:
-        s = self.settings
-        if info is None:
-            if request.model is None:
-                raise Unavailable(
-                    f"the default model {model_id!r} has no worker registered yet; retry shortly"
-                )
-            raise InvalidRequest.for_field(
-                "model", f"unknown model {model_id!r}; known models: {', '.join(known) or 'none'}"
-            )
-        if len(request.prompt.strip()) > s.max_prompt_chars:
-            raise InvalidRequest.for_field(
-                "prompt", f"must be at most {s.max_prompt_chars} characters after trimming"
-            )
-        if len(request.negative_prompt) > s.max_prompt_chars:
-            raise InvalidRequest.for_field(
-                "negative_prompt", f"must be at most {s.max_prompt_chars} characters"
-            )
-        if info.prompt_weighting:
-            for field in ("prompt", "negative_prompt"):
-                problem = prompts.weight_problem(getattr(request, field))
-                if problem is not None:
-                    raise InvalidRequest.for_field(field, problem)
-        if encode is not None and info.max_prompt_tokens is not None:
-            for field in ("prompt", "negative_prompt"):
-                text = getattr(request, field)
-                tokens = prompts.count_tokens(encode, text, info.prompt_weighting)
-                if tokens > info.max_prompt_tokens:
-                    raise InvalidRequest.for_field(
-                        field, prompts.too_long(tokens, info.max_prompt_tokens, model_id)
-                    )
-        width = request.width if request.width is not None else info.width
-        height = request.height if request.height is not None else info.height
-        if inputs is not None:  # the input's size (grown by any outpaint) unless given
-            width, height = inputs.width, inputs.height
-        if width * height > s.max_pixels:
-            named = "width" if request.width is not None else "height"
-            if inputs is not None and request.width is None and request.height is None:
-                named = "outpaint" if request.outpaint is not None else "image"
-            raise InvalidRequest.for_field(
-                named,
-                f"width*height = {width * height} exceeds the pixel cap of {s.max_pixels}",
-            )
-        if info.max_pixels is not None and width * height > info.max_pixels:
-            raise InvalidRequest.for_field(
-                "width" if request.width is not None else "height",
-                f"width*height = {width * height} exceeds model {model_id!r}'s pixel cap of "
-                f"{info.max_pixels} (its native size is {info.width}x{info.height})",
-            )
-        steps = request.steps if request.steps is not None else info.steps
-        if steps > s.max_steps:
-            raise InvalidRequest.for_field("steps", f"must be at most {s.max_steps}")
-        if info.max_steps is not None and steps > info.max_steps:
-            raise InvalidRequest.for_field(
-                "steps", f"must be at most {info.max_steps} for model {model_id!r}"
-            )
-        if request.n > s.max_n:
-            raise InvalidRequest.for_field("n", f"must be at most {s.max_n}")
-        scheduler = request.scheduler if request.scheduler is not None else info.scheduler
-        if scheduler not in info.schedulers:
-            raise InvalidRequest.for_field(
-                "scheduler",
-                f"unknown scheduler {scheduler!r}; one of: {', '.join(info.schedulers)}",
-            )
-        min_steps = SCHEDULER_MIN_STEPS.get(scheduler, 1)
-        if steps < min_steps:
-            raise InvalidRequest.for_field(
-                "steps", f"scheduler {scheduler!r} needs at least {min_steps} steps"
-            )
-        if inputs is not None:
-            strength = self._input_fields(request, inputs)["strength"]
-            assert isinstance(strength, float | int)
-            if int(steps * strength) < min_steps:
-                raise InvalidRequest.for_field(
-                    "strength",
-                    f"strength {strength} x {steps} steps leaves {int(steps * strength)} steps "
-                    f"to run; at least {min_steps} needed (raise strength or steps)",
-                )
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-        loras = self._loras(request, info)
-        control = self._control(request, info, width, height)
-        spec = JobSpec(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance_scale=(
-                request.guidance_scale
-                if request.guidance_scale is not None
-                else info.guidance_scale
-            ),
-            seed=seed,
-            n=request.n,
-            scheduler=scheduler,
-            model=model_id,
-            **self._input_fields(request, inputs),
-            loras=loras,
-            control=control[0] if control is not None else None,
-        )
-        blobs = dict(inputs.blobs) if inputs is not None else {}
-        if control is not None:
-            blobs["control"] = control[1]
-        return spec, blobs
-
-    @staticmethod
-    def _loras(request: GenerationRequest, info: ModelInfo) -> tuple[LoraRef, ...]:
-        """The request's LoRAs, each among the model's adapters and named once; scale 0 is
-        the request without that LoRA, so it is left out."""
-        known = [a.id for a in info.adapters]
-        seen: set[str] = set()
-        out = []
-        for i, lora in enumerate(request.loras or []):
-            if lora.id not in known:
-                raise InvalidRequest.for_field(
-                    f"loras[{i}].id",
-                    f"unknown adapter {lora.id!r} for model {info.id!r}; "
-                    f"its adapters: {', '.join(known) or 'none'}",
-                )
-            if lora.id in seen:
-                raise InvalidRequest.for_field(f"loras[{i}].id", f"{lora.id!r} is listed twice")
-            seen.add(lora.id)
-            if lora.scale != 0:
-                out.append(LoraRef(id=lora.id, scale=lora.scale))
-        return tuple(out)
-
-    def _control(
-        self, request: GenerationRequest, info: ModelInfo, width: int, height: int
-    ) -> tuple[ControlRef, bytes] | None:
-        """The control and its decoded image (resized to the output size); None without one
-        or at scale 0 (the request without control)."""
-        control = request.control
-        if control is None:
-            return None
-        known = [c.id for c in info.controls]
-        if control.id not in known:
-            raise InvalidRequest.for_field(
-                "control.id",
-                f"unknown control {control.id!r} for model {info.id!r}; "
-                f"its controls: {', '.join(known) or 'none'}",
-            )
-        png, image = images_in.control_input(
-            control.image,
-            width,
-            height,
-            "control.image",
-            self.settings.max_input_image_bytes,
-            self.settings.max_pixels,
-        )
-        if control.scale == 0:
-            return None
-        ref = ControlRef(
-            id=control.id, scale=control.scale, start=control.start, end=control.end, image=image
-        )
-        return ref, png
-
-    @staticmethod
-    def _input_fields(
-        request: GenerationRequest, inputs: images_in.PreparedInputs | None
-    ) -> dict[str, object]:
-        if inputs is None:
-            return {}
-        default_strength = 0.8 if inputs.task == "img2img" else 1.0
-        return {
-            "task": inputs.task,
-            "image": inputs.refs["image"],
-            "mask": inputs.refs.get("mask"),
-            "strength": request.strength if request.strength is not None else default_strength,
-            "outpaint": request.outpaint.to_contract() if request.outpaint else None,
-        }
 
     def job_timeout_s(self, spec: JobSpec) -> int:
         """A hard limit that grows with the work: steps x megapixels x images."""
@@ -396,7 +201,7 @@ class GenerationService:
                 f"{record.id} {body_hash}",
                 IDEMPOTENCY_TTL_S,
             )
-        limits = self.keys.limits(api_key)
+        limits = self.api_keys.limits(api_key)
         result = await self.submitter.submit(
             record,
             self.settings.max_queue_depth,

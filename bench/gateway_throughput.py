@@ -2,7 +2,7 @@
 one Redis write per request, same machine, same client, same run. Target (issue 7): >= 0.5.
 
 The gateway's jobs go to a model no worker serves, so they only queue (rate limit, validation,
-job record and RQ enqueue in one script): the figure is the gateway's own cost.
+job record and queue entry in one script): the figure is the gateway's own cost.
 
     python bench/gateway_throughput.py [--seconds 10] [--connections 64] [--rounds 3]
 """

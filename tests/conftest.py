@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,16 @@ def redis_conn(redis_server: RedisServer) -> Iterator[redis.Redis]:
     connection = redis.Redis.from_url(redis_server.url)
     yield connection
     connection.close()
+
+
+@pytest.fixture(autouse=True)
+def no_imagegen_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads an IMAGEGEN_* setting from the environment it was started in: a test's
+    in-process Settings() are the defaults plus what the test says, and every process a test
+    starts gets its settings from `tests.stack.service_env`."""
+    for name in list(os.environ):
+        if name.startswith("IMAGEGEN_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)

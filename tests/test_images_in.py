@@ -142,16 +142,13 @@ def test_bad_input_is_refused_naming_the_field(
 def test_a_header_claiming_100000_squared_is_refused_before_any_pixel() -> None:
     data = png_claiming(100_000, 100_000)
     tracemalloc.start()
-    started = time.perf_counter()
     with pytest.raises(InvalidRequest) as refused:
         images_in.load_image(data, "image", MAX_BYTES, 1024 * 1024)
-    elapsed = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert "pixel cap" in refused.value.message and "10000000000" in refused.value.message
     # 30 GB of pixels were never allocated: the peak is the header's bytes, not the image's.
     assert peak < 5 * 1024 * 1024, peak
-    assert elapsed < 5  # generous: a decode would take minutes, or crash
 
 
 @pytest.mark.parametrize(

@@ -407,8 +407,8 @@ def test_the_worker_announces_its_budget_and_loaded_set(
 
 def test_a_request_past_a_models_own_caps_is_a_422_naming_the_field_and_cap() -> None:
     from app.errors import InvalidRequest
+    from app.resolve import Target, resolve_request
     from app.schemas import GenerationRequest
-    from app.service import GenerationService
     from builtin_model import MODEL_DIR
     from imagegen.core.contract import SCHEDULER_NAMES, ModelInfo
 
@@ -424,12 +424,11 @@ def test_a_request_past_a_models_own_caps_is_a_422_naming_the_field_and_cap() ->
         max_pixels=card["max_pixels"],
         max_steps=card["max_steps"],
     )
-    service = GenerationService.__new__(GenerationService)
-    service.settings = Settings()
+    settings = Settings()
 
     def resolve(**body: object) -> JobSpec:
         request = GenerationRequest.model_validate({"prompt": "p", **body})
-        return service._resolve(request, "shapes-64", info, ["shapes-64"])
+        return resolve_request(request, settings, Target("shapes-64", info, ("shapes-64",)))[0]
 
     with pytest.raises(InvalidRequest) as big:
         resolve(width=1024, height=1024)  # within the gateway's cap, not the model's
@@ -452,7 +451,7 @@ def test_a_request_past_a_models_own_caps_is_a_422_naming_the_field_and_cap() ->
     # A model without caps of its own has only the gateway's.
     free = info.model_copy(update={"max_pixels": None, "max_steps": None})
     request = GenerationRequest.model_validate({"prompt": "p", "width": 1024, "height": 1024})
-    assert service._resolve(request, "x", free, ["x"]).width == 1024
+    assert resolve_request(request, settings, Target("x", free, ("x",)))[0].width == 1024
 
 
 def test_models_announce_their_caps(multi: tuple[Gateway, Proc, redis.Redis]) -> None:

@@ -1,5 +1,5 @@
-"""Properties of the request edge: `GenerationRequest` (in-process) and `GenerationService.resolve`
-(against a real Redis holding model records this module writes).
+"""Properties of the request edge: `GenerationRequest` and `app.resolve.resolve_request`, both
+in process (resolution is a pure function of the request, the settings and the model record).
 
 Bodies go through `json.dumps` then `json.loads` before validation, as FastAPI hands them to
 pydantic, so NaN, lone surrogates and big integers arrive exactly as a client can send them.
@@ -7,29 +7,22 @@ pydantic, so NaN, lone surrogates and big integers arrive exactly as a client ca
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
-import redis.asyncio as aioredis
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from app.errors import InvalidRequest, Unavailable
-from app.registry import ModelRegistry
+from app.resolve import Target, resolve_request
 from app.schemas import GenerationRequest
-from app.service import GenerationService
-from imagegen.cli.redis_server import RedisServer
-from imagegen.core.contract import SCHEDULER_NAMES, SEED_MAX, JobSpec, Keys, ModelInfo
+from imagegen.core.contract import SCHEDULER_NAMES, SEED_MAX, JobSpec, ModelInfo
 from imagegen.core.settings import Settings
-from imagegen.core.store import JobStore
 
 # Derandomized and bounded: the same examples on every run, the whole module in seconds.
 PROPERTY = settings(max_examples=200, derandomize=True, deadline=None)
@@ -268,7 +261,7 @@ def test_every_field_has_a_bad_value_in_the_property_above() -> None:
     assert set(optional_fields) | {"prompt"} == FIELDS
 
 
-# -- GenerationService.resolve --------------------------------------------------------------------
+# -- resolve_request ------------------------------------------------------------------------
 
 DEFAULT = ModelInfo(
     id="props-default",
@@ -293,50 +286,26 @@ MODELS = {m.id: m for m in (DEFAULT, OTHER)}
 CAPS = {"max_pixels": 128 * 128, "max_steps": 40, "max_n": 4, "max_prompt_chars": 100}
 
 
-@pytest.fixture(scope="module")
-def model_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    """A Redis database of its own (15) holding two model records; emptied afterwards, so
-    the session's gateway never lists these models."""
-    connection = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/15")
-    connection.flushdb()
-    for info in MODELS.values():
-        connection.set(Keys.model(info.id), info.model_dump_json())
-        connection.sadd(Keys.MODELS, info.id)
-    yield connection
-    connection.flushdb()
-    connection.close()
-
-
 class Resolver:
-    """Calls `GenerationService.resolve` as the gateway does, from a test that is not async:
-    each call gets its own event loop, and so its own async connection."""
+    """Resolves a request as the gateway does, against the two model records above: the pure
+    `resolve_request`, no Redis."""
 
-    def __init__(self, connection: redis.Redis, default_model: str = DEFAULT.id) -> None:
-        self.connection = connection
+    def __init__(self, default_model: str = DEFAULT.id) -> None:
         self.settings = Settings(_env_file=None, default_model=default_model, **CAPS)
 
     def resolve(self, request: GenerationRequest) -> JobSpec:
-        return asyncio.run(self._resolve(request))
-
-    async def _resolve(self, request: GenerationRequest) -> JobSpec:
-        kwargs = self.connection.connection_pool.connection_kwargs
-        address = {k: kwargs[k] for k in ("host", "port", "db")}
-        async with aioredis.Redis(**address) as async_connection:
-            sync = self.connection
-            registry = ModelRegistry(sync, self.settings.default_model, async_connection)
-            service = GenerationService(
-                sync, JobStore(sync), registry, self.settings, async_connection
-            )
-            return await service.resolve(request)
+        model_id = request.model or self.settings.default_model
+        target = Target(model_id, MODELS.get(model_id), tuple(MODELS))
+        return resolve_request(request, self.settings, target)[0]
 
 
-def make_service(connection: redis.Redis, default_model: str = DEFAULT.id) -> Resolver:
-    return Resolver(connection, default_model)
+def make_service(default_model: str = DEFAULT.id) -> Resolver:
+    return Resolver(default_model)
 
 
 @pytest.fixture(scope="module")
-def service(model_redis: redis.Redis) -> Resolver:
-    return make_service(model_redis)
+def service() -> Resolver:
+    return make_service()
 
 
 served_bodies = st.fixed_dictionaries(
@@ -452,8 +421,8 @@ def test_an_empty_scheduler_is_named_not_replaced() -> None:
     assert caught.value.errors()[0]["loc"] == ("scheduler",)
 
 
-def test_a_default_model_without_workers_is_unavailable(model_redis: redis.Redis) -> None:
-    service = make_service(model_redis, default_model="props-not-served")
+def test_a_default_model_without_workers_is_unavailable() -> None:
+    service = make_service(default_model="props-not-served")
     with pytest.raises(Unavailable):
         service.resolve(GenerationRequest(prompt="x"))
     with pytest.raises(InvalidRequest) as caught:

@@ -1,7 +1,7 @@
 """SIGTERM while a worker starts: it exits at once, status 0.
 
 The signal is sent during the model load, the one start-up phase a test can hit for sure; the
-same handler stays installed through warm-up until RQ's loop replaces it with its own.
+same handler stays installed through warm-up until the job loop replaces it with its own.
 """
 
 from __future__ import annotations

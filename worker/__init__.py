@@ -1,1 +1,2 @@
-"""The imagegen worker: holds one warm diffusers pipeline and runs generation jobs from RQ."""
+"""The imagegen worker: keeps its models' diffusers pipelines warm and runs generation jobs from
+their queues in Redis, through the lifecycle's scripts (`imagegen.core.lifecycle`)."""

@@ -165,7 +165,6 @@ def run_worker(settings: Settings) -> int:
         jobs = state.job_ids()
         return {
             "state": "busy" if jobs else "ready",
-            "current_job": jobs[0] if jobs else None,
             "current_jobs": jobs,
             "jobs_done": state.jobs_done,
             "pipelines_loaded": models.loads,

@@ -119,10 +119,6 @@ def _json(source: str, name: str) -> dict[str, Any]:
     return data
 
 
-def family_of(source: str) -> str:
-    return str(_json(source, "model_index.json").get("_class_name", "?"))
-
-
 def _component_files(root: Path, component: str) -> list[Path]:
     folder = root / component
     return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []

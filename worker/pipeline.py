@@ -1,4 +1,5 @@
-"""Loading the warm pipeline: once per worker process, through diffusers' auto pipeline."""
+"""Loading a model's pipeline, through diffusers' auto pipeline: weights onto the device, its
+adapters, the speed-ups, and the record the worker publishes for it."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ class Reaper:
         beat = WorkerHeartbeat.model_validate_json(raw)
         # Alive, beat well after the job started, yet not running it: its writes failed.
         started = record.started_at or time.time()
-        running_it = record.id == beat.current_job or record.id in beat.current_jobs
+        running_it = record.id in beat.current_jobs
         return not running_it and beat.sent_at > started + 2 * self.settings.heartbeat_interval_s
 
     def take_back(self, record: JobRecord) -> str:

@@ -19,7 +19,7 @@ def get_usage(service: ServiceDep, principal: PrincipalDep) -> UsageDocument:
     """The caller's megapixel-steps today (UTC) against its daily quota, its jobs queued or
     running against `max_active_jobs` (null: unlimited), and its jobs that ended today."""
     usage = service.store.usage(principal.name, utc_day(time.time()))
-    limits = service.keys.limits(principal.name)
+    limits = service.api_keys.limits(principal.name)
     return UsageDocument(
         day=usage.day,
         megapixel_steps=usage.megapixel_steps,

@@ -314,7 +314,6 @@ class WorkerHeartbeat(BaseModel):
     started_at: float
     sent_at: float
     state: str  # "starting" | "ready" | "busy"
-    current_job: str | None = None
     current_jobs: list[str] = Field(default_factory=list)  # every job of the running batch
     jobs_done: int = 0
     pipelines_loaded: int = 0
