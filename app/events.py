@@ -12,6 +12,9 @@ Messages only say "look again": the feed re-reads the job document, so a lost me
 an event by at most `RESYNC_S` but never loses it. Previews (`imagegen:job:{id}:previews`)
 carry their picture and go only to listeners that asked for them; while any does, the feed
 keeps the job's preview flag set in Redis, which is how the worker knows to make them.
+
+Why one module of 400 lines: the hub, a job's feed and a stream's listener share one
+subscription and one buffer policy; apart, each would be half of the same mechanism.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Evaluate a saved ``shapes-64`` directory and write its model card, scores and sample grid."""
+"""Evaluate a saved ``shapes-64`` directory and write its model card, scores and sample grid.
+
+Why one module of 430 lines: most of it is the card's Markdown template, whose sections the
+evaluators in ``bench/`` rewrite in place (``write_section``).
+"""
 
 # ruff: noqa: E501  (the card is a Markdown template)
 

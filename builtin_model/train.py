@@ -12,6 +12,9 @@ Each profile has a wall-clock budget; once the UNet's speed is known, its step c
 fit, so a run always ends with a saved, evaluated model. ``--steps N`` instead runs exactly N
 steps whatever the budget: the way to repeat a run. Checkpoints (EMA weights, full
 pipeline) are written along the way, so even a killed run leaves one behind.
+
+Why one module of 620 lines: a recipe reads top to bottom — the stages, their losses and the
+budget that cuts their steps — as the model card's training section describes it.
 """
 
 from __future__ import annotations

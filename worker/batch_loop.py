@@ -793,7 +793,10 @@ def _slice_scheduler_state(scheduler: Any, shape: torch.Size, index: torch.Tenso
     Multistep schedulers remember past model outputs and samples (DPM-Solver and UniPC
     `model_outputs`, UniPC `last_sample`, PNDM `ets`/`cur_sample`/`cur_model_output`); those
     are the attributes, or list entries, shaped like the batch's latents. Everything else
-    (sigmas, step index, order counters) is shared by all rows.
+    (sigmas, step index, order counters) is shared by all rows. diffusers has no public way
+    to drop rows from a scheduler mid-run, hence the walk over its attributes; the batch tests
+    check it for the schedulers that keep such state (a job leaving mid-batch, the rest
+    unchanged byte for byte).
     """
 
     def keep(value: Any) -> Any:

@@ -11,6 +11,9 @@ reads no disk), and a component whose files are identical to one a loaded model 
 (the same VAE or text encoder in two fine-tunes of one base, the built-in shapes-64 and its
 distilled shapes-64-fast) is passed to the new pipeline instead of being loaded again — the
 `from_pipe` idea, for pipelines that share some components rather than all of them.
+
+Why one module of 480 lines: reading configs, the memory budget and sharing components are
+the one decision of what is loaded; split, each part would need the others' state.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """What `Client` and `AsyncClient` share: configuration, request building, the retry policy,
 error mapping, SSE parsing and job outcomes. Nothing here does I/O, so both clients are thin
 loops around it: the sync one with `httpx.Client` and `time.sleep`, the async one with
-`httpx.AsyncClient` and `anyio.sleep`.
+`httpx.AsyncClient` and `anyio.sleep`. That is why it is one module of 500 lines: it is all
+of both clients' logic, kept in one place so the two cannot drift.
 """
 
 from __future__ import annotations

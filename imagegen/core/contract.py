@@ -3,6 +3,9 @@
 Only pydantic lives here: the gateway must never import torch and the worker never FastAPI, so
 whatever both need to agree on — the resolved job spec, status names, the worker heartbeat and
 the Redis key names — is defined once, in this module.
+
+Why one module of 460 lines: it is the list of everything the two sides agree on — a
+reader checks a field against one file, and `Keys` keeps every Redis key name in one place.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Service settings, read from `IMAGEGEN_*` environment variables (or a `.env` file)."""
+"""Service settings, read from `IMAGEGEN_*` environment variables (or a `.env` file).
+
+Why one module of 450 lines: one class is every setting of every process, which the docs' settings
+page is generated from; splitting it per process (gateway, worker, local runner) is planned.
+"""
 
 from __future__ import annotations
 

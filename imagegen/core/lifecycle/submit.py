@@ -1,0 +1,128 @@
+"""Submitting a job: admission (idempotency, the key's active jobs and daily quota, the queue's
+depth) and the fair order, in one script (`lua/submit.lua`), with a sync and an async caller."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from imagegen.core.contract import JobRecord, Keys, utc_day
+from imagegen.core.lifecycle import scripts
+from imagegen.core.store import encode_fields
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The outcome of a submit: `created` (with its queue position), `full` (the queue's
+    depth), `exists` (the idempotency value), `too_many_jobs` (the key's active jobs) or
+    `quota_exceeded` (the megapixel-steps the key used today)."""
+
+    outcome: str
+    value: str | int
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A key's limits at submit: None = unlimited."""
+
+    max_active_jobs: int | None = None
+    daily_quota: float | None = None
+
+
+UNLIMITED = Admission()
+
+
+def record_fields(record: JobRecord) -> dict[str, str]:
+    """The hash fields a new queued job is written with."""
+    spec = record.spec
+    return encode_fields(
+        {
+            "status": record.status.value,
+            "spec": spec.model_dump_json(),
+            "model": spec.model,
+            "batch_key": spec.batch_key,
+            "n": spec.n,
+            "created_at": record.created_at,
+            "progress_step": 0,
+            "attempts": 0,
+            "api_key": record.api_key,
+            "request_id": record.request_id,
+            "timeout_s": record.timeout_s,
+            "inputs": ",".join(spec.input_names),
+            # What the key's quota was charged, and on which UTC day (for a refund).
+            "megapixel_steps": spec.megapixel_steps,
+            "usage_day": utc_day(record.created_at),
+            "webhook": record.webhook.model_dump_json() if record.webhook else "",
+        }
+    )
+
+
+def submit_call(
+    record: JobRecord,
+    max_depth: int,
+    idempotency: tuple[str, str, int] | None,
+    inputs: Mapping[str, bytes] | None = None,
+    admission: Admission = UNLIMITED,
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the submit script. `idempotency`: (key, value, TTL)."""
+    model = record.spec.model
+    names = record.spec.input_names
+    given = dict(inputs or {})
+    if sorted(given) != sorted(names):
+        raise ValueError(f"job {record.id} needs inputs {names}, got {sorted(given)}")
+    key = record.api_key
+    keys = {
+        "queue": Keys.queue(model),
+        "job": Keys.job(record.id),
+        "queue_seq": Keys.QUEUE_SEQ,
+        "bell": Keys.bell(model),
+        "active": Keys.active(key),
+        "usage": Keys.usage(utc_day(record.created_at), key),
+        "fair_round": Keys.fair_round(model),
+        "key_queue": Keys.key_queue(model, key),
+        **{f"input:{name}": Keys.input(record.id, name) for name in names},
+    }
+    if idempotency is not None:
+        keys["idempotency"] = idempotency[0]
+    limit, quota = admission.max_active_jobs, admission.daily_quota
+    args = {
+        "job_id": record.id,
+        "max_depth": max_depth,
+        "max_active": -1 if limit is None else limit,
+        "quota": -1 if quota is None else float(quota),
+        "cost": repr(record.spec.megapixel_steps),
+        "idempotency_value": idempotency[1] if idempotency else "",
+        "idempotency_ttl": idempotency[2] if idempotency else 0,
+        "inputs": list(names),
+        "fields": record_fields(record),
+    }
+    return scripts.call(keys, args, [given[name] for name in names])
+
+
+def parse_submit(outcome: bytes | str, value: bytes | str | int) -> Submitted:
+    text = scripts.decode(outcome)
+    if isinstance(value, int):
+        return Submitted(text, value)
+    return Submitted(text, scripts.decode(value))
+
+
+class AsyncSubmitter:
+    """The submit script on the gateway's event loop (one Redis round trip per submit)."""
+
+    def __init__(self, connection: aioredis.Redis) -> None:
+        self._submit = connection.register_script(scripts.source("submit"))
+
+    async def submit(
+        self,
+        record: JobRecord,
+        max_depth: int,
+        idempotency: tuple[str, str, int] | None = None,
+        inputs: Mapping[str, bytes] | None = None,
+        admission: Admission = UNLIMITED,
+    ) -> Submitted:
+        keys, args = submit_call(record, max_depth, idempotency, inputs, admission)
+        outcome, value = await self._submit(keys=keys, args=args)
+        return parse_submit(outcome, value)
