@@ -19,7 +19,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -35,6 +35,18 @@ from worker.schedulers import build_scheduler
 
 # on_step(done, total): `done` of the `total` denoising steps the loop runs are finished.
 StepCallback = Callable[[int, int], None]
+
+
+class Span(NamedTuple):
+    """A live job's rows in the batch: rows `first` to `end` (exclusive) are job `job`'s images."""
+
+    job: int
+    first: int
+    end: int
+
+    @property
+    def rows(self) -> range:
+        return range(self.first, self.end)
 
 
 class PreviewHook(Protocol):
@@ -119,7 +131,8 @@ class _Loop:
         self.on_loop_step = on_loop_step
         self.items = items
         self.invariant = invariant
-        self.device: torch.device = self.pipe._execution_device
+        # The pipeline's device (no offloading hooks here, so the device it executes on).
+        self.device: torch.device = self.pipe.device
         spec = items[0].spec
         # A fresh scheduler per run: schedulers keep per-run state and must not be shared.
         self.scheduler = build_scheduler(spec.scheduler, model.scheduler_config)
@@ -224,11 +237,11 @@ class _Loop:
 
     def _layout(self) -> None:
         """Per-row tensors for the jobs still live; rebuilt when a job leaves."""
-        self.spans: list[tuple[int, int, int]] = []  # (job, first row, end row)
+        self.spans: list[Span] = []
         row = 0
         for job in self.live:
             n = self.items[job].spec.n
-            self.spans.append((job, row, row + n))
+            self.spans.append(Span(job, row, row + n))
             row += n
         self.rows = row
         specs = [self.items[job].spec for job in self.live]
@@ -244,13 +257,9 @@ class _Loop:
         if self.sdxl:
             spec = specs[0]
             size = (spec.height, spec.width)
-            self.time_ids = self.pipe._get_add_time_ids(
-                size,
-                (0, 0),
-                size,
-                dtype=self.dtype,
-                text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim,
-            ).to(self.device)
+            # SDXL's micro-conditioning, as the stock pipeline makes it: original size, crop
+            # top-left (none) and target size, one row every image shares.
+            self.time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=self.dtype).to(self.device)
         if self.controlnet is not None:
             self.control = torch.cat(
                 [
@@ -261,24 +270,22 @@ class _Loop:
             )
         # One UNet call per step for rows whose context has one length (all of them, unless
         # a long prompt shares the batch with short ones).
-        by_length: dict[int, list[tuple[int, int, int]]] = {}
+        by_length: dict[int, list[Span]] = {}
         for span in self.spans:
-            by_length.setdefault(self.text[span[0]].cond.shape[1], []).append(span)
+            by_length.setdefault(self.text[span.job].cond.shape[1], []).append(span)
         self.groups = [self._group(spans) for spans in by_length.values()]
 
-    def _group(self, spans: list[tuple[int, int, int]]) -> _Group:
-        texts = [(self.text[job], b - a) for job, a, b in spans]
+    def _group(self, spans: list[Span]) -> _Group:
+        texts = [(self.text[span.job], len(span.rows)) for span in spans]
         cond = torch.cat([t.cond.expand(n, -1, -1) for t, n in texts])
-        guided = [
-            (t, n) for (job, _, _), (t, n) in zip(spans, texts, strict=True) if self._cfg(job)
-        ]
+        guided = [(t, n) for span, (t, n) in zip(spans, texts, strict=True) if self._cfg(span.job)]
         uncond = torch.cat([t.uncond.expand(n, -1, -1) for t, n in guided]) if guided else None  # type: ignore[union-attr]
         pooled_cond = pooled_uncond = None
         if self.sdxl:
             pooled_cond = torch.cat([t.pooled.expand(n, -1) for t, n in texts])  # type: ignore[union-attr]
             if guided:
                 pooled_uncond = torch.cat([t.pooled_uncond.expand(n, -1) for t, n in guided])  # type: ignore[union-attr]
-        rows = [r for _, a, b in spans for r in range(a, b)]
+        rows = [r for span in spans for r in span.rows]
         # The guided jobs' rows, numbered within the group (the batch's numbers when the
         # group is the whole batch).
         cfg_rows = [i for i, r in enumerate(rows) if self._cfg(self._job_of(r, spans))]
@@ -293,12 +300,12 @@ class _Loop:
         )
 
     @staticmethod
-    def _job_of(row: int, spans: list[tuple[int, int, int]]) -> int:
-        return next(job for job, a, b in spans if a <= row < b)
+    def _job_of(row: int, spans: list[Span]) -> int:
+        return next(span.job for span in spans if row in span.rows)
 
     def _drop(self, jobs: set[int], latents: torch.Tensor) -> torch.Tensor:
         """Remove `jobs`' rows from the latents, the generators and the scheduler's history."""
-        keep = [r for job, a, b in self.spans if job not in jobs for r in range(a, b)]
+        keep = [r for span in self.spans if span.job not in jobs for r in span.rows]
         self.generators = [self.generators[r] for r in keep]
         index = torch.tensor(keep, dtype=torch.long, device=latents.device)
         self.inputs = {k: v.index_select(0, index) for k, v in self.inputs.items()}
@@ -574,7 +581,7 @@ class _Loop:
                         pair = torch.cat([x] * 2)
                         res = self._residuals(pair, t, context, torch.cat([image] * 2), cscale)
                         uncond_pred, cond_pred = self._unet(pair, t, context, pooled, res).chunk(2)
-                        parts.append(uncond_pred + scale * (cond_pred - uncond_pred))
+                        parts.append(_guided(uncond_pred, cond_pred, scale))
                     else:
                         res = self._residuals(x, t, cond, image, cscale)
                         parts.append(self._unet(x, t, cond, pooled, res))
@@ -635,10 +642,7 @@ class _Loop:
             if self._cfg(job):
                 uncond_pred = uncond_all[uncond_row : uncond_row + n]
                 uncond_row += n
-                # A python float, as in the stock pipeline: on fp16 that keeps the product in
-                # float32 before rounding, where a half tensor of scales would round it first.
-                scale = self.items[job].spec.guidance_scale
-                parts.append(uncond_pred + scale * (cond_pred - uncond_pred))
+                parts.append(_guided(uncond_pred, cond_pred, self.items[job].spec.guidance_scale))
             else:
                 parts.append(cond_pred)
         return torch.cat(parts)
@@ -730,13 +734,20 @@ class _JobText:
 class _Group:
     """Jobs whose contexts have one length: their rows run through one UNet call a step."""
 
-    spans: list[tuple[int, int, int]]
+    spans: list[Span]
     rows: torch.Tensor | None  # the batch rows they hold (None: all of them, in order)
     cfg_rows: torch.Tensor  # the rows of their guided jobs, numbered within the group
     cond: torch.Tensor
     uncond: torch.Tensor | None
     pooled_cond: torch.Tensor | None
     pooled_uncond: torch.Tensor | None
+
+
+def _guided(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance, as the stock pipeline combines the two predictions. `scale` is
+    a python float, as there: on fp16 that keeps the product in float32 before rounding, where
+    a half tensor of scales would round it first."""
+    return uncond + scale * (cond - uncond)
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:

@@ -178,9 +178,7 @@ class Inference:
         with torch.inference_mode():
             if self.model.prompts is not None:
                 # Weighted and long prompts as embeddings; plain ones as the strings.
-                text = self.model.prompts.stock_inputs(
-                    spec, len(indices), self.model.pipe._execution_device
-                )
+                text = self.model.prompts.stock_inputs(spec, len(indices), self.model.pipe.device)
             else:
                 text = {
                     "prompt": [spec.prompt] * len(indices),
