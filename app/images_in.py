@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import InvalidRequest, PayloadTooLarge
 from app.middleware import BODY_BYTES
-from imagegen.core.contract import InputRef
+from imagegen.core.contract import InputRef, Task
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URI = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
@@ -45,7 +45,7 @@ class Decoded:
 class PreparedInputs:
     """What a job with images in carries: normalized PNGs by name and their references."""
 
-    task: str  # "img2img" | "inpaint" | "outpaint"
+    task: Task  # "img2img" | "inpaint" | "outpaint"
     width: int
     height: int
     blobs: dict[str, bytes]  # "image", "mask": normalized PNGs at the output size
@@ -231,7 +231,7 @@ def prepare(
         )
     normalized = _resized(image.image, w, h, Image.Resampling.LANCZOS)
     blobs = {"image": to_png(normalized)}
-    task = "img2img"
+    task: Task = "img2img"
     if mask is not None:
         refs["mask"] = mask.ref
         m = _resized(mask.image.convert("L"), w, h, Image.Resampling.NEAREST)

@@ -12,7 +12,7 @@ import redis
 
 from imagegen.cli.redis_server import RedisServer
 from imagegen.core.contract import Keys
-from tests.stack import Gateway, Proc, start_gateway, start_worker, wait_for_worker
+from tests.stack import ROOT, Gateway, Proc, start_gateway, start_worker, wait_for_worker
 
 TINY_MODEL_ID = "tiny"
 
@@ -29,6 +29,18 @@ def redis_conn(redis_server: RedisServer) -> Iterator[redis.Redis]:
     connection = redis.Redis.from_url(redis_server.url)
     yield connection
     connection.close()
+
+
+KINDS = ("unit", "integration", "e2e", "browser")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with its kind, the folder it lives in: `pytest -m unit` runs the
+    in-process ones in seconds, `-m "not e2e and not browser"` everything but the service."""
+    for item in items:
+        parts = item.path.relative_to(ROOT / "tests").parts
+        if len(parts) > 1 and parts[0] in KINDS:
+            item.add_marker(parts[0])
 
 
 @pytest.fixture(autouse=True)

@@ -103,7 +103,7 @@ def start_process(args: list[str], env: Mapping[str, str], log_path: Path) -> Pr
 # thread pool; PYTHONUNBUFFERED) they read once, in the server, which therefore starts under a
 # worker's environment, and a forked worker may not change that environment, only add settings.
 # The server imports and runs nothing else: no thread, Python's or torch's intra-op pool, is in
-# it to be lost by a fork (tests/test_forked_workers.py checks). Tests about the process start
+# it to be lost by a fork (tests/e2e/test_forked_workers.py checks). Tests about the process start
 # itself (signals while starting, the session's built-in-model worker) keep the real command.
 WORKER_MODULES = ["imagegen.cli.main", "worker.main", "tests.stack"]
 # TESTS_FORK_WORKERS=0: every worker by the real command (to compare, or to rule forking out).
@@ -379,16 +379,20 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def announce_idle_model(connection: redis.Redis, model_id: str) -> None:
-    """A model record as a worker would publish it, with no worker behind it: its jobs queue."""
-    info = ModelInfo(
-        id=model_id,
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=1.0,
-        scheduler="euler",
-        schedulers=["euler"],
+def announce_idle_model(connection: redis.Redis, model_id: str, **fields: object) -> None:
+    """A model record as a worker would publish it (`fields` change it), with no worker behind
+    it: its jobs queue."""
+    info = ModelInfo.model_validate(
+        {
+            "id": model_id,
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "guidance_scale": 1.0,
+            "scheduler": "euler",
+            "schedulers": ["euler"],
+            **fields,
+        }
     )
     connection.set(Keys.model(model_id), info.model_dump_json(), ex=600)
     connection.sadd(Keys.MODELS, model_id)

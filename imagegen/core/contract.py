@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import re
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,6 +38,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "pndm": ("PNDMScheduler", {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
+
+# What a job does with its inputs: text alone, or image-to-image, inpainting, outpainting.
+Task = Literal["text", "img2img", "inpaint", "outpaint"]
+# Where a worker is, as its heartbeat says: loading and warming up, idle, running a batch.
+WorkerStateName = Literal["starting", "ready", "busy"]
 
 # Schedulers that cannot run fewer steps than this (PNDM's Runge-Kutta warm-up takes 4).
 SCHEDULER_MIN_STEPS: dict[str, int] = {"pndm": 4}
@@ -157,7 +162,7 @@ class JobSpec(BaseModel):
     # Images in (defaults: text-to-image). `image`/`mask` reference the normalized PNGs stored
     # with the job (`Keys.input(job, "image" | "mask")`); outpainting stores the grown canvas
     # and its mask under the same names.
-    task: str = "text"
+    task: Task = "text"
     image: InputRef | None = None
     mask: InputRef | None = None
     strength: float | None = None
@@ -316,7 +321,7 @@ class WorkerHeartbeat(BaseModel):
     pid: int
     started_at: float
     sent_at: float
-    state: str  # "starting" | "ready" | "busy"
+    state: WorkerStateName
     current_jobs: list[str] = Field(default_factory=list)  # every job of the running batch
     jobs_done: int = 0
     pipelines_loaded: int = 0

@@ -20,7 +20,7 @@ from PIL import Image
 from builtin_model.tiny import save_misfit_lora, save_tiny_adapters
 from imagegen.core.contract import ControlRef, InputRef, JobSpec, LoraRef
 from imagegen.core.settings import Settings
-from tests.stack import batch_job
+from tests.stack import ROOT, batch_job
 from worker.adapters import AdapterError
 from worker.batch_loop import BatchItem, run_batch
 from worker.inference import Inference
@@ -274,7 +274,7 @@ def test_the_gpu_bench_adapters_load_and_act_in_the_worker(
 ) -> None:
     """bench/gpu_sd15.py's random SD 1.5 LoRA and ControlNet (here on its tiny variant) are in
     the layout the worker reads, pass its checks, and change the image."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     from gpu_sd15 import add_sd15_adapters, build_sd15
 
     directory = tmp_path / "sd15"

@@ -106,7 +106,7 @@ CONFIG = schemathesis.Config.from_dict(
 APP_SPEC = create_app().openapi()
 # /v1/images/edits is multipart: schemathesis sends its file fields (OpenAPI 3.1
 # `contentMediaType`, no `format: binary`) as plain form fields, which no upload can be. Its
-# rules are tested with the openai client and raw multipart in tests/test_openai_edits.py; the
+# rules are tested with the openai client and raw multipart in tests/e2e/test_openai_edits.py; the
 # JSON fields of images in (`image`, `mask`, `strength`, `outpaint`) are fuzzed here.
 SCHEMA = schemathesis.openapi.from_dict(APP_SPEC, config=CONFIG).exclude(path="/v1/images/edits")
 
@@ -327,7 +327,7 @@ def _keep_openai_answer_quick(body: dict[str, Any]) -> None:
 
 def _drop_adapters(body: dict[str, Any]) -> None:
     # `loras` / `control` name a model's own adapters, which the schema cannot list (the
-    # served tiny model has none): their rules are tested in tests/test_adapters_http.py.
+    # served tiny model has none): their rules are tested in tests/e2e/test_adapters_http.py.
     body.pop("loras", None)
     body.pop("control", None)
 

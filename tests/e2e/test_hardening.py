@@ -31,12 +31,11 @@ from PIL import Image
 
 from app.delivery import Deliverer
 from imagegen.cli.redis_server import RedisServer, free_port
-from imagegen.core.contract import Keys, ModelInfo
 from imagegen.core.destinations import AllowList, IPAddress, Refused, check_destination
 from imagegen.core.lifecycle import WebhookTask
 from imagegen.core.settings import Settings
 from imagegen.core.webhooks import Secrets
-from tests.stack import Gateway, start_gateway
+from tests.stack import Gateway, announce_idle_model, start_gateway
 
 KEY, OTHER = "ig_hardening_key_0123456789", "ig_hardening_other_987654321"
 METRICS_TOKEN = "operator-token-0123456789"
@@ -73,18 +72,7 @@ def hardened(redis_server: RedisServer, log_dir: Path) -> Iterator[Gateway]:
 
 @pytest.fixture
 def model(redis_conn: redis.Redis) -> str:
-    info = ModelInfo(
-        id=MODEL,
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=1.0,
-        scheduler="euler",
-        schedulers=["euler"],
-        prompt_weighting=True,
-    )
-    redis_conn.set(Keys.model(MODEL), info.model_dump_json(), ex=600)
-    redis_conn.sadd(Keys.MODELS, MODEL)
+    announce_idle_model(redis_conn, MODEL, prompt_weighting=True)
     return MODEL
 
 

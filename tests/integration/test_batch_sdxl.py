@@ -15,7 +15,7 @@ import torch
 from builtin_model.tiny import save_tiny_sdxl_pipeline
 from imagegen.core.contract import JobSpec
 from imagegen.core.settings import Settings
-from tests.test_batch import assert_identical, pixels
+from tests.integration.test_batch import assert_identical, pixels
 from worker.batch_loop import BatchItem, run_batch
 from worker.families import supports_batching
 from worker.inference import Inference
@@ -130,7 +130,7 @@ def test_a_long_weighted_sdxl_prompt_matches_the_stock_pipeline_given_the_same_e
     """Both encoders window by window, the pooled embedding from the first window; with an
     empty negative prompt the unconditional rows are zeros at the prompt's length, as the
     stock pipeline makes them from `prompt_embeds`."""
-    from tests.test_batch import LONG_PROMPT
+    from tests.integration.test_batch import LONG_PROMPT
 
     assert sdxl.prompts is not None and sdxl.prompts.sdxl
     prepared = sdxl.prompts.prepare(LONG_PROMPT)

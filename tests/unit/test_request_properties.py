@@ -55,7 +55,7 @@ optional_fields: dict[str, st.SearchStrategy[Any]] = {
     # Adapters: absent here (their ids are checked against the model's, at resolve).
     "loras": st.none(),
     "control": st.none(),
-    # Webhooks: absent here (their URLs are resolved and checked, in tests/test_webhooks.py).
+    # Webhooks: absent here (their URLs are resolved and checked, in tests/e2e/test_webhooks.py).
     "webhook": st.none(),
 }
 valid_bodies = st.fixed_dictionaries({"prompt": prompts}, optional=optional_fields)

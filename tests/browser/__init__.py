@@ -1,0 +1,1 @@
+"""browser tests (see tests/conftest.py for what each kind may start)."""
