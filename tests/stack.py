@@ -444,3 +444,90 @@ def job_spec(**changes: object) -> JobSpec:
         "model": "tiny",
     }
     return JobSpec.model_validate({**fields, **changes})
+
+
+class TinyService:
+    """A private service for the tests that kill, restart and time its parts: its own
+    redis-server (AOF on, so a restart keeps the data), a gateway, and tiny-model workers
+    forked with the shortened recovery bounds of FAST_RECOVERY."""
+
+    def __init__(
+        self,
+        root: Path,
+        tiny_model_dir: Path,
+        gateway_env: Mapping[str, str] | None = None,
+        model_id: str = "tiny",
+    ) -> None:
+        from imagegen.cli.redis_server import RedisServer
+
+        self.root = root
+        self.model_id = model_id
+        self.model_env = {
+            **FAST_RECOVERY,
+            "IMAGEGEN_MODEL": str(tiny_model_dir),
+            "IMAGEGEN_MODEL_ID": model_id,
+        }
+        self.redis = RedisServer(root / "redis", appendonly=True).start()
+        self.conn = redis.Redis.from_url(self.redis.url)
+        self.gateway = start_gateway(self.redis.url, root, {**FAST_RECOVERY, **(gateway_env or {})})
+        self.workers: dict[str, Proc] = {}
+        self.supervisors: list[Supervisor] = []
+        self.info: ModelInfo | None = None  # the model's record, once a worker announced it
+        self._numbers = iter(range(10**6))
+
+    def start_worker(self, name: str | None = None, **extra: str) -> tuple[str, Proc]:
+        """A worker (`extra`: its settings), started and not waited for; its name and process."""
+        name = name or f"w{next(self._numbers)}"
+        proc = start_worker(
+            self.redis.url, self.root, name, {**self.model_env, **extra}, forked=True
+        )
+        self.workers[name] = proc
+        return name, proc
+
+    def worker(self, name: str | None = None, **extra: str) -> Proc:
+        """A worker, once it is ready (its model's record is kept for `clean`)."""
+        name, proc = self.start_worker(name, **extra)
+        self.info = wait_for_worker(self.conn, proc, name).model
+        return proc
+
+    def supervised(self, name: str) -> Supervisor:
+        """A worker restarted whenever it exits (generations named `<name>-g<n>`)."""
+
+        def start(generation: int) -> Proc:
+            env = self.model_env
+            return start_worker(
+                self.redis.url, self.root, f"{name}-g{generation}", env, forked=True
+            )
+
+        supervisor = Supervisor(start)
+        wait_for_worker(self.conn, supervisor.proc, f"{name}-g0")
+        self.supervisors.append(supervisor)
+        return supervisor
+
+    def client(self) -> httpx.Client:
+        return self.gateway.client()
+
+    def submit(
+        self, client: httpx.Client, body: Mapping[str, object] | str, **fields: object
+    ) -> str:
+        """Submit a job (`body`, or a prompt and `fields`); its id."""
+        payload = {"prompt": body, **fields} if isinstance(body, str) else {**body, **fields}
+        response = client.post("/v1/generations", json=payload)
+        assert response.status_code == 202, response.text
+        job_id: str = response.json()["id"]
+        return job_id
+
+    def clean(self) -> None:
+        """A clean database, with the model announced (as a worker that is gone had done)."""
+        self.conn.flushdb()
+        if self.info is not None:
+            self.conn.set(Keys.model(self.model_id), self.info.model_dump_json())
+            self.conn.sadd(Keys.MODELS, self.model_id)
+
+    def close(self) -> None:
+        for supervisor in self.supervisors:
+            supervisor.stop()
+        for proc in self.workers.values():
+            proc.stop()
+        self.gateway.proc.stop()
+        self.redis.stop()

@@ -25,7 +25,7 @@ import redis
 from imagegen_client import Client, JobFailed, QueueFull
 
 from imagegen.cli.redis_server import RedisServer
-from imagegen.core.contract import ImageInfo, JobRecord, JobSpec, JobStatus, Keys, ModelInfo
+from imagegen.core.contract import ImageInfo, JobRecord, JobSpec, JobStatus, Keys
 from imagegen.core.lifecycle import Claimed, Lifecycle
 from imagegen.core.settings import Settings
 from imagegen.core.store import JobStore
@@ -34,6 +34,7 @@ from tests.stack import (
     Gateway,
     Proc,
     Supervisor,
+    TinyService,
     job_spec,
     parse_sse,
     start_gateway,
@@ -74,58 +75,21 @@ REQUESTS = [
 ]
 
 
-class Cluster:
-    def __init__(self, root: Path, tiny_model_dir: Path) -> None:
-        self.root = root
-        self.redis = RedisServer(root / "redis", appendonly=True).start()
-        self.conn = redis.Redis.from_url(self.redis.url)
-        self.env = {**FAST, "IMAGEGEN_MODEL": str(tiny_model_dir), "IMAGEGEN_MODEL_ID": MODEL}
-        self.gateway: Gateway = start_gateway(self.redis.url, root, FAST)
-        self.names = iter(range(10**6))
-        self.info: ModelInfo | None = None
-
-    def worker(self, **extra: str) -> tuple[str, Proc]:
-        name = f"w{next(self.names)}"
-        proc = start_worker(self.redis.url, self.root, name, {**self.env, **extra}, forked=True)
-        return name, proc
-
-    def ready_worker(self, **extra: str) -> Proc:
-        name, proc = self.worker(**extra)
-        beat = wait_for_worker(self.conn, proc, name)
-        self.info = beat.model
-        return proc
-
-    def clean(self) -> None:
-        """A clean database, with the model announced (as a worker that is gone had done)."""
-        self.conn.flushdb()
-        if self.info is not None:
-            self.conn.set(Keys.model(MODEL), self.info.model_dump_json())
-            self.conn.sadd(Keys.MODELS, MODEL)
-
-    def submit(self, client: httpx.Client, body: dict[str, object]) -> str:
-        response = client.post("/v1/generations", json=body)
-        assert response.status_code == 202, response.text
-        job_id: str = response.json()["id"]
-        return job_id
-
-    def close(self) -> None:
-        self.gateway.proc.stop()
-        self.redis.stop()
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Cluster]:
-    made = Cluster(tmp_path_factory.mktemp("lifecycle"), tiny_model_dir)
-    made.ready_worker().stop()  # learn the model's record, announced again after each flush
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[TinyService]:
+    made = TinyService(tmp_path_factory.mktemp("lifecycle"), tiny_model_dir)
+    made.worker().stop()  # learn the model's record, announced again after each flush
     yield made
     made.close()
 
 
 @pytest.fixture(scope="module")
-def reference(cluster: Cluster) -> list[list[bytes]]:
+def reference(cluster: TinyService) -> list[list[bytes]]:
     """The PNGs of REQUESTS from a worker that never crashed."""
     cluster.clean()
-    worker = cluster.ready_worker()
+    worker = cluster.worker()
     with cluster.gateway.client() as client:
         jobs = [cluster.submit(client, body) for body in REQUESTS]
         docs = [wait_for_job(client, job) for job in jobs]
@@ -164,15 +128,17 @@ CRASH_CASES = [(point, 2) for point in CRASH_POINTS] + [("mid_loop", 1), ("after
     ids=[f"{point}-{'alone' if jobs == 1 else 'batch-of-2'}" for point, jobs in CRASH_CASES],
 )
 def test_a_worker_dying_at_any_point_loses_nothing_and_runs_nothing_twice(
-    cluster: Cluster, reference: list[list[bytes]], point: str, jobs: int
+    cluster: TinyService, reference: list[list[bytes]], point: str, jobs: int
 ) -> None:
     cluster.clean()
     with cluster.gateway.client() as client:
         # Queued before any worker runs, so the first claim takes them all in one batch.
         ids = [cluster.submit(client, body) for body in REQUESTS[:jobs]]
-        _, crasher = cluster.worker(IMAGEGEN_FAULT_CRASH_AT=point, IMAGEGEN_BATCH_MAX_IMAGES="4")
+        _, crasher = cluster.start_worker(
+            IMAGEGEN_FAULT_CRASH_AT=point, IMAGEGEN_BATCH_MAX_IMAGES="4"
+        )
         assert crasher.process.wait(timeout=120) == 70, crasher.log()[-3000:]
-        rescuer = cluster.ready_worker()
+        rescuer = cluster.worker()
         try:
             docs = [wait_for_job(client, job, timeout_s=60) for job in ids]
             pngs = [[client.get(i["url"]).content for i in d["images"]] for d in docs]  # type: ignore[attr-defined]
@@ -188,15 +154,15 @@ def test_a_worker_dying_at_any_point_loses_nothing_and_runs_nothing_twice(
     assert_settled(cluster.conn)
 
 
-def test_jobs_of_a_model_without_live_workers_are_taken_back(cluster: Cluster) -> None:
+def test_jobs_of_a_model_without_live_workers_are_taken_back(cluster: TinyService) -> None:
     cluster.clean()
     with cluster.gateway.client() as client:
         job = cluster.submit(client, {"prompt": "orphan", "steps": 6})
-        _, crasher = cluster.worker(IMAGEGEN_FAULT_CRASH_AT="mid_loop")
+        _, crasher = cluster.start_worker(IMAGEGEN_FAULT_CRASH_AT="mid_loop")
         assert crasher.process.wait(timeout=120) == 70
         assert cluster.conn.zrange(Keys.running(MODEL), 0, -1) == [job.encode()]
         # A worker of another model sweeps every model's running set.
-        other = cluster.ready_worker(IMAGEGEN_MODEL_ID="another-model")
+        other = cluster.worker(IMAGEGEN_MODEL_ID="another-model")
         try:
             deadline = time.monotonic() + 30
             while cluster.conn.zcard(Keys.queue(MODEL)) == 0:
@@ -209,7 +175,7 @@ def test_jobs_of_a_model_without_live_workers_are_taken_back(cluster: Cluster) -
     assert cluster.conn.zcard(Keys.running(MODEL)) == 0
 
 
-def test_the_event_stream_follows_a_take_back(cluster: Cluster) -> None:
+def test_the_event_stream_follows_a_take_back(cluster: TinyService) -> None:
     cluster.clean()
     events: list[tuple[str, dict[str, object]]] = []
     with cluster.gateway.client() as client:
@@ -221,9 +187,9 @@ def test_the_event_stream_follows_a_take_back(cluster: Cluster) -> None:
 
         reader = threading.Thread(target=follow)
         reader.start()
-        _, crasher = cluster.worker(IMAGEGEN_FAULT_CRASH_AT="mid_loop")
+        _, crasher = cluster.start_worker(IMAGEGEN_FAULT_CRASH_AT="mid_loop")
         assert crasher.process.wait(timeout=120) == 70
-        rescuer = cluster.ready_worker()
+        rescuer = cluster.worker()
         try:
             reader.join(timeout=60)
         finally:
@@ -238,7 +204,7 @@ def test_the_event_stream_follows_a_take_back(cluster: Cluster) -> None:
     assert steps and steps[0] <= 6 and steps == sorted(steps)
 
 
-def test_cancel_of_a_queued_job_leaves_no_key_without_a_ttl(cluster: Cluster) -> None:
+def test_cancel_of_a_queued_job_leaves_no_key_without_a_ttl(cluster: TinyService) -> None:
     cluster.clean()
     with cluster.gateway.client() as client:
         job = cluster.submit(client, {"prompt": "never mind", "steps": 6})
@@ -487,10 +453,10 @@ def test_the_gateway_never_imports_torch_and_the_worker_never_fastapi(
 
 
 def test_the_sdk_meets_a_real_failed_job_and_a_real_full_queue(
-    cluster: Cluster, tmp_path: Path
+    cluster: TinyService, tmp_path: Path
 ) -> None:
     cluster.clean()
-    worker = cluster.ready_worker()
+    worker = cluster.worker()
     try:
         with (
             Client(base_url=cluster.gateway.base_url) as client,

@@ -11,7 +11,7 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,15 +19,11 @@ import httpx
 import pytest
 import redis
 
-from imagegen.cli.redis_server import RedisServer
 from imagegen.core.contract import Keys
 from tests.stack import (
     FAST_RECOVERY,
-    Proc,
-    Supervisor,
+    TinyService,
     rss_mib,
-    start_gateway,
-    start_worker,
     wait_for_job,
     wait_for_worker,
 )
@@ -38,57 +34,12 @@ FAST = FAST_RECOVERY
 DETECT_S = 4 + 0.5
 
 
-class Cluster:
-    def __init__(self, root: Path, tiny_model_dir: Path, gateway_env: dict[str, str]) -> None:
-        self.root = root
-        self.model_env = {**FAST, "IMAGEGEN_MODEL": str(tiny_model_dir), "IMAGEGEN_MODEL_ID": MODEL}
-        self.redis = RedisServer(root / "redis", appendonly=True).start()
-        self.conn = redis.Redis.from_url(self.redis.url)
-        self.gateway = start_gateway(self.redis.url, root, {**FAST, **gateway_env})
-        self.workers: dict[str, Proc] = {}
-        self.supervisors: list[Supervisor] = []
-
-    def worker(self, name: str, **extra: str) -> Proc:
-        env = {**self.model_env, **extra}
-        proc = start_worker(self.redis.url, self.root, name, env, forked=True)
-        wait_for_worker(self.conn, proc, name)
-        self.workers[name] = proc
-        return proc
-
-    def supervised(self, name: str) -> Supervisor:
-        def start(generation: int) -> Proc:
-            name_now = f"{name}-g{generation}"
-            return start_worker(self.redis.url, self.root, name_now, self.model_env, forked=True)
-
-        supervisor = Supervisor(start)
-        wait_for_worker(self.conn, supervisor.proc, f"{name}-g0")
-        self.supervisors.append(supervisor)
-        return supervisor
-
-    def client(self) -> httpx.Client:
-        return self.gateway.client()
-
-    def submit(self, client: httpx.Client, prompt: str, **body: object) -> str:
-        response = client.post("/v1/generations", json={"prompt": prompt, **body})
-        assert response.status_code == 202, response.text
-        job_id: str = response.json()["id"]
-        return job_id
-
-    def close(self) -> None:
-        for supervisor in self.supervisors:
-            supervisor.stop()
-        for proc in self.workers.values():
-            proc.stop()
-        self.gateway.proc.stop()
-        self.redis.stop()
-
-
 @pytest.fixture
-def cluster_factory(tmp_path: Path, tiny_model_dir: Path) -> Iterator[type[Cluster] | object]:
-    made: list[Cluster] = []
+def cluster_factory(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Callable[..., TinyService]]:
+    made: list[TinyService] = []
 
-    def make(**gateway_env: str) -> Cluster:
-        cluster = Cluster(tmp_path, tiny_model_dir, gateway_env)
+    def make(**gateway_env: str) -> TinyService:
+        cluster = TinyService(tmp_path, tiny_model_dir, gateway_env)
         made.append(cluster)
         return cluster
 
