@@ -11,6 +11,12 @@ classifier-free guidance, the cond row alone otherwise); everything else is elem
 job's images are byte-identical whatever else shares its batch. Otherwise (GPU) each step is one
 UNet call over every row; different batch sizes then pick different kernels, and a job's images
 differ from its solo run by a few rounding steps (bench/batch_equivalence.py measures how much).
+
+By concern: the texts are `worker.text_conditioning`, the VAE end `worker.decoding`, padding to
+compiled sizes `worker.compiled_sizes`; this module is the loop itself — its rows (a `Span` per
+job), the starting latents and images in, guidance and control per row, and jobs leaving
+mid-run. Why it is still 650 lines: those four share one state (the live spans, their groups,
+the scheduler's history), which a further split would only pass around.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from imagegen.core.contract import JobSpec
+from worker.compiled_sizes import bucket, pad_rows
+from worker.decoding import Decoder
 from worker.pipeline import LoadedModel
 from worker.previews import estimate_x0
-from worker.prompts import Prepared, pad_pair
 from worker.schedulers import build_scheduler
+from worker.text_conditioning import TextConditioning, guided
 
 # on_step(done, total): `done` of the `total` denoising steps the loop runs are finished.
 StepCallback = Callable[[int, int], None]
@@ -56,10 +64,6 @@ class PreviewHook(Protocol):
     def due(self) -> bool: ...
 
     def show(self, done: int, total: int, latents: torch.Tensor) -> None: ...
-
-
-# Pixels one VAE decode call covers when not batch-invariant: 8 images of 512x512.
-DECODE_PIXELS = 8 * 512 * 512
 
 
 @dataclass(frozen=True)
@@ -140,12 +144,10 @@ class _Loop:
         self.live = list(range(len(items)))
         # Per-row tensors of jobs with images in: image latents, their noise, latent masks.
         self.inputs: dict[str, torch.Tensor] = {}
-        self._embeddings: dict[str, torch.Tensor] = {}  # text -> [1, tokens, dim]
-        self.prompts = model.prompts
         # SDXL: the second encoder's pooled output per text, and the micro-conditioning
         # (original size, crop, target size) every row shares (one shape key per batch).
         self.sdxl = isinstance(self.pipe, StableDiffusionXLPipeline)
-        self._pooled: dict[str, torch.Tensor] = {}
+        self.texts = TextConditioning(self.pipe, model.prompts, self.device, self.sdxl, invariant)
         self.controlnet: Any = None
         if spec.control is not None:
             self.controlnet = model.adapters.controlnets[spec.control.id]
@@ -175,65 +177,7 @@ class _Loop:
 
     # -- rows -----------------------------------------------------------------------------------
     def _cfg(self, job: int) -> bool:
-        # The stock pipeline's rule: guidance <= 1 runs the cond half only.
-        return self.items[job].spec.guidance_scale > 1
-
-    def _encode_texts(self, texts: list[str]) -> None:
-        """Encode the texts not encoded yet. A negative prompt goes through the same tokenizer
-        and encoder as a prompt, so one cache serves both roles.
-
-        A text with weights, or longer than the encoder's window, is encoded window by window
-        (worker.prompts, with compel). Every other text goes through the pipeline's own
-        `encode_prompt`, as before weighting existed: batch-invariant, one call per text at
-        batch 1, as a solo run makes it; otherwise one call for all of them (a batch of
-        distinct prompts costs one call, not one each; every text is padded to the window).
-        """
-        missing = [text for text in dict.fromkeys(texts) if text not in self._embeddings]
-        plain: dict[str, str] = {}  # text -> what the encoder reads (weighting syntax out)
-        for text in missing:
-            prepared = self.prompts.prepare(text) if self.prompts else Prepared(text, None)
-            if prepared.fragments is None:
-                plain[text] = prepared.text
-                continue
-            assert self.prompts is not None
-            encoded = self.prompts.encode_long(prepared, self.device)
-            self._embeddings[text] = encoded.embeds
-            if encoded.pooled is not None:
-                self._pooled[text] = encoded.pooled
-        keys = list(plain)
-        groups = [[k] for k in keys] if self.invariant else [keys] if keys else []
-        for group in groups:
-            out = self.pipe.encode_prompt(
-                prompt=[plain[k] for k in group],
-                device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=False,
-            )
-            embeds = out[0]
-            for i, text in enumerate(group):
-                self._embeddings[text] = embeds[i : i + 1]
-                if self.sdxl:
-                    self._pooled[text] = out[2][i : i + 1]
-
-    def _zero_negative(self, text: str) -> bool:
-        """SDXL, like its stock pipeline given no negative prompt, uses zeros for an empty one
-        (`force_zeros_for_empty_prompt`)."""
-        return bool(self.sdxl and not text and self.pipe.config.force_zeros_for_empty_prompt)
-
-    def _job_embeddings(self, job: int) -> _JobText:
-        """A job's conditional and (guided) unconditional embeddings, the same length: the
-        shorter padded with windows of the empty prompt's embedding."""
-        spec = self.items[job].spec
-        cond, pooled = self._embeddings[spec.prompt], self._pooled.get(spec.prompt)
-        if not self._cfg(job):
-            return _JobText(cond, None, pooled, None)
-        if self._zero_negative(spec.negative_prompt):
-            assert pooled is not None
-            return _JobText(cond, torch.zeros_like(cond), pooled, torch.zeros_like(pooled))
-        uncond = self._embeddings[spec.negative_prompt]
-        if cond.shape[1] != uncond.shape[1]:
-            cond, uncond = pad_pair(cond, uncond, self._embeddings[""])
-        return _JobText(cond, uncond, pooled, self._pooled.get(spec.negative_prompt))
+        return guided(self.items[job].spec)
 
     def _layout(self) -> None:
         """Per-row tensors for the jobs still live; rebuilt when a job leaves."""
@@ -245,13 +189,8 @@ class _Loop:
             row += n
         self.rows = row
         specs = [self.items[job].spec for job in self.live]
-        negatives = [s.negative_prompt for s in specs if s.guidance_scale > 1]
-        negatives = [text for text in negatives if not self._zero_negative(text)]
-        texts = [s.prompt for s in specs] + negatives
-        self._encode_texts(texts)
-        if len({self._embeddings[text].shape[1] for text in texts}) > 1:
-            self._encode_texts([""])  # pads a job's shorter text (only when lengths differ)
-        self.text = {job: self._job_embeddings(job) for job in self.live}
+        self.texts.prepare(specs)
+        self.text = {job: self.texts.for_job(self.items[job].spec) for job in self.live}
         first = self.text[self.live[0]]
         self.dtype = first.cond.dtype
         if self.sdxl:
@@ -372,7 +311,13 @@ class _Loop:
                 if not self.live:
                     break
         if self.live:
-            self._decode(latents)
+            spec = self.items[0].spec
+            decoder = Decoder(
+                self.pipe, self.sdxl, self.device, self.dtype, self.invariant, self.compiled
+            )
+            images = decoder.decode(latents, self.generators, spec.width, spec.height)
+            for job, a, b in self.spans:
+                self.results[job] = images[a:b]
         assert all(result is not None for result in self.results)
         return [result for result in self.results if result is not None]
 
@@ -495,13 +440,13 @@ class _Loop:
             # Pad to a compiled size (a guided batch of b images is 2b rows), and give the
             # timestep one dtype (DDIM's are integers, Euler's floats; the UNet makes them
             # float either way): a new shape or dtype would mean compiling mid-job.
-            size = _bucket(rows, [2 * b for b in self.compiled])
-            sample, context = _pad_rows(sample, size), _pad_rows(context, size)
+            size = bucket(rows, [2 * b for b in self.compiled])
+            sample, context = pad_rows(sample, size), pad_rows(context, size)
             if pooled is not None:
-                pooled = _pad_rows(pooled, size)
+                pooled = pad_rows(pooled, size)
             if residuals is not None:
                 down, mid = residuals
-                residuals = ([_pad_rows(d, size) for d in down], _pad_rows(mid, size))
+                residuals = ([pad_rows(d, size) for d in down], pad_rows(mid, size))
             t = t.to(torch.float32)
         added = None
         if pooled is not None:
@@ -647,88 +592,6 @@ class _Loop:
                 parts.append(cond_pred)
         return torch.cat(parts)
 
-    def _decode(self, latents: torch.Tensor) -> None:
-        """VAE-decode the live rows into PIL images: one image per call when invariant, else
-        a few images per call, across jobs."""
-        spec = self.items[0].spec
-        chunk = 1
-        if not self.invariant and not self._needs_upcast():
-            # About what a 512x512 batch of 8 takes; larger images, fewer per call. (A VAE
-            # upcast to fp32 for decoding, as SDXL's, decodes one image per call.)
-            chunk = max(1, DECODE_PIXELS // (spec.width * spec.height))
-            if self.compiled:
-                # A compiled size, so that no chunk is padded past the pixel budget.
-                chunk = max([b for b in self.compiled if b <= chunk], default=self.compiled[0])
-        images: list[Image.Image] = []
-        upcast = self._needs_upcast()
-        if upcast:
-            # As the stock SDXL pipeline: an fp16 VAE that overflows decodes in fp32, and is
-            # put back afterwards (and by Inference.restore should anything fail here).
-            self.pipe.vae.to(dtype=torch.float32)
-        try:
-            for lo in range(0, self.rows, chunk):
-                hi = min(lo + chunk, self.rows)
-                rows = latents[lo:hi]
-                if upcast:
-                    rows = rows.to(next(iter(self.pipe.vae.post_quant_conv.parameters())).dtype)
-                images += self._decode_rows(rows, self.generators[lo:hi])
-        finally:
-            if upcast:
-                self.pipe.vae.to(dtype=torch.float16)
-        for job, a, b in self.spans:
-            self.results[job] = images[a:b]
-
-    def _needs_upcast(self) -> bool:
-        vae = self.pipe.vae
-        return bool(
-            self.sdxl and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        )
-
-    def _decode_rows(
-        self, latents: torch.Tensor, generators: list[torch.Generator]
-    ) -> list[Image.Image]:
-        pipe = self.pipe
-        vae_config = pipe.vae.config
-        mean = getattr(vae_config, "latents_mean", None)
-        std = getattr(vae_config, "latents_std", None)
-        if self.sdxl and mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            std_t = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            latents = latents * std_t / vae_config.scaling_factor + mean_t
-        else:
-            latents = latents / vae_config.scaling_factor
-        shift = getattr(vae_config, "shift_factor", None)
-        if shift is not None and not self.sdxl:
-            latents = latents + shift
-        count = latents.shape[0]
-        if self.compiled:
-            latents = _pad_rows(latents, _bucket(count, self.compiled))
-        if self.sdxl:
-            image = pipe.vae.decode(latents, return_dict=False)[0][:count]
-            if pipe.watermark is not None:
-                image = pipe.watermark.apply_watermark(image)
-            image = pipe.image_processor.postprocess(image, output_type="pt")
-            return _to_pil(image)
-        image = pipe.vae.decode(latents, return_dict=False, generator=generators)[0][:count]
-        # The model's own safety checker, if it ships one, as the stock pipeline runs it.
-        image, nsfw = pipe.run_safety_checker(image, self.device, self.dtype)
-        denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
-        image = pipe.image_processor.postprocess(
-            image, output_type="pt", do_denormalize=denormalize
-        )
-        return _to_pil(image)
-
-
-@dataclass(frozen=True)
-class _JobText:
-    """A job's text embeddings: [1, tokens, dim] each, the unconditional ones None unless
-    guided; SDXL's pooled [1, dim2] (else None)."""
-
-    cond: torch.Tensor
-    uncond: torch.Tensor | None
-    pooled: torch.Tensor | None
-    pooled_uncond: torch.Tensor | None
-
 
 @dataclass(frozen=True)
 class _Group:
@@ -772,30 +635,6 @@ def _strength_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Te
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)
     return timesteps
-
-
-def _to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[0, 1] images as PIL, with the arithmetic of diffusers' `numpy_to_pil` ((x * 255)
-    rounded half to even, in float32) done where the tensor is: on a GPU only uint8 pixels
-    cross to the CPU, and the CPU is free sooner to encode and store them."""
-    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    if pixels.shape[-1] == 1:
-        pixels = pixels.squeeze(-1)  # one channel: grayscale ("L") images, as diffusers makes
-    return [Image.fromarray(p) for p in pixels]
-
-
-def _bucket(rows: int, sizes: list[int] | tuple[int, ...]) -> int:
-    """The smallest of the ascending `sizes` that holds `rows` (`rows` itself past them all)."""
-    return next((size for size in sizes if size >= rows), rows)
-
-
-def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """`tensor` with copies of its first row appended up to `rows` rows (their results are
-    dropped; each row is computed independently of the others)."""
-    missing = rows - tensor.shape[0]
-    if missing <= 0:
-        return tensor
-    return torch.cat([tensor, tensor[:1].expand(missing, *tensor.shape[1:])])
 
 
 def _slice_scheduler_state(scheduler: Any, shape: torch.Size, index: torch.Tensor) -> None:
