@@ -1,7 +1,7 @@
 """Job events for Server-Sent Events streams, serialized once per job for all its listeners.
 
 Workers publish a short message on `imagegen:job:{id}:events` at every state change and
-progress write (see imagegen.lifecycle). Each gateway process holds ONE pattern subscription
+progress write (see imagegen.core.lifecycle). Each gateway process holds ONE pattern subscription
 and hands messages to a `JobFeed` per job that has listeners in this process: the feed reads
 the job document once per batch of messages, formats each SSE frame once, and offers the same
 bytes to every listener. A listener's buffer is small: when its client does not read, progress

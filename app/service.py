@@ -31,7 +31,6 @@ from imagegen.core.contract import (
     JobSpec,
     JobStatus,
     Keys,
-    ModelInfo,
     is_valid_job_id,
 )
 from imagegen.core.destinations import AllowList, Refused, check_destination
@@ -80,32 +79,29 @@ class GenerationService:
         self.token_counters = TokenCounters(async_connection)
 
     # -- submit ---------------------------------------------------------------------------------
-    async def resolve(
-        self, request: GenerationRequest, inputs: images_in.PreparedInputs | None = None
-    ) -> JobSpec:
-        """Fill in the model's defaults and apply the configured limits, naming any field."""
-        spec, _ = await self.resolve_with_blobs(request, inputs)
-        return spec
-
-    async def resolve_with_blobs(
-        self, request: GenerationRequest, inputs: images_in.PreparedInputs | None = None
-    ) -> tuple[JobSpec, dict[str, bytes]]:
-        """`resolve`, and the job's input blobs by name (`inputs`' and the control image's)."""
+    async def target(self, request: GenerationRequest) -> resolve.Target:
+        """The model the request names, as workers published it (one lookup per submit)."""
         model_id = request.model or self.settings.default_model
         info = await self.registry.aget(model_id)
         known = await self.registry.amodel_ids() if info is None else []
+        return resolve.Target(model_id, info, tuple(known))
+
+    async def resolve_with_blobs(
+        self,
+        request: GenerationRequest,
+        target: resolve.Target,
+        inputs: images_in.PreparedInputs | None = None,
+    ) -> tuple[JobSpec, dict[str, bytes]]:
+        """The job's spec (the model's defaults filled in, the configured limits applied, any
+        field named) and its input blobs by name (`inputs`' and the control image's)."""
+        info = target.info
         encode = await self.token_counters.encoder(info) if info is not None else None
-        target = resolve.Target(model_id, info, tuple(known))
         if request.control is None:
             return resolve.resolve_request(request, self.settings, target, inputs, encode)
         # Decoding an image is CPU work: off the event loop.
         return await anyio.to_thread.run_sync(
             resolve.resolve_request, request, self.settings, target, inputs, encode
         )
-
-    def pixel_cap(self, info: ModelInfo | None) -> int:
-        """The most pixels an output may have: the service's cap, or the model's if lower."""
-        return resolve.pixel_cap(self.settings, info)
 
     def prepare_inputs(
         self, request: GenerationRequest, max_pixels: int | None = None
@@ -165,22 +161,23 @@ class GenerationService:
         an Idempotency-Key replay).
 
         One round trip to Redis, on the event loop: a script checks the Idempotency-Key and
-        the queue's depth and, only if both allow it, writes the job (see `_SUBMIT_LUA`).
+        the queue's depth and, only if both allow it, writes the job (see the lifecycle's
+        lua/submit.lua).
         """
         if request.webhook is not None:
             await self._check_webhook(request.webhook.url)
+        # The model is looked up once, before any pixel work: its own pixel cap bounds the
+        # inputs' resizing (an unknown model: resolve names it, after the inputs were checked
+        # against the service's cap).
+        target = await self.target(request)
         inputs = None
         if request.image is not None or request.mask is not None or request.outpaint is not None:
-            # The model's own pixel cap is known before any pixel work (None: resolve names
-            # the unknown model below, after the inputs were checked against the service's).
-            info = await self.registry.aget(request.model or self.settings.default_model)
-            inputs = await anyio.to_thread.run_sync(
-                self.prepare_inputs, request, self.pixel_cap(info)
-            )
+            cap = resolve.pixel_cap(self.settings, target.info)
+            inputs = await anyio.to_thread.run_sync(self.prepare_inputs, request, cap)
         elif request.strength is not None:
             raise InvalidRequest.for_field("strength", "needs `image`")
         # A bad request never consumes an idempotency key.
-        spec, blobs = await self.resolve_with_blobs(request, inputs)
+        spec, blobs = await self.resolve_with_blobs(request, target, inputs)
         record = JobRecord(
             id=new_job_id(),
             status=JobStatus.QUEUED,
@@ -238,7 +235,7 @@ class GenerationService:
 
     async def _check_webhook(self, url: str) -> None:
         """A 422 naming `webhook.url` when its destination is refused (see
-        imagegen.webhooks); a name that does not resolve now is let through, and checked
+        imagegen.core.webhooks); a name that does not resolve now is let through, and checked
         again, like every destination, at each delivery."""
         try:
             with anyio.fail_after(WEBHOOK_RESOLVE_S):

@@ -2,7 +2,7 @@
 
 A prompt without weighting syntax that fits the text encoder's window goes through the
 pipeline's own ``encode_prompt``, exactly as before. A weighted one (``(word:1.3)``,
-``(word)``, ``[word]``; parsed in ``imagegen.prompts``) or a longer one goes through
+``(word)``, ``[word]``; parsed in ``imagegen.core.prompts``) or a longer one goes through
 ``compel``'s embeddings provider: the tokens are cut into windows of ``model_max_length``
 (each with its start and end marker), each window encoded on its own and the results
 concatenated along the token axis, the way AUTOMATIC1111 and compel do; each token's weight

@@ -1,4 +1,4 @@
-"""Reading job records: one Redis hash per job (written by `imagegen.lifecycle` alone)."""
+"""Reading job records: one Redis hash per job (written by `imagegen.core.lifecycle` alone)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _opt_float(raw: str | None) -> float | None:
 
 
 def record_from_hash(job_id: str, raw: Mapping[str, str]) -> JobRecord:
-    """Decode the hash that `imagegen.lifecycle` writes."""
+    """Decode the hash that `imagegen.core.lifecycle` writes."""
     error = raw.get("error")
     deadline = _opt_float(raw.get("deadline"))
     return JobRecord(
