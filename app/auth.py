@@ -21,7 +21,7 @@ from fastapi import Depends, Request
 from app.errors import ApiError, Unauthorized
 from imagegen.core.api_keys import KeyEntry, Limits, limits_for, load_entries
 from imagegen.core.contract import Keys
-from imagegen.core.settings import Settings
+from imagegen.core.settings import GatewaySettings
 
 log = logging.getLogger("imagegen.gateway")
 
@@ -48,12 +48,12 @@ class Principal:
 class KeyStore:
     """The configured keys (hashes and each key's own limits), by name."""
 
-    def __init__(self, entries: list[KeyEntry], settings: Settings | None = None) -> None:
+    def __init__(self, entries: list[KeyEntry], settings: GatewaySettings | None = None) -> None:
         self._entries = {entry.name: entry for entry in entries}
-        self._settings = settings or Settings()
+        self._settings = settings or GatewaySettings()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> KeyStore:
+    def from_settings(cls, settings: GatewaySettings) -> KeyStore:
         return cls(load_entries(settings), settings)
 
     @property

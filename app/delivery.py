@@ -27,7 +27,6 @@ from imagegen import __version__
 from imagegen.core.api_keys import load_entries
 from imagegen.core.contract import Keys, WebhookDelivery
 from imagegen.core.destinations import (
-    AllowList,
     Destination,
     IPAddress,
     Refused,
@@ -35,7 +34,7 @@ from imagegen.core.destinations import (
 )
 from imagegen.core.lifecycle import Outbox, WebhookTask
 from imagegen.core.logs import configure_logging
-from imagegen.core.settings import Settings
+from imagegen.core.settings import GatewaySettings
 from imagegen.core.store import record_from_hash
 from imagegen.core.webhooks import Secrets, retry_delay, sign
 
@@ -49,12 +48,14 @@ IDLE_WAIT_S = 1.0
 class Deliverer:
     """Takes due deliveries from the outbox and posts them, in `concurrency` threads."""
 
-    def __init__(self, connection: redis.Redis, settings: Settings, secrets: Secrets) -> None:
+    def __init__(
+        self, connection: redis.Redis, settings: GatewaySettings, secrets: Secrets
+    ) -> None:
         self.redis = connection
         self.settings = settings
         self.secrets = secrets
         self.outbox = Outbox(connection)
-        self.allow = AllowList.parse(settings.webhook_allowed_hosts)
+        self.allow = settings.webhook_allow_list
         # Longer than a send can take (connect, send, answer: each within the timeout).
         self.lease_s = 3 * settings.webhook_timeout_s + 1
         self.http = httpx.Client(
@@ -205,7 +206,7 @@ def _pinned(url: str, destination: Destination, address: IPAddress) -> str:
     return f"{destination.scheme}://{host}:{destination.port}{path}{query}"
 
 
-def run_deliverer(settings: Settings) -> int:
+def run_deliverer(settings: GatewaySettings) -> int:
     """Run the delivery process until SIGTERM or SIGINT."""
     configure_logging(settings.log_level, settings.log_json)
     connection = redis.Redis.from_url(

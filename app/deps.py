@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from app.capacity import MemoryGuard
 from app.registry import ModelRegistry
 from app.service import GenerationService
-from imagegen.core.settings import Settings
+from imagegen.core.settings import GatewaySettings
 
 
 async def _service(request: Request) -> GenerationService:
@@ -26,8 +26,8 @@ async def _registry(request: Request) -> ModelRegistry:
     return registry
 
 
-async def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
+async def _settings(request: Request) -> GatewaySettings:
+    settings: GatewaySettings = request.app.state.settings
     return settings
 
 
@@ -39,4 +39,4 @@ async def _memory(request: Request) -> MemoryGuard:
 MemoryDep = Annotated[MemoryGuard, Depends(_memory)]
 ServiceDep = Annotated[GenerationService, Depends(_service)]
 RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
+SettingsDep = Annotated[GatewaySettings, Depends(_settings)]

@@ -34,7 +34,7 @@ from app.routes import (
 from app.schemas import ErrorEnvelope
 from app.service import GenerationService
 from imagegen import __version__
-from imagegen.core.settings import Settings
+from imagegen.core.settings import GatewaySettings
 from imagegen.core.store import JobStore
 from imagegen.core.webhooks import Secrets
 
@@ -48,9 +48,9 @@ def _operation_id(route: APIRoute) -> str:
     return route.name
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """Build the gateway; nothing is connected until the app starts."""
-    settings = settings or Settings()
+    settings = settings or GatewaySettings()
     keys = KeyStore.from_settings(settings)
 
     @asynccontextmanager
@@ -139,7 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Off unless an allow-list is set: browsers then get no CORS headers at all.
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
+            allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
         )
@@ -175,7 +175,7 @@ EVENT_SCHEMA: dict[str, Any] = {
 }
 
 
-def _finish_openapi(app: FastAPI, settings: Settings) -> None:
+def _finish_openapi(app: FastAPI, settings: GatewaySettings) -> None:
     """Post-process the generated document where FastAPI cannot say what the API does.
 
     - FastAPI describes SSE bodies with OpenAPI 3.2's `itemSchema`; 3.1 tools read the

@@ -20,7 +20,7 @@ from imagegen.core.contract import (
     LoraRef,
     ModelInfo,
 )
-from imagegen.core.settings import Settings
+from imagegen.core.settings import GatewaySettings
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Target:
     known: tuple[str, ...] = ()
 
 
-def pixel_cap(settings: Settings, info: ModelInfo | None) -> int:
+def pixel_cap(settings: GatewaySettings, info: ModelInfo | None) -> int:
     """The most pixels an output may have: the service's cap, or the model's if lower."""
     cap = settings.max_pixels
     return min(cap, info.max_pixels) if info is not None and info.max_pixels else cap
@@ -41,7 +41,7 @@ def pixel_cap(settings: Settings, info: ModelInfo | None) -> int:
 
 def resolve_request(
     request: GenerationRequest,
-    settings: Settings,
+    settings: GatewaySettings,
     target: Target,
     inputs: images_in.PreparedInputs | None = None,
     encode: Encode | None = None,
@@ -176,7 +176,7 @@ def _loras(request: GenerationRequest, info: ModelInfo) -> tuple[LoraRef, ...]:
 
 
 def _control(
-    request: GenerationRequest, settings: Settings, info: ModelInfo, width: int, height: int
+    request: GenerationRequest, settings: GatewaySettings, info: ModelInfo, width: int, height: int
 ) -> tuple[ControlRef, bytes] | None:
     """The control and its decoded image (resized to the output size); None without one
     or at scale 0 (the request without control)."""

@@ -33,10 +33,10 @@ from imagegen.core.contract import (
     Keys,
     is_valid_job_id,
 )
-from imagegen.core.destinations import AllowList, Refused, check_destination
+from imagegen.core.destinations import Refused, check_destination
 from imagegen.core.lifecycle import Admission, AsyncSubmitter, Lifecycle, queue_position
 from imagegen.core.logs import request_id
-from imagegen.core.settings import Settings
+from imagegen.core.settings import GatewaySettings
 from imagegen.core.store import JobStore
 
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -63,12 +63,12 @@ class GenerationService:
         connection: redis.Redis,
         store: JobStore,
         registry: ModelRegistry,
-        settings: Settings,
+        settings: GatewaySettings,
         async_connection: aioredis.Redis,
         api_keys: KeyStore | None = None,
     ) -> None:
         self.api_keys = api_keys or KeyStore([], settings)
-        self.webhook_allow = AllowList.parse(settings.webhook_allowed_hosts)
+        self.webhook_allow = settings.webhook_allow_list
         self.redis = connection
         self.aredis = async_connection
         self.store = store

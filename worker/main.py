@@ -19,7 +19,7 @@ from imagegen import __version__
 from imagegen.core.contract import ErrorCode, WorkerHeartbeat
 from imagegen.core.lifecycle import Lifecycle
 from imagegen.core.logs import configure_logging
-from imagegen.core.settings import Settings
+from imagegen.core.settings import FaultSettings, WorkerSettings
 from worker.adapters import AdapterError
 from worker.faults import CrashPoint
 from worker.heartbeat import Heartbeat
@@ -43,7 +43,7 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
 
 
-def batch_max_images(settings: Settings, model: LoadedModel) -> int:
+def batch_max_images(settings: WorkerSettings, model: LoadedModel) -> int:
     """Images one denoising loop may hold: the setting, or `auto` — 1 on CPU, where batching
     buys nothing (bench/batching.py), and on a GPU as many as free memory comfortably holds
     at the model's native size, at most 16 (compiled: at most the largest compiled size)."""
@@ -73,7 +73,7 @@ def _exit_at_once(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def run_worker(settings: Settings) -> int:
+def run_worker(settings: WorkerSettings) -> int:
     """Run one worker until it is told to stop (SIGTERM/SIGINT: finish the current job, exit)."""
     # Loading and warm-up hold no job: until the loop installs its own handlers (finish the
     # batch, then exit), a stop signal ends the process at once. Without this, PID 1 in a
@@ -87,7 +87,8 @@ def run_worker(settings: Settings) -> int:
     name = settings.worker_name or default_worker_name()
     state = WorkerState()
     started_at = time.time()
-    crash = CrashPoint(settings.fault_crash_at if settings.fault_injection else None)
+    faults = FaultSettings()  # the test suites' switches, off in any deployment
+    crash = CrashPoint(faults.fault_crash_at if faults.fault_injection else None)
 
     try:
         models = ModelManager(
@@ -128,6 +129,7 @@ def run_worker(settings: Settings) -> int:
         metrics,
         crash,
         inference_for=models.acquire,
+        fault_injection=faults.fault_injection,
     )
     router = WarmthRouter(connection, lifecycle, models, settings, name)
     loop = WorkLoop(

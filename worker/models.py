@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 import torch
 
 from imagegen.core.contract import ModelInfo, ServedModel
-from imagegen.core.settings import Settings
+from imagegen.core.settings import WorkerSettings
 from worker.adapters import AdapterError, adapter_cards
 from worker.inference import Inference
 from worker.pipeline import (
@@ -74,10 +74,11 @@ class ModelSource:
     source: str
 
 
-def parse_models(value: str) -> list[ModelSource]:
-    """`a=/models/a, stabilityai/sdxl-turbo` → entries; ids and sources stripped."""
+def parse_models(entries: list[str]) -> list[ModelSource]:
+    """IMAGEGEN_MODELS' entries (`a=/models/a`, `stabilityai/sdxl-turbo`) → sources; ids and
+    sources stripped."""
     out = []
-    for part in value.split(","):
+    for part in entries:
         part = part.strip()
         if not part:
             continue
@@ -99,7 +100,7 @@ def builtin_sources(first_id: str | None = None) -> list[ModelSource]:
     return out
 
 
-def configured_sources(settings: Settings) -> list[ModelSource]:
+def configured_sources(settings: WorkerSettings) -> list[ModelSource]:
     if settings.models:
         return parse_models(settings.models)
     if settings.model:
@@ -170,7 +171,7 @@ def _modules(pipe: Any) -> list[torch.nn.Module]:
     return [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
 
 
-def memory_budget_bytes(settings: Settings, device: torch.device) -> int:
+def memory_budget_bytes(settings: WorkerSettings, device: torch.device) -> int:
     """IMAGEGEN_MODEL_MEMORY_GIB, or the memory fraction of free GPU memory / available RAM."""
     if settings.model_memory_gib is not None:
         return int(settings.model_memory_gib * 2**30)
@@ -214,11 +215,11 @@ class Warm:
     last_used: float = field(default_factory=time.monotonic)
 
 
-Loader = Callable[[Settings, str, str, dict[str, Any]], LoadedModel]
+Loader = Callable[[WorkerSettings, str, str, dict[str, Any]], LoadedModel]
 
 
 def _load(
-    settings: Settings, source: str, model_id: str, components: dict[str, Any]
+    settings: WorkerSettings, source: str, model_id: str, components: dict[str, Any]
 ) -> LoadedModel:
     return load_model(settings, source, model_id, components)
 
@@ -229,7 +230,7 @@ class ModelManager:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: WorkerSettings,
         sources: list[ModelSource] | None = None,
         budget_bytes: int | None = None,
         max_images: Callable[[LoadedModel, Inference], int] | None = None,

@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoPipelineForText2Image
 
 from imagegen.core.contract import SCHEDULER_NAMES, AdapterInfo, ModelInfo
-from imagegen.core.settings import Settings
+from imagegen.core.settings import WorkerSettings
 from worker.adapters import Adapters, load_adapters
 from worker.families import supports_batching
 from worker.prompts import PromptEncoder
@@ -91,7 +91,7 @@ def read_card(source: str) -> dict[str, Any]:
 
 
 def model_id_for(
-    source: str, settings: Settings, card: dict[str, Any], model_id: str | None = None
+    source: str, settings: WorkerSettings, card: dict[str, Any], model_id: str | None = None
 ) -> str:
     if model_id:
         return model_id
@@ -103,7 +103,7 @@ def model_id_for(
     return path.name if path.is_dir() else source
 
 
-def _speed_up(pipe: Any, settings: Settings) -> None:
+def _speed_up(pipe: Any, settings: WorkerSettings) -> None:
     """The warm-start options: fused QKV, channels_last, torch.compile (warm-up happens in the
     worker's first generations, one per batch size in IMAGEGEN_COMPILE_BATCHES)."""
     if settings.fuse_qkv and hasattr(pipe, "fuse_qkv_projections"):
@@ -139,7 +139,7 @@ def tokenizer_of(source: str, tokenizer: Any = None) -> Any:
         return None
 
 
-def prompt_fields(settings: Settings, tokenizer: Any) -> dict[str, Any]:
+def prompt_fields(settings: WorkerSettings, tokenizer: Any) -> dict[str, Any]:
     """`max_prompt_tokens`, `prompt_weighting` and `tokenizer` of a model's announcement."""
     if tokenizer is None:
         return {}
@@ -164,7 +164,7 @@ def model_info(
     card: dict[str, Any],
     native: int,
     scheduler: str | None,
-    settings: Settings,
+    settings: WorkerSettings,
     tokenizer: Any = None,
     adapters: list[AdapterInfo] | None = None,
     controls: list[AdapterInfo] | None = None,
@@ -239,7 +239,7 @@ def _model_files(source: str) -> list[str]:
 
 
 def load_model(
-    settings: Settings,
+    settings: WorkerSettings,
     source: str | None = None,
     model_id: str | None = None,
     components: dict[str, Any] | None = None,
@@ -326,7 +326,7 @@ def load_model(
         vae_tiling=tiling,
         batch_invariant=settings.batch_invariant == "on"
         or (settings.batch_invariant == "auto" and device.type == "cpu"),
-        compiled_batches=settings.compile_batch_sizes if settings.compile else (),
+        compiled_batches=settings.compile_batches if settings.compile else (),
         adapters=adapters,
         prompts=prompts,
     )

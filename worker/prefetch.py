@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imagegen.core.settings import Settings
+from imagegen.core.settings import WorkerSettings
 from worker.models import parse_models
 from worker.pipeline import FP16_VARIANT, has_fp16_variant
 
 
-def prefetch_model(settings: Settings) -> str:
+def prefetch_model(settings: WorkerSettings) -> str:
     """Download the configured hub model(s) into the Hugging Face cache; returns what it did.
 
     Compose runs this once before the workers start, so that the workers can run with
@@ -25,7 +25,7 @@ def prefetch_model(settings: Settings) -> str:
     return _prefetch(settings.model, settings)
 
 
-def _prefetch(source: str | None, settings: Settings) -> str:
+def _prefetch(source: str | None, settings: WorkerSettings) -> str:
     if not source or Path(source).is_dir():
         return f"nothing to fetch: {source or 'the built-in model'} is on disk"
     from diffusers import DiffusionPipeline

@@ -19,7 +19,7 @@ import redis
 
 from imagegen.core.contract import ErrorCode, JobRecord, JobStatus, Keys, WorkerHeartbeat
 from imagegen.core.lifecycle import Lifecycle
-from imagegen.core.settings import Settings
+from imagegen.core.settings import WorkerSettings
 from imagegen.core.store import JobStore
 
 log = logging.getLogger("imagegen.worker")
@@ -28,7 +28,7 @@ log = logging.getLogger("imagegen.worker")
 class Reaper:
     """Sweeps every model's running set for lost jobs; `start()` runs it in a daemon thread."""
 
-    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+    def __init__(self, connection: redis.Redis, settings: WorkerSettings) -> None:
         self.redis = connection
         self.store = JobStore(connection)
         self.lifecycle = Lifecycle(connection)

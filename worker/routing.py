@@ -24,7 +24,7 @@ import redis
 
 from imagegen.core.contract import Keys, WorkerHeartbeat
 from imagegen.core.lifecycle import Lifecycle
-from imagegen.core.settings import Settings
+from imagegen.core.settings import WorkerSettings
 from worker.models import ModelManager, ModelUnavailable
 
 log = logging.getLogger("imagegen.worker")
@@ -38,7 +38,7 @@ class WarmthRouter:
         connection: redis.Redis,
         lifecycle: Lifecycle,
         models: ModelManager,
-        settings: Settings,
+        settings: WorkerSettings,
         worker_name: str,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from imagegen.core.contract import ErrorCode, ImageInfo
 from imagegen.core.lifecycle import Claimed, Lifecycle
 from imagegen.core.logs import request_id
-from imagegen.core.settings import Settings
+from imagegen.core.settings import WorkerSettings
 from worker import edits, faults
 from worker.batch_loop import BatchItem, BatchResult
 from worker.errors import (
@@ -60,11 +60,12 @@ class JobRunner:
         self,
         inference: Inference,
         lifecycle: Lifecycle,
-        settings: Settings,
+        settings: WorkerSettings,
         state: WorkerState,
         metrics: WorkerMetrics,
         crash: CrashPoint | None = None,
         inference_for: Callable[[str], Inference] | None = None,
+        fault_injection: bool = False,
     ) -> None:
         self.inference = inference
         # A worker serving several models: the warm Inference of a batch's model, by id.
@@ -74,10 +75,11 @@ class JobRunner:
         self.state = state
         self.metrics = metrics
         self.crash = crash or CrashPoint(None)
+        self.fault_injection = fault_injection  # FaultSettings: `__fault__:` prompts honoured
         self.progress = ProgressReporter(
             lifecycle,
             settings.progress_interval_s,
-            settings.fault_injection,
+            fault_injection,
             self.crash,
             settings.preview_interval_s,
         )
@@ -159,7 +161,7 @@ class JobRunner:
                 )
             )
         on_loop_step = self.metrics.step_clock()
-        if self.settings.fault_injection:
+        if self.fault_injection:
             on_loop_step = faults.memory_limited(on_loop_step, [j.record.spec for j in batch])
         try:
             with _alarm(max((job.record.deadline or 0.0) for job in batch)):

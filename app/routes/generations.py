@@ -15,7 +15,7 @@ from app.events import EventHub, ReservedStream, sse_stream
 from app.images_in import limit_body_without_images
 from app.schemas import GenerationRequest, JobDocument
 from imagegen.core.contract import JobRecord
-from imagegen.core.settings import Settings
+from imagegen.core.settings import GatewaySettings
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -123,7 +123,7 @@ async def stream_generation_events(
 ) -> EventSourceResponse:
     """Server-Sent Events: the current state, every transition and progress, then the end."""
     hub: EventHub = request.app.state.events
-    settings: Settings = request.app.state.settings
+    settings: GatewaySettings = request.app.state.settings
     if not hub.reserve_stream(principal.name, settings.max_streams_per_key):
         raise TooManyStreams(
             f"this API key has {settings.max_streams_per_key} event streams open on this "

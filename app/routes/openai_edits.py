@@ -25,7 +25,7 @@ from app.deps import MemoryDep, ServiceDep
 from app.errors import InvalidRequest
 from app.openai_schemas import OpenAIImageRequest, OpenAIImagesResponse
 from app.routes.openai_images import answer_when_done
-from imagegen.core.settings import Settings
+from imagegen.core.settings import GatewaySettings
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 # `outpaint` is four small integers as JSON ({"left": 64, "right": 64, "top": 64, "bottom": 64}
@@ -41,7 +41,7 @@ async def _read(upload: UploadFile, field: str, max_bytes: int) -> bytes:
     return data
 
 
-def openai_mask_to_ours(data: bytes, settings: Settings) -> bytes:
+def openai_mask_to_ours(data: bytes, settings: GatewaySettings) -> bytes:
     """OpenAI's mask (alpha 0 = repaint) as this API's (white = repaint), a grayscale PNG."""
     decoded = images_in.load_image(
         data, "mask", settings.max_input_image_bytes, settings.max_pixels, keep_alpha=True
@@ -63,7 +63,7 @@ def _alpha(image: Image.Image) -> Image.Image | None:
     return None
 
 
-def _mask_from_image_alpha(data: bytes, settings: Settings) -> bytes | None:
+def _mask_from_image_alpha(data: bytes, settings: GatewaySettings) -> bytes | None:
     """OpenAI edits the transparent pixels of an image sent without a mask."""
     decoded = images_in.load_image(
         data, "image", settings.max_input_image_bytes, settings.max_pixels, keep_alpha=True
@@ -118,7 +118,7 @@ async def edit_image(
     input_fidelity: Annotated[str | None, Form()] = None,
 ) -> OpenAIImagesResponse | Response:
     """Edit an image (OpenAI's `images.edit`): mask pixels with alpha 0 are repainted."""
-    settings: Settings = service.settings
+    settings: GatewaySettings = service.settings
     upload = image or (images[0] if images else None)
     if upload is None:
         raise InvalidRequest.for_field("image", "is required (a PNG, JPEG or WebP file)")

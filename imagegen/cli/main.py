@@ -13,6 +13,7 @@ from imagegen.cli.edit import register as register_edit
 from imagegen.cli.generate import register as register_generate
 from imagegen.cli.startup import load_settings
 from imagegen.cli.usage import register as register_usage
+from imagegen.core.settings import GatewaySettings, Settings, WorkerSettings
 
 app = typer.Typer(help="imagegen: text-to-image over HTTP.", no_args_is_help=True)
 
@@ -26,7 +27,7 @@ def serve(
 ) -> None:
     """Run everything locally: Redis, the gateway on IMAGEGEN_HOST:IMAGEGEN_PORT, the webhook
     delivery process, a worker."""
-    settings = load_settings()
+    settings = load_settings(Settings)
     from imagegen.cli.localrun import serve as run_local
 
     raise typer.Exit(run_local(settings, data_dir.resolve(), workers))
@@ -35,7 +36,7 @@ def serve(
 @app.command()
 def api() -> None:
     """Run the gateway alone (Redis must be reachable at IMAGEGEN_REDIS_URL)."""
-    settings = load_settings()
+    settings = load_settings(GatewaySettings)
     import uvicorn
 
     from app.http_guard import guarded_protocol
@@ -61,7 +62,7 @@ def api() -> None:
 @app.command()
 def worker() -> None:
     """Run one worker: load the model once, warm it, take jobs until SIGTERM."""
-    settings = load_settings()
+    settings = load_settings(WorkerSettings)
     from worker.adapters import AdapterError
     from worker.main import run_worker
 
@@ -78,7 +79,7 @@ def worker() -> None:
 def webhooks() -> None:
     """Run the webhook delivery process: post the jobs' webhook deliveries, signed, with
     retries (Redis must be reachable at IMAGEGEN_REDIS_URL)."""
-    settings = load_settings()
+    settings = load_settings(GatewaySettings)
     from app.delivery import run_deliverer
 
     raise typer.Exit(run_deliverer(settings))
@@ -87,7 +88,7 @@ def webhooks() -> None:
 @app.command()
 def prefetch() -> None:
     """Download IMAGEGEN_MODEL (a hub id) into the Hugging Face cache, then exit."""
-    settings = load_settings()
+    settings = load_settings(WorkerSettings)
     from worker.prefetch import prefetch_model
 
     typer.echo(prefetch_model(settings))
@@ -96,7 +97,7 @@ def prefetch() -> None:
 @app.command("check-worker")
 def check_worker() -> None:
     """Exit 0 if this host's worker wrote a fresh heartbeat (for container healthchecks)."""
-    settings = load_settings()
+    settings = load_settings(WorkerSettings)
     from worker.heartbeat import check_heartbeat_file
 
     if settings.heartbeat_file is None:

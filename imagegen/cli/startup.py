@@ -3,18 +3,23 @@ invalid one."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import typer
 
-from imagegen.core.settings import Settings
+from imagegen.core.settings import CommonSettings
+
+S = TypeVar("S", bound=CommonSettings)
 
 
-def load_settings() -> Settings:
-    """The IMAGEGEN_* settings; if one is invalid, a line per problem naming the variable and
-    the rule, then exit status 2 (no traceback; the values are not echoed: some are secrets)."""
+def load_settings(kind: type[S]) -> S:
+    """The process's IMAGEGEN_* settings (`kind`: GatewaySettings, WorkerSettings, or Settings for
+    all); if one is invalid, a line per problem naming the variable and the rule, then exit
+    status 2 (no traceback; the values are not echoed: some are secrets)."""
     from pydantic import ValidationError
 
     try:
-        return Settings()
+        return kind()
     except ValidationError as exc:
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"])

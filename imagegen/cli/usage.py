@@ -42,9 +42,10 @@ def register(app: typer.Typer) -> None:
         from imagegen.cli.startup import load_settings
         from imagegen.core.api_keys import limits_for, load_entries
         from imagegen.core.contract import utc_day
+        from imagegen.core.settings import GatewaySettings
         from imagegen.core.store import JobStore
 
-        settings = load_settings()
+        settings = load_settings(GatewaySettings)
         entries = {entry.name: entry for entry in load_entries(settings)}
         connection = redis.Redis.from_url(settings.redis_url, **settings.redis_options())
         store = JobStore(connection)

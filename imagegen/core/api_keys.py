@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagegen.core.settings import Settings
+from imagegen.core.settings import GatewaySettings
 
 _ENTRY = re.compile(r"^(?P<name>[A-Za-z0-9._-]{1,64}):(?P<digest>[0-9a-f]{64})$")
 _OPTION = re.compile(r"^(?P<option>[a-z_]+)=(?P<value>\S+)$")
@@ -120,11 +120,11 @@ def parse_entries(tokens: list[str]) -> list[KeyEntry]:
     return entries
 
 
-def load_entries(settings: Settings) -> list[KeyEntry]:
+def load_entries(settings: GatewaySettings) -> list[KeyEntry]:
     """IMAGEGEN_API_KEYS (comma-separated entries) and the lines of IMAGEGEN_API_KEYS_FILE
     (`#` starts a comment)."""
     tokens: list[str] = []
-    for entry in (settings.api_keys or "").split(","):
+    for entry in settings.api_keys:
         tokens += entry.split()
     if settings.api_keys_file is not None:
         for line in Path(settings.api_keys_file).read_text().splitlines():
@@ -137,7 +137,7 @@ def load_entries(settings: Settings) -> list[KeyEntry]:
     return entries
 
 
-def limits_for(entry: KeyEntry | None, settings: Settings) -> Limits:
+def limits_for(entry: KeyEntry | None, settings: GatewaySettings) -> Limits:
     """A key's limits: its own overrides, else the global defaults (whose 0 = unlimited)."""
     active: int | None = settings.max_active_jobs or None
     quota: float | None = settings.daily_quota_megapixel_steps or None

@@ -44,8 +44,10 @@ class AllowList:
     entries: tuple[Allowed, ...] = ()
 
     @classmethod
-    def parse(cls, text: str | None) -> AllowList:
-        return cls(tuple(_entry(part.strip()) for part in (text or "").split(",") if part.strip()))
+    def parse(cls, entries: list[str]) -> AllowList:
+        """The list's entries (IMAGEGEN_WEBHOOK_ALLOWED_HOSTS, read into a list); a ValueError
+        names a bad one."""
+        return cls(tuple(_entry(entry.strip()) for entry in entries if entry.strip()))
 
     def names(self, host: str, port: int) -> bool:
         """Whether `host` (a URL's host: a name or an address) and `port` are on the list."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import redis
 
 from imagegen.core.contract import Keys
-from imagegen.core.settings import Settings
+from imagegen.core.settings import GatewaySettings
 
 
 # -- signing (Standard Webhooks) ----------------------------------------------------------------
@@ -39,7 +39,10 @@ class Secrets:
     every gateway and delivery process)."""
 
     def __init__(
-        self, connection: redis.Redis, settings: Settings, own: Mapping[str, str] | None = None
+        self,
+        connection: redis.Redis,
+        settings: GatewaySettings,
+        own: Mapping[str, str] | None = None,
     ) -> None:
         self.redis = connection
         self.settings = settings

@@ -191,7 +191,7 @@ def _no_resolving(host: str, port: int) -> list[IPAddress]:
 @pytest.mark.parametrize("url", REFUSED_DESTINATIONS)
 def test_embedded_and_dotted_addresses_are_refused_without_a_lookup(url: str) -> None:
     try:
-        check_destination(url, AllowList.parse(None), resolver=_no_resolving)
+        check_destination(url, AllowList(), resolver=_no_resolving)
     except Refused as exc:
         assert "address" in str(exc) or "host" in str(exc)
     else:
@@ -212,7 +212,7 @@ def test_public_addresses_inside_ipv6_forms_are_judged_by_the_ipv4() -> None:
         return [ipaddress.ip_address(host.strip("[]"))]
 
     for url in ("https://[64:ff9b::808:808]/", "https://[2002:808:808::]/", "https://8.8.8.8./"):
-        destination, addresses = check_destination(url, AllowList.parse(None), resolver=literal)
+        destination, addresses = check_destination(url, AllowList(), resolver=literal)
         assert destination.scheme == "https" and addresses
 
 
@@ -323,14 +323,16 @@ def test_weights_and_nesting_past_the_bounds_are_a_422_naming_prompt(
 
 # -- 9. allow-list ports, coarse delivery errors -------------------------------------------------
 def test_allow_list_entries_may_name_a_port() -> None:
-    allow = AllowList.parse("127.0.0.1:8080,hooks.internal:8443,10.0.0.0/8:443,[::1]:9000,fd00::/8")
+    allow = AllowList.parse(
+        ["127.0.0.1:8080", "hooks.internal:8443", "10.0.0.0/8:443", "[::1]:9000", "fd00::/8"]
+    )
     assert allow.names("127.0.0.1", 8080) and not allow.names("127.0.0.1", 6379)
     assert allow.names("hooks.internal.", 8443) and not allow.names("hooks.internal", 443)
     assert allow.names("10.2.3.4", 443) and not allow.names("10.2.3.4", 80)
     assert allow.names("[::1]", 9000) and not allow.names("::1", 9001)
     assert allow.names("fd00::5", 1)  # no port: any
     with pytest.raises(ValueError, match=r"1\.\.65535"):
-        AllowList.parse("127.0.0.1:99999")
+        AllowList.parse(["127.0.0.1:99999"])
     with pytest.raises(Refused):
         check_destination("http://127.0.0.1:6379/", allow, resolver=_no_resolving)
 

@@ -232,7 +232,9 @@ def _spec(model: str, **changes: object) -> JobSpec:
     return job_spec(model=model, **changes)
 
 
-def _runner(connection: redis.Redis, settings: Settings) -> JobRunner:
+def _runner(
+    connection: redis.Redis, settings: Settings, fault_injection: bool = False
+) -> JobRunner:
     """A job runner on the settings' model, as a worker builds it."""
     model = load_model(settings)
     return JobRunner(
@@ -242,6 +244,7 @@ def _runner(connection: redis.Redis, settings: Settings) -> JobRunner:
         WorkerState(),
         WorkerMetrics(settings.model_id or "", model.device),
         CrashPoint(None),
+        fault_injection=fault_injection,
     )
 
 
@@ -299,9 +302,7 @@ def test_a_batched_job_keeps_its_own_time_limit(
 def test_an_out_of_memory_batch_is_split_and_only_what_fails_alone_fails(
     redis_conn: redis.Redis, tiny_model_dir: Path
 ) -> None:
-    settings = Settings(
-        model=str(tiny_model_dir), model_id="oom", device="cpu", fault_injection=True
-    )
+    settings = Settings(model=str(tiny_model_dir), model_id="oom", device="cpu")
     # The middle job makes any loop step of more than one image run out of memory; it holds
     # two images itself, so it cannot run even alone.
     batch = _claimed_jobs(
@@ -313,7 +314,7 @@ def test_an_out_of_memory_batch_is_split_and_only_what_fails_alone_fails(
             _spec("oom", prompt="c"),
         ],
     )
-    outcomes = _runner(redis_conn, settings).run(batch)
+    outcomes = _runner(redis_conn, settings, fault_injection=True).run(batch)
     assert [(o.status, o.detail) for o in outcomes] == [
         ("succeeded", ""),
         ("failed", "out_of_memory"),

@@ -53,7 +53,9 @@ def two_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_the_list_takes_hub_ids_directories_and_ids() -> None:
-    assert parse_models(" sd=runwayml/sd15 , /models/x,, stabilityai/sdxl-turbo ") == [
+    assert parse_models(
+        Settings(models=" sd=runwayml/sd15 , /models/x,, stabilityai/sdxl-turbo ").models
+    ) == [
         ModelSource("sd", "runwayml/sd15"),
         ModelSource(None, "/models/x"),
         ModelSource(None, "stabilityai/sdxl-turbo"),
