@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +10,15 @@ import pytest
 import redis
 
 from imagegen.cli.redis_server import RedisServer
-from imagegen.core.contract import Keys
-from tests.stack import ROOT, Gateway, Proc, start_gateway, start_worker, wait_for_worker
+from tests.stack import (
+    ROOT,
+    Gateway,
+    Proc,
+    keep_only_announcements,
+    start_gateway,
+    start_worker,
+    wait_for_worker,
+)
 
 TINY_MODEL_ID = "tiny"
 
@@ -56,8 +62,8 @@ def no_imagegen_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
 @pytest.fixture(autouse=True)
 def clean_redis(request: pytest.FixtureRequest) -> None:
     """Each test on the shared redis-server starts from a clean database: nothing another test
-    wrote is there, and the session's warm workers have announced themselves again (their next
-    heartbeat, half a second away, writes their model records back).
+    wrote is there but the session's warm workers' announcements, kept as they are
+    (tests.stack.keep_only_announcements), so no test waits for them to announce again.
 
     A module whose tests share seeded state on purpose opts out with the
     `shares_redis_state` marker (the fuzzer: its generated cases name two seeded jobs)."""
@@ -65,14 +71,7 @@ def clean_redis(request: pytest.FixtureRequest) -> None:
         return
     if request.node.get_closest_marker("shares_redis_state") is not None:
         return
-    connection: redis.Redis = request.getfixturevalue("redis_conn")
-    workers = list(connection.scan_iter(match=Keys.worker("*")))
-    connection.flushdb()
-    deadline = time.monotonic() + 30
-    while not all(connection.exists(key) for key in workers):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"workers did not announce themselves again: {workers}")
-        time.sleep(0.05)
+    keep_only_announcements(request.getfixturevalue("redis_conn"))
 
 
 @pytest.fixture(scope="session")

@@ -379,6 +379,39 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def keep_only_announcements(connection: redis.Redis) -> None:
+    """Empty the database but for what the live workers announced (their worker records, their
+    models' records and tokenizers, the model lists, with only live workers in them), as if
+    the workers had just started on an empty Redis.
+
+    This is how each test starts from a clean database without waiting for the session's warm
+    workers to announce themselves again after a FLUSHDB (a heartbeat, up to half a second,
+    per test). A key prefix per test cannot do it: a warm worker serves one prefix."""
+    beats = [
+        (key, WorkerHeartbeat.model_validate_json(raw))
+        for key in connection.scan_iter(match=Keys.worker("*"))
+        if (raw := connection.get(key)) is not None
+    ]
+    single = [key for key, _ in beats]
+    members: dict[str, dict[str, float]] = {}
+    for _, beat in beats:
+        for served in beat.served():
+            members.setdefault(served.info.id, {})[beat.name] = beat.sent_at
+            single.append(Keys.model(served.info.id))
+            if served.info.tokenizer:
+                single.append(Keys.tokenizer(served.info.tokenizer))
+    kept = [(key, connection.dump(key), connection.pttl(key)) for key in dict.fromkeys(single)]
+    with connection.pipeline(transaction=True) as pipe:
+        pipe.flushdb()
+        for key, value, ttl_ms in kept:
+            if value is not None:
+                pipe.restore(key, max(int(ttl_ms), 0), value, replace=True)
+        for model_id, workers in members.items():
+            pipe.zadd(Keys.model_workers(model_id), workers)
+            pipe.sadd(Keys.MODELS, model_id)
+        pipe.execute()
+
+
 def announce_idle_model(connection: redis.Redis, model_id: str, **fields: object) -> None:
     """A model record as a worker would publish it (`fields` change it), with no worker behind
     it: its jobs queue."""
@@ -411,26 +444,8 @@ FAST_RECOVERY = {
 }
 
 
-def batch_job(**changes: object) -> JobSpec:
-    """The batch-loop tests' job: the tiny model, 64x64, 4 euler steps, guidance 7.5, a
-    negative prompt (so both halves of guidance run), with `changes`."""
-    fields: dict[str, object] = {
-        "prompt": "a red cube",
-        "negative_prompt": "blurry",
-        "width": 64,
-        "height": 64,
-        "steps": 4,
-        "guidance_scale": 7.5,
-        "seed": 11,
-        "n": 1,
-        "scheduler": "euler",
-        "model": "tiny",
-    }
-    return JobSpec(**fields).model_copy(update=changes)  # type: ignore[arg-type]
-
-
 def job_spec(**changes: object) -> JobSpec:
-    """A 64x64, 4-step euler job of the tiny model, with `changes`."""
+    """A 64x64, 4-step euler job of the tiny model, with `changes`: the one job factory."""
     fields: dict[str, object] = {
         "prompt": "p",
         "negative_prompt": "",
@@ -444,6 +459,21 @@ def job_spec(**changes: object) -> JobSpec:
         "model": "tiny",
     }
     return JobSpec.model_validate({**fields, **changes})
+
+
+def batch_job(**changes: object) -> JobSpec:
+    """The batch-loop tests' job: guidance 7.5 and a negative prompt (so both halves of
+    guidance run), with `changes`."""
+    batch = {"prompt": "a red cube", "negative_prompt": "blurry", "guidance_scale": 7.5, "seed": 11}
+    return job_spec(**{**batch, **changes})
+
+
+def submit(client: httpx.Client, **body: object) -> str:
+    """POST /v1/generations with `body`; the new job's id (the answer must be a 202)."""
+    response = client.post("/v1/generations", json=body)
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
 
 
 class TinyService:
@@ -512,10 +542,7 @@ class TinyService:
     ) -> str:
         """Submit a job (`body`, or a prompt and `fields`); its id."""
         payload = {"prompt": body, **fields} if isinstance(body, str) else {**body, **fields}
-        response = client.post("/v1/generations", json=payload)
-        assert response.status_code == 202, response.text
-        job_id: str = response.json()["id"]
-        return job_id
+        return submit(client, **payload)
 
     def clean(self) -> None:
         """A clean database, with the model announced (as a worker that is gone had done)."""

@@ -22,6 +22,7 @@ from tests.stack import (
     job_spec,
     start_gateway,
     start_worker,
+    submit,
     wait_for_job,
     wait_for_worker,
 )
@@ -52,17 +53,10 @@ def batching(
     server.stop()
 
 
-def _submit(client: httpx.Client, **body: object) -> str:
-    response = client.post("/v1/generations", json=body)
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
 def _busy(client: httpx.Client, steps: int = 1000) -> str:
     """A job that keeps the worker busy while the test fills the queue behind it; cancel it
     to let the worker take what queued up, all at once."""
-    blocker = _submit(client, prompt="blocker", steps=steps, scheduler="ddim")
+    blocker = submit(client, prompt="blocker", steps=steps, scheduler="ddim")
     deadline = time.monotonic() + 30
     while client.get(f"/v1/generations/{blocker}").json()["status"] != "running":
         assert time.monotonic() < deadline
@@ -85,8 +79,8 @@ def test_compatible_jobs_share_a_loop_and_match_their_solo_runs(
     shape = {"steps": 8, "scheduler": "euler_a", "width": 64, "height": 64}
     with gateway.client() as client:
         blocker = _busy(client)
-        batched = [_submit(client, **job, **shape) for job in JOBS]
-        other_shape = _submit(client, prompt="other", steps=9, scheduler="euler_a")
+        batched = [submit(client, **job, **shape) for job in JOBS]
+        other_shape = submit(client, prompt="other", steps=9, scheduler="euler_a")
         client.delete(f"/v1/generations/{blocker}")
         docs = [wait_for_job(client, job) for job in [*batched, other_shape]]
         assert all(d["status"] == "succeeded" for d in docs), docs
@@ -97,7 +91,7 @@ def test_compatible_jobs_share_a_loop_and_match_their_solo_runs(
         # The same jobs alone, one at a time (nothing else queued): byte-identical images.
         solo_pngs = []
         for job in JOBS:
-            doc = wait_for_job(client, _submit(client, **job, **shape))
+            doc = wait_for_job(client, submit(client, **job, **shape))
             solo_pngs.append([client.get(i["url"]).content for i in doc["images"]])  # type: ignore[attr-defined]
     assert batched_pngs == solo_pngs
     starts = [float(connection.hget(Keys.job(j), "started_at") or 0) for j in batched]
@@ -116,7 +110,7 @@ def test_a_job_canceled_mid_batch_leaves_the_others_alone(
     shape = {"steps": 300, "scheduler": "dpmpp_2m", "width": 64, "height": 64}
     with gateway.client() as client:
         blocker = _busy(client)
-        jobs = [_submit(client, prompt=f"long {i}", seed=i, **shape) for i in range(3)]
+        jobs = [submit(client, prompt=f"long {i}", seed=i, **shape) for i in range(3)]
         client.delete(f"/v1/generations/{blocker}")
         deadline = time.monotonic() + 60
         while client.get(f"/v1/generations/{jobs[1]}").json()["progress"]["step"] < 2:

@@ -10,14 +10,11 @@ import httpx
 import redis
 
 from tests.conftest import TINY_MODEL_ID
-from tests.stack import Gateway, parse_sse, read_events, wait_for_job
+from tests.stack import Gateway, parse_sse, read_events, submit, wait_for_job
 
 
 def _submit(client: httpx.Client, **body: object) -> str:
-    response = client.post("/v1/generations", json={"model": TINY_MODEL_ID, **body})
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    return job_id
+    return submit(client, model=TINY_MODEL_ID, **body)
 
 
 def test_events_go_queued_running_progress_succeeded(stack: Gateway) -> None:

@@ -228,10 +228,6 @@ def _claimed_jobs(connection: redis.Redis, model: str, specs: list[JobSpec]) -> 
     return batch
 
 
-def _spec(model: str, **changes: object) -> JobSpec:
-    return job_spec(model=model, **changes)
-
-
 def _runner(
     connection: redis.Redis, settings: Settings, fault_injection: bool = False
 ) -> JobRunner:
@@ -267,7 +263,7 @@ def redis_conn(private_redis: redis.Redis) -> redis.Redis:
 
 def test_a_stale_run_cannot_finish_a_job_that_was_taken_back(redis_conn: redis.Redis) -> None:
     lifecycle = Lifecycle(redis_conn)
-    (first,) = _claimed_jobs(redis_conn, "stale", [_spec("stale")])
+    (first,) = _claimed_jobs(redis_conn, "stale", [job_spec(model="stale")])
     assert lifecycle.requeue(first.record)  # its worker was presumed dead
     (second,), _ = lifecycle.claim("stale", "w2", budget=1)
     assert second.owner == "w2#2" and first.owner == "w#1"
@@ -287,7 +283,9 @@ def test_a_batched_job_keeps_its_own_time_limit(
 ) -> None:
     settings = Settings(model=str(tiny_model_dir), model_id="deadline", device="cpu")
     overdue, on_time = _claimed_jobs(
-        redis_conn, "deadline", [_spec("deadline", seed=1), _spec("deadline", seed=2, n=2)]
+        redis_conn,
+        "deadline",
+        [job_spec(model="deadline", seed=1), job_spec(model="deadline", seed=2, n=2)],
     )
     # The first is past its own deadline; the second (same batch) has ten minutes left.
     overdue = Claimed(overdue.record.model_copy(update={"deadline": time.time() - 1}))
@@ -309,9 +307,9 @@ def test_an_out_of_memory_batch_is_split_and_only_what_fails_alone_fails(
         redis_conn,
         "oom",
         [
-            _spec("oom", prompt="a"),
-            _spec("oom", prompt="__fault__:oom_over:1", n=2),
-            _spec("oom", prompt="c"),
+            job_spec(model="oom", prompt="a"),
+            job_spec(model="oom", prompt="__fault__:oom_over:1", n=2),
+            job_spec(model="oom", prompt="c"),
         ],
     )
     outcomes = _runner(redis_conn, settings, fault_injection=True).run(batch)

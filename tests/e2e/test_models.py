@@ -27,6 +27,7 @@ from imagegen.core.settings import Settings
 from tests.stack import (
     Gateway,
     Proc,
+    job_spec,
     service_env,
     start_gateway,
     start_process,
@@ -180,18 +181,7 @@ class _Models:
 
 
 def _spec(model: str) -> JobSpec:
-    return JobSpec(
-        prompt="p",
-        negative_prompt="",
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=1.0,
-        seed=0,
-        n=1,
-        scheduler="euler",
-        model=model,
-    )
+    return job_spec(model=model, steps=2, guidance_scale=1.0, seed=0)
 
 
 def _queue(connection: redis.Redis, model: str, created_at: float | None = None) -> str:
