@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -35,7 +34,6 @@ from app.schemas import ErrorEnvelope
 from app.service import GenerationService
 from imagegen import __version__
 from imagegen.core.settings import GatewaySettings
-from imagegen.core.store import JobStore
 from imagegen.core.webhooks import Secrets
 
 log = logging.getLogger("imagegen.gateway")
@@ -69,35 +67,27 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             "client_name": REDIS_CLIENT_NAME,
             **settings.redis_options(),  # the password, kept out of the URL
         }
-        # Sync for the thread-pool routes (reads, cancel); async for submits, the rate limit
-        # and the event subscription. Both bounded alike.
-        connection = redis.Redis(
-            connection_pool=redis.BlockingConnectionPool.from_url(
-                settings.redis_url, **pool_options
-            )
-        )
-        async_connection = aioredis.Redis(
+        # One client for the process, on the event loop: every route is async, so no request
+        # holds a thread while it waits for Redis.
+        connection = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
                 settings.redis_url, **pool_options
             )
         )
-        events = EventHub(async_connection)
+        events = EventHub(connection)
         await events.start()
         app.state.events = events
-        store = JobStore(connection)
-        registry = ModelRegistry(connection, settings.default_model, async_connection)
+        registry = ModelRegistry(connection, settings.default_model)
         app.state.keys = keys
         app.state.limiter = RateLimiter(
-            async_connection, settings.rate_limit_per_minute, settings.auth_failures_per_minute
+            connection, settings.rate_limit_per_minute, settings.auth_failures_per_minute
         )
         app.state.settings = settings
         app.state.registry = registry
-        app.state.service = GenerationService(
-            connection, store, registry, settings, async_connection, keys
-        )
+        app.state.service = GenerationService(connection, registry, settings, keys)
         app.state.webhook_secrets = Secrets(connection, settings, keys.webhook_secrets())
-        app.state.memory = MemoryGuard(async_connection, settings.redis_high_water)
-        app.state.collector = ServiceCollector(registry, app.state.service, events)
+        app.state.memory = MemoryGuard(connection, settings.redis_high_water)
+        app.state.collector = ServiceCollector(events)
         log.info("gateway %s started; redis at %s", __version__, _redact(settings.redis_url))
         if keys.enabled:
             log.info("API keys required on /v1/*: %d key(s) configured", len(keys))
@@ -110,8 +100,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             yield
         finally:
             await events.stop()
-            await async_connection.aclose()
-            connection.close()
+            await connection.aclose()
 
     app = FastAPI(
         title="imagegen",

@@ -7,6 +7,7 @@ import copy
 import hmac
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import (
@@ -27,9 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.capacity import MemoryGuard, RedisMemory
 from app.events import EventHub
-from app.registry import ModelRegistry
 from app.service import GenerationService
-from imagegen.core.store import JobStore
+from imagegen.core.contract import ModelInfo
 
 router = APIRouter(tags=["health"])
 
@@ -66,37 +66,72 @@ class RequestMetrics:
             REQUESTS.labels(scope["method"], template, str(status)).inc()
 
 
-class ServiceCollector(Collector):
-    """Reads queue depths and live workers from Redis — the same for every gateway replica —
-    and this process's own open streams and tasks."""
+@dataclass(frozen=True)
+class ModelFigures:
+    info: ModelInfo
+    workers: int
+    queued: int
+    run_buckets: list[tuple[str, float]]
+    run_seconds: float
 
-    def __init__(self, registry: ModelRegistry, service: GenerationService, hub: EventHub):
-        self.registry = registry
-        self.service = service
+
+@dataclass(frozen=True)
+class RedisFigures:
+    """What a scrape shows from Redis (the same for every gateway replica), read on the event
+    loop before the collector formats it."""
+
+    jobs: dict[tuple[str, str], int]
+    models: list[ModelFigures]
+    key_stats: dict[str, dict[str, float]] | None  # None: this scrape has no per-key series
+    key_names: list[str]
+    key_active: list[int]
+
+
+async def read_figures(service: GenerationService, per_key: bool) -> RedisFigures:
+    store = service.store
+    models = []
+    for info, live in await service.registry.models():
+        buckets, total = await store.run_histogram(info.id)
+        queued = await service.queue_depth(info.id)
+        models.append(ModelFigures(info, live, queued, buckets, total))
+    stats = await store.key_stats() if per_key else None
+    names = sorted(set(stats or {}) | set(service.api_keys.names() or [""])) if per_key else []
+    return RedisFigures(
+        await store.job_stats(), models, stats, names, await store.active_jobs(names)
+    )
+
+
+class ServiceCollector(Collector):
+    """Formats one scrape: the figures read from Redis, and this process's own open streams
+    and tasks."""
+
+    def __init__(self, hub: EventHub):
         self.hub = hub
         self.tasks = 0
+        self.figures: RedisFigures | None = None
         self.memory: RedisMemory | None = None
         self.high_water = 1.0
-        self.per_key = True
 
     def for_scrape(
-        self, *, tasks: int, memory: RedisMemory, high_water: float, per_key: bool
+        self, *, tasks: int, figures: RedisFigures, memory: RedisMemory, high_water: float
     ) -> ServiceCollector:
         """A collector for one scrape (its own copy: concurrent scrapes, one with the
-        operator token and one without, never see each other's settings)."""
+        operator token and one without, never see each other's figures)."""
         scrape = copy.copy(self)
         scrape.tasks, scrape.memory, scrape.high_water = tasks, memory, high_water
-        scrape.per_key = per_key
+        scrape.figures = figures
         return scrape
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
-        store = self.service.store
+        figures = self.figures
+        if figures is None:
+            return
         jobs = CounterMetricFamily(
             "imagegen_jobs",
             "Jobs that ended, by model and final status.",
             labels=["model", "status"],
         )
-        for (model, status), count in sorted(store.job_stats().items()):
+        for (model, status), count in sorted(figures.jobs.items()):
             jobs.add_metric([model, status], count)
         yield jobs
         runs = HistogramMetricFamily(
@@ -108,16 +143,15 @@ class ServiceCollector(Collector):
         workers = GaugeMetricFamily(
             "imagegen_workers", "Live workers serving a model.", labels=["model"]
         )
-        for info, live in self.registry.models():
-            depth.add_metric([info.id], self.service.queue_depth(info.id))
-            workers.add_metric([info.id], live)
-            buckets, total = store.run_histogram(info.id)
-            runs.add_metric([info.id], buckets, total)
+        for served in figures.models:
+            depth.add_metric([served.info.id], served.queued)
+            workers.add_metric([served.info.id], served.workers)
+            runs.add_metric([served.info.id], served.run_buckets, served.run_seconds)
         yield depth
         yield workers
         yield runs
-        if self.per_key:
-            yield from self._per_key(store)
+        if figures.key_stats is not None:
+            yield from self._per_key(figures)
         if self.memory is not None:
             yield GaugeMetricFamily(
                 "imagegen_redis_used_memory_bytes",
@@ -156,7 +190,7 @@ class ServiceCollector(Collector):
             value=self.tasks,
         )
 
-    def _per_key(self, store: JobStore) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def _per_key(self, figures: RedisFigures) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Each API key's totals, labelled by its name (never its secret or hash; the open
         service's one principal is `(open)`)."""
         jobs = CounterMetricFamily(
@@ -179,9 +213,8 @@ class ServiceCollector(Collector):
         active = GaugeMetricFamily(
             "imagegen_key_active_jobs", "The key's jobs queued or running now.", labels=["key"]
         )
-        stats = store.key_stats()
-        names = sorted(set(stats) | set(self.service.api_keys.names() or [""]))
-        for name in names:
+        stats = figures.key_stats or {}
+        for name in figures.key_names:
             label = key_label(name)
             counters = stats.get(name, {})
             for status in ("succeeded", "failed", "canceled"):
@@ -189,7 +222,7 @@ class ServiceCollector(Collector):
             work.add_metric([label], counters.get("megapixel_steps", 0.0))
             for outcome in ("delivered", "retrying", "failed"):
                 hooks.add_metric([label, outcome], counters.get(f"webhook_{outcome}", 0.0))
-        for name, count in zip(names, store.active_jobs(names), strict=True):
+        for name, count in zip(figures.key_names, figures.key_active, strict=True):
             active.add_metric([key_label(name)], count)
         yield from (jobs, work, hooks, active)
 
@@ -205,9 +238,9 @@ async def metrics(request: Request) -> Response:
     guard: MemoryGuard = request.app.state.memory
     scrape = collector.for_scrape(
         tasks=len(asyncio.all_tasks()),
+        figures=await read_figures(request.app.state.service, shows_tenants(request)),
         memory=await guard.read(max_age_s=0),
         high_water=guard.high_water,
-        per_key=shows_tenants(request),
     )
     registry = CollectorRegistry()
     registry.register(scrape)

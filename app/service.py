@@ -8,7 +8,6 @@ import secrets
 import time
 
 import anyio
-import redis
 import redis.asyncio as aioredis
 
 from app import images_in, resolve
@@ -34,10 +33,10 @@ from imagegen.core.contract import (
     is_valid_job_id,
 )
 from imagegen.core.destinations import Refused, check_destination
-from imagegen.core.lifecycle import Admission, AsyncSubmitter, Lifecycle, queue_position
+from imagegen.core.lifecycle import Admission, AsyncLifecycle
 from imagegen.core.logs import request_id
 from imagegen.core.settings import GatewaySettings
-from imagegen.core.store import JobStore
+from imagegen.core.store import AsyncJobStore
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 # How long a submit waits for a webhook host's name to resolve before letting it through.
@@ -56,34 +55,31 @@ def new_job_id() -> str:
 
 
 class GenerationService:
-    """Submit, read and cancel generation jobs."""
+    """Submit, read and cancel generation jobs, on the event loop and the gateway's one Redis
+    client."""
 
     def __init__(
         self,
-        connection: redis.Redis,
-        store: JobStore,
+        connection: aioredis.Redis,
         registry: ModelRegistry,
         settings: GatewaySettings,
-        async_connection: aioredis.Redis,
         api_keys: KeyStore | None = None,
     ) -> None:
         self.api_keys = api_keys or KeyStore([], settings)
         self.webhook_allow = settings.webhook_allow_list
         self.redis = connection
-        self.aredis = async_connection
-        self.store = store
+        self.store = AsyncJobStore(connection)
         self.registry = registry
         self.settings = settings
-        self.lifecycle = Lifecycle(connection)
-        self.submitter = AsyncSubmitter(async_connection)
-        self.token_counters = TokenCounters(async_connection)
+        self.lifecycle = AsyncLifecycle(connection)
+        self.token_counters = TokenCounters(connection)
 
     # -- submit ---------------------------------------------------------------------------------
     async def target(self, request: GenerationRequest) -> resolve.Target:
         """The model the request names, as workers published it (one lookup per submit)."""
         model_id = request.model or self.settings.default_model
-        info = await self.registry.aget(model_id)
-        known = await self.registry.amodel_ids() if info is None else []
+        info = await self.registry.get(model_id)
+        known = await self.registry.model_ids() if info is None else []
         return resolve.Target(model_id, info, tuple(known))
 
     async def resolve_with_blobs(
@@ -199,7 +195,7 @@ class GenerationService:
                 IDEMPOTENCY_TTL_S,
             )
         limits = self.api_keys.limits(api_key)
-        result = await self.submitter.submit(
+        result = await self.lifecycle.submit(
             record,
             self.settings.max_queue_depth,
             idempotency,
@@ -207,7 +203,7 @@ class GenerationService:
             Admission(limits.max_active_jobs, limits.daily_quota),
         )
         if result.outcome == "created":
-            return self.document(record, queue_position=int(result.value)), True
+            return render_document(record, int(result.value)), True
         if result.outcome == "too_many_jobs":
             raise TooManyJobs(
                 f"this API key has {int(result.value)} jobs queued or running, its limit "
@@ -231,7 +227,7 @@ class GenerationService:
         job_id, stored_hash = str(result.value).split(" ", 1)  # outcome "exists": a replay
         if stored_hash != body_hash:
             raise Conflict("Idempotency-Key was already used with a different request body")
-        return await anyio.to_thread.run_sync(self.get, job_id, api_key), False
+        return await self.get(job_id, api_key), False
 
     async def _check_webhook(self, url: str) -> None:
         """A 422 naming `webhook.url` when its destination is refused (see
@@ -248,35 +244,35 @@ class GenerationService:
             return
 
     # -- read -----------------------------------------------------------------------------------
-    def get_record(self, job_id: str, api_key: str) -> JobRecord:
+    async def get_record(self, job_id: str, api_key: str) -> JobRecord:
         """The job, if it exists and belongs to `api_key`; another key's job is a 404 too."""
         # Ids are checked before any Redis access: nothing user-made reaches a key unchecked.
-        record = self.store.get(job_id) if is_valid_job_id(job_id) else None
+        record = await self.store.get(job_id) if is_valid_job_id(job_id) else None
         if record is None or not hmac.compare_digest(record.api_key, api_key):
             shown = job_id if len(job_id) <= 64 else job_id[:64] + "..."
             raise NotFound(f"no generation job {shown!r} (unknown id, or it expired)")
         return record
 
-    def get(self, job_id: str, api_key: str = "") -> JobDocument:
-        return self.document(self.get_record(job_id, api_key))
+    async def get(self, job_id: str, api_key: str = "") -> JobDocument:
+        return await self.document(await self.get_record(job_id, api_key))
 
-    def read_for_events(self, job_id: str) -> tuple[JobRecord, JobDocument]:
+    async def read_for_events(self, job_id: str) -> tuple[JobRecord, JobDocument]:
         """The job's record and document for its event feed (its stream checked the owner
         when it opened)."""
-        record = self.store.get(job_id)
+        record = await self.store.get(job_id)
         if record is None:
             raise NotFound(f"no generation job {job_id!r} (it expired)")
-        return record, self.document(record)
+        return record, await self.document(record)
 
-    def image(self, job_id: str, index: int, api_key: str = "") -> bytes:
-        record = self.get_record(job_id, api_key)
+    async def image(self, job_id: str, index: int, api_key: str = "") -> bytes:
+        record = await self.get_record(job_id, api_key)
         if index < 0 or index >= record.spec.n:
             raise NotFound(f"job {job_id} has images 0..{record.spec.n - 1}, not {index}")
         if record.status != JobStatus.SUCCEEDED:
             raise NotFound(
                 f"image {index} of job {job_id} does not exist yet (job is {record.status})"
             )
-        png = self.store.get_image(job_id, index)
+        png = await self.store.get_image(job_id, index)
         if png is None:
             raise NotFound(
                 f"image {index} of job {job_id} has expired (results are kept "
@@ -284,27 +280,22 @@ class GenerationService:
             )
         return png
 
-    def queue_position(self, record: JobRecord) -> int | None:
-        return queue_position(self.redis, record)
+    async def queue_depth(self, model_id: str) -> int:
+        return int(await self.redis.zcard(Keys.queue(model_id)))
 
-    def queue_depth(self, model_id: str) -> int:
-        return int(self.redis.zcard(Keys.queue(model_id)))
-
-    def document(self, record: JobRecord, queue_position: int | None = None) -> JobDocument:
-        return render_document(
-            record, queue_position if queue_position is not None else self.queue_position(record)
-        )
+    async def document(self, record: JobRecord) -> JobDocument:
+        return render_document(record, await self.lifecycle.queue_position(record))
 
     # -- cancel ---------------------------------------------------------------------------------
-    def cancel(self, job_id: str, api_key: str = "") -> JobDocument:
+    async def cancel(self, job_id: str, api_key: str = "") -> JobDocument:
         """Cancel a queued or running job; a finished job is returned unchanged.
 
         The record turns `canceled` at once. A queued job leaves its queue (and a worker that
         pops it anyway sees `canceled` and skips it); a running job's worker learns of it at
         its next progress write and stops at that step boundary.
         """
-        record = self.get_record(job_id, api_key)
+        record = await self.get_record(job_id, api_key)
         if not record.status.is_terminal:
-            self.lifecycle.cancel(record, self.settings.failure_ttl_s)
-            record = self.get_record(job_id, api_key)
-        return self.document(record)
+            await self.lifecycle.cancel(record, self.settings.failure_ttl_s)
+            record = await self.get_record(job_id, api_key)
+        return await self.document(record)

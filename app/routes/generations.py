@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.sse import EventSourceResponse
 
@@ -14,7 +13,6 @@ from app.errors import TooManyStreams
 from app.events import EventHub, ReservedStream, sse_stream
 from app.images_in import limit_body_without_images
 from app.schemas import GenerationRequest, JobDocument
-from imagegen.core.contract import JobRecord
 from imagegen.core.settings import GatewaySettings
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -57,11 +55,11 @@ async def submit_generation(
 
 
 @router.get("/{job_id}", response_model=JobDocument)
-def get_generation(
+async def get_generation(
     service: ServiceDep, principal: PrincipalDep, job_id: str = JobId
 ) -> JobDocument:
     """The job document: status, queue position, progress, images, error, timings."""
-    return service.get(job_id, principal.name)
+    return await service.get(job_id, principal.name)
 
 
 @router.get(
@@ -69,14 +67,14 @@ def get_generation(
     response_class=Response,
     responses={200: {"content": {"image/png": {}}, "description": "The PNG image."}},
 )
-def get_generation_image(
+async def get_generation_image(
     service: ServiceDep,
     principal: PrincipalDep,
     job_id: str = JobId,
     index: int = Path(ge=0, le=1024),
 ) -> Response:
     """Download image `index` of a succeeded job (a PNG with a `parameters` text chunk)."""
-    png = service.image(job_id, index, principal.name)
+    png = await service.image(job_id, index, principal.name)
     return Response(
         png,
         media_type="image/png",
@@ -85,18 +83,18 @@ def get_generation_image(
 
 
 @router.delete("/{job_id}", response_model=JobDocument)
-def cancel_generation(
+async def cancel_generation(
     service: ServiceDep, principal: PrincipalDep, job_id: str = JobId
 ) -> JobDocument:
     """Cancel a queued job at once, a running one at its next step; finished: unchanged."""
-    return service.cancel(job_id, principal.name)
+    return await service.cancel(job_id, principal.name)
 
 
 async def _existing_job(
     service: ServiceDep, principal: PrincipalDep, job_id: str = JobId
 ) -> JobDocument:
     # Runs before the stream opens, so an unknown id is a plain 404, not a broken stream.
-    return await anyio.to_thread.run_sync(service.get, job_id, principal.name)
+    return await service.get(job_id, principal.name)
 
 
 @router.get(
@@ -131,11 +129,8 @@ async def stream_generation_events(
             headers={"Retry-After": "5"},
         )
 
-    async def read(job: str) -> tuple[JobRecord, JobDocument]:
-        return await anyio.to_thread.run_sync(service.read_for_events, job)
-
     return ReservedStream(
-        sse_stream(hub, first.id, read, principal.name, previews == "true"),
+        sse_stream(hub, first.id, service.read_for_events, principal.name, previews == "true"),
         release=lambda: hub.release_stream(principal.name),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -13,17 +13,17 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
+async def healthz() -> Health:
     """200 while the process lives."""
     return Health(status="ok")
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
-def readyz(registry: RegistryDep) -> Health | JSONResponse:
+async def readyz(registry: RegistryDep) -> Health | JSONResponse:
     """200 when Redis answers and a warm worker serves the default model; else 503 and why."""
     try:
-        registry.redis.ping()
-        workers = registry.live_workers(registry.default_model)
+        await registry.redis.ping()
+        workers = await registry.live_workers(registry.default_model)
     except redis.exceptions.RedisError:
         # In our words: the exception's class or text would tell a caller about internals.
         return _not_ready("redis is unavailable")

@@ -12,11 +12,13 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", response_model=ModelList)
-def list_models(registry: RegistryDep, settings: SettingsDep, principal: PrincipalDep) -> ModelList:
+async def list_models(
+    registry: RegistryDep, settings: SettingsDep, principal: PrincipalDep
+) -> ModelList:
     """Every model a live worker can serve: its defaults and limits, how many live workers
     can load it (`workers`) and how many hold it warm now (`loaded`)."""
     entries = []
-    for status in registry.statuses():
+    for status in await registry.statuses():
         info = status.info
         fields = info.model_dump(
             exclude={"max_pixels", "max_steps", "adapters", "controls", "tokenizer"}

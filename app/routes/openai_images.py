@@ -92,7 +92,7 @@ async def answer_when_done(
         base = str(request.base_url)
         data = [OpenAIImage(url=urljoin(base, image.url.lstrip("/"))) for image in done.images]
     else:
-        pngs = await anyio.to_thread.run_sync(_read_images, service, done, owner)
+        pngs = [await service.image(done.id, image.index, owner) for image in done.images]
         data = [OpenAIImage(b64_json=base64.b64encode(png).decode("ascii")) for png in pngs]
     return OpenAIImagesResponse(created=int(time.time()), data=data)
 
@@ -153,7 +153,7 @@ async def _submit(
     if (
         model is not None
         and model.startswith(OPENAI_MODEL_PREFIXES)
-        and await service.registry.aget(model) is None
+        and await service.registry.get(model) is None
     ):
         request = request.model_copy(update={"model": None})
     try:
@@ -166,10 +166,6 @@ async def _submit(
             raise InvalidRequest.for_field("size", message) from exc
         raise
     return job
-
-
-def _read_images(service: GenerationService, job: JobDocument, owner: str) -> list[bytes]:
-    return [service.image(job.id, image.index, owner) for image in job.images]
 
 
 async def _wait_for_job(
@@ -216,7 +212,7 @@ async def _wait_for_job(
     if finished is not None:
         return finished
     # Canceling a job that ended meanwhile returns it unchanged, and then its result stands.
-    final = await anyio.to_thread.run_sync(service.cancel, job.id, owner)
+    final = await service.cancel(job.id, owner)
     if disconnected:
         log.info("client left while waiting for job %s; it is %s", job.id, final.status)
         return None
@@ -235,7 +231,7 @@ async def _until_terminal(
     # Listening starts before the first read, so an end between the two is not missed.
     async with hub.listen(job_id) as messages:
         while True:
-            doc = await anyio.to_thread.run_sync(service.get, job_id, owner)
+            doc = await service.get(job_id, owner)
             if JobStatus(doc.status).is_terminal:
                 return doc
             # Messages name the new status or "progress"; only an end is worth a read. A lost
@@ -251,7 +247,7 @@ def _is_terminal_name(name: str) -> bool:
 
 async def _cancel_quietly(service: GenerationService, job_id: str, owner: str) -> None:
     try:
-        await anyio.to_thread.run_sync(service.cancel, job_id, owner)
+        await service.cancel(job_id, owner)
     except Exception:  # the error already under way is the one to report
         log.warning("could not cancel abandoned job %s", job_id, exc_info=True)
 

@@ -15,10 +15,10 @@ router = APIRouter(prefix="/v1", tags=["usage"])
 
 
 @router.get("/usage", response_model=UsageDocument)
-def get_usage(service: ServiceDep, principal: PrincipalDep) -> UsageDocument:
+async def get_usage(service: ServiceDep, principal: PrincipalDep) -> UsageDocument:
     """The caller's megapixel-steps today (UTC) against its daily quota, its jobs queued or
     running against `max_active_jobs` (null: unlimited), and its jobs that ended today."""
-    usage = service.store.usage(principal.name, utc_day(time.time()))
+    usage = await service.store.usage(principal.name, utc_day(time.time()))
     limits = service.api_keys.limits(principal.name)
     return UsageDocument(
         day=usage.day,

@@ -12,9 +12,9 @@ router = APIRouter(prefix="/v1", tags=["webhooks"])
 
 
 @router.get("/webhook-secret", response_model=WebhookSecret)
-def get_webhook_secret(request: Request, principal: PrincipalDep) -> WebhookSecret:
+async def get_webhook_secret(request: Request, principal: PrincipalDep) -> WebhookSecret:
     """The caller's own webhook signing secret (`whsec_` + base64, Standard Webhooks): each
     delivery's `webhook-signature` is `v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`
     under it. An open service has one secret."""
     secrets: Secrets = request.app.state.webhook_secrets
-    return WebhookSecret(secret=secrets.for_key(principal.name))
+    return WebhookSecret(secret=await secrets.afor_key(principal.name))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from imagegen.core.contract import (
     ImageInfo,
@@ -88,33 +89,23 @@ class KeyUsage:
 
 
 class JobStore:
-    """Reads job records, images and cluster-wide job statistics."""
+    """Reads job records, images and cluster-wide job statistics (the worker's and the CLI's
+    blocking client; the gateway's event loop has `AsyncJobStore`). What a reply means is
+    read by the `parse_*` functions both share."""
 
     def __init__(self, connection: redis.Redis) -> None:
         self.redis = connection
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw: dict[bytes, bytes] = self.redis.hgetall(Keys.job(job_id))  # type: ignore[assignment]
-        if not raw or b"status" not in raw:
-            return None
-        return record_from_hash(job_id, {k.decode(): v.decode() for k, v in raw.items()})
+        return parse_record(job_id, self.redis.hgetall(Keys.job(job_id)))
 
     def job_stats(self) -> dict[tuple[str, str], int]:
         """(model, final status) -> jobs that ended so."""
-        raw: dict[bytes, bytes] = self.redis.hgetall(Keys.JOB_STATS)  # type: ignore[assignment]
-        out = {}
-        for field, value in raw.items():
-            model, _, status = field.decode().rpartition("|")
-            out[(model, status)] = int(value)
-        return out
+        return parse_job_stats(self.redis.hgetall(Keys.JOB_STATS))
 
     def run_histogram(self, model: str) -> tuple[list[tuple[str, float]], float]:
         """Cumulative (le, count) buckets including +Inf, and the sum of seconds."""
-        raw: dict[bytes, bytes] = self.redis.hgetall(Keys.run_seconds(model))  # type: ignore[assignment]
-        fields = {k.decode(): float(v) for k, v in raw.items()}
-        buckets = [(str(b), fields.get(f"le:{b}", 0.0)) for b in RUN_SECONDS_BUCKETS]
-        buckets.append(("+Inf", fields.get("count", 0.0)))
-        return buckets, fields.get("sum", 0.0)
+        return parse_run_histogram(self.redis.hgetall(Keys.run_seconds(model)))
 
     def usage(self, key_name: str, day: str) -> KeyUsage:
         """A key's use on UTC `day` and its jobs queued or running now."""
@@ -122,30 +113,18 @@ class JobStore:
             pipe.hgetall(Keys.usage(day, key_name))
             pipe.get(Keys.active(key_name))
             raw, active = pipe.execute()
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        return KeyUsage(
-            day=day,
-            megapixel_steps=round(max(float(fields.get("megapixel_steps") or 0), 0.0), 6),
-            active_jobs=max(int(active or 0), 0),
-            jobs={s: int(fields.get(s) or 0) for s in ("succeeded", "failed", "canceled")},
-        )
+        return parse_usage(day, raw, active)
 
     def active_jobs(self, key_names: list[str]) -> list[int]:
         """Each key's jobs queued or running now (one round trip)."""
         if not key_names:
             return []
-        values: list[bytes | None] = self.redis.mget([Keys.active(n) for n in key_names])  # type: ignore[assignment]
-        return [max(int(v or 0), 0) for v in values]
+        return parse_active(self.redis.mget([Keys.active(n) for n in key_names]))
 
     def key_stats(self) -> dict[str, dict[str, float]]:
         """Per key name, its cluster-wide totals: jobs by final status, megapixel_steps,
         webhook deliveries by outcome (`webhook_<outcome>`)."""
-        raw: dict[bytes, bytes] = self.redis.hgetall(Keys.KEY_STATS)  # type: ignore[assignment]
-        out: dict[str, dict[str, float]] = {}
-        for field, value in raw.items():
-            name, _, counter = field.decode().rpartition("|")
-            out.setdefault(name, {})[counter] = float(value)
-        return out
+        return parse_key_stats(self.redis.hgetall(Keys.KEY_STATS))
 
     def get_image(self, job_id: str, index: int) -> bytes | None:
         value: bytes | None = self.redis.get(Keys.image(job_id, index))  # type: ignore[assignment]
@@ -155,3 +134,92 @@ class JobStore:
         """An input image of the job (the normalized PNG stored at submit)."""
         value: bytes | None = self.redis.get(Keys.input(job_id, name))  # type: ignore[assignment]
         return value
+
+
+class AsyncJobStore:
+    """`JobStore` on the gateway's event loop: the same reads, one client for the process."""
+
+    def __init__(self, connection: aioredis.Redis) -> None:
+        self.redis = connection
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        return parse_record(job_id, await self.redis.hgetall(Keys.job(job_id)))
+
+    async def job_stats(self) -> dict[tuple[str, str], int]:
+        return parse_job_stats(await self.redis.hgetall(Keys.JOB_STATS))
+
+    async def run_histogram(self, model: str) -> tuple[list[tuple[str, float]], float]:
+        return parse_run_histogram(await self.redis.hgetall(Keys.run_seconds(model)))
+
+    async def usage(self, key_name: str, day: str) -> KeyUsage:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(Keys.usage(day, key_name))
+            pipe.get(Keys.active(key_name))
+            raw, active = await pipe.execute()
+        return parse_usage(day, raw, active)
+
+    async def active_jobs(self, key_names: list[str]) -> list[int]:
+        if not key_names:
+            return []
+        return parse_active(await self.redis.mget([Keys.active(n) for n in key_names]))
+
+    async def key_stats(self) -> dict[str, dict[str, float]]:
+        return parse_key_stats(await self.redis.hgetall(Keys.KEY_STATS))
+
+    async def get_image(self, job_id: str, index: int) -> bytes | None:
+        value = await self.redis.get(Keys.image(job_id, index))
+        return value.encode() if isinstance(value, str) else value
+
+
+# What redis-py's clients are typed to return (they return bytes: no decode_responses).
+Reply = bytes | str
+
+
+def as_text(value: Reply) -> str:
+    """A Redis reply as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_record(job_id: str, raw: Mapping[Reply, Reply]) -> JobRecord | None:
+    """A job's hash (HGETALL) as its record; None when there is none."""
+    fields = {as_text(k): as_text(v) for k, v in raw.items()}
+    if "status" not in fields:
+        return None
+    return record_from_hash(job_id, fields)
+
+
+def parse_job_stats(raw: Mapping[Reply, Reply]) -> dict[tuple[str, str], int]:
+    out = {}
+    for field, value in raw.items():
+        model, _, status = as_text(field).rpartition("|")
+        out[(model, status)] = int(value)
+    return out
+
+
+def parse_run_histogram(raw: Mapping[Reply, Reply]) -> tuple[list[tuple[str, float]], float]:
+    fields = {as_text(k): float(v) for k, v in raw.items()}
+    buckets = [(str(b), fields.get(f"le:{b}", 0.0)) for b in RUN_SECONDS_BUCKETS]
+    buckets.append(("+Inf", fields.get("count", 0.0)))
+    return buckets, fields.get("sum", 0.0)
+
+
+def parse_usage(day: str, raw: Mapping[Reply, Reply], active: Reply | None) -> KeyUsage:
+    fields = {as_text(k): as_text(v) for k, v in raw.items()}
+    return KeyUsage(
+        day=day,
+        megapixel_steps=round(max(float(fields.get("megapixel_steps") or 0), 0.0), 6),
+        active_jobs=max(int(active or 0), 0),
+        jobs={s: int(fields.get(s) or 0) for s in ("succeeded", "failed", "canceled")},
+    )
+
+
+def parse_active(values: list[Reply | None]) -> list[int]:
+    return [max(int(v or 0), 0) for v in values]
+
+
+def parse_key_stats(raw: Mapping[Reply, Reply]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for field, value in raw.items():
+        name, _, counter = as_text(field).rpartition("|")
+        out.setdefault(name, {})[counter] = float(value)
+    return out

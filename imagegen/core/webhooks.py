@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Mapping
 
 import redis
+import redis.asyncio as aioredis
 
 from imagegen.core.contract import Keys
 from imagegen.core.settings import GatewaySettings
@@ -36,11 +37,14 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 class Secrets:
     """Each API key's webhook secret: its own from the key file, else derived from
     IMAGEGEN_WEBHOOK_SECRET, else from a random master kept in Redis (made once, shared by
-    every gateway and delivery process)."""
+    every gateway and delivery process). `for_key` on the deliverer's blocking client,
+    `afor_key` on the gateway's async one; the master is read each time (one round trip),
+    never cached: every process then signs and verifies with what Redis holds now, even
+    after Redis lost its data."""
 
     def __init__(
         self,
-        connection: redis.Redis,
+        connection: redis.Redis | aioredis.Redis,
         settings: GatewaySettings,
         own: Mapping[str, str] | None = None,
     ) -> None:
@@ -48,19 +52,35 @@ class Secrets:
         self.settings = settings
         self.own = dict(own or {})
 
-    def master(self) -> bytes:
-        if self.settings.webhook_secret is not None:
-            return self.settings.webhook_secret.get_secret_value().encode()
-        # Read each time (one round trip), never cached: every process then signs and
-        # verifies with what Redis holds now, even after Redis lost its data.
-        self.redis.set(Keys.WEBHOOK_MASTER, secrets.token_bytes(32), nx=True)
-        stored: bytes | None = self.redis.get(Keys.WEBHOOK_MASTER)  # type: ignore[assignment]
-        if not stored:
-            raise RuntimeError("the webhook master secret vanished from Redis")
-        return stored
-
     def for_key(self, key_name: str) -> str:
-        return self.own.get(key_name) or derive_secret(self.master(), key_name)
+        known = self._without_redis(key_name)
+        if known is not None:
+            return known
+        assert isinstance(self.redis, redis.Redis)
+        self.redis.set(Keys.WEBHOOK_MASTER, secrets.token_bytes(32), nx=True)
+        return _derived(self.redis.get(Keys.WEBHOOK_MASTER), key_name)
+
+    async def afor_key(self, key_name: str) -> str:
+        known = self._without_redis(key_name)
+        if known is not None:
+            return known
+        assert isinstance(self.redis, aioredis.Redis)
+        await self.redis.set(Keys.WEBHOOK_MASTER, secrets.token_bytes(32), nx=True)
+        return _derived(await self.redis.get(Keys.WEBHOOK_MASTER), key_name)
+
+    def _without_redis(self, key_name: str) -> str | None:
+        if self.own.get(key_name):
+            return self.own[key_name]
+        if self.settings.webhook_secret is not None:
+            master = self.settings.webhook_secret.get_secret_value().encode()
+            return derive_secret(master, key_name)
+        return None
+
+
+def _derived(stored: bytes | str | None, key_name: str) -> str:
+    if not stored:
+        raise RuntimeError("the webhook master secret vanished from Redis")
+    return derive_secret(stored if isinstance(stored, bytes) else stored.encode(), key_name)
 
 
 def retry_delay(attempt: int, first_s: float, max_s: float) -> float:

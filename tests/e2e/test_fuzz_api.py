@@ -47,8 +47,13 @@ from schemathesis.checks import (
 )
 
 from app.main import EVENT_SCHEMA, create_app
-from app.registry import ModelRegistry
-from imagegen.core.contract import SCHEDULER_MIN_STEPS, SCHEDULER_NAMES, SEED_MAX
+from imagegen.core.contract import (
+    SCHEDULER_MIN_STEPS,
+    SCHEDULER_NAMES,
+    SEED_MAX,
+    Keys,
+    WorkerHeartbeat,
+)
 from imagegen.core.settings import Settings
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import Gateway, wait_for_job
@@ -185,10 +190,10 @@ def fuzz_target(
 
 def _wait_for_idle_workers(connection: redis.Redis, timeout_s: float = 30) -> None:
     # A canceled job that a worker had already started stops at its next denoising step.
-    registry = ModelRegistry(connection, LIMITS["default_model"])
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        workers = [w for info, _ in registry.models() for w in registry.live_workers(info.id)]
+        beats = [connection.get(key) for key in connection.scan_iter(match=Keys.worker("*"))]
+        workers = [WorkerHeartbeat.model_validate_json(b) for b in beats if b is not None]
         if all(worker.state != "busy" for worker in workers):
             return
         time.sleep(0.2)

@@ -21,16 +21,16 @@ write the webhook outbox (`lua/outbox.lua`): a delivery exists exactly when its 
 happened.
 
 By concern: `submit` (admission and the fair order), `jobs` (every later state change),
-`outbox` (the delivery side of webhooks), `scripts` (loading the `lua/` files and calling
-them with named keys and arguments).
+`outbox` (the delivery side of webhooks), `aio` (the gateway's steps, on its event loop),
+`scripts` (loading the `lua/` files and calling them with named keys and arguments).
 """
 
-from imagegen.core.lifecycle.jobs import Claimed, Lifecycle, Transition, queue_position
+from imagegen.core.lifecycle.aio import AsyncLifecycle
+from imagegen.core.lifecycle.jobs import Claimed, Lifecycle, Transition, cancellation
 from imagegen.core.lifecycle.outbox import Outbox, WebhookTask
 from imagegen.core.lifecycle.submit import (
     UNLIMITED,
     Admission,
-    AsyncSubmitter,
     Submitted,
     record_fields,
     submit_call,
@@ -39,14 +39,14 @@ from imagegen.core.lifecycle.submit import (
 __all__ = [
     "UNLIMITED",
     "Admission",
-    "AsyncSubmitter",
+    "AsyncLifecycle",
     "Claimed",
     "Lifecycle",
     "Outbox",
     "Submitted",
     "Transition",
     "WebhookTask",
-    "queue_position",
+    "cancellation",
     "record_fields",
     "submit_call",
 ]

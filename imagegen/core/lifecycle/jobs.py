@@ -1,6 +1,6 @@
 """A job's state changes after submit: claim, progress, succeed, fail, cancel and take back,
 each one script (`lua/claim.lua`, `lua/progress.lua`, `lua/transition.lua`), over one sync
-connection (the worker, the reaper and the gateway's cancel)."""
+connection (the worker and the reaper; the gateway's are in `aio`)."""
 
 from __future__ import annotations
 
@@ -101,8 +101,8 @@ class Transition:
 
 
 class Lifecycle:
-    """The job state machine over one (sync) Redis connection; the gateway's submit has an
-    async twin, `AsyncSubmitter`."""
+    """The job state machine over one (sync) Redis connection: the worker's and the reaper's
+    steps. The gateway's (submit, cancel) run on its event loop: `AsyncLifecycle`."""
 
     def __init__(self, connection: redis.Redis) -> None:
         self.redis = connection
@@ -130,18 +130,7 @@ class Lifecycle:
 
     def cancel(self, record: JobRecord, ttl_s: int) -> bool:
         """Cancel a queued or running job (a running one's worker stops at its next step)."""
-        moved, _ = self.apply(
-            Transition(
-                record,
-                (JobStatus.QUEUED, JobStatus.RUNNING),
-                JobStatus.CANCELED,
-                {
-                    "finished_at": time.time(),
-                    "error": {"code": "canceled", "message": "canceled by the client"},
-                },
-                ttl_s=ttl_s,
-            )
-        )
+        moved, _ = self.apply(cancellation(record, ttl_s))
         return moved
 
     # -- worker ---------------------------------------------------------------------------------
@@ -277,9 +266,16 @@ class Lifecycle:
         return bool(moved), scripts.decode(status)
 
 
-def queue_position(connection: redis.Redis, record: JobRecord) -> int | None:
-    """0 for the next job to start, None when not queued."""
-    if record.status != JobStatus.QUEUED:
-        return None
-    rank: int | None = connection.zrank(Keys.queue(record.spec.model), record.id)  # type: ignore[assignment]
-    return rank if rank is not None else 0
+def cancellation(record: JobRecord, ttl_s: int) -> Transition:
+    """A client's cancel: a queued or running job turns `canceled` (the worker of a running one
+    stops at its next step)."""
+    return Transition(
+        record,
+        (JobStatus.QUEUED, JobStatus.RUNNING),
+        JobStatus.CANCELED,
+        {
+            "finished_at": time.time(),
+            "error": {"code": "canceled", "message": "canceled by the client"},
+        },
+        ttl_s=ttl_s,
+    )

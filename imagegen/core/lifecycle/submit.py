@@ -1,13 +1,12 @@
 """Submitting a job: admission (idempotency, the key's active jobs and daily quota, the queue's
-depth) and the fair order, in one script (`lua/submit.lua`), with a sync and an async caller."""
+depth) and the fair order, in one script (`lua/submit.lua`), which `Lifecycle.submit` and
+`AsyncLifecycle.submit` call."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import redis.asyncio as aioredis
 
 from imagegen.core.contract import JobRecord, Keys, utc_day
 from imagegen.core.lifecycle import scripts
@@ -107,22 +106,3 @@ def parse_submit(outcome: bytes | str, value: bytes | str | int) -> Submitted:
     if isinstance(value, int):
         return Submitted(text, value)
     return Submitted(text, scripts.decode(value))
-
-
-class AsyncSubmitter:
-    """The submit script on the gateway's event loop (one Redis round trip per submit)."""
-
-    def __init__(self, connection: aioredis.Redis) -> None:
-        self._submit = connection.register_script(scripts.source("submit"))
-
-    async def submit(
-        self,
-        record: JobRecord,
-        max_depth: int,
-        idempotency: tuple[str, str, int] | None = None,
-        inputs: Mapping[str, bytes] | None = None,
-        admission: Admission = UNLIMITED,
-    ) -> Submitted:
-        keys, args = submit_call(record, max_depth, idempotency, inputs, admission)
-        outcome, value = await self._submit(keys=keys, args=args)
-        return parse_submit(outcome, value)
