@@ -160,7 +160,13 @@ def _loras(request: GenerationRequest, info: ModelInfo) -> tuple[LoraRef, ...]:
     known = [a.id for a in info.adapters]
     seen: set[str] = set()
     out = []
+    unavailable = {a.id: a.reason for a in info.unavailable_adapters}
     for i, lora in enumerate(request.loras or []):
+        if lora.id in unavailable:
+            raise InvalidRequest.for_field(
+                f"loras[{i}].id",
+                f"adapter {lora.id!r} of model {info.id!r} is unavailable: {unavailable[lora.id]}",
+            )
         if lora.id not in known:
             raise InvalidRequest.for_field(
                 f"loras[{i}].id",
@@ -184,6 +190,13 @@ def _control(
     if control is None:
         return None
     known = [c.id for c in info.controls]
+    unavailable = {a.id: a.reason for a in info.unavailable_adapters}
+    if control.id in unavailable:
+        raise InvalidRequest.for_field(
+            "control.id",
+            f"control {control.id!r} of model {info.id!r} is unavailable: "
+            f"{unavailable[control.id]}",
+        )
     if control.id not in known:
         raise InvalidRequest.for_field(
             "control.id",

@@ -340,10 +340,22 @@ class AdapterEntry(BaseModel):
     description: str
     trigger_words: list[str] = Field(default_factory=list)
     default_scale: float = 1.0
+    format: str = Field(
+        "",
+        description='The file\'s layout: LoRAs "kohya" (civitai, AUTOMATIC1111), "diffusers" or '
+        '"peft"; ControlNets "diffusers".',
+    )
 
     @classmethod
     def of(cls, info: AdapterInfo) -> AdapterEntry:
         return cls(**info.model_dump())
+
+
+class UnavailableAdapterEntry(BaseModel):
+    """An adapter file the model would serve but cannot, and why."""
+
+    id: str
+    reason: str
 
 
 class ModelEntry(BaseModel):
@@ -377,6 +389,11 @@ class ModelEntry(BaseModel):
     )
     adapters: list[AdapterEntry] = Field(default_factory=list)
     controls: list[AdapterEntry] = Field(default_factory=list)
+    unavailable_adapters: list[UnavailableAdapterEntry] = Field(
+        default_factory=list,
+        description="Adapter files found for this model that it cannot serve (unreadable, "
+        "another family's, a module that does not fit), each with one line why.",
+    )
 
 
 class ModelList(BaseModel):

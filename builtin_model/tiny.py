@@ -196,6 +196,85 @@ def save_tiny_adapters(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def _random_unet_lora(
+    model_dir: Path, rank: int, alpha: int, seed: int, targets: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """A random LoRA (PEFT state dict, no zero halves) on the UNet of the pipeline at
+    `model_dir`, made with peft as trainers make them."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    state: dict[str, torch.Tensor] = get_peft_model_state_dict(unet)
+    return state
+
+
+def save_kohya_lora(
+    path: Path,
+    model_dir: Path,
+    rank: int = 4,
+    alpha: int = 8,
+    seed: int = 5,
+    targets: tuple[str, ...] = ("to_q", "to_v", "to_k"),
+) -> Path:
+    """A LoRA for the pipeline at `model_dir` as civitai and kohya's scripts ship them: one
+    `.safetensors` file of `lora_unet_..._to_q.lora_down.weight` keys with an `alpha` each
+    (alpha ≠ rank: a scale of alpha/rank), converted with diffusers' own utility."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    peft = _random_unet_lora(model_dir, rank, alpha, seed, targets)
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft.items()})
+    tensors = {
+        key: torch.tensor(float(alpha)) if key.endswith(".alpha") else value.contiguous()
+        for key, value in kohya.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def save_diffusers_lora(
+    folder: Path, model_dir: Path, rank: int = 4, alpha: int = 8, seed: int = 6
+) -> Path:
+    """A LoRA saved by diffusers' `save_lora_weights` with its PEFT metadata (alpha ≠ rank),
+    as diffusers' training scripts write it: `folder/pytorch_lora_weights.safetensors`."""
+    targets = ("to_q", "to_v")
+    peft = _random_unet_lora(model_dir, rank, alpha, seed, targets)
+    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=peft, unet_lora_adapter_metadata=metadata
+    )
+    return folder
+
+
+def save_other_family_lora(path: Path, cross_attention_dim: int = 2048) -> Path:
+    """A kohya LoRA of another family (an SDXL one's shapes: cross-attention from 2048
+    features, a second text encoder's part)."""
+    from safetensors.torch import save_file
+
+    unet = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    te2 = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file(
+        {
+            f"{unet}.lora_down.weight": torch.zeros(4, cross_attention_dim),
+            f"{unet}.lora_up.weight": torch.zeros(640, 4),
+            f"{unet}.alpha": torch.tensor(4.0),
+            f"{te2}.lora_down.weight": torch.zeros(4, 1280),
+            f"{te2}.lora_up.weight": torch.zeros(1280, 4),
+            f"{te2}.alpha": torch.tensor(4.0),
+        },
+        str(path),
+    )
+    return path
+
+
 def save_misfit_lora(directory: Path, name: str = "misfit") -> Path:
     """A LoRA for another model: its to_q pair maps 48 features where the tiny UNet has 32."""
     from safetensors.torch import save_file

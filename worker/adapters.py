@@ -1,25 +1,33 @@
-"""A model's LoRAs and ControlNets: found beside its pipeline, checked and loaded once at worker
-start, switched per batch by weights.
+"""A model's LoRAs and ControlNets: found on disk, loaded once when the model loads, switched per
+batch by weights.
 
-A model directory may hold `loras/<id>/` (diffusers/PEFT LoRA safetensors) and
-`controlnets/<id>/` (a diffusers `ControlNetModel`), each with a card `imagegen_adapter.json`
-(`description`, `trigger_words`, `default_scale`). Every LoRA is loaded into the pipeline under
-its id at start; a batch then sets the adapter set it runs with (`set_adapters` with the jobs'
-scales, or none at all), so a switch is a change of scales, never a read from disk. A LoRA whose
-modules or ranks do not fit the model is refused at start with one line naming the module.
+Where a model's LoRAs come from (a model's own id wins over the library's):
+- beside a local pipeline: `loras/<id>/` (one `.safetensors` file inside, with a card
+  `imagegen_adapter.json`) or `loras/<id>.safetensors` (card `<id>.json`);
+- the LoRA library, IMAGEGEN_LORA_DIR: `<id>.safetensors` with an optional `<id>.json`, for every
+  model (a hub model's too) whose family the file fits, judged from its header alone.
+A file is whatever diffusers' `load_lora_weights` reads (kohya/civitai, diffusers, PEFT; text
+encoder parts too) and is loaded by path, so its alphas and metadata count exactly as in
+diffusers. ControlNets are `controlnets/<id>/` (a diffusers `ControlNetModel`).
+
+Every LoRA is loaded into the pipeline under its id; a batch then sets the adapter set it runs
+with (`set_adapters` with the jobs' scales, or none at all), so a switch is a change of scales,
+never a read from disk. An adapter that cannot serve (unreadable, another family's, a module
+that does not fit) is listed unavailable with one line why; the model serves the others.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imagegen.core.contract import AdapterInfo, LoraRef
+from imagegen.core.contract import AdapterInfo, LoraRef, UnavailableAdapter
 
 log = logging.getLogger("imagegen.worker")
 
@@ -27,58 +35,172 @@ CARD = "imagegen_adapter.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-class AdapterError(RuntimeError):
-    """An adapter that cannot serve with this model; the worker refuses to start."""
+@dataclass(frozen=True)
+class ModelShape:
+    """What decides whether a LoRA file fits a model, known from the model's configs alone."""
+
+    cross_attention_dim: int | None
+    has_text_encoder_2: bool
 
 
-def _card(folder: Path, kind: str) -> AdapterInfo:
-    card: dict[str, Any] = {}
-    if (folder / CARD).is_file():
-        card = json.loads((folder / CARD).read_text())
-    return AdapterInfo(
-        id=folder.name,
-        kind=kind,
-        description=str(card.get("description", "")),
-        trigger_words=[str(w) for w in card.get("trigger_words", [])],
-        default_scale=float(card.get("default_scale", 1.0)),
+@dataclass(frozen=True)
+class LoraHeader:
+    """What a LoRA file's safetensors header says, read without loading a tensor."""
+
+    format: str  # "kohya" | "diffusers" | "peft"
+    rank: int
+    cross_attention_dim: int | None  # in-features of its cross-attention key/value pairs
+    text_encoder_2: bool  # it has parts for SDXL's second text encoder
+
+    def misfit(self, shape: ModelShape) -> str | None:
+        """Why the file cannot fit a model of `shape` (None: it may; loading decides)."""
+        if self.text_encoder_2 and not shape.has_text_encoder_2:
+            return "it has parts for a second text encoder (an SDXL LoRA); this model has none"
+        theirs, wanted = self.cross_attention_dim, shape.cross_attention_dim
+        if theirs is not None and wanted is not None and theirs != wanted:
+            return (
+                f"its cross-attention takes {theirs} features, this model's {wanted} (a LoRA "
+                "of another model family)"
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA on disk: its weights, its card, and its header (or why it cannot be read)."""
+
+    id: str
+    path: Path | None
+    card: Path | None
+    own: bool  # the model's own (beside its pipeline), not the library's
+    header: LoraHeader | None = None
+    problem: str | None = None
+
+
+_DOWN = re.compile(r"(lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight$")
+
+
+def read_header(path: Path) -> LoraHeader:
+    """The format, rank and family markers of a LoRA file, from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        shapes = {k: f.get_slice(k).get_shape() for k in keys if _DOWN.search(k)}
+    if not shapes:
+        raise ValueError("no LoRA weights in it (no lora_down / lora_A tensors)")
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        form = "kohya"
+    elif any(k.startswith("base_model.model.") for k in keys):
+        form = "peft"
+    else:
+        form = "diffusers"
+    cross = [
+        int(shape[1])
+        for key, shape in shapes.items()
+        if "attn2" in key and ("to_k" in key or "to_v" in key) and len(shape) >= 2
+    ]
+    return LoraHeader(
+        format=form,
+        rank=max(int(shape[0]) for shape in shapes.values()),
+        cross_attention_dim=max(set(cross), key=cross.count) if cross else None,
+        text_encoder_2=any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys),
     )
 
 
-def check_lora(pipe: Any, adapter_id: str, weights: dict[str, torch.Tensor]) -> None:
-    """Raise `AdapterError` unless every LoRA pair targets a module of the pipeline with the
-    matching input and output sizes (diffusers/PEFT keys: `<component>.<module>.lora_A.weight`)."""
-    pairs = [k for k in weights if k.endswith(".lora_A.weight")]
-    if not pairs:
-        raise AdapterError(f"LoRA {adapter_id!r}: no lora_A/lora_B weights (not PEFT format)")
-    for key in pairs:
-        component, _, path = key.removesuffix(".lora_A.weight").partition(".")
-        module = getattr(pipe, component, None)
-        if not isinstance(module, torch.nn.Module):
-            raise AdapterError(f"LoRA {adapter_id!r} targets {component!r}, which the model lacks")
+def _lora_file(adapter_id: str, path: Path | None, card: Path | None, own: bool) -> LoraFile:
+    if path is None:
+        problem = "no single .safetensors file in its folder"
+        return LoraFile(adapter_id, None, card, own, problem=problem)
+    try:
+        return LoraFile(adapter_id, path, card, own, read_header(path))
+    except Exception as exc:
+        problem = f"{path.name} is unreadable: {_line(exc)}"
+        return LoraFile(adapter_id, path, card, own, problem=problem)
+
+
+def _weights_in(folder: Path) -> Path | None:
+    files = sorted(folder.glob("*.safetensors"))
+    named = folder / LORA_FILE
+    if named.is_file():
+        return named
+    return files[0] if len(files) == 1 else None
+
+
+def find_loras(model_dir: Path | None, library: Path | None) -> list[LoraFile]:
+    """The LoRA files of a model: its own (`loras/` beside a local pipeline), then the
+    library's whose ids it does not have; by id."""
+    found: dict[str, LoraFile] = {}
+    if model_dir is not None and (model_dir / "loras").is_dir():
+        for entry in sorted((model_dir / "loras").iterdir()):
+            if entry.is_dir():
+                found[entry.name] = _lora_file(entry.name, _weights_in(entry), entry / CARD, True)
+            elif entry.suffix == ".safetensors":
+                card = entry.with_suffix(".json")
+                found[entry.stem] = _lora_file(entry.stem, entry, card, True)
+    if library is not None and library.is_dir():
+        for entry in sorted(library.glob("*.safetensors")):
+            if entry.stem not in found:
+                card = entry.with_suffix(".json")
+                found[entry.stem] = _lora_file(entry.stem, entry, card, False)
+    return [found[key] for key in sorted(found)]
+
+
+def _card(adapter_id: str, card: Path | None, kind: str, form: str) -> AdapterInfo:
+    data: dict[str, Any] = {}
+    if card is not None and card.is_file():
         try:
-            target = module.get_submodule(path)
-        except AttributeError:
-            raise AdapterError(
-                f"LoRA {adapter_id!r} targets {component}.{path}, which the model lacks"
-            ) from None
-        a = weights[key]
-        b = weights.get(key.replace(".lora_A.", ".lora_B."))
-        if b is None or a.shape[0] != b.shape[1]:
-            raise AdapterError(f"LoRA {adapter_id!r}: {component}.{path} has no matching lora_B")
-        if isinstance(target, torch.nn.Linear):
-            sizes = (target.in_features, target.out_features)
-        elif isinstance(target, torch.nn.Conv2d):
-            sizes = (target.in_channels, target.out_channels)
-        else:
-            raise AdapterError(
-                f"LoRA {adapter_id!r} targets {component}.{path}, a {type(target).__name__}"
-            )
-        if (a.shape[1], b.shape[0]) != sizes:
-            raise AdapterError(
-                f"LoRA {adapter_id!r} (rank {a.shape[0]}) does not fit {component}.{path}: "
-                f"it maps {a.shape[1]} -> {b.shape[0]} features, the model {sizes[0]} -> "
-                f"{sizes[1]}"
-            )
+            data = json.loads(card.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("adapter %s: its card %s is unreadable (%s)", adapter_id, card, exc)
+    return AdapterInfo(
+        id=adapter_id,
+        kind=kind,
+        description=str(data.get("description", "")),
+        trigger_words=[str(w) for w in data.get("trigger_words", [])],
+        default_scale=float(data.get("default_scale", 1.0)),
+        format=form,
+    )
+
+
+@dataclass
+class AdapterCards:
+    """What a model announces of its adapters: those it serves and those it cannot."""
+
+    loras: list[AdapterInfo] = field(default_factory=list)
+    controls: list[AdapterInfo] = field(default_factory=list)
+    unavailable: list[UnavailableAdapter] = field(default_factory=list)
+
+
+def adapter_cards(
+    model_dir: Path | None, library: Path | None, shape: ModelShape, controls_allowed: bool
+) -> tuple[AdapterCards, list[LoraFile]]:
+    """The adapters a model would serve, from headers and cards alone (what a worker announces
+    for a model it has not loaded), and the LoRA files worth loading."""
+    cards = AdapterCards()
+    loadable = []
+    for lora in find_loras(model_dir, library):
+        problem = lora.problem or (lora.header.misfit(shape) if lora.header else None)
+        if problem is not None:
+            if lora.own or lora.header is None:  # the library's of other families are not ours
+                cards.unavailable.append(UnavailableAdapter(id=lora.id, reason=problem))
+            continue
+        assert lora.header is not None
+        cards.loras.append(_card(lora.id, lora.card, "lora", lora.header.format))
+        loadable.append(lora)
+    if _has(model_dir, "controlnets"):
+        assert model_dir is not None
+        for folder in sorted(p for p in (model_dir / "controlnets").iterdir() if p.is_dir()):
+            if controls_allowed:
+                cards.controls.append(_card(folder.name, folder / CARD, "controlnet", "diffusers"))
+            else:
+                reason = "ControlNets run with Stable Diffusion 1.x/2.x pipelines only"
+                cards.unavailable.append(UnavailableAdapter(id=folder.name, reason=reason))
+    return cards, loadable
+
+
+def _has(model_dir: Path | None, folder: str) -> bool:
+    return model_dir is not None and (model_dir / folder).is_dir()
 
 
 @dataclass
@@ -89,6 +211,7 @@ class Adapters:
     loras: dict[str, AdapterInfo] = field(default_factory=dict)
     controls: dict[str, AdapterInfo] = field(default_factory=dict)
     controlnets: dict[str, Any] = field(default_factory=dict)
+    unavailable: list[UnavailableAdapter] = field(default_factory=list)
     # (id, scale) pairs set on the pipeline now; None = unknown (after a failure: set again).
     active: tuple[tuple[str, float], ...] | None = ()
     switches: int = 0
@@ -111,79 +234,127 @@ class Adapters:
         self.active = None
         self.apply(())
 
+    def cards(self) -> AdapterCards:
+        return AdapterCards(
+            list(self.loras.values()), list(self.controls.values()), list(self.unavailable)
+        )
 
-def adapter_cards(source: Path) -> tuple[list[AdapterInfo], list[AdapterInfo]]:
-    """The LoRAs and ControlNets beside the pipeline at `source`, from their cards alone (what a
-    worker announces for a model it has not loaded; `load_adapters` checks and loads them)."""
-    return (
-        [_card(p, "lora") for p in sorted((source / "loras").glob("*")) if p.is_dir()],
-        [_card(p, "controlnet") for p in sorted((source / "controlnets").glob("*")) if p.is_dir()],
+
+def model_shape(pipe: Any) -> ModelShape:
+    unet = getattr(pipe, "unet", None)
+    cross = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    return ModelShape(
+        int(cross) if isinstance(cross, int) else None,
+        getattr(pipe, "text_encoder_2", None) is not None,
     )
 
 
 def load_adapters(
     pipe: Any,
     source: Path | None,
+    library: Path | None,
     device: torch.device,
     dtype: torch.dtype,
     controls_allowed: bool,
     hotswap: bool = False,
 ) -> Adapters:
-    """Find, check and load the adapters beside the pipeline at `source` (a local directory;
-    a hub model has none). Raises `AdapterError` with one line when one does not fit."""
+    """Find, check and load the adapters of the pipeline at `source` (a local directory, or
+    None for a hub model) and of the LoRA library. One that cannot serve is listed in
+    `unavailable` with its reason; nothing here raises for an adapter."""
     adapters = Adapters(pipe)
-    if source is None or not source.is_dir():
-        return adapters
-    lora_dirs = sorted(p for p in (source / "loras").glob("*") if p.is_dir())
-    control_dirs = sorted(p for p in (source / "controlnets").glob("*") if p.is_dir())
-    if lora_dirs:
-        if not hasattr(pipe, "load_lora_weights"):
-            raise AdapterError(f"model {source} cannot load LoRAs ({type(pipe).__name__})")
-        from safetensors.torch import load_file
-
-        weights = {}
-        for folder in lora_dirs:
-            path = folder / LORA_FILE
-            if not path.is_file():
-                raise AdapterError(f"LoRA {folder.name!r}: {path} is missing")
-            weights[folder.name] = load_file(path)
-            check_lora(pipe, folder.name, weights[folder.name])
-        if hotswap:
-            # Compiled: every adapter padded to the largest rank, so a switch never recompiles.
-            rank = max(int(w[k].shape[0]) for w in weights.values() for k in w if "lora_A" in k)
-            pipe.enable_lora_hotswap(target_rank=rank)
-        for folder in lora_dirs:
-            try:
-                pipe.load_lora_weights(dict(weights[folder.name]), adapter_name=folder.name)
-            except Exception as exc:  # a fit check above should make this rare
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise AdapterError(f"LoRA {folder.name!r} does not load: {first}") from None
-            adapters.loras[folder.name] = _card(folder, "lora")
+    cards, loras = adapter_cards(source, library, model_shape(pipe), controls_allowed)
+    adapters.unavailable = list(cards.unavailable)
+    if loras and not hasattr(pipe, "load_lora_weights"):
+        reason = f"{type(pipe).__name__} cannot load LoRAs"
+        adapters.unavailable += [UnavailableAdapter(id=lora.id, reason=reason) for lora in loras]
+        loras = []
+    if loras and hotswap:
+        # Compiled: every adapter padded to the largest rank, so a switch never recompiles.
+        pipe.enable_lora_hotswap(target_rank=max(lora.header.rank for lora in loras if lora.header))
+    by_id = {card.id: card for card in cards.loras}
+    for lora in loras:
+        failure = _load_lora(pipe, lora)
+        if failure is None:
+            adapters.loras[lora.id] = by_id[lora.id]
+        else:
+            log.error("LoRA %s is unavailable: %s", lora.id, failure)
+            adapters.unavailable.append(UnavailableAdapter(id=lora.id, reason=failure))
+    if adapters.loras:
         pipe.disable_lora()
         log.info("loaded LoRAs %s", ", ".join(adapters.loras))
-    if control_dirs:
-        if not controls_allowed:
-            raise AdapterError(
-                f"ControlNets ({', '.join(p.name for p in control_dirs)}) need a Stable "
-                f"Diffusion 1.x/2.x pipeline; {type(pipe).__name__} is not one"
-            )
-        from diffusers import ControlNetModel
-
-        for folder in control_dirs:
-            try:
-                net = ControlNetModel.from_pretrained(folder, torch_dtype=dtype)
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise AdapterError(f"ControlNet {folder.name!r} does not load: {first}") from None
-            if net.config.cross_attention_dim != pipe.unet.config.cross_attention_dim or (
-                tuple(net.config.block_out_channels) != tuple(pipe.unet.config.block_out_channels)
-            ):
-                raise AdapterError(
-                    f"ControlNet {folder.name!r} does not fit the model's UNet (channels "
-                    f"{tuple(net.config.block_out_channels)} vs "
-                    f"{tuple(pipe.unet.config.block_out_channels)})"
-                )
-            adapters.controlnets[folder.name] = net.to(device).eval()
-            adapters.controls[folder.name] = _card(folder, "controlnet")
+    for card in cards.controls:
+        assert source is not None
+        folder = source / "controlnets" / card.id
+        failure = _load_controlnet(pipe, adapters, folder, dtype, device)
+        if failure is None:
+            adapters.controls[card.id] = card
+        else:
+            log.error("ControlNet %s is unavailable: %s", card.id, failure)
+            adapters.unavailable.append(UnavailableAdapter(id=card.id, reason=failure))
+    if adapters.controls:
         log.info("loaded ControlNets %s", ", ".join(adapters.controls))
     return adapters
+
+
+def _load_lora(pipe: Any, lora: LoraFile) -> str | None:
+    """Load one LoRA file under its id, as diffusers reads it (by path: alphas and metadata
+    count); None, or why it cannot serve (then nothing of it stays in the pipeline)."""
+    assert lora.path is not None
+    try:
+        pipe.load_lora_weights(
+            str(lora.path.parent), weight_name=lora.path.name, adapter_name=lora.id
+        )
+    except Exception as exc:
+        _forget(pipe, lora.id)
+        return _lora_failure(exc)
+    if not any(lora.id in names for names in pipe.get_list_adapters().values()):
+        return "none of its weights targets a module of this model"
+    return None
+
+
+def _forget(pipe: Any, adapter_id: str) -> None:
+    try:
+        if any(adapter_id in names for names in pipe.get_list_adapters().values()):
+            pipe.delete_adapters(adapter_id)
+    except Exception:  # a half-loaded adapter that cannot be listed: nothing more to undo
+        log.warning("could not remove what LoRA %s left behind", adapter_id, exc_info=True)
+
+
+_MISMATCH = re.compile(
+    r"size mismatch for (\S+?)(?:\.\w+)?\.weight: copying a param with shape "
+    r"torch\.Size\(\[([\d, ]+)\]\) from checkpoint, the shape in current model is "
+    r"torch\.Size\(\[([\d, ]+)\]\)"
+)
+
+
+def _lora_failure(exc: Exception) -> str:
+    text = str(exc)
+    mismatch = _MISMATCH.search(text)
+    if mismatch:
+        module, theirs, ours = mismatch.groups()
+        return f"does not fit {module}: the file has [{theirs}], the model [{ours}]"
+    if "not found in the base model" in text:
+        return "targets modules this model lacks (a LoRA of another model family)"
+    return _line(exc)
+
+
+def _load_controlnet(
+    pipe: Any, adapters: Adapters, folder: Path, dtype: torch.dtype, device: torch.device
+) -> str | None:
+    from diffusers import ControlNetModel
+
+    try:
+        net = ControlNetModel.from_pretrained(folder, torch_dtype=dtype)
+    except Exception as exc:
+        return f"does not load: {_line(exc)}"
+    ours = (pipe.unet.config.cross_attention_dim, tuple(pipe.unet.config.block_out_channels))
+    theirs = (net.config.cross_attention_dim, tuple(net.config.block_out_channels))
+    if theirs != ours:
+        return f"does not fit the model's UNet (channels {theirs[1]} vs {ours[1]})"
+    adapters.controlnets[folder.name] = net.to(device).eval()
+    return None
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

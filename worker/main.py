@@ -20,7 +20,6 @@ from imagegen.core.contract import ErrorCode, WorkerHeartbeat
 from imagegen.core.lifecycle import Lifecycle
 from imagegen.core.logs import configure_logging
 from imagegen.core.settings import FaultSettings, WorkerSettings
-from worker.adapters import AdapterError
 from worker.faults import CrashPoint
 from worker.heartbeat import Heartbeat
 from worker.inference import Inference
@@ -99,7 +98,14 @@ def run_worker(settings: WorkerSettings) -> int:
     except UnsupportedModel as exc:
         log.error("refusing to start: %s", exc)
         return 2
-    first = models.ids()[0]
+    servable = models.servable_ids()
+    if not servable:
+        # A worker that can serve nothing says why once and exits; one with a servable model
+        # serves it, and lists the others unavailable with their reasons.
+        reasons = "; ".join(f"{i}: {e.unavailable}" for i, e in models.entries.items())
+        log.error("refusing to start: no model of this worker can be served (%s)", reasons)
+        return 2
+    first = servable[0]
     metrics = WorkerMetrics(first, models.device, exact_steps=bool(settings.metrics_port))
     metrics.watch_models(models.served, models.budget)
     if settings.metrics_port:
@@ -112,11 +118,6 @@ def run_worker(settings: WorkerSettings) -> int:
         if settings.warmup:
             inference.warm_up()
     except ModelUnavailable as exc:
-        if isinstance(exc.__context__, AdapterError):
-            # A LoRA or ControlNet that does not fit is a deployment mistake: refused at start
-            # (the line above names it), not discovered by the first job.
-            log.error("refusing to start: an adapter of model %s does not fit it", first)
-            return 2
         log.error("model %s is unavailable; its jobs will fail: %s", first, exc)
     if _STOP_WHILE_STARTING.is_set():  # the signal's SystemExit was swallowed by the load
         return 0

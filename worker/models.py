@@ -34,11 +34,12 @@ import torch
 
 from imagegen.core.contract import ModelInfo, ServedModel
 from imagegen.core.settings import WorkerSettings
-from worker.adapters import AdapterError, adapter_cards
+from worker.adapters import ModelShape, adapter_cards
 from worker.inference import Inference
 from worker.pipeline import (
     FP16_VARIANT,
     LoadedModel,
+    controls_allowed,
     free_gpu_gib,
     load_model,
     model_id_for,
@@ -59,7 +60,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 class UnsupportedModel(Exception):
-    """A configured model is of a pipeline family the worker cannot run: refused at start."""
+    """The worker's list of models cannot be served as written (an id listed twice)."""
 
 
 class ModelUnavailable(Exception):
@@ -270,10 +271,15 @@ class ModelManager:
             return Entry(source, info, unavailable=reason, failed_at=self.clock())
         family = str(index.get("_class_name", "?"))
         if family not in SUPPORTED_FAMILIES:
-            raise UnsupportedModel(
-                f"model {model_id!r} ({source}) is a {family}; this worker runs only "
-                f"text-to-image {' and '.join(SUPPORTED_FAMILIES)} models"
+            # Listed unavailable, not refused: one model of another kind never keeps a worker
+            # from serving the rest of its list (worker.main exits only when none can serve).
+            reason = (
+                f"it is a {family}; this worker runs text-to-image "
+                f"{' and '.join(SUPPORTED_FAMILIES)} models"
             )
+            log.error("model %s unavailable: %s", model_id, reason)
+            info = model_info(model_id, card, int(card.get("width", 512)), None, self.settings)
+            return Entry(source, info, unavailable=reason, failed_at=self.clock())
         try:
             unet = _json(source, "unet/config.json")
             vae = _json(source, "vae/config.json")
@@ -281,16 +287,18 @@ class ModelManager:
             sample = int(sample if isinstance(sample, int) else sample[0])
             native = sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
             scheduler = self._scheduler_name(source)
-            loras, controls = adapter_cards(Path(source)) if Path(source).is_dir() else ([], [])
+            cross = unet.get("cross_attention_dim")
+            shape = ModelShape(
+                int(cross) if isinstance(cross, int) else None, "text_encoder_2" in index
+            )
+            cards, _ = adapter_cards(
+                Path(source) if Path(source).is_dir() else None,
+                self.settings.lora_dir,
+                shape,
+                controls_allowed(family),
+            )
             info = model_info(
-                model_id,
-                card,
-                native,
-                scheduler,
-                self.settings,
-                tokenizer_of(source),
-                adapters=loras,
-                controls=controls,
+                model_id, card, native, scheduler, self.settings, tokenizer_of(source), cards
             )
             entry = Entry(source, info)
             if Path(source).is_dir():
@@ -332,6 +340,10 @@ class ModelManager:
     # -- warmth -----------------------------------------------------------------------------------
     def ids(self) -> list[str]:
         return list(self.entries)
+
+    def servable_ids(self) -> list[str]:
+        """The models not known to be unavailable, in list order."""
+        return [model_id for model_id, entry in self.entries.items() if not entry.unavailable]
 
     def warm_ids(self) -> list[str]:
         """Models held warm, the most recently used first."""
@@ -395,8 +407,6 @@ class ModelManager:
         started = time.perf_counter()
         try:
             model = self._load(loader, entry, model_id, shared)
-        except AdapterError as exc:  # its own line names the adapter and the misfit
-            self._mark(entry, str(exc))
         except Exception as exc:
             self._mark(entry, f"loading failed: {type(exc).__name__}: {exc}"[:500])
         inference = Inference(model)

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from diffusers import AutoPipelineForText2Image
 
-from imagegen.core.contract import SCHEDULER_NAMES, AdapterInfo, ModelInfo
+from imagegen.core.contract import SCHEDULER_NAMES, ModelInfo
 from imagegen.core.settings import WorkerSettings
-from worker.adapters import Adapters, load_adapters
+from worker.adapters import AdapterCards, Adapters, load_adapters
 from worker.families import supports_batching
 from worker.prompts import PromptEncoder
 from worker.schedulers import name_of
@@ -159,6 +159,12 @@ def prompt_fields(settings: WorkerSettings, tokenizer: Any) -> dict[str, Any]:
     return fields
 
 
+def controls_allowed(pipeline_class: str) -> bool:
+    """ControlNet residuals run in the batch loop for SD 1.x/2.x (not SDXL: its ControlNets
+    take the micro-conditioning too, which the loop does not pass them)."""
+    return pipeline_class == "StableDiffusionPipeline"
+
+
 def model_info(
     model_id: str,
     card: dict[str, Any],
@@ -166,8 +172,7 @@ def model_info(
     scheduler: str | None,
     settings: WorkerSettings,
     tokenizer: Any = None,
-    adapters: list[AdapterInfo] | None = None,
-    controls: list[AdapterInfo] | None = None,
+    adapters: AdapterCards | None = None,
 ) -> ModelInfo:
     """What a worker announces about a model: its card's defaults and caps over the
     pipeline's own (native size, scheduler), the settings' caps for a model without a card,
@@ -184,8 +189,9 @@ def model_info(
         schedulers=list(SCHEDULER_NAMES),
         max_pixels=int(max_pixels) if max_pixels is not None else None,
         max_steps=int(max_steps) if max_steps is not None else None,
-        adapters=adapters or [],
-        controls=controls or [],
+        adapters=adapters.loras if adapters else [],
+        controls=adapters.controls if adapters else [],
+        unavailable_adapters=adapters.unavailable if adapters else [],
         **prompt_fields(settings, tokenizer),
     )
 
@@ -275,12 +281,12 @@ def load_model(
     adapters = load_adapters(
         pipe,
         Path(source) if Path(source).is_dir() else None,
+        settings.lora_dir,
         device,
         dtype,
         # ControlNet residuals run in the batch loop for SD 1.x/2.x (not SDXL: its ControlNets
         # take the micro-conditioning too, which the loop does not pass them).
-        controls_allowed=supports_batching(pipe)
-        and type(pipe).__name__ == "StableDiffusionPipeline",
+        controls_allowed=controls_allowed(type(pipe).__name__) and supports_batching(pipe),
         hotswap=settings.compile,
     )
     if adapters.loras and settings.fuse_qkv:
@@ -299,8 +305,7 @@ def load_model(
         name_of(pipe.scheduler),
         settings,
         getattr(pipe, "tokenizer", None),
-        adapters=list(adapters.loras.values()),
-        controls=list(adapters.controls.values()),
+        adapters=adapters.cards(),
     )
     prompts = (
         PromptEncoder(pipe, settings.prompt_weighting, settings.max_prompt_chunks)

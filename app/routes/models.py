@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from app.auth import PrincipalDep
 from app.deps import RegistryDep, SettingsDep
-from app.schemas import AdapterEntry, ModelEntry, ModelList
+from app.schemas import AdapterEntry, ModelEntry, ModelList, UnavailableAdapterEntry
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -21,7 +21,14 @@ async def list_models(
     for status in await registry.statuses():
         info = status.info
         fields = info.model_dump(
-            exclude={"max_pixels", "max_steps", "adapters", "controls", "tokenizer"}
+            exclude={
+                "max_pixels",
+                "max_steps",
+                "adapters",
+                "controls",
+                "unavailable_adapters",
+                "tokenizer",
+            }
         )
         entries.append(
             ModelEntry(
@@ -35,6 +42,10 @@ async def list_models(
                 unavailable_reason=status.unavailable,
                 adapters=[AdapterEntry.of(a) for a in info.adapters],
                 controls=[AdapterEntry.of(c) for c in info.controls],
+                unavailable_adapters=[
+                    UnavailableAdapterEntry(id=u.id, reason=u.reason)
+                    for u in info.unavailable_adapters
+                ],
             )
         )
     return ModelList(data=entries)

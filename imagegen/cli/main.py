@@ -63,16 +63,9 @@ def api() -> None:
 def worker() -> None:
     """Run one worker: load the model once, warm it, take jobs until SIGTERM."""
     settings = load_settings(WorkerSettings)
-    from worker.adapters import AdapterError
     from worker.main import run_worker
 
-    try:
-        code = run_worker(settings)
-    except AdapterError as exc:
-        # One clear line, not a traceback: the model's adapters are a deployment's mistake.
-        typer.echo(f"imagegen worker: refusing to start: {exc}", err=True)
-        raise typer.Exit(2) from None
-    raise typer.Exit(code)
+    raise typer.Exit(run_worker(settings))
 
 
 @app.command()

@@ -142,6 +142,16 @@ class AdapterInfo(BaseModel):
     description: str = ""
     trigger_words: list[str] = Field(default_factory=list)
     default_scale: float = 1.0
+    # The file's layout: "kohya" (civitai, A1111), "diffusers", "peft" (LoRAs), "diffusers"
+    # (ControlNets).
+    format: str = ""
+
+
+class UnavailableAdapter(BaseModel):
+    """An adapter file a model would serve but cannot: why, in one line."""
+
+    id: str
+    reason: str
 
 
 class JobSpec(BaseModel):
@@ -292,6 +302,7 @@ class ModelInfo(BaseModel):
     max_steps: int | None = None
     adapters: list[AdapterInfo] = Field(default_factory=list)
     controls: list[AdapterInfo] = Field(default_factory=list)
+    unavailable_adapters: list[UnavailableAdapter] = Field(default_factory=list)
     # Prompts: the longest prompt in tokens of the model's own tokenizer (its text encoder's
     # windows times the configured count), whether `(word:1.3)` weighting is read, and the
     # sha256 of the tokenizer (`Keys.tokenizer`) the gateway counts with (None: it cannot).

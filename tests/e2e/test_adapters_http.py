@@ -31,12 +31,26 @@ def adapter_worker(
     tiny_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Proc]:
-    from builtin_model.tiny import save_tiny_adapters
+    from builtin_model.tiny import (
+        save_kohya_lora,
+        save_misfit_lora,
+        save_other_family_lora,
+        save_tiny_adapters,
+    )
 
-    directory = tmp_path_factory.mktemp("adapters-http") / "tiny"
+    root = tmp_path_factory.mktemp("adapters-http")
+    directory = root / "tiny"
     shutil.copytree(tiny_model_dir, directory)
     save_tiny_adapters(directory)
-    env = {"IMAGEGEN_MODEL": str(directory), "IMAGEGEN_MODEL_ID": MODEL}
+    save_misfit_lora(directory)  # one bad file: listed unavailable, the rest serve
+    library = root / "library"
+    save_kohya_lora(library / "civitai_style.safetensors", directory)
+    save_other_family_lora(library / "sdxl_style.safetensors")
+    env = {
+        "IMAGEGEN_MODEL": str(directory),
+        "IMAGEGEN_MODEL_ID": MODEL,
+        "IMAGEGEN_LORA_DIR": str(library),
+    }
     proc = start_worker(redis_server.url, log_dir, "adapters-1", env, forked=True)
     wait_for_worker(redis_conn, proc, "adapters-1")
     yield proc
@@ -77,12 +91,29 @@ def test_models_list_adapters_and_controls(service: Gateway) -> None:
     with service.client() as client:
         models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     entry = models[MODEL]
-    assert [(a["id"], a["kind"]) for a in entry["adapters"]] == [
-        ("dots", "lora"),
-        ("lines", "lora"),
+    assert [(a["id"], a["kind"], a["format"]) for a in entry["adapters"]] == [
+        ("civitai_style", "lora", "kohya"),
+        ("dots", "lora", "diffusers"),
+        ("lines", "lora", "diffusers"),
     ]
     assert [(c["id"], c["kind"]) for c in entry["controls"]] == [("edges", "controlnet")]
-    assert entry["adapters"][1]["description"] == "test LoRA lines"
+    assert entry["adapters"][2]["description"] == "test LoRA lines"
+    (misfit,) = entry["unavailable_adapters"]
+    assert misfit["id"] == "misfit" and "does not fit" in misfit["reason"]
+    assert entry["available"] is True
+
+
+def test_an_unavailable_adapter_is_a_422_saying_why_and_a_library_lora_serves(
+    service: Gateway,
+) -> None:
+    with service.client() as client:
+        response = post(client, loras=[{"id": "lines"}, {"id": "misfit"}])
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["message"].startswith("loras[1].id"), error
+        assert "unavailable" in error["message"] and "does not fit" in error["message"]
+        plain = run(client)
+        assert run(client, loras=[{"id": "civitai_style", "scale": 0.8}]) != plain
 
 
 BAD: list[tuple[str, dict[str, Any], str]] = [

@@ -37,7 +37,7 @@ from tests.stack import (
 )
 from worker.inference import Inference
 from worker.loop import WorkLoop
-from worker.models import ModelManager, ModelSource, UnsupportedModel, parse_models
+from worker.models import ModelManager, ModelSource, ModelUnavailable, parse_models
 from worker.pipeline import load_model
 from worker.routing import WarmthRouter
 from worker.runner import JobRunner
@@ -132,12 +132,19 @@ def test_identical_components_are_shared_not_loaded_twice(
     assert tuned.unet is not base.unet
 
 
-def test_an_unsupported_family_is_refused_at_start(tmp_path: Path) -> None:
+def test_a_model_of_another_kind_is_unavailable_and_the_rest_serve(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     video = tmp_path / "video"
     video.mkdir()
     (video / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline"}))
-    with pytest.raises(UnsupportedModel, match="is a TextToVideoSDPipeline"):
-        ModelManager(Settings(models=f"v={video}", device="cpu"))
+    manager = ModelManager(Settings(models=f"v={video},t={tiny_model_dir}", device="cpu"))
+    assert manager.servable_ids() == ["t"]
+    reason = manager.unavailable("v")
+    assert reason is not None and "it is a TextToVideoSDPipeline" in reason
+    with pytest.raises(ModelUnavailable, match="TextToVideoSDPipeline"):
+        manager.acquire("v")
+    assert manager.acquire("t").model.info.id == "t"
 
 
 def test_the_worker_refuses_an_unsupported_family_with_one_line(

@@ -61,6 +61,13 @@ class WorkerSettings(CommonSettings):
         "unloaded past the memory budget. Unset = IMAGEGEN_MODEL alone, or, when that is "
         "unset too, the built-in models on disk (shapes-64 and shapes-64-fast).",
     )
+    lora_dir: Path | None = Field(
+        None,
+        description="The LoRA library: `<id>.safetensors` files (kohya/civitai, diffusers or "
+        "PEFT), each with an optional `<id>.json` card (`description`, `trigger_words`, "
+        "`default_scale`), served with every model whose family a file fits (hub models too); "
+        "unset = only the `loras/` beside each local model.",
+    )
     model_memory_gib: float | None = Field(
         None,
         gt=0,

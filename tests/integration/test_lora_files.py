@@ -1,0 +1,126 @@
+"""LoRA files as users download them, served by the batch loop and compared with diffusers' own
+pipeline given the same file (`load_lora_weights(file)` + `set_adapters([id], [scale])`): a
+kohya/civitai file dropped into `loras/`, a diffusers LoRA whose alpha is not its rank, the LoRA
+library (IMAGEGEN_LORA_DIR) with files of this model's family and another's; bad files listed
+unavailable with their reason while the model serves the rest."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from builtin_model.tiny import (
+    save_diffusers_lora,
+    save_kohya_lora,
+    save_misfit_lora,
+    save_other_family_lora,
+)
+from imagegen.core.contract import JobSpec, LoraRef
+from imagegen.core.settings import Settings
+from tests.stack import batch_job
+from worker.batch_loop import BatchItem, run_batch
+from worker.pipeline import LoadedModel, load_model
+from worker.schedulers import build_scheduler
+
+
+@pytest.fixture(scope="module")
+def files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora-files")
+    model = root / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    library = root / "library"
+    library.mkdir()
+    save_kohya_lora(model / "loras" / "myStyle_v10.safetensors", model, rank=4, alpha=8, seed=5)
+    save_diffusers_lora(model / "loras" / "scaled", model, rank=4, alpha=8, seed=6)
+    save_misfit_lora(model)  # loras/misfit/: to_q 48 -> 48 where the model has 64 -> 64
+    (model / "loras" / "broken.safetensors").write_bytes(b"\x00" * 64)
+    save_kohya_lora(library / "libstyle.safetensors", model, rank=2, alpha=1, seed=7)
+    (library / "libstyle.json").write_text('{"description": "from the library"}')
+    save_other_family_lora(library / "sdxlstyle.safetensors")
+    return {"model": model, "library": library}
+
+
+@pytest.fixture(scope="module")
+def served(files: dict[str, Path]) -> LoadedModel:
+    settings = Settings(
+        model=str(files["model"]), model_id="tiny", device="cpu", lora_dir=files["library"]
+    )
+    return load_model(settings)
+
+
+def _ours(model: LoadedModel, spec: JobSpec) -> np.ndarray:
+    result = run_batch(model, [BatchItem(spec)], invariant=True)[0]
+    assert isinstance(result, list), result
+    return np.asarray(result[0])
+
+
+def _stock(model_dir: Path, spec: JobSpec, file: Path | dict[str, torch.Tensor]) -> np.ndarray:
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    (lora,) = spec.loras
+    if isinstance(file, Path):
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=lora.id)
+    else:
+        pipe.load_lora_weights(file, adapter_name=lora.id)
+    pipe.set_adapters([lora.id], [lora.scale])
+    pipe.scheduler = build_scheduler(spec.scheduler, dict(pipe.scheduler.config))
+    with torch.inference_mode():
+        image = pipe(
+            prompt=[spec.prompt],
+            negative_prompt=[spec.negative_prompt],
+            width=spec.width,
+            height=spec.height,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(spec.image_seed(0))],
+        ).images[0]
+    return np.asarray(image)
+
+
+def test_each_file_is_served_or_listed_unavailable_with_its_reason(served: LoadedModel) -> None:
+    info = served.info
+    assert [(a.id, a.format) for a in info.adapters] == [
+        ("libstyle", "kohya"),
+        ("myStyle_v10", "kohya"),
+        ("scaled", "diffusers"),
+    ]
+    assert info.adapters[0].description == "from the library"
+    reasons = {u.id: u.reason for u in info.unavailable_adapters}
+    assert set(reasons) == {"broken", "misfit"}, reasons  # sdxlstyle is not this family's
+    assert "unreadable" in reasons["broken"]
+    assert reasons["misfit"].startswith("does not fit down_blocks.1.attentions.0"), reasons
+    assert "[4, 48]" in reasons["misfit"] and "[4, 64]" in reasons["misfit"]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "file"),
+    [
+        ("myStyle_v10", "loras/myStyle_v10.safetensors"),
+        ("scaled", "loras/scaled/pytorch_lora_weights.safetensors"),
+        ("libstyle", "../library/libstyle.safetensors"),
+    ],
+)
+def test_a_served_lora_equals_diffusers_own_pipeline_with_the_file(
+    served: LoadedModel, files: dict[str, Path], adapter: str, file: str
+) -> None:
+    spec = batch_job(loras=(LoraRef(id=adapter, scale=0.7),), steps=3)
+    ours = _ours(served, spec)
+    assert np.array_equal(ours, _stock(files["model"], spec, files["model"] / file))
+    assert not np.array_equal(ours, _ours(served, batch_job(steps=3)))
+
+
+def test_alpha_counts_as_in_diffusers_not_as_a_bare_state_dict(
+    served: LoadedModel, files: dict[str, Path]
+) -> None:
+    """The file's metadata says alpha 8 for rank 4 (a scale of 2): loaded from its bare
+    tensors, as this worker did before, the image differs."""
+    spec = batch_job(loras=(LoraRef(id="scaled", scale=1.0),), steps=3)
+    weights = files["model"] / "loras" / "scaled" / "pytorch_lora_weights.safetensors"
+    bare = _stock(files["model"], spec, load_file(str(weights)))
+    assert not np.array_equal(_ours(served, spec), bare)
