@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -129,15 +130,23 @@ def _component_files(root: Path, component: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
 
+_HUB_BLOB = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+
+
 def _file_digest(path: Path) -> str:
-    # A hub snapshot's weights are links to blobs named by their sha256: no need to read them.
-    if path.is_symlink():
-        return Path(os.readlink(path)).name
+    """What a file holds: its size and content hash. A link into a Hugging Face cache's
+    `blobs/` folder is named by that hash already (sha256 for weights), so it is not read;
+    any other link (`ln -s`, `cp -rs`) is followed and its target read: two links to
+    different files are different files whatever they are called."""
+    target = path.resolve()
+    size = target.stat().st_size
+    if path.is_symlink() and target.parent.name == "blobs" and _HUB_BLOB.fullmatch(target.name):
+        return f"{size}:{target.name}"
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with target.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()
+    return f"{size}:{digest.hexdigest()}"
 
 
 def component_fingerprints(root: Path, index: dict[str, Any]) -> dict[str, str]:

@@ -7,6 +7,7 @@ import io
 import json
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -130,6 +131,28 @@ def test_identical_components_are_shared_not_loaded_twice(
     tuned = manager.acquire("tune").model.pipe
     assert tuned.vae is base.vae and tuned.text_encoder is base.text_encoder
     assert tuned.unet is not base.unet
+
+
+def test_linked_copies_share_only_what_is_the_same_file(
+    two_models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Models built by hand with links (`cp -rs`, `ln -s`), as users swap a component: each
+    component is fingerprinted by the bytes its links reach, never by the link target's name
+    (every UNet file is called diffusion_pytorch_model.safetensors)."""
+    a, b = two_models
+    link_a, link_b = tmp_path / "link-a", tmp_path / "link-b"
+    subprocess.run(["cp", "-rs", str(a), str(link_a)], check=True)
+    subprocess.run(["cp", "-rs", str(b), str(link_b)], check=True)
+    (link_b / "vae").rename(tmp_path / "b-vae")
+    subprocess.run(["cp", "-rs", str(a / "vae"), str(link_b / "vae")], check=True)  # a's VAE
+    manager = ModelManager(Settings(models=f"a={link_a},b={link_b}", device="cpu"))
+    pipe_a = manager.acquire("a").model.pipe
+    pipe_b = manager.acquire("b").model.pipe
+    assert pipe_b.vae is pipe_a.vae  # the same file behind both links: shared
+    assert pipe_b.unet is not pipe_a.unet and pipe_b.text_encoder is not pipe_a.text_encoder
+    alone = load_model(Settings(model=str(b), device="cpu")).pipe
+    for name, tensor in alone.unet.state_dict().items():
+        assert torch.equal(pipe_b.unet.state_dict()[name], tensor), name
 
 
 def test_a_model_of_another_kind_is_unavailable_and_the_rest_serve(
