@@ -36,6 +36,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "unipc": ("UniPCMultistepScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
+    # Latent consistency models and LCM-LoRAs: 2-8 steps, guidance 1-2.
+    "lcm": ("LCMScheduler", {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 
