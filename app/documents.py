@@ -34,6 +34,7 @@ def render_document(record: JobRecord, queue_position: int | None) -> JobDocumen
             width=i.width,
             height=i.height,
             url=f"/v1/generations/{record.id}/images/{i.index}",
+            filtered=i.filtered,
         )
         for i in record.images
     ]

@@ -101,6 +101,12 @@ class NotFound(ApiError):
     code = "not_found"
 
 
+class ContentFiltered(NotFound):
+    """The model's safety checker withheld the image (404)."""
+
+    code = "content_filtered"
+
+
 class Conflict(ApiError):
     """The request conflicts with the current state (409)."""
 

@@ -246,6 +246,11 @@ class ImageLink(BaseModel):
     width: int
     height: int
     url: str
+    filtered: bool = Field(
+        False,
+        description="The model's safety checker withheld this image: its URL answers 404 "
+        "`content_filtered`.",
+    )
 
 
 class ErrorInfo(BaseModel):

@@ -15,6 +15,7 @@ from app.auth import KeyStore
 from app.documents import render_document
 from app.errors import (
     Conflict,
+    ContentFiltered,
     InvalidRequest,
     NotFound,
     QueueFull,
@@ -271,6 +272,10 @@ class GenerationService:
         if record.status != JobStatus.SUCCEEDED:
             raise NotFound(
                 f"image {index} of job {job_id} does not exist yet (job is {record.status})"
+            )
+        if any(i.index == index and i.filtered for i in record.images):
+            raise ContentFiltered(
+                f"image {index} of job {job_id} was withheld by the model's safety checker"
             )
         png = await self.store.get_image(job_id, index)
         if png is None:

@@ -92,6 +92,46 @@ def save_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def save_tiny_pipeline_with_safety_checker(
+    directory: Path, seed: int = 0, flags_everything: bool = True
+) -> Path:
+    """The tiny pipeline shipping a safety checker, as Stable Diffusion 1.x does: a tiny CLIP
+    vision model whose concept thresholds flag every image (`flags_everything`) or none."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    pipe = build_tiny_pipeline(seed)
+    torch.manual_seed(seed + 2)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 32},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    checker = StableDiffusionSafetyChecker(config).eval()
+    threshold = -10.0 if flags_everything else 10.0  # cosine distance minus threshold > 0: flagged
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    extractor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    StableDiffusionPipeline(
+        **{
+            k: v
+            for k, v in pipe.components.items()
+            if k not in ("safety_checker", "feature_extractor")
+        },
+        safety_checker=checker,
+        feature_extractor=extractor,
+        requires_safety_checker=True,
+    ).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL's shape in miniature: two text encoders (the second with a projection, whose pooled
     output and the size/crop micro-conditioning feed the UNet's added embedding), and a VAE

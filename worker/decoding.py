@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from imagegen.core.contract import FILTERED_MARK
 from worker.compiled_sizes import bucket, pad_rows
 
 # Pixels one VAE call decodes at most, across images (about a 512x512 batch of 8).
@@ -105,7 +106,16 @@ class Decoder:
         image = pipe.image_processor.postprocess(
             image, output_type="pt", do_denormalize=denormalize
         )
-        return to_pil(image)
+        return mark_filtered(to_pil(image), nsfw)
+
+
+def mark_filtered(images: list[Image.Image], flags: list[bool] | None) -> list[Image.Image]:
+    """Mark the images a safety checker flagged (`FILTERED_MARK` in their `info`): the job
+    records them as filtered and stores no PNG of them."""
+    for image, flagged in zip(images, flags or [False] * len(images), strict=True):
+        if flagged:
+            image.info[FILTERED_MARK] = True
+    return images
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

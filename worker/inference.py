@@ -20,6 +20,7 @@ from worker.batch_loop import (
     StepCallback,
     run_batch,
 )
+from worker.decoding import mark_filtered
 from worker.families import supports_batching
 from worker.pipeline import LoadedModel
 from worker.previews import fit_projection
@@ -195,7 +196,9 @@ class Inference:
                 output_type="pil",
                 callback_on_step_end=callback,
             )
-        images: list[Any] = result.images
+        images: list[Any] = mark_filtered(
+            result.images, getattr(result, "nsfw_content_detected", None)
+        )
         return images
 
     # -- state ----------------------------------------------------------------------------------

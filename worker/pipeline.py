@@ -265,6 +265,8 @@ def load_model(
     )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if settings.safety_checker == "off" and getattr(pipe, "safety_checker", None) is not None:
+        pipe.register_modules(safety_checker=None)  # IMAGEGEN_SAFETY_CHECKER=off
     # Stable Diffusion safety checkers are optional components; we load what the model ships.
 
     free = free_gpu_gib(device)

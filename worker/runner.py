@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from imagegen.core.contract import ErrorCode, ImageInfo
+from imagegen.core.contract import FILTERED_MARK, ErrorCode, ImageInfo
 from imagegen.core.lifecycle import Claimed, Lifecycle
 from imagegen.core.logs import request_id
 from imagegen.core.settings import WorkerSettings
@@ -179,6 +179,7 @@ class JobRunner:
         return [
             self.png_pool.submit(encode_png, image, png_parameters(spec, i))
             for i, image in enumerate(images)
+            if not image.info.get(FILTERED_MARK)  # a flagged image is never stored
         ]
 
     def _finish(
@@ -191,7 +192,13 @@ class JobRunner:
             return self._fail(job, result)
         spec = job.record.spec
         infos = [
-            ImageInfo(index=i, seed=spec.image_seed(i), width=img.width, height=img.height)
+            ImageInfo(
+                index=i,
+                seed=spec.image_seed(i),
+                width=img.width,
+                height=img.height,
+                filtered=bool(img.info.get(FILTERED_MARK)),
+            )
             for i, img in enumerate(result)
         ]
         run_s = time.perf_counter() - started

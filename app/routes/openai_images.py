@@ -18,6 +18,7 @@ from urllib.parse import urljoin
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.auth import PrincipalDep
@@ -49,6 +50,8 @@ RETRYABLE_JOB_ERRORS = frozenset({"out_of_memory", "worker_lost", "timeout"})
 # The answer to a client that has already gone, so nobody receives it; 499 is nginx's code
 # for that case, should a middleware or a log see it.
 CLIENT_CLOSED_REQUEST = 499
+# How many images the model's safety checker withheld from `data` (absent: none).
+FILTERED_HEADER = "X-Imagegen-Filtered"
 
 
 @router.post(
@@ -86,15 +89,23 @@ async def answer_when_done(
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     if done.status != JobStatus.SUCCEEDED:
         raise job_failure(done)
+    # Images the model's safety checker withheld are left out of `data`; the header counts them.
+    shown = [image for image in done.images if not image.filtered]
     if body.response_format == "url":
         # The job document's link, made absolute against this request's base URL (which
         # carries any root_path), so the link format stays defined in one place.
         base = str(request.base_url)
-        data = [OpenAIImage(url=urljoin(base, image.url.lstrip("/"))) for image in done.images]
+        data = [OpenAIImage(url=urljoin(base, image.url.lstrip("/"))) for image in shown]
     else:
-        pngs = [await service.image(done.id, image.index, owner) for image in done.images]
+        pngs = [await service.image(done.id, image.index, owner) for image in shown]
         data = [OpenAIImage(b64_json=base64.b64encode(png).decode("ascii")) for png in pngs]
-    return OpenAIImagesResponse(created=int(time.time()), data=data)
+    answer = OpenAIImagesResponse(created=int(time.time()), data=data)
+    if len(shown) == len(done.images):
+        return answer
+    return JSONResponse(
+        answer.model_dump(exclude_none=True),
+        headers={FILTERED_HEADER: str(len(done.images) - len(shown))},
+    )
 
 
 def to_generation_request(body: OpenAIImageRequest) -> GenerationRequest:

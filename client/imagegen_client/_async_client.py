@@ -245,6 +245,7 @@ class AsyncClient:
                 ref.index, ref.seed, ref.width, ref.height, await self.download(done, ref.index)
             )
             for ref in done.images
+            if not ref.filtered  # withheld by the safety checker: nothing to download
         ]
         return Generation(done, images)
 

@@ -262,6 +262,7 @@ class Client:
                 ref.index, ref.seed, ref.width, ref.height, self.download(done, ref.index)
             )
             for ref in done.images
+            if not ref.filtered  # withheld by the safety checker: nothing to download
         ]
         return Generation(done, images)
 

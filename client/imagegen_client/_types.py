@@ -52,6 +52,8 @@ class ImageRef:
     width: int
     height: int
     url: str
+    filtered: bool = False
+    """The model's safety checker withheld it: there is nothing to download."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImageRef:
@@ -61,6 +63,7 @@ class ImageRef:
             width=int(data["width"]),
             height=int(data["height"]),
             url=str(data["url"]),
+            filtered=bool(data.get("filtered", False)),
         )
 
 
@@ -243,7 +246,8 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class Generation:
-    """What `generate()` returns: the finished job and its images, downloaded."""
+    """What `generate()` returns: the finished job and its images, downloaded (an image the
+    model's safety checker withheld is in `job.images` with `filtered`, not here)."""
 
     job: Job
     images: list[GeneratedImage]

@@ -230,6 +230,13 @@ class ImageInfo(BaseModel):
     seed: int
     width: int
     height: int
+    # The model's safety checker flagged it: no PNG is stored (never a black image).
+    filtered: bool = False
+
+
+# A PIL image's `info` key the worker marks a flagged image with, from the safety checker to
+# the job's record.
+FILTERED_MARK = "imagegen_filtered"
 
 
 class JobError(BaseModel):

@@ -203,7 +203,8 @@ class Lifecycle:
         run_s: float,
     ) -> bool:
         """Store the images and mark the job succeeded, in one step; False (nothing written)
-        if the run no longer holds the job (canceled, or taken back)."""
+        if the run no longer holds the job (canceled, or taken back). `pngs` are those of the
+        images not `filtered`, in order: a filtered image is recorded, never stored."""
         moved, _ = self.apply(
             Transition(
                 job.record,
@@ -212,7 +213,7 @@ class Lifecycle:
                 {"finished_at": time.time(), "images": [i.model_dump() for i in images]},
                 ttl_s=record_ttl_s,
                 owner=job.owner,
-                images=[(info.index, png) for info, png in zip(images, pngs, strict=True)],
+                images=list(zip([i.index for i in images if not i.filtered], pngs, strict=True)),
                 image_ttl_s=image_ttl_s,
                 run_s=run_s,
             )

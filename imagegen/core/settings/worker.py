@@ -68,6 +68,13 @@ class WorkerSettings(CommonSettings):
         "`default_scale`), served with every model whose family a file fits (hub models too); "
         "unset = only the `loras/` beside each local model.",
     )
+    safety_checker: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto = run the safety checker a model ships (Stable Diffusion 1.x/2.x "
+        "checkpoints do): a flagged image is withheld (`filtered: true`, its PNG a 404 "
+        "`content_filtered`), never a silent black image. off = no checker runs and every "
+        "image is returned: the operator answers for what the service then shows.",
+    )
     model_memory_gib: float | None = Field(
         None,
         gt=0,
