@@ -1,37 +1,52 @@
 """`imagegen prefetch`: download the configured hub models into the Hugging Face cache before
-the workers start (compose runs it once), so that workers run offline."""
+the workers start (compose runs it once), so that workers run offline.
+
+One model that cannot be fetched (gated without a token, a typo, no network) is reported and
+skipped, never a failure of the whole step: compose starts the workers only once this step
+succeeded, and a worker lists such a model unavailable with the reason while serving the rest.
+Local paths are never fetched: they are mounted into the workers, not into this container.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from imagegen.core.settings import WorkerSettings
-from worker.models import parse_models
+from worker.models import configured_sources
 from worker.pipeline import FP16_VARIANT, has_fp16_variant
 
 
-def prefetch_model(settings: WorkerSettings) -> str:
-    """Download the configured hub model(s) into the Hugging Face cache; returns what it did.
+def prefetch_model(settings: WorkerSettings) -> list[str]:
+    """Download the configured hub model(s) into the Hugging Face cache; one line per model
+    saying what was done.
 
     Compose runs this once before the workers start, so that the workers can run with
     HF_HUB_OFFLINE=1 and several of them never race to download the same files. Where the
     weights will be fp16 (IMAGEGEN_DTYPE float16, or auto: the workers are meant for GPUs)
-    and the repository has the fp16 variant, only that is fetched: half the bytes. With
-    IMAGEGEN_MODELS, every hub id of the list is fetched.
+    and the repository has the fp16 variant, only that is fetched: half the bytes.
     """
-    if settings.models:
-        sources = [m.source for m in parse_models(settings.models)]
-        return "; ".join(_prefetch(source, settings) for source in sources)
-    return _prefetch(settings.model, settings)
+    if not settings.models and not settings.model:
+        return ["nothing to fetch: the built-in models are on disk"]
+    return [_prefetch(source.source, settings) for source in configured_sources(settings)]
 
 
-def _prefetch(source: str | None, settings: WorkerSettings) -> str:
-    if not source or Path(source).is_dir():
-        return f"nothing to fetch: {source or 'the built-in model'} is on disk"
+def is_local_path(source: str) -> bool:
+    """A directory or file path (`/models/mine`, `./mine`, `~/mine`, `C:\\...`), not a hub id
+    (`owner/name`)."""
+    return Path(source).exists() or source.startswith(("/", ".", "~", "\\")) or ":" in source
+
+
+def _prefetch(source: str, settings: WorkerSettings) -> str:
+    if is_local_path(source):
+        return f"nothing to fetch: {source} is a local path"
     from diffusers import DiffusionPipeline
     from huggingface_hub import list_repo_files
 
-    fp16 = settings.dtype in ("auto", "float16")
-    variant = FP16_VARIANT if fp16 and has_fp16_variant(list_repo_files(source)) else None
-    path = DiffusionPipeline.download(source, variant=variant)
+    try:
+        fp16 = settings.dtype in ("auto", "float16")
+        variant = FP16_VARIANT if fp16 and has_fp16_variant(list_repo_files(source)) else None
+        path = DiffusionPipeline.download(source, variant=variant)
+    except Exception as exc:  # gated, missing, offline: this model only
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"could not fetch {source} (its workers will list it unavailable): {first}"
     return f"{source} ({variant or 'default'} weights) is in the cache at {path}"

@@ -80,11 +80,13 @@ def webhooks() -> None:
 
 @app.command()
 def prefetch() -> None:
-    """Download IMAGEGEN_MODEL (a hub id) into the Hugging Face cache, then exit."""
+    """Download the hub models of IMAGEGEN_MODEL / IMAGEGEN_MODELS into the Hugging Face cache,
+    then exit 0; a model that cannot be fetched is reported and skipped."""
     settings = load_settings(WorkerSettings)
     from worker.prefetch import prefetch_model
 
-    typer.echo(prefetch_model(settings))
+    for line in prefetch_model(settings):
+        typer.echo(line, err=line.startswith("could not fetch"))
 
 
 @app.command("check-worker")

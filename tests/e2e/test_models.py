@@ -19,8 +19,10 @@ import pytest
 import redis
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from builtin_model.tiny import save_tiny_pipeline
+from imagegen.cli.main import app as cli
 from imagegen.cli.redis_server import RedisServer, free_port
 from imagegen.core.contract import JobRecord, JobSpec, JobStatus, Keys
 from imagegen.core.lifecycle import Lifecycle
@@ -593,5 +595,22 @@ def test_prefetch_covers_every_model_of_the_list(two_models: tuple[Path, Path]) 
     from worker.prefetch import prefetch_model
 
     a, b = two_models
-    said = prefetch_model(Settings(models=f"a={a},{b}"))
-    assert said == f"nothing to fetch: {a} is on disk; nothing to fetch: {b} is on disk"
+    said = prefetch_model(Settings(models=f"a={a},{b},mine=/models/mine"))
+    assert said == [
+        f"nothing to fetch: {a} is a local path",
+        f"nothing to fetch: {b} is a local path",
+        "nothing to fetch: /models/mine is a local path",
+    ]
+
+
+def test_prefetch_reports_a_model_it_cannot_fetch_and_succeeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gated or missing hub model must not keep compose from starting every worker."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: every hub fetch fails
+    result = CliRunner().invoke(
+        cli, ["prefetch"], env={"IMAGEGEN_MODELS": "gated=someone/gated-model,mine=/models/x"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "could not fetch someone/gated-model" in result.output
+    assert "nothing to fetch: /models/x is a local path" in result.output
