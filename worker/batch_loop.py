@@ -331,6 +331,9 @@ class _Loop:
         dtype = self.dtype
         strength = spec.strength or 1.0
         inpaint = spec.task in ("inpaint", "outpaint")
+        # SDXL's fp16 VAE overflows: the stock pipelines encode in fp32 where it asks for it
+        # (`force_upcast`), then bring the sample back to the weights' dtype before scaling.
+        upcast = self.sdxl and _vae_needs_upcast(pipe.vae)
         image_latents: list[torch.Tensor] = []
         noises: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
@@ -342,8 +345,16 @@ class _Loop:
                 item.image, height=spec.height, width=spec.width
             ).to(dtype=torch.float32)
             pixels = pixels.to(device=self.device, dtype=dtype)
+            if upcast:
+                pixels = pixels.float()  # rounded to the weights' dtype first, as stock does
             # One encoding per job: it is deterministic; each row samples it with its generator.
-            encoded = pipe.vae.encode(pixels).latent_dist
+            if upcast:
+                pipe.vae.to(dtype=torch.float32)
+            try:
+                encoded = pipe.vae.encode(pixels).latent_dist
+            finally:
+                if upcast:
+                    pipe.vae.to(dtype=torch.float16)
             latent_mask = None
             if inpaint:
                 assert item.mask is not None
@@ -359,7 +370,7 @@ class _Loop:
                 ).to(device=self.device, dtype=dtype)
             for _ in range(item.spec.n):
                 generator = self.generators[row]
-                latent = encoded.sample(generator) * pipe.vae.config.scaling_factor
+                latent = encoded.sample(generator).to(dtype) * pipe.vae.config.scaling_factor
                 noise = randn_tensor(
                     latent.shape, generator=[generator], device=self.device, dtype=dtype
                 )
@@ -626,6 +637,11 @@ def _mask_processor(pipe: Any) -> VaeImageProcessor:
         do_convert_grayscale=True,
     )
 
+
+
+def _vae_needs_upcast(vae: Any) -> bool:
+    """An fp16 VAE that asks to run in fp32 (`force_upcast`, as SDXL's does)."""
+    return bool(vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False))
 
 def _strength_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
     """The stock image-to-image pipelines' `get_timesteps`: the last `steps * strength` steps."""

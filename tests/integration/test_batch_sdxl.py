@@ -140,3 +140,49 @@ def test_a_long_weighted_sdxl_prompt_matches_the_stock_pipeline_given_the_same_e
     spec = job(prompt=LONG_PROMPT, negative_prompt=negative, n=2)
     (result,) = run_batch(sdxl, [BatchItem(spec)], invariant=True)
     assert_identical(pixels(result), pixels(Inference(sdxl).generate(spec)))
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_sdxl_inputs_are_encoded_as_the_stock_pipelines_encode_them(
+    sdxl: LoadedModel, sdxl16: LoadedModel, task: str, precision: str
+) -> None:
+    """Image-to-image and inpainting on SDXL, in fp32 and with the fp16 VAE that asks to be
+    upcast (`force_upcast`): the input is encoded in fp32 then, as the stock pipelines do."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+    from tests.integration.test_edits_batch import REF, a_mask, picture
+
+    model = sdxl if precision == "float32" else sdxl16
+    inpaint = task == "inpaint"
+    spec = job(
+        negative_prompt="",
+        task=task,
+        image=REF,
+        mask=REF if inpaint else None,
+        strength=1.0 if inpaint else 0.6,
+        n=2,
+    )
+    image, mask = picture(3), a_mask() if inpaint else None
+    (result,) = run_batch(model, [BatchItem(spec, image=image, mask=mask)], invariant=True)
+    assert model.pipe.vae.dtype == getattr(torch, precision)  # put back after the encode
+    kind: Any = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLImg2ImgPipeline
+    stock = kind(**model.pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    expected = []
+    for i in range(spec.n):
+        stock.scheduler = build_scheduler(spec.scheduler, model.scheduler_config)
+        extra = {"mask_image": [mask], "width": 64, "height": 64} if inpaint else {}
+        with torch.inference_mode():
+            out = stock(
+                prompt=[spec.prompt],
+                negative_prompt=None,
+                image=[image],
+                strength=spec.strength,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(spec.image_seed(i))],
+                **extra,
+            )
+        expected += [np.asarray(im) for im in out.images]
+    assert_identical(pixels(result), expected)
