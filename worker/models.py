@@ -58,6 +58,8 @@ log = logging.getLogger("imagegen.worker")
 # guidance-distilled few-step UNets (LCM/Turbo style, `time_cond_proj_dim`) too.
 SUPPORTED_FAMILIES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# The components a LoRA injects layers into.
+LORA_TARGETS = frozenset({"unet", "text_encoder", "text_encoder_2"})
 
 
 class UnsupportedModel(Exception):
@@ -108,6 +110,19 @@ def configured_sources(settings: WorkerSettings) -> list[ModelSource]:
     if settings.model:
         return [ModelSource(settings.model_id, settings.model)]
     return builtin_sources(settings.model_id)
+
+
+def local_root(source: str) -> Path | None:
+    """The directory holding the model's files: a local model's own, a hub model's snapshot
+    in the Hugging Face cache (None when it is not there: nothing is downloaded here)."""
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # not cached, or not a hub id
+        return None
 
 
 def _config_file(source: str, name: str) -> Path:
@@ -177,8 +192,9 @@ def module_bytes(modules: list[torch.nn.Module]) -> int:
     return total
 
 
-def _modules(pipe: Any) -> list[torch.nn.Module]:
-    return [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+def _modules(model: LoadedModel) -> list[torch.nn.Module]:
+    components = [c for c in model.pipe.components.values() if isinstance(c, torch.nn.Module)]
+    return components + list(model.adapters.controlnets.values())
 
 
 def memory_budget_bytes(settings: WorkerSettings, device: torch.device) -> int:
@@ -300,7 +316,7 @@ class ModelManager:
             shape = ModelShape(
                 int(cross) if isinstance(cross, int) else None, "text_encoder_2" in index
             )
-            cards, _ = adapter_cards(
+            cards, loras = adapter_cards(
                 Path(source) if Path(source).is_dir() else None,
                 self.settings.lora_dir,
                 shape,
@@ -310,9 +326,14 @@ class ModelManager:
                 model_id, card, native, scheduler, self.settings, tokenizer_of(source), cards
             )
             entry = Entry(source, info)
-            if Path(source).is_dir():
-                entry.estimate = self._estimate(Path(source))
-                entry.fingerprints = component_fingerprints(Path(source), index)
+            root = local_root(source)  # a hub model: its snapshot in the local cache, if any
+            if root is not None:
+                entry.estimate = self._estimate(root)
+                entry.fingerprints = component_fingerprints(root, index)
+            # The library's LoRAs it would load weigh too (its own are in the estimate).
+            entry.estimate += sum(
+                lora.path.stat().st_size for lora in loras if lora.path and not lora.own
+            )
             return entry
         except Exception as exc:
             reason = f"cannot read the model's configs: {type(exc).__name__}: {exc}"
@@ -330,11 +351,19 @@ class ModelManager:
         return name_of(cls.from_config(config)) if cls is not None else None
 
     def _estimate(self, root: Path) -> int:
+        """Bytes the model's weights take loaded: its components' files of the variant that
+        loads, and its adapters' (ControlNets, LoRAs beside it)."""
         files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
         variant = weights_variant(files, self.dtype)
         total = 0
         for rel in files:
-            if rel.count("/") != 1 or not rel.endswith(WEIGHT_SUFFIXES):
+            if not rel.endswith(WEIGHT_SUFFIXES):
+                continue
+            if rel.startswith(("controlnets/", "loras/")):
+                size = (root / rel).stat().st_size
+                total += size // 2 if self.dtype in (torch.float16, torch.bfloat16) else size
+                continue
+            if rel.count("/") != 1:
                 continue
             parts = rel.split("/")[1].split(".")
             is_variant = len(parts) > 2 and parts[1].startswith(FP16_VARIANT)
@@ -367,8 +396,10 @@ class ModelManager:
         return warm.max_images if warm is not None else 1
 
     def used_bytes(self) -> int:
+        """Bytes the warm models hold: their pipelines' modules (LoRA layers included) and
+        their ControlNets, each tensor counted once."""
         with self._lock:
-            return module_bytes([m for w in self.warm.values() for m in _modules(w.model.pipe)])
+            return module_bytes([m for w in self.warm.values() for m in _modules(w.model)])
 
     def unavailable(self, model_id: str) -> str | None:
         """Why the model cannot be loaded now (None: it can be, or is loaded)."""
@@ -444,11 +475,16 @@ class ModelManager:
         return loader(self.settings, entry.source, model_id, shared)
 
     def _shared_components(self, entry: Entry) -> dict[str, torch.nn.Module]:
-        """Components of warm models whose files are identical to this model's own."""
+        """Components of warm models whose files are identical to this model's own. A module
+        that carries LoRA layers, or would, is never shared: another model's runs would hold
+        its adapters."""
         out: dict[str, torch.nn.Module] = {}
         for warm_id, warm in self.warm.items():
             other = self.entries[warm_id].fingerprints
+            with_loras = bool(entry.info.adapters) or bool(warm.model.adapters.loras)
             for name, digest in entry.fingerprints.items():
+                if with_loras and name in LORA_TARGETS:
+                    continue
                 module = getattr(warm.model.pipe, name, None)
                 if name not in out and other.get(name) == digest and module is not None:
                     out[name] = module
@@ -487,7 +523,7 @@ class ModelManager:
                         loaded=warm is not None,
                         unavailable=entry.unavailable if warm is None else None,
                         memory_bytes=(
-                            module_bytes(_modules(warm.model.pipe))
+                            module_bytes(_modules(warm.model))
                             if warm is not None
                             else entry.estimate
                         ),

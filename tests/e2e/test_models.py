@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ from imagegen.core.contract import JobRecord, JobSpec, JobStatus, Keys
 from imagegen.core.lifecycle import Lifecycle
 from imagegen.core.settings import Settings
 from tests.stack import (
+    ROOT,
     Gateway,
     Proc,
     job_spec,
@@ -117,6 +119,74 @@ def test_a_model_that_cannot_load_is_unavailable_not_a_crash(
     tight = ModelManager(Settings(models=f"a={a}", device="cpu"), budget_bytes=1000)
     with pytest.raises(ModelUnavailable, match="memory budget"):
         tight.acquire("a")
+
+
+def _in_hub_cache(model: Path, cache: Path, repo: str) -> None:
+    """`model` laid out as the Hugging Face cache holds a downloaded snapshot of `repo`."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(model, folder / "snapshots" / ("0" * 40))
+
+
+HUB_PROBE = """
+import json
+from imagegen.core.settings import Settings
+from worker.models import ModelManager, ModelUnavailable
+local = ModelManager(Settings(models="a=LOCAL", device="cpu")).entries["a"].estimate
+hub = ModelManager(Settings(models="h=someone/tiny", device="cpu"))
+loaded = hub.acquire("h").model.info.id
+tight = ModelManager(Settings(models="h=someone/tiny", device="cpu"), budget_bytes=1)
+try:
+    tight.acquire("h")
+    refused = ""
+except ModelUnavailable as exc:
+    refused = str(exc)
+print(json.dumps([local, hub.entries["h"].estimate, loaded, refused]))
+"""
+
+
+def test_a_hub_model_is_measured_from_its_cached_files(
+    two_models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A hub model counted 0 bytes once: two of them loaded under a 1-byte budget. Here, as in
+    a worker after `imagegen prefetch`: offline, from the Hugging Face cache."""
+    a, _ = two_models
+    _in_hub_cache(a, tmp_path / "hub", "someone/tiny")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    probe = subprocess.run(
+        [sys.executable, "-c", HUB_PROBE.replace("LOCAL", str(a))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    local, hub, loaded, refused = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert hub == local > 0 and loaded == "h"
+    assert "memory budget" in refused
+
+
+def test_controlnets_count_in_the_budget_and_lora_modules_are_never_shared(
+    two_models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from builtin_model.tiny import save_tiny_adapters
+    from worker.models import module_bytes
+
+    a, _ = two_models
+    with_adapters = tmp_path / "with-adapters"
+    shutil.copytree(a, with_adapters)
+    save_tiny_adapters(with_adapters)
+    manager = ModelManager(Settings(models=f"a={a},ad={with_adapters}", device="cpu"))
+    assert manager.entries["ad"].estimate > manager.entries["a"].estimate
+    plain = manager.acquire("a").model
+    adapted = manager.acquire("ad").model
+    nets = list(adapted.adapters.controlnets.values())
+    assert nets and manager.used_bytes() >= module_bytes(nets) + module_bytes([plain.pipe.unet])
+    # Same UNet file, but one model's carries LoRA layers: each has its own.
+    assert adapted.pipe.unet is not plain.pipe.unet
+    assert adapted.pipe.vae is plain.pipe.vae
 
 
 def test_identical_components_are_shared_not_loaded_twice(
