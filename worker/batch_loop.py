@@ -638,10 +638,10 @@ def _mask_processor(pipe: Any) -> VaeImageProcessor:
     )
 
 
-
 def _vae_needs_upcast(vae: Any) -> bool:
     """An fp16 VAE that asks to run in fp32 (`force_upcast`, as SDXL's does)."""
     return bool(vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False))
+
 
 def _strength_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
     """The stock image-to-image pipelines' `get_timesteps`: the last `steps * strength` steps."""

@@ -20,6 +20,7 @@ from imagegen.core.contract import ErrorCode, WorkerHeartbeat
 from imagegen.core.lifecycle import Lifecycle
 from imagegen.core.logs import configure_logging
 from imagegen.core.settings import FaultSettings, WorkerSettings
+from worker.catalog import CatalogError
 from worker.faults import CrashPoint
 from worker.heartbeat import Heartbeat
 from worker.inference import Inference
@@ -95,6 +96,10 @@ def run_worker(settings: WorkerSettings) -> int:
             # The stock pipeline runs job by job: a batch would only keep jobs waiting as running.
             max_images=lambda m, inf: batch_max_images(settings, m) if inf.batching else 1,
         )
+    except CatalogError as exc:  # one line per problem of IMAGEGEN_MODELS_FILE
+        for problem in exc.problems:
+            log.error("refusing to start: %s", problem)
+        return 2
     except UnsupportedModel as exc:
         log.error("refusing to start: %s", exc)
         return 2

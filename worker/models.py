@@ -36,6 +36,7 @@ import torch
 from imagegen.core.contract import ModelInfo, ServedModel
 from imagegen.core.settings import WorkerSettings
 from worker.adapters import ModelShape, adapter_cards
+from worker.catalog import CatalogEntry, load_catalog
 from worker.inference import Inference
 from worker.pipeline import (
     FP16_VARIANT,
@@ -72,10 +73,19 @@ class ModelUnavailable(Exception):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """One entry of IMAGEGEN_MODELS: `source` (hub id or directory), served as `model_id`."""
+    """One model of the list: `source` (hub id or directory), served as `model_id`, with what
+    a catalog entry adds (IMAGEGEN_MODELS_FILE: worker.catalog)."""
 
     model_id: str | None
     source: str
+    revision: str | None = None
+    vae: str | None = None
+    dtype: str | None = None
+    card: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, entry: CatalogEntry) -> ModelSource:
+        return cls(entry.id, entry.source, entry.revision, entry.vae, entry.dtype, entry.card())
 
 
 def parse_models(entries: list[str]) -> list[ModelSource]:
@@ -105,14 +115,17 @@ def builtin_sources(first_id: str | None = None) -> list[ModelSource]:
 
 
 def configured_sources(settings: WorkerSettings) -> list[ModelSource]:
-    if settings.models:
-        return parse_models(settings.models)
+    """The worker's models: the catalog's, then IMAGEGEN_MODELS' (both may be set); else
+    IMAGEGEN_MODEL; else the built-in models. `CatalogError` if the catalog is wrong."""
+    if settings.models_file is not None or settings.models:
+        catalog = load_catalog(settings.models_file) if settings.models_file else []
+        return [ModelSource.of(entry) for entry in catalog] + parse_models(settings.models)
     if settings.model:
         return [ModelSource(settings.model_id, settings.model)]
     return builtin_sources(settings.model_id)
 
 
-def local_root(source: str) -> Path | None:
+def local_root(source: str, revision: str | None = None) -> Path | None:
     """The directory holding the model's files: a local model's own, a hub model's snapshot
     in the Hugging Face cache (None when it is not there: nothing is downloaded here)."""
     if Path(source).is_dir():
@@ -120,23 +133,23 @@ def local_root(source: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(source, local_files_only=True))
+        return Path(snapshot_download(source, revision=revision, local_files_only=True))
     except Exception:  # not cached, or not a hub id
         return None
 
 
-def _config_file(source: str, name: str) -> Path:
+def _config_file(source: str, name: str, revision: str | None = None) -> Path:
     if Path(source).is_dir():
         return Path(source) / name
     if source.startswith(("/", ".", "~")):
         raise FileNotFoundError(f"no model directory at {source}")
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(source, name))
+    return Path(hf_hub_download(source, name, revision=revision))
 
 
-def _json(source: str, name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(_config_file(source, name).read_text())
+def _json(source: str, name: str, revision: str | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(_config_file(source, name, revision).read_text())
     return data
 
 
@@ -164,6 +177,14 @@ def _file_digest(path: Path) -> str:
     return f"{size}:{digest.hexdigest()}"
 
 
+def folder_fingerprint(folder: Path) -> str:
+    """A digest of the files directly in `folder` (a component's: config and weights)."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(f.name.encode() + b"\0" + _file_digest(f).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def component_fingerprints(root: Path, index: dict[str, Any]) -> dict[str, str]:
     """A digest per model component of its config and weights: equal digests, equal modules."""
     out = {}
@@ -173,10 +194,7 @@ def component_fingerprints(root: Path, index: dict[str, Any]) -> dict[str, str]:
         files = _component_files(root, name)
         if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in files):
             continue
-        digest = hashlib.sha256()
-        for f in files:
-            digest.update(f.name.encode() + b"\0" + _file_digest(f).encode() + b"\n")
-        out[name] = digest.hexdigest()
+        out[name] = folder_fingerprint(root / name)
     return out
 
 
@@ -229,6 +247,7 @@ class Entry:
     unavailable: str | None = None
     failed_at: float = 0.0
     loads: int = 0
+    spec: ModelSource | None = None  # as listed (None: the source alone)
 
 
 @dataclass
@@ -241,13 +260,20 @@ class Warm:
     last_used: float = field(default_factory=time.monotonic)
 
 
-Loader = Callable[[WorkerSettings, str, str, dict[str, Any]], LoadedModel]
+Loader = Callable[[WorkerSettings, "ModelSource", dict[str, Any]], LoadedModel]
 
 
-def _load(
-    settings: WorkerSettings, source: str, model_id: str, components: dict[str, Any]
-) -> LoadedModel:
-    return load_model(settings, source, model_id, components)
+def _load(settings: WorkerSettings, src: ModelSource, components: dict[str, Any]) -> LoadedModel:
+    return load_model(
+        settings,
+        src.source,
+        src.model_id,
+        components,
+        revision=src.revision,
+        vae=src.vae,
+        dtype=src.dtype,
+        card=src.card,
+    )
 
 
 class ModelManager:
@@ -284,16 +310,16 @@ class ModelManager:
     def _probe(self, src: ModelSource) -> Entry:
         """The model's announced info from its configs alone; a model whose configs cannot be
         read is listed unavailable (never a crash), one of another family is refused."""
-        source = src.source
-        card = read_card(source) if Path(source).is_dir() else {}
+        source, revision = src.source, src.revision
+        card = {**(read_card(source) if Path(source).is_dir() else {}), **src.card}
         model_id = model_id_for(source, self.settings, card, src.model_id)
         try:
-            index = _json(source, "model_index.json")
+            index = _json(source, "model_index.json", revision)
         except Exception as exc:  # missing directory, offline hub id, unreadable json
             reason = f"cannot read the model at {source}: {exc}"
             log.error("model %s unavailable: %s", model_id, reason)
             info = model_info(model_id, card, int(card.get("width", 512)), None, self.settings)
-            return Entry(source, info, unavailable=reason, failed_at=self.clock())
+            return Entry(source, info, unavailable=reason, failed_at=self.clock(), spec=src)
         family = str(index.get("_class_name", "?"))
         if family not in SUPPORTED_FAMILIES:
             # Listed unavailable, not refused: one model of another kind never keeps a worker
@@ -304,14 +330,18 @@ class ModelManager:
             )
             log.error("model %s unavailable: %s", model_id, reason)
             info = model_info(model_id, card, int(card.get("width", 512)), None, self.settings)
-            return Entry(source, info, unavailable=reason, failed_at=self.clock())
+            return Entry(source, info, unavailable=reason, failed_at=self.clock(), spec=src)
         try:
-            unet = _json(source, "unet/config.json")
-            vae = _json(source, "vae/config.json")
+            unet = _json(source, "unet/config.json", revision)
+            vae = (
+                _json(src.vae, "config.json")
+                if src.vae
+                else _json(source, "vae/config.json", revision)
+            )
             sample = unet.get("sample_size", 64)
             sample = int(sample if isinstance(sample, int) else sample[0])
             native = sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-            scheduler = self._scheduler_name(source)
+            scheduler = self._scheduler_name(source, revision)
             cross = unet.get("cross_attention_dim")
             shape = ModelShape(
                 int(cross) if isinstance(cross, int) else None, "text_encoder_2" in index
@@ -325,11 +355,16 @@ class ModelManager:
             info = model_info(
                 model_id, card, native, scheduler, self.settings, tokenizer_of(source), cards
             )
-            entry = Entry(source, info)
-            root = local_root(source)  # a hub model: its snapshot in the local cache, if any
+            entry = Entry(source, info, spec=src)
+            root = local_root(source, revision)  # a hub model: its snapshot in the cache, if any
             if root is not None:
                 entry.estimate = self._estimate(root)
                 entry.fingerprints = component_fingerprints(root, index)
+            if src.vae:  # swapped: the VAE is what is at `vae`, not what the model ships
+                vae_root = local_root(src.vae)
+                entry.fingerprints.pop("vae", None)
+                if vae_root is not None:
+                    entry.fingerprints["vae"] = folder_fingerprint(vae_root)
             # The library's LoRAs it would load weigh too (its own are in the estimate).
             entry.estimate += sum(
                 lora.path.stat().st_size for lora in loras if lora.path and not lora.own
@@ -338,15 +373,15 @@ class ModelManager:
         except Exception as exc:
             reason = f"cannot read the model's configs: {type(exc).__name__}: {exc}"
             info = model_info(model_id, card, 512, None, self.settings)
-            return Entry(source, info, unavailable=reason, failed_at=self.clock())
+            return Entry(source, info, unavailable=reason, failed_at=self.clock(), spec=src)
 
     @staticmethod
-    def _scheduler_name(source: str) -> str | None:
+    def _scheduler_name(source: str, revision: str | None) -> str | None:
         import diffusers
 
         from worker.schedulers import name_of
 
-        config = _json(source, "scheduler/scheduler_config.json")
+        config = _json(source, "scheduler/scheduler_config.json", revision)
         cls = getattr(diffusers, str(config.get("_class_name")), None)
         return name_of(cls.from_config(config)) if cls is not None else None
 
@@ -411,7 +446,7 @@ class ModelManager:
 
     def _probe_again(self, model_id: str) -> bool:
         entry = self.entries[model_id]
-        fresh = self._probe(ModelSource(model_id, entry.source))
+        fresh = self._probe(entry.spec or ModelSource(model_id, entry.source))
         fresh.loads = entry.loads
         self.entries[model_id] = fresh
         return fresh.unavailable is None
@@ -472,7 +507,7 @@ class ModelManager:
     def _load(
         self, loader: Loader, entry: Entry, model_id: str, shared: dict[str, torch.nn.Module]
     ) -> LoadedModel:
-        return loader(self.settings, entry.source, model_id, shared)
+        return loader(self.settings, entry.spec or ModelSource(model_id, entry.source), shared)
 
     def _shared_components(self, entry: Entry) -> dict[str, torch.nn.Module]:
         """Components of warm models whose files are identical to this model's own. A module

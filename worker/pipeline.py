@@ -249,19 +249,31 @@ def load_model(
     source: str | None = None,
     model_id: str | None = None,
     components: dict[str, Any] | None = None,
+    *,
+    revision: str | None = None,
+    vae: str | None = None,
+    dtype: str | None = None,
+    card: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a pipeline onto its device (default: the configured one); the only place weights
     are loaded. Safetensors weights are memory-mapped by diffusers while loading: a second
     load of a model from the page cache reads no disk. `components` are modules already in
     memory (another loaded model's identical VAE, text encoder, ...) used instead of loading
-    those again."""
+    those again. A catalog entry (worker.catalog) adds a hub `revision`, a swapped `vae` (a
+    hub id or diffusers directory), its own `dtype` and `card` (defaults and caps)."""
     source = source or settings.model or str(default_model_dir())
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    variant = weights_variant(_model_files(source), dtype)
-    log.info("loading %s on %s as %s (%s weights)", source, device, dtype, variant or "default")
+    weights = resolve_dtype(dtype or settings.dtype, device)
+    components = dict(components or {})
+    if vae is not None and "vae" not in components:
+        from diffusers import AutoencoderKL
+
+        components["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=weights)
+    hub = {} if Path(source).is_dir() or revision is None else {"revision": revision}
+    variant = weights_variant(_model_files(source), weights)
+    log.info("loading %s on %s as %s (%s weights)", source, device, weights, variant or "default")
     pipe = AutoPipelineForText2Image.from_pretrained(
-        source, dtype=dtype, variant=variant, **(components or {})
+        source, dtype=weights, variant=variant, **hub, **components
     )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -285,7 +297,7 @@ def load_model(
         Path(source) if Path(source).is_dir() else None,
         settings.lora_dir,
         device,
-        dtype,
+        weights,
         # ControlNet residuals run in the batch loop for SD 1.x/2.x (not SDXL: its ControlNets
         # take the micro-conditioning too, which the loop does not pass them).
         controls_allowed=controls_allowed(type(pipe).__name__) and supports_batching(pipe),
@@ -296,7 +308,7 @@ def load_model(
         settings = settings.model_copy(update={"fuse_qkv": False})
     _speed_up(pipe, settings)
 
-    card = read_card(source)
+    card = {**read_card(source), **(card or {})}
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
     sample_size = pipe.unet.config.sample_size
     native = int(sample_size if isinstance(sample_size, int) else sample_size[0]) * vae_scale
@@ -327,7 +339,7 @@ def load_model(
         pipe=pipe,
         info=info,
         device=device,
-        dtype=dtype,
+        dtype=weights,
         scheduler_config=dict(pipe.scheduler.config),
         attention_slicing=slicing,
         vae_tiling=tiling,

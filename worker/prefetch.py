@@ -25,9 +25,14 @@ def prefetch_model(settings: WorkerSettings) -> list[str]:
     weights will be fp16 (IMAGEGEN_DTYPE float16, or auto: the workers are meant for GPUs)
     and the repository has the fp16 variant, only that is fetched: half the bytes.
     """
-    if not settings.models and not settings.model:
+    if not settings.models and not settings.model and settings.models_file is None:
         return ["nothing to fetch: the built-in models are on disk"]
-    return [_prefetch(source.source, settings) for source in configured_sources(settings)]
+    lines = []
+    for model in configured_sources(settings):
+        lines.append(_prefetch(model.source, settings, model.revision))
+        if model.vae:  # a swapped VAE of the catalog: a component's repository
+            lines.append(_prefetch(model.vae, settings, component=True))
+    return lines
 
 
 def is_local_path(source: str) -> bool:
@@ -36,16 +41,22 @@ def is_local_path(source: str) -> bool:
     return Path(source).exists() or source.startswith(("/", ".", "~", "\\")) or ":" in source
 
 
-def _prefetch(source: str, settings: WorkerSettings) -> str:
+def _prefetch(
+    source: str, settings: WorkerSettings, revision: str | None = None, component: bool = False
+) -> str:
     if is_local_path(source):
         return f"nothing to fetch: {source} is a local path"
     from diffusers import DiffusionPipeline
-    from huggingface_hub import list_repo_files
+    from huggingface_hub import list_repo_files, snapshot_download
 
     try:
+        if component:
+            path = snapshot_download(source, revision=revision)
+            return f"{source} is in the cache at {path}"
         fp16 = settings.dtype in ("auto", "float16")
-        variant = FP16_VARIANT if fp16 and has_fp16_variant(list_repo_files(source)) else None
-        path = DiffusionPipeline.download(source, variant=variant)
+        files = list_repo_files(source, revision=revision)
+        variant = FP16_VARIANT if fp16 and has_fp16_variant(files) else None
+        path = DiffusionPipeline.download(source, variant=variant, revision=revision)
     except Exception as exc:  # gated, missing, offline: this model only
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"could not fetch {source} (its workers will list it unavailable): {first}"

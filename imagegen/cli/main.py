@@ -83,9 +83,16 @@ def prefetch() -> None:
     """Download the hub models of IMAGEGEN_MODEL / IMAGEGEN_MODELS into the Hugging Face cache,
     then exit 0; a model that cannot be fetched is reported and skipped."""
     settings = load_settings(WorkerSettings)
+    from worker.catalog import CatalogError
     from worker.prefetch import prefetch_model
 
-    for line in prefetch_model(settings):
+    try:
+        lines = prefetch_model(settings)
+    except CatalogError as exc:
+        for problem in exc.problems:
+            typer.echo(f"invalid catalog: {problem}", err=True)
+        raise typer.Exit(2) from None
+    for line in lines:
         typer.echo(line, err=line.startswith("could not fetch"))
 
 

@@ -61,6 +61,13 @@ class WorkerSettings(CommonSettings):
         "unloaded past the memory budget. Unset = IMAGEGEN_MODEL alone, or, when that is "
         "unset too, the built-in models on disk (shapes-64 and shapes-64-fast).",
     )
+    models_file: Path | None = Field(
+        None,
+        description="The model catalog (YAML, `models:` a list of `id`, `source`, `revision`, "
+        "`vae`, `dtype`, `defaults` {steps, guidance_scale, scheduler, width, height}, "
+        "`max_pixels`, `max_steps`; see docs/bring-your-own-models.md), checked whole at start: "
+        "one line per problem. Served before the IMAGEGEN_MODELS entries, if both are set.",
+    )
     lora_dir: Path | None = Field(
         None,
         description="The LoRA library: `<id>.safetensors` files (kohya/civitai, diffusers or "
