@@ -394,6 +394,17 @@ class ModelEntry(BaseModel):
     )
     adapters: list[AdapterEntry] = Field(default_factory=list)
     controls: list[AdapterEntry] = Field(default_factory=list)
+    family: str = Field(
+        "", description='"sd15", "sd2" or "sdxl" (what LoRAs and ControlNets it takes).'
+    )
+    source_format: str = Field(
+        "", description='Where its weights come from: "diffusers" (a directory) or "hub".'
+    )
+    inpainting: bool = Field(
+        False,
+        description="An inpainting checkpoint (9-channel UNet): every job is an inpaint; "
+        "without `mask` the whole canvas is repainted.",
+    )
     unavailable_adapters: list[UnavailableAdapterEntry] = Field(
         default_factory=list,
         description="Adapter files found for this model that it cannot serve (unreadable, "

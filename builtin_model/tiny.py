@@ -132,6 +132,23 @@ def save_tiny_pipeline_with_safety_checker(
     return directory
 
 
+def save_tiny_inpainting_pipeline(directory: Path, seed: int = 0) -> Path:
+    """An inpainting checkpoint's shape (`stable-diffusion-inpainting`): the tiny pipeline with
+    a 9-channel UNet (latents, mask, masked image's latents), saved as a
+    `StableDiffusionInpaintPipeline`."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = build_tiny_pipeline(seed)
+    torch.manual_seed(seed + 3)
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    config["in_channels"] = 9
+    StableDiffusionInpaintPipeline(
+        **{k: v for k, v in pipe.components.items() if k != "unet"},
+        unet=UNet2DConditionModel.from_config(config),
+    ).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL's shape in miniature: two text encoders (the second with a projection, whose pooled
     output and the size/crop micro-conditioning feed the UNet's added embedding), and a VAE

@@ -147,6 +147,9 @@ class _Loop:
         # SDXL: the second encoder's pooled output per text, and the micro-conditioning
         # (original size, crop, target size) every row shares (one shape key per batch).
         self.sdxl = isinstance(self.pipe, StableDiffusionXLPipeline)
+        # An inpainting checkpoint: its UNet takes the latents, the mask and the masked
+        # image's latents (4 + 1 + 4 channels).
+        self.nine = self.pipe.unet.config.in_channels == 9
         self.texts = TextConditioning(self.pipe, model.prompts, self.device, self.sdxl, invariant)
         self.controlnet: Any = None
         if spec.control is not None:
@@ -265,7 +268,7 @@ class _Loop:
         spec = self.items[0].spec
         scheduler.set_timesteps(spec.steps, device=self.device)
         timesteps = scheduler.timesteps
-        if spec.task == "text":
+        if spec.task == "text" and not self.nine:
             shape = (
                 self.rows,
                 pipe.unet.config.in_channels,
@@ -279,13 +282,19 @@ class _Loop:
         else:
             timesteps = _strength_timesteps(scheduler, spec.steps, spec.strength or 1.0)
             latents = self._input_latents(timesteps)
-        inpaint = spec.task in ("inpaint", "outpaint")
+        # A 4-channel UNet inpaints by blending the kept area back each step; a 9-channel one
+        # (an inpainting checkpoint) takes the mask and the masked image as input instead.
+        blend = spec.task in ("inpaint", "outpaint") and not self.nine
         step_params = set(inspect.signature(scheduler.step).parameters)
         for i, t in enumerate(timesteps):
             model_input = latents
             if hasattr(scheduler, "scale_model_input"):
                 model_input = scheduler.scale_model_input(latents, t)
-            noise_pred = self._predict(model_input, t, i, len(timesteps))
+            unet_input = model_input
+            if self.nine:
+                conditions = (self.inputs["mask"], self.inputs["masked_latents"])
+                unet_input = torch.cat([model_input, *conditions], dim=1)
+            noise_pred = self._predict(unet_input, t, i, len(timesteps))
             self._previews(i + 1, len(timesteps), model_input, noise_pred, t)
             extra: dict[str, Any] = {}
             if "eta" in step_params:
@@ -293,7 +302,7 @@ class _Loop:
             if "generator" in step_params:
                 extra["generator"] = self.generators
             latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-            if inpaint:
+            if blend:
                 # StableDiffusionInpaintPipeline with a 4-channel UNet: the kept area is the
                 # input's latents, noised to the next step's level (clean after the last).
                 proper = self.inputs["image_latents"]
@@ -323,43 +332,43 @@ class _Loop:
 
     def _input_latents(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The starting latents of image-to-image and inpainting rows, drawing from each
-        row's generator in the stock pipelines' order: the VAE encoding's sample, the noise,
-        then (inpainting) the masked image's encoding sample, which a 4-channel UNet does not
-        use but the stock pipeline draws."""
+        row's generator in the stock pipelines' order: the VAE encoding's sample (not drawn by
+        an inpainting UNet's pipeline at full strength), the noise, then (inpainting) the
+        masked image's encoding sample, which a 9-channel UNet takes as input and a 4-channel
+        one does not use but the stock pipeline draws.
+
+        On an inpainting checkpoint (9-channel UNet) every job is an inpainting one, as in
+        `StableDiffusionInpaintPipeline`: no mask is a white one (repaint all), no image a
+        black one (text-to-image is a full-canvas inpaint)."""
         pipe, scheduler = self.pipe, self.scheduler
         spec = self.items[0].spec
         dtype = self.dtype
         strength = spec.strength or 1.0
-        inpaint = spec.task in ("inpaint", "outpaint")
+        inpaint = spec.task in ("inpaint", "outpaint") or self.nine
+        draws_image = not (self.nine and strength == 1.0)
         # SDXL's fp16 VAE overflows: the stock pipelines encode in fp32 where it asks for it
         # (`force_upcast`), then bring the sample back to the weights' dtype before scaling.
         upcast = self.sdxl and _vae_needs_upcast(pipe.vae)
+        scaling = pipe.vae.config.scaling_factor
+        size = (spec.width, spec.height)
         image_latents: list[torch.Tensor] = []
         noises: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
+        masked_latents: list[torch.Tensor] = []
         row = 0
         for job in self.live:
             item = self.items[job]
-            assert item.image is not None
+            image = item.image if item.image is not None else Image.new("RGB", size)
             pixels = pipe.image_processor.preprocess(
-                item.image, height=spec.height, width=spec.width
+                image, height=spec.height, width=spec.width
             ).to(dtype=torch.float32)
-            pixels = pixels.to(device=self.device, dtype=dtype)
-            if upcast:
-                pixels = pixels.float()  # rounded to the weights' dtype first, as stock does
             # One encoding per job: it is deterministic; each row samples it with its generator.
-            if upcast:
-                pipe.vae.to(dtype=torch.float32)
-            try:
-                encoded = pipe.vae.encode(pixels).latent_dist
-            finally:
-                if upcast:
-                    pipe.vae.to(dtype=torch.float16)
-            latent_mask = None
+            encoded = self._encode(pixels, upcast)
+            latent_mask = masked = None
             if inpaint:
-                assert item.mask is not None
+                mask = item.mask if item.mask is not None else Image.new("L", size, 255)
                 condition = _mask_processor(pipe).preprocess(
-                    item.mask, height=spec.height, width=spec.width
+                    mask, height=spec.height, width=spec.width
                 )
                 latent_mask = torch.nn.functional.interpolate(
                     condition,
@@ -368,9 +377,14 @@ class _Loop:
                         spec.width // pipe.vae_scale_factor,
                     ),
                 ).to(device=self.device, dtype=dtype)
+                if self.nine:
+                    masked = self._encode(pixels * (condition < 0.5), upcast)
             for _ in range(item.spec.n):
                 generator = self.generators[row]
-                latent = encoded.sample(generator).to(dtype) * pipe.vae.config.scaling_factor
+                if draws_image:
+                    latent = encoded.sample(generator).to(dtype) * scaling
+                else:  # unused: at full strength the start is pure noise
+                    latent = torch.zeros_like(encoded.mean, dtype=dtype)
                 noise = randn_tensor(
                     latent.shape, generator=[generator], device=self.device, dtype=dtype
                 )
@@ -380,8 +394,12 @@ class _Loop:
                     # copy); the encoder leaves them channels-last, and on one CPU thread the
                     # UNet's kernels then round differently.
                     latent = latent.contiguous()
-                    # The stock pipeline's encoding of the masked image: only its draw matters.
-                    randn_tensor(latent.shape, generator=generator, device=self.device, dtype=dtype)
+                    if masked is not None:
+                        masked_latents.append(masked.sample(generator).to(dtype) * scaling)
+                    else:  # the masked image's encoding: a 4-channel UNet only draws it
+                        randn_tensor(
+                            latent.shape, generator=generator, device=self.device, dtype=dtype
+                        )
                     masks.append(latent_mask)
                 image_latents.append(latent)
                 noises.append(noise)
@@ -390,6 +408,8 @@ class _Loop:
         self.inputs["noise"] = torch.cat(noises)
         if masks:
             self.inputs["mask"] = torch.cat(masks)
+        if masked_latents:
+            self.inputs["masked_latents"] = torch.cat(masked_latents)
         latent_timestep = timesteps[:1].repeat(self.rows)
         if inpaint and strength == 1.0:
             start: torch.Tensor = self.inputs["noise"] * scheduler.init_noise_sigma
@@ -398,6 +418,21 @@ class _Loop:
             self.inputs["image_latents"], self.inputs["noise"], latent_timestep
         )
         return start
+
+    def _encode(self, pixels: torch.Tensor, upcast: bool) -> Any:
+        """The VAE's latent distribution of `pixels` ([-1, 1], float32): rounded to the
+        weights' dtype, then in float32 where the VAE must be upcast, as the stock pipelines
+        encode."""
+        vae = self.pipe.vae
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        if upcast:
+            pixels = pixels.float()
+            vae.to(dtype=torch.float32)
+        try:
+            return vae.encode(pixels).latent_dist
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
 
     def _previews(
         self,

@@ -46,6 +46,7 @@ from worker.pipeline import (
     load_model,
     model_id_for,
     model_info,
+    model_kind,
     read_card,
     resolve_device,
     resolve_dtype,
@@ -57,7 +58,13 @@ log = logging.getLogger("imagegen.worker")
 
 # Pipeline families the worker runs (the `_class_name` of model_index.json). SD 1.x/2.x covers
 # guidance-distilled few-step UNets (LCM/Turbo style, `time_cond_proj_dim`) too.
-SUPPORTED_FAMILIES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# Inpainting checkpoints of SD 1.x/2.x (9-channel UNets) load as the text-to-image pipeline over
+# the same components, and the batch loop feeds them the mask and the masked image.
+SUPPORTED_FAMILIES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # The components a LoRA injects layers into.
 LORA_TARGETS = frozenset({"unet", "text_encoder", "text_encoder_2"})
@@ -353,7 +360,14 @@ class ModelManager:
                 controls_allowed(family),
             )
             info = model_info(
-                model_id, card, native, scheduler, self.settings, tokenizer_of(source), cards
+                model_id,
+                card,
+                native,
+                scheduler,
+                self.settings,
+                tokenizer_of(source),
+                cards,
+                model_kind(family, unet, source),
             )
             entry = Entry(source, info, spec=src)
             root = local_root(source, revision)  # a hub model: its snapshot in the cache, if any

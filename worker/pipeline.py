@@ -173,6 +173,7 @@ def model_info(
     settings: WorkerSettings,
     tokenizer: Any = None,
     adapters: AdapterCards | None = None,
+    kind: dict[str, Any] | None = None,
 ) -> ModelInfo:
     """What a worker announces about a model: its card's defaults and caps over the
     pipeline's own (native size, scheduler), the settings' caps for a model without a card,
@@ -192,8 +193,21 @@ def model_info(
         adapters=adapters.loras if adapters else [],
         controls=adapters.controls if adapters else [],
         unavailable_adapters=adapters.unavailable if adapters else [],
+        **(kind or {}),
         **prompt_fields(settings, tokenizer),
     )
+
+
+def model_kind(pipeline_class: str, unet_config: Any, source: str) -> dict[str, Any]:
+    """`family`, `source_format` and `inpainting` of a model, from its configs."""
+    config = dict(unet_config)
+    cross = config.get("cross_attention_dim")
+    family = "sdxl" if "XL" in pipeline_class else "sd2" if cross == 1024 else "sd15"
+    return {
+        "family": family,
+        "source_format": "diffusers" if Path(source).is_dir() else "hub",
+        "inpainting": config.get("in_channels") == 9,
+    }
 
 
 def has_fp16_variant(files: Iterable[str]) -> bool:
@@ -320,6 +334,7 @@ def load_model(
         settings,
         getattr(pipe, "tokenizer", None),
         adapters=adapters.cards(),
+        kind=model_kind(type(pipe).__name__, pipe.unet.config, source),
     )
     prompts = (
         PromptEncoder(pipe, settings.prompt_weighting, settings.max_prompt_chunks)

@@ -312,6 +312,11 @@ class ModelInfo(BaseModel):
     adapters: list[AdapterInfo] = Field(default_factory=list)
     controls: list[AdapterInfo] = Field(default_factory=list)
     unavailable_adapters: list[UnavailableAdapter] = Field(default_factory=list)
+    # What the model is: "sd15" | "sd2" | "sdxl" ("" unknown), where its weights come from
+    # ("diffusers" directory, "hub"), and whether its UNet is an inpainting one (9 channels).
+    family: str = ""
+    source_format: str = ""
+    inpainting: bool = False
     # Prompts: the longest prompt in tokens of the model's own tokenizer (its text encoder's
     # windows times the configured count), whether `(word:1.3)` weighting is read, and the
     # sha256 of the tokenizer (`Keys.tokenizer`) the gateway counts with (None: it cannot).
