@@ -63,6 +63,8 @@ class CatalogEntry(BaseModel):
     source: str = Field(min_length=1)
     revision: str | None = None
     family: Literal["sd15", "sd2", "sdxl"] | None = None
+    # A single file's pipeline configs, a diffusers directory or hub id (default: the family's).
+    config: str | None = None
     vae: str | None = None
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     defaults: Defaults = Field(default_factory=Defaults)

@@ -19,7 +19,6 @@ the one decision of what is loaded; split, each part would need the others' stat
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -53,6 +52,8 @@ from worker.pipeline import (
     tokenizer_of,
     weights_variant,
 )
+from worker.single_file import config_source, is_single_file
+from worker.sources import local_root, read_json
 
 log = logging.getLogger("imagegen.worker")
 
@@ -89,10 +90,21 @@ class ModelSource:
     vae: str | None = None
     dtype: str | None = None
     card: dict[str, Any] = field(default_factory=dict, compare=False)
+    config: str | None = None  # a single file's pipeline configs (worker.single_file)
+    family: str | None = None
 
     @classmethod
     def of(cls, entry: CatalogEntry) -> ModelSource:
-        return cls(entry.id, entry.source, entry.revision, entry.vae, entry.dtype, entry.card())
+        return cls(
+            entry.id,
+            entry.source,
+            entry.revision,
+            entry.vae,
+            entry.dtype,
+            entry.card(),
+            entry.config,
+            entry.family,
+        )
 
 
 def parse_models(entries: list[str]) -> list[ModelSource]:
@@ -130,34 +142,6 @@ def configured_sources(settings: WorkerSettings) -> list[ModelSource]:
     if settings.model:
         return [ModelSource(settings.model_id, settings.model)]
     return builtin_sources(settings.model_id)
-
-
-def local_root(source: str, revision: str | None = None) -> Path | None:
-    """The directory holding the model's files: a local model's own, a hub model's snapshot
-    in the Hugging Face cache (None when it is not there: nothing is downloaded here)."""
-    if Path(source).is_dir():
-        return Path(source)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(source, revision=revision, local_files_only=True))
-    except Exception:  # not cached, or not a hub id
-        return None
-
-
-def _config_file(source: str, name: str, revision: str | None = None) -> Path:
-    if Path(source).is_dir():
-        return Path(source) / name
-    if source.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"no model directory at {source}")
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(source, name, revision=revision))
-
-
-def _json(source: str, name: str, revision: str | None = None) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(_config_file(source, name, revision).read_text())
-    return data
 
 
 def _component_files(root: Path, component: str) -> list[Path]:
@@ -280,6 +264,8 @@ def _load(settings: WorkerSettings, src: ModelSource, components: dict[str, Any]
         vae=src.vae,
         dtype=src.dtype,
         card=src.card,
+        config=src.config,
+        family=src.family,
     )
 
 
@@ -320,8 +306,25 @@ class ModelManager:
         source, revision = src.source, src.revision
         card = {**(read_card(source) if Path(source).is_dir() else {}), **src.card}
         model_id = model_id_for(source, self.settings, card, src.model_id)
+        # Where the configs are: the model itself, or for a single file a pipeline of its
+        # family (worker.single_file).
+        configs = source
         try:
-            index = _json(source, "model_index.json", revision)
+            if is_single_file(source):
+                if not Path(source).is_file():
+                    raise FileNotFoundError(f"no checkpoint file at {source}")
+                configs, revision = config_source(Path(source), src.config, src.family), None
+            try:
+                index = read_json(configs, "model_index.json", revision)
+            except Exception as exc:
+                if configs == source:
+                    raise
+                raise FileNotFoundError(
+                    f"it needs the configs of {configs} (component configs, tokenizer, "
+                    "scheduler), which are not in the local Hugging Face cache: run `imagegen "
+                    "prefetch` once with network, or name a diffusers directory as its "
+                    f"`config` in the catalog ({type(exc).__name__})"
+                ) from None
         except Exception as exc:  # missing directory, offline hub id, unreadable json
             reason = f"cannot read the model at {source}: {exc}"
             log.error("model %s unavailable: %s", model_id, reason)
@@ -339,16 +342,16 @@ class ModelManager:
             info = model_info(model_id, card, int(card.get("width", 512)), None, self.settings)
             return Entry(source, info, unavailable=reason, failed_at=self.clock(), spec=src)
         try:
-            unet = _json(source, "unet/config.json", revision)
+            unet = read_json(configs, "unet/config.json", revision)
             vae = (
-                _json(src.vae, "config.json")
+                read_json(src.vae, "config.json")
                 if src.vae
-                else _json(source, "vae/config.json", revision)
+                else read_json(configs, "vae/config.json", revision)
             )
             sample = unet.get("sample_size", 64)
             sample = int(sample if isinstance(sample, int) else sample[0])
             native = sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-            scheduler = self._scheduler_name(source, revision)
+            scheduler = self._scheduler_name(configs, revision)
             cross = unet.get("cross_attention_dim")
             shape = ModelShape(
                 int(cross) if isinstance(cross, int) else None, "text_encoder_2" in index
@@ -365,13 +368,15 @@ class ModelManager:
                 native,
                 scheduler,
                 self.settings,
-                tokenizer_of(source),
+                tokenizer_of(configs),
                 cards,
                 model_kind(family, unet, source),
             )
             entry = Entry(source, info, spec=src)
             root = local_root(source, revision)  # a hub model: its snapshot in the cache, if any
-            if root is not None:
+            if is_single_file(source):  # its weights are one file; nothing is shared
+                entry.estimate = Path(source).stat().st_size
+            elif root is not None:
                 entry.estimate = self._estimate(root)
                 entry.fingerprints = component_fingerprints(root, index)
             if src.vae:  # swapped: the VAE is what is at `vae`, not what the model ships
@@ -395,7 +400,7 @@ class ModelManager:
 
         from worker.schedulers import name_of
 
-        config = _json(source, "scheduler/scheduler_config.json", revision)
+        config = read_json(source, "scheduler/scheduler_config.json", revision)
         cls = getattr(diffusers, str(config.get("_class_name")), None)
         return name_of(cls.from_config(config)) if cls is not None else None
 

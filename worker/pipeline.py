@@ -20,6 +20,8 @@ from worker.adapters import AdapterCards, Adapters, load_adapters
 from worker.families import supports_batching
 from worker.prompts import PromptEncoder
 from worker.schedulers import name_of
+from worker.single_file import config_source, is_single_file, load_single_file
+from worker.sources import read_json
 
 log = logging.getLogger("imagegen.worker")
 
@@ -203,9 +205,10 @@ def model_kind(pipeline_class: str, unet_config: Any, source: str) -> dict[str, 
     config = dict(unet_config)
     cross = config.get("cross_attention_dim")
     family = "sdxl" if "XL" in pipeline_class else "sd2" if cross == 1024 else "sd15"
+    form = "single_file" if is_single_file(source) else "diffusers"
     return {
         "family": family,
-        "source_format": "diffusers" if Path(source).is_dir() else "hub",
+        "source_format": form if form == "single_file" or Path(source).is_dir() else "hub",
         "inpainting": config.get("in_channels") == 9,
     }
 
@@ -268,6 +271,8 @@ def load_model(
     vae: str | None = None,
     dtype: str | None = None,
     card: dict[str, Any] | None = None,
+    config: str | None = None,
+    family: str | None = None,
 ) -> LoadedModel:
     """Load a pipeline onto its device (default: the configured one); the only place weights
     are loaded. Safetensors weights are memory-mapped by diffusers while loading: a second
@@ -283,12 +288,22 @@ def load_model(
         from diffusers import AutoencoderKL
 
         components["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=weights)
-    hub = {} if Path(source).is_dir() or revision is None else {"revision": revision}
-    variant = weights_variant(_model_files(source), weights)
-    log.info("loading %s on %s as %s (%s weights)", source, device, weights, variant or "default")
-    pipe = AutoPipelineForText2Image.from_pretrained(
-        source, dtype=weights, variant=variant, **hub, **components
-    )
+    if is_single_file(source):
+        configs = config_source(Path(source), config, family)
+        log.info("loading %s on %s as %s (configs of %s)", source, device, weights, configs)
+        index = read_json(configs, "model_index.json")
+        pipe = load_single_file(
+            Path(source), configs, str(index["_class_name"]), weights, **components
+        )
+    else:
+        hub = {} if Path(source).is_dir() or revision is None else {"revision": revision}
+        variant = weights_variant(_model_files(source), weights)
+        log.info(
+            "loading %s on %s as %s (%s weights)", source, device, weights, variant or "default"
+        )
+        pipe = AutoPipelineForText2Image.from_pretrained(
+            source, dtype=weights, variant=variant, **hub, **components
+        )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if settings.safety_checker == "off" and getattr(pipe, "safety_checker", None) is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from imagegen.core.settings import WorkerSettings
 from worker.models import configured_sources
 from worker.pipeline import FP16_VARIANT, has_fp16_variant
+from worker.single_file import config_source, is_single_file
 
 
 def prefetch_model(settings: WorkerSettings) -> list[str]:
@@ -29,6 +30,9 @@ def prefetch_model(settings: WorkerSettings) -> list[str]:
         return ["nothing to fetch: the built-in models are on disk"]
     lines = []
     for model in configured_sources(settings):
+        if is_single_file(model.source):  # on disk; its family's configs may not be
+            lines.append(_prefetch_configs(model.source, model.config, model.family))
+            continue
         lines.append(_prefetch(model.source, settings, model.revision))
         if model.vae:  # a swapped VAE of the catalog: a component's repository
             lines.append(_prefetch(model.vae, settings, component=True))
@@ -39,6 +43,21 @@ def is_local_path(source: str) -> bool:
     """A directory or file path (`/models/mine`, `./mine`, `~/mine`, `C:\\...`), not a hub id
     (`owner/name`)."""
     return Path(source).exists() or source.startswith(("/", ".", "~", "\\")) or ":" in source
+
+
+def _prefetch_configs(checkpoint: str, config: str | None, family: str | None) -> str:
+    """The configs (JSON, tokenizer files; no weights) a single-file checkpoint loads with."""
+    try:
+        configs = config_source(Path(checkpoint), config, family)
+        if is_local_path(configs):
+            return f"nothing to fetch: {checkpoint} takes its configs from {configs}"
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(configs, allow_patterns=["*.json", "*.txt"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"could not fetch the configs for {checkpoint}: {first}"
+    return f"{checkpoint}: the configs of {configs} are in the cache"
 
 
 def _prefetch(

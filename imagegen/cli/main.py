@@ -96,6 +96,36 @@ def prefetch() -> None:
         typer.echo(line, err=line.startswith("could not fetch"))
 
 
+@app.command()
+def convert(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A single-file checkpoint (.safetensors/.ckpt).")
+    ],
+    out: Annotated[Path, typer.Argument(help="The diffusers directory to write.")],
+    config: Annotated[
+        str | None, typer.Option(help="A diffusers directory or hub id of its family's configs.")
+    ] = None,
+    family: Annotated[str | None, typer.Option(help="sd15, sd2 or sdxl.")] = None,
+) -> None:
+    """Write a diffusers directory from a single-file checkpoint, so prefetch and an image can
+    ship it (its configs: --config, else --family's, else the family its weights show)."""
+    import torch
+
+    from worker.single_file import config_source, load_single_file
+    from worker.sources import read_json
+
+    try:
+        configs = config_source(checkpoint, config, family)
+        index = read_json(configs, "model_index.json")
+        pipe = load_single_file(checkpoint, configs, str(index["_class_name"]), torch.float32)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        typer.echo(f"imagegen convert: cannot read {checkpoint}: {first}", err=True)
+        raise typer.Exit(2) from None
+    pipe.save_pretrained(out, safe_serialization=True)
+    typer.echo(f"wrote {out} ({type(pipe).__name__}, configs of {configs})")
+
+
 @app.command("check-worker")
 def check_worker() -> None:
     """Exit 0 if this host's worker wrote a fresh heartbeat (for container healthchecks)."""

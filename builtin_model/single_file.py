@@ -1,0 +1,159 @@
+"""Write a Stable Diffusion 1.x pipeline as one original-layout checkpoint
+(`model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.transformer.` keys), the
+format fine-tunes ship in on civitai and what `StableDiffusionPipeline.from_single_file` reads.
+
+diffusers ships only the other direction (`diffusers.loaders.single_file_utils`), so the key
+names are derived here from the block layout of the pipeline's own configs, whatever its size:
+the tests build tiny checkpoints with it and check the round trip through diffusers' reader
+(every tensor back unchanged) before serving them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESNET = (
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("skip_connection", "conv_shortcut"),
+)
+VAE_ATTENTION = (
+    ("norm.", "group_norm."),
+    ("q.", "to_q."),
+    ("k.", "to_k."),
+    ("v.", "to_v."),
+    ("proj_out.", "to_out.0."),
+)
+
+
+def _unet_prefixes(config: Any) -> list[tuple[str, str]]:
+    """(original, diffusers) key prefixes of the UNet's blocks, from its block layout."""
+    levels = len(config.block_out_channels)
+    per = config.layers_per_block
+    down_attn = ["CrossAttn" in kind for kind in config.down_block_types]
+    up_attn = ["CrossAttn" in kind for kind in config.up_block_types]
+    pairs = [
+        ("time_embed.0.", "time_embedding.linear_1."),
+        ("time_embed.2.", "time_embedding.linear_2."),
+        ("input_blocks.0.0.", "conv_in."),
+        ("out.0.", "conv_norm_out."),
+        ("out.2.", "conv_out."),
+        ("middle_block.1.", "mid_block.attentions.0."),
+    ]
+    for j in range(2):
+        pairs.append((f"middle_block.{2 * j}.", f"mid_block.resnets.{j}."))
+    for i in range(levels):
+        for j in range(per):
+            block = (per + 1) * i + j + 1
+            pairs.append((f"input_blocks.{block}.0.", f"down_blocks.{i}.resnets.{j}."))
+            if down_attn[i]:
+                pairs.append((f"input_blocks.{block}.1.", f"down_blocks.{i}.attentions.{j}."))
+        for j in range(per + 1):
+            block = (per + 1) * i + j
+            pairs.append((f"output_blocks.{block}.0.", f"up_blocks.{i}.resnets.{j}."))
+            if up_attn[i]:
+                pairs.append((f"output_blocks.{block}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < levels - 1:
+            pairs.append(
+                (
+                    f"input_blocks.{(per + 1) * (i + 1)}.0.op.",
+                    f"down_blocks.{i}.downsamplers.0.conv.",
+                )
+            )
+            slot = 2 if up_attn[i] else 1
+            pairs.append(
+                (f"output_blocks.{(per + 1) * i + per}.{slot}.", f"up_blocks.{i}.upsamplers.0.")
+            )
+    return pairs
+
+
+def unet_to_original(unet: Any) -> dict[str, torch.Tensor]:
+    prefixes = sorted(_unet_prefixes(unet.config), key=lambda p: -len(p[1]))
+    out = {}
+    for key, tensor in unet.state_dict().items():
+        original = key
+        for theirs, ours in prefixes:
+            if key.startswith(ours):
+                rest = key[len(ours) :]
+                if ".resnets." in ours or ours.startswith("mid_block.resnets."):
+                    for a, b in RESNET:
+                        rest = rest.replace(b, a) if rest.startswith(b) else rest
+                original = theirs + rest
+                break
+        out["model.diffusion_model." + original] = tensor
+    return out
+
+
+def _vae_prefixes(config: Any) -> list[tuple[str, str]]:
+    levels = len(config.block_out_channels)
+    per = config.layers_per_block
+    pairs = [("mid.attn_1.", "mid_block.attentions.0.")]
+    for j in range(2):
+        pairs.append((f"mid.block_{j + 1}.", f"mid_block.resnets.{j}."))
+    for i in range(levels):
+        for j in range(per):
+            pairs.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
+        for j in range(per + 1):
+            pairs.append(
+                (f"decoder.up.{levels - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.")
+            )
+        if i < levels - 1:
+            pairs.append(
+                (f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0.")
+            )
+            pairs.append(
+                (f"decoder.up.{levels - 1 - i}.upsample.", f"decoder.up_blocks.{i}.upsamplers.0.")
+            )
+    return pairs
+
+
+def vae_to_original(vae: Any) -> dict[str, torch.Tensor]:
+    prefixes = sorted(_vae_prefixes(vae.config), key=lambda p: -len(p[1]))
+    out = {}
+    for key, tensor in vae.state_dict().items():
+        original = key
+        for part in ("encoder.", "decoder."):
+            if key.startswith(part + "mid_block."):
+                key = key[len(part) :]
+                original = part + key
+                break
+        for theirs, ours in prefixes:
+            if key.startswith(ours):
+                original = (
+                    (original[: -len(key)] if original != key else "") + theirs + key[len(ours) :]
+                )
+                break
+        original = original.replace("conv_shortcut", "nin_shortcut").replace(
+            "conv_norm_out", "norm_out"
+        )
+        if ".attn_1." in original:
+            head, _, tail = original.partition(".attn_1.")
+            for a, b in VAE_ATTENTION:
+                if tail.startswith(b):
+                    tail = a + tail[len(b) :]
+                    break
+            original = head + ".attn_1." + tail
+            if tail.split(".")[0] in ("q", "k", "v", "proj_out") and tensor.dim() == 2:
+                tensor = tensor[:, :, None, None]  # linear → the original's 1x1 convolution
+        out["first_stage_model." + original] = tensor
+    return out
+
+
+def save_single_file(pipe: Any, path: Path) -> Path:
+    """Write `pipe` (a StableDiffusionPipeline) as one original-layout `.safetensors` file."""
+    from safetensors.torch import save_file
+
+    tensors = {**unet_to_original(pipe.unet), **vae_to_original(pipe.vae)}
+    for key, tensor in pipe.text_encoder.state_dict().items():
+        # The original names CLIP's modules under `text_model.` (transformers 5 drops it).
+        key = key if key.startswith("text_model.") else "text_model." + key
+        tensors["cond_stage_model.transformer." + key] = tensor
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
