@@ -171,6 +171,9 @@ class AdapterCards:
     controls: list[AdapterInfo] = field(default_factory=list)
     unavailable: list[UnavailableAdapter] = field(default_factory=list)
 
+    def controls_ids(self) -> set[str]:
+        return {card.id for card in self.controls}
+
 
 def adapter_cards(
     model_dir: Path | None, library: Path | None, shape: ModelShape, controls_allowed: bool
@@ -215,6 +218,11 @@ class Adapters:
     # (id, scale) pairs set on the pipeline now; None = unknown (after a failure: set again).
     active: tuple[tuple[str, float], ...] | None = ()
     switches: int = 0
+    # Each loaded LoRA's file as it was when loaded (path, size, mtime): a rescan reloads
+    # what changed.
+    files: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    # The LoRA files that failed to load, as they were, and why: not tried again unchanged.
+    failures: dict[str, tuple[tuple[str, int, int], str]] = field(default_factory=dict)
 
     def apply(self, loras: tuple[LoraRef, ...]) -> None:
         """Make exactly `loras` (with their scales) active; nothing when already so."""
@@ -276,9 +284,11 @@ def load_adapters(
         failure = _load_lora(pipe, lora)
         if failure is None:
             adapters.loras[lora.id] = by_id[lora.id]
+            adapters.files[lora.id] = _signature(lora)
         else:
             log.error("LoRA %s is unavailable: %s", lora.id, failure)
             adapters.unavailable.append(UnavailableAdapter(id=lora.id, reason=failure))
+            adapters.failures[lora.id] = (_signature(lora), failure)
     if adapters.loras:
         pipe.disable_lora()
         log.info("loaded LoRAs %s", ", ".join(adapters.loras))
@@ -294,6 +304,62 @@ def load_adapters(
     if adapters.controls:
         log.info("loaded ControlNets %s", ", ".join(adapters.controls))
     return adapters
+
+
+def refresh_loras(
+    adapters: Adapters, source: Path | None, library: Path | None, controls_allowed: bool
+) -> bool:
+    """Bring a warm pipeline's LoRAs in line with the files on disk now: load the added and
+    changed ones, remove the deleted ones (between batches: no job runs meanwhile). Whether
+    anything changed."""
+    pipe = adapters.pipe
+    cards, loras = adapter_cards(source, library, model_shape(pipe), controls_allowed)
+    wanted = {lora.id: lora for lora in loras}
+    changed = False
+    for adapter_id in [i for i in adapters.loras if i not in wanted or
+                       _signature(wanted[i]) != adapters.files.get(i)]:  # fmt: skip
+        log.info("LoRA %s removed: its file is gone or changed", adapter_id)
+        _forget(pipe, adapter_id)
+        del adapters.loras[adapter_id]
+        adapters.files.pop(adapter_id, None)
+        changed = True
+    by_id = {card.id: card for card in cards.loras}
+    failed = []
+    for adapter_id, lora in wanted.items():
+        if adapter_id in adapters.loras:
+            continue
+        earlier = adapters.failures.get(adapter_id)
+        if earlier is not None and earlier[0] == _signature(lora):
+            failed.append(UnavailableAdapter(id=adapter_id, reason=earlier[1]))
+            continue
+        failure = _load_lora(pipe, lora)
+        changed = True
+        if failure is None:
+            log.info("LoRA %s loaded from %s", adapter_id, lora.path)
+            adapters.loras[adapter_id] = by_id[adapter_id]
+            adapters.files[adapter_id] = _signature(lora)
+            adapters.failures.pop(adapter_id, None)
+        else:
+            log.error("LoRA %s is unavailable: %s", adapter_id, failure)
+            failed.append(UnavailableAdapter(id=adapter_id, reason=failure))
+            adapters.failures[adapter_id] = (_signature(lora), failure)
+    controls = set(adapters.controls)
+    unavailable = [u for u in cards.unavailable if u.id not in controls] + failed
+    unavailable += [u for u in adapters.unavailable if u.id in {*controls, *cards.controls_ids()}]
+    if unavailable != adapters.unavailable:
+        adapters.unavailable = unavailable
+        changed = True
+    if changed:
+        adapters.active = None  # set again before the next batch
+        if adapters.loras:
+            adapters.apply(())
+    return changed
+
+
+def _signature(lora: LoraFile) -> tuple[str, int, int]:
+    assert lora.path is not None
+    stat = lora.path.stat()
+    return (str(lora.path), stat.st_size, stat.st_mtime_ns)
 
 
 def _load_lora(pipe: Any, lora: LoraFile) -> str | None:

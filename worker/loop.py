@@ -53,8 +53,12 @@ class WorkLoop:
         sleep: Callable[[float], None] = time.sleep,
         router: WarmthRouter | None = None,
         failure_ttl_s: int = 86400,
+        between_batches: Callable[[bool], None] | None = None,
     ) -> None:
         self.router = router
+        # Run between batches (no job on the pipelines), told whether SIGHUP asked for it.
+        self.between_batches = between_batches
+        self.hangup = False
         self.failure_ttl_s = failure_ttl_s
         self.redis = connection
         self.clock = clock
@@ -77,10 +81,18 @@ class WorkLoop:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, _signum: int = 0, _frame: FrameType | None = None) -> None:
+        log.info("SIGHUP: looking for LoRA files again before the next batch")
+        self.hangup = True
 
     def run(self) -> None:
         while not self.stopping:
             try:
+                if self.between_batches is not None:
+                    forced, self.hangup = self.hangup, False
+                    self.between_batches(forced)
                 batch = self.claim_next()
                 if not batch:
                     self.redis.blpop([Keys.bell(m) for m in self.model_ids()], timeout=IDLE_WAIT_S)

@@ -150,6 +150,7 @@ def run_worker(settings: WorkerSettings) -> int:
         crash,
         router=router,
         failure_ttl_s=settings.failure_ttl_s,
+        between_batches=models.rescan_loras,
     )
     loop.install_signal_handlers()
 

@@ -34,7 +34,7 @@ import torch
 
 from imagegen.core.contract import ModelInfo, ServedModel
 from imagegen.core.settings import WorkerSettings
-from worker.adapters import ModelShape, adapter_cards
+from worker.adapters import AdapterCards, ModelShape, adapter_cards, refresh_loras
 from worker.catalog import CatalogEntry, load_catalog
 from worker.inference import Inference
 from worker.pipeline import (
@@ -239,6 +239,9 @@ class Entry:
     failed_at: float = 0.0
     loads: int = 0
     spec: ModelSource | None = None  # as listed (None: the source alone)
+    # What decides which LoRA files fit it, and whether it takes ControlNets (for rescans).
+    shape: ModelShape | None = None
+    takes_controls: bool = False
 
 
 @dataclass
@@ -293,6 +296,7 @@ class ModelManager:
         self.entries: dict[str, Entry] = {}
         self.warm: OrderedDict[str, Warm] = OrderedDict()  # least recently used first
         self.loads = 0
+        self._scanned_at = clock()
         for src in sources if sources is not None else configured_sources(settings):
             entry = self._probe(src)
             if entry.info.id in self.entries:
@@ -372,7 +376,9 @@ class ModelManager:
                 cards,
                 model_kind(family, unet, source),
             )
-            entry = Entry(source, info, spec=src)
+            entry = Entry(
+                source, info, spec=src, shape=shape, takes_controls=controls_allowed(family)
+            )
             root = local_root(source, revision)  # a hub model: its snapshot in the cache, if any
             if is_single_file(source):  # its weights are one file; nothing is shared
                 entry.estimate = Path(source).stat().st_size
@@ -430,6 +436,34 @@ class ModelManager:
         return total
 
     # -- warmth -----------------------------------------------------------------------------------
+    def rescan_loras(self, force: bool = False) -> None:
+        """Between batches, every IMAGEGEN_LORA_RESCAN_S (or now, on SIGHUP): LoRA files added
+        to or removed from a model's `loras/` and the library show up without a restart. A
+        warm model loads and unloads them (a compiled one keeps what it was compiled with);
+        a cold one announces the new list, loaded with it."""
+        now = self.clock()
+        if not force and (
+            self.settings.lora_rescan_s <= 0 or now - self._scanned_at < self.settings.lora_rescan_s
+        ):
+            return
+        self._scanned_at = now
+        library = self.settings.lora_dir
+        for model_id, entry in list(self.entries.items()):
+            folder = Path(entry.source) if Path(entry.source).is_dir() else None
+            warm = self.warm.get(model_id)
+            if warm is not None:
+                model = warm.model
+                refreshed = not model.compiled_batches and refresh_loras(
+                    model.adapters, folder, library, entry.takes_controls
+                )
+                if not refreshed:
+                    continue
+                cards = model.adapters.cards()
+                model.info = _with_adapters(model.info, cards)
+            elif entry.shape is not None and not entry.unavailable:
+                cards, _ = adapter_cards(folder, library, entry.shape, entry.takes_controls)
+                entry.info = _with_adapters(entry.info, cards)
+
     def ids(self) -> list[str]:
         return list(self.entries)
 
@@ -584,6 +618,16 @@ class ModelManager:
                     )
                 )
             return out
+
+
+def _with_adapters(info: ModelInfo, cards: AdapterCards) -> ModelInfo:
+    return info.model_copy(
+        update={
+            "adapters": cards.loras,
+            "controls": cards.controls,
+            "unavailable_adapters": cards.unavailable,
+        }
+    )
 
 
 def _gib(value: int) -> str:

@@ -124,3 +124,35 @@ def test_alpha_counts_as_in_diffusers_not_as_a_bare_state_dict(
     weights = files["model"] / "loras" / "scaled" / "pytorch_lora_weights.safetensors"
     bare = _stock(files["model"], spec, load_file(str(weights)))
     assert not np.array_equal(_ours(served, spec), bare)
+
+
+def test_library_files_added_or_removed_show_up_without_a_restart(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from worker.models import ModelManager
+
+    library = tmp_path / "library"
+    library.mkdir()
+    save_kohya_lora(library / "first.safetensors", tiny_model_dir, seed=8)
+    settings = Settings(
+        models=f"warm={tiny_model_dir},cold={tiny_model_dir}",
+        device="cpu",
+        lora_dir=library,
+        lora_rescan_s=3600,
+    )
+    manager = ModelManager(settings)
+    warm = manager.acquire("warm").model
+    assert [a.id for a in warm.info.adapters] == ["first"]
+    added = save_kohya_lora(library / "second.safetensors", tiny_model_dir, seed=9)
+    (library / "first.safetensors").unlink()
+    (library / "broken.safetensors").write_bytes(b"\x00" * 64)
+    manager.rescan_loras()  # not due yet: nothing changes
+    assert [a.id for a in warm.info.adapters] == ["first"]
+    manager.rescan_loras(force=True)  # as on SIGHUP
+    assert [a.id for a in warm.info.adapters] == ["second"]
+    assert [u.id for u in warm.info.unavailable_adapters] == ["broken"]
+    cold = manager.entries["cold"].info
+    assert [a.id for a in cold.adapters] == ["second"]
+    spec = batch_job(loras=(LoraRef(id="second", scale=0.9),), steps=3)
+    assert np.array_equal(_ours(warm, spec), _stock(tiny_model_dir, spec, added))
+    assert "first" not in str(warm.pipe.get_list_adapters())

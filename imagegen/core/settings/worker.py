@@ -82,6 +82,13 @@ class WorkerSettings(CommonSettings):
         "`content_filtered`), never a silent black image. off = no checker runs and every "
         "image is returned: the operator answers for what the service then shows.",
     )
+    lora_rescan_s: float = Field(
+        10.0,
+        ge=0,
+        description="How often, between batches, a worker looks for LoRA files added to or "
+        "removed from IMAGEGEN_LORA_DIR and its models' `loras/` (SIGHUP: at once); 0 = only "
+        "when a model loads, and on SIGHUP.",
+    )
     model_memory_gib: float | None = Field(
         None,
         gt=0,
