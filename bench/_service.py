@@ -17,7 +17,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imagegen.cli.redis_server import RedisServer
-from tests.stack import Gateway, start_gateway, start_worker, wait_for_worker
+from tests.stack import Gateway, ready_timeout_s, start_gateway, start_worker, wait_for_worker
 
 
 @contextmanager
@@ -37,7 +37,7 @@ def service(
             for i in range(workers):
                 env = {"OMP_NUM_THREADS": threads, **(worker_env or {})}
                 proc = start_worker(server.url, root, f"bench-{i}", env)
-                wait_for_worker(connection, proc, f"bench-{i}")
+                wait_for_worker(connection, proc, f"bench-{i}", ready_timeout_s(env))
                 procs.append(proc)
             gateway = start_gateway(
                 server.url, root, {"IMAGEGEN_MAX_QUEUE_DEPTH": "100000", **(gateway_env or {})}

@@ -250,6 +250,17 @@ def start_worker(
     return start_process([sys.executable, "-m", "imagegen", "worker"], env, log_path)
 
 
+def ready_timeout_s(env: Mapping[str, str] | None = None) -> float:
+    """How long a worker started with `env` may take to announce itself: its heartbeat starts
+    after the warm-up, which with IMAGEGEN_COMPILE compiles every size of
+    IMAGEGEN_COMPILE_BATCHES (about a minute each on an H100, two to three on smaller cards)."""
+    env = env or {}
+    if env.get("IMAGEGEN_COMPILE", "").lower() not in ("1", "true", "yes", "on"):
+        return 120.0
+    sizes = [s for s in env.get("IMAGEGEN_COMPILE_BATCHES", "1,2,4,8").split(",") if s.strip()]
+    return 120.0 + 180.0 * len(sizes)
+
+
 def wait_for_worker(
     connection: redis.Redis, proc: Proc, name: str, timeout_s: float = 120
 ) -> WorkerHeartbeat:

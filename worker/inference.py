@@ -21,6 +21,7 @@ from worker.batch_loop import (
     run_batch,
 )
 from worker.decoding import mark_filtered
+from worker.errors import is_out_of_memory
 from worker.families import supports_batching
 from worker.pipeline import LoadedModel
 from worker.previews import fit_projection
@@ -221,16 +222,39 @@ class Inference:
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> int:
         """One small generation, so the first job pays no lazy-initialisation cost; with
-        torch.compile, one per batch size to be served, so no job pays for compiling."""
+        torch.compile, one per batch size to be served, so no job pays for compiling.
+
+        Returns the largest batch (images) that warmed up. A size that runs out of memory
+        ends the warm-up there: the worker then serves batches of at most the sizes before
+        it (never a crash and a restart loop); `WarmUpOutOfMemory` when even the first does."""
+        warmed = 0
         for size in self.model.compiled_batches or (1,):
-            self._warm_up_batch(size)
+            try:
+                self._warm_up_batch(size)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self.free_memory()
+                if not warmed:
+                    raise WarmUpOutOfMemory(
+                        f"out of memory warming up a batch of {size} image(s) at "
+                        f"{self.model.info.width}x{self.model.info.height}"
+                    ) from exc
+                log.warning(
+                    "warm-up of a batch of %d ran out of memory: batches are limited to %d images",
+                    size,
+                    warmed,
+                )
+                break
+            warmed = size
         if self.model.compiled_batches:
             # From now on a shape that was not warmed up (another resolution, a pipeline the
             # batch loop does not pad) runs eagerly: compiling it would stall its batch for a
             # minute, and past dynamo's recompile limit a fullgraph compile is an error.
             torch.compiler.set_stance("eager_on_recompile")
+        return warmed
 
     def _warm_up_batch(self, size: int) -> None:
         info = self.model.info
@@ -248,8 +272,14 @@ class Inference:
             model=info.id,
         )
         started = time.perf_counter()
-        self.run([BatchItem(spec)])
+        (result,) = self.run([BatchItem(spec)])
+        if isinstance(result, BaseException):
+            raise result
         log.info("warm-up of batch %d took %.2fs", size, time.perf_counter() - started)
+
+
+class WarmUpOutOfMemory(RuntimeError):
+    """Even the smallest warm-up batch did not fit in memory: the model cannot serve here."""
 
 
 def _dtype_of(module: torch.nn.Module) -> torch.dtype:

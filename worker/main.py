@@ -23,7 +23,7 @@ from imagegen.core.settings import FaultSettings, WorkerSettings
 from worker.catalog import CatalogError
 from worker.faults import CrashPoint
 from worker.heartbeat import Heartbeat
-from worker.inference import Inference
+from worker.inference import Inference, WarmUpOutOfMemory
 from worker.loop import WorkLoop
 from worker.metrics import WorkerMetrics
 from worker.models import ModelManager, ModelUnavailable, UnsupportedModel
@@ -121,8 +121,11 @@ def run_worker(settings: WorkerSettings) -> int:
         inference = models.acquire(first)
         state.pipelines_loaded += 1
         if settings.warmup:
-            inference.warm_up()
+            models.limit_images(first, inference.warm_up())
     except ModelUnavailable as exc:
+        log.error("model %s is unavailable; its jobs will fail: %s", first, exc)
+    except WarmUpOutOfMemory as exc:  # not a crash (a container would restart-loop)
+        models.mark_unavailable(first, str(exc))
         log.error("model %s is unavailable; its jobs will fail: %s", first, exc)
     if _STOP_WHILE_STARTING.is_set():  # the signal's SystemExit was swallowed by the load
         return 0

@@ -479,6 +479,19 @@ class ModelManager:
     def is_warm(self, model_id: str) -> bool:
         return model_id in self.warm
 
+    def limit_images(self, model_id: str, images: int) -> None:
+        """At most `images` per batch for the warm model (what its warm-up fitted)."""
+        with self._lock:
+            warm = self.warm.get(model_id)
+            if warm is not None and images > 0:
+                warm.max_images = min(warm.max_images, images)
+
+    def mark_unavailable(self, model_id: str, reason: str) -> None:
+        """The model cannot serve here (unloaded; tried again after IMAGEGEN_MODEL_RETRY_S)."""
+        self.unload(model_id)
+        entry = self.entries[model_id]
+        entry.unavailable, entry.failed_at = reason, self.clock()
+
     def max_images(self, model_id: str) -> int:
         warm = self.warm.get(model_id)
         return warm.max_images if warm is not None else 1
