@@ -149,6 +149,23 @@ def save_tiny_inpainting_pipeline(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def save_tiny_sdxl_inpainting_pipeline(directory: Path, seed: int = 0) -> Path:
+    """SDXL's inpainting checkpoint shape (`stable-diffusion-xl-1.0-inpainting-0.1`): the tiny
+    SDXL pipeline with a 9-channel UNet, saved as a `StableDiffusionXLInpaintPipeline`."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    pipe = build_tiny_sdxl_pipeline(seed)
+    torch.manual_seed(seed + 3)
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    config["in_channels"] = 9
+    StableDiffusionXLInpaintPipeline(
+        **{k: v for k, v in pipe.components.items() if k != "unet"},
+        unet=UNet2DConditionModel.from_config(config),
+        requires_aesthetics_score=False,
+    ).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL's shape in miniature: two text encoders (the second with a projection, whose pooled
     output and the size/crop micro-conditioning feed the UNet's added embedding), and a VAE

@@ -59,12 +59,13 @@ log = logging.getLogger("imagegen.worker")
 
 # Pipeline families the worker runs (the `_class_name` of model_index.json). SD 1.x/2.x covers
 # guidance-distilled few-step UNets (LCM/Turbo style, `time_cond_proj_dim`) too.
-# Inpainting checkpoints of SD 1.x/2.x (9-channel UNets) load as the text-to-image pipeline over
+# Inpainting checkpoints (9-channel UNets) load as the text-to-image pipeline over
 # the same components, and the batch loop feeds them the mask and the masked image.
 SUPPORTED_FAMILIES = (
     "StableDiffusionPipeline",
     "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
+    "StableDiffusionXLInpaintPipeline",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # The components a LoRA injects layers into.

@@ -87,3 +87,50 @@ def test_text_to_image_is_a_full_canvas_inpaint_and_batches_with_itself(nine: Lo
     black, white = Image.new("RGB", (64, 64)), Image.new("L", (64, 64), 255)
     for spec, result in zip(specs, results, strict=True):
         assert_identical(pixels(result), stock(nine, spec, black, white))
+
+
+@pytest.fixture(scope="module")
+def nine_xl(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    from builtin_model.tiny import save_tiny_sdxl_inpainting_pipeline
+
+    directory = save_tiny_sdxl_inpainting_pipeline(tmp_path_factory.mktemp("xl") / "xl-inpaint")
+    return load_model(Settings(model=str(directory), model_id="nine-xl", device="cpu"))
+
+
+@pytest.mark.parametrize("task", ["inpaint", "text"])
+def test_an_sdxl_inpainting_checkpoint_matches_the_stock_sdxl_inpaint_pipeline(
+    nine_xl: LoadedModel, task: str
+) -> None:
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    assert nine_xl.info.inpainting and nine_xl.info.family == "sdxl"
+    inpaint = task == "inpaint"
+    spec = batch_job(negative_prompt="", model="nine-xl", n=2, guidance_scale=5.0)
+    if inpaint:
+        spec = spec.model_copy(
+            update={"task": "inpaint", "image": REF, "mask": REF, "strength": 1.0}
+        )
+    image = picture(4) if inpaint else Image.new("RGB", (64, 64))
+    mask = a_mask() if inpaint else Image.new("L", (64, 64), 255)
+    item = BatchItem(spec, image=image, mask=mask) if inpaint else BatchItem(spec)
+    (result,) = run_batch(nine_xl, [item], invariant=True)
+    pipe = StableDiffusionXLInpaintPipeline(**nine_xl.pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    expected = []
+    for i in range(spec.n):
+        pipe.scheduler = build_scheduler(spec.scheduler, nine_xl.scheduler_config)
+        with torch.inference_mode():
+            out = pipe(
+                prompt=[spec.prompt],
+                negative_prompt=None,
+                image=[image],
+                mask_image=[mask],
+                strength=1.0,
+                width=64,
+                height=64,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(spec.image_seed(i))],
+            )
+        expected += [np.asarray(im) for im in out.images]
+    assert_identical(pixels(result), expected)
