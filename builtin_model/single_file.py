@@ -45,6 +45,9 @@ def _unet_prefixes(config: Any) -> list[tuple[str, str]]:
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
         ("middle_block.1.", "mid_block.attentions.0."),
+        # SDXL's embedding of the pooled text and the size/crop micro-conditioning.
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
     ]
     for j in range(2):
         pairs.append((f"middle_block.{2 * j}.", f"mid_block.resnets.{j}."))
@@ -145,15 +148,67 @@ def vae_to_original(vae: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def open_clip_to_original(text_encoder: Any) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder in OpenCLIP's layout (`conditioner.embedders.1.model.`): one
+    `in_proj` of q, k, v per layer, `resblocks`, `ln_*`, `c_fc`/`c_proj`, the projection
+    transposed."""
+    out: dict[str, torch.Tensor] = {}
+    state = text_encoder.state_dict()
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    top = {
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    names = (
+        ("self_attn.out_proj.", "attn.out_proj."),
+        ("layer_norm1.", "ln_1."),
+        ("layer_norm2.", "ln_2."),
+        ("mlp.fc1.", "mlp.c_fc."),
+        ("mlp.fc2.", "mlp.c_proj."),
+    )
+    for key, tensor in state.items():
+        if key in top:
+            out[top[key]] = tensor
+        elif key == "text_projection.weight":
+            out["text_projection"] = tensor.T.contiguous()
+        elif key.startswith("text_model.encoder.layers."):
+            index, _, rest = key.removeprefix("text_model.encoder.layers.").partition(".")
+            block = f"transformer.resblocks.{index}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in (
+                "q_proj",
+                "k_proj",
+                "v_proj",
+            ):
+                layers.setdefault(block, {})[rest.removeprefix("self_attn.")] = tensor
+                continue
+            for theirs, ours in names:
+                if rest.startswith(theirs):
+                    rest = ours + rest[len(theirs) :]
+                    break
+            out[block + rest] = tensor
+    for block, parts in layers.items():
+        for kind in ("weight", "bias"):
+            stacked = [parts[f"{p}_proj.{kind}"] for p in ("q", "k", "v")]
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(stacked)
+    return {"conditioner.embedders.1.model." + k: v for k, v in out.items()}
+
+
 def save_single_file(pipe: Any, path: Path) -> Path:
-    """Write `pipe` (a StableDiffusionPipeline) as one original-layout `.safetensors` file."""
+    """Write `pipe` (a Stable Diffusion 1.x/2.x or SDXL pipeline) as one original-layout
+    `.safetensors` file."""
     from safetensors.torch import save_file
 
     tensors = {**unet_to_original(pipe.unet), **vae_to_original(pipe.vae)}
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    first = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
     for key, tensor in pipe.text_encoder.state_dict().items():
         # The original names CLIP's modules under `text_model.` (transformers 5 drops it).
         key = key if key.startswith("text_model.") else "text_model." + key
-        tensors["cond_stage_model.transformer." + key] = tensor
+        tensors[first + key] = tensor
+    if sdxl:
+        tensors.update(open_clip_to_original(pipe.text_encoder_2))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path

@@ -23,9 +23,9 @@ from builtin_model.build import build_tokenizer
 
 
 def _text_config(tokenizer: object, **extra: object) -> CLIPTextConfig:
+    fields: dict[str, object] = {"hidden_size": 32, **extra}
     return CLIPTextConfig(
         vocab_size=len(tokenizer),  # type: ignore[arg-type]
-        hidden_size=32,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -33,7 +33,7 @@ def _text_config(tokenizer: object, **extra: object) -> CLIPTextConfig:
         pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
         bos_token_id=tokenizer.bos_token_id,  # type: ignore[attr-defined]
         eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
-        **extra,
+        **fields,
     )
 
 
@@ -173,7 +173,11 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(_text_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, projection_dim=32))
+    # Wider than the first, as OpenCLIP bigG is than CLIP-L: what tells the two apart in a
+    # single-file checkpoint (diffusers reads the widths).
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(tokenizer, projection_dim=32, hidden_size=48)
+    )
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -188,7 +192,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         addition_time_embed_dim=8,
         # 6 micro-conditioning numbers x 8 + the pooled text embedding (32).
         projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,  # both encoders' hidden states side by side
+        cross_attention_dim=32 + 48,  # both encoders' hidden states side by side
         norm_num_groups=16,
     )
     scheduler = _tiny_scheduler()

@@ -132,3 +132,34 @@ models:
     with pytest.raises(ModelUnavailable, match="loading failed"):
         manager.acquire("truncated")
     assert manager.acquire("fine").model.info.id == "fine"
+
+
+def test_an_sdxl_single_file_is_served_as_diffusers_reads_it(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from builtin_model.tiny import save_tiny_sdxl_pipeline
+
+    configs = save_tiny_sdxl_pipeline(tmp_path / "xl")
+    original = StableDiffusionXLPipeline.from_pretrained(configs)
+    checkpoint = save_single_file(original, tmp_path / "myXL_v2.safetensors")
+    back = StableDiffusionXLPipeline.from_single_file(str(checkpoint), config=str(configs))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(original, name).state_dict(), getattr(back, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    catalog = _catalog(tmp_path, f"models: [{{id: xl, source: {checkpoint}, config: {configs}}}]")
+    manager = ModelManager(Settings(models_file=catalog, device="cpu"))
+    served = manager.acquire("xl").model
+    assert (served.info.family, served.info.source_format) == ("sdxl", "single_file")
+    spec = batch_job(model="xl", steps=3, negative_prompt="")
+    (ours,) = run_batch(served, [BatchItem(spec)], invariant=True)
+    assert isinstance(ours, list)
+    back.set_progress_bar_config(disable=True)
+    image = back(
+        prompt=[spec.prompt],
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        height=spec.height,
+        width=spec.width,
+        generator=[torch.Generator().manual_seed(spec.image_seed(0))],
+    ).images[0]
+    assert np.array_equal(np.asarray(ours[0]), np.asarray(image))
