@@ -49,8 +49,9 @@ class Defaults(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str | None) -> str | None:
-        if value is not None and value not in SCHEDULER_NAMES:
-            raise ValueError(f"must be one of {', '.join(SCHEDULER_NAMES)}")
+        names = (*SCHEDULER_NAMES, "default")  # default: the model's own (worker.schedulers)
+        if value is not None and value not in names:
+            raise ValueError(f"must be one of {', '.join(names)}")
         return value
 
 

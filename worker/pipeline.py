@@ -19,7 +19,7 @@ from imagegen.core.settings import WorkerSettings
 from worker.adapters import AdapterCards, Adapters, load_adapters
 from worker.families import supports_batching
 from worker.prompts import PromptEncoder
-from worker.schedulers import name_of
+from worker.schedulers import OWN, name_of
 from worker.single_file import config_source, is_single_file, load_single_file
 from worker.sources import read_json
 
@@ -189,7 +189,7 @@ def model_info(
         steps=int(card.get("steps", FALLBACK_STEPS)),
         guidance_scale=float(card.get("guidance_scale", FALLBACK_GUIDANCE)),
         scheduler=str(card.get("scheduler") or scheduler or FALLBACK_SCHEDULER),
-        schedulers=list(SCHEDULER_NAMES),
+        schedulers=list(SCHEDULER_NAMES) + ([OWN] if scheduler == OWN else []),
         max_pixels=int(max_pixels) if max_pixels is not None else None,
         max_steps=int(max_steps) if max_steps is not None else None,
         adapters=adapters.loras if adapters else [],

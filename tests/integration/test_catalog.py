@@ -49,7 +49,7 @@ models:
     assert caught.value.problems == [
         f"{where}: models[0] (sd15): defaults.steps: Input should be greater than or equal to 1",
         f"{where}: models[0] (sd15): defaults.scheduler: must be one of "
-        "euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, unipc, pndm, lcm",
+        "euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, unipc, pndm, lcm, default",
         f"{where}: models[1] (xl): dtype: Input should be 'float16', 'bfloat16' or 'float32'",
         f"{where}: models[1] (xl): colour: Extra inputs are not permitted",
         f"{where}: models[2]: id: Field required",
