@@ -195,6 +195,19 @@ def open_clip_to_original(text_encoder: Any) -> dict[str, torch.Tensor]:
     return {"conditioner.embedders.1.model." + k: v for k, v in out.items()}
 
 
+def save_vae_single_file(vae: Any, path: Path) -> Path:
+    """A VAE alone in the original layout (as `vae-ft-mse-840000-ema-pruned.safetensors`)."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        k.removeprefix("first_stage_model."): v.contiguous()
+        for k, v in vae_to_original(vae).items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
 def save_single_file(pipe: Any, path: Path) -> Path:
     """Write `pipe` (a Stable Diffusion 1.x/2.x or SDXL pipeline) as one original-layout
     `.safetensors` file."""

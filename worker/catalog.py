@@ -6,7 +6,7 @@ and a dtype. IMAGEGEN_MODELS stays the short form (`id=source`, comma-separated)
       - id: sd15
         source: stable-diffusion-v1-5/stable-diffusion-v1-5   # hub id | diffusers directory
         revision: main                                         # hub only
-        vae: stabilityai/sd-vae-ft-mse                          # hub id | diffusers directory
+        vae: stabilityai/sd-vae-ft-mse                 # hub id | diffusers directory | one file
         dtype: float16
         defaults: {steps: 30, guidance_scale: 7.5, scheduler: dpmpp_2m_karras}
         max_pixels: 1048576

@@ -348,9 +348,10 @@ class ModelManager:
             return Entry(source, info, unavailable=reason, failed_at=self.clock(), spec=src)
         try:
             unet = read_json(configs, "unet/config.json", revision)
+            swapped = src.vae is not None and not is_single_file(src.vae)
             vae = (
                 read_json(src.vae, "config.json")
-                if src.vae
+                if src.vae is not None and swapped
                 else read_json(configs, "vae/config.json", revision)
             )
             sample = unet.get("sample_size", 64)
@@ -387,9 +388,10 @@ class ModelManager:
                 entry.estimate = self._estimate(root)
                 entry.fingerprints = component_fingerprints(root, index)
             if src.vae:  # swapped: the VAE is what is at `vae`, not what the model ships
-                vae_root = local_root(src.vae)
                 entry.fingerprints.pop("vae", None)
-                if vae_root is not None:
+                if is_single_file(src.vae):
+                    entry.fingerprints["vae"] = _file_digest(Path(src.vae))
+                elif (vae_root := local_root(src.vae)) is not None:
                     entry.fingerprints["vae"] = folder_fingerprint(vae_root)
             # The library's LoRAs it would load weigh too (its own are in the estimate).
             entry.estimate += sum(

@@ -287,7 +287,15 @@ def load_model(
     if vae is not None and "vae" not in components:
         from diffusers import AutoencoderKL
 
-        components["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=weights)
+        if is_single_file(vae):  # e.g. vae-ft-mse-840000-ema-pruned.safetensors
+            configs = (
+                config_source(Path(source), config, family) if is_single_file(source) else source
+            )
+            components["vae"] = AutoencoderKL.from_single_file(
+                vae, config=configs, subfolder="vae", torch_dtype=weights
+            )
+        else:
+            components["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=weights)
     if is_single_file(source):
         configs = config_source(Path(source), config, family)
         log.info("loading %s on %s as %s (configs of %s)", source, device, weights, configs)

@@ -128,3 +128,16 @@ models:
         generator=[torch.Generator().manual_seed(spec.image_seed(0))],
     ).images[0]
     assert np.array_equal(np.asarray(ours[0]), np.asarray(image))
+
+
+def test_a_vae_file_is_swapped_in(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A VAE shipped as one file in the original layout (`vae-ft-mse-...safetensors`)."""
+    from builtin_model.single_file import save_vae_single_file
+
+    other = AutoencoderKL.from_pretrained(save_tiny_pipeline(tmp_path / "other", seed=4) / "vae")
+    file = save_vae_single_file(other, tmp_path / "vae-ft-tiny.safetensors")
+    catalog = write(tmp_path, f"models: [{{id: m, source: {tiny_model_dir}, vae: {file}}}]")
+    manager = ModelManager(Settings(models_file=catalog, device="cpu"))
+    served = manager.acquire("m").model
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(served.pipe.vae.state_dict()[name], tensor), name
