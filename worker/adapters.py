@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,10 +177,15 @@ class AdapterCards:
 
 
 def adapter_cards(
-    model_dir: Path | None, library: Path | None, shape: ModelShape, controls_allowed: bool
+    model_dir: Path | None,
+    library: Path | None,
+    shape: ModelShape,
+    controls_allowed: bool,
+    controlnets: Mapping[str, str] | None = None,
 ) -> tuple[AdapterCards, list[LoraFile]]:
     """The adapters a model would serve, from headers and cards alone (what a worker announces
-    for a model it has not loaded), and the LoRA files worth loading."""
+    for a model it has not loaded), and the LoRA files worth loading. `controlnets` are the
+    catalog's for the model (id: diffusers directory or hub id), a hub model's way to them."""
     cards = AdapterCards()
     loadable = []
     for lora in find_loras(model_dir, library):
@@ -191,15 +197,28 @@ def adapter_cards(
         assert lora.header is not None
         cards.loras.append(_card(lora.id, lora.card, "lora", lora.header.format))
         loadable.append(lora)
+    for adapter_id, where in control_sources(model_dir, controlnets).items():
+        if controls_allowed:
+            card = Path(where) / CARD if Path(where).is_dir() else None
+            cards.controls.append(_card(adapter_id, card, "controlnet", "diffusers"))
+        else:
+            reason = "ControlNets run with Stable Diffusion 1.x/2.x pipelines only"
+            cards.unavailable.append(UnavailableAdapter(id=adapter_id, reason=reason))
+    return cards, loadable
+
+
+def control_sources(
+    model_dir: Path | None, controlnets: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """A model's ControlNets by id: `controlnets/<id>/` beside it, then the catalog's."""
+    found: dict[str, str] = {}
     if _has(model_dir, "controlnets"):
         assert model_dir is not None
         for folder in sorted(p for p in (model_dir / "controlnets").iterdir() if p.is_dir()):
-            if controls_allowed:
-                cards.controls.append(_card(folder.name, folder / CARD, "controlnet", "diffusers"))
-            else:
-                reason = "ControlNets run with Stable Diffusion 1.x/2.x pipelines only"
-                cards.unavailable.append(UnavailableAdapter(id=folder.name, reason=reason))
-    return cards, loadable
+            found[folder.name] = str(folder)
+    for adapter_id, where in (controlnets or {}).items():
+        found.setdefault(adapter_id, where)
+    return dict(sorted(found.items()))
 
 
 def _has(model_dir: Path | None, folder: str) -> bool:
@@ -221,6 +240,8 @@ class Adapters:
     # Each loaded LoRA's file as it was when loaded (path, size, mtime): a rescan reloads
     # what changed.
     files: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    # The catalog's ControlNets of the model (id: directory or hub id), for rescans.
+    control_sources: dict[str, str] = field(default_factory=dict)
     # The LoRA files that failed to load, as they were, and why: not tried again unchanged.
     failures: dict[str, tuple[tuple[str, int, int], str]] = field(default_factory=dict)
 
@@ -265,12 +286,14 @@ def load_adapters(
     dtype: torch.dtype,
     controls_allowed: bool,
     hotswap: bool = False,
+    controlnets: Mapping[str, str] | None = None,
 ) -> Adapters:
     """Find, check and load the adapters of the pipeline at `source` (a local directory, or
     None for a hub model) and of the LoRA library. One that cannot serve is listed in
     `unavailable` with its reason; nothing here raises for an adapter."""
-    adapters = Adapters(pipe)
-    cards, loras = adapter_cards(source, library, model_shape(pipe), controls_allowed)
+    adapters = Adapters(pipe, control_sources=dict(controlnets or {}))
+    shape = model_shape(pipe)
+    cards, loras = adapter_cards(source, library, shape, controls_allowed, controlnets)
     adapters.unavailable = list(cards.unavailable)
     if loras and not hasattr(pipe, "load_lora_weights"):
         reason = f"{type(pipe).__name__} cannot load LoRAs"
@@ -292,10 +315,9 @@ def load_adapters(
     if adapters.loras:
         pipe.disable_lora()
         log.info("loaded LoRAs %s", ", ".join(adapters.loras))
+    where = control_sources(source, controlnets)
     for card in cards.controls:
-        assert source is not None
-        folder = source / "controlnets" / card.id
-        failure = _load_controlnet(pipe, adapters, folder, dtype, device)
+        failure = _load_controlnet(pipe, adapters, card.id, where[card.id], dtype, device)
         if failure is None:
             adapters.controls[card.id] = card
         else:
@@ -313,7 +335,9 @@ def refresh_loras(
     changed ones, remove the deleted ones (between batches: no job runs meanwhile). Whether
     anything changed."""
     pipe = adapters.pipe
-    cards, loras = adapter_cards(source, library, model_shape(pipe), controls_allowed)
+    cards, loras = adapter_cards(
+        source, library, model_shape(pipe), controls_allowed, adapters.control_sources
+    )
     wanted = {lora.id: lora for lora in loras}
     changed = False
     for adapter_id in [i for i in adapters.loras if i not in wanted or
@@ -405,19 +429,24 @@ def _lora_failure(exc: Exception) -> str:
 
 
 def _load_controlnet(
-    pipe: Any, adapters: Adapters, folder: Path, dtype: torch.dtype, device: torch.device
+    pipe: Any,
+    adapters: Adapters,
+    adapter_id: str,
+    where: str,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> str | None:
     from diffusers import ControlNetModel
 
     try:
-        net = ControlNetModel.from_pretrained(folder, torch_dtype=dtype)
+        net = ControlNetModel.from_pretrained(where, torch_dtype=dtype)
     except Exception as exc:
         return f"does not load: {_line(exc)}"
     ours = (pipe.unet.config.cross_attention_dim, tuple(pipe.unet.config.block_out_channels))
     theirs = (net.config.cross_attention_dim, tuple(net.config.block_out_channels))
     if theirs != ours:
         return f"does not fit the model's UNet (channels {theirs[1]} vs {ours[1]})"
-    adapters.controlnets[folder.name] = net.to(device).eval()
+    adapters.controlnets[adapter_id] = net.to(device).eval()
     return None
 
 

@@ -66,6 +66,9 @@ class CatalogEntry(BaseModel):
     family: Literal["sd15", "sd2", "sdxl"] | None = None
     # A single file's pipeline configs, a diffusers directory or hub id (default: the family's).
     config: str | None = None
+    # ControlNets served with it, by id: a diffusers directory or hub id (a hub model's way to
+    # have them; a local model's `controlnets/<id>/` come first).
+    controlnets: dict[str, str] = Field(default_factory=dict)
     vae: str | None = None
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     defaults: Defaults = Field(default_factory=Defaults)

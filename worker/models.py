@@ -93,6 +93,7 @@ class ModelSource:
     card: dict[str, Any] = field(default_factory=dict, compare=False)
     config: str | None = None  # a single file's pipeline configs (worker.single_file)
     family: str | None = None
+    controlnets: dict[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, entry: CatalogEntry) -> ModelSource:
@@ -105,6 +106,7 @@ class ModelSource:
             entry.card(),
             entry.config,
             entry.family,
+            dict(entry.controlnets),
         )
 
 
@@ -270,6 +272,7 @@ def _load(settings: WorkerSettings, src: ModelSource, components: dict[str, Any]
         card=src.card,
         config=src.config,
         family=src.family,
+        controlnets=src.controlnets,
     )
 
 
@@ -367,6 +370,7 @@ class ModelManager:
                 self.settings.lora_dir,
                 shape,
                 controls_allowed(family),
+                src.controlnets,
             )
             info = model_info(
                 model_id,
@@ -464,7 +468,10 @@ class ModelManager:
                 cards = model.adapters.cards()
                 model.info = _with_adapters(model.info, cards)
             elif entry.shape is not None and not entry.unavailable:
-                cards, _ = adapter_cards(folder, library, entry.shape, entry.takes_controls)
+                controls = entry.spec.controlnets if entry.spec else {}
+                cards, _ = adapter_cards(
+                    folder, library, entry.shape, entry.takes_controls, controls
+                )
                 entry.info = _with_adapters(entry.info, cards)
 
     def ids(self) -> list[str]:

@@ -273,6 +273,7 @@ def load_model(
     card: dict[str, Any] | None = None,
     config: str | None = None,
     family: str | None = None,
+    controlnets: dict[str, str] | None = None,
 ) -> LoadedModel:
     """Load a pipeline onto its device (default: the configured one); the only place weights
     are loaded. Safetensors weights are memory-mapped by diffusers while loading: a second
@@ -339,6 +340,7 @@ def load_model(
         # take the micro-conditioning too, which the loop does not pass them).
         controls_allowed=controls_allowed(type(pipe).__name__) and supports_batching(pipe),
         hotswap=settings.compile,
+        controlnets=controlnets,
     )
     if adapters.loras and settings.fuse_qkv:
         log.warning("fused QKV projections are off: the model's LoRAs target the unfused ones")

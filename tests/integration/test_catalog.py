@@ -141,3 +141,43 @@ def test_a_vae_file_is_swapped_in(tmp_path: Path, tiny_model_dir: Path) -> None:
     served = manager.acquire("m").model
     for name, tensor in other.state_dict().items():
         assert torch.equal(served.pipe.vae.state_dict()[name], tensor), name
+
+
+def test_the_catalog_gives_a_model_its_controlnets(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A hub model has no `controlnets/` beside it: the catalog names them."""
+    from PIL import Image
+
+    from builtin_model.tiny import save_tiny_adapters
+    from imagegen.core.contract import ControlRef, InputRef
+
+    beside = tmp_path / "beside"
+    shutil.copytree(tiny_model_dir, beside)
+    save_tiny_adapters(beside)
+    edges = beside / "controlnets" / "edges"
+    catalog = write(
+        tmp_path,
+        f"""
+models:
+  - {{id: own, source: {beside}}}
+  - id: named
+    source: {tiny_model_dir}
+    controlnets: {{edges: {edges}, missing: {tmp_path / "nowhere"}}}
+""",
+    )
+    manager = ModelManager(Settings(models_file=catalog, device="cpu"))
+    assert [c.id for c in manager.entries["named"].info.controls] == ["edges", "missing"]
+    named = manager.acquire("named").model
+    assert [c.id for c in named.info.controls] == ["edges"]
+    assert [u.id for u in named.info.unavailable_adapters] == ["missing"]
+    ref = InputRef(sha256="0" * 64, width=64, height=64)
+    control = ControlRef(id="edges", scale=1.0, start=0.0, end=1.0, image=ref)
+    image = Image.new("RGB", (64, 64))
+    image.paste((255, 255, 255), (16, 16, 48, 48))
+    results = []
+    for model_id in ("named", "own"):
+        spec = batch_job(model=model_id, control=control, steps=2)
+        model = manager.acquire(model_id).model
+        (result,) = run_batch(model, [BatchItem(spec, control_image=image)], invariant=True)
+        assert isinstance(result, list)
+        results.append(np.asarray(result[0]))
+    assert np.array_equal(*results)
