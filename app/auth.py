@@ -8,6 +8,7 @@ is the anonymous principal and the request budget is counted per client address.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
@@ -127,13 +128,27 @@ class RateLimiter:
             )
 
 
+def _key_of(header: str) -> str:
+    """The API key of an Authorization header: `Bearer <key>`, or HTTP Basic with the key as
+    the password (any user name), as AUTOMATIC1111 clients such as Open WebUI send it."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return token.strip()
+    if scheme.lower() == "basic" and 0 < len(token) <= 4096:
+        try:
+            decoded = base64.b64decode(token.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return ""
+        return decoded.partition(":")[2]
+    return ""
+
+
 async def _principal(request: Request) -> Principal:
     keys: KeyStore = request.app.state.keys
     limiter: RateLimiter = request.app.state.limiter
     client = request.client.host if request.client else "unknown"
     if keys.enabled:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        name = keys.identify(token.strip()) if scheme.lower() == "bearer" and token else None
+        name = keys.identify(_key_of(request.headers.get("authorization", "")))
         if name is None:
             await limiter.failed_auth(client)
             raise Unauthorized("a valid API key is required: `Authorization: Bearer <key>`")

@@ -43,7 +43,9 @@ class RequestId:
 # Where a body may carry images (POST only): these get `image_max_bytes`; the route then
 # holds a body past `max_bytes` that turned out to carry no image to the small limit
 # (`app.images_in.check_body_size`), so the larger limit serves only requests with images.
-IMAGE_PATHS = frozenset({"/v1/generations", "/v1/images/generations", "/v1/images/edits"})
+IMAGE_PATHS = frozenset(
+    {"/v1/generations", "/v1/images/generations", "/v1/images/edits", "/sdapi/v1/img2img"}
+)
 # The bytes received, for the route: scope["state"][BODY_BYTES].
 BODY_BYTES = "imagegen_body_bytes"
 

@@ -15,7 +15,6 @@ import time
 from typing import Any
 from urllib.parse import urljoin
 
-import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,8 +23,8 @@ from pydantic import ValidationError
 from app.auth import PrincipalDep
 from app.capacity import MemoryGuard
 from app.deps import MemoryDep, ServiceDep
-from app.errors import ApiError, Conflict, InvalidRequest, Unavailable
-from app.events import RESYNC_S, EventHub
+from app.errors import InvalidRequest
+from app.events import EventHub
 from app.images_in import limit_body_without_images
 from app.openai_schemas import (
     OPENAI_MODEL_PREFIXES,
@@ -33,9 +32,10 @@ from app.openai_schemas import (
     OpenAIImageRequest,
     OpenAIImagesResponse,
 )
-from app.schemas import ErrorInfo, GenerationRequest, JobDocument
+from app.schemas import GenerationRequest, JobDocument
 from app.service import GenerationService
-from imagegen.core.contract import JobSpec, JobStatus
+from app.waiting import CLIENT_CLOSED_REQUEST, job_failure, wait_for_job
+from imagegen.core.contract import JobStatus
 
 log = logging.getLogger("imagegen.gateway")
 
@@ -44,12 +44,6 @@ router = APIRouter(prefix="/v1/images", tags=["openai"])
 # At most 5 digits a side: the pixel cap rejects anything that large anyway, and int() of an
 # unbounded digit string is itself a cost (and a ValueError past 4300 digits).
 SIZE_RE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
-# A job that failed for one of these reasons may succeed when tried again: 503, which clients
-# (the openai package included) retry. Any other failure is the service's fault: 500.
-RETRYABLE_JOB_ERRORS = frozenset({"out_of_memory", "worker_lost", "timeout"})
-# The answer to a client that has already gone, so nobody receives it; 499 is nginx's code
-# for that case, should a middleware or a log see it.
-CLIENT_CLOSED_REQUEST = 499
 # How many images the model's safety checker withheld from `data` (absent: none).
 FILTERED_HEADER = "X-Imagegen-Filtered"
 
@@ -84,7 +78,7 @@ async def answer_when_done(
     await memory.check()
     job = await _submit(service, generation, owner, body.size is not None)
     hub: EventHub = request.app.state.events
-    done = await _wait_for_job(request, service, hub, job, owner)
+    done = await wait_for_job(request, service, hub, job, owner)
     if done is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     if done.status != JobStatus.SUCCEEDED:
@@ -177,99 +171,3 @@ async def _submit(
             raise InvalidRequest.for_field("size", message) from exc
         raise
     return job
-
-
-async def _wait_for_job(
-    request: Request, service: GenerationService, hub: EventHub, job: JobDocument, owner: str
-) -> JobDocument | None:
-    """The job's final document, or None when the client left (the job is then canceled).
-
-    The wait is limited by the job's own time limit, which already allows for queueing; past
-    it the job is canceled and the client gets a 503.
-    """
-    # The time limit depends on the work only (steps, size, n): adapters do not change it.
-    work = job.request.model_dump(exclude={"loras", "control"})
-    limit_s = service.job_timeout_s(JobSpec.model_validate(work))
-    disconnected = False
-    finished: JobDocument | None = None
-    failure: Exception | None = None
-
-    async def watch_for_disconnect(scope: anyio.CancelScope) -> None:
-        nonlocal disconnected
-        # The body has been read, so the next ASGI message can only be the disconnect.
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        disconnected = True
-        scope.cancel()
-
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(watch_for_disconnect, group.cancel_scope)
-            try:
-                with anyio.move_on_after(limit_s):
-                    finished = await _until_terminal(service, hub, job.id, owner)
-            except Exception as exc:
-                # Raised past the task group it would come out as an ExceptionGroup, which no
-                # error handler matches (a Redis outage must stay a 503, not become a 500).
-                failure = exc
-            group.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-    except BaseException:
-        # Shutdown or a Redis error mid-wait: nobody will collect the images.
-        with anyio.CancelScope(shield=True):
-            await _cancel_quietly(service, job.id, owner)
-        raise
-    if finished is not None:
-        return finished
-    # Canceling a job that ended meanwhile returns it unchanged, and then its result stands.
-    final = await service.cancel(job.id, owner)
-    if disconnected:
-        log.info("client left while waiting for job %s; it is %s", job.id, final.status)
-        return None
-    if final.status == JobStatus.CANCELED:
-        raise Unavailable(
-            f"generation job {job.id} did not finish within {limit_s} s (the service is busy); "
-            "it was canceled. Retry later, or ask for fewer images, pixels or steps"
-        )
-    return final
-
-
-async def _until_terminal(
-    service: GenerationService, hub: EventHub, job_id: str, owner: str
-) -> JobDocument:
-    """Wait, without holding a thread, until the job succeeded, failed or was canceled."""
-    # Listening starts before the first read, so an end between the two is not missed.
-    async with hub.listen(job_id) as messages:
-        while True:
-            doc = await service.get(job_id, owner)
-            if JobStatus(doc.status).is_terminal:
-                return doc
-            # Messages name the new status or "progress"; only an end is worth a read. A lost
-            # message costs at most RESYNC_S, after which the document is read anyway.
-            with anyio.move_on_after(RESYNC_S):
-                while not _is_terminal_name(await messages.get()):
-                    pass
-
-
-def _is_terminal_name(name: str) -> bool:
-    return name in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
-
-
-async def _cancel_quietly(service: GenerationService, job_id: str, owner: str) -> None:
-    try:
-        await service.cancel(job_id, owner)
-    except Exception:  # the error already under way is the one to report
-        log.warning("could not cancel abandoned job %s", job_id, exc_info=True)
-
-
-def job_failure(job: JobDocument) -> ApiError:
-    """The error envelope for a job that ended without images."""
-    if job.status == JobStatus.CANCELED:
-        # Someone canceled it (DELETE /v1/generations/{id}): the request itself was fine.
-        return Conflict(f"generation job {job.id} was canceled before it finished")
-    error = job.error or ErrorInfo(code="internal", message="no reason was recorded")
-    message = f"generation job {job.id} failed ({error.code}): {error.message}"
-    if error.code in RETRYABLE_JOB_ERRORS:
-        return Unavailable(message)
-    return ApiError(message)

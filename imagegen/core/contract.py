@@ -452,6 +452,12 @@ class Keys:
         return f"{Keys.PREFIX}:active:{key_name}"
 
     @staticmethod
+    def a1111(key_name: str) -> str:
+        """An API key's AUTOMATIC1111 state: the checkpoint its `/sdapi/v1` requests use
+        (`options.sd_model_checkpoint`, per key, never global) and its latest job there."""
+        return f"{Keys.PREFIX}:a1111:{key_name}"
+
+    @staticmethod
     def usage(day: str, key_name: str) -> str:
         """A key's use on one UTC day: megapixel_steps charged, jobs by final status."""
         return f"{Keys.PREFIX}:usage:{day}:{key_name}"

@@ -46,6 +46,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from app.a1111 import A1111Request
 from app.main import EVENT_SCHEMA, create_app
 from imagegen.core.contract import (
     SCHEDULER_MIN_STEPS,
@@ -69,6 +70,11 @@ REQUEST_TIMEOUT_S = 20
 SUBMIT = "POST /v1/generations"
 # OpenAI's images.generate: answers once the job is done, so its accepted bodies are kept small.
 OPENAI = "POST /v1/images/generations"
+A1111 = {
+    "txt2img": "POST /sdapi/v1/txt2img",
+    "img2img": "POST /sdapi/v1/img2img",
+    "options": "POST /sdapi/v1/options",
+}
 
 
 def _png(image: Image.Image) -> bytes:
@@ -225,6 +231,10 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
     """
     body = case.body
     meta = case.meta
+    if case.operation.label in A1111.values() and isinstance(body, dict) and meta is not None:
+        if meta.generation.mode.is_positive:
+            _keep_a1111_rules(body, case.operation.label)
+        return case
     if (
         case.operation.label not in (SUBMIT, OPENAI)
         or not isinstance(body, dict)
@@ -244,6 +254,34 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
     if case.operation.label == OPENAI:
         _keep_openai_answer_quick(body)
     return case
+
+
+A1111_FIELDS = set(A1111Request.model_fields)
+
+
+def _keep_a1111_rules(body: dict[str, Any], label: str) -> None:
+    """An A1111 request as its clients send it, small and within the native rules (the
+    translation itself is tested with webuiapi in tests/e2e/test_a1111.py)."""
+    if label == A1111["options"]:
+        if "sd_model_checkpoint" in body:
+            body["sd_model_checkpoint"] = _pick(SERVED_MODELS, body["sd_model_checkpoint"])
+        return
+    for name in [k for k in body if k not in A1111_FIELDS]:
+        del body[name]
+    prompt = str(body.get("prompt") or "").replace("\x00", "").replace("<", "").strip()
+    body["prompt"] = prompt[: LIMITS["max_prompt_chars"]] or "a prompt"
+    body["negative_prompt"] = str(body.get("negative_prompt") or "").replace("\x00", "")[:100]
+    body.update(width=64, height=64, batch_size=1, n_iter=1, steps=2, override_settings={})
+    body["sampler_name"] = _pick(["Euler", "Euler a", "DDIM"], body.get("sampler_name"))
+    body["sampler_index"] = None
+    body["scheduler"] = None
+    if label == A1111["img2img"]:
+        body["init_images"] = [base64.b64encode(INPUT_PNG).decode()]
+        body["mask"] = base64.b64encode(MASK_PNG).decode() if body.get("mask") else None
+        body["denoising_strength"] = 1.0
+    else:
+        for name in ("init_images", "mask", "denoising_strength"):
+            body.pop(name, None)
 
 
 def _keep_generation_rules(body: dict[str, Any]) -> None:

@@ -24,8 +24,8 @@ import redis
 from openai import AsyncOpenAI, OpenAI
 from PIL import Image
 
-from app.routes.openai_images import job_failure
 from app.schemas import ErrorInfo, GenerationParams, JobDocument, Progress, Timings
+from app.waiting import job_failure
 from imagegen.cli.redis_server import RedisServer
 from imagegen.core.contract import JOB_ID_RE, JobRecord, Keys
 from imagegen.core.store import JobStore

@@ -1,0 +1,185 @@
+"""AUTOMATIC1111's `/sdapi/v1` request and answer shapes, translated onto this service's own:
+an A1111 request becomes an ordinary GenerationRequest (the same validation, lifecycle, fair use
+and limits); its answer is built from the finished job. Pure functions, no I/O.
+
+What A1111 clients send that would change the image and is not served here (`enable_hr`,
+`restore_faces`, `tiling`, scripts) is a 422 naming the field, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.errors import InvalidRequest
+
+# A1111's sampler names (and the `scheduler` "karras") onto the scheduler table.
+SAMPLERS: dict[str, str] = {
+    "Euler a": "euler_a",
+    "Euler": "euler",
+    "DDIM": "ddim",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M Karras": "dpmpp_2m_karras",
+    "UniPC": "unipc",
+    "PLMS": "pndm",
+    "LCM": "lcm",
+}
+KARRAS = {"dpmpp_2m": "dpmpp_2m_karras"}
+LORA_TAG = re.compile(r"<lora:([^:>]{1,100}):?([-+0-9.eE]{0,20})>")
+
+
+class A1111Request(BaseModel):
+    """The fields of A1111's txt2img/img2img that map; the rest of what clients such as
+    `webuiapi` send every time (~50 fields) is accepted and, where it would change the image,
+    checked to be at its no-op value."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = Field("", description="Besides `<lora:name:weight>` tags: as the native prompt.")
+    negative_prompt: str = ""
+    steps: int | None = Field(None, ge=1)
+    cfg_scale: float | None = Field(None, ge=0, le=30)
+    width: int | None = Field(None, ge=64, multiple_of=8)
+    height: int | None = Field(None, ge=64, multiple_of=8)
+    seed: int = Field(-1, ge=-1, le=2**32 - 1, description="-1: random.")
+    batch_size: int = Field(1, ge=1, le=8)
+    n_iter: int = Field(1, ge=1, le=8)
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    # img2img
+    init_images: list[str] | None = None
+    denoising_strength: float | None = Field(None, ge=0, le=1)
+    mask: str | None = None
+
+
+# Fields whose non-default values would change the image in a way this service does not do.
+UNSERVED: dict[str, Any] = {
+    "enable_hr": False,
+    "restore_faces": False,
+    "tiling": False,
+    "subseed_strength": 0,
+    "inpainting_mask_invert": 0,
+}
+
+
+def to_generation(body: A1111Request, model: str | None, img2img: bool) -> dict[str, Any]:
+    """The native request body for `body` (its checkpoint `model`); InvalidRequest naming the
+    A1111 field for what does not map."""
+    extra = body.model_extra or {}
+    for name, neutral in UNSERVED.items():
+        value = extra.get(name)
+        if value is not None and value != neutral:
+            raise InvalidRequest.for_field(name, f"{name}={value!r} is not supported here")
+    scripts = extra.get("alwayson_scripts")
+    if scripts:
+        raise InvalidRequest.for_field(
+            "alwayson_scripts", "scripts are not supported here (use `controls` natively)"
+        )
+    prompt, loras = lora_tags(body.prompt)
+    fields: dict[str, Any] = {
+        "prompt": prompt,
+        "negative_prompt": body.negative_prompt or None,
+        "steps": body.steps,
+        "guidance_scale": body.cfg_scale,
+        "width": body.width,
+        "height": body.height,
+        "seed": None if body.seed < 0 else body.seed,
+        "n": body.batch_size * body.n_iter,
+        "scheduler": scheduler(body),
+        "model": body.override_settings.get("sd_model_checkpoint") or model,
+        "loras": loras or None,
+    }
+    if img2img:
+        if not body.init_images:
+            raise InvalidRequest.for_field("init_images", "img2img needs one image")
+        fields["image"] = body.init_images[0]
+        if body.mask:
+            fields["mask"] = body.mask
+        if body.denoising_strength is not None and not body.mask:
+            fields["strength"] = body.denoising_strength
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def scheduler(body: A1111Request) -> str | None:
+    name = body.sampler_name or body.sampler_index
+    if not name:
+        return None
+    if name not in SAMPLERS:
+        raise InvalidRequest.for_field(
+            "sampler_name", f"unknown sampler {name!r}; one of: {', '.join(SAMPLERS)}"
+        )
+    ours = SAMPLERS[name]
+    if (body.scheduler or "").lower() == "karras":
+        if ours not in KARRAS:
+            raise InvalidRequest.for_field("scheduler", f"'karras' does not apply to {name!r}")
+        ours = KARRAS[ours]
+    return ours
+
+
+def lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """A1111's `<lora:name:weight>` tags out of the prompt, as `loras` (weight 1 when left out)."""
+    loras = []
+    for name, weight in LORA_TAG.findall(prompt):
+        try:
+            scale = float(weight) if weight else 1.0
+        except ValueError:
+            raise InvalidRequest.for_field(
+                "prompt", f"<lora:{name}:{weight}>: not a weight"
+            ) from None
+        loras.append({"id": name, "scale": scale})
+    return LORA_TAG.sub("", prompt).strip(), loras
+
+
+def sampler_name(ours: str) -> str:
+    """Our scheduler by its A1111 sampler name."""
+    for name, value in SAMPLERS.items():
+        if value == ours:
+            return name
+    return ours
+
+
+def infotext(job: dict[str, Any], index: int) -> str:
+    """A1111's text of one image's parameters (what "PNG Info" shows)."""
+    request = job["request"]
+    image = job["images"][index]
+    lines = [request["prompt"]]
+    if request.get("negative_prompt"):
+        lines.append(f"Negative prompt: {request['negative_prompt']}")
+    lines.append(
+        f"Steps: {request['steps']}, Sampler: {sampler_name(request['scheduler'])}, "
+        f"CFG scale: {request['guidance_scale']}, Seed: {image['seed']}, "
+        f"Size: {image['width']}x{image['height']}, Model: {request['model']}"
+    )
+    return "\n".join(lines)
+
+
+def info(job: dict[str, Any], body: dict[str, Any]) -> str:
+    """A1111's `info`: a JSON string of the run, as its clients read it."""
+    request = job["request"]
+    seeds = [image["seed"] for image in job["images"]]
+    return json.dumps(
+        {
+            "prompt": request["prompt"],
+            "all_prompts": [request["prompt"]] * len(seeds),
+            "negative_prompt": request.get("negative_prompt") or "",
+            "seed": seeds[0] if seeds else request["seed"],
+            "all_seeds": seeds,
+            "subseed": -1,
+            "all_subseeds": [-1] * len(seeds),
+            "width": request["width"],
+            "height": request["height"],
+            "sampler_name": sampler_name(request["scheduler"]),
+            "cfg_scale": request["guidance_scale"],
+            "steps": request["steps"],
+            "batch_size": body.get("batch_size", 1),
+            "sd_model_name": request["model"],
+            "sd_model_hash": None,
+            "infotexts": [infotext(job, i) for i in range(len(seeds))],
+            "job_id": job["id"],
+        }
+    )

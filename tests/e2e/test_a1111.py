@@ -1,0 +1,86 @@
+"""AUTOMATIC1111's API (`/sdapi/v1`) driven by its own Python client, `webuiapi`, against the
+live service: txt2img, img2img with a mask, a `<lora:…>` tag, the per-key checkpoint
+(`util_set_model`), progress and interrupt; what would change the image and is not served is a
+422 naming the field."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import pytest
+import webuiapi
+from PIL import Image
+
+from app.auth import _key_of
+from tests.conftest import TINY_MODEL_ID
+from tests.stack import Gateway
+
+
+@pytest.fixture()
+def api(stack: Gateway) -> webuiapi.WebUIApi:
+    return webuiapi.WebUIApi(baseurl=stack.base_url + "/sdapi/v1", sampler="Euler a", steps=4)
+
+
+def test_txt2img_answers_as_a1111_does(api: webuiapi.WebUIApi) -> None:
+    result = api.txt2img(prompt="a large red circle", width=64, height=64, seed=3, batch_size=2)
+    assert len(result.images) == 2 and result.images[0].size == (64, 64)
+    assert result.info["all_seeds"] == [3, 4] and result.info["sampler_name"] == "Euler a"
+    assert result.info["infotexts"][0].startswith("a large red circle\n")
+    assert "Seed: 3, Size: 64x64" in result.info["infotexts"][0]
+    again = api.txt2img(prompt="a large red circle", width=64, height=64, seed=3)
+    assert np.array_equal(np.asarray(again.image), np.asarray(result.images[0]))
+
+
+def test_a_lora_tag_in_the_prompt_applies_the_lora(api: webuiapi.WebUIApi) -> None:
+    plain = api.txt2img(prompt="a large red circle", width=64, height=64, seed=5)
+    tagged = api.txt2img(prompt="<lora:outline:1> a large red circle", width=64, height=64, seed=5)
+    assert tagged.info["prompt"] == "a large red circle"
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(tagged.image))
+
+
+def test_img2img_with_a_mask_keeps_the_unmasked_pixels(api: webuiapi.WebUIApi) -> None:
+    picture = Image.new("RGB", (64, 64), (20, 120, 200))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    result = api.img2img(
+        images=[picture], mask_image=mask, prompt="a red square", width=64, height=64, seed=1
+    )
+    out = np.asarray(result.image)
+    assert np.array_equal(out[:, 40:], np.asarray(picture)[:, 40:])
+
+
+def test_the_checkpoint_is_per_key_and_progress_and_interrupt_answer(
+    api: webuiapi.WebUIApi,
+) -> None:
+    models = [m["model_name"] for m in api.get_sd_models()]
+    assert TINY_MODEL_ID in models and "shapes-64" in models
+    api.util_set_model(TINY_MODEL_ID)
+    assert api.util_get_current_model() == TINY_MODEL_ID
+    result = api.txt2img(prompt="x", width=64, height=64, seed=1)
+    assert result.info["sd_model_name"] == TINY_MODEL_ID
+    api.util_set_model("shapes-64")
+    assert api.get_progress()["state"]["job_count"] == 0
+    api.interrupt()
+    assert [s["name"] for s in api.get_samplers()][:2] == ["Euler a", "Euler"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("enable_hr", True), ("restore_faces", True), ("alwayson_scripts", {"x": {"args": []}})],
+)
+def test_what_is_not_served_is_a_422_naming_the_field(
+    stack: Gateway, field: str, value: object
+) -> None:
+    with httpx.Client(base_url=stack.base_url) as client:
+        response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", field: value})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"].startswith(field)
+
+
+def test_http_basic_carries_the_key_as_its_password() -> None:
+    token = base64.b64encode(b"anyone:ig_secret").decode()
+    assert _key_of(f"Basic {token}") == "ig_secret"
+    assert _key_of("Bearer ig_secret") == "ig_secret"
+    assert _key_of("Basic !!!") == "" and _key_of("") == ""
