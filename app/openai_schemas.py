@@ -83,13 +83,24 @@ class OpenAIImageRequest(BaseModel):
     safety_identifier: str | None = Field(
         None, description="Accepted for OpenAI compatibility; ignored."
     )
-    quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = Field(
+        None,
+        description="The model's default steps scaled: `low` x0.5, `medium`/`standard`/`auto` "
+        "x1, `high`/`hd` x1.5 (within the steps cap); explicit `steps` win.",
+    )
     style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     moderation: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     # OpenAI fields accepted only with the value this service produces anyway: a request for
     # a JPEG, a transparent background or a streamed answer is refused rather than silently
     # answered with something else.
-    output_format: Literal["png"] | None = Field(None, description="Only `png`.")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(
+        None,
+        description="The images' format in `b64_json` (default `png`, with its `parameters` "
+        "chunk); a `url` always links the PNG.",
+    )
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="JPEG/WebP quality, 0..100 (default 100)."
+    )
     background: Literal["auto", "opaque"] | None = Field(
         None, description="`auto` or `opaque`; transparency is not supported."
     )
@@ -110,3 +121,6 @@ class OpenAIImagesResponse(BaseModel):
 
     created: int = Field(description="Unix time (seconds) at which the images were ready.")
     data: list[OpenAIImage]
+    output_format: str | None = Field(None, description="The images' format, as asked.")
+    quality: str | None = Field(None, description="The quality, as asked.")
+    size: str | None = Field(None, description="WIDTHxHEIGHT of the images.")

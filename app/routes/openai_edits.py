@@ -114,7 +114,8 @@ async def edit_image(
     user: Annotated[str | None, Form()] = None,
     quality: Annotated[str | None, Form()] = None,
     background: Annotated[Literal["auto", "opaque"] | None, Form()] = None,
-    output_format: Annotated[Literal["png"] | None, Form()] = None,
+    output_format: Annotated[Literal["png", "jpeg", "webp"] | None, Form()] = None,
+    output_compression: Annotated[int | None, Form(ge=0, le=100)] = None,
     input_fidelity: Annotated[str | None, Form()] = None,
 ) -> OpenAIImagesResponse | Response:
     """Edit an image (OpenAI's `images.edit`): mask pixels with alpha 0 are repainted."""
@@ -150,6 +151,7 @@ async def edit_image(
         "quality": quality,
         "background": background,
         "output_format": output_format,
+        "output_compression": output_compression,
     }
     if outpaint is not None:
         if len(outpaint) > MAX_OUTPAINT_CHARS:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 from urllib.parse import urljoin
 
+import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -44,6 +45,8 @@ router = APIRouter(prefix="/v1/images", tags=["openai"])
 # At most 5 digits a side: the pixel cap rejects anything that large anyway, and int() of an
 # unbounded digit string is itself a cost (and a ValueError past 4300 digits).
 SIZE_RE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+# OpenAI's `quality` as a share of the model's default steps (explicit `steps` win).
+QUALITY_STEPS = {"low": 0.5, "high": 1.5, "hd": 1.5}
 # How many images the model's safety checker withheld from `data` (absent: none).
 FILTERED_HEADER = "X-Imagegen-Filtered"
 
@@ -76,7 +79,7 @@ async def answer_when_done(
     edits alike)."""
     generation = to_generation_request(body)
     await memory.check()
-    job = await _submit(service, generation, owner, body.size is not None)
+    job = await _submit(service, generation, owner, body.size is not None, body.quality)
     hub: EventHub = request.app.state.events
     done = await wait_for_job(request, service, hub, job, owner)
     if done is None:
@@ -92,8 +95,21 @@ async def answer_when_done(
         data = [OpenAIImage(url=urljoin(base, image.url.lstrip("/"))) for image in shown]
     else:
         pngs = [await service.image(done.id, image.index, owner) for image in shown]
+        if body.output_format in ("jpeg", "webp"):
+            quality = 100 if body.output_compression is None else body.output_compression
+            pngs = [
+                await anyio.to_thread.run_sync(reencode, png, body.output_format, quality)
+                for png in pngs
+            ]
         data = [OpenAIImage(b64_json=base64.b64encode(png).decode("ascii")) for png in pngs]
-    answer = OpenAIImagesResponse(created=int(time.time()), data=data)
+    first = done.images[0] if done.images else None
+    answer = OpenAIImagesResponse(
+        created=int(time.time()),
+        data=data,
+        output_format=body.output_format,
+        quality=body.quality,
+        size=f"{first.width}x{first.height}" if first is not None else None,
+    )
     if len(shown) == len(done.images):
         return answer
     return JSONResponse(
@@ -149,7 +165,11 @@ def _as_body_error(error: Any, size: str | None) -> dict[str, Any]:
 
 
 async def _submit(
-    service: GenerationService, request: GenerationRequest, owner: str, size_given: bool
+    service: GenerationService,
+    request: GenerationRequest,
+    owner: str,
+    size_given: bool,
+    quality: str | None = None,
 ) -> JobDocument:
     """Queue the job."""
     model = request.model
@@ -161,6 +181,14 @@ async def _submit(
         and await service.registry.get(model) is None
     ):
         request = request.model_copy(update={"model": None})
+    scale = QUALITY_STEPS.get(quality or "auto", 1.0)
+    if scale != 1.0 and request.steps is None:
+        info = await service.registry.get(request.model or service.settings.default_model)
+        if info is not None:
+            cap = min(info.max_steps or service.settings.max_steps, service.settings.max_steps)
+            request = request.model_copy(
+                update={"steps": min(max(round(info.steps * scale), 1), cap)}
+            )
     try:
         job, _ = await service.submit(request, owner)
     except InvalidRequest as exc:
@@ -171,3 +199,15 @@ async def _submit(
             raise InvalidRequest.for_field("size", message) from exc
         raise
     return job
+
+
+def reencode(png: bytes, output_format: str, quality: int) -> bytes:
+    """A PNG as JPEG or WebP at `quality` (OpenAI's `output_compression`), for `b64_json`."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format=output_format.upper(), quality=quality)
+    return buffer.getvalue()

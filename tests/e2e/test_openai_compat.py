@@ -203,10 +203,46 @@ def test_unknown_and_unsupported_fields_are_rejected(client: OpenAI) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as caught:
         client.images.generate(prompt="x", extra_body={**TINY, "width": 64})
     assert caught.value.body["details"][0]["field"] == "width"  # type: ignore[index]
-    # A JPEG asked for is refused rather than answered with a PNG.
+    # A transparent background asked for is refused rather than answered opaque.
     with pytest.raises(openai.UnprocessableEntityError) as caught:
-        client.images.generate(prompt="x", output_format="jpeg", extra_body=TINY)
-    assert caught.value.body["details"][0]["field"] == "output_format"  # type: ignore[index]
+        client.images.generate(prompt="x", background="transparent", extra_body=TINY)
+    assert caught.value.body["details"][0]["field"] == "background"  # type: ignore[index]
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.images.generate(
+            prompt="x", output_format="jpeg", output_compression=101, extra_body=TINY
+        )
+    assert caught.value.body["details"][0]["field"] == "output_compression"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("output_format", "magic"), [("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")])
+def test_the_images_come_in_the_format_asked_for(
+    client: OpenAI, output_format: str, magic: bytes
+) -> None:
+    result = client.images.generate(
+        prompt="a red circle",
+        size="64x64",
+        output_format=output_format,  # type: ignore[arg-type]
+        output_compression=60,
+        background="opaque",
+        moderation="low",
+        extra_body=TINY,
+    )
+    assert result.data is not None and result.output_format == output_format
+    data = base64.b64decode(result.data[0].b64_json or "")
+    assert data.startswith(magic) and Image.open(io.BytesIO(data)).size == (64, 64)
+    assert result.size == "64x64"
+
+
+def test_quality_scales_the_model_s_default_steps(client: OpenAI, redis_conn: Any) -> None:
+    steps = {}
+    for quality in ("low", "medium", "high"):
+        client.images.generate(
+            prompt=f"quality {quality}", quality=quality,  # type: ignore[arg-type]
+            size="64x64", extra_body={"model": TINY_MODEL_ID},
+        )  # fmt: skip
+        (record,) = _jobs_with_prompt(redis_conn, f"quality {quality}")
+        steps[quality] = record.spec.steps
+    assert steps["low"] < steps["medium"] < steps["high"]
 
 
 def test_an_unknown_model_is_named(client: OpenAI) -> None:
