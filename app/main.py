@@ -166,6 +166,29 @@ EVENT_SCHEMA: dict[str, Any] = {
 }
 
 
+# OpenAI's streamed image answer (`stream: true`, app.openai_stream): its own events.
+OPENAI_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {
+            "enum": [
+                "image_generation.partial_image",
+                "image_generation.completed",
+                "image_edit.partial_image",
+                "image_edit.completed",
+                "error",
+            ]
+        },
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"type": "object", "required": ["type"]},
+        },
+    },
+}
+
+
 def _finish_openapi(app: FastAPI, settings: GatewaySettings) -> None:
     """Post-process the generated document where FastAPI cannot say what the API does.
 
@@ -180,7 +203,8 @@ def _finish_openapi(app: FastAPI, settings: GatewaySettings) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         spec = build()
-        for operations in spec.get("paths", {}).values():
+        for path, operations in spec.get("paths", {}).items():
+            events = OPENAI_EVENT_SCHEMA if path.startswith("/v1/images/") else EVENT_SCHEMA
             for operation in operations.values():
                 for status, response in operation.get("responses", {}).items():
                     stream = response.get("content", {}).get("text/event-stream")
@@ -188,7 +212,7 @@ def _finish_openapi(app: FastAPI, settings: GatewaySettings) -> None:
                         continue
                     stream.pop("itemSchema", None)
                     if str(status).startswith("2"):
-                        stream["schema"] = EVENT_SCHEMA
+                        stream["schema"] = events
                     else:
                         response["content"] = {"application/json": stream}
         request = spec["components"]["schemas"]["GenerationRequest"]["properties"]

@@ -104,8 +104,14 @@ class OpenAIImageRequest(BaseModel):
     background: Literal["auto", "opaque"] | None = Field(
         None, description="`auto` or `opaque`; transparency is not supported."
     )
-    stream: Annotated[Literal[False], BeforeValidator(_json_bool)] | None = Field(
-        None, description="Only `false`: no streaming."
+    stream: Annotated[bool, BeforeValidator(_json_bool)] | None = Field(
+        None,
+        description="`true`: Server-Sent Events, `image_generation.partial_image` (or "
+        "`image_edit.partial_image`) for up to `partial_images` previews while the job runs, "
+        "then `image_generation.completed` (`image_edit.completed`) per image.",
+    )
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="Previews to stream before the images (with `stream`)."
     )
 
 

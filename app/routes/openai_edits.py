@@ -24,7 +24,7 @@ from app.auth import PrincipalDep
 from app.deps import MemoryDep, ServiceDep
 from app.errors import InvalidRequest
 from app.openai_schemas import OpenAIImageRequest, OpenAIImagesResponse
-from app.routes.openai_images import answer_when_done
+from app.routes.openai_images import STREAMED, answer_when_done
 from imagegen.core.settings import GatewaySettings
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
@@ -79,6 +79,7 @@ def _mask_from_image_alpha(data: bytes, settings: GatewaySettings) -> bytes | No
     response_model=OpenAIImagesResponse,
     response_model_exclude_none=True,
     openapi_extra={"x-mask-convention": "alpha 0 = repaint (OpenAI's)"},
+    responses=STREAMED,  # type: ignore[arg-type]
 )
 async def edit_image(
     request: Request,
@@ -116,6 +117,8 @@ async def edit_image(
     background: Annotated[Literal["auto", "opaque"] | None, Form()] = None,
     output_format: Annotated[Literal["png", "jpeg", "webp"] | None, Form()] = None,
     output_compression: Annotated[int | None, Form(ge=0, le=100)] = None,
+    stream: Annotated[bool | None, Form()] = None,
+    partial_images: Annotated[int | None, Form(ge=0, le=3)] = None,
     input_fidelity: Annotated[str | None, Form()] = None,
 ) -> OpenAIImagesResponse | Response:
     """Edit an image (OpenAI's `images.edit`): mask pixels with alpha 0 are repainted."""
@@ -152,6 +155,8 @@ async def edit_image(
         "background": background,
         "output_format": output_format,
         "output_compression": output_compression,
+        "stream": stream,
+        "partial_images": partial_images,
     }
     if outpaint is not None:
         if len(outpaint) > MAX_OUTPAINT_CHARS:

@@ -19,6 +19,7 @@ import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse
 from pydantic import ValidationError
 
 from app.auth import PrincipalDep
@@ -33,6 +34,7 @@ from app.openai_schemas import (
     OpenAIImageRequest,
     OpenAIImagesResponse,
 )
+from app.openai_stream import stream_images
 from app.schemas import GenerationRequest, JobDocument
 from app.service import GenerationService
 from app.waiting import CLIENT_CLOSED_REQUEST, job_failure, wait_for_job
@@ -51,11 +53,21 @@ QUALITY_STEPS = {"low": 0.5, "high": 1.5, "hd": 1.5}
 FILTERED_HEADER = "X-Imagegen-Filtered"
 
 
+# With `stream: true` the answer is Server-Sent Events (app.openai_stream).
+STREAMED = {
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "The images, or with `stream: true` their events.",
+    }
+}
+
+
 @router.post(
     "/generations",
     response_model=OpenAIImagesResponse,
     response_model_exclude_none=True,
     dependencies=[Depends(limit_body_without_images)],
+    responses=STREAMED,  # type: ignore[arg-type]
 )
 async def create_image(
     body: OpenAIImageRequest,
@@ -81,6 +93,25 @@ async def answer_when_done(
     await memory.check()
     job = await _submit(service, generation, owner, body.size is not None, body.quality)
     hub: EventHub = request.app.state.events
+    if body.stream:
+        kind = "image_edit" if request.url.path.endswith("/edits") else "image_generation"
+        common = {
+            "background": body.background or "auto",
+            "quality": body.quality or "auto",
+            "output_format": body.output_format or "png",
+            "size": body.size or "auto",
+        }
+
+        async def encode(png: bytes) -> bytes:
+            if body.output_format not in ("jpeg", "webp"):
+                return png
+            quality = 100 if body.output_compression is None else body.output_compression
+            return await anyio.to_thread.run_sync(reencode, png, body.output_format, quality)
+
+        events = stream_images(
+            service, hub, job, owner, kind, body.partial_images or 0, common, encode
+        )
+        return EventSourceResponse(events, headers={"Cache-Control": "no-cache"})
     done = await wait_for_job(request, service, hub, job, owner)
     if done is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)

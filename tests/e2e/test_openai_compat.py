@@ -316,3 +316,28 @@ def test_past_the_wait_limit_the_job_is_canceled_and_the_answer_is_503(
     assert isinstance(error, dict) and error["code"] == "unavailable"
     assert "did not finish within 1 s" in error["message"], error
     _eventually_canceled(redis_conn, prompt)
+
+
+def test_a_streamed_answer_sends_partial_images_then_the_images(client: OpenAI) -> None:
+    """`stream=True, partial_images=2` through the official client: previews of the running
+    job as `image_generation.partial_image`, then one `image_generation.completed` per image
+    (the built-in model, 100 steps: a few seconds, so previews come)."""
+    events = list(
+        client.images.generate(
+            prompt="a large red circle on a white background",
+            stream=True,
+            partial_images=2,
+            n=2,
+            output_format="webp",
+            extra_body={"steps": 100, "seed": 5},
+        )
+    )
+    kinds = [event.type for event in events]
+    partial = [e for e in events if e.type == "image_generation.partial_image"]
+    done = [e for e in events if e.type == "image_generation.completed"]
+    assert 1 <= len(partial) <= 2 and len(done) == 2, kinds
+    assert kinds.index("image_generation.completed") > kinds.index("image_generation.partial_image")
+    assert [e.partial_image_index for e in partial] == list(range(len(partial)))
+    for event in done:
+        assert base64.b64decode(event.b64_json).startswith(b"RIFF")
+        assert event.output_format == "webp" and event.size == "64x64"
