@@ -222,14 +222,16 @@ class Inference:
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def warm_up(self) -> int:
+    def warm_up(self) -> int | None:
         """One small generation, so the first job pays no lazy-initialisation cost; with
         torch.compile, one per batch size to be served, so no job pays for compiling.
 
-        Returns the largest batch (images) that warmed up. A size that runs out of memory
-        ends the warm-up there: the worker then serves batches of at most the sizes before
-        it (never a crash and a restart loop); `WarmUpOutOfMemory` when even the first does."""
+        A size that runs out of memory ends the warm-up there, and the largest size that
+        warmed up is returned: the worker then serves batches of at most that many images
+        (never a crash and a restart loop). None when every size warmed up (no new limit);
+        `WarmUpOutOfMemory` when even the first did not."""
         warmed = 0
+        limit: int | None = None
         for size in self.model.compiled_batches or (1,):
             try:
                 self._warm_up_batch(size)
@@ -247,6 +249,7 @@ class Inference:
                     size,
                     warmed,
                 )
+                limit = warmed
                 break
             warmed = size
         if self.model.compiled_batches:
@@ -254,7 +257,7 @@ class Inference:
             # batch loop does not pad) runs eagerly: compiling it would stall its batch for a
             # minute, and past dynamo's recompile limit a fullgraph compile is an error.
             torch.compiler.set_stance("eager_on_recompile")
-        return warmed
+        return limit
 
     def _warm_up_batch(self, size: int) -> None:
         info = self.model.info

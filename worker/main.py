@@ -121,7 +121,9 @@ def run_worker(settings: WorkerSettings) -> int:
         inference = models.acquire(first)
         state.pipelines_loaded += 1
         if settings.warmup:
-            models.limit_images(first, inference.warm_up())
+            fitted = inference.warm_up()
+            if fitted is not None:  # a larger warm-up batch ran out of memory
+                models.limit_images(first, fitted)
     except ModelUnavailable as exc:
         log.error("model %s is unavailable; its jobs will fail: %s", first, exc)
     except WarmUpOutOfMemory as exc:  # not a crash (a container would restart-loop)

@@ -36,8 +36,21 @@ def test_a_warm_up_that_runs_out_of_memory_limits_the_batches(
     inference.model.compiled_batches = (1, 2, 4, 8)  # as if compiled for these sizes
     manager.warm["m"].max_images = 8
     tried = _oom_past(2, monkeypatch)
-    manager.limit_images("m", inference.warm_up())
-    assert tried == [1, 2, 4] and manager.max_images("m") == 2
+    fitted = inference.warm_up()
+    assert fitted == 2 and tried == [1, 2, 4]
+    manager.limit_images("m", fitted)
+    assert manager.max_images("m") == 2
+
+
+def test_a_warm_up_that_fits_sets_no_limit(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batching stays as configured: a worker whose warm-up (one batch of 1, uncompiled)
+    fitted is not held to batches of 1."""
+    manager = ModelManager(Settings(models=f"m={tiny_model_dir}", device="cpu"))
+    inference = manager.acquire("m")
+    _oom_past(8, monkeypatch)
+    assert inference.warm_up() is None
 
 
 def test_a_model_whose_smallest_warm_up_does_not_fit_is_unavailable(
