@@ -16,6 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import InvalidRequest
 
+
+class A1111Error(BaseModel):
+    """An error of `/sdapi/v1`, in AUTOMATIC1111's shape (app.middleware.A1111Errors)."""
+
+    error: str = Field(description="This service's error code, e.g. `invalid_request`.")
+    detail: str = Field(description="What is wrong, naming the field and the limit.")
+    body: str = ""
+    errors: list[dict[str, Any]] = Field(
+        default_factory=list, description="One entry per problem: `field`, `message`, `type`."
+    )
+
+
 # A1111's sampler names (and the `scheduler` "karras") onto the scheduler table.
 SAMPLERS: dict[str, str] = {
     "Euler a": "euler_a",
@@ -147,13 +159,22 @@ def infotext(job: dict[str, Any], index: int) -> str:
     """A1111's text of one image's parameters (what "PNG Info" shows)."""
     request = job["request"]
     image = job["images"][index]
-    lines = [request["prompt"]]
-    if request.get("negative_prompt"):
-        lines.append(f"Negative prompt: {request['negative_prompt']}")
+    return parameters_text(
+        {**request, "seed": image["seed"], "width": image["width"], "height": image["height"]}
+    )
+
+
+def parameters_text(parameters: dict[str, Any]) -> str:
+    """A1111's infotext of an image's parameters (the PNG's `parameters` chunk, as JSON)."""
+    lines = [str(parameters.get("prompt", ""))]
+    if parameters.get("negative_prompt"):
+        lines.append(f"Negative prompt: {parameters['negative_prompt']}")
     lines.append(
-        f"Steps: {request['steps']}, Sampler: {sampler_name(request['scheduler'])}, "
-        f"CFG scale: {request['guidance_scale']}, Seed: {image['seed']}, "
-        f"Size: {image['width']}x{image['height']}, Model: {request['model']}"
+        f"Steps: {parameters.get('steps')}, "
+        f"Sampler: {sampler_name(str(parameters.get('scheduler')))}, "
+        f"CFG scale: {parameters.get('guidance_scale')}, Seed: {parameters.get('seed')}, "
+        f"Size: {parameters.get('width')}x{parameters.get('height')}, "
+        f"Model: {parameters.get('model')}"
     )
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from app.errors import install_error_handlers
 from app.events import EventHub
 from app.metrics import RequestMetrics, ServiceCollector
 from app.metrics import router as metrics_router
-from app.middleware import BodySizeLimit, RequestId
+from app.middleware import A1111Errors, BodySizeLimit, RequestId
 from app.playground import router as playground_router
 from app.registry import ModelRegistry
 from app.routes import (
@@ -123,6 +123,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         image_max_bytes=settings.max_image_body_bytes,
     )
+    app.add_middleware(A1111Errors)  # around the size limit: its 413 is reshaped too
     app.add_middleware(RequestMetrics)
     app.add_middleware(RequestId)  # outermost: even a 413 carries the request id
     if settings.cors_origins:

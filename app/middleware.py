@@ -44,7 +44,13 @@ class RequestId:
 # holds a body past `max_bytes` that turned out to carry no image to the small limit
 # (`app.images_in.check_body_size`), so the larger limit serves only requests with images.
 IMAGE_PATHS = frozenset(
-    {"/v1/generations", "/v1/images/generations", "/v1/images/edits", "/sdapi/v1/img2img"}
+    {
+        "/v1/generations",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/sdapi/v1/img2img",
+        "/sdapi/v1/png-info",
+    }
 )
 # The bytes received, for the route: scope["state"][BODY_BYTES].
 BODY_BYTES = "imagegen_body_bytes"
@@ -113,3 +119,50 @@ async def _send_413(send: Send, message: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class A1111Errors:
+    """Errors of `/sdapi/v1` in AUTOMATIC1111's shape, which its clients read:
+    `{"error": <code>, "detail": <message naming the field>, "body": "", "errors": <details>}`
+    (this service's envelope elsewhere). Only error answers are buffered and rewritten."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/sdapi/"):
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def reshape(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message
+                return
+            if start is None:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            try:
+                error = json.loads(body)["error"]
+                body = json.dumps(
+                    {
+                        "error": error["code"],
+                        "detail": error["message"],
+                        "body": "",
+                        "errors": error.get("details", []),
+                    }
+                ).encode()
+            except (ValueError, KeyError, TypeError):
+                pass  # not an envelope: passed on as it is
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, reshape)

@@ -9,14 +9,25 @@ changes other users' jobs; `progress`, `interrupt` and `skip` are about the key'
 from __future__ import annotations
 
 import base64
+import io
+import json
 import time
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from PIL import Image
+from pydantic import BaseModel, Field, ValidationError
 
-from app.a1111 import SAMPLERS, A1111Request, info, to_generation
+from app.a1111 import (
+    SAMPLERS,
+    A1111Error,
+    A1111Request,
+    info,
+    parameters_text,
+    to_generation,
+)
 from app.auth import PrincipalDep
 from app.deps import MemoryDep, RegistryDep, ServiceDep
 from app.errors import InvalidRequest, NotFound
@@ -27,7 +38,11 @@ from app.waiting import CLIENT_CLOSED_REQUEST, job_failure, wait_for_job
 from imagegen.core.contract import JobStatus, Keys
 from imagegen.core.store import as_text
 
-router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
+router = APIRouter(
+    prefix="/sdapi/v1",
+    tags=["automatic1111"],
+    responses={"4XX": {"model": A1111Error, "description": "Client error (A1111's shape)."}},
+)
 
 
 @router.post("/txt2img")
@@ -221,3 +236,33 @@ async def _latest(service: GenerationService, owner: str) -> Any:
         return await service.get(as_text(job_id), owner)
     except NotFound:
         return None
+
+
+class PngInfoRequest(BaseModel):
+    image: str = Field(max_length=64 * 1024 * 1024, description="A PNG, base64 or data URL.")
+
+
+@router.post("/png-info")
+async def png_info(body: PngInfoRequest, principal: PrincipalDep) -> dict[str, Any]:
+    """The generation parameters a PNG of this service carries, as A1111's infotext. Only the
+    text chunks are read, never the pixels."""
+    text = await anyio.to_thread.run_sync(_parameters_chunk, body.image)
+    if text is None:
+        return {"info": "", "items": {}, "parameters": {}}
+    try:
+        parameters = json.loads(text)
+    except ValueError:
+        return {"info": text, "items": {"parameters": text}, "parameters": {}}
+    info_text = parameters_text(parameters) if isinstance(parameters, dict) else text
+    return {"info": info_text, "items": {"parameters": info_text}, "parameters": parameters}
+
+
+def _parameters_chunk(image: str) -> str | None:
+    data = image.partition(",")[2] if image.startswith("data:") else image
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as picture:
+            value = picture.info.get("parameters")
+    except (ValueError, OSError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest.for_field("image", "not a base64 PNG") from exc
+    return str(value) if value is not None else None

@@ -76,7 +76,9 @@ def test_what_is_not_served_is_a_422_naming_the_field(
     with httpx.Client(base_url=stack.base_url) as client:
         response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", field: value})
     assert response.status_code == 422, response.text
-    assert response.json()["error"]["message"].startswith(field)
+    error = response.json()  # A1111's shape, which its clients read
+    assert error["error"] == "invalid_request" and error["detail"].startswith(field)
+    assert error["errors"][0]["field"] == field
 
 
 def test_http_basic_carries_the_key_as_its_password() -> None:
@@ -84,3 +86,20 @@ def test_http_basic_carries_the_key_as_its_password() -> None:
     assert _key_of(f"Basic {token}") == "ig_secret"
     assert _key_of("Bearer ig_secret") == "ig_secret"
     assert _key_of("Basic !!!") == "" and _key_of("") == ""
+
+
+def test_png_info_reads_the_parameters_a_png_carries(stack: Gateway) -> None:
+    with httpx.Client(base_url=stack.base_url, timeout=120) as client:
+        made = client.post(
+            "/sdapi/v1/txt2img",
+            json={"prompt": "a small blue square", "negative_prompt": "red", "steps": 4,
+                  "width": 64, "height": 64, "seed": 9, "sampler_name": "Euler a"},
+        )  # fmt: skip
+        assert made.status_code == 200, made.text
+        read = client.post("/sdapi/v1/png-info", json={"image": made.json()["images"][0]})
+        assert read.status_code == 200, read.text
+        info = read.json()["info"]
+        assert info.startswith("a small blue square\nNegative prompt: red\nSteps: 4, ")
+        assert "Sampler: Euler a" in info and "Seed: 9, Size: 64x64" in info
+        bad = client.post("/sdapi/v1/png-info", json={"image": "bm90IGEgcG5n"})
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "image"

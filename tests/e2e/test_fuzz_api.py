@@ -74,6 +74,7 @@ A1111 = {
     "txt2img": "POST /sdapi/v1/txt2img",
     "img2img": "POST /sdapi/v1/img2img",
     "options": "POST /sdapi/v1/options",
+    "png-info": "POST /sdapi/v1/png-info",
 }
 
 
@@ -265,6 +266,9 @@ def _keep_a1111_rules(body: dict[str, Any], label: str) -> None:
     if label == A1111["options"]:
         if "sd_model_checkpoint" in body:
             body["sd_model_checkpoint"] = _pick(SERVED_MODELS, body["sd_model_checkpoint"])
+        return
+    if label == A1111["png-info"]:
+        body["image"] = base64.b64encode(INPUT_PNG).decode()  # a PNG, as the schema cannot say
         return
     for name in [k for k in body if k not in A1111_FIELDS]:
         del body[name]
