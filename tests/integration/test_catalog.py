@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from builtin_model.tiny import save_tiny_pipeline
 from imagegen.core.settings import Settings
 from tests.stack import ROOT, batch_job
+from tests.stock import stock_image
 from worker.batch_loop import BatchItem, run_batch
 from worker.catalog import CatalogError, load_catalog
 from worker.models import ModelManager
@@ -117,17 +118,7 @@ models:
     (ours,) = run_batch(served, [BatchItem(spec)], invariant=True)
     assert isinstance(ours, list)
     stock = StableDiffusionPipeline.from_pretrained(model, vae=swapped)
-    stock.set_progress_bar_config(disable=True)
-    image = stock(
-        prompt=[spec.prompt],
-        negative_prompt=[spec.negative_prompt],
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        height=spec.height,
-        width=spec.width,
-        generator=[torch.Generator().manual_seed(spec.image_seed(0))],
-    ).images[0]
-    assert np.array_equal(np.asarray(ours[0]), np.asarray(image))
+    assert np.array_equal(np.asarray(ours[0]), stock_image(stock, spec))
 
 
 def test_a_vae_file_is_swapped_in(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -24,6 +24,7 @@ from builtin_model.tiny import (
 from imagegen.core.contract import JobSpec, LoraRef
 from imagegen.core.settings import Settings
 from tests.stack import batch_job
+from tests.stock import stock_image
 from worker.batch_loop import BatchItem, run_batch
 from worker.pipeline import LoadedModel, load_model
 from worker.schedulers import build_scheduler
@@ -70,17 +71,7 @@ def _stock(model_dir: Path, spec: JobSpec, file: Path | dict[str, torch.Tensor])
         pipe.load_lora_weights(file, adapter_name=lora.id)
     pipe.set_adapters([lora.id], [lora.scale])
     pipe.scheduler = build_scheduler(spec.scheduler, dict(pipe.scheduler.config))
-    with torch.inference_mode():
-        image = pipe(
-            prompt=[spec.prompt],
-            negative_prompt=[spec.negative_prompt],
-            width=spec.width,
-            height=spec.height,
-            num_inference_steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(spec.image_seed(0))],
-        ).images[0]
-    return np.asarray(image)
+    return stock_image(pipe, spec)
 
 
 def test_each_file_is_served_or_listed_unavailable_with_its_reason(served: LoadedModel) -> None:

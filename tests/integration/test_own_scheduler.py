@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from diffusers import DEISMultistepScheduler, HeunDiscreteScheduler, StableDiffusionPipeline
 
 from imagegen.core.settings import Settings
 from tests.stack import batch_job
+from tests.stock import stock_image
 from worker.batch_loop import BatchItem, run_batch
 from worker.pipeline import load_model
 
@@ -31,14 +31,4 @@ def test_the_model_s_own_scheduler_is_its_default(
     assert isinstance(ours, list)
     stock = StableDiffusionPipeline.from_pretrained(tmp_path / "own")
     assert type(stock.scheduler) is kind
-    stock.set_progress_bar_config(disable=True)
-    image = stock(
-        prompt=[spec.prompt],
-        negative_prompt=[spec.negative_prompt],
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        height=spec.height,
-        width=spec.width,
-        generator=[torch.Generator().manual_seed(spec.image_seed(0))],
-    ).images[0]
-    assert np.array_equal(np.asarray(ours[0]), np.asarray(image))
+    assert np.array_equal(np.asarray(ours[0]), stock_image(stock, spec))

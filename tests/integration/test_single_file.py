@@ -18,6 +18,7 @@ from builtin_model.single_file import save_single_file
 from imagegen.cli.main import app as cli
 from imagegen.core.settings import Settings
 from tests.stack import batch_job
+from tests.stock import stock_image
 from worker.batch_loop import BatchItem, run_batch
 from worker.models import ModelManager
 
@@ -44,18 +45,7 @@ def _catalog(tmp_path: Path, text: str) -> Path:
 
 
 def _stock(pipe: StableDiffusionPipeline) -> np.ndarray:
-    spec = batch_job(steps=3)
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(
-        prompt=[spec.prompt],
-        negative_prompt=[spec.negative_prompt],
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        height=spec.height,
-        width=spec.width,
-        generator=[torch.Generator().manual_seed(spec.image_seed(0))],
-    ).images[0]
-    return np.asarray(image)
+    return stock_image(pipe, batch_job(steps=3))
 
 
 def test_the_written_file_reads_back_through_diffusers_unchanged(
@@ -153,13 +143,4 @@ def test_an_sdxl_single_file_is_served_as_diffusers_reads_it(tmp_path: Path) -> 
     spec = batch_job(model="xl", steps=3, negative_prompt="")
     (ours,) = run_batch(served, [BatchItem(spec)], invariant=True)
     assert isinstance(ours, list)
-    back.set_progress_bar_config(disable=True)
-    image = back(
-        prompt=[spec.prompt],
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        height=spec.height,
-        width=spec.width,
-        generator=[torch.Generator().manual_seed(spec.image_seed(0))],
-    ).images[0]
-    assert np.array_equal(np.asarray(ours[0]), np.asarray(image))
+    assert np.array_equal(np.asarray(ours[0]), stock_image(back, spec))
