@@ -95,8 +95,8 @@ class OpenAIImageRequest(BaseModel):
     # answered with something else.
     output_format: Literal["png", "jpeg", "webp"] | None = Field(
         None,
-        description="The images' format in `b64_json` (default `png`, with its `parameters` "
-        "chunk); a `url` always links the PNG.",
+        description="The images' format (default `png`, with its `parameters` chunk; JPEG and "
+        "WebP carry the parameters in EXIF and XMP), in `b64_json` and behind a `url` alike.",
     )
     output_compression: int | None = Field(
         None, ge=0, le=100, description="JPEG/WebP quality, 0..100 (default 100)."
@@ -118,8 +118,8 @@ class OpenAIImageRequest(BaseModel):
 class OpenAIImage(BaseModel):
     """One generated image: exactly one of the two fields, per `response_format`."""
 
-    b64_json: str | None = Field(None, description="The PNG, base64-encoded.")
-    url: str | None = Field(None, description="Absolute URL of the PNG.")
+    b64_json: str | None = Field(None, description="The image file, base64-encoded.")
+    url: str | None = Field(None, description="Absolute URL of the image file.")
 
 
 class OpenAIImagesResponse(BaseModel):

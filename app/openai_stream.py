@@ -9,7 +9,7 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -42,7 +42,6 @@ async def stream_images(
     kind: str,
     partial_images: int,
     answer: dict[str, Any],
-    encode: Callable[[bytes], Any],
 ) -> AsyncIterator[bytes]:
     """The events of `job` in OpenAI's stream (`kind`: "image_generation" or "image_edit");
     `answer` holds the fields every event carries (size, quality, background, output_format)."""
@@ -88,8 +87,8 @@ async def stream_images(
             yield _event("error", {"type": "error", "error": error})
             return
         for link in (i for i in done.images if not i.filtered):
-            png = await service.image(done.id, link.index, owner)
-            data = await encode(png)
+            # Encoded by the worker in the job's output_format.
+            data = await service.image(done.id, link.index, owner)
             payload = {
                 **answer,
                 "type": f"{kind}.completed",

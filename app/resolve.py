@@ -14,6 +14,7 @@ from app.prompt_tokens import Encode
 from app.schemas import GenerationRequest
 from imagegen.core import prompts
 from imagegen.core.contract import (
+    DEFAULT_OUTPUT_COMPRESSION,
     SCHEDULER_MIN_STEPS,
     ControlRef,
     JobSpec,
@@ -147,6 +148,12 @@ def resolve_request(
         **_input_fields(request, inputs),
         loras=loras,
         control=control[0] if control is not None else None,
+        output_format=request.output_format or "png",
+        output_compression=(
+            DEFAULT_OUTPUT_COMPRESSION
+            if request.output_compression is None
+            else request.output_compression
+        ),
     )
     blobs = dict(inputs.blobs) if inputs is not None else {}
     if control is not None:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from imagegen.core.contract import (
     CONTROL_SCALE_MAX,
+    DEFAULT_OUTPUT_COMPRESSION,
     DEFAULT_WEBHOOK_EVENTS,
     LORA_SCALE_LIMIT,
     MAX_LORAS,
@@ -19,6 +20,7 @@ from imagegen.core.contract import (
     AdapterInfo,
     InputRef,
     Outpaint,
+    OutputFormat,
     WebhookTarget,
 )
 from imagegen.core.destinations import MAX_URL_CHARS, Refused, parse_url
@@ -213,6 +215,18 @@ class GenerationRequest(BaseModel):
         None, max_length=MAX_LORAS, description="Up to 4 of the model's `adapters`, each once."
     )
     control: ControlRequest | None = Field(None, description="A ControlNet and its image.")
+    output_format: OutputFormat | None = Field(
+        None,
+        description="png (default; parameters in a `parameters` text chunk), jpeg or webp "
+        "(parameters in EXIF UserComment and XMP).",
+    )
+    output_compression: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description=f"JPEG/WebP quality 0..100 (default {DEFAULT_OUTPUT_COMPRESSION}); "
+        "ignored for png, which is lossless.",
+    )
 
     webhook: WebhookRequest | None = Field(
         None,
@@ -298,6 +312,8 @@ class GenerationParams(BaseModel):
     outpaint: Outpaint | None = None
     loras: list[LoraParams] = Field(default_factory=list)
     control: ControlParams | None = None
+    output_format: str = "png"
+    output_compression: int = DEFAULT_OUTPUT_COMPRESSION
 
 
 class WebhookAttempt(BaseModel):

@@ -27,6 +27,7 @@ from imagegen.core.logs import request_id
 from imagegen.core.settings import WorkerSettings
 from worker import edits, faults
 from worker.batch_loop import BatchItem, BatchResult
+from worker.encoding import encode_image, image_parameters
 from worker.errors import (
     JobStopped,
     JobTimedOut,
@@ -37,7 +38,6 @@ from worker.errors import (
 from worker.faults import CrashPoint
 from worker.inference import Inference
 from worker.metrics import WorkerMetrics
-from worker.png import encode_png, png_parameters
 from worker.progress import ProgressReporter
 from worker.state import WorkerState
 
@@ -174,10 +174,16 @@ class JobRunner:
             return [exc] * len(batch)
 
     def _encode(self, job: Claimed, images: list[Any]) -> list[Future[bytes]]:
-        """Start encoding a job's images as PNG, each with its `parameters` chunk."""
+        """Start encoding a job's images in its output format, each carrying its parameters."""
         spec = job.record.spec
         return [
-            self.png_pool.submit(encode_png, image, png_parameters(spec, i))
+            self.png_pool.submit(
+                encode_image,
+                image,
+                image_parameters(spec, i),
+                spec.output_format,
+                spec.output_compression,
+            )
             for i, image in enumerate(images)
             if not image.info.get(FILTERED_MARK)  # a flagged image is never stored
         ]

@@ -9,7 +9,6 @@ changes other users' jobs; `progress`, `interrupt` and `skip` are about the key'
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
 from typing import Any
@@ -36,6 +35,7 @@ from app.schemas import GenerationRequest
 from app.service import GenerationService
 from app.waiting import CLIENT_CLOSED_REQUEST, job_failure, wait_for_job
 from imagegen.core.contract import JobStatus, Keys
+from imagegen.core.image_metadata import carried_parameters
 from imagegen.core.store import as_text
 
 router = APIRouter(
@@ -239,13 +239,15 @@ async def _latest(service: GenerationService, owner: str) -> Any:
 
 
 class PngInfoRequest(BaseModel):
-    image: str = Field(max_length=64 * 1024 * 1024, description="A PNG, base64 or data URL.")
+    image: str = Field(
+        max_length=64 * 1024 * 1024, description="A PNG, JPEG or WebP, base64 or data URL."
+    )
 
 
 @router.post("/png-info")
 async def png_info(body: PngInfoRequest, principal: PrincipalDep) -> dict[str, Any]:
-    """The generation parameters a PNG of this service carries, as A1111's infotext. Only the
-    text chunks are read, never the pixels."""
+    """The generation parameters an image of this service carries (PNG chunk, or EXIF for JPEG
+    and WebP), as A1111's infotext. Only headers and text chunks are read, never the pixels."""
     text = await anyio.to_thread.run_sync(_parameters_chunk, body.image)
     if text is None:
         return {"info": "", "items": {}, "parameters": {}}
@@ -260,9 +262,6 @@ async def png_info(body: PngInfoRequest, principal: PrincipalDep) -> dict[str, A
 def _parameters_chunk(image: str) -> str | None:
     data = image.partition(",")[2] if image.startswith("data:") else image
     try:
-        raw = base64.b64decode(data, validate=True)
-        with Image.open(io.BytesIO(raw)) as picture:
-            value = picture.info.get("parameters")
+        return carried_parameters(base64.b64decode(data, validate=True))
     except (ValueError, OSError, Image.DecompressionBombError) as exc:
-        raise InvalidRequest.for_field("image", "not a base64 PNG") from exc
-    return str(value) if value is not None else None
+        raise InvalidRequest.for_field("image", "not a base64 PNG, JPEG or WebP") from exc

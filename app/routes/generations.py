@@ -65,7 +65,12 @@ async def get_generation(
 @router.get(
     "/{job_id}/images/{index}",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "The PNG image."}},
+    responses={
+        200: {
+            "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+            "description": "The image, in the job's `output_format`.",
+        }
+    },
 )
 async def get_generation_image(
     service: ServiceDep,
@@ -73,13 +78,24 @@ async def get_generation_image(
     job_id: str = JobId,
     index: int = Path(ge=0, le=1024),
 ) -> Response:
-    """Download image `index` of a succeeded job (a PNG with a `parameters` text chunk)."""
-    png = await service.image(job_id, index, principal.name)
+    """Download image `index` of a succeeded job: a PNG with a `parameters` text chunk, or the
+    JPEG/WebP the job asked for, with the parameters in EXIF and XMP."""
+    data = await service.image(job_id, index, principal.name)
+    extension = file_format(data)
     return Response(
-        png,
-        media_type="image/png",
-        headers={"Content-Disposition": f'inline; filename="{job_id}-{index}.png"'},
+        data,
+        media_type=f"image/{extension}",
+        headers={"Content-Disposition": f'inline; filename="{job_id}-{index}.{extension}"'},
     )
+
+
+def file_format(data: bytes) -> str:
+    """png, jpeg or webp, by the file's signature (the worker wrote one of the three)."""
+    if data.startswith(b"\xff\xd8"):
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "png"
 
 
 @router.delete("/{job_id}", response_model=JobDocument)

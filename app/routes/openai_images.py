@@ -15,7 +15,6 @@ import time
 from typing import Any
 from urllib.parse import urljoin
 
-import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -102,15 +101,7 @@ async def answer_when_done(
             "size": body.size or "auto",
         }
 
-        async def encode(png: bytes) -> bytes:
-            if body.output_format not in ("jpeg", "webp"):
-                return png
-            quality = 100 if body.output_compression is None else body.output_compression
-            return await anyio.to_thread.run_sync(reencode, png, body.output_format, quality)
-
-        events = stream_images(
-            service, hub, job, owner, kind, body.partial_images or 0, common, encode
-        )
+        events = stream_images(service, hub, job, owner, kind, body.partial_images or 0, common)
         return EventSourceResponse(events, headers={"Cache-Control": "no-cache"})
     done = await wait_for_job(request, service, hub, job, owner)
     if done is None:
@@ -125,14 +116,8 @@ async def answer_when_done(
         base = str(request.base_url)
         data = [OpenAIImage(url=urljoin(base, image.url.lstrip("/"))) for image in shown]
     else:
-        pngs = [await service.image(done.id, image.index, owner) for image in shown]
-        if body.output_format in ("jpeg", "webp"):
-            quality = 100 if body.output_compression is None else body.output_compression
-            pngs = [
-                await anyio.to_thread.run_sync(reencode, png, body.output_format, quality)
-                for png in pngs
-            ]
-        data = [OpenAIImage(b64_json=base64.b64encode(png).decode("ascii")) for png in pngs]
+        files = [await service.image(done.id, image.index, owner) for image in shown]
+        data = [OpenAIImage(b64_json=base64.b64encode(file).decode("ascii")) for file in files]
     first = done.images[0] if done.images else None
     answer = OpenAIImagesResponse(
         created=int(time.time()),
@@ -177,6 +162,11 @@ def to_generation_request(body: OpenAIImageRequest) -> GenerationRequest:
         "outpaint": body.outpaint,
         "loras": body.loras,
         "control": body.control,
+        "output_format": body.output_format,
+        # OpenAI takes a compression with any format; PNG is lossless, so it has none.
+        "output_compression": (
+            body.output_compression if body.output_format in ("jpeg", "webp") else None
+        ),
     }
     try:
         # Unset fields are left out, so GenerationRequest's defaults are the only defaults.
@@ -230,15 +220,3 @@ async def _submit(
             raise InvalidRequest.for_field("size", message) from exc
         raise
     return job
-
-
-def reencode(png: bytes, output_format: str, quality: int) -> bytes:
-    """A PNG as JPEG or WebP at `quality` (OpenAI's `output_compression`), for `b64_json`."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as image:
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format=output_format.upper(), quality=quality)
-    return buffer.getvalue()

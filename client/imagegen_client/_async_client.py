@@ -121,6 +121,8 @@ class AsyncClient:
         loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
         control: Mapping[str, Any] | None = None,
         webhook: Mapping[str, Any] | None = None,
+        output_format: str | None = None,
+        output_compression: int | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
@@ -144,6 +146,8 @@ class AsyncClient:
                 "loras": lora_list(loras),
                 "control": control_object(control),
                 "webhook": dict(webhook) if webhook is not None else None,
+                "output_format": output_format,
+                "output_compression": output_compression,
             },
         )
         response = await self._request("POST", GENERATIONS, json=body, headers=headers)
@@ -158,9 +162,9 @@ class AsyncClient:
         return job_from_response(await self._request("DELETE", job_path(job)))
 
     async def download(self, job: JobRef, index: int = 0) -> bytes:
-        """The PNG bytes of image `index` of a succeeded job."""
+        """The file of image `index` of a succeeded job: PNG bytes, or the job's `output_format`."""
         response = await self._request(
-            "GET", image_path(job, index), headers={"Accept": "image/png"}
+            "GET", image_path(job, index), headers={"Accept": "image/png, image/jpeg, image/webp"}
         )
         return response.content
 
@@ -209,6 +213,8 @@ class AsyncClient:
         loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
         control: Mapping[str, Any] | None = None,
         webhook: Mapping[str, Any] | None = None,
+        output_format: str | None = None,
+        output_compression: int | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -232,6 +238,8 @@ class AsyncClient:
             loras=loras,
             control=control,
             webhook=webhook,
+            output_format=output_format,
+            output_compression=output_compression,
             idempotency_key=idempotency_key,
         )
         try:

@@ -146,6 +146,8 @@ class Client:
         loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
         control: Mapping[str, Any] | None = None,
         webhook: Mapping[str, Any] | None = None,
+        output_format: str | None = None,
+        output_compression: int | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a generation job and return its document; None fields take the server's
@@ -169,6 +171,8 @@ class Client:
                 "loras": lora_list(loras),
                 "control": control_object(control),
                 "webhook": dict(webhook) if webhook is not None else None,
+                "output_format": output_format,
+                "output_compression": output_compression,
             },
         )
         return job_from_response(self._request("POST", GENERATIONS, json=body, headers=headers))
@@ -182,8 +186,10 @@ class Client:
         return job_from_response(self._request("DELETE", job_path(job)))
 
     def download(self, job: JobRef, index: int = 0) -> bytes:
-        """The PNG bytes of image `index` of a succeeded job."""
-        return self._request("GET", image_path(job, index), headers={"Accept": "image/png"}).content
+        """The file of image `index` of a succeeded job: PNG bytes, or the job's `output_format`."""
+        return self._request(
+            "GET", image_path(job, index), headers={"Accept": "image/png, image/jpeg, image/webp"}
+        ).content
 
     def stream(self, job: JobRef, *, previews: bool = False) -> Generator[Event, None]:
         """The job's events (`queued`, `running`, `progress`, ...) up to and including the
@@ -226,6 +232,8 @@ class Client:
         loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
         control: Mapping[str, Any] | None = None,
         webhook: Mapping[str, Any] | None = None,
+        output_format: str | None = None,
+        output_compression: int | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> Generation:
@@ -249,6 +257,8 @@ class Client:
             loras=loras,
             control=control,
             webhook=webhook,
+            output_format=output_format,
+            output_compression=output_compression,
             idempotency_key=idempotency_key,
         )
         try:

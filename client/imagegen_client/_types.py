@@ -114,6 +114,9 @@ class GenerationParams:
     mask: Mapping[str, Any] | None = None
     strength: float | None = None
     outpaint: Mapping[str, int] | None = None
+    # The images' file format ("png" | "jpeg" | "webp") and JPEG/WebP quality.
+    output_format: str = "png"
+    output_compression: int = 100
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationParams:
@@ -133,6 +136,8 @@ class GenerationParams:
             mask=data.get("mask"),
             strength=_optional_float(data.get("strength")),
             outpaint=data.get("outpaint"),
+            output_format=str(data.get("output_format") or "png"),
+            output_compression=int(data.get("output_compression", 100)),
         )
 
 
@@ -214,7 +219,8 @@ class Event:
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    """A downloaded image: PNG bytes (with a `parameters` text chunk) and how it was made."""
+    """A downloaded image: its file (PNG with a `parameters` text chunk by default; JPEG or
+    WebP with the parameters in EXIF when the job asked) and how it was made."""
 
     index: int
     seed: int

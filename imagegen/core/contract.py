@@ -43,6 +43,10 @@ SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 
 # What a job does with its inputs: text alone, or image-to-image, inpainting, outpainting.
 Task = Literal["text", "img2img", "inpaint", "outpaint"]
+# The file format of a job's images: PNG (default, lossless) or, as OpenAI's `output_format`,
+# JPEG/WebP at `output_compression` (0..100, OpenAI's default 100).
+OutputFormat = Literal["png", "jpeg", "webp"]
+DEFAULT_OUTPUT_COMPRESSION = 100
 # Where a worker is, as its heartbeat says: loading and warming up, idle, running a batch.
 WorkerStateName = Literal["starting", "ready", "busy"]
 
@@ -183,6 +187,10 @@ class JobSpec(BaseModel):
     # Adapters with a scale of 0 are left out at submit: scale 0 is the request without them.
     loras: tuple[LoraRef, ...] = ()
     control: ControlRef | None = None
+
+    # How the images are encoded; never part of the batch key (encoding follows the loop).
+    output_format: OutputFormat = "png"
+    output_compression: int = DEFAULT_OUTPUT_COMPRESSION
 
     @property
     def input_names(self) -> list[str]:

@@ -109,6 +109,14 @@ def test_generate_returns_png_bytes_and_pil_images(client: Client, tmp_path: Pat
     assert saved.read_bytes() == result.images[1].data
 
 
+def test_generate_passes_the_output_format(client: Client) -> None:
+    result = client.generate(
+        "a red circle", model=TINY_MODEL_ID, steps=2, output_format="webp", output_compression=50
+    )
+    assert result.job.request.output_format == "webp"
+    assert result.images[0].pil.format == "WEBP"
+
+
 def test_submit_get_stream_wait_download(client: Client) -> None:
     job = client.submit("a blue square", model=TINY_MODEL_ID, steps=3, seed=7, negative_prompt="")
     assert job.status in ("queued", "running", "succeeded")

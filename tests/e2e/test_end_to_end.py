@@ -6,10 +6,13 @@ import io
 import json
 import time
 
+import numpy as np
+import pytest
 import redis
 from PIL import Image
 
 from imagegen.core.contract import Keys, WorkerHeartbeat
+from imagegen.core.image_metadata import carried_parameters
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import Gateway, announce_idle_model, wait_for_job
 
@@ -52,6 +55,44 @@ def test_submit_poll_download(stack: Gateway) -> None:
             } <= set(params)
         missing = client.get(f"/v1/generations/{doc['id']}/images/2")
         assert missing.status_code == 404
+
+
+@pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_jpeg_and_webp_carry_the_parameters_in_exif_and_xmp(
+    stack: Gateway, output_format: str, pil_format: str
+) -> None:
+    body = {"prompt": "a red circle", "model": TINY_MODEL_ID, "seed": 7, "steps": 2}
+    with stack.client() as client:
+        files = {}
+        for compression in (90, 10):
+            doc = client.post(
+                "/v1/generations",
+                json={**body, "output_format": output_format, "output_compression": compression},
+            ).json()
+            done = wait_for_job(client, doc["id"])
+            assert done["request"]["output_format"] == output_format, done
+            assert done["request"]["output_compression"] == compression
+            image = client.get(done["images"][0]["url"])  # type: ignore[index]
+            assert image.headers["content-type"] == f"image/{output_format}"
+            assert f".{output_format}" in image.headers["content-disposition"]
+            files[compression] = image.content
+        png_doc = client.post("/v1/generations", json=body).json()
+        png_done = wait_for_job(client, png_doc["id"])
+        png = client.get(png_done["images"][0]["url"]).content  # type: ignore[index]
+    picture = Image.open(io.BytesIO(files[90]))
+    assert picture.format == pil_format
+    exif_parameters = json.loads(carried_parameters(files[90]) or "")
+    assert exif_parameters == json.loads(Image.open(io.BytesIO(png)).text["parameters"])  # type: ignore[attr-defined]
+    assert b"imagegen:parameters=" in picture.info["xmp"]
+    # The compression is the encoder's quality: lower quality, fewer bytes, further from the PNG.
+    assert len(files[10]) < len(files[90])
+    reference = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+    def error(data: bytes) -> float:
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+        return float(np.abs(reference - decoded).mean())
+
+    assert error(files[90]) < error(files[10])
 
 
 def test_same_seed_gives_identical_png_bytes(stack: Gateway) -> None:

@@ -11,8 +11,8 @@ from PIL import Image
 
 from imagegen.core.contract import SCHEDULER_NAMES, JobSpec
 from imagegen.core.settings import Settings
+from worker.encoding import encode_png, image_parameters
 from worker.pipeline import load_model
-from worker.png import encode_png, png_parameters
 from worker.schedulers import build_scheduler, name_of, scheduler_class
 
 
@@ -59,8 +59,8 @@ def test_png_carries_the_parameters_chunk() -> None:
         scheduler="euler",
         model="m",
     )
-    png = encode_png(Image.new("RGB", (64, 64)), png_parameters(spec, 1))
+    png = encode_png(Image.new("RGB", (64, 64)), image_parameters(spec, 1))
     params = json.loads(Image.open(io.BytesIO(png)).text["parameters"])  # type: ignore[attr-defined]
     assert params["seed"] == 0  # (2^32 - 1) + 1 wraps around
     assert params["prompt"] == "ünïcode ✓ prompt"
-    assert png == encode_png(Image.new("RGB", (64, 64)), png_parameters(spec, 1))
+    assert png == encode_png(Image.new("RGB", (64, 64)), image_parameters(spec, 1))

@@ -57,6 +57,8 @@ optional_fields: dict[str, st.SearchStrategy[Any]] = {
     "control": st.none(),
     # Webhooks: absent here (their URLs are resolved and checked, in tests/e2e/test_webhooks.py).
     "webhook": st.none(),
+    "output_format": st.none() | st.sampled_from(["png", "jpeg", "webp"]),
+    "output_compression": st.none() | st.integers(0, 100),
 }
 valid_bodies = st.fixed_dictionaries({"prompt": prompts}, optional=optional_fields)
 
@@ -248,9 +250,14 @@ def test_each_rejection_names_the_one_field_that_is_wrong(
         | st.just({"id": "x", "image": "x", "scale": -1}),
         "webhook": st.integers()
         | st.text()
-        | st.just({"url": "http://example.com/hook"})
         | st.just({"url": "https://example.com/hook", "events": ["done"]})
         | st.just({"url": "https://example.com/hook", "events": []}),
+        "output_format": st.just("PNG") | st.just("jpg") | st.integers() | st.booleans(),
+        "output_compression": st.integers(min_value=101)
+        | st.integers(max_value=-1)
+        | st.booleans()
+        | fraction
+        | st.text(),
     }
     value = data.draw(bad_values[field], label=field)
     assert_rejected_naming({**body, field: value}, field)
