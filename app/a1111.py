@@ -179,6 +179,34 @@ def parameters_text(parameters: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+INFOTEXT_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+INFOTEXT_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """An infotext's fields as A1111's `png-info` answers them: `Prompt`, `Negative prompt`,
+    then the last line's `Key: value` pairs (`Size` also as `Size-1`/`Size-2`), values as text."""
+    *lines, last = text.strip().split("\n") or [""]
+    if not INFOTEXT_PAIR.match(last) or len(INFOTEXT_PAIR.findall(last)) < 3:
+        lines, last = [*lines, last], ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            negative.append(line[len("Negative prompt:") :].strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in INFOTEXT_PAIR.findall(last):
+        fields[key] = value.strip()
+        size = INFOTEXT_SIZE.match(value.strip())
+        if size is not None:
+            fields[f"{key}-1"], fields[f"{key}-2"] = size[1], size[2]
+    return fields
+
+
 def info(job: dict[str, Any], body: dict[str, Any]) -> str:
     """A1111's `info`: a JSON string of the run, as its clients read it."""
     request = job["request"]

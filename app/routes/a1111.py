@@ -24,13 +24,16 @@ from app.a1111 import (
     A1111Error,
     A1111Request,
     info,
+    infotext,
     parameters_text,
+    parse_infotext,
     to_generation,
 )
 from app.auth import PrincipalDep
 from app.deps import MemoryDep, RegistryDep, ServiceDep
 from app.errors import InvalidRequest, NotFound
 from app.events import EventHub
+from app.png_text import with_text
 from app.schemas import GenerationRequest
 from app.service import GenerationService
 from app.waiting import CLIENT_CLOSED_REQUEST, job_failure, wait_for_job
@@ -97,13 +100,17 @@ async def _generate(
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     if done.status != JobStatus.SUCCEEDED:
         raise job_failure(done)
-    images = [
-        base64.b64encode(await service.image(done.id, image.index, owner)).decode("ascii")
-        for image in done.images
-        if not image.filtered
-    ]
+    document = done.model_dump(mode="json")
+    images = []
+    for position, image in enumerate(done.images):
+        if image.filtered:
+            continue
+        png = await service.image(done.id, image.index, owner)
+        # A1111's "PNG Info" reads the `parameters` chunk as its infotext.
+        png = with_text(png, "parameters", infotext(document, position))
+        images.append(base64.b64encode(png).decode("ascii"))
     raw = body.model_dump(exclude={"init_images", "mask"})
-    return {"images": images, "parameters": raw, "info": info(done.model_dump(mode="json"), raw)}
+    return {"images": images, "parameters": raw, "info": info(document, raw)}
 
 
 async def _checkpoint(service: GenerationService, owner: str) -> str | None:
@@ -251,12 +258,12 @@ async def png_info(body: PngInfoRequest, principal: PrincipalDep) -> dict[str, A
     text = await anyio.to_thread.run_sync(_parameters_chunk, body.image)
     if text is None:
         return {"info": "", "items": {}, "parameters": {}}
-    try:
+    try:  # this service's own JSON (native and OpenAI images) reads as A1111's infotext
         parameters = json.loads(text)
+        text = parameters_text(parameters) if isinstance(parameters, dict) else text
     except ValueError:
-        return {"info": text, "items": {"parameters": text}, "parameters": {}}
-    info_text = parameters_text(parameters) if isinstance(parameters, dict) else text
-    return {"info": info_text, "items": {"parameters": info_text}, "parameters": parameters}
+        pass  # already an infotext: what the /sdapi/v1 answers carry
+    return {"info": text, "items": {"parameters": text}, "parameters": parse_infotext(text)}
 
 
 def _parameters_chunk(image: str) -> str | None:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from app.auth import _key_of
 from tests.conftest import TINY_MODEL_ID
-from tests.stack import Gateway
+from tests.stack import Gateway, wait_for_job
 
 
 @pytest.fixture()
@@ -29,6 +29,8 @@ def test_txt2img_answers_as_a1111_does(api: webuiapi.WebUIApi) -> None:
     assert result.info["all_seeds"] == [3, 4] and result.info["sampler_name"] == "Euler a"
     assert result.info["infotexts"][0].startswith("a large red circle\n")
     assert "Seed: 3, Size: 64x64" in result.info["infotexts"][0]
+    # The PNG carries A1111's infotext, which "PNG Info" in A1111 clients reads.
+    assert [image.info["parameters"] for image in result.images] == result.info["infotexts"]
     again = api.txt2img(prompt="a large red circle", width=64, height=64, seed=3)
     assert np.array_equal(np.asarray(again.image), np.asarray(result.images[0]))
 
@@ -101,5 +103,21 @@ def test_png_info_reads_the_parameters_a_png_carries(stack: Gateway) -> None:
         info = read.json()["info"]
         assert info.startswith("a small blue square\nNegative prompt: red\nSteps: 4, ")
         assert "Sampler: Euler a" in info and "Seed: 9, Size: 64x64" in info
+        fields = read.json()["parameters"]
+        assert fields["Prompt"] == "a small blue square" and fields["Negative prompt"] == "red"
+        assert (fields["Steps"], fields["Seed"], fields["Size-1"]) == ("4", "9", "64")
+        # A native job's PNG carries this service's JSON; png-info reads it the same way.
+        native = client.post(
+            "/v1/generations",
+            json={"prompt": "a small blue square", "negative_prompt": "red", "steps": 4,
+                  "width": 64, "height": 64, "seed": 9, "scheduler": "euler_a"},
+        ).json()  # fmt: skip
+        done = wait_for_job(client, native["id"])
+        png = client.get(done["images"][0]["url"]).content  # type: ignore[index]
+        again = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(png).decode()})
+        assert again.json()["parameters"] == {
+            **fields,
+            "Model": again.json()["parameters"]["Model"],
+        }
         bad = client.post("/sdapi/v1/png-info", json={"image": "bm90IGEgcG5n"})
         assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "image"
