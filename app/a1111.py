@@ -110,11 +110,42 @@ def to_generation(body: A1111Request, model: str | None, img2img: bool) -> dict[
         if not body.init_images:
             raise InvalidRequest.for_field("init_images", "img2img needs one image")
         fields["image"] = body.init_images[0]
+        fields["strength"] = body.denoising_strength
         if body.mask:
-            fields["mask"] = body.mask
-        if body.denoising_strength is not None and not body.mask:
-            fields["strength"] = body.denoising_strength
+            fields.update(mask=body.mask, **inpainting(body))
     return {k: v for k, v in fields.items() if v is not None}
+
+
+# A1111's `inpainting_fill`: what the masked area starts from.
+FILL_NAMES = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
+def inpainting(body: A1111Request) -> dict[str, Any]:
+    """A1111's inpainting options onto the native ones: `mask_blur` feathers the composite,
+    `inpaint_full_res` ("only masked") is `padding_mask_crop`. `inpainting_fill` "original" is
+    what this service does; the other three change only what the masked area starts from, which
+    at `denoising_strength` 1 is pure noise whatever it was — there they map, elsewhere 422."""
+    extra = body.model_extra or {}
+    blur = extra.get("mask_blur", 0)
+    for axis in ("mask_blur_x", "mask_blur_y"):
+        if extra.get(axis) not in (None, blur):
+            raise InvalidRequest.for_field(axis, "a blur other than `mask_blur` is not supported")
+    fill = extra.get("inpainting_fill", 1)
+    if fill not in FILL_NAMES:
+        raise InvalidRequest.for_field("inpainting_fill", "one of 0, 1, 2, 3")
+    if fill != 1 and body.denoising_strength not in (None, 1, 1.0):
+        raise InvalidRequest.for_field(
+            "inpainting_fill",
+            f"{fill} ({FILL_NAMES[fill]}) is served only with denoising_strength 1, where the "
+            "masked area starts from noise whatever it held; send inpainting_fill 1 "
+            "(original) to inpaint at denoising_strength "
+            f"{body.denoising_strength}",
+        )
+    only_masked = bool(extra.get("inpaint_full_res", False))
+    return {
+        "mask_blur": blur or None,
+        "padding_mask_crop": extra.get("inpaint_full_res_padding", 0) if only_masked else None,
+    }
 
 
 def scheduler(body: A1111Request) -> str | None:

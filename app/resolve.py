@@ -238,4 +238,6 @@ def _input_fields(
         "mask": inputs.refs.get("mask"),
         "strength": request.strength if request.strength is not None else default_strength,
         "outpaint": request.outpaint.to_contract() if request.outpaint else None,
+        "mask_blur": request.mask_blur or 0,
+        "padding_mask_crop": request.padding_mask_crop,
     }

@@ -16,6 +16,8 @@ from imagegen.core.contract import (
     DEFAULT_WEBHOOK_EVENTS,
     LORA_SCALE_LIMIT,
     MAX_LORAS,
+    MAX_MASK_BLUR,
+    MAX_PADDING_MASK_CROP,
     SEED_MAX,
     AdapterInfo,
     InputRef,
@@ -206,6 +208,22 @@ class GenerationRequest(BaseModel):
         description="Same encodings as `image`, same size. WHITE (luminance ≥ 128) = repaint, "
         "black = keep. Needs `image`.",
     )
+    mask_blur: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_MASK_BLUR,
+        description="Inpainting: feather the seam. The result is blended into the input "
+        "through the mask blurred by this Gaussian radius in pixels (A1111's `mask_blur`); "
+        "default 0, every black-mask pixel kept exactly. Needs `mask`.",
+    )
+    padding_mask_crop: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_PADDING_MASK_CROP,
+        description="Inpainting of the masked area only (A1111's 'only masked', diffusers' "
+        "`padding_mask_crop`): the box around the mask, grown by this many pixels and to the "
+        "output's aspect, is generated at the full output size and pasted back. Needs `mask`.",
+    )
     outpaint: OutpaintRequest | None = Field(
         None,
         description="Grow the canvas by these pixels (multiples of 8) and generate only the new "
@@ -310,6 +328,8 @@ class GenerationParams(BaseModel):
     mask: InputRef | None = Field(None, description="The mask as sent: sha256 and size.")
     strength: float | None = None
     outpaint: Outpaint | None = None
+    mask_blur: int = 0
+    padding_mask_crop: int | None = None
     loras: list[LoraParams] = Field(default_factory=list)
     control: ControlParams | None = None
     output_format: str = "png"

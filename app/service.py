@@ -107,10 +107,14 @@ class GenerationService:
         size is checked against `max_pixels` (default: the service's cap) before any resize.
         Blocking: the gateway runs it in a worker thread."""
         if request.image is None:
-            for field in ("mask", "outpaint", "strength"):
+            for field in ("mask", "outpaint"):
                 if getattr(request, field) is not None:
                     raise InvalidRequest.for_field(field, "needs `image`")
             return None
+        if request.mask is None:
+            for field in ("mask_blur", "padding_mask_crop"):
+                if getattr(request, field) is not None:
+                    raise InvalidRequest.for_field(field, "needs `mask` (it is for inpainting)")
         if request.control is not None:
             raise InvalidRequest.for_field(
                 "control",
@@ -171,8 +175,10 @@ class GenerationService:
         if request.image is not None or request.mask is not None or request.outpaint is not None:
             cap = resolve.pixel_cap(self.settings, target.info)
             inputs = await anyio.to_thread.run_sync(self.prepare_inputs, request, cap)
-        elif request.strength is not None:
-            raise InvalidRequest.for_field("strength", "needs `image`")
+        else:
+            for field in ("strength", "mask_blur", "padding_mask_crop"):
+                if getattr(request, field) is not None:
+                    raise InvalidRequest.for_field(field, "needs `image`")
         # A bad request never consumes an idempotency key.
         spec, blobs = await self.resolve_with_blobs(request, target, inputs)
         record = JobRecord(

@@ -3,6 +3,7 @@ pipeline call where it cannot, warm-up, and the model's known state restored aft
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -63,11 +64,26 @@ class Inference:
         raised outside a callback (out of memory, ...) concerns the whole batch and
         propagates, after the pipeline's state is restored. Inpainting and outpainting
         results have the kept pixels composited back exactly."""
-        results = self._run(items, on_loop_step)
-        return [
-            edits.composite(result, item.image, item.mask) if isinstance(result, list) else result
-            for item, result in zip(items, results, strict=True)
+        crops = {
+            i: edits.MaskCrop(item.image, item.mask, item.spec.padding_mask_crop)
+            for i, item in enumerate(items)
+            if item.spec.padding_mask_crop is not None and item.image and item.mask
+        }
+        cut = [
+            dataclasses.replace(item, image=crop.cut(crop.image), mask=crop.cut(crop.mask))
+            if (crop := crops.get(i)) is not None
+            else item
+            for i, item in enumerate(items)
         ]
+        results = self._run(cut, on_loop_step)
+        finished: list[BatchResult] = []
+        for i, (item, result) in enumerate(zip(items, results, strict=True)):
+            if isinstance(result, list):
+                if i in crops:
+                    result = crops[i].paste(result)
+                result = edits.composite(result, item.image, item.mask, item.spec.mask_blur)
+            finished.append(result)
+        return finished
 
     def _run(
         self, items: list[BatchItem], on_loop_step: LoopStepCallback | None = None

@@ -46,6 +46,9 @@ Task = Literal["text", "img2img", "inpaint", "outpaint"]
 # The file format of a job's images: PNG (default, lossless) or, as OpenAI's `output_format`,
 # JPEG/WebP at `output_compression` (0..100, OpenAI's default 100).
 OutputFormat = Literal["png", "jpeg", "webp"]
+# Inpainting options (A1111's `mask_blur` and "only masked" padding), in pixels.
+MAX_MASK_BLUR = 64
+MAX_PADDING_MASK_CROP = 1024
 DEFAULT_OUTPUT_COMPRESSION = 100
 # Where a worker is, as its heartbeat says: loading and warming up, idle, running a batch.
 WorkerStateName = Literal["starting", "ready", "busy"]
@@ -183,6 +186,9 @@ class JobSpec(BaseModel):
     mask: InputRef | None = None
     strength: float | None = None
     outpaint: Outpaint | None = None
+    # Inpainting: the composite's mask blur radius; generate only the box around the mask.
+    mask_blur: int = 0
+    padding_mask_crop: int | None = None
 
     # Adapters with a scale of 0 are left out at submit: scale 0 is the request without them.
     loras: tuple[LoraRef, ...] = ()

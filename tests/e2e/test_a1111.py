@@ -46,11 +46,25 @@ def test_img2img_with_a_mask_keeps_the_unmasked_pixels(api: webuiapi.WebUIApi) -
     picture = Image.new("RGB", (64, 64), (20, 120, 200))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    result = api.img2img(
-        images=[picture], mask_image=mask, prompt="a red square", width=64, height=64, seed=1
-    )
+    common = {"images": [picture], "mask_image": mask, "prompt": "a red square", "seed": 1}
+    # webuiapi's defaults: mask_blur 4, inpaint_full_res (only masked), inpainting_fill 0
+    # ("fill") at denoising_strength 0.75 -- the fill cannot map there, and says so.
+    with pytest.raises(RuntimeError, match="inpainting_fill"):
+        api.img2img(**common, width=64, height=64)
+    result = api.img2img(**common, width=64, height=64, inpainting_fill=1)
     out = np.asarray(result.image)
-    assert np.array_equal(out[:, 40:], np.asarray(picture)[:, 40:])
+    # The blur (4 px) fades the seam; beyond its reach every kept pixel is the input's.
+    assert np.array_equal(out[:, 48:], np.asarray(picture)[:, 48:])
+    params = result.parameters
+    assert params["mask_blur"] == 4 and params["inpaint_full_res"] is True
+    hard = api.img2img(
+        **common, width=64, height=64, inpainting_fill=1, mask_blur=0, inpaint_full_res=False
+    )
+    assert np.array_equal(np.asarray(hard.image)[:, 32:], np.asarray(picture)[:, 32:])
+    assert not np.array_equal(np.asarray(hard.image), out)
+    # At denoising_strength 1 the masked area starts from noise: "fill" maps there.
+    full = api.img2img(**common, width=64, height=64, denoising_strength=1.0)
+    assert np.array_equal(np.asarray(full.image)[:, 48:], np.asarray(picture)[:, 48:])
 
 
 def test_the_checkpoint_is_per_key_and_progress_and_interrupt_answer(

@@ -332,10 +332,17 @@ def _keep_generation_rules(body: dict[str, Any]) -> None:
 
 def _keep_image_rules(body: dict[str, Any]) -> None:
     """Images in: real images, and the cross-field rules (mask/outpaint/strength need an image,
-    outpaint excludes mask, not all sides 0, steps × strength leaves a step)."""
-    present = {k for k in ("image", "mask", "outpaint", "strength") if body.get(k) is not None}
+    mask_blur/padding_mask_crop a mask, outpaint excludes mask, not all sides 0, steps ×
+    strength leaves a step)."""
+    inpainting = ("mask_blur", "padding_mask_crop")
+    present = {
+        k for k in ("image", "mask", "outpaint", "strength", *inpainting) if body.get(k) is not None
+    }
     if not present:
         return
+    if present & set(inpainting):
+        body["mask"] = "a mask"  # replaced by a real one below
+        body.pop("outpaint", None)
     body["image"] = base64.b64encode(INPUT_PNG).decode()
     if isinstance(body.get("outpaint"), dict):
         body.pop("mask", None)

@@ -99,6 +99,10 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], int, str]] = [
     ),
     ("mask not base64", {"image": GOOD, "mask": "%%%"}, 422, "mask"),
     ("mask without image", {"mask": GOOD}, 422, "mask"),
+    ("mask_blur without image", {"mask_blur": 4}, 422, "mask_blur"),
+    ("mask_blur without mask", {"image": GOOD, "mask_blur": 4}, 422, "mask_blur"),
+    ("mask_blur over 64", {"image": GOOD, "mask": GOOD, "mask_blur": 65}, 422, "mask_blur"),
+    ("padding_mask_crop without mask", {"image": GOOD, "padding_mask_crop": 0}, 422, "padding"),
     ("outpaint without image", {"outpaint": {"right": 32}}, 422, "outpaint"),
     (
         "outpaint with mask",

@@ -57,7 +57,11 @@ def job(task: str, **changes: Any) -> JobSpec:
 
 
 def stock(
-    model: LoadedModel, spec: JobSpec, image: Image.Image, mask: Image.Image | None
+    model: LoadedModel,
+    spec: JobSpec,
+    image: Image.Image,
+    mask: Image.Image | None,
+    **extra: Any,
 ) -> list[np.ndarray]:
     """diffusers' own pipeline over the same components, one call per image (as the worker's
     batch-invariant mode runs it)."""
@@ -87,7 +91,15 @@ def stock(
             if mask is None:
                 result = pipe(**common)
             else:
-                result = pipe(**common, mask_image=[mask], width=spec.width, height=spec.height)
+                # With `padding_mask_crop` diffusers takes one PIL image and mask, not lists.
+                one = "padding_mask_crop" in extra
+                result = pipe(
+                    **{**common, "image": image if one else [image]},
+                    mask_image=mask if one else [mask],
+                    width=spec.width,
+                    height=spec.height,
+                    **extra,
+                )
         out += [np.asarray(im) for im in result.images]
     return out
 
@@ -191,6 +203,41 @@ def test_the_composite_keeps_every_black_mask_pixel_exactly(
         got = np.asarray(out)
         assert np.array_equal(got[keep], np.asarray(image)[keep])
         assert not np.array_equal(got[~keep], np.asarray(image)[~keep])  # something was drawn
+
+
+@pytest.mark.parametrize("batching", [True, False])
+@pytest.mark.parametrize("padding", [0, 6])
+def test_only_masked_inpainting_matches_the_stock_padding_mask_crop(
+    model: LoadedModel, batching: bool, padding: int
+) -> None:
+    # A1111's "only masked" (`inpaint_full_res`): diffusers' `padding_mask_crop` does it.
+    inference = Inference(model)
+    inference.batching = batching
+    image = picture(5)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (40, 8, 52, 20))  # a small box: the crop is a fraction of the canvas
+    spec = job("inpaint", n=2, padding_mask_crop=padding)
+    (result,) = inference.run([BatchItem(spec, image=image, mask=mask)])
+    assert_identical(pixels(result), stock(model, spec, image, mask, padding_mask_crop=padding))
+    plain = inference.run([BatchItem(job("inpaint", n=2), image=image, mask=mask)])[0]
+    assert not np.array_equal(pixels(result)[0], pixels(plain)[0])
+
+
+def test_mask_blur_feathers_the_composite_and_keeps_far_pixels_exactly(model: LoadedModel) -> None:
+    from diffusers.image_processor import VaeImageProcessor
+
+    image, mask = picture(6), a_mask()
+    spec = job("inpaint", mask_blur=4)
+    (raw,) = run_batch(model, [BatchItem(spec, image=image, mask=mask)], invariant=True)
+    (result,) = Inference(model).run([BatchItem(spec, image=image, mask=mask)])
+    alpha = VaeImageProcessor.blur(mask, 4)
+    assert not isinstance(raw, BaseException) and not isinstance(result, BaseException)
+    assert_identical(pixels(result), [np.asarray(Image.composite(raw[0], image, alpha))])
+    got, original = np.asarray(result[0]), np.asarray(image)
+    assert np.array_equal(got[48:, :], original[48:, :])  # 16 px below the repainted quarter
+    seam = got[28:32, 40:60].astype(int)  # just inside the mask's lower edge: a blend
+    assert not np.array_equal(seam, np.asarray(raw[0])[28:32, 40:60])
+    assert not np.array_equal(seam, original[28:32, 40:60])
 
 
 def test_outpainting_keeps_the_original_canvas_exactly(model: LoadedModel) -> None:

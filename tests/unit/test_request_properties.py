@@ -52,6 +52,8 @@ optional_fields: dict[str, st.SearchStrategy[Any]] = {
     "strength": st.none(),
     "mask": st.none(),
     "outpaint": st.none(),
+    "mask_blur": st.none(),
+    "padding_mask_crop": st.none(),
     # Adapters: absent here (their ids are checked against the model's, at resolve).
     "loras": st.none(),
     "control": st.none(),
@@ -231,6 +233,15 @@ def test_each_rejection_names_the_one_field_that_is_wrong(
         "strength": st.floats(min_value=1.001)
         | st.just(0.0)
         | st.sampled_from([math.nan, math.inf])
+        | st.booleans()
+        | st.text(),
+        "mask_blur": st.integers(min_value=65)
+        | st.integers(max_value=-1)
+        | st.booleans()
+        | fraction
+        | st.text(),
+        "padding_mask_crop": st.integers(min_value=1025)
+        | st.integers(max_value=-1)
         | st.booleans()
         | st.text(),
         "outpaint": st.integers()
