@@ -87,11 +87,7 @@ def to_generation(body: A1111Request, model: str | None, img2img: bool) -> dict[
         value = extra.get(name)
         if value is not None and value != neutral:
             raise InvalidRequest.for_field(name, f"{name}={value!r} is not supported here")
-    scripts = extra.get("alwayson_scripts")
-    if scripts:
-        raise InvalidRequest.for_field(
-            "alwayson_scripts", "scripts are not supported here (use `controls` natively)"
-        )
+    control = controlnet_unit(extra.get("alwayson_scripts"))
     prompt, loras = lora_tags(body.prompt)
     fields: dict[str, Any] = {
         "prompt": prompt,
@@ -105,6 +101,7 @@ def to_generation(body: A1111Request, model: str | None, img2img: bool) -> dict[
         "scheduler": scheduler(body),
         "model": body.override_settings.get("sd_model_checkpoint") or model,
         "loras": loras or None,
+        "control": control,
     }
     if img2img:
         if not body.init_images:
@@ -114,6 +111,80 @@ def to_generation(body: A1111Request, model: str | None, img2img: bool) -> dict[
         if body.mask:
             fields.update(mask=body.mask, **inpainting(body))
     return {k: v for k, v in fields.items() if v is not None}
+
+
+# Native field names as A1111 clients sent them, for the locations of validation errors.
+RENAMED = {"guidance_scale": "cfg_scale", "image": "init_images", "n": "batch_size"}
+UNIT = ("alwayson_scripts", "ControlNet", "args", 0)
+UNIT_FIELDS = {"id": "model", "scale": "weight", "start": "guidance_start", "end": "guidance_end"}
+
+
+def a1111_location(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Where a native request's error lies, as the A1111 request named it."""
+    if loc and loc[0] == "control":
+        return (*UNIT, *(UNIT_FIELDS.get(str(part), part) for part in loc[1:]))
+    return (*(RENAMED.get(str(part), part) for part in loc[:1]), *loc[1:])
+
+
+CONTROLNET_SCRIPT = "controlnet"
+MODEL_HASH = re.compile(r"\s*\[[0-9a-fA-F]{1,64}\]$")
+BALANCED = (0, "Balanced")
+
+
+def controlnet_unit(scripts: Any) -> dict[str, Any] | None:
+    """The ControlNet extension's units (`alwayson_scripts.ControlNet.args`) as the native
+    `control`: one enabled unit whose `model` is one of the checkpoint's controls (A1111's
+    "name [hash]" is read as the name), its image the control map itself (`module` "none"),
+    `weight`, `guidance_start`/`_end` as scale, start and end. Any other script with
+    arguments, and what a unit asks that is not done here, is a 422 naming it."""
+    if not scripts:
+        return None
+    if not isinstance(scripts, dict):
+        raise InvalidRequest.for_field("alwayson_scripts", "must be an object of scripts")
+    units: list[Any] = []
+    for name, script in scripts.items():
+        args = script.get("args") if isinstance(script, dict) else script
+        if str(name).lower() == CONTROLNET_SCRIPT:
+            units = [u for u in args or [] if not isinstance(u, dict) or u.get("enabled", True)]
+        elif args:
+            raise InvalidRequest.for_field(
+                f"alwayson_scripts.{name}", "this script is not supported here"
+            )
+    if not units:
+        return None
+    field = "alwayson_scripts.ControlNet.args"
+    if len(units) > 1:
+        raise InvalidRequest.for_field(field, "one enabled ControlNet unit per request here")
+    unit = units[0]
+    if not isinstance(unit, dict):
+        raise InvalidRequest.for_field(f"{field}[0]", "must be an object (a ControlNet unit)")
+    image = unit.get("image") or unit.get("input_image")
+    if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
+        if image.get("mask"):
+            raise InvalidRequest.for_field(f"{field}[0].image.mask", "unit masks are not supported")
+        image = image.get("image")
+    if not isinstance(image, str) or not image:
+        raise InvalidRequest.for_field(f"{field}[0].image", "the control map, base64")
+    if unit.get("mask"):
+        raise InvalidRequest.for_field(f"{field}[0].mask", "unit masks are not supported")
+    module = str(unit.get("module") or "none")
+    if module.lower() != "none":
+        raise InvalidRequest.for_field(
+            f"{field}[0].module",
+            f"preprocessor {module!r} is not run here; send the control map with module 'none'",
+        )
+    if unit.get("control_mode", 0) not in BALANCED:
+        raise InvalidRequest.for_field(f"{field}[0].control_mode", "only 'Balanced' is served")
+    model = MODEL_HASH.sub("", str(unit.get("model") or ""))
+    if not model or model.lower() == "none":
+        raise InvalidRequest.for_field(f"{field}[0].model", "name one of the model's controls")
+    return {
+        "id": model,
+        "image": image,
+        "scale": unit.get("weight", 1.0),
+        "start": unit.get("guidance_start", 0.0),
+        "end": unit.get("guidance_end", 1.0),
+    }
 
 
 # A1111's `inpainting_fill`: what the masked area starts from.

@@ -23,6 +23,7 @@ from app.a1111 import (
     SAMPLERS,
     A1111Error,
     A1111Request,
+    a1111_location,
     info,
     infotext,
     parameters_text,
@@ -84,12 +85,8 @@ async def _generate(
     try:
         generation = GenerationRequest.model_validate(fields)
     except ValidationError as exc:
-        renamed = {"guidance_scale": "cfg_scale", "image": "init_images", "n": "batch_size"}
         raise RequestValidationError(
-            [
-                {**e, "loc": ("body", *(renamed.get(str(p), p) for p in e["loc"]))}
-                for e in exc.errors()
-            ]
+            [{**e, "loc": ("body", *a1111_location(tuple(e["loc"])))} for e in exc.errors()]
         ) from exc
     await memory.check()
     job, _ = await service.submit(generation, owner)

@@ -6,6 +6,7 @@ live service: txt2img, img2img with a mask, a `<lora:…>` tag, the per-key chec
 from __future__ import annotations
 
 import base64
+import io
 
 import httpx
 import numpy as np
@@ -16,6 +17,24 @@ from PIL import Image
 from app.auth import _key_of
 from tests.conftest import TINY_MODEL_ID
 from tests.stack import Gateway, wait_for_job
+
+
+def _silhouette_map() -> Image.Image:
+    picture = Image.new("RGB", (64, 64), (0, 0, 0))
+    picture.paste((255, 255, 255), (16, 16, 48, 48))
+    return picture
+
+
+def _b64(picture: Image.Image) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+SILHOUETTE_UNIT = webuiapi.ControlNetUnit(
+    image=_silhouette_map(), model="silhouette [0123abcd]", weight=0.8, guidance_end=0.75
+).to_dict()
+CANNY_UNIT = {**SILHOUETTE_UNIT, "module": "canny"}
 
 
 @pytest.fixture()
@@ -67,6 +86,32 @@ def test_img2img_with_a_mask_keeps_the_unmasked_pixels(api: webuiapi.WebUIApi) -
     assert np.array_equal(np.asarray(full.image)[:, 48:], np.asarray(picture)[:, 48:])
 
 
+def test_a_controlnet_unit_is_the_native_control(api: webuiapi.WebUIApi, stack: Gateway) -> None:
+    unit = webuiapi.ControlNetUnit(
+        image=_silhouette_map(), model="silhouette [0123abcd]", weight=0.8, guidance_end=0.75
+    )
+    common = {"prompt": "a red circle", "width": 64, "height": 64, "seed": 12}
+    # A fresh `alwayson_scripts` each call: webuiapi's default dict keeps what it was given.
+    result = api.txt2img(**common, controlnet_units=[unit], alwayson_scripts={})
+    plain = api.txt2img(**common, alwayson_scripts={})
+    assert not np.array_equal(np.asarray(result.image), np.asarray(plain.image))
+    native = {
+        "prompt": "a red circle", "model": "shapes-64", "seed": 12, "steps": 4,
+        "scheduler": "euler_a", "width": 64, "height": 64, "guidance_scale": 7.0,
+        "control": {"id": "silhouette", "image": _b64(_silhouette_map()), "scale": 0.8,
+                    "end": 0.75},
+    }  # fmt: skip
+    with stack.client() as client:
+        job = client.post("/v1/generations", json=native).json()
+        done = wait_for_job(client, job["id"])
+        png = client.get(done["images"][0]["url"]).content  # type: ignore[index]
+    assert np.array_equal(np.asarray(result.image), np.asarray(Image.open(io.BytesIO(png))))
+    # webuiapi sends `{"ControlNet": {"args": []}}` once it has seen the extension: no unit.
+    api.has_controlnet = True
+    again = api.txt2img(**common, alwayson_scripts={})
+    assert np.array_equal(np.asarray(again.image), np.asarray(plain.image))
+
+
 def test_the_checkpoint_is_per_key_and_progress_and_interrupt_answer(
     api: webuiapi.WebUIApi,
 ) -> None:
@@ -84,13 +129,27 @@ def test_the_checkpoint_is_per_key_and_progress_and_interrupt_answer(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("enable_hr", True), ("restore_faces", True), ("alwayson_scripts", {"x": {"args": []}})],
+    [
+        ("enable_hr", True),
+        ("restore_faces", True),
+        ("alwayson_scripts.x", {"x": {"args": [1]}}),
+        ("alwayson_scripts.ControlNet.args[0].module", {"ControlNet": {"args": [CANNY_UNIT]}}),
+        (
+            "alwayson_scripts.ControlNet.args",
+            {"ControlNet": {"args": [SILHOUETTE_UNIT, SILHOUETTE_UNIT]}},
+        ),
+        (
+            "alwayson_scripts.ControlNet.args[0].weight",
+            {"ControlNet": {"args": [{**SILHOUETTE_UNIT, "weight": 5}]}},
+        ),
+    ],
 )
 def test_what_is_not_served_is_a_422_naming_the_field(
     stack: Gateway, field: str, value: object
 ) -> None:
     with httpx.Client(base_url=stack.base_url) as client:
-        response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", field: value})
+        name = field.split(".")[0]
+        response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", name: value})
     assert response.status_code == 422, response.text
     error = response.json()  # A1111's shape, which its clients read
     assert error["error"] == "invalid_request" and error["detail"].startswith(field)
