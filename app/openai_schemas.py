@@ -122,6 +122,18 @@ class OpenAIImage(BaseModel):
     url: str | None = Field(None, description="Absolute URL of the image file.")
 
 
+class OpenAIInputTokens(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class OpenAIUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: OpenAIInputTokens
+    output_tokens: int
+    total_tokens: int
+
+
 class OpenAIImagesResponse(BaseModel):
     """The answer: OpenAI's `ImagesResponse`."""
 
@@ -130,3 +142,8 @@ class OpenAIImagesResponse(BaseModel):
     output_format: str | None = Field(None, description="The images' format, as asked.")
     quality: str | None = Field(None, description="The quality, as asked.")
     size: str | None = Field(None, description="WIDTHxHEIGHT of the images.")
+    usage: OpenAIUsage | None = Field(
+        None,
+        description="Token counts as OpenAI reports them: the prompt's tokens (the model's own "
+        "tokenizer) as input text tokens; image tokens are not metered here (0).",
+    )

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from app.events import PING_S, EventHub
+from app.openai_usage import openai_usage
 from app.schemas import JobDocument
 from app.service import GenerationService
 from app.waiting import job_failure
@@ -86,6 +87,7 @@ async def stream_images(
             error = {"code": failure.code, "message": str(failure)}
             yield _event("error", {"type": "error", "error": error})
             return
+        usage = await openai_usage(service, done)
         for link in (i for i in done.images if not i.filtered):
             # Encoded by the worker in the job's output_format.
             data = await service.image(done.id, link.index, owner)
@@ -95,13 +97,7 @@ async def stream_images(
                 "b64_json": base64.b64encode(data).decode("ascii"),
                 "created_at": int(time.time()),
                 "size": f"{link.width}x{link.height}",
-                # Token counts are OpenAI's billing unit; none is counted here.
-                "usage": {
-                    "input_tokens": 0,
-                    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-                    "output_tokens": 0,
-                    "total_tokens": 0,
-                },
+                "usage": usage,
             }
             yield _event(f"{kind}.completed", payload)
     finally:

@@ -32,8 +32,10 @@ from app.openai_schemas import (
     OpenAIImage,
     OpenAIImageRequest,
     OpenAIImagesResponse,
+    OpenAIUsage,
 )
 from app.openai_stream import stream_images
+from app.openai_usage import openai_usage
 from app.schemas import GenerationRequest, JobDocument
 from app.service import GenerationService
 from app.waiting import CLIENT_CLOSED_REQUEST, job_failure, wait_for_job
@@ -125,6 +127,7 @@ async def answer_when_done(
         output_format=body.output_format,
         quality=body.quality,
         size=f"{first.width}x{first.height}" if first is not None else None,
+        usage=OpenAIUsage.model_validate(await openai_usage(service, done)),
     )
     if len(shown) == len(done.images):
         return answer

@@ -332,6 +332,9 @@ def test_with_api_keys_the_key_is_asked_for_kept_locally_and_sent_as_a_header(
     open_page(driver, f"{keyed_gateway.base_url}/playground")
     wait(driver, lambda d: by_id(d, "model").get_attribute("value") != "")
     assert by_id(driver, "api-key").get_attribute("value") == KEY
+    # The code snippet names the key's variable, never the key.
+    snippet = str(driver.execute_script("return document.getElementById('snippet').textContent"))
+    assert "$IMAGEGEN_API_KEY" in snippet and KEY not in snippet
     assert csp_violations(driver) == []
 
 
@@ -460,3 +463,53 @@ def test_the_page_ships_in_the_gateway_image_wheel(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("index.html", "app.js", "style.css"):
         assert f"app/playground/static/{name}" in names
+
+
+def test_the_form_as_code_runs_as_shown(
+    gateway: Gateway, builtin_worker: Proc, browser: tuple[WebDriver, Path]
+) -> None:
+    # Each snippet is run as a user would paste it: curl in a shell, Python in a fresh process.
+    driver, _ = browser
+    open_page(driver, f"{gateway.base_url}/playground")
+    set_field(driver, "prompt", "a red 'circle'")  # a quote, which the shell quoting must carry
+    set_field(driver, "steps", "3")
+    set_field(driver, "seed", "77")
+
+    def shown(kind: str) -> str:
+        driver.execute_script(
+            "const s = document.getElementById('snippet-kind');"
+            "s.value = arguments[0]; s.dispatchEvent(new Event('change'));",
+            kind,
+        )
+        wait(driver, lambda d: by_id(d, "snippet").text.strip() != "")
+        return str(driver.execute_script("return document.getElementById('snippet').textContent"))
+
+    native = subprocess.run(
+        ["bash", "-c", shown("curl")], capture_output=True, text=True, timeout=60, check=True
+    )
+    job = json.loads(native.stdout)
+    assert job["request"]["prompt"] == "a red 'circle'" and job["request"]["seed"] == 77
+    done = wait_for_job(httpx.Client(base_url=gateway.base_url), job["id"])
+
+    a1111 = shown("a1111")
+    scheduler = by_id(driver, "scheduler").get_attribute("value")
+    names = {
+        s["aliases"][0]: s["name"]
+        for s in httpx.get(f"{gateway.base_url}/sdapi/v1/samplers").json()
+    }
+    assert f'"sampler_name":"{names[scheduler]}"' in a1111  # A1111's name for the scheduler
+    answer = subprocess.run(
+        ["bash", "-c", a1111], capture_output=True, text=True, timeout=120, check=True
+    )
+    # The same request: the same pixels as the native job (the PNGs' text chunks differ).
+    a1111_png = base64.b64decode(json.loads(answer.stdout)["images"][0])
+    native_png = httpx.get(f"{gateway.base_url}{done['images'][0]['url']}").content  # type: ignore[index]
+    assert (
+        Image.open(io.BytesIO(a1111_png)).tobytes() == Image.open(io.BytesIO(native_png)).tobytes()
+    )
+
+    code = shown("openai") + "\nprint(len(result.data), result.data[0].b64_json[:8])"
+    ran = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert ran.stdout.split()[0] == "1", ran.stdout + ran.stderr

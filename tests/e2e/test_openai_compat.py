@@ -318,6 +318,18 @@ def test_past_the_wait_limit_the_job_is_canceled_and_the_answer_is_503(
     _eventually_canceled(redis_conn, prompt)
 
 
+def test_usage_counts_the_prompt_tokens_as_openai_reports_them(client: OpenAI) -> None:
+    # The built-in model's tokenizer is word-level: five words, five tokens.
+    result = client.images.generate(
+        prompt="a large red circle", extra_body={"negative_prompt": "blue", "steps": 2}
+    )
+    assert result.usage is not None
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (5, 0)
+    assert result.usage.total_tokens == 5
+    assert result.usage.input_tokens_details.text_tokens == 5
+    assert result.usage.input_tokens_details.image_tokens == 0
+
+
 def test_a_streamed_answer_sends_partial_images_then_the_images(client: OpenAI) -> None:
     """`stream=True, partial_images=2` through the official client: previews of the running
     job as `image_generation.partial_image`, then one `image_generation.completed` per image
@@ -341,3 +353,4 @@ def test_a_streamed_answer_sends_partial_images_then_the_images(client: OpenAI) 
     for event in done:
         assert base64.b64decode(event.b64_json).startswith(b"RIFF")
         assert event.output_format == "webp" and event.size == "64x64"
+        assert event.usage.input_tokens == 8  # "a large red circle on a white background"

@@ -17,7 +17,7 @@
   const SEED_MODULUS = 2 ** 32;
 
   const $ = (id) => document.getElementById(id);
-  const state = { keysRequired: false, models: [], job: null, abort: null };
+  const state = { keysRequired: false, models: [], job: null, abort: null, samplers: new Map() };
 
   // ---- API access -------------------------------------------------------------------------
 
@@ -236,6 +236,7 @@
     $("steps").value = model.steps;
     $("guidance_scale").value = model.guidance_scale;
     $("scheduler").value = model.scheduler;
+    showSnippet();
   }
 
   // ---- Submitting and following a job -----------------------------------------------------
@@ -481,6 +482,7 @@
       if (field === "model" || !(field in params) || params[field] == null) continue;
       $(field).value = String(params[field]);
     }
+    showSnippet();
   }
 
   // The text of a PNG's `parameters` chunk (tEXt, or uncompressed iTXt), parsed; or null.
@@ -508,5 +510,84 @@
     return null;
   }
 
-  start();
+  // ---- The current form as code -----------------------------------------------------------
+  // Never the key itself: the snippets read it from $IMAGEGEN_API_KEY.
+
+  const shellQuote = (text) => `'${text.replace(/'/g, "'\\''")}'`;
+  const serviceUrl = () => new URL(".", document.baseURI).href.replace(/\/$/, "");
+
+  async function loadSamplers() {
+    // AUTOMATIC1111's sampler names, each with this service's scheduler name as its alias.
+    try {
+      const samplers = await apiJson("sdapi/v1/samplers");
+      state.samplers = new Map(samplers.map((s) => [s.aliases[0], s.name]));
+    } catch {
+      state.samplers = new Map(); // the snippet then leaves the sampler to the model
+    }
+    showSnippet();
+  }
+
+  function a1111Body(body) {
+    const out = { prompt: body.prompt };
+    if (body.negative_prompt) out.negative_prompt = body.negative_prompt;
+    if (body.steps !== undefined) out.steps = body.steps;
+    if (body.guidance_scale !== undefined) out.cfg_scale = body.guidance_scale;
+    if (body.width !== undefined) out.width = body.width;
+    if (body.height !== undefined) out.height = body.height;
+    out.seed = body.seed ?? -1;
+    out.batch_size = body.n ?? 1;
+    const sampler = state.samplers.get(body.scheduler);
+    if (sampler) out.sampler_name = sampler;
+    if (body.model) out.override_settings = { sd_model_checkpoint: body.model };
+    return out;
+  }
+
+  function openaiSnippet(body) {
+    const { prompt, model, n, width, height, ...rest } = body;
+    const lines = [
+      "import os",
+      "",
+      "from openai import OpenAI",
+      "",
+      `client = OpenAI(base_url=${JSON.stringify(`${serviceUrl()}/v1`)}, ` +
+        `api_key=os.environ.get("IMAGEGEN_API_KEY", "unused"))`,
+      "result = client.images.generate(",
+      `    prompt=${JSON.stringify(prompt)},`,
+    ];
+    if (model) lines.push(`    model=${JSON.stringify(model)},`);
+    lines.push(`    n=${n ?? 1},`);
+    if (width !== undefined && height !== undefined) lines.push(`    size="${width}x${height}",`);
+    lines.push(`    extra_body=${JSON.stringify(rest)},`, ")");
+    return lines.join("\n");
+  }
+
+  function snippet(kind) {
+    const body = readForm();
+    const keyed = state.keysRequired;
+    if (kind === "openai") return openaiSnippet(body);
+    if (kind === "a1111") {
+      return [
+        `curl -sS ${shellQuote(`${serviceUrl()}/sdapi/v1/txt2img`)} \\`,
+        ...(keyed ? ['  -u "user:$IMAGEGEN_API_KEY" \\'] : []),
+        "  -H 'Content-Type: application/json' \\",
+        `  -d ${shellQuote(JSON.stringify(a1111Body(body)))}`,
+      ].join("\n");
+    }
+    return [
+      `curl -sS ${shellQuote(`${serviceUrl()}/v1/generations`)} \\`,
+      ...(keyed ? ['  -H "Authorization: Bearer $IMAGEGEN_API_KEY" \\'] : []),
+      "  -H 'Content-Type: application/json' \\",
+      `  -d ${shellQuote(JSON.stringify(body))}`,
+    ].join("\n");
+  }
+
+  function showSnippet() {
+    $("snippet").textContent = snippet($("snippet-kind").value);
+  }
+
+  $("generate-form").addEventListener("input", showSnippet);
+  $("generate-form").addEventListener("change", showSnippet);
+  $("snippet-kind").addEventListener("change", showSnippet);
+
+  start().then(loadSamplers);
 })();
