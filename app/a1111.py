@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import InvalidRequest
+from imagegen.core.contract import MAX_CONTROLS
 
 
 class A1111Error(BaseModel):
@@ -87,7 +88,7 @@ def to_generation(body: A1111Request, model: str | None, img2img: bool) -> dict[
         value = extra.get(name)
         if value is not None and value != neutral:
             raise InvalidRequest.for_field(name, f"{name}={value!r} is not supported here")
-    control = controlnet_unit(extra.get("alwayson_scripts"))
+    controls = controlnet_units(extra.get("alwayson_scripts"))
     prompt, loras = lora_tags(body.prompt)
     fields: dict[str, Any] = {
         "prompt": prompt,
@@ -101,7 +102,7 @@ def to_generation(body: A1111Request, model: str | None, img2img: bool) -> dict[
         "scheduler": scheduler(body),
         "model": body.override_settings.get("sd_model_checkpoint") or model,
         "loras": loras or None,
-        "control": control,
+        "controls": controls or None,
     }
     if img2img:
         if not body.init_images:
@@ -115,13 +116,13 @@ def to_generation(body: A1111Request, model: str | None, img2img: bool) -> dict[
 
 # Native field names as A1111 clients sent them, for the locations of validation errors.
 RENAMED = {"guidance_scale": "cfg_scale", "image": "init_images", "n": "batch_size"}
-UNIT = ("alwayson_scripts", "ControlNet", "args", 0)
+UNIT = ("alwayson_scripts", "ControlNet", "args")
 UNIT_FIELDS = {"id": "model", "scale": "weight", "start": "guidance_start", "end": "guidance_end"}
 
 
 def a1111_location(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """Where a native request's error lies, as the A1111 request named it."""
-    if loc and loc[0] == "control":
+    if loc and loc[0] == "controls":
         return (*UNIT, *(UNIT_FIELDS.get(str(part), part) for part in loc[1:]))
     return (*(RENAMED.get(str(part), part) for part in loc[:1]), *loc[1:])
 
@@ -131,14 +132,19 @@ MODEL_HASH = re.compile(r"\s*\[[0-9a-fA-F]{1,64}\]$")
 BALANCED = (0, "Balanced")
 
 
-def controlnet_unit(scripts: Any) -> dict[str, Any] | None:
-    """The ControlNet extension's units (`alwayson_scripts.ControlNet.args`) as the native
-    `control`: one enabled unit whose `model` is one of the checkpoint's controls (A1111's
-    "name [hash]" is read as the name), its image the control map itself (`module` "none"),
-    `weight`, `guidance_start`/`_end` as scale, start and end. Any other script with
-    arguments, and what a unit asks that is not done here, is a 422 naming it."""
+# sd-webui-controlnet's preprocessor (`module`) names onto this service's preprocessors.
+MODULES = {"none": "none", "canny": "canny", "scribble_xdog": "scribble"}
+DEPTH_MODULES = ("depth", "depth_midas", "depth_anything", "depth_anything_v2", "depth_zoe")
+
+
+def controlnet_units(scripts: Any) -> list[dict[str, Any]]:
+    """The ControlNet extension's enabled units (`alwayson_scripts.ControlNet.args`) as the
+    native `controls`, up to 3: `model` one of the checkpoint's controls (A1111's "name [hash]"
+    read as the name), `module` a preprocessor ("none", "canny" with `threshold_a`/`_b` as its
+    thresholds, "scribble_xdog", the depth modules), `weight`, `guidance_start`/`_end`. Any
+    other script with arguments, and what a unit asks that is not done here, is a 422."""
     if not scripts:
-        return None
+        return []
     if not isinstance(scripts, dict):
         raise InvalidRequest.for_field("alwayson_scripts", "must be an object of scripts")
     units: list[Any] = []
@@ -150,41 +156,56 @@ def controlnet_unit(scripts: Any) -> dict[str, Any] | None:
             raise InvalidRequest.for_field(
                 f"alwayson_scripts.{name}", "this script is not supported here"
             )
-    if not units:
-        return None
     field = "alwayson_scripts.ControlNet.args"
-    if len(units) > 1:
-        raise InvalidRequest.for_field(field, "one enabled ControlNet unit per request here")
-    unit = units[0]
+    if len(units) > MAX_CONTROLS:
+        raise InvalidRequest.for_field(field, f"at most {MAX_CONTROLS} enabled ControlNet units")
+    return [_unit(unit, f"{field}[{i}]") for i, unit in enumerate(units)]
+
+
+def _unit(unit: Any, field: str) -> dict[str, Any]:
     if not isinstance(unit, dict):
-        raise InvalidRequest.for_field(f"{field}[0]", "must be an object (a ControlNet unit)")
+        raise InvalidRequest.for_field(field, "must be an object (a ControlNet unit)")
     image = unit.get("image") or unit.get("input_image")
     if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
         if image.get("mask"):
-            raise InvalidRequest.for_field(f"{field}[0].image.mask", "unit masks are not supported")
+            raise InvalidRequest.for_field(f"{field}.image.mask", "unit masks are not supported")
         image = image.get("image")
     if not isinstance(image, str) or not image:
-        raise InvalidRequest.for_field(f"{field}[0].image", "the control map, base64")
+        raise InvalidRequest.for_field(f"{field}.image", "the control image, base64")
     if unit.get("mask"):
-        raise InvalidRequest.for_field(f"{field}[0].mask", "unit masks are not supported")
+        raise InvalidRequest.for_field(f"{field}.mask", "unit masks are not supported")
     module = str(unit.get("module") or "none")
-    if module.lower() != "none":
+    preprocess = MODULES.get(module.lower()) or ("depth" if module in DEPTH_MODULES else None)
+    if preprocess is None:
         raise InvalidRequest.for_field(
-            f"{field}[0].module",
-            f"preprocessor {module!r} is not run here; send the control map with module 'none'",
+            f"{field}.module",
+            f"preprocessor {module!r} is not run here; one of: "
+            f"{', '.join([*MODULES, *DEPTH_MODULES])}",
         )
     if unit.get("control_mode", 0) not in BALANCED:
-        raise InvalidRequest.for_field(f"{field}[0].control_mode", "only 'Balanced' is served")
+        raise InvalidRequest.for_field(f"{field}.control_mode", "only 'Balanced' is served")
     model = MODEL_HASH.sub("", str(unit.get("model") or ""))
     if not model or model.lower() == "none":
-        raise InvalidRequest.for_field(f"{field}[0].model", "name one of the model's controls")
-    return {
+        raise InvalidRequest.for_field(f"{field}.model", "name one of the model's controls")
+    control: dict[str, Any] = {
         "id": model,
         "image": image,
+        "preprocess": preprocess,
         "scale": unit.get("weight", 1.0),
         "start": unit.get("guidance_start", 0.0),
         "end": unit.get("guidance_end", 1.0),
     }
+    if preprocess == "canny":
+        # The extension's canny thresholds (low, high); never silently replaced: webuiapi's
+        # default 64/64 is not a low below a high, and says so.
+        low, high = unit.get("threshold_a", 100), unit.get("threshold_b", 200)
+        if not (isinstance(low, int | float) and isinstance(high, int | float) and low < high):
+            raise InvalidRequest.for_field(
+                f"{field}.threshold_a",
+                f"canny takes threshold_a (low) < threshold_b (high), 0..255; got {low}, {high}",
+            )
+        control["options"] = {"low_threshold": int(low), "high_threshold": int(high)}
+    return control
 
 
 # A1111's `inpainting_fill`: what the masked area starts from.

@@ -15,7 +15,7 @@ from app.schemas import (
     WebhookAttempt,
     WebhookInfo,
 )
-from imagegen.core.contract import JobRecord, JobStatus
+from imagegen.core.contract import JobRecord, JobSpec, JobStatus
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -71,7 +71,7 @@ def render_document(record: JobRecord, queue_position: int | None) -> JobDocumen
         finished_at=rfc3339(record.finished_at),
         queue_position=queue_position if record.status == JobStatus.QUEUED else None,
         progress=Progress(step=record.progress_step, total_steps=spec.steps, eta_s=_eta_s(record)),
-        request=GenerationParams(**spec.model_dump()),
+        request=_params(spec),
         images=images,
         error=ErrorInfo(**record.error.model_dump()) if record.error else None,
         timings=Timings(queued_s=queued_s, run_s=run_s),
@@ -87,3 +87,8 @@ def _eta_s(record: JobRecord) -> float | None:
         return None
     per_step = (record.progress_at - record.started_at) / record.progress_step
     return round(per_step * (record.spec.steps - record.progress_step), 2)
+
+
+def _params(spec: JobSpec) -> GenerationParams:
+    params = spec.model_dump()
+    return GenerationParams(**params, control=params["controls"][0] if params["controls"] else None)

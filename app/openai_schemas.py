@@ -75,6 +75,7 @@ class OpenAIImageRequest(BaseModel):
     outpaint: OutpaintRequest | None = _as_in_generations("outpaint")
     loras: list[LoraRequest] | None = _as_in_generations("loras")
     control: ControlRequest | None = _as_in_generations("control")
+    controls: list[ControlRequest] | None = _as_in_generations("controls")
 
     # OpenAI fields that change nothing here and are accepted so that code written for OpenAI
     # runs unchanged: `user` and `safety_identifier` (abuse-monitoring ids), `quality`, `style`

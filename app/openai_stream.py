@@ -46,7 +46,7 @@ async def stream_images(
 ) -> AsyncIterator[bytes]:
     """The events of `job` in OpenAI's stream (`kind`: "image_generation" or "image_edit");
     `answer` holds the fields every event carries (size, quality, background, output_format)."""
-    work = job.request.model_dump(exclude={"loras", "control"})
+    work = job.request.model_dump(exclude={"loras", "control", "controls"})
     limit_s = service.job_timeout_s(JobSpec.model_validate(work))
     sent = 0
     finished = False

@@ -20,6 +20,7 @@ from imagegen.core.contract import (
     JobSpec,
     LoraRef,
     ModelInfo,
+    control_blob,
 )
 from imagegen.core.settings import GatewaySettings
 
@@ -131,7 +132,7 @@ def resolve_request(
             )
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     loras = _loras(request, info)
-    control = _control(request, settings, info, width, height)
+    controls = _controls(request, settings, info, width, height)
     spec = JobSpec(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -147,7 +148,7 @@ def resolve_request(
         model=model_id,
         **_input_fields(request, inputs),
         loras=loras,
-        control=control[0] if control is not None else None,
+        controls=tuple(ref for ref, _ in controls),
         output_format=request.output_format or "png",
         output_compression=(
             DEFAULT_OUTPUT_COMPRESSION
@@ -156,8 +157,8 @@ def resolve_request(
         ),
     )
     blobs = dict(inputs.blobs) if inputs is not None else {}
-    if control is not None:
-        blobs["control"] = control[1]
+    for k, (_, png) in enumerate(controls):
+        blobs[control_blob(k)] = png
     return spec, blobs
 
 
@@ -188,42 +189,54 @@ def _loras(request: GenerationRequest, info: ModelInfo) -> tuple[LoraRef, ...]:
     return tuple(out)
 
 
-def _control(
+def _controls(
     request: GenerationRequest, settings: GatewaySettings, info: ModelInfo, width: int, height: int
-) -> tuple[ControlRef, bytes] | None:
-    """The control and its decoded image (resized to the output size); None without one
-    or at scale 0 (the request without control)."""
-    control = request.control
-    if control is None:
-        return None
+) -> list[tuple[ControlRef, bytes]]:
+    """The controls and their decoded images (resized to the output size), in order; one at
+    scale 0 is left out (the request without it: its residuals would add zeros)."""
     known = [c.id for c in info.controls]
     unavailable = {a.id: a.reason for a in info.unavailable_adapters}
-    if control.id in unavailable:
-        raise InvalidRequest.for_field(
-            "control.id",
-            f"control {control.id!r} of model {info.id!r} is unavailable: "
-            f"{unavailable[control.id]}",
+    out = []
+    for field, control in request.control_list():
+        if control.id in unavailable:
+            raise InvalidRequest.for_field(
+                f"{field}.id",
+                f"control {control.id!r} of model {info.id!r} is unavailable: "
+                f"{unavailable[control.id]}",
+            )
+        if control.id not in known:
+            raise InvalidRequest.for_field(
+                f"{field}.id",
+                f"unknown control {control.id!r} for model {info.id!r}; "
+                f"its controls: {', '.join(known) or 'none'}",
+            )
+        if control.preprocess != "none" and control.preprocess not in info.preprocessors:
+            raise InvalidRequest.for_field(
+                f"{field}.preprocess",
+                f"preprocessor {control.preprocess!r} is not available for model {info.id!r}; "
+                f"its preprocessors: {', '.join(['none', *info.preprocessors])}",
+            )
+        png, image = images_in.control_input(
+            control.image,
+            width,
+            height,
+            f"{field}.image",
+            settings.max_input_image_bytes,
+            settings.max_pixels,
         )
-    if control.id not in known:
-        raise InvalidRequest.for_field(
-            "control.id",
-            f"unknown control {control.id!r} for model {info.id!r}; "
-            f"its controls: {', '.join(known) or 'none'}",
+        if control.scale == 0:
+            continue
+        ref = ControlRef(
+            id=control.id,
+            scale=control.scale,
+            start=control.start,
+            end=control.end,
+            image=image,
+            preprocess=control.preprocess,
+            options=control.options_used(),
         )
-    png, image = images_in.control_input(
-        control.image,
-        width,
-        height,
-        "control.image",
-        settings.max_input_image_bytes,
-        settings.max_pixels,
-    )
-    if control.scale == 0:
-        return None
-    ref = ControlRef(
-        id=control.id, scale=control.scale, start=control.start, end=control.end, image=image
-    )
-    return ref, png
+        out.append((ref, png))
+    return out
 
 
 def _input_fields(

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from imagegen.core.contract import (
     CONTROL_SCALE_MAX,
     DEFAULT_OUTPUT_COMPRESSION,
     DEFAULT_WEBHOOK_EVENTS,
     LORA_SCALE_LIMIT,
+    MAX_CONTROLS,
     MAX_LORAS,
     MAX_MASK_BLUR,
     MAX_PADDING_MASK_CROP,
@@ -95,15 +104,43 @@ class LoraRequest(BaseModel):
     )
 
 
+class ControlOptions(BaseModel):
+    """`options` of a preprocessor; only `canny` takes any (OpenCV's two thresholds)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    low_threshold: int = Field(100, ge=0, le=255, description="canny: 0..255, default 100.")
+    high_threshold: int = Field(200, ge=0, le=255, description="canny: 0..255, default 200.")
+
+    @model_validator(mode="after")
+    def _order(self) -> ControlOptions:
+        if self.low_threshold >= self.high_threshold:
+            raise ValueError("low_threshold must be less than high_threshold")
+        return self
+
+
+Preprocess = Literal["none", "canny", "scribble", "depth", "pose"]
+
+
 class ControlRequest(BaseModel):
-    """`control`: a ControlNet and its image."""
+    """One entry of `controls` (or `control`): a ControlNet and its image."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     id: AdapterId = Field(description="One of the model's `controls`.")
     image: str = Field(
         description="PNG, JPEG or WebP as base64 or a data:image/...;base64, URI; resized to "
-        "the output size."
+        "the output size. The control map itself, or with `preprocess` a picture to make it "
+        "from."
+    )
+    preprocess: Preprocess = Field(
+        "none",
+        description="What the worker makes of `image` first: none (it is the map), canny "
+        "(OpenCV edges), scribble (XDoG lines), depth, pose; one of the model's "
+        "`preprocessors`.",
+    )
+    options: ControlOptions | None = Field(
+        None, description="The preprocessor's options (canny: `low_threshold`, `high_threshold`)."
     )
     scale: float = Field(
         1.0, ge=0, le=CONTROL_SCALE_MAX, allow_inf_nan=False, description="0..2; 0 = no control."
@@ -120,6 +157,19 @@ class ControlRequest(BaseModel):
         if self.start >= self.end:
             raise ValueError("control.start must be less than control.end")
         return self
+
+    @field_validator("options")
+    @classmethod
+    def _options_for_canny(cls, value: ControlOptions | None, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("preprocess", "canny") != "canny":
+            raise ValueError("only the canny preprocessor takes options")
+        return value
+
+    def options_used(self) -> dict[str, int]:
+        """The preprocessor's options with their defaults (canny's thresholds), else none."""
+        if self.preprocess != "canny":
+            return {}
+        return (self.options or ControlOptions()).model_dump()
 
 
 WebhookEvent = Literal["running", "succeeded", "failed", "canceled"]
@@ -232,7 +282,15 @@ class GenerationRequest(BaseModel):
     loras: list[LoraRequest] | None = Field(
         None, max_length=MAX_LORAS, description="Up to 4 of the model's `adapters`, each once."
     )
-    control: ControlRequest | None = Field(None, description="A ControlNet and its image.")
+    control: ControlRequest | None = Field(
+        None, description="One ControlNet and its image: the one-item form of `controls`."
+    )
+    controls: list[ControlRequest] | None = Field(
+        None,
+        max_length=MAX_CONTROLS,
+        description="Up to 3 ControlNets, each with its image, preprocessor, scale and window; "
+        "their residuals are summed (diffusers' MultiControlNetModel).",
+    )
     output_format: OutputFormat | None = Field(
         None,
         description="png (default; parameters in a `parameters` text chunk), jpeg or webp "
@@ -251,6 +309,19 @@ class GenerationRequest(BaseModel):
         description="POST the job's events to a URL, signed (Standard Webhooks); see "
         "`GET /v1/webhook-secret`.",
     )
+
+    @field_validator("controls")
+    @classmethod
+    def _one_form(cls, value: list[ControlRequest] | None, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("control") is not None:
+            raise ValueError("send `control` (one) or `controls` (a list), not both")
+        return value
+
+    def control_list(self) -> list[tuple[str, ControlRequest]]:
+        """The controls with the field each came in (`control` or `controls[i]`), in order."""
+        if self.control is not None:
+            return [("control", self.control)]
+        return [(f"controls[{i}]", c) for i, c in enumerate(self.controls or [])]
 
     @field_validator("prompt")
     @classmethod
@@ -308,6 +379,8 @@ class ControlParams(BaseModel):
     start: float
     end: float
     image: InputRef = Field(description="The control image as sent: sha256 and size.")
+    preprocess: str = "none"
+    options: dict[str, int] = Field(default_factory=dict)
 
 
 class GenerationParams(BaseModel):
@@ -331,7 +404,10 @@ class GenerationParams(BaseModel):
     mask_blur: int = 0
     padding_mask_crop: int | None = None
     loras: list[LoraParams] = Field(default_factory=list)
-    control: ControlParams | None = None
+    controls: list[ControlParams] = Field(default_factory=list)
+    control: ControlParams | None = Field(
+        None, description="The first of `controls` (the one-item form clients of 1.1 read)."
+    )
     output_format: str = "png"
     output_compression: int = DEFAULT_OUTPUT_COMPRESSION
 
@@ -430,6 +506,11 @@ class ModelEntry(BaseModel):
     )
     adapters: list[AdapterEntry] = Field(default_factory=list)
     controls: list[AdapterEntry] = Field(default_factory=list)
+    preprocessors: list[str] = Field(
+        default_factory=list,
+        description='What `controls[i].preprocess` may name besides "none" (canny, scribble, '
+        "and depth where its model is configured); empty without controls.",
+    )
     family: str = Field(
         "", description='"sd15", "sd2" or "sdxl" (what LoRAs and ControlNets it takes).'
     )

@@ -93,7 +93,7 @@ class GenerationService:
         field named) and its input blobs by name (`inputs`' and the control image's)."""
         info = target.info
         encode = await self.token_counters.encoder(info) if info is not None else None
-        if request.control is None:
+        if not request.control_list():
             return resolve.resolve_request(request, self.settings, target, inputs, encode)
         # Decoding an image is CPU work: off the event loop.
         return await anyio.to_thread.run_sync(
@@ -115,9 +115,9 @@ class GenerationService:
             for field in ("mask_blur", "padding_mask_crop"):
                 if getattr(request, field) is not None:
                     raise InvalidRequest.for_field(field, "needs `mask` (it is for inpainting)")
-        if request.control is not None:
+        if request.control_list():
             raise InvalidRequest.for_field(
-                "control",
+                request.control_list()[0][0].split("[")[0],
                 "cannot be combined with `image` (image-to-image, inpainting, "
                 "outpainting) in this version; send one or the other",
             )

@@ -34,7 +34,7 @@ async def wait_for_job(
     it the job is canceled and the client gets a 503.
     """
     # The time limit depends on the work only (steps, size, n): adapters do not change it.
-    work = job.request.model_dump(exclude={"loras", "control"})
+    work = job.request.model_dump(exclude={"loras", "control", "controls"})
     limit_s = service.job_timeout_s(JobSpec.model_validate(work))
     disconnected = False
     finished: JobDocument | None = None

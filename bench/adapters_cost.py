@@ -110,12 +110,12 @@ def main() -> None:
     lora = (LoraRef(id=lora_id, scale=1.0),)
 
     def job(s: JobSpec, image: Image.Image | None = None) -> Any:
-        return lambda: inference.run([BatchItem(s, None, control_image=image)])
+        return lambda: inference.run([BatchItem(s, None, control_images=(image,))])
 
     plain = best(job(spec), args.runs, cuda) / spec.steps
     with_lora = best(job(spec.model_copy(update={"loras": lora})), args.runs, cuda) / spec.steps
     with_control = (
-        best(job(spec.model_copy(update={"control": ref}), control_image), args.runs, cuda)
+        best(job(spec.model_copy(update={"controls": (ref,)}), control_image), args.runs, cuda)
         / spec.steps
     )
     scales = [0.5, 1.0]

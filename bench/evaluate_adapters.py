@@ -50,7 +50,7 @@ def generate(
         chunk = specs[i : i + batch]
         controls = images[i : i + batch] if images is not None else [None] * len(chunk)
         results = inference.run(
-            [BatchItem(s, None, control_image=c) for s, c in zip(chunk, controls, strict=True)]
+            [BatchItem(s, None, control_images=(c,)) for s, c in zip(chunk, controls, strict=True)]
         )
         for result in results:
             assert isinstance(result, list), result
@@ -123,7 +123,8 @@ def evaluate_silhouette(
         image=InputRef(sha256="0" * 64, width=data.IMAGE_SIZE, height=data.IMAGE_SIZE),
     )
     specs = [
-        spec_for(model, p, seed, control=ref) for p, (_, seed) in zip(prompts, jobs, strict=True)
+        spec_for(model, p, seed, controls=(ref,))
+        for p, (_, seed) in zip(prompts, jobs, strict=True)
     ]
     images = generate(model, specs, controls, batch)
     readings = [read_image(np.asarray(im)) for im in images]

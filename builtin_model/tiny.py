@@ -240,9 +240,12 @@ def save_tiny_fewstep_pipeline(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def save_tiny_adapters(directory: Path, seed: int = 0) -> Path:
+def save_tiny_adapters(
+    directory: Path, seed: int = 0, controlnets: tuple[str, ...] = ("edges",)
+) -> Path:
     """Give the tiny pipeline at `directory` two LoRAs (`lines`, rank 4, and `dots`, rank 2)
-    and a ControlNet (`edges`), all random but with effect (no zero-initialised halves)."""
+    and ControlNets (`edges`, and any other names given, each its own weights), all random but
+    with effect (no zero-initialised halves)."""
     from diffusers import ControlNetModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -262,15 +265,16 @@ def save_tiny_adapters(directory: Path, seed: int = 0) -> Path:
         (out / "imagegen_adapter.json").write_text(
             json.dumps({"description": f"test LoRA {name}", "default_scale": 1.0})
         )
-    net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
-    with torch.no_grad():
-        for param_name, param in net.named_parameters():
-            zero_conv = "controlnet_" in param_name and "cond_embedding" not in param_name
-            if zero_conv or "cond_embedding.conv_out" in param_name:
-                param.normal_(0.0, 0.05)
-    out = directory / "controlnets" / "edges"
-    net.save_pretrained(out, safe_serialization=True)
-    (out / "imagegen_adapter.json").write_text(json.dumps({"description": "test control"}))
+    for name in controlnets:
+        net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
+        with torch.no_grad():
+            for param_name, param in net.named_parameters():
+                zero_conv = "controlnet_" in param_name and "cond_embedding" not in param_name
+                if zero_conv or "cond_embedding.conv_out" in param_name:
+                    param.normal_(0.0, 0.05)
+        out = directory / "controlnets" / name
+        net.save_pretrained(out, safe_serialization=True)
+        (out / "imagegen_adapter.json").write_text(json.dumps({"description": "test control"}))
     return directory
 
 
@@ -367,4 +371,43 @@ def save_misfit_lora(directory: Path, name: str = "misfit") -> Path:
         },
         str(out / "pytorch_lora_weights.safetensors"),
     )
+    return directory
+
+
+def save_tiny_depth_model(directory: Path, seed: int = 0) -> Path:
+    """A random Depth Anything (`depth-estimation`) model of a few thousand weights with its
+    image processor, saved as the hub's checkpoints are: what `IMAGEGEN_DEPTH_MODEL` names."""
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
+
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=56,
+        patch_size=14,
+        out_features=["stage1", "stage2"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        patch_size=14,
+        neck_hidden_sizes=[16, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        reassemble_factors=[4, 2],
+        depth_estimation_type="relative",
+    )
+    torch.manual_seed(seed)
+    DepthAnythingForDepthEstimation(config).save_pretrained(directory)
+    processor = DPTImageProcessor(
+        size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14
+    )
+    processor.save_pretrained(directory)
     return directory

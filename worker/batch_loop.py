@@ -80,8 +80,9 @@ class BatchItem:
     # Images in: the normalized input (RGB) and mask (L, 255 = repaint) at the job's size.
     image: Image.Image | None = None
     mask: Image.Image | None = None
-    # The job's control image (its spec's `control`), already at the output size.
-    control_image: Image.Image | None = None
+    # The job's control maps, one per entry of its spec's `controls`, at the output size
+    # (already preprocessed: worker.preprocessors).
+    control_images: tuple[Image.Image, ...] = ()
     preview: PreviewHook | None = None
 
 
@@ -113,8 +114,8 @@ def run_batch(
         )
     if items[0].spec.task != "text" and any(item.image is None for item in items):
         raise ValueError("a job with images in needs its input image")
-    if any((item.spec.control is None) != (item.control_image is None) for item in items):
-        raise ValueError("a job with a control needs its control image, and only such a job")
+    if any(len(item.spec.controls) != len(item.control_images) for item in items):
+        raise ValueError("a job needs one control image per control, and only such a job")
     model.adapters.apply(items[0].spec.loras)
     with torch.inference_mode():
         return _Loop(model, items, invariant, on_loop_step).run()
@@ -151,25 +152,30 @@ class _Loop:
         # image's latents (4 + 1 + 4 channels).
         self.nine = self.pipe.unet.config.in_channels == 9
         self.texts = TextConditioning(self.pipe, model.prompts, self.device, self.sdxl, invariant)
-        self.controlnet: Any = None
-        if spec.control is not None:
-            self.controlnet = model.adapters.controlnets[spec.control.id]
-            # The stock ControlNet pipeline's control image processor: [0, 1], no normalising.
-            processor = VaeImageProcessor(
-                vae_scale_factor=self.pipe.vae_scale_factor,
-                do_convert_rgb=True,
-                do_normalize=False,
-            )
-            # Contiguous, as the stock pipeline's `repeat_interleave` leaves it: preprocess
-            # returns a channels-last view of the pixels, and a convolution over that layout
-            # rounds differently on CPU (1/255 off in the images with some schedulers).
-            self._control_images = [
-                processor.preprocess(item.control_image, height=spec.height, width=spec.width)
+        # The batch's ControlNets, in the order its jobs name them (one adapter key per batch);
+        # their residuals are summed in that order, as diffusers' MultiControlNetModel does.
+        self.controlnets: list[Any] = [
+            model.adapters.controlnets[control.id] for control in spec.controls
+        ]
+        # The stock ControlNet pipeline's control image processor: [0, 1], no normalising.
+        processor = VaeImageProcessor(
+            vae_scale_factor=self.pipe.vae_scale_factor,
+            do_convert_rgb=True,
+            do_normalize=False,
+        )
+        # Per ControlNet, per job. Contiguous, as the stock pipeline's `repeat_interleave`
+        # leaves it: preprocess returns a channels-last view of the pixels, and a convolution
+        # over that layout rounds differently on CPU (1/255 off with some schedulers).
+        self._control_images = [
+            [
+                processor.preprocess(item.control_images[k], height=spec.height, width=spec.width)
                 .to(dtype=torch.float32)
-                .to(device=self.device, dtype=self.controlnet.dtype)
+                .to(device=self.device, dtype=net.dtype)
                 .contiguous()
                 for item in items
             ]
+            for k, net in enumerate(self.controlnets)
+        ]
         # CPU generators make the starting noise identical on every device and batch layout.
         self.generators = [
             torch.Generator("cpu").manual_seed(item.spec.image_seed(i))
@@ -202,14 +208,11 @@ class _Loop:
             # SDXL's micro-conditioning, as the stock pipeline makes it: original size, crop
             # top-left (none) and target size, one row every image shares.
             self.time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=self.dtype).to(self.device)
-        if self.controlnet is not None:
-            self.control = torch.cat(
-                [
-                    self._control_images[job]
-                    for job in self.live
-                    for _ in range(self.items[job].spec.n)
-                ]
-            )
+        # Per ControlNet: every live row's control image.
+        self.control = [
+            torch.cat([images[job] for job in self.live for _ in range(self.items[job].spec.n)])
+            for images in self._control_images
+        ]
         # One UNet call per step for rows whose context has one length (all of them, unless
         # a long prompt shares the batch with short ones).
         by_length: dict[int, list[Span]] = {}
@@ -516,11 +519,10 @@ class _Loop:
         )[0]
         return out[:rows]
 
-    def _control_scale(self, job: int, step: int, total: int) -> float:
-        """The stock ControlNet pipeline's conditioning scale at `step`: the job's scale inside
-        its [start, end] window of the steps, 0 outside it."""
-        control = self.items[job].spec.control
-        assert control is not None
+    def _control_scale(self, job: int, k: int, step: int, total: int) -> float:
+        """The stock ControlNet pipeline's conditioning scale of ControlNet `k` at `step`: the
+        job's scale inside its [start, end] window of the steps, 0 outside it."""
+        control = self.items[job].spec.controls[k]
         keep = 1.0 - float(step / total < control.start or (step + 1) / total > control.end)
         return control.scale * keep
 
@@ -529,26 +531,31 @@ class _Loop:
         sample: torch.Tensor,
         t: torch.Tensor,
         context: torch.Tensor,
-        image: torch.Tensor,
-        scale: float | torch.Tensor,
+        images: list[torch.Tensor],
+        scales: list[float] | list[torch.Tensor],
     ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
-        """The ControlNet's residuals for these rows (None for a job without control). A float
-        `scale` is the stock call's; a per-row tensor scales the rows after one call."""
-        if self.controlnet is None:
-            return None
-        down, mid = self.controlnet(
-            sample,
-            t,
-            encoder_hidden_states=context,
-            controlnet_cond=image,
-            conditioning_scale=scale if isinstance(scale, float) else 1.0,
-            guess_mode=False,
-            return_dict=False,
-        )
-        if isinstance(scale, torch.Tensor):
-            per_row = scale.view(-1, 1, 1, 1).to(mid.dtype)
-            down, mid = [d * per_row for d in down], mid * per_row
-        return list(down), mid
+        """The ControlNets' residuals for these rows, summed in order as MultiControlNetModel
+        sums them (None for jobs without control). A float scale is the stock call's; a per-row
+        tensor scales the rows after one call."""
+        summed: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        for net, image, scale in zip(self.controlnets, images, scales, strict=True):
+            down, mid = net(
+                sample,
+                t,
+                encoder_hidden_states=context,
+                controlnet_cond=image,
+                conditioning_scale=scale if isinstance(scale, float) else 1.0,
+                guess_mode=False,
+                return_dict=False,
+            )
+            if isinstance(scale, torch.Tensor):
+                per_row = scale.view(-1, 1, 1, 1).to(mid.dtype)
+                down, mid = [d * per_row for d in down], mid * per_row
+            if summed is None:
+                summed = (list(down), mid)
+            else:
+                summed = ([a + b for a, b in zip(summed[0], down, strict=True)], summed[1] + mid)
+        return summed
 
     def _predict(
         self, model_input: torch.Tensor, t: torch.Tensor, step: int, total: int
@@ -560,21 +567,24 @@ class _Loop:
             for job, a, b in self.spans:
                 scale = self.items[job].spec.guidance_scale
                 text = self.text[job]
-                cscale = self._control_scale(job, step, total) if self.controlnet else 0.0
+                cscales = [
+                    self._control_scale(job, k, step, total) for k in range(len(self.controlnets))
+                ]
                 for r in range(a, b):
                     x, cond, pooled = model_input[r : r + 1], text.cond, text.pooled
-                    image = self.control[r : r + 1] if self.controlnet is not None else x
+                    images = [control[r : r + 1] for control in self.control]
                     if self._cfg(job):
                         assert text.uncond is not None
                         context = torch.cat([text.uncond, cond])
                         if pooled is not None and text.pooled_uncond is not None:
                             pooled = torch.cat([text.pooled_uncond, pooled])
                         pair = torch.cat([x] * 2)
-                        res = self._residuals(pair, t, context, torch.cat([image] * 2), cscale)
+                        pairs = [torch.cat([image] * 2) for image in images]
+                        res = self._residuals(pair, t, context, pairs, cscales)
                         uncond_pred, cond_pred = self._unet(pair, t, context, pooled, res).chunk(2)
                         parts.append(_guided(uncond_pred, cond_pred, scale))
                     else:
-                        res = self._residuals(x, t, cond, image, cscale)
+                        res = self._residuals(x, t, cond, images, cscales)
                         parts.append(self._unet(x, t, cond, pooled, res))
             return torch.cat(parts)
         if len(self.groups) == 1:
@@ -603,25 +613,25 @@ class _Loop:
             context = torch.cat([group.uncond, group.cond])
             if group.pooled_cond is not None and group.pooled_uncond is not None:
                 pooled = torch.cat([group.pooled_uncond, group.pooled_cond])
-        residuals = None
-        if self.controlnet is not None:
-            # Each row its own control image and its job's scale at this step, one call.
-            control = (
-                self.control if group.rows is None else self.control.index_select(0, group.rows)
-            )
+        # Each row its own control images and its job's scales at this step, one call a net.
+        images: list[torch.Tensor] = []
+        scales: list[torch.Tensor] = []
+        for k, all_rows in enumerate(self.control):
+            control = all_rows if group.rows is None else all_rows.index_select(0, group.rows)
             row_scales = torch.tensor(
                 [
-                    self._control_scale(job, step, total)
+                    self._control_scale(job, k, step, total)
                     for job, a, b in group.spans
                     for _ in range(a, b)
                 ],
                 device=self.device,
             )
-            image, scales = control, row_scales
             if group.uncond is not None:
-                image = torch.cat([control.index_select(0, group.cfg_rows), control])
-                scales = torch.cat([row_scales.index_select(0, group.cfg_rows), row_scales])
-            residuals = self._residuals(sample, t, context, image, scales)
+                control = torch.cat([control.index_select(0, group.cfg_rows), control])
+                row_scales = torch.cat([row_scales.index_select(0, group.cfg_rows), row_scales])
+            images.append(control)
+            scales.append(row_scales)
+        residuals = self._residuals(sample, t, context, images, scales)
         out = self._unet(sample, t, context, pooled, residuals)
         uncond_all, cond_all = out[: out.shape[0] - rows], out[out.shape[0] - rows :]
         uncond_row = 0

@@ -89,6 +89,6 @@ def image_parameters(spec: JobSpec, index: int) -> dict[str, Any]:
         )
     if spec.loras:
         parameters["loras"] = [{"id": lora.id, "scale": lora.scale} for lora in spec.loras]
-    if spec.control is not None:
-        parameters["control"] = spec.control.model_dump()
+    if spec.controls:
+        parameters["controls"] = [control.model_dump() for control in spec.controls]
     return parameters

@@ -18,6 +18,7 @@ from imagegen.core.contract import SCHEDULER_NAMES, ModelInfo
 from imagegen.core.settings import WorkerSettings
 from worker.adapters import AdapterCards, Adapters, load_adapters
 from worker.families import supports_batching
+from worker.preprocessors import preprocessor_names
 from worker.prompts import PromptEncoder
 from worker.schedulers import OWN, name_of
 from worker.single_file import config_source, is_single_file, load_single_file
@@ -194,6 +195,10 @@ def model_info(
         max_steps=int(max_steps) if max_steps is not None else None,
         adapters=adapters.loras if adapters else [],
         controls=adapters.controls if adapters else [],
+        # Preprocessors serve ControlNets: listed for a model that has some.
+        preprocessors=(
+            preprocessor_names(settings.depth_model) if adapters and adapters.controls else []
+        ),
         unavailable_adapters=adapters.unavailable if adapters else [],
         **(kind or {}),
         **prompt_fields(settings, tokenizer),

@@ -38,6 +38,7 @@ from worker.errors import (
 from worker.faults import CrashPoint
 from worker.inference import Inference
 from worker.metrics import WorkerMetrics
+from worker.preprocessors import Preprocessors
 from worker.progress import ProgressReporter
 from worker.state import WorkerState
 
@@ -66,6 +67,7 @@ class JobRunner:
         crash: CrashPoint | None = None,
         inference_for: Callable[[str], Inference] | None = None,
         fault_injection: bool = False,
+        preprocessors: Preprocessors | None = None,
     ) -> None:
         self.inference = inference
         # A worker serving several models: the warm Inference of a batch's model, by id.
@@ -76,6 +78,7 @@ class JobRunner:
         self.metrics = metrics
         self.crash = crash or CrashPoint(None)
         self.fault_injection = fault_injection  # FaultSettings: `__fault__:` prompts honoured
+        self.preprocessors = preprocessors or Preprocessors(settings.depth_model)
         self.progress = ProgressReporter(
             lifecycle,
             settings.progress_interval_s,
@@ -136,7 +139,14 @@ class JobRunner:
                     # The gateway's limit, checked here too: it counts only where it can
                     # read the model's tokenizer. A prompt past it fails invalid_request.
                     prompts.check(job.record.spec)
-                loaded.append(edits.load_inputs(self.lifecycle.redis, job.id, job.record.spec))
+                stored: dict[str, Any] = dict(
+                    edits.load_inputs(self.lifecycle.redis, job.id, job.record.spec)
+                )
+                # Preprocessing a control image (a depth model, say) can fail: the job fails.
+                stored["controls"] = self.preprocessors.maps(
+                    self.lifecycle.redis, job.record.spec, stored, self.settings.result_ttl_s
+                )
+                loaded.append(stored)
             except Exception as exc:  # that job fails alone; the others run
                 loaded.append(exc)
         if any(isinstance(inputs, Exception) for inputs in loaded):
@@ -156,7 +166,7 @@ class JobRunner:
                     progress,
                     image=inputs.get("image"),
                     mask=inputs.get("mask"),
-                    control_image=inputs.get("control"),
+                    control_images=inputs["controls"],
                     preview=progress,
                 )
             )

@@ -165,6 +165,7 @@ def to_generation_request(body: OpenAIImageRequest) -> GenerationRequest:
         "outpaint": body.outpaint,
         "loras": body.loras,
         "control": body.control,
+        "controls": body.controls,
         "output_format": body.output_format,
         # OpenAI takes a compression with any format; PNG is lossless, so it has none.
         "output_compression": (

@@ -15,7 +15,7 @@ import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JOB_ID_PREFIX = "gen_"
 # 16 random bytes, url-safe base64 without padding: 22 characters.
@@ -119,6 +119,10 @@ TASKS = ("text", "img2img", "inpaint", "outpaint")
 MAX_LORAS = 4
 LORA_SCALE_LIMIT = 2.0
 CONTROL_SCALE_MAX = 2.0
+# ControlNets one job may stack (`controls`), as diffusers' MultiControlNetModel sums them.
+MAX_CONTROLS = 3
+# What turns a user's image into a control map, in the worker ("none": the image is the map).
+PREPROCESSORS = ("none", "canny", "scribble", "depth", "pose")
 
 
 class LoraRef(BaseModel):
@@ -131,8 +135,9 @@ class LoraRef(BaseModel):
 
 
 class ControlRef(BaseModel):
-    """The ControlNet a job runs with. Its image, normalized to a PNG of the output's size, is
-    stored apart (`Keys.input(job, "control")`); `image` names the file sent."""
+    """One ControlNet a job runs with. Its image, normalized to a PNG of the output's size, is
+    stored apart (`Keys.input(job, control_blob(k))`, k its place in `controls`); `image` names
+    the file sent, `preprocess` (with its `options`) what the worker makes of it first."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -141,6 +146,8 @@ class ControlRef(BaseModel):
     start: float
     end: float
     image: InputRef
+    preprocess: str = "none"
+    options: dict[str, int] = Field(default_factory=dict)
 
 
 class AdapterInfo(BaseModel):
@@ -161,6 +168,12 @@ class UnavailableAdapter(BaseModel):
 
     id: str
     reason: str
+
+
+def control_blob(k: int) -> str:
+    """The input blob name of a job's k-th control image ("control" for the first, the one
+    name 1.1 stored, so jobs queued before an upgrade keep their input)."""
+    return "control" if k == 0 else f"control{k}"
 
 
 class JobSpec(BaseModel):
@@ -192,17 +205,27 @@ class JobSpec(BaseModel):
 
     # Adapters with a scale of 0 are left out at submit: scale 0 is the request without them.
     loras: tuple[LoraRef, ...] = ()
-    control: ControlRef | None = None
+    controls: tuple[ControlRef, ...] = ()
 
     # How the images are encoded; never part of the batch key (encoding follows the loop).
     output_format: OutputFormat = "png"
     output_compression: int = DEFAULT_OUTPUT_COMPRESSION
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_control(cls, data: Any) -> Any:
+        # Records written before `controls` (1.1) hold one `control`, stored as "control".
+        if isinstance(data, dict) and "control" in data:
+            data = dict(data)
+            control = data.pop("control")
+            data.setdefault("controls", [control] if control is not None else [])
+        return data
+
     @property
     def input_names(self) -> list[str]:
         """The input blobs stored with the job (`Keys.input`)."""
         names = {"text": [], "img2img": ["image"]}.get(self.task, ["image", "mask"])
-        return [*names, "control"] if self.control is not None else names
+        return [*names, *(control_blob(k) for k in range(len(self.controls)))]
 
     def image_seed(self, index: int) -> int:
         """Image `index` of a job uses seed + index, so n=1 reproduces any single image."""
@@ -223,8 +246,9 @@ class JobSpec(BaseModel):
         """The adapter set with its scales and the control id: jobs batch together only when
         it matches ("" for a job without any)."""
         parts = [f"{lora.id}:{lora.scale!r}" for lora in sorted(self.loras, key=lambda x: x.id)]
-        if self.control is not None:
-            parts.append(f"control={self.control.id}")
+        if self.controls:
+            # In order: the residuals are summed in the order the job names its ControlNets.
+            parts.append("control=" + "+".join(control.id for control in self.controls))
         return ",".join(parts)
 
     @property
@@ -325,6 +349,8 @@ class ModelInfo(BaseModel):
     max_steps: int | None = None
     adapters: list[AdapterInfo] = Field(default_factory=list)
     controls: list[AdapterInfo] = Field(default_factory=list)
+    # The control preprocessors its workers run (besides "none"), e.g. ["canny", "scribble"].
+    preprocessors: list[str] = Field(default_factory=list)
     unavailable_adapters: list[UnavailableAdapter] = Field(default_factory=list)
     # What the model is: "sd15" | "sd2" | "sdxl" ("" unknown), where its weights come from
     # ("diffusers" directory, "hub"), and whether its UNet is an inpainting one (9 channels).
@@ -386,6 +412,12 @@ class Keys:
     @staticmethod
     def image(job_id: str, index: int) -> str:
         return f"{Keys.PREFIX}:job:{job_id}:image:{index}"
+
+    @staticmethod
+    def control_map(digest: str) -> str:
+        """A preprocessed control map (PNG), by what it was made from
+        (worker.preprocessors.cache_key); it expires after the result TTL."""
+        return f"{Keys.PREFIX}:control-map:{digest}"
 
     @staticmethod
     def input(job_id: str, name: str) -> str:

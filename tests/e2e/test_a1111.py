@@ -34,7 +34,8 @@ def _b64(picture: Image.Image) -> str:
 SILHOUETTE_UNIT = webuiapi.ControlNetUnit(
     image=_silhouette_map(), model="silhouette [0123abcd]", weight=0.8, guidance_end=0.75
 ).to_dict()
-CANNY_UNIT = {**SILHOUETTE_UNIT, "module": "canny"}
+POSE_UNIT = {**SILHOUETTE_UNIT, "module": "openpose"}
+CANNY_UNIT = {**SILHOUETTE_UNIT, "module": "canny"}  # webuiapi's thresholds: 64 and 64
 
 
 @pytest.fixture()
@@ -133,11 +134,12 @@ def test_the_checkpoint_is_per_key_and_progress_and_interrupt_answer(
         ("enable_hr", True),
         ("restore_faces", True),
         ("alwayson_scripts.x", {"x": {"args": [1]}}),
-        ("alwayson_scripts.ControlNet.args[0].module", {"ControlNet": {"args": [CANNY_UNIT]}}),
+        ("alwayson_scripts.ControlNet.args[0].module", {"ControlNet": {"args": [POSE_UNIT]}}),
         (
-            "alwayson_scripts.ControlNet.args",
-            {"ControlNet": {"args": [SILHOUETTE_UNIT, SILHOUETTE_UNIT]}},
+            "alwayson_scripts.ControlNet.args[1].threshold_a",
+            {"ControlNet": {"args": [SILHOUETTE_UNIT, CANNY_UNIT]}},
         ),
+        ("alwayson_scripts.ControlNet.args", {"ControlNet": {"args": [SILHOUETTE_UNIT] * 4}}),
         (
             "alwayson_scripts.ControlNet.args[0].weight",
             {"ControlNet": {"args": [{**SILHOUETTE_UNIT, "weight": 5}]}},

@@ -141,6 +141,77 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         "control.end",
     ),
     ("control without image", {"control": {"id": "edges"}}, "control.image"),
+    ("four controls", {"controls": [{"id": "edges", "image": png_b64()}] * 4}, "controls"),
+    (
+        "control and controls",
+        {
+            "control": {"id": "edges", "image": png_b64()},
+            "controls": [{"id": "edges", "image": png_b64()}],
+        },
+        "controls",
+    ),
+    (
+        "unknown control in a list",
+        {"controls": [{"id": "edges", "image": png_b64()}, {"id": "nope", "image": png_b64()}]},
+        "controls[1].id",
+    ),
+    (
+        "preprocessor not configured",
+        {"controls": [{"id": "edges", "image": png_b64(), "preprocess": "depth"}]},
+        "controls[0].preprocess",
+    ),
+    (
+        "unknown preprocessor",
+        {"controls": [{"id": "edges", "image": png_b64(), "preprocess": "hed"}]},
+        "controls[0].preprocess",
+    ),
+    (
+        "options for scribble",
+        {
+            "controls": [
+                {
+                    "id": "edges",
+                    "image": png_b64(),
+                    "preprocess": "scribble",
+                    "options": {"low_threshold": 1},
+                }
+            ]
+        },
+        "controls[0].options",
+    ),
+    (
+        "canny low not below high",
+        {
+            "controls": [
+                {
+                    "id": "edges",
+                    "image": png_b64(),
+                    "preprocess": "canny",
+                    "options": {"low_threshold": 200, "high_threshold": 100},
+                }
+            ]
+        },
+        "controls[0].options",
+    ),
+    (
+        "canny threshold over 255",
+        {
+            "controls": [
+                {
+                    "id": "edges",
+                    "image": png_b64(),
+                    "preprocess": "canny",
+                    "options": {"high_threshold": 300},
+                }
+            ]
+        },
+        "controls[0].options.high_threshold",
+    ),
+    (
+        "controls image not an image",
+        {"controls": [{"id": "edges", "image": "aGVsbG8="}]},
+        "controls[0].image",
+    ),
 ]
 
 
@@ -155,6 +226,42 @@ def test_bad_adapters_are_a_422_naming_the_field(
     assert error["code"] == "invalid_request"
     assert error["message"].startswith(field), error
     assert "Traceback" not in response.text
+
+
+def test_a_photo_through_canny_is_the_job_of_its_canny_map(service: Gateway) -> None:
+    """`preprocess: canny` in the worker gives the image that sending OpenCV's edges of the
+    photo as the map gives; the models list names the preprocessors."""
+    import cv2
+    import numpy as np
+
+    photo = Image.new("RGB", (64, 64), (90, 110, 120))
+    photo.paste((230, 40, 40), (10, 12, 40, 44))
+    photo.paste((20, 30, 200), (36, 30, 60, 58))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    edges = cv2.Canny(np.asarray(photo), 50, 150)
+    mapped = io.BytesIO()
+    Image.fromarray(edges).convert("RGB").save(mapped, format="PNG")
+    canny = {
+        "id": "edges",
+        "image": base64.b64encode(buffer.getvalue()).decode(),
+        "preprocess": "canny",
+        "options": {"low_threshold": 50, "high_threshold": 150},
+    }
+    as_map = {"id": "edges", "image": base64.b64encode(mapped.getvalue()).decode()}
+    with service.client() as client:
+        entry = next(m for m in client.get("/v1/models").json()["data"] if m["id"] == MODEL)
+        assert entry["preprocessors"] == ["canny", "scribble"]
+        response = post(client, controls=[canny])
+        assert response.status_code == 202, response.text
+        shown = response.json()["request"]["controls"][0]
+        assert shown["preprocess"] == "canny" and shown["options"]["low_threshold"] == 50
+        preprocessed = run(client, controls=[canny])
+        given = run(client, control=as_map)
+        plain = run(client)
+    pixels = [np.asarray(Image.open(io.BytesIO(png))) for png in (preprocessed, given, plain)]
+    assert np.array_equal(pixels[0], pixels[1])
+    assert not np.array_equal(pixels[0], pixels[2])
 
 
 def test_a_lora_scale_that_is_not_finite_is_a_422(service: Gateway) -> None:
@@ -283,4 +390,4 @@ def test_sdk_cli_and_openai_endpoint_take_loras_and_control(
     assert Image.open(io.BytesIO(got)).tobytes() == want_pixels
     params = json.loads(Image.open(io.BytesIO(got)).text["parameters"])
     assert params["loras"] == [{"id": "lines", "scale": 0.8}]
-    assert params["control"]["id"] == "edges"
+    assert params["controls"][0]["id"] == "edges"

@@ -380,10 +380,11 @@ def _keep_openai_answer_quick(body: dict[str, Any]) -> None:
 
 
 def _drop_adapters(body: dict[str, Any]) -> None:
-    # `loras` / `control` name a model's own adapters, which the schema cannot list (the
+    # `loras` / `control(s)` name a model's own adapters, which the schema cannot list (the
     # served tiny model has none): their rules are tested in tests/e2e/test_adapters_http.py.
     body.pop("loras", None)
     body.pop("control", None)
+    body.pop("controls", None)
 
 
 def _digest(value: object) -> str:

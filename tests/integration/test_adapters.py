@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
 from builtin_model.tiny import save_misfit_lora, save_tiny_adapters
@@ -29,7 +30,7 @@ from worker.schedulers import build_scheduler
 def adapter_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("adapters") / "tiny"
     shutil.copytree(tiny_model_dir, directory)
-    return save_tiny_adapters(directory)
+    return save_tiny_adapters(directory, controlnets=("edges", "blobs"))
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,11 @@ def job(**changes: Any) -> JobSpec:
     return batch_job(**changes)
 
 
-def control(scale: float = 1.0, start: float = 0.0, end: float = 1.0) -> ControlRef:
+def control(
+    scale: float = 1.0, start: float = 0.0, end: float = 1.0, net: str = "edges"
+) -> ControlRef:
     image = InputRef(sha256="0" * 64, width=64, height=64)
-    return ControlRef(id="edges", scale=scale, start=start, end=end, image=image)
+    return ControlRef(id=net, scale=scale, start=start, end=end, image=image)
 
 
 def shape_image(box: tuple[int, int, int, int]) -> Image.Image:
@@ -75,11 +78,17 @@ def stock_lora(model_dir: Path, spec: JobSpec) -> list[np.ndarray]:
     return _stock_calls(pipe, spec, {})
 
 
-def stock_control(model_dir: Path, spec: JobSpec, image: Image.Image) -> list[np.ndarray]:
-    """A fresh `StableDiffusionControlNetPipeline` (plus the spec's LoRAs), one call per image."""
+def stock_control(
+    model_dir: Path, spec: JobSpec, images: Image.Image | list[Image.Image]
+) -> list[np.ndarray]:
+    """A fresh `StableDiffusionControlNetPipeline` (plus the spec's LoRAs), one call per image;
+    several controls go in diffusers' own MultiControlNetModel, as lists."""
     base = StableDiffusionPipeline.from_pretrained(model_dir)
-    assert spec.control is not None
-    net = ControlNetModel.from_pretrained(model_dir / "controlnets" / spec.control.id)
+    nets = [
+        ControlNetModel.from_pretrained(model_dir / "controlnets" / c.id) for c in spec.controls
+    ]
+    multi = isinstance(images, list)
+    net: Any = MultiControlNetModel(nets) if multi else nets[0]
     pipe = StableDiffusionControlNetPipeline(
         **{k: v for k, v in base.components.items() if k != "image_encoder"},
         controlnet=net,
@@ -90,11 +99,14 @@ def stock_control(model_dir: Path, spec: JobSpec, image: Image.Image) -> list[np
         for lora in spec.loras:
             pipe.load_lora_weights(model_dir / "loras" / lora.id, adapter_name=lora.id)
         pipe.set_adapters([lora.id for lora in spec.loras], [lora.scale for lora in spec.loras])
+    controls = spec.controls
     extra = {
-        "image": image,
-        "controlnet_conditioning_scale": spec.control.scale,
-        "control_guidance_start": spec.control.start,
-        "control_guidance_end": spec.control.end,
+        "image": images,
+        "controlnet_conditioning_scale": [c.scale for c in controls]
+        if multi
+        else controls[0].scale,
+        "control_guidance_start": [c.start for c in controls] if multi else controls[0].start,
+        "control_guidance_end": [c.end for c in controls] if multi else controls[0].end,
     }
     return _stock_calls(pipe, spec, extra)
 
@@ -123,7 +135,7 @@ def _stock_calls(pipe: Any, spec: JobSpec, extra: dict[str, Any]) -> list[np.nda
 def test_the_worker_announces_its_adapters_and_controls(model: LoadedModel) -> None:
     assert [a.id for a in model.info.adapters] == ["dots", "lines"]
     assert {a.kind for a in model.info.adapters} == {"lora"}
-    assert [c.id for c in model.info.controls] == ["edges"]
+    assert [c.id for c in model.info.controls] == ["blobs", "edges"]
     assert model.info.adapters[1].description == "test LoRA lines"
 
 
@@ -152,26 +164,62 @@ def test_control_jobs_match_the_stock_controlnet_pipeline(
     """Two control jobs in one batch, each with its own image, scale and step window."""
     a, b = shape_image((8, 8, 30, 30)), shape_image((30, 20, 60, 50))
     specs = [
-        job(scheduler=scheduler, control=control(1.0), n=2),
-        job(scheduler=scheduler, control=control(0.6, 0.25, 0.75), prompt="a green sphere"),
+        job(scheduler=scheduler, controls=(control(1.0),), n=2),
+        job(scheduler=scheduler, controls=(control(0.6, 0.25, 0.75),), prompt="a green sphere"),
     ]
     got = batch(
         model,
-        [BatchItem(specs[0], None, control_image=a), BatchItem(specs[1], None, control_image=b)],
+        [
+            BatchItem(specs[0], None, control_images=(a,)),
+            BatchItem(specs[1], None, control_images=(b,)),
+        ],
     )
     for spec, image, images in zip(specs, (a, b), got, strict=True):
         want = stock_control(adapter_model_dir, spec, image)
         assert all(np.array_equal(x, y) for x, y in zip(images, want, strict=True))
-    plain = batch(model, [BatchItem(specs[0].model_copy(update={"control": None}))])[0]
+    plain = batch(model, [BatchItem(specs[0].model_copy(update={"controls": ()}))])[0]
     assert not np.array_equal(plain[0], got[0][0])
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
+def test_stacked_controls_match_the_stock_multi_controlnet(
+    model: LoadedModel, adapter_model_dir: Path, scheduler: str
+) -> None:
+    """Two ControlNets a job (diffusers' MultiControlNetModel), two such jobs in one batch,
+    each with its own images, scales and windows; the order of the nets is the job's."""
+    a, b = shape_image((8, 8, 30, 30)), shape_image((30, 20, 60, 50))
+    pair = (control(1.0), control(0.7, 0.2, 0.9, net="blobs"))
+    other = (control(0.5, 0.0, 0.5), control(1.3, net="blobs"))
+    specs = [
+        job(scheduler=scheduler, controls=pair, n=2),
+        job(scheduler=scheduler, controls=other, prompt="a green sphere", seed=9),
+    ]
+    items = [
+        BatchItem(specs[0], None, control_images=(a, b)),
+        BatchItem(specs[1], None, control_images=(b, a)),
+    ]
+    got = batch(model, items)
+    for spec, images, result in zip(specs, ([a, b], [b, a]), got, strict=True):
+        want = stock_control(adapter_model_dir, spec, images)
+        assert all(np.array_equal(x, y) for x, y in zip(result, want, strict=True))
+    single = batch(
+        model,
+        [BatchItem(specs[0].model_copy(update={"controls": pair[:1]}), None, control_images=(a,))],
+    )[0]
+    assert not np.array_equal(single[0], got[0][0])
+    # The GPU layout: one call a net for every row, scales per row; float rounding only.
+    for x_images, y_images in zip(got, run_batch(model, items, invariant=False), strict=True):
+        assert isinstance(y_images, list)
+        for x, y in zip(x_images, y_images, strict=True):
+            assert np.abs(x.astype(int) - np.asarray(y, dtype=int)).max() <= 2
 
 
 def test_lora_and_control_together_match_the_stock_pipeline(
     model: LoadedModel, adapter_model_dir: Path
 ) -> None:
     image = shape_image((16, 16, 48, 48))
-    spec = job(loras=(LoraRef(id="lines", scale=0.5),), control=control(1.2, 0.0, 0.5))
-    got = batch(model, [BatchItem(spec, None, control_image=image)])[0]
+    spec = job(loras=(LoraRef(id="lines", scale=0.5),), controls=(control(1.2, 0.0, 0.5),))
+    got = batch(model, [BatchItem(spec, None, control_images=(image,))])[0]
     assert all(
         np.array_equal(x, y)
         for x, y in zip(got, stock_control(adapter_model_dir, spec, image), strict=True)
@@ -182,8 +230,11 @@ def test_unbatched_control_rows_are_close_to_the_invariant_ones(model: LoadedMod
     """The GPU layout (one UNet and one ControlNet call for every row, scales per row) gives
     what the per-image layout gives, to float rounding."""
     a, b = shape_image((8, 8, 30, 30)), shape_image((30, 20, 60, 50))
-    specs = [job(control=control(1.0), n=2), job(control=control(0.6, 0.25, 0.75), seed=3)]
-    items = [BatchItem(specs[0], None, control_image=a), BatchItem(specs[1], None, control_image=b)]
+    specs = [job(controls=(control(1.0),), n=2), job(controls=(control(0.6, 0.25, 0.75),), seed=3)]
+    items = [
+        BatchItem(specs[0], None, control_images=(a,)),
+        BatchItem(specs[1], None, control_images=(b,)),
+    ]
     invariant = run_batch(model, items, invariant=True)
     fast = run_batch(model, items, invariant=False)
     for x_images, y_images in zip(invariant, fast, strict=True):
@@ -201,14 +252,17 @@ def test_switching_adapters_never_leaks(model: LoadedModel) -> None:
     plain = job(seed=5)
 
     def run(spec: JobSpec, control_image: Image.Image | None = None) -> list[np.ndarray]:
-        result = inference.run([BatchItem(spec, None, control_image=control_image)])[0]
+        maps = (control_image,) if control_image is not None else ()
+        result = inference.run([BatchItem(spec, None, control_images=maps)])[0]
         assert isinstance(result, list)
         return pixels(result)
 
     first = run(plain)
     with_lora = run(plain.model_copy(update={"loras": (LoraRef(id="lines", scale=1.0),)}))
     both = run(
-        plain.model_copy(update={"loras": (LoraRef(id="lines", scale=0.5),), "control": control()}),
+        plain.model_copy(
+            update={"loras": (LoraRef(id="lines", scale=0.5),), "controls": (control(),)}
+        ),
         image,
     )
     assert not np.array_equal(first[0], with_lora[0])
@@ -277,8 +331,8 @@ def test_the_gpu_bench_adapters_load_and_act_in_the_worker(
         BatchItem(spec),
         BatchItem(spec.model_copy(update={"loras": (LoraRef(id=lora_id, scale=1.0),)})),
         BatchItem(
-            spec.model_copy(update={"control": ref}),
-            control_image=shape_image((16, 16, 48, 48)),
+            spec.model_copy(update={"controls": (ref,)}),
+            control_images=(shape_image((16, 16, 48, 48)),),
         ),
     ]
     results = [run_batch(model, [item], invariant=True)[0] for item in items]

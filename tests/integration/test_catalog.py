@@ -166,9 +166,9 @@ models:
     image.paste((255, 255, 255), (16, 16, 48, 48))
     results = []
     for model_id in ("named", "own"):
-        spec = batch_job(model=model_id, control=control, steps=2)
+        spec = batch_job(model=model_id, controls=(control,), steps=2)
         model = manager.acquire(model_id).model
-        (result,) = run_batch(model, [BatchItem(spec, control_image=image)], invariant=True)
+        (result,) = run_batch(model, [BatchItem(spec, control_images=(image,))], invariant=True)
         assert isinstance(result, list)
         results.append(np.asarray(result[0]))
     assert np.array_equal(*results)

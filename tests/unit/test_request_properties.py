@@ -57,6 +57,7 @@ optional_fields: dict[str, st.SearchStrategy[Any]] = {
     # Adapters: absent here (their ids are checked against the model's, at resolve).
     "loras": st.none(),
     "control": st.none(),
+    "controls": st.none(),
     # Webhooks: absent here (their URLs are resolved and checked, in tests/e2e/test_webhooks.py).
     "webhook": st.none(),
     "output_format": st.none() | st.sampled_from(["png", "jpeg", "webp"]),
@@ -259,6 +260,14 @@ def test_each_rejection_names_the_one_field_that_is_wrong(
         | st.just({"id": "x"})
         | st.just({"id": "x", "image": "x", "start": 0.5, "end": 0.5})
         | st.just({"id": "x", "image": "x", "scale": -1}),
+        "controls": st.integers()
+        | st.just([{"id": "x", "image": "x"}] * 4)
+        | st.just([{"id": "x", "image": "x", "preprocess": "hed"}])
+        | st.just([{"id": "x", "image": "x", "preprocess": "none", "options": {}}])
+        | st.just(
+            [{"id": "x", "image": "x", "preprocess": "canny", "options": {"low_threshold": 300}}]
+        )
+        | st.just([{"id": "x"}]),
         "webhook": st.integers()
         | st.text()
         | st.just({"url": "https://example.com/hook", "events": ["done"]})

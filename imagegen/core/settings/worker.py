@@ -82,6 +82,13 @@ class WorkerSettings(CommonSettings):
         "`content_filtered`), never a silent black image. off = no checker runs and every "
         "image is returned: the operator answers for what the service then shows.",
     )
+    depth_model: str | None = Field(
+        None,
+        description="The `depth` control preprocessor: a transformers depth-estimation model "
+        "(a local directory or a hub id in the cache, e.g. "
+        "depth-anything/Depth-Anything-V2-Small-hf); unset = no `depth` preprocessor. `canny` "
+        "and `scribble` need no model.",
+    )
     lora_rescan_s: float = Field(
         10.0,
         ge=0,
