@@ -276,8 +276,8 @@ def _edge_fill(canvas: Image.Image, inner: Image.Image, left: int, top: int) -> 
 
 async def limit_body_without_images(request: Request) -> None:
     """A route dependency (it runs before the body is validated): a body past the plain limit
-    is allowed only when it carries `image` or `mask` (the middleware let it through on an
-    image route, up to the image limit)."""
+    is allowed only when it carries `image`, `mask` or control images (the middleware let it
+    through on an image route, up to the image limit)."""
     received = request.scope.get("state", {}).get(BODY_BYTES, 0)
     max_bytes: int = request.app.state.settings.max_body_bytes
     if received <= max_bytes:
@@ -285,11 +285,13 @@ async def limit_body_without_images(request: Request) -> None:
     carries = False
     try:
         body = await request.json()  # parsed already, and cached
-        carries = isinstance(body, dict) and any(body.get(k) is not None for k in ("image", "mask"))
+        carries = isinstance(body, dict) and any(
+            body.get(k) is not None for k in ("image", "mask", "control", "controls")
+        )
     except Exception:
         carries = False
     if not carries:
         raise PayloadTooLarge(
             f"the request body exceeds the limit of {max_bytes} bytes (larger bodies are "
-            "accepted only with `image`/`mask`)"
+            "accepted only with `image`, `mask` or `controls`)"
         )

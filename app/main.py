@@ -23,6 +23,7 @@ from app.playground import router as playground_router
 from app.registry import ModelRegistry
 from app.routes import (
     a1111,
+    control,
     generations,
     health,
     models,
@@ -136,6 +137,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
     app.include_router(generations.router)
     app.include_router(openai_images.router)
+    app.include_router(control.router)
     app.include_router(a1111.router)
     app.include_router(openai_edits.router)
     app.include_router(models.router)

@@ -46,6 +46,7 @@ class RequestId:
 IMAGE_PATHS = frozenset(
     {
         "/v1/generations",
+        "/v1/control/preprocess",
         "/v1/images/generations",
         "/v1/images/edits",
         "/sdapi/v1/img2img",

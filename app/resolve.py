@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from app import images_in
 from app.errors import InvalidRequest, Unavailable
 from app.prompt_tokens import Encode
-from app.schemas import GenerationRequest
+from app.schemas import GenerationRequest, PreprocessRequest
 from imagegen.core import prompts
 from imagegen.core.contract import (
     DEFAULT_OUTPUT_COMPRESSION,
@@ -41,6 +41,71 @@ def pixel_cap(settings: GatewaySettings, info: ModelInfo | None) -> int:
     return min(cap, info.max_pixels) if info is not None and info.max_pixels else cap
 
 
+def served_model(target: Target, by_default: bool) -> ModelInfo:
+    """The model's record; a 503 while the default model has no worker yet, a 422 naming
+    `model` for a model no worker ever announced."""
+    if target.info is not None:
+        return target.info
+    if by_default:
+        raise Unavailable(
+            f"the default model {target.model_id!r} has no worker registered yet; retry shortly"
+        )
+    known = ", ".join(target.known) or "none"
+    raise InvalidRequest.for_field(
+        "model", f"unknown model {target.model_id!r}; known models: {known}"
+    )
+
+
+def resolve_preprocess(
+    request: PreprocessRequest, settings: GatewaySettings, target: Target
+) -> tuple[JobSpec, dict[str, bytes]]:
+    """The control-preview job of `request` (task "preprocess": its one image is the map at
+    the output size, made by a worker of the model) and its input blob. Blocking: decodes the
+    picture, so the gateway runs it in a thread."""
+    info = served_model(target, request.model is None)
+    if request.preprocess != "none" and request.preprocess not in info.preprocessors:
+        raise InvalidRequest.for_field(
+            "preprocess",
+            f"preprocessor {request.preprocess!r} is not available for model {info.id!r}; "
+            f"its preprocessors: {', '.join(['none', *info.preprocessors])}",
+        )
+    width = request.width if request.width is not None else info.width
+    height = request.height if request.height is not None else info.height
+    cap = pixel_cap(settings, info)
+    if width * height > cap:
+        raise InvalidRequest.for_field(
+            "width" if request.width is not None else "height",
+            f"width*height = {width * height} exceeds the pixel cap of {cap}",
+        )
+    png, image = images_in.control_input(
+        request.image, width, height, "image", settings.max_input_image_bytes, cap
+    )
+    control = ControlRef(
+        id="preview",
+        scale=1.0,
+        start=0.0,
+        end=1.0,
+        image=image,
+        preprocess=request.preprocess,
+        options=request.options_used(),
+    )
+    spec = JobSpec(
+        prompt="",
+        negative_prompt="",
+        width=width,
+        height=height,
+        steps=1,
+        guidance_scale=0.0,
+        seed=0,
+        n=1,
+        scheduler=info.scheduler,
+        model=info.id,
+        task="preprocess",
+        controls=(control,),
+    )
+    return spec, {control_blob(0): png}
+
+
 def resolve_request(
     request: GenerationRequest,
     settings: GatewaySettings,
@@ -53,15 +118,8 @@ def resolve_request(
     normalized images of `inputs` and the control image). `encode` counts prompt tokens with
     the model's tokenizer (None: not counted). No I/O: the gateway looks the model up first."""
     s = settings
-    model_id, info, known = target.model_id, target.info, target.known
-    if info is None:
-        if request.model is None:
-            raise Unavailable(
-                f"the default model {model_id!r} has no worker registered yet; retry shortly"
-            )
-        raise InvalidRequest.for_field(
-            "model", f"unknown model {model_id!r}; known models: {', '.join(known) or 'none'}"
-        )
+    model_id = target.model_id
+    info = served_model(target, request.model is None)
     if len(request.prompt.strip()) > s.max_prompt_chars:
         raise InvalidRequest.for_field(
             "prompt", f"must be at most {s.max_prompt_chars} characters after trimming"

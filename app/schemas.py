@@ -172,6 +172,39 @@ class ControlRequest(BaseModel):
         return (self.options or ControlOptions()).model_dump()
 
 
+class PreprocessRequest(BaseModel):
+    """`POST /v1/control/preprocess`: the control map a job would use (A1111's "preview
+    annotator"), made by a worker of the model."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
+        description="The model whose workers make it; default: the service's default model.",
+    )
+    image: str = Field(
+        description="PNG, JPEG or WebP as base64 or a data:image/...;base64, URI (the same "
+        "checks as a job's images)."
+    )
+    preprocess: Preprocess = Field(description="One of the model's `preprocessors`, or none.")
+    options: ControlOptions | None = Field(None, description="canny's thresholds.")
+    width: Width | None = Field(None, description="The map's size; default the model's.")
+    height: Width | None = Field(None, description="The map's size; default the model's.")
+
+    @field_validator("options")
+    @classmethod
+    def _options_for_canny(cls, value: ControlOptions | None, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("preprocess", "canny") != "canny":
+            raise ValueError("only the canny preprocessor takes options")
+        return value
+
+    def options_used(self) -> dict[str, int]:
+        if self.preprocess != "canny":
+            return {}
+        return (self.options or ControlOptions()).model_dump()
+
+
 WebhookEvent = Literal["running", "succeeded", "failed", "canceled"]
 
 
@@ -396,7 +429,9 @@ class GenerationParams(BaseModel):
     n: int
     scheduler: str
     model: str
-    task: str = Field("text", description="text | img2img | inpaint | outpaint")
+    task: str = Field(
+        "text", description="text | img2img | inpaint | outpaint | preprocess (a control preview)"
+    )
     image: InputRef | None = Field(None, description="The input image: sha256 and size.")
     mask: InputRef | None = Field(None, description="The mask as sent: sha256 and size.")
     strength: float | None = None

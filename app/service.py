@@ -24,13 +24,14 @@ from app.errors import (
 )
 from app.prompt_tokens import TokenCounters
 from app.registry import ModelRegistry
-from app.schemas import GenerationRequest, JobDocument
+from app.schemas import GenerationRequest, JobDocument, PreprocessRequest
 from imagegen.core.contract import (
     JOB_ID_PREFIX,
     JobRecord,
     JobSpec,
     JobStatus,
     Keys,
+    WebhookTarget,
     is_valid_job_id,
 )
 from imagegen.core.destinations import Refused, check_destination
@@ -76,7 +77,7 @@ class GenerationService:
         self.token_counters = TokenCounters(connection)
 
     # -- submit ---------------------------------------------------------------------------------
-    async def target(self, request: GenerationRequest) -> resolve.Target:
+    async def target(self, request: GenerationRequest | PreprocessRequest) -> resolve.Target:
         """The model the request names, as workers published it (one lookup per submit)."""
         model_id = request.model or self.settings.default_model
         info = await self.registry.get(model_id)
@@ -181,6 +182,33 @@ class GenerationService:
                     raise InvalidRequest.for_field(field, "needs `image`")
         # A bad request never consumes an idempotency key.
         spec, blobs = await self.resolve_with_blobs(request, target, inputs)
+        body_hash = ""
+        if idempotency_key is not None:
+            body_hash = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        webhook = request.webhook.to_contract() if request.webhook is not None else None
+        return await self.enqueue(spec, blobs, api_key, webhook, idempotency_key, body_hash)
+
+    async def preprocess(self, request: PreprocessRequest, api_key: str = "") -> JobDocument:
+        """Queue the control-preview job of `request` (a worker of its model makes the map),
+        under the same admission as any job."""
+        target = await self.target(request)
+        spec, blobs = await anyio.to_thread.run_sync(
+            resolve.resolve_preprocess, request, self.settings, target
+        )
+        job, _ = await self.enqueue(spec, blobs, api_key)
+        return job
+
+    async def enqueue(
+        self,
+        spec: JobSpec,
+        blobs: dict[str, bytes],
+        api_key: str,
+        webhook: WebhookTarget | None = None,
+        idempotency_key: str | None = None,
+        body_hash: str = "",
+    ) -> tuple[JobDocument, bool]:
+        """Write a resolved job through the lifecycle's submit script (admission, queue depth
+        and idempotency in the same step); its document and whether it was created."""
         record = JobRecord(
             id=new_job_id(),
             status=JobStatus.QUEUED,
@@ -189,12 +217,10 @@ class GenerationService:
             api_key=api_key,
             request_id=request_id.get(),
             timeout_s=self.job_timeout_s(spec),
-            webhook=request.webhook.to_contract() if request.webhook is not None else None,
+            webhook=webhook,
         )
         idempotency = None
-        body_hash = ""
         if idempotency_key is not None:
-            body_hash = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
             owner_key = hashlib.sha256(f"{api_key}\n{idempotency_key}".encode()).hexdigest()
             idempotency = (
                 Keys.idempotency(owner_key),

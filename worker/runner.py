@@ -155,6 +155,9 @@ class JobRunner:
             ]
             rest = iter(self._infer(runnable) if runnable else [])
             return [x if isinstance(x, Exception) else next(rest) for x in loaded]
+        if batch[0].record.spec.task == "preprocess":
+            # A control preview: the map is the job's one image; no pipeline runs.
+            return [[inputs["controls"][0]] for inputs in loaded if isinstance(inputs, dict)]
         items = []
         for job, inputs in zip(batch, loaded, strict=True):
             if isinstance(inputs, Exception):

@@ -42,7 +42,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 
 # What a job does with its inputs: text alone, or image-to-image, inpainting, outpainting.
-Task = Literal["text", "img2img", "inpaint", "outpaint"]
+# "preprocess": a control preview (POST /v1/control/preprocess), the map as its one image.
+Task = Literal["text", "img2img", "inpaint", "outpaint", "preprocess"]
 # The file format of a job's images: PNG (default, lossless) or, as OpenAI's `output_format`,
 # JPEG/WebP at `output_compression` (0..100, OpenAI's default 100).
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -224,7 +225,9 @@ class JobSpec(BaseModel):
     @property
     def input_names(self) -> list[str]:
         """The input blobs stored with the job (`Keys.input`)."""
-        names = {"text": [], "img2img": ["image"]}.get(self.task, ["image", "mask"])
+        names = {"text": [], "preprocess": [], "img2img": ["image"]}.get(
+            self.task, ["image", "mask"]
+        )
         return [*names, *(control_blob(k) for k in range(len(self.controls)))]
 
     def image_seed(self, index: int) -> int:

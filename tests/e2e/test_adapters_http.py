@@ -264,6 +264,43 @@ def test_a_photo_through_canny_is_the_job_of_its_canny_map(service: Gateway) -> 
     assert not np.array_equal(pixels[0], pixels[2])
 
 
+def test_the_preview_is_the_map_a_job_uses(service: Gateway) -> None:
+    """POST /v1/control/preprocess answers the map a worker makes, at the model's size."""
+    import cv2
+    import numpy as np
+
+    photo = Image.new("RGB", (96, 80), (90, 110, 120))
+    photo.paste((230, 40, 40), (10, 12, 50, 60))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    sent = base64.b64encode(buffer.getvalue()).decode()
+    resized = photo.resize((64, 64), Image.Resampling.LANCZOS)
+    with service.client() as client:
+        body = {"model": MODEL, "image": sent, "preprocess": "canny"}
+        answer = client.post("/v1/control/preprocess", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"] == "image/png"
+        job = client.get(f"/v1/generations/{answer.headers['x-job-id']}").json()
+        assert job["request"]["task"] == "preprocess" and job["status"] == "succeeded"
+        edges = cv2.Canny(np.asarray(resized), 100, 200)
+        got = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"))
+        assert np.array_equal(got, np.stack([edges] * 3, axis=-1))
+        plain = client.post("/v1/control/preprocess", json={**body, "preprocess": "none"})
+        assert np.array_equal(
+            np.asarray(Image.open(io.BytesIO(plain.content)).convert("RGB")), np.asarray(resized)
+        )
+        for bad, field in [
+            ({"preprocess": "depth"}, "preprocess"),
+            ({"preprocess": "scribble", "options": {"low_threshold": 1}}, "options"),
+            ({"image": "aGVsbG8="}, "image"),
+            ({"model": "nope"}, "model"),
+            ({"width": 4096, "height": 4096}, "width"),
+        ]:
+            refused = client.post("/v1/control/preprocess", json={**body, **bad})
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["error"]["message"].startswith(field), refused.text
+
+
 def test_a_lora_scale_that_is_not_finite_is_a_422(service: Gateway) -> None:
     raw = '{"model": "MODEL", "prompt": "x", "loras": [{"id": "lines", "scale": NaN}]}'
     raw = raw.replace("MODEL", MODEL)

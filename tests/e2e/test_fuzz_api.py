@@ -70,6 +70,8 @@ REQUEST_TIMEOUT_S = 20
 SUBMIT = "POST /v1/generations"
 # OpenAI's images.generate: answers once the job is done, so its accepted bodies are kept small.
 OPENAI = "POST /v1/images/generations"
+# The control preview answers once its small job is done; a model with controls makes it.
+PREPROCESS = "POST /v1/control/preprocess"
 A1111 = {
     "txt2img": "POST /sdapi/v1/txt2img",
     "img2img": "POST /sdapi/v1/img2img",
@@ -236,6 +238,10 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
         if meta.generation.mode.is_positive:
             _keep_a1111_rules(body, case.operation.label)
         return case
+    if case.operation.label == PREPROCESS and isinstance(body, dict) and meta is not None:
+        if meta.generation.mode.is_positive:
+            _keep_preprocess_rules(body)
+        return case
     if (
         case.operation.label not in (SUBMIT, OPENAI)
         or not isinstance(body, dict)
@@ -258,6 +264,22 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
 
 
 A1111_FIELDS = set(A1111Request.model_fields)
+
+
+def _keep_preprocess_rules(body: dict[str, Any]) -> None:
+    """A served model with controls (the built-in one), a real picture, one of its
+    preprocessors, options only for canny, a small size."""
+    body["model"] = "shapes-64" if body.get("model") is not None else None
+    body["image"] = base64.b64encode(INPUT_PNG).decode()
+    if body.get("preprocess") not in ("none", "canny", "scribble"):
+        body["preprocess"] = _pick(["none", "canny", "scribble"], body.get("preprocess"))
+    if body.get("preprocess") != "canny":
+        body.pop("options", None)
+    elif isinstance(body.get("options"), dict):
+        body["options"] = {"low_threshold": 40, "high_threshold": 120}
+    for name in ("width", "height"):
+        if isinstance(body.get(name), int | float):
+            body[name] = 64
 
 
 def _keep_a1111_rules(body: dict[str, Any], label: str) -> None:
