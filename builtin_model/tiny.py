@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -246,7 +247,6 @@ def save_tiny_adapters(
     """Give the tiny pipeline at `directory` two LoRAs (`lines`, rank 4, and `dots`, rank 2)
     and ControlNets (`edges`, and any other names given, each its own weights), all random but
     with effect (no zero-initialised halves)."""
-    from diffusers import ControlNetModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -266,16 +266,28 @@ def save_tiny_adapters(
             json.dumps({"description": f"test LoRA {name}", "default_scale": 1.0})
         )
     for name in controlnets:
-        net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
-        with torch.no_grad():
-            for param_name, param in net.named_parameters():
-                zero_conv = "controlnet_" in param_name and "cond_embedding" not in param_name
-                if zero_conv or "cond_embedding.conv_out" in param_name:
-                    param.normal_(0.0, 0.05)
-        out = directory / "controlnets" / name
-        net.save_pretrained(out, safe_serialization=True)
-        (out / "imagegen_adapter.json").write_text(json.dumps({"description": "test control"}))
+        save_tiny_controlnet(directory, name, pipe.unet)
     return directory
+
+
+def save_tiny_controlnet(directory: Path, name: str, unet: Any = None) -> Path:
+    """A ControlNet for the tiny pipeline at `directory` (SD or SDXL: made from its UNet, as
+    diffusers' `ControlNetModel.from_unet` makes one), random where training would have left
+    zeros, saved as `controlnets/<name>/` beside it."""
+    from diffusers import ControlNetModel
+
+    if unet is None:
+        unet = UNet2DConditionModel.from_pretrained(directory / "unet")
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():
+        for param_name, param in net.named_parameters():
+            zero_conv = "controlnet_" in param_name and "cond_embedding" not in param_name
+            if zero_conv or "cond_embedding.conv_out" in param_name:
+                param.normal_(0.0, 0.05)
+    out = directory / "controlnets" / name
+    net.save_pretrained(out, safe_serialization=True)
+    (out / "imagegen_adapter.json").write_text(json.dumps({"description": "test control"}))
+    return out
 
 
 def _random_unet_lora(

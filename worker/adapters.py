@@ -202,7 +202,9 @@ def adapter_cards(
             card = Path(where) / CARD if Path(where).is_dir() else None
             cards.controls.append(_card(adapter_id, card, "controlnet", "diffusers"))
         else:
-            reason = "ControlNets run with Stable Diffusion 1.x/2.x pipelines only"
+            reason = (
+                "ControlNets run with Stable Diffusion 1.x/2.x and SDXL text-to-image pipelines"
+            )
             cards.unavailable.append(UnavailableAdapter(id=adapter_id, reason=reason))
     return cards, loadable
 
@@ -445,7 +447,16 @@ def _load_controlnet(
     ours = (pipe.unet.config.cross_attention_dim, tuple(pipe.unet.config.block_out_channels))
     theirs = (net.config.cross_attention_dim, tuple(net.config.block_out_channels))
     if theirs != ours:
-        return f"does not fit the model's UNet (channels {theirs[1]} vs {ours[1]})"
+        return (
+            f"does not fit the model's UNet (text width {theirs[0]} vs {ours[0]}, channels "
+            f"{theirs[1]} vs {ours[1]}: a ControlNet of another model family)"
+        )
+    if net.config.addition_embed_type != pipe.unet.config.addition_embed_type:
+        return (
+            f"does not fit the model's UNet (its added conditioning is "
+            f"{net.config.addition_embed_type!r}, the model's "
+            f"{pipe.unet.config.addition_embed_type!r}: a ControlNet of another family)"
+        )
     adapters.controlnets[adapter_id] = net.to(device).eval()
     return None
 

@@ -533,10 +533,15 @@ class _Loop:
         context: torch.Tensor,
         images: list[torch.Tensor],
         scales: list[float] | list[torch.Tensor],
+        pooled: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         """The ControlNets' residuals for these rows, summed in order as MultiControlNetModel
         sums them (None for jobs without control). A float scale is the stock call's; a per-row
-        tensor scales the rows after one call."""
+        tensor scales the rows after one call. SDXL's ControlNets take the UNet's pooled text
+        embedding and micro-conditioning too, as StableDiffusionXLControlNetPipeline passes."""
+        added = None
+        if pooled is not None:
+            added = {"text_embeds": pooled, "time_ids": self.time_ids.repeat(pooled.shape[0], 1)}
         summed: tuple[list[torch.Tensor], torch.Tensor] | None = None
         for net, image, scale in zip(self.controlnets, images, scales, strict=True):
             down, mid = net(
@@ -546,6 +551,7 @@ class _Loop:
                 controlnet_cond=image,
                 conditioning_scale=scale if isinstance(scale, float) else 1.0,
                 guess_mode=False,
+                added_cond_kwargs=added,
                 return_dict=False,
             )
             if isinstance(scale, torch.Tensor):
@@ -580,11 +586,11 @@ class _Loop:
                             pooled = torch.cat([text.pooled_uncond, pooled])
                         pair = torch.cat([x] * 2)
                         pairs = [torch.cat([image] * 2) for image in images]
-                        res = self._residuals(pair, t, context, pairs, cscales)
+                        res = self._residuals(pair, t, context, pairs, cscales, pooled)
                         uncond_pred, cond_pred = self._unet(pair, t, context, pooled, res).chunk(2)
                         parts.append(_guided(uncond_pred, cond_pred, scale))
                     else:
-                        res = self._residuals(x, t, cond, images, cscales)
+                        res = self._residuals(x, t, cond, images, cscales, pooled)
                         parts.append(self._unet(x, t, cond, pooled, res))
             return torch.cat(parts)
         if len(self.groups) == 1:
@@ -631,7 +637,7 @@ class _Loop:
                 row_scales = torch.cat([row_scales.index_select(0, group.cfg_rows), row_scales])
             images.append(control)
             scales.append(row_scales)
-        residuals = self._residuals(sample, t, context, images, scales)
+        residuals = self._residuals(sample, t, context, images, scales, pooled)
         out = self._unet(sample, t, context, pooled, residuals)
         uncond_all, cond_all = out[: out.shape[0] - rows], out[out.shape[0] - rows :]
         uncond_row = 0

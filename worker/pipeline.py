@@ -163,9 +163,9 @@ def prompt_fields(settings: WorkerSettings, tokenizer: Any) -> dict[str, Any]:
 
 
 def controls_allowed(pipeline_class: str) -> bool:
-    """ControlNet residuals run in the batch loop for SD 1.x/2.x (not SDXL: its ControlNets
-    take the micro-conditioning too, which the loop does not pass them)."""
-    return pipeline_class == "StableDiffusionPipeline"
+    """ControlNet residuals run in the batch loop for SD 1.x/2.x and SDXL (its ControlNets
+    get the pooled embedding and micro-conditioning the UNet gets)."""
+    return pipeline_class in ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def model_info(

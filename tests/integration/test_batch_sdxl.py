@@ -186,3 +186,107 @@ def test_sdxl_inputs_are_encoded_as_the_stock_pipelines_encode_them(
             )
         expected += [np.asarray(im) for im in out.images]
     assert_identical(pixels(result), expected)
+
+
+@pytest.fixture(scope="module")
+def sdxl_control_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from builtin_model.tiny import save_tiny_controlnet
+
+    directory = save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl-control")
+    save_tiny_controlnet(directory, "edges")
+    save_tiny_controlnet(directory, "depth")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sdxl_control(sdxl_control_dir: Path) -> LoadedModel:
+    return load_model(Settings(model=str(sdxl_control_dir), model_id="sdxl", device="cpu"))
+
+
+def _control_map(box: tuple[int, int, int, int]) -> Any:
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), "black")
+    image.paste((255, 255, 255), box)
+    return image
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_sdxl_controlnets_match_the_stock_sdxl_controlnet_pipeline(
+    sdxl_control: LoadedModel, sdxl_control_dir: Path, stacked: bool
+) -> None:
+    """The loop passes SDXL's ControlNets the pooled embedding and micro-conditioning, as
+    StableDiffusionXLControlNetPipeline does: byte-identical, one net or two (MultiControlNet)."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    from imagegen.core.contract import ControlRef, InputRef
+
+    assert [c.id for c in sdxl_control.info.controls] == ["depth", "edges"]
+    ref = InputRef(sha256="0" * 64, width=64, height=64)
+    controls = (ControlRef(id="edges", scale=0.9, start=0.0, end=0.8, image=ref),)
+    maps = [_control_map((8, 8, 40, 40))]
+    if stacked:
+        controls += (ControlRef(id="depth", scale=0.6, start=0.2, end=1.0, image=ref),)
+        maps.append(_control_map((24, 16, 60, 56)))
+    spec = job(controls=controls, n=2)
+    (result,) = run_batch(
+        sdxl_control, [BatchItem(spec, control_images=tuple(maps))], invariant=True
+    )
+    nets = [
+        ControlNetModel.from_pretrained(sdxl_control_dir / "controlnets" / c.id) for c in controls
+    ]
+    pipe = StableDiffusionXLControlNetPipeline(
+        **sdxl_control.pipe.components,
+        controlnet=MultiControlNetModel(nets) if stacked else nets[0],
+    )
+    want = []
+    for i in range(spec.n):
+        pipe.scheduler = build_scheduler(spec.scheduler, sdxl_control.scheduler_config)
+        with torch.inference_mode():
+            out = pipe(
+                prompt=[spec.prompt],
+                negative_prompt=[spec.negative_prompt],
+                image=maps if stacked else maps[0],
+                controlnet_conditioning_scale=[c.scale for c in controls]
+                if stacked
+                else controls[0].scale,
+                control_guidance_start=[c.start for c in controls]
+                if stacked
+                else controls[0].start,
+                control_guidance_end=[c.end for c in controls] if stacked else controls[0].end,
+                width=64,
+                height=64,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(spec.image_seed(i))],
+                output_type="pil",
+            )
+        want += [np.asarray(image) for image in out.images]
+    assert_identical(pixels(result), want)
+    plain = run_batch(sdxl_control, [BatchItem(job(n=1))], invariant=True)[0]
+    assert not np.array_equal(pixels(plain)[0], want[0])
+
+
+def test_a_controlnet_of_another_family_is_unavailable_and_the_model_serves(
+    sdxl_control_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from builtin_model.tiny import save_tiny_controlnet
+
+    directory = tmp_path / "sdxl"
+    shutil.copytree(sdxl_control_dir, directory)
+    sd15 = save_tiny_controlnet(tmp_path / "sd15", "sd15-edges", unet=_sd_unet(tiny_model_dir))
+    shutil.copytree(sd15, directory / "controlnets" / "sd15-edges")
+    model = load_model(Settings(model=str(directory), model_id="sdxl", device="cpu"))
+    assert [c.id for c in model.info.controls] == ["depth", "edges"]
+    (misfit,) = model.info.unavailable_adapters
+    assert misfit.id == "sd15-edges" and "another model family" in misfit.reason
+    assert isinstance(run_batch(model, [BatchItem(job())], invariant=True)[0], list)
+
+
+def _sd_unet(model_dir: Path) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(model_dir / "unet")
