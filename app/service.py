@@ -116,12 +116,6 @@ class GenerationService:
             for field in ("mask_blur", "padding_mask_crop"):
                 if getattr(request, field) is not None:
                     raise InvalidRequest.for_field(field, "needs `mask` (it is for inpainting)")
-        if request.control_list():
-            raise InvalidRequest.for_field(
-                request.control_list()[0][0].split("[")[0],
-                "cannot be combined with `image` (image-to-image, inpainting, "
-                "outpainting) in this version; send one or the other",
-            )
         if request.outpaint is not None and request.mask is not None:
             raise InvalidRequest.for_field("outpaint", "excludes `mask` (the new area is the mask)")
         s = self.settings

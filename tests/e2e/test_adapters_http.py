@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import redis
 from PIL import Image
@@ -262,6 +263,19 @@ def test_a_photo_through_canny_is_the_job_of_its_canny_map(service: Gateway) -> 
     pixels = [np.asarray(Image.open(io.BytesIO(png))) for png in (preprocessed, given, plain)]
     assert np.array_equal(pixels[0], pixels[1])
     assert not np.array_equal(pixels[0], pixels[2])
+
+
+def test_controls_combine_with_an_input_image_and_a_mask(service: Gateway) -> None:
+    with service.client() as client:
+        picture = png_b64(box=(0, 0, 64, 32))
+        mask = png_b64(box=(0, 32, 64, 64))
+        edges = {"id": "edges", "image": png_b64(box=(20, 20, 44, 44))}
+        img2img = run(client, image=picture, strength=0.6)
+        controlled = run(client, image=picture, strength=0.6, controls=[edges])
+        inpainted = run(client, image=picture, mask=mask, controls=[edges])
+    assert controlled != img2img
+    kept = np.asarray(Image.open(io.BytesIO(inpainted)))[:32]
+    assert np.array_equal(kept, np.asarray(Image.open(io.BytesIO(base64.b64decode(picture))))[:32])
 
 
 def test_the_preview_is_the_map_a_job_uses(service: Gateway) -> None:

@@ -214,6 +214,65 @@ def test_stacked_controls_match_the_stock_multi_controlnet(
             assert np.abs(x.astype(int) - np.asarray(y, dtype=int)).max() <= 2
 
 
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
+def test_control_with_images_in_matches_the_stock_controlnet_img2img_and_inpaint(
+    model: LoadedModel, adapter_model_dir: Path, task: str, scheduler: str
+) -> None:
+    """`controls` with `image` (and `mask`): the loop equals StableDiffusionControlNetImg2Img-
+    and ...InpaintPipeline, the control window counted over the steps the strength leaves."""
+    from diffusers import (
+        StableDiffusionControlNetImg2ImgPipeline,
+        StableDiffusionControlNetInpaintPipeline,
+    )
+
+    rng = np.random.default_rng(3)
+    init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 0, 64, 40))
+    ref = InputRef(sha256="0" * 64, width=64, height=64)
+    spec = job(
+        scheduler=scheduler,
+        task=task,
+        image=ref,
+        mask=ref if task == "inpaint" else None,
+        strength=0.75,
+        steps=8,
+        controls=(control(0.8, 0.1, 0.7),),
+        n=2,
+    )
+    a = shape_image((8, 8, 40, 40))
+    item = BatchItem(spec, None, image=init, mask=mask if task == "inpaint" else None,
+                     control_images=(a,))  # fmt: skip
+    (got,) = run_batch(model, [item], invariant=True)
+    assert isinstance(got, list)
+    base = StableDiffusionPipeline.from_pretrained(adapter_model_dir)
+    net = ControlNetModel.from_pretrained(adapter_model_dir / "controlnets" / "edges")
+    kind: Any = (
+        StableDiffusionControlNetImg2ImgPipeline
+        if task == "img2img"
+        else StableDiffusionControlNetInpaintPipeline
+    )
+    pipe = kind(
+        **{k: v for k, v in base.components.items() if k != "image_encoder"},
+        controlnet=net,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    extra: dict[str, Any] = {
+        "image": [init],
+        "control_image": a,
+        "strength": 0.75,
+        "controlnet_conditioning_scale": 0.8,
+        "control_guidance_start": 0.1,
+        "control_guidance_end": 0.7,
+    }
+    if task == "inpaint":
+        extra["mask_image"] = [mask]
+    want = _stock_calls(pipe, spec, extra)
+    assert all(np.array_equal(np.asarray(x), y) for x, y in zip(got, want, strict=True))
+
+
 def test_lora_and_control_together_match_the_stock_pipeline(
     model: LoadedModel, adapter_model_dir: Path
 ) -> None:
