@@ -16,6 +16,10 @@ from builtin_model.score import Reading, read_image
 
 OUTLINE_ID = "outline"
 SILHOUETTE_ID = "silhouette"
+SKETCH_ID = "sketch"
+# A sketch line's half-width in pixels: about what OpenCV's Canny draws (one pixel), up to a
+# pencil stroke.
+SKETCH_HALF_WIDTH = (0.6, 1.4)
 # Outline width in pixels: a fraction of the shape's half-extent (small ≈ 2 px, large ≈ 3.5 px),
 # never more than 60 % of a cross's arm so a cross stays hollow too.
 OUTLINE_FRACTION = 0.27
@@ -42,6 +46,49 @@ def render_silhouette(batch: data.SceneBatch) -> torch.Tensor:
     """Control images: the shape white on black, (n, 3, 64, 64) in [0, 1] as ControlNets take."""
     cover = (0.5 - data.signed_distance(batch)).clamp(0.0, 1.0)
     return cover.expand(-1, 3, -1, -1).contiguous()
+
+
+def render_sketch(
+    batch: data.SceneBatch,
+    g: torch.Generator | None = None,
+    wobble_px: float = 0.0,
+    gap_share: float = 0.0,
+) -> torch.Tensor:
+    """Control images: the shape's outline as a thin white line on black (what `canny` or a
+    drawing gives), (n, 3, 64, 64) in [0, 1]. With a generator the line's width varies;
+    `wobble_px` displaces it by a smooth random field (a hand's unsteadiness) and `gap_share`
+    leaves about that share of it undrawn, in runs (a quick scribble's gaps)."""
+    dist = data.signed_distance(batch)
+    n, size = len(batch), data.IMAGE_SIZE
+    rand = (lambda *shape: torch.rand(*shape, generator=g)) if g is not None else torch.rand
+    half = torch.full((n, 1, 1, 1), sum(SKETCH_HALF_WIDTH) / 2)
+    if g is not None:
+        lo, hi = SKETCH_HALF_WIDTH
+        half = lo + (hi - lo) * rand(n, 1, 1, 1)
+    if wobble_px:
+        field = (rand(n, 1, 6, 6) * 2 - 1) * wobble_px
+        dist = dist + torch.nn.functional.interpolate(
+            field, size=(size, size), mode="bicubic", align_corners=False
+        )
+    line = (1 - dist.abs() / half.to(dist.device)).clamp(0.0, 1.0)
+    if gap_share:
+        holes = torch.nn.functional.interpolate(
+            rand(n, 1, 10, 10), size=(size, size), mode="bilinear", align_corners=False
+        )
+        line = line * (holes > gap_share).to(line.dtype)
+    return line.expand(-1, 3, -1, -1).contiguous()
+
+
+def training_sketches(batch: data.SceneBatch, g: torch.Generator) -> torch.Tensor:
+    """Sketch ControlNet training controls: half clean lines of varying width (canny-like),
+    half wobbly scribbles with gaps, some of each binarized as Canny's are."""
+    n = len(batch)
+    clean = render_sketch(batch, g)
+    rough = render_sketch(batch, g, wobble_px=1.5, gap_share=0.15)
+    pick = (torch.rand(n, generator=g) < 0.5).view(n, 1, 1, 1)
+    out = torch.where(pick, rough, clean)
+    binary = (torch.rand(n, generator=g) < 0.5).view(n, 1, 1, 1)
+    return torch.where(binary, (out > 0.5).to(out.dtype), out)
 
 
 def mismatched_scene(scene: data.Scene, rng: random.Random) -> data.Scene:

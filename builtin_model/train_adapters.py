@@ -2,6 +2,7 @@
 
     python -m builtin_model.train_adapters outline --budget-s 3000     # LoRA (PEFT format)
     python -m builtin_model.train_adapters silhouette --budget-s 3000  # ControlNetModel
+    python -m builtin_model.train_adapters sketch --init-from <silhouette dir> --budget-s 1800
     python -m builtin_model.train_adapters outline --init-from DIR ...  # continue a saved LoRA
 
 ``outline``: a LoRA (rank 8 unless ``--rank``) on the UNet's attention, feed-forward and resnet
@@ -11,10 +12,13 @@ VAE decoder tuned for them: ``builtin_model.tune_decoder``.) ``silhouette``: a `
 copied from the UNet's encoder (zero convolutions, conditioning embedding 4× down to the 16×16
 latents), trained with the control image = the shape's silhouette, white on black, and captions
 whose kind, size and position are replaced at random 30 % of the time each (so the control wins);
-UNet, text encoder and VAE frozen. Both: ε-prediction MSE with min-SNR-5 weighting, 10 % caption
-dropout, AdamW, warm-up then cosine, step count cut to fit ``--budget-s`` once the speed is known
-(or ``--steps N`` exactly). Weights are saved in fp16 (the evaluator scores the saved files).
-Held-out combinations never appear in training.
+UNet, text encoder and VAE frozen. ``sketch``: the same ControlNet recipe with the control image a
+thin outline instead (half clean lines of varying width as Canny draws them, half wobbly
+scribbles with gaps; half of each binarized), started from the ``silhouette`` ControlNet
+(``--init-from``: both map a shape's outline to its place). All: ε-prediction MSE with
+min-SNR-5 weighting, 10 % caption dropout, AdamW, warm-up then cosine, step count cut to fit
+``--budget-s`` once the speed is known (or ``--steps N`` exactly). Weights are saved in fp16
+(the evaluator scores the saved files). Held-out combinations never appear in training.
 
 ``--shape-weight W`` weights the latent pixels the shape reaches (grown by one) W× in the loss: a
 small shape's hole is a latent pixel or two of 256, which a plain mean barely sees. The shipped
@@ -51,6 +55,13 @@ CARDS = {
         "description": "Draws the shape hollow: an outline a few pixels wide in the shape's "
         "color, the background inside.",
         "trigger_words": [],
+        "default_scale": 1.0,
+    },
+    adapter_data.SKETCH_ID: {
+        "kind": "controlnet",
+        "description": "Control image: the shape's outline as thin white lines on black (a "
+        "drawing, or the `canny` preprocessor's edges of a picture of a shape). The generated "
+        "shape follows the lines (kind, place, size); the prompt picks the colors.",
         "default_scale": 1.0,
     },
     adapter_data.SILHOUETTE_ID: {
@@ -96,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--init-from",
         type=Path,
-        help="continue this saved LoRA (outline; same rank): its record becomes the parent",
+        help="continue this saved adapter (a LoRA of the same rank, or a ControlNet to start "
+        "from): its record becomes the parent",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -130,9 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from diffusers import ControlNetModel
 
-        controlnet = ControlNetModel.from_unet(
-            unet, conditioning_embedding_out_channels=(16, 32, 64)
-        )
+        if args.init_from:
+            controlnet = ControlNetModel.from_pretrained(args.init_from, torch_dtype=torch.float32)
+        else:
+            controlnet = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=(16, 32, 64)
+            )
         controlnet.to(device).train().requires_grad_(True)
         trained = controlnet
         params = list(controlnet.parameters())
@@ -180,7 +195,11 @@ def main(argv: list[str] | None = None) -> None:
         if is_lora:
             pred = unet(zt, t, cond).sample
         else:
-            control = adapter_data.render_silhouette(scenes).to(device)
+            control = (
+                adapter_data.training_sketches(scenes, g)
+                if args.adapter == adapter_data.SKETCH_ID
+                else adapter_data.render_silhouette(scenes)
+            ).to(device)
             down, mid = controlnet(zt, t, cond, controlnet_cond=control, return_dict=False)
             pred = unet(
                 zt, t, cond, down_block_additional_residuals=down, mid_block_additional_residual=mid

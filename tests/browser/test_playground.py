@@ -513,3 +513,50 @@ def test_the_form_as_code_runs_as_shown(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert ran.stdout.split()[0] == "1", ran.stdout + ran.stderr
+
+
+def test_an_image_a_painted_mask_and_a_previewed_control_make_one_job(
+    gateway: Gateway, builtin_worker: Proc, browser: tuple[WebDriver, Path], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
+
+    driver, _ = browser
+    open_page(driver, f"{gateway.base_url}/playground")
+    picture = tmp_path / "input.png"
+    Image.new("RGB", (64, 64), (30, 60, 200)).save(picture)
+    shape = tmp_path / "shape.png"
+    drawn = Image.new("RGB", (64, 64), (255, 255, 255))
+    drawn.paste((220, 30, 30), (12, 12, 40, 40))
+    drawn.save(shape)
+
+    driver.find_element(By.CSS_SELECTOR, "#inputs summary").click()
+    by_id(driver, "image").send_keys(str(picture))
+    wait(driver, lambda d: d.execute_script("return document.getElementById('mask').width") == 64)
+    canvas = by_id(driver, "mask")
+    # Paint a stroke across the canvas's left half (its CSS box is scaled; the page maps it).
+    size = canvas.size
+    ActionChains(driver).move_to_element_with_offset(
+        canvas, -size["width"] // 4, 0
+    ).click_and_hold().move_by_offset(0, size["height"] // 4).release().perform()
+
+    Select(by_id(driver, "control-id")).select_by_value("silhouette")
+    Select(by_id(driver, "control-preprocess")).select_by_value("canny")
+    by_id(driver, "control-image").send_keys(str(shape))
+    by_id(driver, "control-preview").click()
+    shown = wait(
+        driver, lambda d: by_id(d, "control-map").is_displayed() and by_id(d, "control-map")
+    )
+    assert wait(driver, lambda d: d.execute_script("return arguments[0].naturalWidth", shown) == 64)
+    set_field(driver, "steps", "4")
+    by_id(driver, "generate").click()
+    wait(driver, lambda d: job_status(d) == "succeeded", 120)
+    job_id = driver.find_element(By.CSS_SELECTOR, "#gallery li").get_attribute("data-job")
+    doc = httpx.get(f"{gateway.base_url}/v1/generations/{job_id}").json()
+    assert doc["request"]["task"] == "inpaint", doc["request"]
+    assert doc["request"]["controls"][0]["id"] == "silhouette"
+    assert doc["request"]["controls"][0]["preprocess"] == "canny"
+    # The snippet shows placeholders, never the pictures' bytes.
+    snippet = str(driver.execute_script("return document.getElementById('snippet').textContent"))
+    assert "<your image as base64>" in snippet and len(snippet) < 4000
+    assert csp_violations(driver) == []

@@ -11,6 +11,10 @@
     "steps", "guidance_scale", "seed", "n",
   ];
   const NUMBER_FIELDS = ["width", "height", "steps", "guidance_scale", "seed", "n"];
+  // Fields of images in and control: their errors show beside these inputs.
+  const INPUT_FIELDS = ["image", "strength", "mask", "controls"];
+  const INPUT_OF = { controls: "control-id" };
+  const inputOf = (field) => $(INPUT_OF[field] || field);
   const JOB_EVENTS = new Set(["queued", "running", "progress", "succeeded", "failed", "canceled"]);
   const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
   const GALLERY_LIMIT = 32;
@@ -70,9 +74,9 @@
   // ---- Errors beside their fields ---------------------------------------------------------
 
   function clearErrors() {
-    for (const field of FIELDS) {
+    for (const field of [...FIELDS, ...INPUT_FIELDS]) {
       $(`${field}-error`).textContent = "";
-      $(field).removeAttribute("aria-invalid");
+      inputOf(field).removeAttribute("aria-invalid");
     }
     $("form-error").textContent = "";
   }
@@ -90,19 +94,23 @@
       return;
     }
     const byField = new Map();
+    const known = [...FIELDS, ...INPUT_FIELDS];
     for (const detail of error.details) {
-      const field = String(detail.field || "").split(".")[0];
-      if (!FIELDS.includes(field)) continue;
-      byField.set(field, [...(byField.get(field) || []), detail.message || error.message]);
+      // "controls[0].image" shows beside the control inputs.
+      const field = String(detail.field || "").split(".")[0].replace(/\[.*$/, "");
+      if (!known.includes(field)) continue;
+      const message = `${detail.field}: ${detail.message || error.message}`;
+      byField.set(field, [...(byField.get(field) || []), message]);
     }
     for (const [field, messages] of byField) {
       $(`${field}-error`).textContent = messages.join("; ");
-      $(field).setAttribute("aria-invalid", "true");
+      inputOf(field).setAttribute("aria-invalid", "true");
     }
-    const first = FIELDS.find((field) => byField.has(field));
+    const first = known.find((field) => byField.has(field));
     if (first) {
+      if (INPUT_FIELDS.includes(first)) $("inputs").open = true;
       $("form-error").textContent = "The service refused a field; see the message beside it.";
-      $(first).focus();
+      inputOf(first).focus();
     } else {
       const wait = error.retryAfter ? ` (retry in ${error.retryAfter} s)` : "";
       $("form-error").textContent = `${error.message}${wait}`;
@@ -148,6 +156,7 @@
     $("defaults").addEventListener("click", () => applyDefaults(currentModel()));
     $("model").addEventListener("change", () => {
       fillSchedulers(currentModel());
+      fillControls(currentModel());
       applyDefaults(currentModel());
     });
     $("key-save").addEventListener("click", saveKey);
@@ -214,6 +223,7 @@
     }
     select.value = model.id;
     fillSchedulers(model);
+    fillControls(model);
     if (!keep) applyDefaults(model);
   }
 
@@ -251,8 +261,185 @@
       // Empty means "the model's default" (for the seed: a random one chosen by the service).
       if (raw !== "") body[field] = Number(raw);
     }
+    if (inputs.imageData) {
+      body.image = inputs.imageData;
+      const strength = $("strength").value.trim();
+      if (strength !== "") body.strength = Number(strength);
+      if (inputs.painted) body.mask = maskDataUrl();
+    }
+    const control = $("control-id").value;
+    if (control && inputs.controlData) {
+      body.controls = [
+        {
+          id: control,
+          image: inputs.controlData,
+          preprocess: $("control-preprocess").value,
+          scale: Number($("control-scale").value || "1"),
+        },
+      ];
+    }
     return body;
   }
+
+  // ---- Images in, the mask painter and control ------------------------------------------
+  // Pictures are read as data URLs for the JSON body and shown from blob: URLs (the page's
+  // Content-Security-Policy allows no data: images).
+
+  const inputs = { imageData: null, picture: null, mask: null, painted: false, controlData: null };
+
+  function readDataUrl(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(String(reader.result));
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+  }
+
+  async function chooseImage() {
+    const file = $("image").files[0];
+    inputs.imageData = null;
+    inputs.picture = null;
+    inputs.mask = null;
+    inputs.painted = false;
+    if (file) {
+      const picture = new Image();
+      picture.src = URL.createObjectURL(file);
+      try {
+        await picture.decode();
+      } catch {
+        $("image-error").textContent = "This browser cannot show that file as an image.";
+      }
+      inputs.imageData = await readDataUrl(file);
+      inputs.picture = picture;
+      const canvas = $("mask");
+      canvas.width = picture.naturalWidth || 64;
+      canvas.height = picture.naturalHeight || 64;
+      inputs.mask = document.createElement("canvas");
+      inputs.mask.width = canvas.width;
+      inputs.mask.height = canvas.height;
+    }
+    drawMask();
+    showSnippet();
+  }
+
+  function drawMask() {
+    const canvas = $("mask");
+    const context = canvas.getContext("2d");
+    context.clearRect(0, 0, canvas.width, canvas.height);
+    if (inputs.picture) context.drawImage(inputs.picture, 0, 0);
+    if (inputs.mask) {
+      context.globalAlpha = 0.6;
+      context.drawImage(inputs.mask, 0, 0);
+      context.globalAlpha = 1;
+    }
+  }
+
+  function paintAt(event) {
+    if (!inputs.mask) return;
+    const canvas = $("mask");
+    const box = canvas.getBoundingClientRect();
+    const x = ((event.clientX - box.left) * canvas.width) / box.width;
+    const y = ((event.clientY - box.top) * canvas.height) / box.height;
+    const radius = Math.max(1, Number($("brush").value) || 12) / 2;
+    const context = inputs.mask.getContext("2d");
+    context.fillStyle = "#fff";
+    context.beginPath();
+    context.arc(x, y, radius, 0, 2 * Math.PI);
+    context.fill();
+    inputs.painted = true;
+    drawMask();
+  }
+
+  function maskDataUrl() {
+    // The API's convention: white repaints, black keeps; the image's size.
+    const out = document.createElement("canvas");
+    out.width = inputs.mask.width;
+    out.height = inputs.mask.height;
+    const context = out.getContext("2d");
+    context.fillStyle = "#000";
+    context.fillRect(0, 0, out.width, out.height);
+    context.drawImage(inputs.mask, 0, 0);
+    return out.toDataURL("image/png");
+  }
+
+  function clearMask() {
+    if (inputs.mask) inputs.mask.getContext("2d").clearRect(0, 0, inputs.mask.width, inputs.mask.height);
+    inputs.painted = false;
+    drawMask();
+    showSnippet();
+  }
+
+  function fillControls(model) {
+    if (!model) return;
+    const ids = $("control-id");
+    const chosen = ids.value;
+    ids.replaceChildren(new Option("none", ""), ...model.controls.map((c) => new Option(c.id, c.id)));
+    ids.value = model.controls.some((c) => c.id === chosen) ? chosen : "";
+    const pre = $("control-preprocess");
+    const picked = pre.value;
+    const names = ["none", ...(model.preprocessors || [])];
+    pre.replaceChildren(...names.map((n) => new Option(n === "none" ? "none (the picture is the map)" : n, n)));
+    pre.value = names.includes(picked) ? picked : "none";
+  }
+
+  async function chooseControlImage() {
+    const file = $("control-image").files[0];
+    inputs.controlData = file ? await readDataUrl(file) : null;
+    showSnippet();
+  }
+
+  async function previewMap() {
+    clearErrors();
+    if (!inputs.controlData) {
+      $("controls-error").textContent = "Choose a control picture first.";
+      return;
+    }
+    const body = { image: inputs.controlData, preprocess: $("control-preprocess").value };
+    if ($("model").value) body.model = $("model").value;
+    for (const field of ["width", "height"]) {
+      const raw = $(field).value.trim();
+      if (raw !== "") body[field] = Number(raw);
+    }
+    try {
+      const response = await api("v1/control/preprocess", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      if (!response.ok) throw await apiError(response);
+      const map = $("control-map");
+      if (map.src) URL.revokeObjectURL(map.src);
+      map.src = URL.createObjectURL(await response.blob());
+      map.hidden = false;
+    } catch (error) {
+      if (error instanceof ApiError && error.details.length) {
+        $("controls-error").textContent = error.details.map((d) => `${d.field}: ${d.message}`).join("; ");
+      } else {
+        showError(error);
+      }
+    }
+  }
+
+  let painting = false;
+  $("mask").addEventListener("pointerdown", (event) => {
+    painting = true;
+    $("mask").setPointerCapture(event.pointerId);
+    paintAt(event);
+  });
+  $("mask").addEventListener("pointermove", (event) => {
+    if (painting) paintAt(event);
+  });
+  const stopPainting = () => {
+    if (painting) showSnippet();
+    painting = false;
+  };
+  $("mask").addEventListener("pointerup", stopPainting);
+  $("mask").addEventListener("pointercancel", stopPainting);
+  $("image").addEventListener("change", chooseImage);
+  $("mask-clear").addEventListener("click", clearMask);
+  $("control-image").addEventListener("change", chooseControlImage);
+  $("control-preview").addEventListener("click", previewMap);
 
   function setBusy(busy) {
     $("generate").disabled = busy;
@@ -561,8 +748,17 @@
     return lines.join("\n");
   }
 
+  // Pictures in a snippet: a placeholder, not kilobytes of base64.
+  function withPlaceholders(body) {
+    const out = { ...body };
+    if (out.image) out.image = "<your image as base64>";
+    if (out.mask) out.mask = "<your mask as base64>";
+    if (out.controls) out.controls = out.controls.map((c) => ({ ...c, image: "<your control picture as base64>" }));
+    return out;
+  }
+
   function snippet(kind) {
-    const body = readForm();
+    const body = withPlaceholders(readForm());
     const keyed = state.keysRequired;
     if (kind === "openai") return openaiSnippet(body);
     if (kind === "a1111") {
