@@ -13,7 +13,11 @@ Prints, best of `--runs` after a warm-up, each as a ratio to the plain loop:
   switch's time against one plain denoising step;
 - a denoising step with the LoRA active, and one with the ControlNet, against a plain step
   (the same job, n images, the served defaults; a step is the job's time over its steps, so
-  text encoding and the VAE decode are shared out over the steps).
+  text encoding and the VAE decode are shared out over the steps);
+- control sets that differ: a job with the ControlNet and one without it run as the worker
+  runs them, as two batches (their adapter keys differ), against the two sharing one batch
+  with the ControlNet (what running them together, zero residuals for the second, would cost at
+  most), in the batched (GPU) layout.
 `--json PATH` appends the figures to PATH as one JSON line.
 """
 
@@ -110,7 +114,8 @@ def main() -> None:
     lora = (LoraRef(id=lora_id, scale=1.0),)
 
     def job(s: JobSpec, image: Image.Image | None = None) -> Any:
-        return lambda: inference.run([BatchItem(s, None, control_images=(image,))])
+        maps = (image,) if image is not None else ()
+        return lambda: inference.run([BatchItem(s, None, control_images=maps)])
 
     plain = best(job(spec), args.runs, cuda) / spec.steps
     with_lora = best(job(spec.model_copy(update={"loras": lora})), args.runs, cuda) / spec.steps
@@ -118,6 +123,20 @@ def main() -> None:
         best(job(spec.model_copy(update={"controls": (ref,)}), control_image), args.runs, cuda)
         / spec.steps
     )
+    # Different control sets: split into two batches (the worker's way) against one batch.
+    from worker.batch_loop import run_batch
+
+    controlled = spec.model_copy(update={"controls": (ref,)})
+
+    def split() -> None:
+        run_batch(model, [BatchItem(controlled, None, control_images=(control_image,))], False)
+        run_batch(model, [BatchItem(spec)], False)
+
+    def together() -> None:
+        items = [BatchItem(controlled, None, control_images=(control_image,))] * 2
+        run_batch(model, items, False)
+
+    split_to_together = best(split, args.runs, cuda) / best(together, args.runs, cuda)
     scales = [0.5, 1.0]
 
     def switch() -> None:
@@ -142,6 +161,10 @@ def main() -> None:
     )
     print(f"step with LoRA `{lora_id}` active: {with_lora / plain:.2f}× a plain step")
     print(f"step with ControlNet `{control_id}`: {with_control / plain:.2f}× a plain step")
+    print(
+        f"a control job and a plain one as two batches: {split_to_together:.2f}× the two in "
+        "one batch with the ControlNet"
+    )
     if args.json:
         figures = {
             "what": "adapters_cost",
@@ -161,6 +184,7 @@ def main() -> None:
             "lora_switch_to_plain_step": switch_s / plain,
             "lora_step_to_plain_step": with_lora / plain,
             "control_step_to_plain_step": with_control / plain,
+            "split_control_sets_to_one_batch": split_to_together,
         }
         with args.json.open("a") as out:
             out.write(json.dumps(figures) + "\n")
