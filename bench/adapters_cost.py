@@ -129,12 +129,14 @@ def main() -> None:
     controlled = spec.model_copy(update={"controls": (ref,)})
 
     def split() -> None:
-        run_batch(model, [BatchItem(controlled, None, control_images=(control_image,))], False)
-        run_batch(model, [BatchItem(spec)], False)
+        run_batch(
+            model, [BatchItem(controlled, None, control_images=(control_image,))], invariant=False
+        )
+        run_batch(model, [BatchItem(spec)], invariant=False)
 
     def together() -> None:
         items = [BatchItem(controlled, None, control_images=(control_image,))] * 2
-        run_batch(model, items, False)
+        run_batch(model, items, invariant=False)
 
     split_to_together = best(split, args.runs, cuda) / best(together, args.runs, cuda)
     scales = [0.5, 1.0]
