@@ -16,6 +16,7 @@ from imagegen.core import prompts
 from imagegen.core.contract import (
     DEFAULT_OUTPUT_COMPRESSION,
     SCHEDULER_MIN_STEPS,
+    AdapterInfo,
     ControlRef,
     JobSpec,
     LoraRef,
@@ -63,12 +64,7 @@ def resolve_preprocess(
     the output size, made by a worker of the model) and its input blob. Blocking: decodes the
     picture, so the gateway runs it in a thread."""
     info = served_model(target, request.model is None)
-    if request.preprocess != "none" and request.preprocess not in info.preprocessors:
-        raise InvalidRequest.for_field(
-            "preprocess",
-            f"preprocessor {request.preprocess!r} is not available for model {info.id!r}; "
-            f"its preprocessors: {', '.join(['none', *info.preprocessors])}",
-        )
+    _check_preprocessor("preprocess", request.preprocess, info)
     width = request.width if request.width is not None else info.width
     height = request.height if request.height is not None else info.height
     cap = pixel_cap(settings, info)
@@ -223,22 +219,10 @@ def resolve_request(
 def _loras(request: GenerationRequest, info: ModelInfo) -> tuple[LoraRef, ...]:
     """The request's LoRAs, each among the model's adapters and named once; scale 0 is
     the request without that LoRA, so it is left out."""
-    known = [a.id for a in info.adapters]
     seen: set[str] = set()
     out = []
-    unavailable = {a.id: a.reason for a in info.unavailable_adapters}
     for i, lora in enumerate(request.loras or []):
-        if lora.id in unavailable:
-            raise InvalidRequest.for_field(
-                f"loras[{i}].id",
-                f"adapter {lora.id!r} of model {info.id!r} is unavailable: {unavailable[lora.id]}",
-            )
-        if lora.id not in known:
-            raise InvalidRequest.for_field(
-                f"loras[{i}].id",
-                f"unknown adapter {lora.id!r} for model {info.id!r}; "
-                f"its adapters: {', '.join(known) or 'none'}",
-            )
+        _check_served(f"loras[{i}].id", lora.id, "adapter", info.adapters, info)
         if lora.id in seen:
             raise InvalidRequest.for_field(f"loras[{i}].id", f"{lora.id!r} is listed twice")
         seen.add(lora.id)
@@ -247,33 +231,44 @@ def _loras(request: GenerationRequest, info: ModelInfo) -> tuple[LoraRef, ...]:
     return tuple(out)
 
 
+def _check_served(
+    field: str, adapter_id: str, kind: str, served: list[AdapterInfo], info: ModelInfo
+) -> None:
+    """A 422 naming `field` unless the model serves the adapter (LoRA or ControlNet) `adapter_id`:
+    why, when it has it but cannot load it; what it has, when it does not have it."""
+    unavailable = {a.id: a.reason for a in info.unavailable_adapters}
+    if adapter_id in unavailable:
+        raise InvalidRequest.for_field(
+            field,
+            f"{kind} {adapter_id!r} of model {info.id!r} is unavailable: {unavailable[adapter_id]}",
+        )
+    known = [a.id for a in served]
+    if adapter_id not in known:
+        raise InvalidRequest.for_field(
+            field,
+            f"unknown {kind} {adapter_id!r} for model {info.id!r}; "
+            f"its {kind}s: {', '.join(known) or 'none'}",
+        )
+
+
+def _check_preprocessor(field: str, name: str, info: ModelInfo) -> None:
+    if name != "none" and name not in info.preprocessors:
+        raise InvalidRequest.for_field(
+            field,
+            f"preprocessor {name!r} is not available for model {info.id!r}; "
+            f"its preprocessors: {', '.join(['none', *info.preprocessors])}",
+        )
+
+
 def _controls(
     request: GenerationRequest, settings: GatewaySettings, info: ModelInfo, width: int, height: int
 ) -> list[tuple[ControlRef, bytes]]:
     """The controls and their decoded images (resized to the output size), in order; one at
     scale 0 is left out (the request without it: its residuals would add zeros)."""
-    known = [c.id for c in info.controls]
-    unavailable = {a.id: a.reason for a in info.unavailable_adapters}
     out = []
     for field, control in request.control_list():
-        if control.id in unavailable:
-            raise InvalidRequest.for_field(
-                f"{field}.id",
-                f"control {control.id!r} of model {info.id!r} is unavailable: "
-                f"{unavailable[control.id]}",
-            )
-        if control.id not in known:
-            raise InvalidRequest.for_field(
-                f"{field}.id",
-                f"unknown control {control.id!r} for model {info.id!r}; "
-                f"its controls: {', '.join(known) or 'none'}",
-            )
-        if control.preprocess != "none" and control.preprocess not in info.preprocessors:
-            raise InvalidRequest.for_field(
-                f"{field}.preprocess",
-                f"preprocessor {control.preprocess!r} is not available for model {info.id!r}; "
-                f"its preprocessors: {', '.join(['none', *info.preprocessors])}",
-            )
+        _check_served(f"{field}.id", control.id, "control", info.controls, info)
+        _check_preprocessor(f"{field}.preprocess", control.preprocess, info)
         png, image = images_in.control_input(
             control.image,
             width,

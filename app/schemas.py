@@ -6,7 +6,7 @@ with its rules; one file is where a client author reads the whole native API.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -119,10 +119,36 @@ class ControlOptions(BaseModel):
         return self
 
 
+# A model id: what keeps odd text out of the Redis key it is looked up under.
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
+
 Preprocess = Literal["none", "canny", "scribble", "depth", "pose"]
 
 
-class ControlRequest(BaseModel):
+class Preprocessed(BaseModel):
+    """The rule and the defaults a body with `preprocess` and `options` shares: only canny
+    takes options. Each body declares the two fields itself, `preprocess` first, in its own
+    field order."""
+
+    if TYPE_CHECKING:
+        preprocess: Preprocess
+        options: ControlOptions | None
+
+    @field_validator("options", check_fields=False)
+    @classmethod
+    def _options_for_canny(cls, value: ControlOptions | None, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("preprocess", "canny") != "canny":
+            raise ValueError("only the canny preprocessor takes options")
+        return value
+
+    def options_used(self) -> dict[str, int]:
+        """The preprocessor's options with their defaults (canny's thresholds), else none."""
+        if self.preprocess != "canny":
+            return {}
+        return (self.options or ControlOptions()).model_dump()
+
+
+class ControlRequest(Preprocessed):
     """One entry of `controls` (or `control`): a ControlNet and its image."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -158,21 +184,8 @@ class ControlRequest(BaseModel):
             raise ValueError("control.start must be less than control.end")
         return self
 
-    @field_validator("options")
-    @classmethod
-    def _options_for_canny(cls, value: ControlOptions | None, info: ValidationInfo) -> Any:
-        if value is not None and info.data.get("preprocess", "canny") != "canny":
-            raise ValueError("only the canny preprocessor takes options")
-        return value
 
-    def options_used(self) -> dict[str, int]:
-        """The preprocessor's options with their defaults (canny's thresholds), else none."""
-        if self.preprocess != "canny":
-            return {}
-        return (self.options or ControlOptions()).model_dump()
-
-
-class PreprocessRequest(BaseModel):
+class PreprocessRequest(Preprocessed):
     """`POST /v1/control/preprocess`: the control map a job would use (A1111's "preview
     annotator"), made by a worker of the model."""
 
@@ -180,7 +193,7 @@ class PreprocessRequest(BaseModel):
 
     model: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
+        pattern=MODEL_ID_PATTERN,
         description="The model whose workers make it; default: the service's default model.",
     )
     image: str = Field(
@@ -191,18 +204,6 @@ class PreprocessRequest(BaseModel):
     options: ControlOptions | None = Field(None, description="canny's thresholds.")
     width: Width | None = Field(None, description="The map's size; default the model's.")
     height: Width | None = Field(None, description="The map's size; default the model's.")
-
-    @field_validator("options")
-    @classmethod
-    def _options_for_canny(cls, value: ControlOptions | None, info: ValidationInfo) -> Any:
-        if value is not None and info.data.get("preprocess", "canny") != "canny":
-            raise ValueError("only the canny preprocessor takes options")
-        return value
-
-    def options_used(self) -> dict[str, int]:
-        if self.preprocess != "canny":
-            return {}
-        return (self.options or ControlOptions()).model_dump()
 
 
 WebhookEvent = Literal["running", "succeeded", "failed", "canceled"]
@@ -266,10 +267,9 @@ class GenerationRequest(BaseModel):
     scheduler: str | None = Field(
         None, min_length=1, max_length=64, description="One of the model's `schedulers`."
     )
-    # The pattern keeps odd text out of the Redis key that the model id is looked up under.
     model: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
+        pattern=MODEL_ID_PATTERN,
         description="One of the ids `GET /v1/models` lists.",
     )
     # Images in (../shared/API.md "Images in"); checked and decoded by app.images_in.

@@ -11,10 +11,11 @@ import torch
 from imagegen.core.contract import JobSpec
 
 
-def stock_image(pipe: Any, spec: JobSpec, index: int = 0) -> np.ndarray:
+def stock_image(pipe: Any, spec: JobSpec, index: int = 0, **inputs: Any) -> np.ndarray:
     """Image `index` of `spec` from `pipe` as it stands (its own scheduler, adapters and
     components), one call, seeded seed + index; an empty negative prompt is passed as None
-    (SDXL then uses zeros), as the worker passes it."""
+    (SDXL then uses zeros), as the worker passes it. `inputs`: the pipeline's other arguments
+    (a ControlNet's `image` and conditioning scales, say)."""
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
         image = pipe(
@@ -25,5 +26,6 @@ def stock_image(pipe: Any, spec: JobSpec, index: int = 0) -> np.ndarray:
             height=spec.height,
             width=spec.width,
             generator=[torch.Generator().manual_seed(spec.image_seed(index))],
+            **inputs,
         ).images[0]
     return np.asarray(image)

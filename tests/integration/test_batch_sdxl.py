@@ -16,6 +16,7 @@ from builtin_model.tiny import save_tiny_sdxl_pipeline
 from imagegen.core.contract import JobSpec
 from imagegen.core.settings import Settings
 from tests.integration.test_batch import assert_identical, pixels
+from tests.stock import stock_image
 from worker.batch_loop import BatchItem, run_batch
 from worker.families import supports_batching
 from worker.inference import Inference
@@ -55,26 +56,13 @@ def job(**changes: Any) -> JobSpec:
     return spec.model_copy(update=changes)
 
 
-def stock_images(model: LoadedModel, spec: JobSpec) -> list[np.ndarray]:
-    """The stock pipeline, one call per image, as the worker calls it (Inference._call): an
-    empty negative prompt is passed as None (SDXL then uses zeros)."""
-    pipe = model.pipe
+def stock_images(model: LoadedModel, spec: JobSpec, **inputs: Any) -> list[np.ndarray]:
+    """The stock pipeline, one call per image, as the worker calls it (Inference._call)."""
     images = []
     for i in range(spec.n):
-        pipe.scheduler = build_scheduler(spec.scheduler, model.scheduler_config)
-        with torch.inference_mode():
-            result = pipe(
-                prompt=[spec.prompt],
-                negative_prompt=[spec.negative_prompt] if spec.negative_prompt else None,
-                width=spec.width,
-                height=spec.height,
-                num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(spec.image_seed(i))],
-                output_type="pil",
-            )
-        images += result.images
-    return [np.asarray(image) for image in images]
+        model.pipe.scheduler = build_scheduler(spec.scheduler, model.scheduler_config)
+        images.append(stock_image(model.pipe, spec, i, **inputs))
+    return images
 
 
 def test_sdxl_is_batched(sdxl: LoadedModel) -> None:
@@ -243,10 +231,11 @@ def test_sdxl_controlnets_match_the_stock_sdxl_controlnet_pipeline(
     want = []
     for i in range(spec.n):
         pipe.scheduler = build_scheduler(spec.scheduler, sdxl_control.scheduler_config)
-        with torch.inference_mode():
-            out = pipe(
-                prompt=[spec.prompt],
-                negative_prompt=[spec.negative_prompt],
+        want.append(
+            stock_image(
+                pipe,
+                spec,
+                i,
                 image=maps if stacked else maps[0],
                 controlnet_conditioning_scale=[c.scale for c in controls]
                 if stacked
@@ -255,14 +244,8 @@ def test_sdxl_controlnets_match_the_stock_sdxl_controlnet_pipeline(
                 if stacked
                 else controls[0].start,
                 control_guidance_end=[c.end for c in controls] if stacked else controls[0].end,
-                width=64,
-                height=64,
-                num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(spec.image_seed(i))],
-                output_type="pil",
             )
-        want += [np.asarray(image) for image in out.images]
+        )
     assert_identical(pixels(result), want)
     plain = run_batch(sdxl_control, [BatchItem(job(n=1))], invariant=True)[0]
     assert not np.array_equal(pixels(plain)[0], want[0])
