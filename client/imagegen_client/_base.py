@@ -215,7 +215,8 @@ def lora_list(
 
 
 def control_object(control: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """`control` as the API takes it; its `image` may be anything `encode_image` takes."""
+    """`control` (or an entry of `controls`) as the API takes it; its `image` may be anything
+    `encode_image` takes."""
     if control is None:
         return None
     out = dict(control)

@@ -117,6 +117,22 @@ def test_generate_passes_the_output_format(client: Client) -> None:
     assert result.images[0].pil.format == "WEBP"
 
 
+def test_generate_takes_controls_with_a_preprocessor(client: Client, stack: Gateway) -> None:
+    from PIL import Image
+
+    picture = Image.new("RGB", (64, 64), (250, 250, 250))
+    picture.paste((200, 30, 30), (8, 8, 40, 40))  # a PIL image, encoded by the SDK
+    control = {"id": "sketch", "image": picture, "preprocess": "canny"}
+    common = {"model": "shapes-64", "steps": 4, "seed": 3}
+    result = client.generate(
+        "a large blue square on a yellow background", controls=[control], **common
+    )
+    plain = client.generate("a large blue square on a yellow background", **common)
+    doc = httpx.get(f"{stack.base_url}/v1/generations/{result.job.id}").json()
+    assert doc["request"]["controls"][0]["preprocess"] == "canny"
+    assert result.images[0].data != plain.images[0].data
+
+
 def test_submit_get_stream_wait_download(client: Client) -> None:
     job = client.submit("a blue square", model=TINY_MODEL_ID, steps=3, seed=7, negative_prompt="")
     assert job.status in ("queued", "running", "succeeded")
