@@ -115,7 +115,12 @@ def to_generation(body: A1111Request, model: str | None, img2img: bool) -> dict[
 
 
 # Native field names as A1111 clients sent them, for the locations of validation errors.
-RENAMED = {"guidance_scale": "cfg_scale", "image": "init_images", "n": "batch_size"}
+RENAMED = {
+    "guidance_scale": "cfg_scale",
+    "image": "init_images",
+    "n": "batch_size",
+    "padding_mask_crop": "inpaint_full_res_padding",
+}
 UNIT = ("alwayson_scripts", "ControlNet", "args")
 UNIT_FIELDS = {"id": "model", "scale": "weight", "start": "guidance_start", "end": "guidance_end"}
 
@@ -199,7 +204,9 @@ def _unit(unit: Any, field: str) -> dict[str, Any]:
         # The extension's canny thresholds (low, high); never silently replaced: webuiapi's
         # default 64/64 is not a low below a high, and says so.
         low, high = unit.get("threshold_a", 100), unit.get("threshold_b", 200)
-        if not (isinstance(low, int | float) and isinstance(high, int | float) and low < high):
+        # JSON numbers only, finite and 0..255 (bool is an int to Python, Infinity parses).
+        numbers = [v for v in (low, high) if isinstance(v, int | float) and not isinstance(v, bool)]
+        if len(numbers) < 2 or not all(0 <= v <= 255 for v in numbers) or not low < high:
             raise InvalidRequest.for_field(
                 f"{field}.threshold_a",
                 f"canny takes threshold_a (low) < threshold_b (high), 0..255; got {low}, {high}",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -156,6 +157,22 @@ def test_what_is_not_served_is_a_422_naming_the_field(
     error = response.json()  # A1111's shape, which its clients read
     assert error["error"] == "invalid_request" and error["detail"].startswith(field)
     assert error["errors"][0]["field"] == field
+
+
+def test_infinite_canny_thresholds_are_a_422_naming_them(stack: Gateway) -> None:
+    # Python's JSON parser takes the literals Infinity and -Infinity; they are not thresholds.
+    unit = json.dumps({**CANNY_UNIT, "threshold_a": 0, "threshold_b": 0})
+    unit = unit.replace('"threshold_a": 0', '"threshold_a": -Infinity')
+    unit = unit.replace('"threshold_b": 0', '"threshold_b": Infinity')
+    body = '{"prompt": "x", "alwayson_scripts": {"ControlNet": {"args": [' + unit + "]}}}"
+    with httpx.Client(base_url=stack.base_url) as client:
+        response = client.post(
+            "/sdapi/v1/txt2img", content=body, headers={"Content-Type": "application/json"}
+        )
+    assert response.status_code == 422, response.text
+    assert (
+        response.json()["errors"][0]["field"] == "alwayson_scripts.ControlNet.args[0].threshold_a"
+    )
 
 
 def test_http_basic_carries_the_key_as_its_password() -> None:
