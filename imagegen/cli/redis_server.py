@@ -15,6 +15,10 @@ from pathlib import Path
 
 import redis
 
+# Bytes a hash field's value may have and the hash stay compact (named "ziplist" in Redis 6,
+# an alias of "listpack" in 7+).
+HASH_MAX_ZIPLIST_VALUE = 4096
+
 
 class RedisServerError(RuntimeError):
     """No redis-server binary could be found, or it did not come up."""
@@ -84,6 +88,10 @@ class RedisServer:
             "everysec",
             "--maxmemory-policy",
             "noeviction",
+            # A job record's spec and images fields are longer than the default 64 bytes, which
+            # turns every record into a hash table: ~2x the memory (bench/redis_cost.py stores).
+            "--hash-max-ziplist-value",
+            str(HASH_MAX_ZIPLIST_VALUE),
             "--protected-mode",
             "yes",
             "--logfile",

@@ -86,6 +86,8 @@ class ErrorCode(enum.StrEnum):
     # The request broke a limit only the worker could check (a prompt past the model's
     # max_prompt_tokens when the gateway could not count its tokens).
     INVALID_REQUEST = "invalid_request"
+    # The blob store (S3) did not take the job's images or give back its inputs.
+    STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 class InputRef(BaseModel):
@@ -324,6 +326,9 @@ class JobRecord(BaseModel):
     progress_step: int = 0
     progress_at: float | None = None
     images: list[ImageInfo] = Field(default_factory=list)
+    # When a succeeded job's images expire (finished_at + the worker's result TTL): after it
+    # a missing image expired; before it, the store lost it.
+    images_expire_at: float | None = None
     error: JobError | None = None
     api_key: str = ""  # name of the API key that created the job ("" = open service)
     request_id: str = ""  # X-Request-ID of the submit, carried into the worker's logs
@@ -513,6 +518,9 @@ class Keys:
 
     # Webhook outbox: one hash per delivery (written with the job's transition, deleted once
     # delivered or given up) and the deliveries by when they are due next.
+    # Held by the one worker sweeping the object store (`imagegen.core.blobs.sweeper`).
+    BLOB_SWEEP = f"{PREFIX}:blob-sweep"
+
     WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
     WEBHOOKS_BELL = f"{PREFIX}:webhooks:bell"
     # The secret each key's webhook secret derives from, when IMAGEGEN_WEBHOOK_SECRET is unset.

@@ -57,6 +57,7 @@ def record_from_hash(job_id: str, raw: Mapping[str, str]) -> JobRecord:
         progress_step=int(raw.get("progress_step") or 0),
         progress_at=_opt_float(raw.get("progress_at")),
         images=[ImageInfo.model_validate(i) for i in json.loads(raw.get("images") or "[]")],
+        images_expire_at=_opt_float(raw.get("images_expire_at")),
         error=JobError.model_validate_json(error) if error else None,
         api_key=raw.get("api_key") or "",
         request_id=raw.get("request_id") or "",

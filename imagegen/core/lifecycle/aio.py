@@ -35,9 +35,10 @@ class AsyncLifecycle:
         idempotency: tuple[str, str, int] | None = None,
         inputs: Mapping[str, bytes] | None = None,
         admission: Admission = UNLIMITED,
+        inputs_in_store: bool = False,
     ) -> Submitted:
         """`Lifecycle.submit`: queue `record` unless a limit or its Idempotency-Key says no."""
-        keys, args = submit_call(record, max_depth, idempotency, inputs, admission)
+        keys, args = submit_call(record, max_depth, idempotency, inputs, admission, inputs_in_store)
         outcome, value = await self._submit(keys=keys, args=args)
         return parse_submit(outcome, value)
 

@@ -120,11 +120,12 @@ class Lifecycle:
         idempotency: tuple[str, str, int] | None = None,
         inputs: Mapping[str, bytes] | None = None,
         admission: Admission = UNLIMITED,
+        inputs_in_store: bool = False,
     ) -> Submitted:
         """Queue `record` unless the queue is full, the key is at a limit or the
         Idempotency-Key was used (sync); `inputs` (name -> normalized PNG, one per
         `record.spec.input_names`) in the same step."""
-        keys, args = submit_call(record, max_depth, idempotency, inputs, admission)
+        keys, args = submit_call(record, max_depth, idempotency, inputs, admission, inputs_in_store)
         outcome, value = self._submit(keys=keys, args=args)
         return parse_submit(outcome, value)
 
@@ -201,19 +202,27 @@ class Lifecycle:
         image_ttl_s: int,
         record_ttl_s: int,
         run_s: float,
+        in_store: bool = False,
     ) -> bool:
         """Store the images and mark the job succeeded, in one step; False (nothing written)
         if the run no longer holds the job (canceled, or taken back). `pngs` are those of the
-        images not `filtered`, in order: a filtered image is recorded, never stored."""
+        images not `filtered`, in order: a filtered image is recorded, never stored. With
+        `in_store` an object store holds them already (`pngs` empty): only the state changes."""
+        stored = [i.index for i in images if not i.filtered]
+        now = time.time()
         moved, _ = self.apply(
             Transition(
                 job.record,
                 (JobStatus.RUNNING,),
                 JobStatus.SUCCEEDED,
-                {"finished_at": time.time(), "images": [i.model_dump() for i in images]},
+                {
+                    "finished_at": now,
+                    "images": [i.model_dump() for i in images],
+                    "images_expire_at": now + image_ttl_s,
+                },
                 ttl_s=record_ttl_s,
                 owner=job.owner,
-                images=list(zip([i.index for i in images if not i.filtered], pngs, strict=True)),
+                images=[] if in_store else list(zip(stored, pngs, strict=True)),
                 image_ttl_s=image_ttl_s,
                 run_s=run_s,
             )

@@ -65,10 +65,12 @@ def submit_call(
     idempotency: tuple[str, str, int] | None,
     inputs: Mapping[str, bytes] | None = None,
     admission: Admission = UNLIMITED,
+    inputs_in_store: bool = False,
 ) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of the submit script. `idempotency`: (key, value, TTL)."""
+    """KEYS and ARGV of the submit script. `idempotency`: (key, value, TTL). `inputs` are
+    written with the record, unless `inputs_in_store` (an object store holds them already)."""
     model = record.spec.model
-    names = record.spec.input_names
+    names = () if inputs_in_store else record.spec.input_names
     given = dict(inputs or {})
     if sorted(given) != sorted(names):
         raise ValueError(f"job {record.id} needs inputs {names}, got {sorted(given)}")

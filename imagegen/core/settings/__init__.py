@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings
 from imagegen.core.settings.base import CommaList, CommonSettings
 from imagegen.core.settings.faults import FaultSettings
 from imagegen.core.settings.gateway import GatewaySettings
+from imagegen.core.settings.storage import StorageSettings
 from imagegen.core.settings.worker import Toggle, WorkerSettings
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "FaultSettings",
     "GatewaySettings",
     "Settings",
+    "StorageSettings",
     "Toggle",
     "WorkerSettings",
     "markdown_table",
@@ -36,6 +38,7 @@ class Settings(GatewaySettings, WorkerSettings):
 
 SECTIONS: tuple[tuple[str, type[BaseSettings]], ...] = (
     ("Every process", CommonSettings),
+    ("Blob storage (the gateway and the workers)", StorageSettings),
     ("Gateway and webhook delivery (`imagegen api`, `imagegen webhooks`)", GatewaySettings),
     ("Worker (`imagegen worker`)", WorkerSettings),
     ("Test suites only", FaultSettings),

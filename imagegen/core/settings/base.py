@@ -6,7 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
+
+from imagegen.core.settings.config import CONFIG
+from imagegen.core.settings.storage import StorageSettings
 
 
 def _comma_separated(value: object) -> object:
@@ -22,13 +25,10 @@ def _comma_separated(value: object) -> object:
 # read once, here, into a list: no other module splits a setting's text.
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_separated)]
 
-CONFIG = SettingsConfigDict(
-    env_prefix="IMAGEGEN_", env_file=".env", env_ignore_empty=True, extra="ignore"
-)
 
-
-class CommonSettings(BaseSettings):
-    """Read by every process: the gateway, the worker, the webhook deliverer, the CLI."""
+class CommonSettings(StorageSettings):
+    """Read by every process: the gateway, the worker, the webhook deliverer, the CLI (and the
+    blob store's settings, `StorageSettings`)."""
 
     model_config = CONFIG
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
-from imagegen.core.settings.base import CONFIG
+from imagegen.core.settings.config import CONFIG
 
 
 class FaultSettings(BaseSettings):
