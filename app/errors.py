@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imagegen.core.blobs import StorageUnavailable
+
 log = logging.getLogger("imagegen.gateway")
 
 
@@ -105,6 +107,13 @@ class ContentFiltered(NotFound):
     """The model's safety checker withheld the image (404)."""
 
     code = "content_filtered"
+
+
+class ImageMissing(NotFound):
+    """The job succeeded and its image is within its time, yet the store does not hold it (an
+    object deleted or lost outside the service) (404, naming where it should be)."""
+
+    code = "image_missing"
 
 
 class Conflict(ApiError):
@@ -245,6 +254,17 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         log.exception("redis error on %s %s", request.method, request.url.path)
         return error_response(500, "internal", "internal error; it has been logged")
+
+    @app.exception_handler(StorageUnavailable)
+    async def _storage_down(request: Request, exc: StorageUnavailable) -> JSONResponse:
+        # The store's address stays in the log: the client learns what to do, not where it is.
+        log.warning("blob store unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503,
+            "storage_unavailable",
+            "the result store (object storage) is unavailable; nothing was accepted, retry shortly",
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -381,7 +381,10 @@ class ImageLink(BaseModel):
     seed: int
     width: int
     height: int
-    url: str
+    url: str = Field(
+        description="The image's download route; with IMAGEGEN_STORAGE_PRESIGN, a presigned URL "
+        "of the result store, valid IMAGEGEN_STORAGE_PRESIGN_EXPIRES_S seconds."
+    )
     filtered: bool = Field(
         False,
         description="The model's safety checker withheld this image: its URL answers 404 "

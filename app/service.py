@@ -6,16 +6,18 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Iterator
 
 import anyio
 import redis.asyncio as aioredis
 
 from app import images_in, resolve
 from app.auth import KeyStore
-from app.documents import render_document
+from app.documents import render_document, rfc3339
 from app.errors import (
     Conflict,
     ContentFiltered,
+    ImageMissing,
     InvalidRequest,
     NotFound,
     QueueFull,
@@ -25,6 +27,7 @@ from app.errors import (
 from app.prompt_tokens import TokenCounters
 from app.registry import ModelRegistry
 from app.schemas import GenerationRequest, JobDocument, PreprocessRequest
+from imagegen.core.blobs import Blob, image_blob, input_blob, open_async_blob_store
 from imagegen.core.contract import (
     JOB_ID_PREFIX,
     JobRecord,
@@ -74,6 +77,9 @@ class GenerationService:
         self.registry = registry
         self.settings = settings
         self.lifecycle = AsyncLifecycle(connection)
+        # Images and input images: in Redis (written by the lifecycle's scripts) or S3.
+        self.blobs = open_async_blob_store(settings, connection)
+        self.presign_s = settings.storage_presign_expires_s
         self.token_counters = TokenCounters(connection)
 
     # -- submit ---------------------------------------------------------------------------------
@@ -222,15 +228,24 @@ class GenerationService:
                 IDEMPOTENCY_TTL_S,
             )
         limits = self.api_keys.limits(api_key)
+        in_store = [(input_blob(record.id, name), data) for name, data in blobs.items()]
+        if not self.blobs.inline:
+            # Stored before the job exists: a worker never sees a job without its inputs. A
+            # store that is down is a 503 here (StorageUnavailable), before anything is queued.
+            await self.blobs.put_many(in_store, self.settings.result_ttl_s)
         result = await self.lifecycle.submit(
             record,
             self.settings.max_queue_depth,
             idempotency,
-            blobs,
+            blobs if self.blobs.inline else None,
             Admission(limits.max_active_jobs, limits.daily_quota),
+            inputs_in_store=not self.blobs.inline,
         )
         if result.outcome == "created":
             return render_document(record, int(result.value)), True
+        if not self.blobs.inline:
+            # Refused: its inputs are orphans now (the sweeper would delete them later).
+            await self.blobs.delete([blob for blob, _ in in_store])
         if result.outcome == "too_many_jobs":
             raise TooManyJobs(
                 f"this API key has {int(result.value)} jobs queued or running, its limit "
@@ -292,7 +307,34 @@ class GenerationService:
         return record, await self.document(record)
 
     async def image(self, job_id: str, index: int, api_key: str = "") -> bytes:
+        """Image `index` of a succeeded job, whole (for answers that embed it: base64)."""
         record = await self.get_record(job_id, api_key)
+        self._check_image(record, index)
+        blob = image_blob(job_id, index, record.spec.output_format)
+        png = await self.blobs.get(blob)
+        if png is None:
+            raise self._gone(record, index, blob)
+        return png
+
+    async def image_download(
+        self, job_id: str, index: int, api_key: str = ""
+    ) -> tuple[Blob, Iterator[bytes] | str]:
+        """Image `index` as the route sends it: a presigned URL of the store (with
+        IMAGEGEN_STORAGE_PRESIGN) or its chunks, streamed from the store."""
+        record = await self.get_record(job_id, api_key)
+        self._check_image(record, index)
+        blob = image_blob(job_id, index, record.spec.output_format)
+        if self.settings.storage_presign and (url := self.blobs.url(blob, self.presign_s)):
+            return blob, url
+        chunks = await self.blobs.chunks(blob)
+        if chunks is None:
+            raise self._gone(record, index, blob)
+        return blob, chunks
+
+    @staticmethod
+    def _check_image(record: JobRecord, index: int) -> None:
+        """A 404 unless image `index` of `record` exists and was not withheld."""
+        job_id = record.id
         if index < 0 or index >= record.spec.n:
             raise NotFound(f"job {job_id} has images 0..{record.spec.n - 1}, not {index}")
         if record.status != JobStatus.SUCCEEDED:
@@ -303,19 +345,36 @@ class GenerationService:
             raise ContentFiltered(
                 f"image {index} of job {job_id} was withheld by the model's safety checker"
             )
-        png = await self.store.get_image(job_id, index)
-        if png is None:
-            raise NotFound(
-                f"image {index} of job {job_id} has expired (results are kept "
-                f"{self.settings.result_ttl_s}s after a job finishes)"
+
+    def _gone(self, record: JobRecord, index: int, blob: Blob) -> NotFound:
+        """Why a succeeded job's image is not stored: it expired, or (within its time) the
+        store lost it."""
+        ttl_s = self.settings.result_ttl_s
+        expires_at = record.images_expire_at or (record.finished_at or 0.0) + ttl_s
+        if time.time() < expires_at:
+            return ImageMissing(
+                f"image {index} of job {record.id} should be stored until "
+                f"{rfc3339(expires_at)} but the result store does not hold it "
+                f"({self.blobs.where(blob)})"
             )
-        return png
+        return NotFound(
+            f"image {index} of job {record.id} has expired (results are kept {ttl_s}s after "
+            "a job finishes)"
+        )
 
     async def queue_depth(self, model_id: str) -> int:
         return int(await self.redis.zcard(Keys.queue(model_id)))
 
     async def document(self, record: JobRecord) -> JobDocument:
-        return render_document(record, await self.lifecycle.queue_position(record))
+        """The job's document, for its owner: with IMAGEGEN_STORAGE_PRESIGN its images' `url`s
+        are presigned URLs of the store (signed here, no round trip)."""
+        document = render_document(record, await self.lifecycle.queue_position(record))
+        if self.settings.storage_presign and record.status == JobStatus.SUCCEEDED:
+            for link in document.images:
+                if not link.filtered:
+                    blob = image_blob(record.id, link.index, record.spec.output_format)
+                    link.url = self.blobs.url(blob, self.presign_s) or link.url
+        return document
 
     # -- cancel ---------------------------------------------------------------------------------
     async def cancel(self, job_id: str, api_key: str = "") -> JobDocument:

@@ -11,22 +11,22 @@ from __future__ import annotations
 import io
 from typing import Any
 
-import redis
 from PIL import Image
 
-from imagegen.core.contract import JobSpec, Keys
+from imagegen.core.blobs import BlobStore, input_blob
+from imagegen.core.contract import JobSpec
 
 
 class InputMissing(Exception):
     """A job's stored input is gone (it expired with a record that was taken back too late)."""
 
 
-def load_inputs(connection: redis.Redis, job_id: str, spec: JobSpec) -> dict[str, Image.Image]:
+def load_inputs(blobs: BlobStore, job_id: str, spec: JobSpec) -> dict[str, Image.Image]:
     """The job's stored inputs by name, as the gateway stored them: "image" (RGB), "mask" (L),
     "control" (RGB), those its spec names."""
     images: dict[str, Image.Image] = {}
     for name in spec.input_names:
-        data: bytes | None = connection.get(Keys.input(job_id, name))  # type: ignore[assignment]
+        data = blobs.get(input_blob(job_id, name))
         if data is None:
             raise InputMissing(f"input {name!r} of job {job_id} is no longer stored")
         with Image.open(io.BytesIO(data), formats=["PNG"]) as opened:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis
 import torch
 
+from imagegen.core.blobs import StorageUnavailable
 from imagegen.core.contract import ErrorCode
 from worker.prompts import PromptTooLong
 
@@ -31,6 +32,12 @@ def failure_of(exc: BaseException) -> tuple[str, str]:
     """The job document's (code, message) for a job that raised `exc`."""
     if isinstance(exc, PromptTooLong):
         return ErrorCode.INVALID_REQUEST, str(exc)
+    if isinstance(exc, StorageUnavailable):
+        # The store's address stays in the worker's log, not in the client's answer.
+        return (
+            ErrorCode.STORAGE_UNAVAILABLE,
+            "the result store (object storage) did not answer; nothing was kept, retry the job",
+        )
     if isinstance(exc, JobTimedOut):
         return ErrorCode.TIMEOUT, "the job exceeded its time limit"
     if is_out_of_memory(exc):

@@ -30,6 +30,7 @@ CRASH_POINTS = (
     "after_claim",  # the batch's jobs are claimed: running, in the running set
     "mid_loop",  # after the second denoising step
     "after_encode",  # the PNGs are encoded, nothing is stored yet
+    "after_store",  # object storage only: the images are stored, the job is not succeeded yet
     "after_finish",  # images stored and the job succeeded (one step)
     "before_next_claim",  # the batch is closed; the loop has not claimed again
 )

@@ -16,6 +16,7 @@ from typing import cast
 import redis
 
 from imagegen import __version__
+from imagegen.core.blobs import Sweeper, open_blob_store
 from imagegen.core.contract import ErrorCode, WorkerHeartbeat
 from imagegen.core.lifecycle import Lifecycle
 from imagegen.core.logs import configure_logging
@@ -132,6 +133,7 @@ def run_worker(settings: WorkerSettings) -> int:
     if _STOP_WHILE_STARTING.is_set():  # the signal's SystemExit was swallowed by the load
         return 0
     lifecycle = Lifecycle(connection)
+    blobs = open_blob_store(settings, connection)
     runner = JobRunner(
         cast(Inference, inference),
         lifecycle,
@@ -141,6 +143,7 @@ def run_worker(settings: WorkerSettings) -> int:
         crash,
         inference_for=models.acquire,
         fault_injection=faults.fault_injection,
+        blobs=blobs,
     )
     router = WarmthRouter(connection, lifecycle, models, settings, name)
     loop = WorkLoop(
@@ -219,7 +222,8 @@ def run_worker(settings: WorkerSettings) -> int:
         watchdog=watchdog,
     )
     heartbeat.start()
-    reaper = Reaper(connection, settings)
+    sweeper = None if blobs.inline else Sweeper(blobs, connection, settings)
+    reaper = Reaper(connection, settings, sweeper)
     reaper.start()
     log.info(
         "worker %s ready for model(s) %s (%s, %s; model memory budget %.2f GiB)",

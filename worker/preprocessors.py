@@ -14,10 +14,10 @@ import threading
 from typing import Any
 
 import numpy as np
-import redis
 from PIL import Image
 
-from imagegen.core.contract import ControlRef, JobSpec, Keys, control_blob
+from imagegen.core.blobs import BlobStore, control_map_blob
+from imagegen.core.contract import ControlRef, JobSpec, control_blob
 
 log = logging.getLogger("imagegen.worker")
 
@@ -88,29 +88,29 @@ class Preprocessors:
         return depth.convert("RGB").resize(image.size, Image.Resampling.BICUBIC)
 
     def maps(
-        self, connection: redis.Redis, spec: JobSpec, images: dict[str, Image.Image], ttl_s: int
+        self, blobs: BlobStore, spec: JobSpec, images: dict[str, Image.Image], ttl_s: int
     ) -> tuple[Image.Image, ...]:
         """The job's control maps in order: its stored control images, each preprocessed (a
         cached map when one exists)."""
         return tuple(
-            self._map(connection, control, images[control_blob(k)], ttl_s)
+            self._map(blobs, control, images[control_blob(k)], ttl_s)
             for k, control in enumerate(spec.controls)
         )
 
     def _map(
-        self, connection: redis.Redis, control: ControlRef, image: Image.Image, ttl_s: int
+        self, blobs: BlobStore, control: ControlRef, image: Image.Image, ttl_s: int
     ) -> Image.Image:
         if control.preprocess == "none":
             return image
-        key = Keys.control_map(cache_key(control, image.size))
-        cached: bytes | None = connection.get(key)  # type: ignore[assignment]
+        stored = control_map_blob(cache_key(control, image.size))
+        cached = blobs.get(stored)
         if cached is not None:
             with Image.open(io.BytesIO(cached), formats=["PNG"]) as opened:
                 return opened.convert("RGB")
         made = self.run(control.preprocess, image, control.options)
         buffer = io.BytesIO()
         made.save(buffer, format="PNG")
-        connection.set(key, buffer.getvalue(), ex=max(1, ttl_s))
+        blobs.put(stored, buffer.getvalue(), ttl_s)
         return made
 
 

@@ -17,6 +17,7 @@ import time
 
 import redis
 
+from imagegen.core.blobs import StorageUnavailable, Sweeper
 from imagegen.core.contract import ErrorCode, JobRecord, JobStatus, Keys, WorkerHeartbeat
 from imagegen.core.lifecycle import Lifecycle
 from imagegen.core.settings import WorkerSettings
@@ -28,8 +29,12 @@ log = logging.getLogger("imagegen.worker")
 class Reaper:
     """Sweeps every model's running set for lost jobs; `start()` runs it in a daemon thread."""
 
-    def __init__(self, connection: redis.Redis, settings: WorkerSettings) -> None:
+    def __init__(
+        self, connection: redis.Redis, settings: WorkerSettings, sweeper: Sweeper | None = None
+    ) -> None:
         self.redis = connection
+        # An object store's expiry and orphans (Redis expires its own blobs).
+        self.sweeper = sweeper
         self.store = JobStore(connection)
         self.lifecycle = Lifecycle(connection)
         self.settings = settings
@@ -48,6 +53,23 @@ class Reaper:
                 self.sweep()
             except redis.exceptions.RedisError as exc:
                 log.warning("recovery sweep failed: %s", exc)
+            if self.sweeper is not None:
+                self._sweep_blobs(self.sweeper)
+
+    def _sweep_blobs(self, sweeper: Sweeper) -> None:
+        try:
+            report = sweeper.sweep_if_due()
+        except (StorageUnavailable, redis.exceptions.RedisError) as exc:
+            log.warning("blob sweep failed: %s", exc)
+            return
+        if report is not None and (report.expired_jobs or report.orphan_jobs):
+            log.info(
+                "blob sweep: deleted the objects of %d expired and %d orphaned job(s), "
+                "%d control map(s)",
+                len(report.expired_jobs),
+                len(report.orphan_jobs),
+                report.control_maps,
+            )
 
     def sweep(self) -> list[tuple[str, str]]:
         """One pass; returns (job id, "requeued" | "failed") for each job taken back."""

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from imagegen.core.blobs import Blob, BlobStore, RedisBlobStore, StorageUnavailable, image_blob
 from imagegen.core.contract import FILTERED_MARK, ErrorCode, ImageInfo
 from imagegen.core.lifecycle import Claimed, Lifecycle
 from imagegen.core.logs import request_id
@@ -68,11 +69,14 @@ class JobRunner:
         inference_for: Callable[[str], Inference] | None = None,
         fault_injection: bool = False,
         preprocessors: Preprocessors | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.inference = inference
         # A worker serving several models: the warm Inference of a batch's model, by id.
         self.inference_for = inference_for
         self.lifecycle = lifecycle
+        # Where inputs are read and images stored: Redis (by the lifecycle's own steps) or S3.
+        self.blobs = blobs or RedisBlobStore(lifecycle.redis)
         self.settings = settings
         self.state = state
         self.metrics = metrics
@@ -140,11 +144,11 @@ class JobRunner:
                     # read the model's tokenizer. A prompt past it fails invalid_request.
                     prompts.check(job.record.spec)
                 stored: dict[str, Any] = dict(
-                    edits.load_inputs(self.lifecycle.redis, job.id, job.record.spec)
+                    edits.load_inputs(self.blobs, job.id, job.record.spec)
                 )
                 # Preprocessing a control image (a depth model, say) can fail: the job fails.
                 stored["controls"] = self.preprocessors.maps(
-                    self.lifecycle.redis, job.record.spec, stored, self.settings.result_ttl_s
+                    self.blobs, job.record.spec, stored, self.settings.result_ttl_s
                 )
                 loaded.append(stored)
             except Exception as exc:  # that job fails alone; the others run
@@ -222,19 +226,39 @@ class JobRunner:
         ]
         run_s = time.perf_counter() - started
         ttl_s = self.settings.result_ttl_s
+        data = [future.result() for future in pngs]
+        kept = [image_blob(job.id, i.index, spec.output_format) for i in infos if not i.filtered]
+        if not self.blobs.inline:
+            # Durably stored first, then the one step that names them: a crash between the two
+            # leaves objects the sweeper deletes, never a succeeded job without its images.
+            try:
+                self.blobs.put_many(list(zip(kept, data, strict=True)), ttl_s)
+            except StorageUnavailable as exc:
+                return self._fail(job, exc)
+            self.crash.reached("after_store")
         if not self.lifecycle.succeed(
             job,
-            [future.result() for future in pngs],
+            data if self.blobs.inline else [],
             infos,
             image_ttl_s=ttl_s,
             record_ttl_s=ttl_s + self.settings.expired_notice_s,
             run_s=run_s,
+            in_store=not self.blobs.inline,
         ):
             log.info("job %s was canceled or taken back while running; discarded", job.id)
+            if not self.blobs.inline:
+                self._forget(kept)
             return Outcome(job.id, "discarded")
         self.metrics.observe_job(run_s, len(infos))
         log.info("job %s succeeded: %d image(s) in %.2fs", job.id, len(infos), run_s)
         return Outcome(job.id, "succeeded")
+
+    def _forget(self, blobs: list[Blob]) -> None:
+        """Delete a discarded run's stored images now (the sweeper would, later)."""
+        try:
+            self.blobs.delete(blobs)
+        except StorageUnavailable as exc:
+            log.warning("could not delete %d discarded image(s): %s", len(blobs), exc)
 
     def _unavailable(self, job: Claimed, model: str, exc: Exception) -> Outcome:
         log.error("job %s failed: model %s is unavailable: %s", job.id, model, exc)

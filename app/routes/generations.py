@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
+from fastapi.responses import RedirectResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse
 
 from app.auth import PrincipalDep
@@ -69,7 +70,8 @@ async def get_generation(
         200: {
             "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
             "description": "The image, in the job's `output_format`.",
-        }
+        },
+        307: {"description": "IMAGEGEN_STORAGE_PRESIGN: the image at a presigned store URL."},
     },
 )
 async def get_generation_image(
@@ -79,23 +81,17 @@ async def get_generation_image(
     index: int = Path(ge=0, le=1024),
 ) -> Response:
     """Download image `index` of a succeeded job: a PNG with a `parameters` text chunk, or the
-    JPEG/WebP the job asked for, with the parameters in EXIF and XMP."""
-    data = await service.image(job_id, index, principal.name)
-    extension = file_format(data)
-    return Response(
-        data,
-        media_type=f"image/{extension}",
+    JPEG/WebP the job asked for, with the parameters in EXIF and XMP. Streamed from the result
+    store; with IMAGEGEN_STORAGE_PRESIGN, a 307 to a presigned URL of the store."""
+    blob, body = await service.image_download(job_id, index, principal.name)
+    if isinstance(body, str):
+        return RedirectResponse(body, status_code=307)
+    extension = blob.media_type.split("/")[-1]
+    return StreamingResponse(
+        body,
+        media_type=blob.media_type,
         headers={"Content-Disposition": f'inline; filename="{job_id}-{index}.{extension}"'},
     )
-
-
-def file_format(data: bytes) -> str:
-    """png, jpeg or webp, by the file's signature (the worker wrote one of the three)."""
-    if data.startswith(b"\xff\xd8"):
-        return "jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return "png"
 
 
 @router.delete("/{job_id}", response_model=JobDocument)
