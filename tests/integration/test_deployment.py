@@ -260,3 +260,18 @@ def test_a_bad_setting_stops_a_process_with_one_clear_line_per_problem(
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [line for _, line in problems]
     assert "Traceback" not in result.output and "s3cret" not in result.output
+
+
+def test_object_storage_is_opt_in_with_minio_under_a_profile() -> None:
+    """The default deployment stays Redis-only; the `s3` profile adds MinIO and a one-shot
+    bucket creation, and every process that stores or serves blobs reads the same settings."""
+    services = _compose()["services"]
+    assert services["minio"]["profiles"] == ["s3"]
+    assert services["minio-init"]["profiles"] == ["s3"]
+    assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing" in " ".join(services["minio-init"]["entrypoint"])
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["IMAGEGEN_STORAGE_URL"] == "${IMAGEGEN_STORAGE_URL:-}", name  # unset: Redis
+        assert env["AWS_ACCESS_KEY_ID"] == "${AWS_ACCESS_KEY_ID:-}", name
+    assert "--hash-max-listpack-value" in " ".join(services["redis"]["command"])
