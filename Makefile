@@ -11,7 +11,13 @@ LOCK := requirements.lock
 STAMP := $(VENV)/.installed
 EXTRAS := -e ".[worker,local,dev]" -e "./client[pil]"
 
-.PHONY: run test docs openapi lock clean
+.PHONY: run test test-s3 docs openapi lock clean
+
+# The tests that move images, inputs and control maps, run a second time with S3 object storage
+# (moto's server) in place of Redis; `make test-s3` runs every e2e test that way (~10 min).
+S3_TESTS := tests/e2e/test_images_in.py tests/e2e/test_adapters_http.py \
+	tests/e2e/test_reliability.py::test_expired_image_says_it_expired \
+	tests/e2e/test_reliability.py::test_kill_9_mid_job_is_finished_by_another_worker
 
 $(STAMP): pyproject.toml client/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +36,10 @@ test: $(STAMP)
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/pytest
+	TESTS_STORAGE=s3 $(BIN)/pytest $(S3_TESTS)
+
+test-s3: $(STAMP)
+	TESTS_STORAGE=s3 $(BIN)/pytest tests/e2e
 
 # The docs site on http://127.0.0.1:8001, rebuilt as its pages change.
 docs: $(STAMP)

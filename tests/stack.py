@@ -4,6 +4,7 @@ forked from a server that has imported it once) and a gateway (uvicorn)."""
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -17,15 +18,38 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import redis
 
 from imagegen.cli.redis_server import free_port
+from imagegen.core.blobs import Blob
 from imagegen.core.contract import JobSpec, Keys, ModelInfo, WorkerHeartbeat
 
+if TYPE_CHECKING:
+    from imagegen.core.blobs.s3_store import S3BlobStore
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Dummy AWS credentials in every process the tests start (and in the fork server's environment,
+# which must match the workers'), so that no test can reach a real account.
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+    os.environ.pop(_name, None)
+
+# `TESTS_STORAGE=s3` runs the suites with every process's blobs in S3-compatible storage: a
+# moto server on 127.0.0.1 that the test run starts (`make test-s3`); unset, blobs in Redis.
+STORAGE = os.environ.get("TESTS_STORAGE", "redis")
+S3_BUCKET = "imagegen-tests"
 
 
 def service_env(redis_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -40,8 +64,72 @@ def service_env(redis_url: str, extra: Mapping[str, str] | None = None) -> dict[
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if STORAGE == "s3":
+        env.update(s3_env())
     env.update(extra or {})
     return env
+
+
+@dataclass
+class S3Server:
+    """moto's S3 server on 127.0.0.1 with one bucket, for the whole test session."""
+
+    endpoint_url: str
+    bucket: str
+    stop: Callable[[], None]
+
+    def env(self, prefix: str = "run") -> dict[str, str]:
+        """Settings of a process storing its blobs under `prefix` of the bucket."""
+        return {
+            "IMAGEGEN_STORAGE_URL": f"s3://{self.bucket}/{prefix}",
+            "IMAGEGEN_S3_ENDPOINT_URL": self.endpoint_url,
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url)
+
+
+_s3: list[S3Server] = []
+
+
+def s3_server() -> S3Server:
+    """The session's S3 server, started on first use (stopped when the run exits)."""
+    if not _s3:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+        _s3.append(S3Server(endpoint, S3_BUCKET, server.stop))
+        atexit.register(server.stop)
+    return _s3[0]
+
+
+def s3_env() -> dict[str, str]:
+    return s3_server().env()
+
+
+def stored(connection: redis.Redis, blob: Blob) -> bytes | None:
+    """A blob as this run's store holds it: Redis, or (TESTS_STORAGE=s3) the S3 server under
+    the prefix `service_env` gives every process."""
+    if STORAGE == "s3":
+        return run_store().get(blob)
+    value: bytes | None = connection.get(blob.redis_key)  # type: ignore[assignment]
+    return value
+
+
+def run_store() -> S3BlobStore:
+    """The S3 store every process of a TESTS_STORAGE=s3 run uses."""
+    from imagegen.core.blobs.s3_store import S3BlobStore
+
+    env = s3_env()
+    return S3BlobStore(env["IMAGEGEN_STORAGE_URL"], endpoint_url=env["IMAGEGEN_S3_ENDPOINT_URL"])
 
 
 class ProcessHandle(Protocol):

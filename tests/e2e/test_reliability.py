@@ -19,11 +19,15 @@ import httpx
 import pytest
 import redis
 
+from imagegen.core.blobs import image_blob
 from imagegen.core.contract import Keys
 from tests.stack import (
     FAST_RECOVERY,
+    STORAGE,
     TinyService,
     rss_mib,
+    run_store,
+    stored,
     wait_for_job,
     wait_for_worker,
 )
@@ -205,14 +209,15 @@ def test_full_redis_refuses_submits_without_half_written_jobs(cluster_factory) -
 
 def test_expired_image_says_it_expired(cluster_factory) -> None:  # type: ignore[no-untyped-def]
     cluster = cluster_factory()
-    cluster.worker("a", IMAGEGEN_RESULT_TTL_S="1")
+    # Redis expires the image after 1 s; S3's sweeper deletes it at its next pass (5 s).
+    cluster.worker("a", IMAGEGEN_RESULT_TTL_S="1", IMAGEGEN_STORAGE_SWEEP_INTERVAL_S="5")
     with cluster.client() as client:
         job = cluster.submit(client, "short lived", steps=2)
         assert wait_for_job(client, job)["status"] == "succeeded"
-        deadline = time.monotonic() + 10
-        while cluster.conn.exists(Keys.image(job, 0)):  # Redis expires it after 1 s
+        deadline = time.monotonic() + 20
+        while stored(cluster.conn, image_blob(job, 0)) is not None:
             assert time.monotonic() < deadline
-            time.sleep(0.05)
+            time.sleep(0.1)
         response = client.get(f"/v1/generations/{job}/images/0")
     assert response.status_code == 404
     assert "expired" in response.json()["error"]["message"]
@@ -245,8 +250,12 @@ def test_load_200_jobs_50_clients_2_workers(cluster_factory) -> None:  # type: i
     assert [d["status"] for d in docs].count("succeeded") == 200
     attempts = [int(cluster.conn.hget(Keys.job(j), "attempts") or 0) for j in job_ids]
     assert attempts == [1] * 200  # nothing ran twice
-    image_keys = cluster.conn.keys(Keys.image("*", 0).replace(":0", ":*"))
-    assert len(image_keys) == 200  # one image per job, none extra
+    if STORAGE == "s3":
+        images = [p.path for p in run_store().listing("jobs/") if "/images/" in p.path]
+        images = [p for p in images if p.split("/")[1] in set(job_ids)]
+    else:
+        images = cluster.conn.keys(Keys.image("*", 0).replace(":0", ":*"))
+    assert len(images) == 200  # one image per job, none extra
     by_worker = [cluster.conn.hget(Keys.job(j), "worker") for j in job_ids]
     print(
         f"\nload: 200 jobs in {elapsed:.1f}s; per worker "

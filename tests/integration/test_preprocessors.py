@@ -14,6 +14,7 @@ import redis
 from PIL import Image
 
 from builtin_model.tiny import save_tiny_depth_model
+from imagegen.core.blobs import RedisBlobStore
 from imagegen.core.contract import ControlRef, InputRef, Keys
 from tests.stack import batch_job
 from worker.preprocessors import Preprocessors, cache_key, canny, scribble
@@ -81,12 +82,13 @@ def test_a_map_is_computed_once_per_picture_preprocessor_and_options(
             return super().run(name, picture, options)
 
     stored = {"control": photo(), "control1": photo()}
-    first = Counting().maps(redis_conn, spec, stored, ttl_s=60)
-    again = Counting().maps(redis_conn, spec, stored, ttl_s=60)
+    first = Counting().maps(RedisBlobStore(redis_conn), spec, stored, ttl_s=60)
+    again = Counting().maps(RedisBlobStore(redis_conn), spec, stored, ttl_s=60)
     assert calls == ["canny"]  # the second control and the second job read the cached map
     assert all(np.array_equal(np.asarray(m), np.asarray(canny(photo()))) for m in first + again)
     ttl = redis_conn.ttl(Keys.control_map(cache_key(control, (64, 48))))
     assert 0 < int(ttl) <= 60  # type: ignore[arg-type]
     other = control.model_copy(update={"options": {"low_threshold": 20, "high_threshold": 60}})
-    Counting().maps(redis_conn, batch_job(width=64, height=48, controls=(other,)), stored, 60)
+    blobs = RedisBlobStore(redis_conn)
+    Counting().maps(blobs, batch_job(width=64, height=48, controls=(other,)), stored, 60)
     assert calls == ["canny", "canny"]  # other options: another map
