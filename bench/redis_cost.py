@@ -12,8 +12,13 @@ with a null pipeline that returns an 8x8 image at once) and submitter processes 
 gateway's submit script) against one Redis; prints jobs/s as N grows and the Redis server's
 own CPU time per job, which gives the jobs/s one Redis core can carry.
 
+Part `stores`: the same null pipeline, with a 512x512 PNG per job, once with blobs in Redis and
+once in S3-compatible storage (moto's server on 127.0.0.1): Redis memory per finished job, Redis
+commands and Redis CPU per job, so what one Redis carries with each store.
+
     python bench/redis_cost.py commands [--jobs 20]
     python bench/redis_cost.py ceiling [--workers 1,2,4,8] [--seconds 10]
+    python bench/redis_cost.py stores [--jobs 200]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imagegen.cli.redis_server import RedisServer
+from imagegen.core.blobs import image_blob
 from imagegen.core.contract import JobRecord, JobSpec, JobStatus, Keys
 from imagegen.core.lifecycle import Lifecycle
 from imagegen.core.store import JobStore
@@ -138,9 +145,16 @@ def commands(jobs: int) -> None:
 
 # -- ceiling -------------------------------------------------------------------------------------
 class NullInference:
-    """Stands in for the model: every step at once, an 8x8 image per image asked for."""
+    """Stands in for the model: every step at once, an 8x8 image per image asked for (or
+    `picture`)."""
 
     batching = False
+    previews = None
+    # What the runner reads of a loaded model: no tokenizer to check prompts with.
+    model = types.SimpleNamespace(prompts=None)
+
+    def __init__(self, picture: Any = None) -> None:
+        self.picture = picture
 
     def run(self, items: list[Any], on_loop_step: Any = None) -> list[Any]:
         from PIL import Image
@@ -151,7 +165,8 @@ class NullInference:
                 for step in range(1, item.spec.steps + 1):
                     if item.on_step is not None:
                         item.on_step(step, item.spec.steps)
-                results.append([Image.new("RGB", (8, 8))] * item.spec.n)
+                picture = self.picture or Image.new("RGB", (8, 8))
+                results.append([picture.copy() for _ in range(item.spec.n)])
             except Exception as exc:
                 results.append(exc)
         return results
@@ -259,15 +274,126 @@ def ceiling(worker_counts: list[int], seconds: float) -> None:
     )
 
 
+# -- stores --------------------------------------------------------------------------------------
+def _picture(size: int) -> Any:
+    """A picture that PNG compresses about as much as a generated one (~1.5 bytes/pixel):
+    smooth shading with a little noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size]
+    base = np.stack([x * 255 // size, y * 255 // size, (x + y) * 127 // size], axis=-1)
+    noise = rng.integers(0, 6, size=(size, size, 3))
+    return Image.fromarray((base + noise).clip(0, 255).astype("uint8"))
+
+
+def _commands(connection: redis.Redis) -> int:
+    stats = connection.info("commandstats")
+    return sum(int(v["calls"]) for v in stats.values())
+
+
+def _store_run(store_name: str, jobs: int, size: int) -> dict[str, float]:
+    import os
+
+    import torch
+
+    from imagegen.core.blobs import open_blob_store
+    from imagegen.core.settings import Settings
+    from worker.loop import WorkLoop
+    from worker.metrics import WorkerMetrics
+    from worker.runner import JobRunner
+    from worker.state import WorkerState
+
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), appendonly=False) as server:
+        connection = redis.Redis.from_url(server.url)
+        if store_name == "s3":
+            from tests.stack import s3_server
+
+            s3 = s3_server()
+            os.environ.update(s3.env(f"bench-{time.time_ns()}"))
+        else:
+            os.environ.pop("IMAGEGEN_STORAGE_URL", None)
+        settings = Settings()
+        lifecycle = Lifecycle(connection)
+        state = WorkerState()
+        runner = JobRunner(
+            NullInference(_picture(size)),  # type: ignore[arg-type]
+            lifecycle,
+            settings,
+            state,
+            WorkerMetrics(MODEL, torch.device("cpu")),
+            blobs=open_blob_store(settings, connection),
+        )
+        loop = WorkLoop(connection, lifecycle, runner, state, MODEL, "bench", max_images=1)
+        spec = JobSpec(
+            prompt="null", negative_prompt="", width=size, height=size, steps=20,
+            guidance_scale=1.0, seed=1, n=1, scheduler="euler", model=MODEL,
+        )  # fmt: skip
+        memory_before = int(connection.info("memory")["used_memory"])
+        commands_before, cpu_before = _commands(connection), _redis_cpu(connection)
+        for _ in range(jobs):
+            record = JobRecord(
+                id="gen_" + secrets.token_urlsafe(16),
+                status=JobStatus.QUEUED,
+                spec=spec,
+                created_at=time.time(),
+                timeout_s=60,
+            )
+            lifecycle.submit(record, max_depth=10**6)
+        started, ran = time.monotonic(), 0
+        while ran < jobs:
+            batch = loop.claim()
+            outcomes = runner.run(batch) if batch else []
+            ran += len(outcomes)
+            if any(o.status != "succeeded" for o in outcomes):
+                raise RuntimeError(f"a job did not succeed: {outcomes}")
+        elapsed = time.monotonic() - started
+        commands = _commands(connection) - commands_before - 1  # less this INFO
+        cpu = _redis_cpu(connection) - cpu_before
+        memory = int(connection.info("memory")["used_memory"]) - memory_before
+        png = len(runner.blobs.get(image_blob(record.id, 0)) or b"")
+        connection.close()
+    return {
+        "bytes_per_job": memory / jobs,
+        "commands_per_job": commands / jobs,
+        "cpu_ms_per_job": 1000 * cpu / jobs,
+        "jobs_per_s": jobs / elapsed,
+        "png_bytes": png,
+    }
+
+
+def stores(jobs: int, size: int) -> None:
+    print(f"null pipeline, {jobs} jobs of one {size}x{size} PNG each, submitted then run")
+    print(
+        f"{'store':<6} {'PNG bytes':>10} {'redis bytes/job':>16} {'commands/job':>13} "
+        f"{'redis CPU ms/job':>17} {'jobs/s here':>12}"
+    )
+    for name in ("redis", "s3"):
+        run = _store_run(name, jobs, size)
+        print(
+            f"{name:<6} {run['png_bytes']:>10.0f} {run['bytes_per_job']:>16.0f} "
+            f"{run['commands_per_job']:>13.1f} {run['cpu_ms_per_job']:>17.3f} "
+            f"{run['jobs_per_s']:>12.1f}"
+        )
+    print(
+        "redis bytes/job: used_memory after the jobs finished less before, per job (records, "
+        "books, and with Redis the images); jobs/s here: one null worker in this process"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["commands", "ceiling"])
+    parser.add_argument("part", choices=["commands", "ceiling", "stores"])
+    parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--workers", default="1,2,4,8")
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     if args.part == "commands":
         commands(args.jobs)
+    elif args.part == "stores":
+        stores(args.jobs, args.size)
     else:
         ceiling([int(n) for n in args.workers.split(",")], args.seconds)
 
