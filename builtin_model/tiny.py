@@ -423,3 +423,35 @@ def save_tiny_depth_model(directory: Path, seed: int = 0) -> Path:
     )
     processor.save_pretrained(directory)
     return directory
+
+
+def save_tiny_pose_model(directory: Path, seed: int = 0) -> Path:
+    """A random ViTPose (COCO's 17 body keypoints) of a few thousand weights with its image
+    processor, saved as the hub's checkpoints are: what `IMAGEGEN_POSE_MODEL` names. The head's
+    bias is raised so that random heatmaps peak above the drawing threshold (a real model's
+    confident keypoints), and every point is drawn."""
+    import torch
+    from transformers import (
+        VitPoseBackboneConfig,
+        VitPoseConfig,
+        VitPoseForPoseEstimation,
+        VitPoseImageProcessorPil,
+    )
+
+    backbone = VitPoseBackboneConfig(
+        image_size=[64, 48],
+        patch_size=[16, 16],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        out_indices=[2],
+    )
+    config = VitPoseConfig(backbone_config=backbone, scale_factor=4, num_labels=17)
+    torch.manual_seed(seed)
+    model = VitPoseForPoseEstimation(config)
+    with torch.no_grad():
+        model.head.conv.bias.add_(1.0)
+    model.save_pretrained(directory)
+    VitPoseImageProcessorPil(size={"height": 64, "width": 48}).save_pretrained(directory)
+    return directory

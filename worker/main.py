@@ -29,6 +29,7 @@ from worker.loop import WorkLoop
 from worker.metrics import WorkerMetrics
 from worker.models import ModelManager, ModelUnavailable, UnsupportedModel
 from worker.pipeline import LoadedModel, free_gpu_gib
+from worker.preprocessors import Preprocessors
 from worker.reaper import Reaper
 from worker.routing import WarmthRouter
 from worker.runner import JobRunner
@@ -91,6 +92,12 @@ def run_worker(settings: WorkerSettings) -> int:
     faults = FaultSettings()  # the test suites' switches, off in any deployment
     crash = CrashPoint(faults.fault_crash_at if faults.fault_injection else None)
 
+    # Preprocessor models load before the models announce what they serve: a checkpoint that
+    # fails is left out of `preprocessors` (a 422 at the gateway), never a failed job later.
+    preprocessors = Preprocessors(settings.depth_model, settings.pose_model)
+    for preprocessor, why in preprocessors.load().items():
+        log.error("preprocessor %s is unavailable and not served: %s", preprocessor, why)
+        settings = settings.model_copy(update={f"{preprocessor}_model": None})
     try:
         models = ModelManager(
             settings,
@@ -144,6 +151,7 @@ def run_worker(settings: WorkerSettings) -> int:
         inference_for=models.acquire,
         fault_injection=faults.fault_injection,
         blobs=blobs,
+        preprocessors=preprocessors,
     )
     router = WarmthRouter(connection, lifecycle, models, settings, name)
     loop = WorkLoop(

@@ -197,7 +197,9 @@ def model_info(
         controls=adapters.controls if adapters else [],
         # Preprocessors serve ControlNets: listed for a model that has some.
         preprocessors=(
-            preprocessor_names(settings.depth_model) if adapters and adapters.controls else []
+            preprocessor_names(settings.depth_model, settings.pose_model)
+            if adapters and adapters.controls
+            else []
         ),
         unavailable_adapters=adapters.unavailable if adapters else [],
         **(kind or {}),

@@ -1,8 +1,9 @@
 """Control preprocessors: a user's picture into the control map a ControlNet reads, in the
 worker (never in the gateway). `canny` and `scribble` are OpenCV operators (no weights);
 `depth` is a transformers `depth-estimation` model the operator names
-(`IMAGEGEN_DEPTH_MODEL`). A map is cached in Redis by (input digest, size, preprocessor,
-options), so a batch of jobs on one photo computes it once."""
+(`IMAGEGEN_DEPTH_MODEL`), `pose` a ViTPose keypoint model (`IMAGEGEN_POSE_MODEL`, drawn in
+the OpenPose convention: worker/pose.py). A map is kept in the blob store by (input digest,
+size, preprocessor, options), so a batch of jobs on one photo computes it once."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from PIL import Image
 
 from imagegen.core.blobs import BlobStore, control_map_blob
 from imagegen.core.contract import ControlRef, JobSpec, control_blob
+from worker.pose import PoseModel, draw_bodies
 
 log = logging.getLogger("imagegen.worker")
 
@@ -50,22 +52,37 @@ def scribble(image: Image.Image) -> Image.Image:
     return Image.fromarray(lines)
 
 
-def preprocessor_names(depth_model: str | None) -> list[str]:
+def preprocessor_names(depth_model: str | None, pose_model: str | None = None) -> list[str]:
     """The preprocessors a worker runs, as `GET /v1/models` lists them (besides "none")."""
-    return [*BUILT_IN, *(["depth"] if depth_model else [])]
+    return [*BUILT_IN, *(["depth"] if depth_model else []), *(["pose"] if pose_model else [])]
 
 
 class Preprocessors:
     """The preprocessors this worker runs, and the map of a job's control."""
 
-    def __init__(self, depth_model: str | None = None) -> None:
-        self.depth_model = depth_model
-        self._depth: Any = None
+    def __init__(self, depth_model: str | None = None, pose_model: str | None = None) -> None:
+        # The model each preprocessor that needs one reads (None: not served).
+        self.sources: dict[str, str | None] = {"depth": depth_model, "pose": pose_model}
+        self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     @property
     def names(self) -> list[str]:
-        return preprocessor_names(self.depth_model)
+        return preprocessor_names(self.sources["depth"], self.sources["pose"])
+
+    def load(self) -> dict[str, str]:
+        """Load every configured model now (a worker does at start). One that fails is no
+        longer served; returns why, by preprocessor."""
+        broken: dict[str, str] = {}
+        for name, source in self.sources.items():
+            if source is None:
+                continue
+            try:
+                self._model(name)
+            except Exception as exc:  # a missing, partial or wrong checkpoint: one line
+                broken[name] = f"{source}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                self.sources[name] = None
+        return broken
 
     def run(self, name: str, image: Image.Image, options: dict[str, int]) -> Image.Image:
         """The control map of `image`, at its size."""
@@ -73,19 +90,28 @@ class Preprocessors:
             return canny(image, **options)
         if name == "scribble":
             return scribble(image)
-        if name == "depth" and self.depth_model:
+        if name == "depth" and self.sources["depth"]:
             return self.depth(image)
+        if name == "pose" and self.sources["pose"]:
+            return draw_bodies(image.size, self._model("pose").bodies(image))
         raise ValueError(f"preprocessor {name!r} is not available on this worker")
 
     def depth(self, image: Image.Image) -> Image.Image:
         """transformers' depth-estimation pipeline's `depth` image (near = bright), as RGB."""
-        with self._lock:  # loaded once, on first use
-            if self._depth is None:
-                from transformers import pipeline
-
-                self._depth = pipeline("depth-estimation", model=self.depth_model, device="cpu")
-        depth: Image.Image = self._depth(image.convert("RGB"))["depth"]
+        depth: Image.Image = self._model("depth")(image.convert("RGB"))["depth"]
         return depth.convert("RGB").resize(image.size, Image.Resampling.BICUBIC)
+
+    def _model(self, name: str) -> Any:
+        with self._lock:  # loaded once: at start, or on first use
+            if name not in self._loaded:
+                source = self.sources[name]
+                if name == "depth":
+                    from transformers import pipeline
+
+                    self._loaded[name] = pipeline("depth-estimation", model=source, device="cpu")
+                else:
+                    self._loaded[name] = PoseModel(str(source))
+            return self._loaded[name]
 
     def maps(
         self, blobs: BlobStore, spec: JobSpec, images: dict[str, Image.Image], ttl_s: int

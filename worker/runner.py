@@ -82,7 +82,9 @@ class JobRunner:
         self.metrics = metrics
         self.crash = crash or CrashPoint(None)
         self.fault_injection = fault_injection  # FaultSettings: `__fault__:` prompts honoured
-        self.preprocessors = preprocessors or Preprocessors(settings.depth_model)
+        self.preprocessors = preprocessors or Preprocessors(
+            settings.depth_model, settings.pose_model
+        )
         self.progress = ProgressReporter(
             lifecycle,
             settings.progress_interval_s,

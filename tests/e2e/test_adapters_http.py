@@ -34,11 +34,19 @@ MODEL = "tiny-adapters"
 
 
 @pytest.fixture(scope="module")
+def pose_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from builtin_model.tiny import save_tiny_pose_model
+
+    return save_tiny_pose_model(tmp_path_factory.mktemp("pose") / "vitpose")
+
+
+@pytest.fixture(scope="module")
 def adapter_worker(
     redis_server: RedisServer,
     redis_conn: redis.Redis,
     log_dir: Path,
     tiny_model_dir: Path,
+    pose_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Proc]:
     from builtin_model.tiny import (
@@ -49,6 +57,9 @@ def adapter_worker(
     )
 
     root = tmp_path_factory.mktemp("adapters-http")
+    broken_depth = root / "broken-depth"  # a checkpoint that does not load: depth not served
+    broken_depth.mkdir()
+    (broken_depth / "config.json").write_text("{not json")
     directory = root / "tiny"
     shutil.copytree(tiny_model_dir, directory)
     save_tiny_adapters(directory)
@@ -60,9 +71,12 @@ def adapter_worker(
         "IMAGEGEN_MODEL": str(directory),
         "IMAGEGEN_MODEL_ID": MODEL,
         "IMAGEGEN_LORA_DIR": str(library),
+        "IMAGEGEN_POSE_MODEL": str(pose_model_dir),
+        "IMAGEGEN_DEPTH_MODEL": str(broken_depth),
     }
     proc = start_worker(redis_server.url, log_dir, "adapters-1", env, forked=True)
     wait_for_worker(redis_conn, proc, "adapters-1")
+    assert "preprocessor depth is unavailable and not served" in proc.log()
     yield proc
     proc.stop()
 
@@ -111,6 +125,8 @@ def test_models_list_adapters_and_controls(service: Gateway) -> None:
     (misfit,) = entry["unavailable_adapters"]
     assert misfit["id"] == "misfit" and "does not fit" in misfit["reason"]
     assert entry["available"] is True
+    # pose from its ViTPose checkpoint; depth's checkpoint is broken: left out, not a failed job.
+    assert entry["preprocessors"] == ["canny", "scribble", "pose"]
 
 
 def test_an_unavailable_adapter_is_a_422_saying_why_and_a_library_lora_serves(
@@ -261,7 +277,7 @@ def test_a_photo_through_canny_is_the_job_of_its_canny_map(service: Gateway) -> 
     as_map = {"id": "edges", "image": base64.b64encode(mapped.getvalue()).decode()}
     with service.client() as client:
         entry = next(m for m in client.get("/v1/models").json()["data"] if m["id"] == MODEL)
-        assert entry["preprocessors"] == ["canny", "scribble"]
+        assert entry["preprocessors"] == ["canny", "scribble", "pose"]
         response = post(client, controls=[canny])
         assert response.status_code == 202, response.text
         shown = response.json()["request"]["controls"][0]
@@ -322,6 +338,30 @@ def test_the_preview_is_the_map_a_job_uses(service: Gateway) -> None:
             refused = client.post("/v1/control/preprocess", json={**body, **bad})
             assert refused.status_code == 422, refused.text
             assert refused.json()["error"]["message"].startswith(field), refused.text
+
+
+def test_the_pose_preview_is_the_vitpose_bodies_drawn_as_openpose(
+    service: Gateway, pose_model_dir: Path
+) -> None:
+    import numpy as np
+
+    from worker.preprocessors import Preprocessors
+
+    photo = Image.new("RGB", (80, 96), (200, 190, 170))
+    photo.paste((40, 60, 150), (30, 10, 50, 90))  # a standing figure, more or less
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    body = {"model": MODEL, "image": base64.b64encode(buffer.getvalue()).decode()}
+    with service.client() as client:
+        answer = client.post("/v1/control/preprocess", json={**body, "preprocess": "pose"})
+        assert answer.status_code == 200, answer.text
+        job = run(client, control={"id": "edges", "image": body["image"], "preprocess": "pose"})
+    want = Preprocessors(pose_model=str(pose_model_dir)).run(
+        "pose", photo.resize((64, 64), Image.Resampling.LANCZOS), {}
+    )
+    got = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"))
+    assert np.array_equal(got, np.asarray(want)) and got.any()
+    assert job.startswith(b"\x89PNG")
 
 
 def test_a_lora_scale_that_is_not_finite_is_a_422(service: Gateway) -> None:

@@ -1,7 +1,8 @@
 """Control preprocessors (worker/preprocessors.py) on fixed inputs, each against a reference
 computed with the library directly: OpenCV's Canny, sd-webui-controlnet's XDoG scribble written
-out with OpenCV, and transformers' own depth-estimation pipeline over a tiny random model built
-here. Maps are cached in Redis by what they were made from."""
+out with OpenCV, transformers' own depth-estimation pipeline and ViTPose model over tiny random
+models built here, and OpenPose's drawing convention on a body whose points are known. Maps are
+cached by what they were made from."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import pytest
 import redis
 from PIL import Image
 
-from builtin_model.tiny import save_tiny_depth_model
+from builtin_model.tiny import save_tiny_depth_model, save_tiny_pose_model
 from imagegen.core.blobs import RedisBlobStore
 from imagegen.core.contract import ControlRef, InputRef, Keys
 from tests.stack import batch_job
+from worker.pose import COLORS, Body, draw_bodies
 from worker.preprocessors import Preprocessors, cache_key, canny, scribble
 
 
@@ -63,6 +65,69 @@ def test_depth_is_transformers_depth_estimation_at_the_picture_s_size(tmp_path: 
     assert Preprocessors(None).names == ["canny", "scribble"]
     with pytest.raises(ValueError, match="depth"):
         Preprocessors(None).run("depth", photo(), {})
+
+
+def test_pose_is_vitpose_s_bodies_drawn_as_openpose_at_the_picture_s_size(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from transformers import AutoProcessor, VitPoseForPoseEstimation
+
+    directory = save_tiny_pose_model(tmp_path / "pose")
+    preprocessors = Preprocessors(pose_model=str(directory))
+    assert preprocessors.load() == {} and preprocessors.names == ["canny", "scribble", "pose"]
+    got = preprocessors.run("pose", photo(), {})
+    # The reference: the checkpoint read with transformers directly, the whole picture one box.
+    processor = AutoProcessor.from_pretrained(directory)
+    model = VitPoseForPoseEstimation.from_pretrained(directory)
+    boxes = [[[0.0, 0.0, 64.0, 48.0]]]
+    with torch.no_grad():
+        outputs = model(**processor(photo(), boxes=boxes, return_tensors="pt"))
+    person = processor.post_process_pose_estimation(outputs, boxes=boxes)[0][0]
+    want = draw_bodies((64, 48), [Body(person["keypoints"].numpy(), person["scores"].numpy())])
+    assert got.size == (64, 48) and np.array_equal(np.asarray(got), np.asarray(want))
+    assert np.asarray(got).any()
+
+
+def test_openpose_drawing_limbs_at_60_percent_joints_in_full_colour_unseen_points_left_out() -> (
+    None
+):
+    # COCO order: nose, eyes, ears, shoulders (left, right), elbows, wrists, hips, knees, ankles.
+    points = np.zeros((17, 2))
+    scores = np.zeros(17)
+    points[5], points[6] = (300, 150), (200, 150)  # left and right shoulders
+    points[8], points[10] = (200, 250), (200, 350)  # right elbow, right wrist
+    scores[[5, 6, 8, 10]] = 0.9
+    points[7], scores[7] = (350, 250), 0.1  # the left elbow, not seen: no limb to it
+    canvas = np.asarray(draw_bodies((512, 512), [Body(points, scores)]))
+
+    def dim(k: int) -> tuple[int, ...]:
+        return tuple(int(c * 0.6) for c in COLORS[k])
+
+    # The neck (OpenPose point 1) sits between the shoulders: a joint in point 1's colour.
+    assert tuple(canvas[150, 250]) == COLORS[1]
+    # Limb 0 (neck to right shoulder) and limb 3 (right elbow to wrist), dimmed to 60 %.
+    assert tuple(canvas[150, 225]) == dim(0)
+    assert tuple(canvas[300, 200]) == dim(3)
+    # Joints: the right shoulder (OpenPose 2), the right wrist (4), in full colour.
+    assert tuple(canvas[150, 200]) == COLORS[2] and tuple(canvas[350, 200]) == COLORS[4]
+    # Nothing toward the unseen left elbow, and black where no body is.
+    assert not canvas[200:240, 330:345].any() and not canvas[450:, :].any()
+
+
+def test_a_preprocessor_model_that_does_not_load_is_left_out_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    preprocessors = Preprocessors(depth_model=str(broken), pose_model=str(tmp_path / "absent"))
+    reasons = preprocessors.load()
+    assert set(reasons) == {"depth", "pose"}
+    assert str(broken) in reasons["depth"] and "absent" in reasons["pose"]
+    assert preprocessors.names == ["canny", "scribble"]
+    with pytest.raises(ValueError, match="pose"):
+        preprocessors.run("pose", photo(), {})
 
 
 def test_a_map_is_computed_once_per_picture_preprocessor_and_options(

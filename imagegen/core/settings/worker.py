@@ -87,7 +87,14 @@ class WorkerSettings(CommonSettings):
         description="The `depth` control preprocessor: a transformers depth-estimation model "
         "(a local directory or a hub id in the cache, e.g. "
         "depth-anything/Depth-Anything-V2-Small-hf); unset = no `depth` preprocessor. `canny` "
-        "and `scribble` need no model.",
+        "and `scribble` need no model. Loaded at start: one that fails is left out (logged).",
+    )
+    pose_model: str | None = Field(
+        None,
+        description="The `pose` control preprocessor: a transformers ViTPose checkpoint (a "
+        "local directory or a hub id in the cache, e.g. usyd-community/vitpose-base-simple); "
+        "the whole picture is read as one person and drawn as OpenPose draws a body. Unset = "
+        "no `pose` preprocessor. Loaded at start: one that fails is left out (logged).",
     )
     lora_rescan_s: float = Field(
         10.0,
