@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="contact sheets here")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--init-word", default=None, help="the trigger's starting embedding")
+    parser.add_argument("--plain-loss", action="store_true", help="no min-SNR weighting")
+    parser.add_argument("--min-snr", type=float, default=None, help="min-SNR gamma (else plain)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, min(4, torch.get_num_threads())))
     results = []
@@ -283,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
             train_text_encoder=args.text_encoder,
             batch_size=args.batch,
             targets=args.targets,
+            initializer_word=args.init_word,
+            min_snr_gamma=None if args.plain_loss else args.min_snr,
             warmup_steps=min(20, args.steps // 10),
         )
         result = evaluate_shape(kind, config, args.out)

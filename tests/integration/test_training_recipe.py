@@ -133,3 +133,13 @@ def test_a_checkpoint_is_plain_tensors_loaded_without_pickle_code() -> None:
     trainer.step()
     state = torch.load(io.BytesIO(trainer.checkpoint()), weights_only=True)
     assert state["step"] == 1 and set(state["lora"]) == {"unet"}
+
+
+def test_the_trigger_starts_from_its_initializer_word_or_the_mean_row() -> None:
+    pipe = build_tiny_pipeline()
+    rows = pipe.text_encoder.get_input_embeddings().weight.detach()
+    red = pipe.tokenizer("red", add_special_tokens=False).input_ids
+    started = LoraTrainer(pipe, examples(), config(initializer_word="red"))
+    assert torch.equal(started.embedding()[0], rows[red].mean(dim=0))
+    plain = LoraTrainer(pipe, examples(), config())
+    assert torch.allclose(plain.embedding()[0], rows.mean(dim=0))

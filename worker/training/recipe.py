@@ -38,8 +38,6 @@ UNET_TARGETS = {
     ],
 }  # fmt: skip
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# min-SNR loss weighting (Hang et al. 2023), as the built-in model was trained.
-MIN_SNR_GAMMA = 5.0
 
 
 @dataclass(frozen=True)
@@ -56,8 +54,14 @@ class TrainingConfig:
     steps: int
     rank: int = 8
     learning_rate: float = 1e-4
-    # The trigger's embedding row learns faster than the LoRA: it starts from the mean row.
+    # The trigger's embedding row learns faster than the LoRA. It starts from the embedding of
+    # `initializer_word` (A1111's "initialization text"), else from the vocabulary's mean row.
     embedding_learning_rate: float = 5e-3
+    initializer_word: str | None = None
+    # min-SNR loss weighting, or None: plain MSE, every noise level alike (diffusers' scripts'
+    # default, and on shapes-64 the better one: the new shape's fine points are drawn at the low
+    # noise levels min-SNR weights down; bench/evaluate_training.py, 25 → 50 % on the star).
+    min_snr_gamma: float | None = None
     train_text_encoder: bool = False
     batch_size: int = 4
     targets: str = "attention"  # a key of UNET_TARGETS
@@ -148,12 +152,15 @@ class LoraTrainer:
         if self.tokenizer.add_tokens([AddedToken(word, single_word=True)]) != 1:
             raise ValueError(f"the trigger word {word!r} is already a token of the model")
         encoder = self.text_encoder
-        embeddings = encoder.get_input_embeddings().weight
-        mean = embeddings.detach().mean(dim=0)
-        encoder.resize_token_embeddings(len(self.tokenizer))
+        embeddings = encoder.get_input_embeddings().weight.detach()
+        start = embeddings.mean(dim=0)
+        if self.config.initializer_word:
+            ids = self.tokenizer(self.config.initializer_word, add_special_tokens=False).input_ids
+            start = embeddings[ids].mean(dim=0)
+        encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         token_id = int(self.tokenizer.convert_tokens_to_ids(word))
-        with torch.no_grad():  # the new row starts from the vocabulary's mean (no direction yet)
-            encoder.get_input_embeddings().weight[token_id] = mean
+        with torch.no_grad():
+            encoder.get_input_embeddings().weight[token_id] = start
         return token_id
 
     def _tokenize(self, captions: list[str]) -> torch.Tensor:
@@ -188,9 +195,12 @@ class LoraTrainer:
             group["lr"] = group["base"] * _lr_factor(self.step_count, config)
         cond = self.text_encoder(self.ids[pick])[0]
         pred = self.unet(noisy, t, cond).sample.float()
-        snr = ab.view(-1) / (1 - ab.view(-1))
-        weight = snr.clamp(max=MIN_SNR_GAMMA) / (snr if self.prediction == "epsilon" else snr + 1)
-        loss = (weight * F.mse_loss(pred, target.float(), reduction="none").mean((1, 2, 3))).mean()
+        per_sample = F.mse_loss(pred, target.float(), reduction="none").mean((1, 2, 3))
+        if config.min_snr_gamma is not None:
+            snr = ab.view(-1) / (1 - ab.view(-1))
+            clamped = snr.clamp(max=config.min_snr_gamma)
+            per_sample = per_sample * clamped / (snr if self.prediction == "epsilon" else snr + 1)
+        loss = per_sample.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
