@@ -678,6 +678,9 @@ def test_prefetch_reports_a_model_it_cannot_fetch_and_succeeds(
 ) -> None:
     """A gated or missing hub model must not keep compose from starting every worker."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: every hub fetch fails
+    # huggingface_hub reads the variable once, at import: an earlier test may have imported it,
+    # and then a real connection would be tried (and time out, ~20 s).
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     result = CliRunner().invoke(
         cli, ["prefetch"], env={"IMAGEGEN_MODELS": "gated=someone/gated-model,mine=/models/x"}
     )
