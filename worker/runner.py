@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from imagegen.core.blobs import Blob, BlobStore, RedisBlobStore, StorageUnavailable, image_blob
+from imagegen.core.blobs import BlobStore, RedisBlobStore, StorageUnavailable, image_blob
 from imagegen.core.contract import FILTERED_MARK, ErrorCode, ImageInfo
 from imagegen.core.lifecycle import Claimed, Lifecycle
 from imagegen.core.logs import request_id
@@ -247,20 +247,14 @@ class JobRunner:
             run_s=run_s,
             in_store=not self.blobs.inline,
         ):
+            # Stored objects stay for the sweeper: a job taken back may already be rerun by
+            # another worker under the same names, and deleting them would leave its success
+            # without images.
             log.info("job %s was canceled or taken back while running; discarded", job.id)
-            if not self.blobs.inline:
-                self._forget(kept)
             return Outcome(job.id, "discarded")
         self.metrics.observe_job(run_s, len(infos))
         log.info("job %s succeeded: %d image(s) in %.2fs", job.id, len(infos), run_s)
         return Outcome(job.id, "succeeded")
-
-    def _forget(self, blobs: list[Blob]) -> None:
-        """Delete a discarded run's stored images now (the sweeper would, later)."""
-        try:
-            self.blobs.delete(blobs)
-        except StorageUnavailable as exc:
-            log.warning("could not delete %d discarded image(s): %s", len(blobs), exc)
 
     def _unavailable(self, job: Claimed, model: str, exc: Exception) -> Outcome:
         log.error("job %s failed: model %s is unavailable: %s", job.id, model, exc)
