@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import redis
 
-from app.documents import render_document
+from app.documents import render_document, render_training_document
 from imagegen import __version__
 from imagegen.core.api_keys import load_entries
 from imagegen.core.contract import Keys, WebhookDelivery
@@ -35,7 +35,8 @@ from imagegen.core.destinations import (
 from imagegen.core.lifecycle import Outbox, WebhookTask
 from imagegen.core.logs import configure_logging
 from imagegen.core.settings import GatewaySettings
-from imagegen.core.store import record_from_hash
+from imagegen.core.store import run_from_hash
+from imagegen.core.trainings import TrainingRecord
 from imagegen.core.webhooks import Secrets, retry_delay, sign
 
 log = logging.getLogger("imagegen.webhooks")
@@ -141,9 +142,17 @@ class Deliverer:
         return record
 
     def body(self, task: WebhookTask) -> bytes:
-        """`{"type": "generation.<event>", "data": <the job document at the transition>}`."""
-        document = render_document(record_from_hash(task.job_id, task.record), None)
-        payload = {"type": f"generation.{task.event}", "data": document.model_dump(mode="json")}
+        """`{"type": "generation.<event>", "data": <the job document at the transition>}`, or
+        `training.<event>` with the training's document."""
+        record = run_from_hash(task.job_id, task.record)
+        if isinstance(record, TrainingRecord):
+            kind, document = (
+                "training",
+                render_training_document(record, None).model_dump(mode="json"),
+            )
+        else:
+            kind, document = "generation", render_document(record, None).model_dump(mode="json")
+        payload = {"type": f"{kind}.{task.event}", "data": document}
         return json.dumps(payload, separators=(",", ":")).encode()
 
     def send(self, task: WebhookTask) -> tuple[int | None, str | None, bool]:

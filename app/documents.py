@@ -15,7 +15,9 @@ from app.schemas import (
     WebhookAttempt,
     WebhookInfo,
 )
-from imagegen.core.contract import JobRecord, JobSpec, JobStatus
+from app.training_schemas import AdapterRef, TrainingDocument, TrainingProgress
+from imagegen.core.contract import JobRecord, JobSpec, JobStatus, RunRecord
+from imagegen.core.trainings import TrainingRecord
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -38,6 +40,63 @@ def render_document(record: JobRecord, queue_position: int | None) -> JobDocumen
         )
         for i in record.images
     ]
+    return JobDocument(
+        id=record.id,
+        status=record.status.value,
+        created_at=rfc3339(record.created_at) or "",
+        started_at=rfc3339(record.started_at),
+        finished_at=rfc3339(record.finished_at),
+        queue_position=queue_position if record.status == JobStatus.QUEUED else None,
+        progress=Progress(
+            step=record.progress_step,
+            total_steps=spec.steps,
+            eta_s=_eta_s(record, record.spec.steps),
+        ),
+        request=_params(spec),
+        images=images,
+        error=ErrorInfo(**record.error.model_dump()) if record.error else None,
+        timings=_timings(record),
+        webhook=_webhook(record),
+    )
+
+
+def render_training_document(
+    record: TrainingRecord, queue_position: int | None
+) -> TrainingDocument:
+    """The document of a training (`GET /v1/trainings/{id}`)."""
+    spec = record.spec
+    adapter = record.adapter
+    return TrainingDocument(
+        id=record.id,
+        status=record.status.value,
+        model=spec.model,
+        name=spec.name,
+        trigger_word=spec.trigger_word,
+        images=spec.images,
+        steps=spec.steps,
+        rank=spec.rank,
+        learning_rate=spec.learning_rate,
+        train_text_encoder=spec.train_text_encoder,
+        queue_position=queue_position if record.status == JobStatus.QUEUED else None,
+        progress=TrainingProgress(
+            step=record.progress_step,
+            total_steps=spec.steps,
+            loss=record.loss,
+            eta_s=_eta_s(record, spec.steps, record.resumed_from_step),
+        ),
+        checkpoint_step=record.checkpoint_step,
+        resumed_from_step=record.resumed_from_step,
+        adapter=AdapterRef(**adapter.model_dump()) if adapter is not None else None,
+        error=ErrorInfo(**record.error.model_dump()) if record.error else None,
+        created_at=rfc3339(record.created_at) or "",
+        started_at=rfc3339(record.started_at),
+        finished_at=rfc3339(record.finished_at),
+        timings=_timings(record),
+        webhook=_webhook(record),
+    )
+
+
+def _timings(record: RunRecord) -> Timings:
     queued_s = run_s = None
     if record.started_at is not None:
         queued_s = round(record.started_at - record.created_at, 3)
@@ -45,6 +104,10 @@ def render_document(record: JobRecord, queue_position: int | None) -> JobDocumen
             run_s = round(record.finished_at - record.started_at, 3)
     elif record.finished_at is not None:
         queued_s = round(record.finished_at - record.created_at, 3)
+    return Timings(queued_s=queued_s, run_s=run_s)
+
+
+def _webhook(record: RunRecord) -> WebhookInfo | None:
     webhook = None
     if record.webhook is not None:
         webhook = WebhookInfo(
@@ -63,30 +126,19 @@ def render_document(record: JobRecord, queue_position: int | None) -> JobDocumen
                 for d in record.webhook_deliveries
             ],
         )
-    return JobDocument(
-        id=record.id,
-        status=record.status.value,
-        created_at=rfc3339(record.created_at) or "",
-        started_at=rfc3339(record.started_at),
-        finished_at=rfc3339(record.finished_at),
-        queue_position=queue_position if record.status == JobStatus.QUEUED else None,
-        progress=Progress(step=record.progress_step, total_steps=spec.steps, eta_s=_eta_s(record)),
-        request=_params(spec),
-        images=images,
-        error=ErrorInfo(**record.error.model_dump()) if record.error else None,
-        timings=Timings(queued_s=queued_s, run_s=run_s),
-        webhook=webhook,
-    )
+    return webhook
 
 
-def _eta_s(record: JobRecord) -> float | None:
-    """Seconds left at the step rate seen so far; None until a step rate is known."""
-    if record.status != JobStatus.RUNNING or not record.progress_step:
+def _eta_s(record: RunRecord, total: int, first_step: int = 0) -> float | None:
+    """Seconds left at the step rate seen so far (a resumed run counts from the step it
+    resumed at); None until a step rate is known."""
+    done = record.progress_step - first_step
+    if record.status != JobStatus.RUNNING or done <= 0:
         return None
     if record.started_at is None or record.progress_at is None:
         return None
-    per_step = (record.progress_at - record.started_at) / record.progress_step
-    return round(per_step * (record.spec.steps - record.progress_step), 2)
+    per_step = (record.progress_at - record.started_at) / done
+    return round(per_step * (total - record.progress_step), 2)
 
 
 def _params(spec: JobSpec) -> GenerationParams:

@@ -89,6 +89,13 @@ class QuotaExceeded(ApiError):
     code = "quota_exceeded"
 
 
+class TooManyAdapters(ApiError):
+    """The key holds as many trained adapters as it may (429)."""
+
+    status_code = 429
+    code = "too_many_adapters"
+
+
 class TooManyStreams(ApiError):
     """The key has its most event streams open on this gateway process (429)."""
 

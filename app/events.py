@@ -30,10 +30,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi.sse import EventSourceResponse
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from app.schemas import JobDocument
-from imagegen.core.contract import JobRecord, JobStatus, Keys
+from imagegen.core.contract import JobStatus, Keys, RunRecord
 
 log = logging.getLogger("imagegen.gateway")
 
@@ -52,9 +52,9 @@ FRAME_BUDGET_PER_S = 1000
 PREVIEW_FLAG_TTL_S = 10
 _RANK = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2, "canceled": 2}
 
-# Reads a job for a feed: its record and document (any listener's right to it was checked
-# when its stream opened).
-Reader = Callable[[str], Awaitable[tuple[JobRecord, JobDocument]]]
+# Reads a job (or a training) for a feed: its record and document (any listener's right to it
+# was checked when its stream opened).
+Reader = Callable[[str], Awaitable[tuple[RunRecord, BaseModel]]]
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class JobFeed:
         self.state = format_frame(self.seq, record.status.value, document.model_dump_json())
         self.task = asyncio.create_task(self._follow(), name=f"feed-{self.job_id}")
 
-    async def _read(self) -> tuple[JobRecord, JobDocument]:
+    async def _read(self) -> tuple[RunRecord, BaseModel]:
         self.reads += 1
         return await self.read(self.job_id)
 
@@ -197,7 +197,7 @@ class JobFeed:
                 last_flag = now
                 await self.hub.want_previews(self.job_id)
 
-    def _advance(self, batch: list[str], record: JobRecord, document: JobDocument) -> None:
+    def _advance(self, batch: list[str], record: RunRecord, document: BaseModel) -> None:
         """Publish the frames that `batch` (and the record read after it) make, in order."""
         names: list[str] = []
         status = record.status.value

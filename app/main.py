@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
+from pydantic.json_schema import models_json_schema
 
 from app.auth import KeyStore, RateLimiter
 from app.capacity import MemoryGuard
@@ -29,11 +30,14 @@ from app.routes import (
     models,
     openai_edits,
     openai_images,
+    trainings,
     usage,
     webhooks,
 )
 from app.schemas import ErrorEnvelope
 from app.service import GenerationService
+from app.training_schemas import TrainingRequest
+from app.trainings import TrainingService
 from imagegen import __version__
 from imagegen.core.settings import GatewaySettings
 from imagegen.core.webhooks import Secrets
@@ -87,6 +91,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.registry = registry
         app.state.service = GenerationService(connection, registry, settings, keys)
+        app.state.trainings = TrainingService(app.state.service)
         app.state.webhook_secrets = Secrets(connection, settings, keys.webhook_secrets())
         app.state.memory = MemoryGuard(connection, settings.redis_high_water)
         app.state.collector = ServiceCollector(events)
@@ -123,6 +128,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
         image_max_bytes=settings.max_image_body_bytes,
+        training_max_bytes=settings.training_max_bytes,
     )
     app.add_middleware(A1111Errors)  # around the size limit: its 413 is reshaped too
     app.add_middleware(RequestMetrics)
@@ -141,6 +147,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(a1111.router)
     app.include_router(openai_edits.router)
     app.include_router(models.router)
+    app.include_router(trainings.router)
     app.include_router(usage.router)
     app.include_router(webhooks.router)
     app.include_router(health.router)
@@ -165,6 +172,21 @@ EVENT_SCHEMA: dict[str, Any] = {
         },
         "id": {"type": "string"},
         "retry": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+# A training's events: the same, each carrying the training document.
+TRAINING_EVENT_SCHEMA: dict[str, Any] = {
+    **EVENT_SCHEMA,
+    "properties": {
+        **EVENT_SCHEMA["properties"],
+        "event": {"enum": ["queued", "running", "progress", "succeeded", "failed", "canceled"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/TrainingDocument"},
+        },
     },
 }
 
@@ -206,8 +228,18 @@ def _finish_openapi(app: FastAPI, settings: GatewaySettings) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         spec = build()
+        # POST /v1/trainings reads its body itself (JSON or multipart): its JSON schema and
+        # those it names are added to the components here.
+        components = spec["components"]["schemas"]
+        _, named = models_json_schema(
+            [(TrainingRequest, "validation")], ref_template="#/components/schemas/{model}"
+        )
+        for name, schema in named.get("$defs", {}).items():
+            components.setdefault(name, schema)
         for path, operations in spec.get("paths", {}).items():
             events = OPENAI_EVENT_SCHEMA if path.startswith("/v1/images/") else EVENT_SCHEMA
+            if path.startswith("/v1/trainings/"):
+                events = TRAINING_EVENT_SCHEMA
             for operation in operations.values():
                 for status, response in operation.get("responses", {}).items():
                     stream = response.get("content", {}).get("text/event-stream")

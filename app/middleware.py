@@ -53,6 +53,8 @@ IMAGE_PATHS = frozenset(
         "/sdapi/v1/png-info",
     }
 )
+# A training's pictures (a zip, files or base64) have a limit of their own.
+TRAINING_PATH = "/v1/trainings"
 # The bytes received, for the route: scope["state"][BODY_BYTES].
 BODY_BYTES = "imagegen_body_bytes"
 
@@ -62,10 +64,17 @@ class BodySizeLimit:
     bytes received (chunked, or a lying Content-Length) pass the limit — the body is never
     buffered past it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, image_max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        image_max_bytes: int | None = None,
+        training_max_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.image_max_bytes = max(image_max_bytes or max_bytes, max_bytes)
+        self.training_max_bytes = max(training_max_bytes or max_bytes, max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,6 +83,8 @@ class BodySizeLimit:
         limit = self.max_bytes
         if scope.get("method") == "POST" and scope.get("path") in IMAGE_PATHS:
             limit = self.image_max_bytes
+        elif scope.get("method") == "POST" and scope.get("path") == TRAINING_PATH:
+            limit = self.training_max_bytes
         message = f"the request body exceeds the limit of {limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -28,15 +29,38 @@ class TokenCounters:
 
     def __init__(self, connection: aioredis.Redis) -> None:
         self.redis = connection
-        self._encoders: dict[str, Encode] = {}
+        self._tokenizers: dict[str, Any] = {}
 
     async def encoder(self, info: ModelInfo) -> Encode | None:
         """The model's tokenizer without special tokens; None when the gateway cannot count."""
-        digest = info.tokenizer
-        if digest is None or info.max_prompt_tokens is None:
+        if info.max_prompt_tokens is None:
             return None
-        if digest in self._encoders:
-            return self._encoders[digest]
+        tokenizer = await self._tokenizer(info)
+        if tokenizer is None:
+            return None
+
+        def encode(text: str) -> list[int]:
+            ids: list[int] = tokenizer.encode(text, add_special_tokens=False).ids
+            return ids
+
+        return encode
+
+    async def known_word(self, info: ModelInfo, word: str) -> bool | None:
+        """Whether the model's tokenizer reads `word` as one token it knows (a trigger word
+        must be new); None when the gateway cannot tell."""
+        tokenizer = await self._tokenizer(info)
+        if tokenizer is None:
+            return None
+        ids = tokenizer.encode(word, add_special_tokens=False).ids
+        unk = getattr(tokenizer.model, "unk_token", None)
+        return len(ids) == 1 and ids[0] != (tokenizer.token_to_id(unk) if unk else None)
+
+    async def _tokenizer(self, info: ModelInfo) -> Any | None:
+        digest = info.tokenizer
+        if digest is None:
+            return None
+        if digest in self._tokenizers:
+            return self._tokenizers[digest]
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -52,10 +76,5 @@ class TokenCounters:
         except Exception as exc:  # a tokenizer this `tokenizers` cannot read
             log.warning("cannot read tokenizer %s of model %s: %s", digest[:12], info.id, exc)
             return None
-
-        def encode(text: str) -> list[int]:
-            ids: list[int] = tokenizer.encode(text, add_special_tokens=False).ids
-            return ids
-
-        self._encoders[digest] = encode
-        return encode
+        self._tokenizers[digest] = tokenizer
+        return tokenizer

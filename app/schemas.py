@@ -500,6 +500,9 @@ class AdapterEntry(BaseModel):
         description='The file\'s layout: LoRAs "kohya" (civitai, AUTOMATIC1111), "diffusers" or '
         '"peft"; ControlNets "diffusers".',
     )
+    owner: str | None = Field(
+        None, description='"you": a LoRA this API key trained (`POST /v1/trainings`).'
+    )
 
     @classmethod
     def of(cls, info: AdapterInfo) -> AdapterEntry:
@@ -565,6 +568,21 @@ class ModelEntry(BaseModel):
         description="Adapter files found for this model that it cannot serve (unreadable, "
         "another family's, a module that does not fit), each with one line why.",
     )
+    training: TrainingDefaultsEntry | None = Field(
+        None, description="Trainings' defaults; null when the model cannot be trained."
+    )
+    not_trainable: str | None = Field(None, description="Why the model cannot be trained.")
+
+
+class TrainingDefaultsEntry(BaseModel):
+    """What `POST /v1/trainings` uses where a field is left out, for this model."""
+
+    steps: int
+    rank: int
+    learning_rate: float
+    targets: str = Field(description='UNet layers with a LoRA: "attention" or "all".')
+    batch_size: int = Field(description="Pictures per step.")
+    max_caption_tokens: int = Field(description="Longest caption, in the model's tokens.")
 
 
 class ModelList(BaseModel):

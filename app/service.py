@@ -22,6 +22,7 @@ from app.errors import (
     NotFound,
     QueueFull,
     QuotaExceeded,
+    TooManyAdapters,
     TooManyJobs,
 )
 from app.prompt_tokens import TokenCounters
@@ -30,6 +31,7 @@ from app.schemas import GenerationRequest, JobDocument, PreprocessRequest
 from imagegen.core.blobs import Blob, image_blob, input_blob, open_async_blob_store
 from imagegen.core.contract import (
     JOB_ID_PREFIX,
+    AdapterInfo,
     JobRecord,
     JobSpec,
     JobStatus,
@@ -39,9 +41,11 @@ from imagegen.core.contract import (
 )
 from imagegen.core.destinations import Refused, check_destination
 from imagegen.core.lifecycle import Admission, AsyncLifecycle
+from imagegen.core.lifecycle.submit import Run
 from imagegen.core.logs import request_id
 from imagegen.core.settings import GatewaySettings
 from imagegen.core.store import AsyncJobStore
+from imagegen.core.trainings import TrainingRecord
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 # How long a submit waits for a webhook host's name to resolve before letting it through.
@@ -53,6 +57,13 @@ TOO_MANY_JOBS_RETRY_S = 5
 def seconds_to_utc_midnight(now: float) -> int:
     """Whole seconds until the next UTC midnight (at least 1): when a daily quota resets."""
     return max(1, 86400 - int(now) % 86400)
+
+
+def _cost_rule(record: Run) -> str:
+    cost = f"{record.spec.megapixel_steps:g} megapixel-steps"
+    if isinstance(record, TrainingRecord):
+        return f"training costs {cost} (width*height/1e6 * steps * pictures per step)"
+    return f"job costs {cost} (width*height/1e6 * steps * n)"
 
 
 def new_job_id() -> str:
@@ -83,10 +94,17 @@ class GenerationService:
         self.token_counters = TokenCounters(connection)
 
     # -- submit ---------------------------------------------------------------------------------
-    async def target(self, request: GenerationRequest | PreprocessRequest) -> resolve.Target:
-        """The model the request names, as workers published it (one lookup per submit)."""
+    async def target(
+        self, request: GenerationRequest | PreprocessRequest, api_key: str = ""
+    ) -> resolve.Target:
+        """The model the request names, as workers published it (one lookup per submit), with
+        the adapters `api_key` trained for it when the request names LoRAs."""
         model_id = request.model or self.settings.default_model
         info = await self.registry.get(model_id)
+        if info is not None and getattr(request, "loras", None):
+            own = await self.private_adapters(api_key, model_id)
+            if own:
+                info = info.model_copy(update={"adapters": [*info.adapters, *own]})
         known = await self.registry.model_ids() if info is None else []
         return resolve.Target(model_id, info, tuple(known))
 
@@ -167,11 +185,11 @@ class GenerationService:
         lua/submit.lua).
         """
         if request.webhook is not None:
-            await self._check_webhook(request.webhook.url)
+            await self.check_webhook(request.webhook.url)
         # The model is looked up once, before any pixel work: its own pixel cap bounds the
         # inputs' resizing (an unknown model: resolve names it, after the inputs were checked
         # against the service's cap).
-        target = await self.target(request)
+        target = await self.target(request, api_key)
         inputs = None
         if request.image is not None or request.mask is not None or request.outpaint is not None:
             cap = resolve.pixel_cap(self.settings, target.info)
@@ -219,6 +237,25 @@ class GenerationService:
             timeout_s=self.job_timeout_s(spec),
             webhook=webhook,
         )
+        limits = self.api_keys.limits(api_key)
+        admission = Admission(limits.max_active_jobs, limits.daily_quota)
+        created, value = await self.admit(record, blobs, admission, idempotency_key, body_hash)
+        if created:
+            return render_document(record, int(value)), True
+        return await self.get(str(value), api_key), False
+
+    async def admit(
+        self,
+        record: Run,
+        blobs: dict[str, bytes],
+        admission: Admission,
+        idempotency_key: str | None = None,
+        body_hash: str = "",
+    ) -> tuple[bool, int | str]:
+        """Queue `record` (a job or a training) with its input blobs through the lifecycle's
+        submit script: (True, its queue position), or (False, the id an Idempotency-Key replay
+        names); every refusal is its API error."""
+        api_key = record.api_key
         idempotency = None
         if idempotency_key is not None:
             owner_key = hashlib.sha256(f"{api_key}\n{idempotency_key}".encode()).hexdigest()
@@ -227,7 +264,6 @@ class GenerationService:
                 f"{record.id} {body_hash}",
                 IDEMPOTENCY_TTL_S,
             )
-        limits = self.api_keys.limits(api_key)
         in_store = [(input_blob(record.id, name), data) for name, data in blobs.items()]
         if not self.blobs.inline:
             # Stored before the job exists: a worker never sees a job without its inputs. A
@@ -238,40 +274,46 @@ class GenerationService:
             self.settings.max_queue_depth,
             idempotency,
             blobs if self.blobs.inline else None,
-            Admission(limits.max_active_jobs, limits.daily_quota),
+            admission,
             inputs_in_store=not self.blobs.inline,
         )
         if result.outcome == "created":
-            return render_document(record, int(result.value)), True
+            return True, int(result.value)
         if not self.blobs.inline:
             # Refused: its inputs are orphans now (the sweeper would delete them later).
             await self.blobs.delete([blob for blob, _ in in_store])
         if result.outcome == "too_many_jobs":
             raise TooManyJobs(
                 f"this API key has {int(result.value)} jobs queued or running, its limit "
-                f"(max_active_jobs = {limits.max_active_jobs}); retry when one has finished",
+                f"(max_active_jobs = {admission.max_active_jobs}); retry when one has finished",
                 headers={"Retry-After": str(TOO_MANY_JOBS_RETRY_S)},
             )
         if result.outcome == "quota_exceeded":
             used = float(result.value)
             raise QuotaExceeded(
-                f"this job costs {spec.megapixel_steps:g} megapixel-steps (width*height/1e6 * "
-                f"steps * n) and this API key used {used:g} of its daily quota of "
-                f"{limits.daily_quota:g} today (UTC); the quota resets at the next UTC midnight",
+                f"this {_cost_rule(record)} and this API key used "
+                f"{used:g} of its daily quota of {admission.daily_quota:g} today (UTC); the "
+                "quota resets at the next UTC midnight",
                 headers={"Retry-After": str(seconds_to_utc_midnight(record.created_at))},
+            )
+        if result.outcome == "too_many_adapters":
+            raise TooManyAdapters(
+                f"this API key holds {int(result.value)} trained adapters, its limit "
+                f"(IMAGEGEN_MAX_ADAPTERS_PER_KEY = {admission.max_adapters}); delete one with "
+                "DELETE /v1/adapters/{id}"
             )
         if result.outcome == "full":
             raise QueueFull(
-                f"the queue of model {spec.model!r} holds {int(result.value)} jobs, its limit; "
+                f"the queue of {record.spec.lane!r} holds {int(result.value)} jobs, its limit; "
                 "retry later",
                 headers={"Retry-After": "10"},
             )
-        job_id, stored_hash = str(result.value).split(" ", 1)  # outcome "exists": a replay
+        run_id, stored_hash = str(result.value).split(" ", 1)  # outcome "exists": a replay
         if stored_hash != body_hash:
             raise Conflict("Idempotency-Key was already used with a different request body")
-        return await self.get(job_id, api_key), False
+        return False, run_id
 
-    async def _check_webhook(self, url: str) -> None:
+    async def check_webhook(self, url: str) -> None:
         """A 422 naming `webhook.url` when its destination is refused (see
         imagegen.core.webhooks); a name that does not resolve now is let through, and checked
         again, like every destination, at each delivery."""
@@ -284,6 +326,23 @@ class GenerationService:
             raise InvalidRequest.for_field("webhook.url", str(exc)) from None
         except (OSError, TimeoutError, UnicodeError):
             return
+
+    async def private_adapters(
+        self, api_key: str, model_id: str | None = None
+    ) -> list[AdapterInfo]:
+        """The adapters `api_key` trained (for `model_id`, if named), as its listings show
+        them (`owner` "you"); nobody else's."""
+        return [
+            AdapterInfo(
+                id=record.id,
+                kind="lora",
+                description=record.description,
+                trigger_words=[record.trigger_word],
+                format="kohya",
+                owner="you",
+            )
+            for record in await self.store.key_adapters(api_key, model_id)
+        ]
 
     # -- read -----------------------------------------------------------------------------------
     async def get_record(self, job_id: str, api_key: str) -> JobRecord:

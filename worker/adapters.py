@@ -236,6 +236,8 @@ class Adapters:
     controls: dict[str, AdapterInfo] = field(default_factory=dict)
     controlnets: dict[str, Any] = field(default_factory=dict)
     unavailable: list[UnavailableAdapter] = field(default_factory=list)
+    # Trained adapters loaded for their owners' jobs (worker.private_adapters): never listed.
+    private: dict[str, AdapterInfo] = field(default_factory=dict)
     # (id, scale) pairs set on the pipeline now; None = unknown (after a failure: set again).
     active: tuple[tuple[str, float], ...] | None = ()
     switches: int = 0
@@ -250,7 +252,7 @@ class Adapters:
     def apply(self, loras: tuple[LoraRef, ...]) -> None:
         """Make exactly `loras` (with their scales) active; nothing when already so."""
         want = tuple((lora.id, lora.scale) for lora in loras)
-        if want == self.active or not self.loras:
+        if want == self.active or not (self.loras or self.private):
             return
         if not want:
             self.pipe.disable_lora()

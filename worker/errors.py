@@ -20,6 +20,10 @@ class JobTimedOut(Exception):
     own time limit: that job fails `timeout`, the others of its batch go on."""
 
 
+class AdapterGone(Exception):
+    """A job names a trained adapter that was deleted after it was queued."""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError)
 
@@ -30,7 +34,7 @@ def is_redis_down(exc: BaseException) -> bool:
 
 def failure_of(exc: BaseException) -> tuple[str, str]:
     """The job document's (code, message) for a job that raised `exc`."""
-    if isinstance(exc, PromptTooLong):
+    if isinstance(exc, PromptTooLong | AdapterGone):
         return ErrorCode.INVALID_REQUEST, str(exc)
     if isinstance(exc, StorageUnavailable):
         # The store's address stays in the worker's log, not in the client's answer.

@@ -34,6 +34,10 @@ CRASH_POINTS = (
     "after_finish",  # images stored and the job succeeded (one step)
     "before_next_claim",  # the batch is closed; the loop has not claimed again
 )
+# And of a training's.
+TRAINING_CRASH_POINTS = (
+    "after_checkpoint",  # a checkpoint is stored and its step recorded; training goes on
+)
 
 
 def fault_of(prompt: str) -> str | None:
@@ -76,8 +80,9 @@ class CrashPoint:
     """Dies at the configured point, once (a process that died is a new process after)."""
 
     def __init__(self, point: str | None) -> None:
-        if point is not None and point not in CRASH_POINTS:
-            raise ValueError(f"unknown crash point {point!r}; one of {', '.join(CRASH_POINTS)}")
+        known = (*CRASH_POINTS, *TRAINING_CRASH_POINTS)
+        if point is not None and point not in known:
+            raise ValueError(f"unknown crash point {point!r}; one of {', '.join(known)}")
         self.point = point
 
     def reached(self, point: str) -> None:

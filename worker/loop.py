@@ -23,6 +23,7 @@ from worker.faults import CrashPoint
 from worker.routing import WarmthRouter
 from worker.runner import JobRunner
 from worker.state import WorkerState
+from worker.training.runner import TrainingSlot
 
 log = logging.getLogger("imagegen.worker")
 
@@ -54,7 +55,13 @@ class WorkLoop:
         router: WarmthRouter | None = None,
         failure_ttl_s: int = 86400,
         between_batches: Callable[[bool], None] | None = None,
+        trainings: TrainingSlot | None = None,
+        generate: bool = True,
     ) -> None:
+        # IMAGEGEN_WORKER_TASKS: whether it takes generations, and its training slot (None:
+        # it takes no trainings). A training advances only while no generation waits.
+        self.trainings = trainings
+        self.generate = generate
         self.router = router
         # Run between batches (no job on the pipelines), told whether SIGHUP asked for it.
         self.between_batches = between_batches
@@ -93,15 +100,24 @@ class WorkLoop:
                 if self.between_batches is not None:
                     forced, self.hangup = self.hangup, False
                     self.between_batches(forced)
-                batch = self.claim_next()
+                batch = self.claim_next() if self.generate else []
                 if not batch:
-                    self.redis.blpop([Keys.bell(m) for m in self.model_ids()], timeout=IDLE_WAIT_S)
+                    if self.trainings is not None and self.trainings.work():
+                        continue  # a slice of a training; the queues are looked at again
+                    self.redis.blpop(self.bells(), timeout=IDLE_WAIT_S)
                     continue
                 self.runner.run(batch)
                 self.crash.reached("before_next_claim")
             except redis.exceptions.RedisError as exc:
                 log.warning("work loop lost redis: %s", exc)
                 self._wait_for_redis()
+        if self.trainings is not None:
+            self.trainings.hand_back()
+
+    def bells(self) -> list[str]:
+        """What an idle worker waits on: its models' queues, and training lanes if it trains."""
+        bells = [Keys.bell(m) for m in self.model_ids()] if self.generate else []
+        return bells + (self.trainings.bells() if self.trainings is not None else [])
 
     def model_ids(self) -> list[str]:
         return self.router.model_ids() if self.router is not None else [self.model_id]

@@ -34,6 +34,7 @@ from worker.reaper import Reaper
 from worker.routing import WarmthRouter
 from worker.runner import JobRunner
 from worker.state import WorkerState
+from worker.training.runner import TrainingSlot
 
 log = logging.getLogger("imagegen.worker")
 # Exit status of a worker that had to abandon a hung job (EX_TEMPFAIL: restart me).
@@ -154,6 +155,17 @@ def run_worker(settings: WorkerSettings) -> int:
         preprocessors=preprocessors,
     )
     router = WarmthRouter(connection, lifecycle, models, settings, name)
+    trainings = None
+    if "train" in settings.worker_tasks:
+        trainings = TrainingSlot(
+            lifecycle,
+            blobs,
+            settings,
+            name,
+            models=models.servable_ids,
+            pipe_of=lambda model: models.acquire(model).model.pipe,
+            crash=crash,
+        )
     loop = WorkLoop(
         connection,
         lifecycle,
@@ -167,6 +179,8 @@ def run_worker(settings: WorkerSettings) -> int:
         router=router,
         failure_ttl_s=settings.failure_ttl_s,
         between_batches=models.rescan_loras,
+        trainings=trainings,
+        generate="generate" in settings.worker_tasks,
     )
     loop.install_signal_handlers()
 
@@ -187,7 +201,7 @@ def run_worker(settings: WorkerSettings) -> int:
     )
 
     def snapshot() -> dict[str, object]:
-        jobs = state.job_ids()
+        jobs = state.job_ids() + (trainings.job_ids() if trainings is not None else [])
         return {
             "state": "busy" if jobs else "ready",
             "current_jobs": jobs,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import AutoPipelineForText2Image
 
-from imagegen.core.contract import SCHEDULER_NAMES, ModelInfo
+from imagegen.core.contract import SCHEDULER_NAMES, ModelInfo, TrainingDefaults
 from imagegen.core.settings import WorkerSettings
 from worker.adapters import AdapterCards, Adapters, load_adapters
 from worker.families import supports_batching
@@ -204,7 +204,33 @@ def model_info(
         unavailable_adapters=adapters.unavailable if adapters else [],
         **(kind or {}),
         **prompt_fields(settings, tokenizer),
+        **training_fields(card, kind, tokenizer),
     )
+
+
+def training_fields(
+    card: dict[str, Any], kind: dict[str, Any] | None, tokenizer: Any = None
+) -> dict[str, Any]:
+    """`training` (the defaults of `POST /v1/trainings`: the card's `training` section over the
+    family's) or `not_trainable` (why not). The recipe (worker.training) trains a UNet with one
+    CLIP text encoder: Stable Diffusion 1.x/2.x text-to-image models."""
+    family = (kind or {}).get("family", "")
+    section = card.get("training", {})
+    if section is False:
+        return {"not_trainable": "its card turns trainings off (`training: false`)"}
+    if family not in ("sd15", "sd2"):
+        reason = (
+            "the trainer fine-tunes Stable Diffusion 1.x/2.x models (one text encoder); "
+            f"this is {family or 'an unknown family'}"
+        )
+        return {"not_trainable": reason}
+    if (kind or {}).get("inpainting"):
+        return {"not_trainable": "it is an inpainting model; train its text-to-image base"}
+    defaults = TrainingDefaults.model_validate(section)
+    if tokenizer is not None:
+        window = int(tokenizer.model_max_length) - 2
+        defaults = defaults.model_copy(update={"max_caption_tokens": window})
+    return {"training": defaults}
 
 
 def model_kind(pipeline_class: str, unet_config: Any, source: str) -> dict[str, Any]:

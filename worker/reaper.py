@@ -22,6 +22,7 @@ from imagegen.core.contract import ErrorCode, JobRecord, JobStatus, Keys, Worker
 from imagegen.core.lifecycle import Lifecycle
 from imagegen.core.settings import WorkerSettings
 from imagegen.core.store import JobStore
+from imagegen.core.trainings import TrainingRecord
 
 log = logging.getLogger("imagegen.worker")
 
@@ -78,7 +79,7 @@ class Reaper:
         for model in sorted(m.decode() for m in models):
             ids: list[bytes] = self.redis.zrange(Keys.running(model), 0, -1)  # type: ignore[assignment]
             for raw_id in ids:
-                record = self.store.get(raw_id.decode())
+                record = self.store.get_run(raw_id.decode())
                 if record is None:
                     # The record expired under a running job (a record without TTL cannot):
                     # drop the stray entry.
@@ -87,7 +88,7 @@ class Reaper:
                     outcomes.append((record.id, self.take_back(record)))
         return outcomes
 
-    def _is_lost(self, record: JobRecord) -> bool:
+    def _is_lost(self, record: JobRecord | TrainingRecord) -> bool:
         raw: bytes | None = self.redis.get(Keys.worker(record.worker or ""))  # type: ignore[assignment]
         if raw is None:
             return True  # its heartbeat expired: the worker is gone
@@ -97,8 +98,15 @@ class Reaper:
         running_it = record.id in beat.current_jobs
         return not running_it and beat.sent_at > started + 2 * self.settings.heartbeat_interval_s
 
-    def take_back(self, record: JobRecord) -> str:
-        if record.attempts < self.settings.max_attempts:
+    def take_back(self, record: JobRecord | TrainingRecord) -> str:
+        # A training whose lost run stored a checkpoint made progress: it is no poison, and
+        # the next run resumes from there, however many runs were lost before.
+        progressed = (
+            isinstance(record, TrainingRecord)
+            and record.checkpoint_step > 0
+            and record.checkpoint_attempt == record.attempts
+        )
+        if record.attempts < self.settings.max_attempts or progressed:
             if self.lifecycle.requeue(record):
                 log.warning(
                     "job %s: worker %s lost; queued again (attempt %d of %d done)",

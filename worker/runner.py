@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagegen.core.blobs import BlobStore, RedisBlobStore, StorageUnavailable, image_blob
-from imagegen.core.contract import FILTERED_MARK, ErrorCode, ImageInfo
+from imagegen.core.contract import FILTERED_MARK, ErrorCode, ImageInfo, JobSpec
 from imagegen.core.lifecycle import Claimed, Lifecycle
 from imagegen.core.logs import request_id
 from imagegen.core.settings import WorkerSettings
@@ -40,6 +40,7 @@ from worker.faults import CrashPoint
 from worker.inference import Inference
 from worker.metrics import WorkerMetrics
 from worker.preprocessors import Preprocessors
+from worker.private_adapters import PrivateAdapters
 from worker.progress import ProgressReporter
 from worker.state import WorkerState
 
@@ -77,6 +78,7 @@ class JobRunner:
         self.lifecycle = lifecycle
         # Where inputs are read and images stored: Redis (by the lifecycle's own steps) or S3.
         self.blobs = blobs or RedisBlobStore(lifecycle.redis)
+        self.private = PrivateAdapters(lifecycle.redis, self.blobs)
         self.settings = settings
         self.state = state
         self.metrics = metrics
@@ -139,12 +141,17 @@ class JobRunner:
         halving the batch on out-of-memory until a job fails alone."""
         loaded: list[dict[str, Any] | Exception] = []
         prompts = self.inference.model.prompts
+        specs: dict[str, JobSpec] = {}
         for job in batch:
             try:
                 if prompts is not None:
                     # The gateway's limit, checked here too: it counts only where it can
                     # read the model's tokenizer. A prompt past it fails invalid_request.
                     prompts.check(job.record.spec)
+                # Trained adapters load on first use; their trigger words read as their tokens.
+                specs[job.id] = self.private.prepare(
+                    self.inference.model, job.record.spec, job.record.api_key
+                )
                 stored: dict[str, Any] = dict(
                     edits.load_inputs(self.blobs, job.id, job.record.spec)
                 )
@@ -171,7 +178,7 @@ class JobRunner:
             progress = self.progress.for_job(job, self.inference.previews)
             items.append(
                 BatchItem(
-                    job.record.spec,
+                    specs[job.id],
                     progress,
                     image=inputs.get("image"),
                     mask=inputs.get("mask"),

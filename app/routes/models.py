@@ -5,18 +5,37 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.auth import PrincipalDep
-from app.deps import RegistryDep, SettingsDep
-from app.schemas import AdapterEntry, ModelEntry, ModelList, UnavailableAdapterEntry
+from app.deps import RegistryDep, ServiceDep, SettingsDep
+from app.schemas import (
+    AdapterEntry,
+    ModelEntry,
+    ModelList,
+    TrainingDefaultsEntry,
+    UnavailableAdapterEntry,
+)
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(
-    registry: RegistryDep, settings: SettingsDep, principal: PrincipalDep
+    registry: RegistryDep, settings: SettingsDep, principal: PrincipalDep, service: ServiceDep
 ) -> ModelList:
     """Every model a live worker can serve: its defaults and limits, how many live workers
-    can load it (`workers`) and how many hold it warm now (`loaded`)."""
+    can load it (`workers`) and how many hold it warm now (`loaded`); among its adapters, the
+    ones this API key trained (`owner` "you")."""
+    own: dict[str, list[AdapterEntry]] = {}
+    for adapter in await service.store.key_adapters(principal.name):
+        own.setdefault(adapter.model, []).append(
+            AdapterEntry(
+                id=adapter.id,
+                kind="lora",
+                description=adapter.description,
+                trigger_words=[adapter.trigger_word],
+                format="kohya",
+                owner="you",
+            )
+        )
     entries = []
     for status in await registry.statuses():
         info = status.info
@@ -28,6 +47,7 @@ async def list_models(
                 "controls",
                 "unavailable_adapters",
                 "tokenizer",
+                "training",
             }
         )
         entries.append(
@@ -40,7 +60,10 @@ async def list_models(
                 loaded=status.loaded,
                 available=status.unavailable is None,
                 unavailable_reason=status.unavailable,
-                adapters=[AdapterEntry.of(a) for a in info.adapters],
+                adapters=[AdapterEntry.of(a) for a in info.adapters] + own.get(info.id, []),
+                training=TrainingDefaultsEntry(**info.training.model_dump())
+                if info.training
+                else None,
                 controls=[AdapterEntry.of(c) for c in info.controls],
                 unavailable_adapters=[
                     UnavailableAdapterEntry(id=u.id, reason=u.reason)

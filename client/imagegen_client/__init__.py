@@ -33,6 +33,7 @@ from ._errors import (
     Unavailable,
     WaitTimeout,
 )
+from ._trainings import TrainedAdapter, Training, TrainingError, TrainingProgress, Trainings
 from ._types import (
     ErrorInfo,
     Event,
@@ -89,6 +90,11 @@ __all__ = [
     "Timings",
     "TooManyJobs",
     "TooManyStreams",
+    "TrainedAdapter",
+    "Training",
+    "TrainingError",
+    "TrainingProgress",
+    "Trainings",
     "TransportError",
     "Unauthorized",
     "Unavailable",

@@ -203,13 +203,18 @@ def events_path(job: JobRef, previews: bool = False) -> str:
 
 
 def lora_list(
-    loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None,
+    loras: Sequence[Mapping[str, Any] | tuple[str, float] | str] | None,
 ) -> list[dict[str, Any]] | None:
-    """`loras` as the API takes it: `[{"id", "scale"}]` from dicts or `(id, scale)` pairs."""
+    """`loras` as the API takes it: `[{"id", "scale"}]` from dicts, `(id, scale)` pairs or
+    ids alone (scale 1, as the API's default)."""
     if loras is None:
         return None
     return [
-        dict(lora) if isinstance(lora, Mapping) else {"id": lora[0], "scale": lora[1]}
+        {"id": lora, "scale": 1.0}
+        if isinstance(lora, str)
+        else dict(lora)
+        if isinstance(lora, Mapping)
+        else {"id": lora[0], "scale": lora[1]}
         for lora in loras
     ]
 

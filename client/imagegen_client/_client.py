@@ -44,6 +44,7 @@ from ._base import (
     transport_error,
 )
 from ._errors import APIError, ImagegenError, TransportError, WaitTimeout
+from ._trainings import Trainings
 from ._types import Event, GeneratedImage, Generation, Job, Model, Usage
 
 _C = TypeVar("_C", bound="Client")
@@ -105,6 +106,8 @@ class Client:
             timeout=self._config.timeout,
             transport=transport,
         )
+        # Fine-tuning: create, follow and cancel trainings; their adapters.
+        self.trainings = Trainings(self._http, self._send)
 
     @property
     def base_url(self) -> str:
@@ -143,7 +146,7 @@ class Client:
         mask: ImageInput | None = None,
         strength: float | None = None,
         outpaint: Mapping[str, int] | None = None,
-        loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
+        loras: Sequence[Mapping[str, Any] | tuple[str, float] | str] | None = None,
         control: Mapping[str, Any] | None = None,
         controls: Sequence[Mapping[str, Any]] | None = None,
         webhook: Mapping[str, Any] | None = None,
@@ -231,7 +234,7 @@ class Client:
         mask: ImageInput | None = None,
         strength: float | None = None,
         outpaint: Mapping[str, int] | None = None,
-        loras: Sequence[Mapping[str, Any] | tuple[str, float]] | None = None,
+        loras: Sequence[Mapping[str, Any] | tuple[str, float] | str] | None = None,
         control: Mapping[str, Any] | None = None,
         controls: Sequence[Mapping[str, Any]] | None = None,
         webhook: Mapping[str, Any] | None = None,

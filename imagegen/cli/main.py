@@ -12,6 +12,7 @@ from imagegen.cli.compose import register as register_compose
 from imagegen.cli.edit import register as register_edit
 from imagegen.cli.generate import register as register_generate
 from imagegen.cli.startup import load_settings
+from imagegen.cli.train import register as register_train
 from imagegen.cli.usage import register as register_usage
 from imagegen.core.settings import GatewaySettings, Settings, WorkerSettings
 
@@ -197,6 +198,7 @@ def tiny_model(directory: Path) -> None:
 
 
 register_generate(app)
+register_train(app)
 register_edit(app)
 register_compose(app)
 register_usage(app)

@@ -161,6 +161,8 @@ class AdapterInfo(BaseModel):
     description: str = ""
     trigger_words: list[str] = Field(default_factory=list)
     default_scale: float = 1.0
+    # A LoRA trained through the API: "you" in its owner's listing (no one else sees it).
+    owner: str | None = None
     # The file's layout: "kohya" (civitai, A1111), "diffusers", "peft" (LoRAs), "diffusers"
     # (ControlNets).
     format: str = ""
@@ -223,6 +225,11 @@ class JobSpec(BaseModel):
             control = data.pop("control")
             data.setdefault("controls", [control] if control is not None else [])
         return data
+
+    @property
+    def lane(self) -> str:
+        """The queue the job waits in (`Keys.queue`): its model's."""
+        return self.model
 
     @property
     def input_names(self) -> list[str]:
@@ -314,21 +321,17 @@ class WebhookDelivery(BaseModel):
     outcome: str
 
 
-class JobRecord(BaseModel):
-    """The job as stored in Redis (one hash per job, see `Keys.job`)."""
+class RunRecord(BaseModel):
+    """What the lifecycle keeps of anything queued and run: a generation job (`JobRecord`) or a
+    training (`imagegen.core.trainings.TrainingRecord`); one hash each, see `Keys.job`."""
 
     id: str
     status: JobStatus
-    spec: JobSpec
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
     progress_step: int = 0
     progress_at: float | None = None
-    images: list[ImageInfo] = Field(default_factory=list)
-    # When a succeeded job's images expire (finished_at + the worker's result TTL): after it
-    # a missing image expired; before it, the store lost it.
-    images_expire_at: float | None = None
     error: JobError | None = None
     api_key: str = ""  # name of the API key that created the job ("" = open service)
     request_id: str = ""  # X-Request-ID of the submit, carried into the worker's logs
@@ -339,6 +342,31 @@ class JobRecord(BaseModel):
     deadline: float | None = None  # started_at + timeout_s while running
     webhook: WebhookTarget | None = None
     webhook_deliveries: list[WebhookDelivery] = Field(default_factory=list)
+
+
+class JobRecord(RunRecord):
+    """A generation job as stored in Redis."""
+
+    spec: JobSpec
+    images: list[ImageInfo] = Field(default_factory=list)
+    # When a succeeded job's images expire (finished_at + the worker's result TTL): after it
+    # a missing image expired; before it, the store lost it.
+    images_expire_at: float | None = None
+
+
+class TrainingDefaults(BaseModel):
+    """How a model is fine-tuned when a training leaves a field out (its card's `training:`
+    section, else the family's); a model without them cannot be trained."""
+
+    steps: int = 1000
+    rank: int = 16
+    learning_rate: float = 1e-4
+    # Which UNet layers get the LoRA (worker.training.recipe.UNET_TARGETS).
+    targets: Literal["attention", "all"] = "attention"
+    batch_size: int = 4
+    # The longest caption, in tokens of the model's tokenizer (its text encoder's one window
+    # less its start and end markers): the recipe reads no further.
+    max_caption_tokens: int = 75
 
 
 class ModelInfo(BaseModel):
@@ -371,6 +399,10 @@ class ModelInfo(BaseModel):
     max_prompt_tokens: int | None = None
     prompt_weighting: bool = False
     tokenizer: str | None = None
+    # Trainings (`POST /v1/trainings`): the defaults, or None when the model cannot be trained
+    # (`not_trainable` says why).
+    training: TrainingDefaults | None = None
+    not_trainable: str | None = None
 
 
 class ServedModel(BaseModel):
@@ -537,6 +569,27 @@ class Keys:
     @staticmethod
     def rate(budget_digest: str, window: int) -> str:
         return f"{Keys.PREFIX}:rate:{budget_digest}:{window}"
+
+    @staticmethod
+    def trainings(key_name: str) -> str:
+        """Sorted set of a key's trainings by creation time (`GET /v1/trainings`)."""
+        return f"{Keys.PREFIX}:trainings:{key_name}"
+
+    @staticmethod
+    def adapter(adapter_id: str) -> str:
+        """A trained adapter's registration (hash: owner, model, trigger word, private token,
+        training), written by its training's success; no TTL until deleted."""
+        return f"{Keys.PREFIX}:adapter:{adapter_id}"
+
+    @staticmethod
+    def key_adapters(key_name: str) -> str:
+        """Set of the adapter ids a key trained."""
+        return f"{Keys.PREFIX}:key-adapters:{key_name}"
+
+    @staticmethod
+    def checkpoint(training_id: str) -> str:
+        """A running training's last checkpoint (worker.training.recipe), for a resume."""
+        return f"{Keys.PREFIX}:job:{training_id}:checkpoint"
 
     @staticmethod
     def worker(name: str) -> str:

@@ -20,6 +20,13 @@ from imagegen.core.contract import (
     WebhookDelivery,
     WebhookTarget,
 )
+from imagegen.core.trainings import (
+    TRAINING_ID_PREFIX,
+    AdapterRecord,
+    TrainedAdapter,
+    TrainingRecord,
+    TrainingSpec,
+)
 
 RUN_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -44,33 +51,62 @@ def _opt_float(raw: str | None) -> float | None:
 
 
 def record_from_hash(job_id: str, raw: Mapping[str, str]) -> JobRecord:
-    """Decode the hash that `imagegen.core.lifecycle` writes."""
-    error = raw.get("error")
-    deadline = _opt_float(raw.get("deadline"))
+    """Decode the hash that `imagegen.core.lifecycle` writes for a generation job."""
     return JobRecord(
-        id=job_id,
-        status=JobStatus(raw["status"]),
+        **_run_fields(job_id, raw),
         spec=JobSpec.model_validate_json(raw["spec"]),
-        created_at=float(raw["created_at"]),
-        started_at=_opt_float(raw.get("started_at")),
-        finished_at=_opt_float(raw.get("finished_at")),
-        progress_step=int(raw.get("progress_step") or 0),
-        progress_at=_opt_float(raw.get("progress_at")),
         images=[ImageInfo.model_validate(i) for i in json.loads(raw.get("images") or "[]")],
         images_expire_at=_opt_float(raw.get("images_expire_at")),
-        error=JobError.model_validate_json(error) if error else None,
-        api_key=raw.get("api_key") or "",
-        request_id=raw.get("request_id") or "",
-        worker=raw.get("worker") or None,
-        owner=raw.get("owner") or None,
-        attempts=int(raw.get("attempts") or 0),
-        timeout_s=float(raw.get("timeout_s") or 0),
-        deadline=deadline or None,
-        webhook=WebhookTarget.model_validate_json(hook) if (hook := raw.get("webhook")) else None,
-        webhook_deliveries=[
+    )
+
+
+def training_from_hash(training_id: str, raw: Mapping[str, str]) -> TrainingRecord:
+    """Decode the hash that `imagegen.core.lifecycle` writes for a training."""
+    adapter = raw.get("adapter")
+    return TrainingRecord(
+        **_run_fields(training_id, raw),
+        spec=TrainingSpec.model_validate_json(raw["spec"]),
+        loss=_opt_float(raw.get("loss")),
+        checkpoint_step=int(raw.get("checkpoint_step") or 0),
+        checkpoint_attempt=int(raw.get("checkpoint_attempt") or 0),
+        resumed_from_step=int(raw.get("resumed_from_step") or 0),
+        adapter=TrainedAdapter.model_validate_json(adapter) if adapter else None,
+    )
+
+
+def run_from_hash(run_id: str, raw: Mapping[str, str]) -> JobRecord | TrainingRecord:
+    """A job's or a training's record, by its id's prefix."""
+    if run_id.startswith(TRAINING_ID_PREFIX):
+        return training_from_hash(run_id, raw)
+    return record_from_hash(run_id, raw)
+
+
+def _run_fields(run_id: str, raw: Mapping[str, str]) -> dict[str, Any]:
+    """The fields every run's hash has (`RunRecord`)."""
+    error = raw.get("error")
+    deadline = _opt_float(raw.get("deadline"))
+    hook = raw.get("webhook")
+    return {
+        "id": run_id,
+        "status": JobStatus(raw["status"]),
+        "created_at": float(raw["created_at"]),
+        "started_at": _opt_float(raw.get("started_at")),
+        "finished_at": _opt_float(raw.get("finished_at")),
+        "progress_step": int(raw.get("progress_step") or 0),
+        "progress_at": _opt_float(raw.get("progress_at")),
+        "error": JobError.model_validate_json(error) if error else None,
+        "api_key": raw.get("api_key") or "",
+        "request_id": raw.get("request_id") or "",
+        "worker": raw.get("worker") or None,
+        "owner": raw.get("owner") or None,
+        "attempts": int(raw.get("attempts") or 0),
+        "timeout_s": float(raw.get("timeout_s") or 0),
+        "deadline": deadline or None,
+        "webhook": WebhookTarget.model_validate_json(hook) if hook else None,
+        "webhook_deliveries": [
             WebhookDelivery.model_validate(d) for d in _json_list(raw.get("webhook_deliveries"))
         ],
-    )
+    }
 
 
 def _json_list(raw: str | None) -> list[Any]:
@@ -99,6 +135,14 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         return parse_record(job_id, self.redis.hgetall(Keys.job(job_id)))
+
+    def get_adapter(self, adapter_id: str) -> AdapterRecord | None:
+        """A trained adapter's registration (None: none, or deleted)."""
+        return parse_adapter(self.redis.hgetall(Keys.adapter(adapter_id)))
+
+    def get_run(self, run_id: str) -> JobRecord | TrainingRecord | None:
+        """A job's or a training's record (the reaper sweeps both)."""
+        return parse_run(run_id, self.redis.hgetall(Keys.job(run_id)))
 
     def job_stats(self) -> dict[tuple[str, str], int]:
         """(model, final status) -> jobs that ended so."""
@@ -146,6 +190,23 @@ class AsyncJobStore:
     async def get(self, job_id: str) -> JobRecord | None:
         return parse_record(job_id, await self.redis.hgetall(Keys.job(job_id)))
 
+    async def get_adapter(self, adapter_id: str) -> AdapterRecord | None:
+        return parse_adapter(await self.redis.hgetall(Keys.adapter(adapter_id)))
+
+    async def key_adapters(self, key_name: str, model: str | None = None) -> list[AdapterRecord]:
+        """The adapters `key_name` trained (of `model`, if named), by id."""
+        ids: set[bytes] = await self.redis.smembers(Keys.key_adapters(key_name))  # type: ignore[assignment]
+        out = []
+        for adapter_id in sorted(as_text(i) for i in ids):
+            record = await self.get_adapter(adapter_id)
+            if record is not None and record.owner == key_name and model in (None, record.model):
+                out.append(record)
+        return out
+
+    async def get_training(self, training_id: str) -> TrainingRecord | None:
+        fields = _text_fields(await self.redis.hgetall(Keys.job(training_id)))
+        return training_from_hash(training_id, fields) if "status" in fields else None
+
     async def job_stats(self) -> dict[tuple[str, str], int]:
         return parse_job_stats(await self.redis.hgetall(Keys.JOB_STATS))
 
@@ -181,12 +242,27 @@ def as_text(value: Reply) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _text_fields(raw: Mapping[Reply, Reply]) -> dict[str, str]:
+    return {as_text(k): as_text(v) for k, v in raw.items()}
+
+
 def parse_record(job_id: str, raw: Mapping[Reply, Reply]) -> JobRecord | None:
     """A job's hash (HGETALL) as its record; None when there is none."""
-    fields = {as_text(k): as_text(v) for k, v in raw.items()}
+    fields = _text_fields(raw)
     if "status" not in fields:
         return None
     return record_from_hash(job_id, fields)
+
+
+def parse_adapter(raw: Mapping[Reply, Reply]) -> AdapterRecord | None:
+    fields = _text_fields(raw)
+    return AdapterRecord.model_validate(fields) if fields else None
+
+
+def parse_run(run_id: str, raw: Mapping[Reply, Reply]) -> JobRecord | TrainingRecord | None:
+    """A job's or a training's hash as its record; None when there is none."""
+    fields = _text_fields(raw)
+    return run_from_hash(run_id, fields) if "status" in fields else None
 
 
 def parse_job_stats(raw: Mapping[Reply, Reply]) -> dict[tuple[str, str], int]:

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import time
+import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ SUBMIT = "POST /v1/generations"
 OPENAI = "POST /v1/images/generations"
 # The control preview answers once its small job is done; a model with controls makes it.
 PREPROCESS = "POST /v1/control/preprocess"
+# Trainings: accepted ones are canceled at once (no worker of this stack trains).
+TRAINING = "POST /v1/trainings"
 A1111 = {
     "txt2img": "POST /sdapi/v1/txt2img",
     "img2img": "POST /sdapi/v1/img2img",
@@ -242,6 +245,10 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
         if meta.generation.mode.is_positive:
             _keep_preprocess_rules(body)
         return case
+    if case.operation.label == TRAINING and isinstance(body, dict) and meta is not None:
+        if meta.generation.mode.is_positive:
+            _keep_training_rules(body, case)
+        return case
     if (
         case.operation.label not in (SUBMIT, OPENAI)
         or not isinstance(body, dict)
@@ -280,6 +287,38 @@ def _keep_preprocess_rules(body: dict[str, Any]) -> None:
     for name in ("width", "height"):
         if isinstance(body.get(name), int | float):
             body[name] = 64
+
+
+def _keep_training_rules(body: dict[str, Any], case: schemathesis.Case) -> None:
+    """A served model, a name and a new trigger word as the API states them, real pictures
+    with short captions, a cost under the cap; one Idempotency-Key per body."""
+    if body.get("model") is not None:
+        body["model"] = _pick(SERVED_MODELS, body["model"])
+    body["name"] = "fuzz"
+    body["trigger_word"] = "zxq"
+    if case.media_type == "multipart/form-data":
+        # The pictures as a zip (the schema can only say "a file"), the options as text.
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as pictures:
+            pictures.writestr("00.png", INPUT_PNG)
+            pictures.writestr("00.txt", "a zxq")
+        body["images"] = archive.getvalue()
+        body.pop("images[]", None)
+        body.pop("captions[]", None)
+        if isinstance(body.get("webhook"), str):
+            body["webhook"] = "https://hooks.example.com/imagegen"
+    elif isinstance(body.get("images"), list):
+        body["images"] = [
+            {"image": base64.b64encode(INPUT_PNG).decode(), "caption": "a zxq"}
+            for _ in body["images"][:2]
+        ] or [{"image": base64.b64encode(INPUT_PNG).decode()}]
+    if isinstance(body.get("steps"), int):
+        body["steps"] = min(body["steps"], 100)
+    if isinstance(body.get("webhook"), dict):
+        body["webhook"]["url"] = "https://hooks.example.com/imagegen"
+    key = (case.headers or {}).get("Idempotency-Key")
+    if isinstance(key, str):
+        case.headers = {**(case.headers or {}), "Idempotency-Key": f"{key[:240]}-{_digest(body)}"}
 
 
 def _keep_a1111_rules(body: dict[str, Any], label: str) -> None:
@@ -430,6 +469,17 @@ def test_every_operation_conforms(
         checks=CHECKS,
         timeout=REQUEST_TIMEOUT_S,
     )
+    if case.operation.label == TRAINING and response.status_code in (200, 202):
+        training = response.json()["id"]
+        cancel = SCHEMA["/v1/trainings/{training_id}"]["DELETE"].Case(
+            path_parameters={"training_id": training}
+        )
+        cancel.call_and_validate(
+            base_url=fuzz_target.base_url,
+            headers=api_headers,
+            checks=CHECKS,
+            timeout=REQUEST_TIMEOUT_S,
+        )
     if case.operation.label == SUBMIT and response.status_code in (200, 202):
         job_id = response.json()["id"]
         STATE.pending.add(job_id)

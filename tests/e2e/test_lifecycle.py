@@ -8,6 +8,7 @@ flushed before each test), workers started and killed per scenario.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,12 +25,14 @@ import httpx
 import pytest
 import redis
 from imagegen_client import Client, JobFailed, QueueFull
+from PIL import Image
 
 from imagegen.cli.redis_server import RedisServer
 from imagegen.core.contract import ImageInfo, JobRecord, JobSpec, JobStatus, Keys
 from imagegen.core.lifecycle import Claimed, Lifecycle
 from imagegen.core.settings import Settings
 from imagegen.core.store import JobStore
+from imagegen.core.trainings import training_lane
 from tests.stack import (
     FAST_RECOVERY,
     STORAGE,
@@ -323,14 +327,17 @@ def test_an_out_of_memory_batch_is_split_and_only_what_fails_alone_fails(
     ]
 
 
-def _wait_through_outages(gateway: Gateway, job_id: str) -> dict[str, object]:
-    """The job's final document, polling through a Redis restart (503) and dropped
-    connections; a 404 (the job is gone: lost) ends the wait too."""
+def _wait_through_outages(
+    gateway: Gateway, job_id: str, route: str = "/v1/generations"
+) -> dict[str, object]:
+    """The job's (or, on `/v1/trainings`, the training's) final document, polling through a
+    Redis restart (503) and dropped connections; a 404 (the job is gone: lost) ends the wait
+    too."""
     deadline = time.monotonic() + 300
     with gateway.client() as client:
         while time.monotonic() < deadline:
             try:
-                response = client.get(f"/v1/generations/{job_id}")
+                response = client.get(f"{route}/{job_id}")
             except httpx.TransportError:
                 continue
             if response.status_code == 404:
@@ -343,6 +350,32 @@ def _wait_through_outages(gateway: Gateway, job_id: str) -> dict[str, object]:
     return {"status": "stuck"}
 
 
+def _submit_training(gateway: Gateway) -> str:
+    """A small training of the tiny model, submitted through outages like the jobs."""
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as archive:
+        picture = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(picture, format="PNG")
+        archive.writestr("0.png", picture.getvalue())
+    with gateway.client() as client:
+        for _ in range(200):
+            try:
+                response = client.post(
+                    "/v1/trainings",
+                    data={"model": MODEL, "trigger_word": "zxq", "steps": "60", "rank": "4"},
+                    files={"images": ("p.zip", zipped.getvalue(), "application/zip")},
+                    headers={"Idempotency-Key": "soak-training"},
+                )
+            except httpx.TransportError:
+                continue
+            if response.status_code in (200, 202):
+                training: str = response.json()["id"]
+                return training
+            assert response.status_code == 503, response.text
+            time.sleep(0.1)
+    raise AssertionError("the training was never accepted")
+
+
 # Enough jobs that workers die and Redis restarts while many are queued and running (96 at
 # 16 clients, down from 300 and then 160, keeps the whole suite within its CI time).
 SOAK_JOBS = 96
@@ -352,15 +385,18 @@ def test_soak_96_jobs_16_clients_workers_killed_and_redis_restarted(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """0 lost, 0 run twice to success, 0 stuck, while workers die every few seconds and
-    Redis restarts once."""
+    Redis restarts once; a training in the mix (on the worker of slot 0, between its jobs)
+    succeeds once too, through the same deaths and restart."""
     server = RedisServer(tmp_path / "redis", appendonly=True).start()
     connection = redis.Redis.from_url(server.url)
     connection.config_set("appendfsync", "always")  # a restart must lose no accepted write
     env = {**FAST, "IMAGEGEN_MODEL": str(tiny_model_dir), "IMAGEGEN_MODEL_ID": MODEL}
+    trains = {"IMAGEGEN_WORKER_TASKS": "generate,train", "IMAGEGEN_TRAINING_CHECKPOINT_STEPS": "10"}
     gateway = start_gateway(server.url, tmp_path, FAST)
 
     def start(generation: int, slot: int) -> Proc:
-        return start_worker(server.url, tmp_path, f"s{slot}-g{generation}", env, forked=True)
+        name, extra = f"s{slot}-g{generation}", trains if slot == 0 else {}
+        return start_worker(server.url, tmp_path, name, {**env, **extra}, forked=True)
 
     supervisors = [Supervisor(lambda g, slot=slot: start(g, slot)) for slot in range(3)]
     for slot, supervisor in enumerate(supervisors):
@@ -405,7 +441,9 @@ def test_soak_96_jobs_16_clients_workers_killed_and_redis_restarted(
     try:
         with ThreadPoolExecutor(16) as pool:
             ids = [j for batch in pool.map(submit_all, range(16)) for j in batch]
+        training = _submit_training(gateway)
         docs = [_wait_through_outages(gateway, job) for job in ids]
+        trained = _wait_through_outages(gateway, training, "/v1/trainings")
     finally:
         stop.set()
         kill_thread.join()
@@ -429,6 +467,9 @@ def test_soak_96_jobs_16_clients_workers_killed_and_redis_restarted(
         assert kills >= 3
         assert connection.zcard(Keys.running(MODEL)) == 0
         assert connection.zcard(Keys.queue(MODEL)) == 0
+        assert trained["status"] == "succeeded", trained
+        stats = JobStore(connection).job_stats()
+        assert stats.get((training_lane(MODEL), "succeeded"), 0) == 1  # exactly once
     finally:
         server.stop()
 

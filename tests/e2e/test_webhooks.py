@@ -353,3 +353,47 @@ def test_each_key_has_its_own_secret(redis_server: RedisServer, log_dir: Path) -
         gateway.proc.stop()
     assert seen["one"] != seen["two"]
     assert all(len(standardwebhooks.Webhook(s)._whsecret) == 32 for s in seen.values())
+
+
+def test_a_training_s_events_are_delivered_as_training_events(
+    hooks: Gateway, redis_conn: redis.Redis, deliverers: Callable[..., Proc]
+) -> None:
+    """A training's webhook goes through the same outbox and delivery process: its events are
+    `training.<event>`, carrying the training's document."""
+    import io
+    import zipfile
+
+    announce_idle_model(redis_conn, "idle-train", training={"steps": 10})
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as pictures:
+        picture = io.BytesIO()
+        from PIL import Image
+
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(picture, format="PNG")
+        pictures.writestr("0.png", picture.getvalue())
+    receiver = Receiver()
+    deliverers()
+    try:
+        with hooks.client() as client:
+            secret = client.get("/v1/webhook-secret").json()["secret"]
+            hook = json.dumps({"url": receiver.url, "events": ["canceled"]})
+            answer = client.post(
+                "/v1/trainings",
+                data={"model": "idle-train", "trigger_word": "zxq", "webhook": hook},
+                files={"images": ("p.zip", archive.getvalue(), "application/zip")},
+            )
+            assert answer.status_code == 202, answer.text
+            training = answer.json()["id"]
+            assert client.delete(f"/v1/trainings/{training}").json()["status"] == "canceled"
+            _until(lambda: receiver.requests, what="the training's delivery")
+            records = _until(
+                lambda: client.get(f"/v1/trainings/{training}").json()["webhook"]["deliveries"],
+                what="its delivery record",
+            )
+    finally:
+        receiver.stop()
+    [(headers, body)] = receiver.requests
+    payload = standardwebhooks.Webhook(secret).verify(body, headers)
+    assert payload["type"] == "training.canceled"
+    assert payload["data"]["id"] == training and payload["data"]["object"] == "training"
+    assert [r["outcome"] for r in records] == ["delivered"]

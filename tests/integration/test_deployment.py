@@ -137,6 +137,9 @@ def test_compose_gpus_puts_each_worker_on_its_own_gpu(tmp_path: Path) -> None:
         name: s for name, s in services.items() if s.get("image") == "imagegen-worker:latest"
     }
     workers.pop("prefetch")
+    trainer = workers.pop("trainer", None)
+    if trainer is not None:  # listed where this docker-compose lists profiles' services
+        assert trainer["environment"]["IMAGEGEN_WORKER_TASKS"] == "train"
     assert sorted(workers) == ["worker", "worker-gpu1", "worker-gpu2", "worker-gpu3"]
     ids = []
     for name, service in workers.items():
@@ -275,3 +278,18 @@ def test_object_storage_is_opt_in_with_minio_under_a_profile() -> None:
         assert env["IMAGEGEN_STORAGE_URL"] == "${IMAGEGEN_STORAGE_URL:-}", name  # unset: Redis
         assert env["AWS_ACCESS_KEY_ID"] == "${AWS_ACCESS_KEY_ID:-}", name
     assert "--hash-max-listpack-value" in " ".join(services["redis"]["command"])
+
+
+def test_trainings_run_on_an_opt_in_trainer_with_a_gpu_of_its_own() -> None:
+    """The `train` profile adds a worker that takes trainings only, on another GPU than the
+    generation worker's, with the same models and result store."""
+    services = _compose()["services"]
+    trainer, worker = services["trainer"], services["worker"]
+    assert trainer["profiles"] == ["train"]
+    assert trainer["environment"]["IMAGEGEN_WORKER_TASKS"] == "train"
+    assert "IMAGEGEN_WORKER_TASKS" not in worker["environment"]  # generations only
+    for setting in ("IMAGEGEN_MODEL", "IMAGEGEN_MODELS", "IMAGEGEN_STORAGE_URL"):
+        assert trainer["environment"][setting] == worker["environment"][setting], setting
+    [mine] = trainer["deploy"]["resources"]["reservations"]["devices"]
+    [theirs] = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert mine["device_ids"] != theirs["device_ids"]

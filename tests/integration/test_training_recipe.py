@@ -143,3 +143,31 @@ def test_the_trigger_starts_from_its_initializer_word_or_the_mean_row() -> None:
     assert torch.equal(started.embedding()[0], rows[red].mean(dim=0))
     plain = LoraTrainer(pipe, examples(), config())
     assert torch.allclose(plain.embedding()[0], rows.mean(dim=0))
+
+
+def test_a_pipeline_serving_loras_trains_as_a_bare_one_and_a_seed_is_one_training() -> None:
+    """A worker's warm pipeline holds its LoRAs (switched off between jobs) and the private
+    tokens of trained adapters: the trainer's copies drop the LoRAs and start the new word
+    from the model's own vocabulary, so it trains exactly what it would on the bare model;
+    and the LoRA's random start comes from the training's seed, not from what the process
+    drew before."""
+    donor = LoraTrainer(build_tiny_pipeline(), examples(), config(seed=9))
+    donor.step()
+    donor.step()
+    lora, embeddings = split(kohya_weights(donor.lora_state(), "zxq", donor.embedding()))
+    serving = build_tiny_pipeline()
+    serving.load_lora_weights(lora, adapter_name="served")
+    serving.disable_lora()
+    # And another key's trained word, under its private token, as the worker loads it.
+    serving.load_textual_inversion(embeddings["zxq"], token="zqprivate")
+    torch.manual_seed(123)  # whatever the process drew before
+    on_serving = LoraTrainer(serving, examples(), config())
+    torch.manual_seed(456)
+    on_bare = LoraTrainer(build_tiny_pipeline(), examples(), config())
+    for _ in range(3):
+        assert on_serving.step().loss == on_bare.step().loss
+    ours, theirs = on_serving.lora_state()["unet"], on_bare.lora_state()["unet"]
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert torch.equal(on_serving.embedding(), on_bare.embedding())
+    assert "served" in serving.get_list_adapters()["unet"]  # the serving pipeline keeps its own

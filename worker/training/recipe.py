@@ -87,30 +87,36 @@ class LoraTrainer:
         self.config = config
         self.device = pipe.unet.device
         self.tokenizer = copy.deepcopy(pipe.tokenizer)
-        self.text_encoder = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
-        self.unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+        self.text_encoder = _without_adapters(copy.deepcopy(pipe.text_encoder))
+        self.unet = _without_adapters(copy.deepcopy(pipe.unet))
         self.unet.train()
         self.text_encoder.train()
         self.token_id = self._add_token(config.trigger_word)
-        self.unet.add_adapter(
-            LoraConfig(
-                r=config.rank,
-                lora_alpha=config.rank,
-                init_lora_weights="gaussian",
-                target_modules=UNET_TARGETS[config.targets],
-            )
-        )
-        if config.train_text_encoder:
-            # peft directly: transformers 5's own `add_adapter` asks for a newer peft.
-            inject_adapter_in_model(
+        # The LoRAs' random start comes from the training's seed, not from whatever the
+        # process drew before: one seed, one training, in any worker (a rerun that starts over
+        # and the tests' uninterrupted reference included).
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(config.seed)
+            self.unet.add_adapter(
                 LoraConfig(
                     r=config.rank,
                     lora_alpha=config.rank,
                     init_lora_weights="gaussian",
-                    target_modules=TEXT_TARGETS,
-                ),
-                self.text_encoder,
+                    target_modules=UNET_TARGETS[config.targets],
+                )
             )
+            if config.train_text_encoder:
+                # peft directly: transformers 5's own `add_adapter` asks for a newer peft.
+                inject_adapter_in_model(
+                    LoraConfig(
+                        r=config.rank,
+                        lora_alpha=config.rank,
+                        init_lora_weights="gaussian",
+                        target_modules=TEXT_TARGETS,
+                    ),
+                    self.text_encoder,
+                )
         embeddings = self.text_encoder.get_input_embeddings().weight
         embeddings.requires_grad_(True)
         self._frozen_rows = embeddings.detach().clone()
@@ -153,7 +159,10 @@ class LoraTrainer:
             raise ValueError(f"the trigger word {word!r} is already a token of the model")
         encoder = self.text_encoder
         embeddings = encoder.get_input_embeddings().weight.detach()
-        start = embeddings.mean(dim=0)
+        # The model's own vocabulary only: a serving worker's tokenizer also holds the private
+        # tokens of trained adapters it loaded (worker.private_adapters), which must not move
+        # where another key's training starts.
+        start = embeddings[: self.tokenizer.vocab_size].mean(dim=0)
         if self.config.initializer_word:
             ids = self.tokenizer(self.config.initializer_word, add_special_tokens=False).input_ids
             start = embeddings[ids].mean(dim=0)
@@ -261,6 +270,29 @@ class LoraTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
+
+
+def _without_adapters(model: Any) -> Any:
+    """A copy of a serving pipeline's model carries the LoRAs the worker loaded into it (and
+    their layers switched off while no job uses them): they are taken out, so the new LoRA is
+    the only one, switched on, and trains on the bare model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(True)
+            for name in list(getattr(module, "lora_A", {}).keys()):
+                module.delete_adapter(name)
+    # As if no LoRA had ever been added (diffusers and peft look for this attribute).
+    model.__dict__.pop("peft_config", None)
+    if getattr(model, "_hf_peft_config_loaded", False):
+        model._hf_peft_config_loaded = False
+    return model.requires_grad_(False)
+
+
+def default_warmup(steps: int) -> int:
+    """The warm-up a training of `steps` gets: a tenth of it, at most 20 steps."""
+    return min(20, steps // 10)
 
 
 def _lr_factor(step: int, config: TrainingConfig) -> float:

@@ -18,7 +18,15 @@ import redis.asyncio as aioredis
 
 from imagegen.core.blobs.aio import AsyncBlobStore
 from imagegen.core.blobs.base import BlobStore, Listed, StorageUnavailable
-from imagegen.core.blobs.names import Blob, control_map_blob, image_blob, input_blob, job_of
+from imagegen.core.blobs.names import (
+    Blob,
+    adapter_blob,
+    checkpoint_blob,
+    control_map_blob,
+    image_blob,
+    input_blob,
+    job_of,
+)
 from imagegen.core.blobs.redis_store import RedisBlobStore
 from imagegen.core.blobs.sweeper import Sweeper, SweepReport
 from imagegen.core.settings import StorageSettings
@@ -32,6 +40,8 @@ __all__ = [
     "StorageUnavailable",
     "SweepReport",
     "Sweeper",
+    "adapter_blob",
+    "checkpoint_blob",
     "control_map_blob",
     "image_blob",
     "input_blob",

@@ -29,7 +29,11 @@ class AsyncBlobStore:
             await anyio.to_thread.run_sync(self.store.put_many, items, ttl_s)
 
     async def delete(self, blobs: Sequence[Blob]) -> None:
-        if self.store is not None and blobs:
+        if not blobs:
+            return
+        if self.store is None:
+            await self.redis.delete(*[blob.redis_key for blob in blobs])
+        else:
             await anyio.to_thread.run_sync(self.store.delete, blobs)
 
     async def get(self, blob: Blob) -> bytes | None:

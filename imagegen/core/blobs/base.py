@@ -37,7 +37,8 @@ class BlobStore(ABC):
     @abstractmethod
     def put(self, blob: Blob, data: bytes, ttl_s: int) -> None:
         """Store `data` (durably, once this returns); `ttl_s` is how long it must live at
-        least (Redis expires it then; an object store's sweeper deletes it later)."""
+        least (Redis expires it then; an object store's sweeper deletes it later); 0: until it
+        is deleted."""
 
     @abstractmethod
     def get(self, blob: Blob) -> bytes | None:

@@ -11,6 +11,8 @@ from imagegen.core.contract import Keys
 
 JOBS = "jobs/"
 CONTROL_MAPS = "control-maps/"
+# Trained adapters: kept until their owner deletes them (never swept).
+ADAPTERS = "adapters/"
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,19 @@ def image_blob(job_id: str, index: int, output_format: str = "png") -> Blob:
     """A succeeded job's image `index`, in the job's output format (png, jpeg, webp)."""
     path = f"{JOBS}{job_id}/images/{index}"
     return Blob(Keys.image(job_id, index), path, f"image/{output_format}")
+
+
+def checkpoint_blob(training_id: str) -> Blob:
+    """A running training's last checkpoint (swept with the training, like a job's blobs)."""
+    return Blob(Keys.checkpoint(training_id), f"{JOBS}{training_id}/checkpoint", _OCTETS)
+
+
+def adapter_blob(adapter_id: str) -> Blob:
+    """A trained adapter's `.safetensors` (kohya naming, trigger embedding bundled)."""
+    return Blob(f"{Keys.adapter(adapter_id)}:weights", f"{ADAPTERS}{adapter_id}", _OCTETS)
+
+
+_OCTETS = "application/octet-stream"
 
 
 def control_map_blob(digest: str) -> Blob:

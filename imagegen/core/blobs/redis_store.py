@@ -20,7 +20,8 @@ class RedisBlobStore(BlobStore):
 
     def put(self, blob: Blob, data: bytes, ttl_s: int) -> None:
         try:
-            self.redis.set(blob.redis_key, data, ex=max(1, ttl_s))
+            # ttl_s 0: kept until deleted (a trained adapter's weights).
+            self.redis.set(blob.redis_key, data, ex=ttl_s if ttl_s > 0 else None)
         except redis.exceptions.ConnectionError as exc:
             raise StorageUnavailable(f"redis: {exc}") from exc
 

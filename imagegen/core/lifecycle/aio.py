@@ -8,12 +8,13 @@ from collections.abc import Mapping
 
 import redis.asyncio as aioredis
 
-from imagegen.core.contract import JobRecord, JobStatus, Keys
+from imagegen.core.contract import JobStatus, Keys
 from imagegen.core.lifecycle import scripts
 from imagegen.core.lifecycle.jobs import cancellation
 from imagegen.core.lifecycle.submit import (
     UNLIMITED,
     Admission,
+    Run,
     Submitted,
     parse_submit,
     submit_call,
@@ -30,7 +31,7 @@ class AsyncLifecycle:
 
     async def submit(
         self,
-        record: JobRecord,
+        record: Run,
         max_depth: int,
         idempotency: tuple[str, str, int] | None = None,
         inputs: Mapping[str, bytes] | None = None,
@@ -42,15 +43,15 @@ class AsyncLifecycle:
         outcome, value = await self._submit(keys=keys, args=args)
         return parse_submit(outcome, value)
 
-    async def cancel(self, record: JobRecord, ttl_s: int) -> bool:
+    async def cancel(self, record: Run, ttl_s: int) -> bool:
         """`Lifecycle.cancel`: a queued or running job turns `canceled`."""
         keys, args = cancellation(record, ttl_s).script_call()
         moved, _ = await self._transition(keys=keys, args=args)
         return bool(moved)
 
-    async def queue_position(self, record: JobRecord) -> int | None:
+    async def queue_position(self, record: Run) -> int | None:
         """0 for the next job to start, None when not queued."""
         if record.status != JobStatus.QUEUED:
             return None
-        rank: int | None = await self.redis.zrank(Keys.queue(record.spec.model), record.id)  # type: ignore[assignment]
+        rank: int | None = await self.redis.zrank(Keys.queue(record.spec.lane), record.id)  # type: ignore[assignment]
         return rank if rank is not None else 0

@@ -16,11 +16,18 @@ from imagegen.core.lifecycle import scripts
 from imagegen.core.lifecycle.submit import (
     UNLIMITED,
     Admission,
+    Run,
     Submitted,
     parse_submit,
     submit_call,
 )
-from imagegen.core.store import RUN_SECONDS_BUCKETS, encode_fields, record_from_hash
+from imagegen.core.store import (
+    RUN_SECONDS_BUCKETS,
+    encode_fields,
+    record_from_hash,
+    training_from_hash,
+)
+from imagegen.core.trainings import AdapterRecord, TrainingRecord, adapter_keys, training_lane
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,9 @@ class Transition:
     """One state change of `record`'s job: to `new_status` from one of `allowed` (and, with
     `owner`, only while that run holds the job), with the record fields to write, the record's
     TTL (0: none), images to store with it (a succeeded job's) and, for a finished run, its
-    seconds."""
+    seconds; a training's success registers the adapter it made (`adapter`)."""
 
-    record: JobRecord
+    record: Run
     allowed: tuple[JobStatus, ...]
     new_status: JobStatus
     fields: Mapping[str, Any] = field(default_factory=dict)
@@ -54,10 +61,11 @@ class Transition:
     images: Sequence[tuple[int, bytes]] = ()  # (index, PNG)
     image_ttl_s: int = 0
     run_s: float | None = None
+    adapter: AdapterRecord | None = None
 
     def script_call(self) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of `lua/transition.lua`."""
-        record, model, name = self.record, self.record.spec.model, self.record.api_key
+        record, model, name = self.record, self.record.spec.lane, self.record.api_key
         now = time.time()
         keys = {
             "job": Keys.job(record.id),
@@ -79,6 +87,13 @@ class Transition:
             **{f"input:{n}": Keys.input(record.id, n) for n in record.spec.input_names},
             **{f"image:{i}": Keys.image(record.id, i) for i, _ in self.images},
         }
+        registration: dict[str, Any] = {}
+        if self.adapter is not None:
+            keys["adapter"], keys["key_adapters"] = adapter_keys(self.adapter)
+            registration = {
+                "adapter_id": self.adapter.id,
+                "adapter_fields": encode_fields(self.adapter.model_dump()),
+            }
         histogram = (
             [f"le:{b}" for b in RUN_SECONDS_BUCKETS if self.run_s <= b] + ["count"]
             if self.run_s is not None
@@ -96,6 +111,7 @@ class Transition:
             "histogram": histogram,
             "run_s": repr(self.run_s or 0.0),
             "images": [index for index, _ in self.images],
+            **registration,
         }
         return scripts.call(keys, args, [png for _, png in self.images])
 
@@ -115,7 +131,7 @@ class Lifecycle:
     # -- gateway --------------------------------------------------------------------------------
     def submit(
         self,
-        record: JobRecord,
+        record: Run,
         max_depth: int,
         idempotency: tuple[str, str, int] | None = None,
         inputs: Mapping[str, bytes] | None = None,
@@ -129,7 +145,7 @@ class Lifecycle:
         outcome, value = self._submit(keys=keys, args=args)
         return parse_submit(outcome, value)
 
-    def cancel(self, record: JobRecord, ttl_s: int) -> bool:
+    def cancel(self, record: Run, ttl_s: int) -> bool:
         """Cancel a queued or running job (a running one's worker stops at its next step)."""
         moved, _ = self.apply(cancellation(record, ttl_s))
         return moved
@@ -141,30 +157,42 @@ class Lifecycle:
         """Claim the queue's head (`batch_key` ""), then queued jobs of its batch key within
         `budget` images; or, given a `batch_key`, only such jobs. Returns the claimed jobs
         (now running under this worker) and whether a job of another key is waiting."""
+        reply = self._claim_raw(model, worker, batch_key, budget, scan)
+        claimed = [Claimed(record_from_hash(job_id, raw)) for job_id, raw in reply[1:]]
+        return claimed, bool(reply[0])
+
+    def claim_training(self, model: str, worker: str) -> TrainingRecord | None:
+        """Claim the next training of `model`'s training lane (now running under this
+        worker), or None."""
+        reply = self._claim_raw(training_lane(model), worker, "", 0, 8)
+        return training_from_hash(*reply[1]) if len(reply) > 1 else None
+
+    def _claim_raw(
+        self, lane: str, worker: str, batch_key: str, budget: int, scan: int
+    ) -> list[Any]:
+        """[others waiting, (id, record fields), ...] of one claim script call on `lane`."""
         keys = {
-            "queue": Keys.queue(model),
-            "running": Keys.running(model),
+            "queue": Keys.queue(lane),
+            "running": Keys.running(lane),
             "running_models": Keys.RUNNING_MODELS,
-            "fair_round": Keys.fair_round(model),
+            "fair_round": Keys.fair_round(lane),
             "webhooks_due": Keys.WEBHOOKS_DUE,
             "webhooks_bell": Keys.WEBHOOKS_BELL,
         }
         args = {
             "worker": worker,
             "now": repr(time.time()),
-            "model": model,
+            "model": lane,
             "batch_key": batch_key,
             "budget": budget,
             "scan": scan,
         }
         reply = self._claim(*scripts.call(keys, args))
-        claimed = []
+        out: list[Any] = [reply[0]]
         for entry in reply[1:]:
-            job_id = scripts.decode(entry[0])
             flat = [scripts.decode(v) for v in entry[1:]]
-            raw = dict(zip(flat[::2], flat[1::2], strict=True))
-            claimed.append(Claimed(record_from_hash(job_id, raw)))
-        return claimed, bool(reply[0])
+            out.append((scripts.decode(entry[0]), dict(zip(flat[::2], flat[1::2], strict=True))))
+        return out
 
     def queue_heads(self, models: Sequence[str]) -> dict[str, float | None]:
         """When each model's next queued job was created (None: its queue is empty); one
@@ -177,16 +205,23 @@ class Lifecycle:
             for m, v in zip(models, reply, strict=True)
         }
 
-    def progress(self, job_id: str, step: int, owner: str) -> tuple[str, bool]:
-        """Record that `step` steps are done; returns the job's status ("lost" when another
-        owner holds it, "" when the record is gone) and whether a client watches its
-        previews."""
+    def progress(
+        self, job_id: str, step: int, owner: str, fields: Mapping[str, Any] | None = None
+    ) -> tuple[str, bool]:
+        """Record that `step` steps are done (with `fields`, more of the record: a training's
+        loss); returns the job's status ("lost" when another owner holds it, "" when the
+        record is gone) and whether a client watches its previews."""
         keys = {
             "job": Keys.job(job_id),
             "events": Keys.events(job_id),
             "previews_wanted": Keys.previews_wanted(job_id),
         }
-        args = {"step": step, "at": repr(time.time()), "owner": owner}
+        args = {
+            "step": step,
+            "at": repr(time.time()),
+            "owner": owner,
+            "fields": encode_fields(fields or {}),
+        }
         status, wanted = self._progress(*scripts.call(keys, args))
         return scripts.decode(status), bool(wanted)
 
@@ -229,11 +264,31 @@ class Lifecycle:
         )
         return moved
 
+    def succeed_training(
+        self, record: TrainingRecord, adapter: AdapterRecord, record_ttl_s: int, run_s: float
+    ) -> bool:
+        """Mark a training succeeded and register the adapter it made (its weights are
+        stored already), in one step; False if the run no longer holds it."""
+        made = {"id": adapter.id, "model": adapter.model, "trigger_word": adapter.trigger_word}
+        moved, _ = self.apply(
+            Transition(
+                record,
+                (JobStatus.RUNNING,),
+                JobStatus.SUCCEEDED,
+                {"finished_at": time.time(), "adapter": made},
+                ttl_s=record_ttl_s,
+                owner=record.owner or "",
+                run_s=run_s,
+                adapter=adapter,
+            )
+        )
+        return moved
+
     def fail(self, job: Claimed, code: str, message: str, ttl_s: int) -> bool:
         """Mark a run's job failed with `code`; False if the run no longer holds it."""
         return self.fail_run(job.record, code, message, ttl_s)
 
-    def fail_run(self, record: JobRecord, code: str, message: str, ttl_s: int) -> bool:
+    def fail_run(self, record: Run, code: str, message: str, ttl_s: int) -> bool:
         """Mark the run that `record` names (its owner) failed with `code`."""
         moved, _ = self.apply(
             Transition(
@@ -248,7 +303,7 @@ class Lifecycle:
         return moved
 
     # -- reaper ---------------------------------------------------------------------------------
-    def requeue(self, record: JobRecord) -> bool:
+    def requeue(self, record: Run) -> bool:
         """Put a lost run's job back at the front of its queue (fenced by the run's owner)."""
         moved, _ = self.apply(
             Transition(
@@ -276,7 +331,7 @@ class Lifecycle:
         return bool(moved), scripts.decode(status)
 
 
-def cancellation(record: JobRecord, ttl_s: int) -> Transition:
+def cancellation(record: Run, ttl_s: int) -> Transition:
     """A client's cancel: a queued or running job turns `canceled` (the worker of a running one
     stops at its next step)."""
     return Transition(

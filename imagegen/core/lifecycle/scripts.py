@@ -21,6 +21,9 @@ from imagegen.core.contract import Keys
 ROUND = 1_000_000
 # A key's daily usage record outlives its day by two, for /v1/usage and `imagegen usage`.
 USAGE_TTL_S = 3 * 86400
+# A key's list of its trainings outlives the key's last training by this (GET /v1/trainings
+# drops the entries whose records expired).
+INDEX_TTL_S = 30 * 86400
 # A webhook delivery no delivery process took is dropped after this (retries end far sooner).
 OUTBOX_TTL_S = 7 * 86400
 
@@ -41,6 +44,7 @@ def source(name: str, uses: tuple[str, ...] = ()) -> str:
         .replace("{ROUND}", str(ROUND))
         .replace("{USAGE_TTL}", str(USAGE_TTL_S))
         .replace("{OUTBOX_TTL}", str(OUTBOX_TTL_S))
+        .replace("{INDEX_TTL}", str(INDEX_TTL_S))
     )
 
 

@@ -11,13 +11,18 @@ from typing import Any
 from imagegen.core.contract import JobRecord, Keys, utc_day
 from imagegen.core.lifecycle import scripts
 from imagegen.core.store import encode_fields
+from imagegen.core.trainings import TrainingRecord
+
+# Anything the lifecycle queues and runs: a generation job or a training.
+Run = JobRecord | TrainingRecord
 
 
 @dataclass(frozen=True)
 class Submitted:
     """The outcome of a submit: `created` (with its queue position), `full` (the queue's
     depth), `exists` (the idempotency value), `too_many_jobs` (the key's active jobs) or
-    `quota_exceeded` (the megapixel-steps the key used today)."""
+    `quota_exceeded` (the megapixel-steps the key used today) or `too_many_adapters` (the
+    trained adapters the key holds)."""
 
     outcome: str
     value: str | int
@@ -29,19 +34,22 @@ class Admission:
 
     max_active_jobs: int | None = None
     daily_quota: float | None = None
+    # A training's: the trained adapters a key may hold.
+    max_adapters: int | None = None
 
 
 UNLIMITED = Admission()
 
 
-def record_fields(record: JobRecord) -> dict[str, str]:
-    """The hash fields a new queued job is written with."""
+def record_fields(record: Run) -> dict[str, str]:
+    """The hash fields a new queued job (or training) is written with."""
     spec = record.spec
     return encode_fields(
         {
             "status": record.status.value,
             "spec": spec.model_dump_json(),
-            "model": spec.model,
+            # The queue it waits in: a model's, or its training lane (job counts by it).
+            "model": spec.lane,
             "batch_key": spec.batch_key,
             "n": spec.n,
             "created_at": record.created_at,
@@ -60,7 +68,7 @@ def record_fields(record: JobRecord) -> dict[str, str]:
 
 
 def submit_call(
-    record: JobRecord,
+    record: Run,
     max_depth: int,
     idempotency: tuple[str, str, int] | None,
     inputs: Mapping[str, bytes] | None = None,
@@ -69,7 +77,7 @@ def submit_call(
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the submit script. `idempotency`: (key, value, TTL). `inputs` are
     written with the record, unless `inputs_in_store` (an object store holds them already)."""
-    model = record.spec.model
+    model = record.spec.lane
     names = () if inputs_in_store else record.spec.input_names
     given = dict(inputs or {})
     if sorted(given) != sorted(names):
@@ -88,6 +96,10 @@ def submit_call(
     }
     if idempotency is not None:
         keys["idempotency"] = idempotency[0]
+    if isinstance(record, TrainingRecord):
+        keys["index"] = Keys.trainings(key)
+        if admission.max_adapters is not None:
+            keys["key_adapters"] = Keys.key_adapters(key)
     limit, quota = admission.max_active_jobs, admission.daily_quota
     args = {
         "job_id": record.id,
@@ -97,6 +109,7 @@ def submit_call(
         "cost": repr(record.spec.megapixel_steps),
         "idempotency_value": idempotency[1] if idempotency else "",
         "idempotency_ttl": idempotency[2] if idempotency else 0,
+        "max_adapters": admission.max_adapters if admission.max_adapters is not None else -1,
         "inputs": list(names),
         "fields": record_fields(record),
     }

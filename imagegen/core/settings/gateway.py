@@ -111,6 +111,34 @@ class GatewaySettings(CommonSettings):
         "per UTC day, past which a submit is 429 quota_exceeded; 0 = unlimited. A key's "
         "`daily_quota_megapixel_steps=` in the key file overrides it (there, 0 = none).",
     )
+    training_max_images: int = Field(
+        200, ge=1, le=200, description="Most pictures one training may send (API.md: 1..200)."
+    )
+    training_max_bytes: int = Field(
+        200 * 2**20,
+        ge=1,
+        description="Largest training upload: the request body, and the pictures a zip holds "
+        "once unpacked. 413 / 422 past it.",
+    )
+    training_max_steps: int = Field(
+        5000, ge=1, le=20000, description="Largest `steps` a training may ask for."
+    )
+    training_max_megapixel_steps: float = Field(
+        2000.0,
+        gt=0,
+        description="Largest cost of one training (the model's width*height/1e6 * steps * "
+        "pictures per step), checked before it is queued; it counts against the key's daily "
+        "quota like a generation's.",
+    )
+    training_timeout_s: int = Field(
+        6 * 3600, ge=60, description="A running training's time limit (it fails `timeout`)."
+    )
+    max_adapters_per_key: int = Field(
+        20,
+        ge=0,
+        description="Trained adapters one API key may hold; a training past it is 429 "
+        "too_many_adapters (delete one with `DELETE /v1/adapters/{id}`).",
+    )
     max_streams_per_key: int = Field(
         100,
         ge=1,

@@ -233,6 +233,27 @@ class WorkerSettings(CommonSettings):
     progress_interval_s: float = Field(
         0.1, gt=0, description="Least time between two progress writes of one job."
     )
+    worker_tasks: CommaList = Field(
+        ["generate"],
+        description="What this worker takes: `generate` (generation jobs), `train` "
+        "(trainings, `POST /v1/trainings`), or both (`generate,train`: a training runs "
+        "only while no generation waits, and yields to one between its steps).",
+    )
+    training_checkpoint_steps: int = Field(
+        100,
+        ge=1,
+        description="A running training stores a checkpoint every this many steps (in the "
+        "result store); a worker that takes it over after a crash resumes from the last one.",
+    )
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> WorkerSettings:
+        unknown = sorted(set(self.worker_tasks) - {"generate", "train"})
+        if unknown or not self.worker_tasks:
+            raise ValueError(
+                f"IMAGEGEN_WORKER_TASKS takes `generate`, `train` or both, got {unknown or '[]'}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _compiled_sizes_hold_every_batch(self) -> WorkerSettings:

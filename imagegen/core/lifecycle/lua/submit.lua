@@ -1,11 +1,12 @@
 -- Submit: admit a job (idempotency, the key's active jobs and daily quota, the queue's depth)
 -- and, only if all allow it, write it and queue it, in one step.
 -- KEYS: queue, job, queue_seq, bell, active, usage, fair_round, key_queue, [idempotency],
--- input:<name> for each input. A: job_id, max_depth, max_active (-1: unlimited), quota
+-- [index: the key's list of such runs, e.g. its trainings], [key_adapters, with A.max_adapters:
+-- refused when the key holds that many], input:<name> for each input. A: job_id, max_depth, max_active (-1: unlimited), quota
 -- (-1: unlimited), cost (the job's megapixel-steps), idempotency_value, idempotency_ttl,
 -- inputs (names, in the order of their bytes: ARGV[2], ARGV[3], ...), fields (the record).
 -- Returns {'created', position} | {'full', depth} | {'exists', idempotency value}
--- | {'too_many_jobs', active} | {'quota_exceeded', used}.
+-- | {'too_many_jobs', active} | {'quota_exceeded', used} | {'too_many_adapters', held}.
 -- The inputs are written with the record and carry no TTL while the job is queued or running
 -- (the record has none either); every terminal transition expires them with the record. Out
 -- of memory (noeviction), Redis refuses the script's first write and so the whole job.
@@ -25,6 +26,10 @@ local used = tonumber(redis.call('HGET', K.usage, 'megapixel_steps') or '0')
 if A.quota >= 0 and used + tonumber(A.cost) > A.quota then
   return {'quota_exceeded', tostring(used)}
 end
+if K.key_adapters then
+  local held = redis.call('SCARD', K.key_adapters)
+  if held >= tonumber(A.max_adapters) then return {'too_many_adapters', held} end
+end
 local depth = redis.call('ZCARD', K.queue)
 if depth >= A.max_depth then return {'full', depth} end
 if K.idempotency then
@@ -34,6 +39,10 @@ for i, name in ipairs(A.inputs) do
   redis.call('SET', K['input:' .. name], ARGV[1 + i])
 end
 redis.call('HSET', K.job, unpack(pairs_of(A.fields)))
+if K.index then
+  redis.call('ZADD', K.index, A.fields.created_at, A.job_id)
+  redis.call('EXPIRE', K.index, {INDEX_TTL})  -- its entries are pruned as they are read
+end
 redis.call('INCR', K.active)
 redis.call('HINCRBYFLOAT', K.usage, 'megapixel_steps', A.cost)
 redis.call('EXPIRE', K.usage, {USAGE_TTL})

@@ -6,7 +6,9 @@
 -- active, usage_today, usage_charged, key_stats, webhooks_due, webhooks_bell, input:<name>
 -- for each input, image:<i> for each image. A: job_id, owner ('' = any), new_status, ttl
 -- (record TTL, 0 = none), image_ttl, now, allowed, fields, histogram (the run-seconds
--- buckets the run falls in), run_s, images (their indexes).
+-- buckets the run falls in), run_s, images (their indexes). With KEYS adapter and key_adapters
+-- (a training's success): A.adapter_fields registers the adapter it made, A.adapter_id joins
+-- its owner's set, in the same step.
 -- Returns {1, new status} or {0, current status | 'lost' | ''}.
 -- A terminal transition also settles the job's key: one active job fewer, the job counted on
 -- today's usage and the key's totals, and a job canceled while queued refunds its
@@ -21,6 +23,10 @@ if not ok then return {0, cur} end
 if A.owner ~= '' and redis.call('HGET', K.job, 'owner') ~= A.owner then return {0, 'lost'} end
 local id, new = A.job_id, A.new_status
 redis.call('HSET', K.job, 'status', new, unpack(pairs_of(A.fields)))
+if K.adapter then
+  redis.call('HSET', K.adapter, unpack(pairs_of(A.adapter_fields)))
+  redis.call('SADD', K.key_adapters, A.adapter_id)
+end
 for i, index in ipairs(A.images) do
   redis.call('SET', K['image:' .. index], ARGV[1 + i], 'EX', A.image_ttl)
 end

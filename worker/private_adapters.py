@@ -1,0 +1,91 @@
+"""Adapters trained through the API (`POST /v1/trainings`), served to the key that trained them.
+
+A trained adapter is not a file on this worker's disk: its registration (`Keys.adapter`, written
+by its training's success) says whose it is, and its weights are a blob of the result store.
+The first job that names it loads it into the warm pipeline under its id (the LoRA, as any
+other, through `load_lora_weights`), and its trigger word's embedding under the adapter's
+private token (`imagegen.core.trainings.private_token`). That job's prompt, and only the prompts
+of jobs that name the adapter, read the private token where they say the trigger word: two keys
+may train the same word, and no other prompt ever reaches the new embedding row. A job without
+the adapter runs with it disabled, byte for byte as if it never existed (the tests show it).
+
+Registrations are read at each job (a deleted adapter fails the job that still names it);
+loaded weights stay until the registration is gone, then leave at the next job that meets it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import redis
+
+from imagegen.core.blobs import BlobStore, adapter_blob
+from imagegen.core.contract import AdapterInfo, JobSpec
+from imagegen.core.store import JobStore
+from imagegen.core.trainings import ADAPTER_ID_RE, AdapterRecord
+from worker.errors import AdapterGone
+from worker.pipeline import LoadedModel
+from worker.training.export import split
+
+log = logging.getLogger("imagegen.worker")
+
+
+class PrivateAdapters:
+    def __init__(self, connection: redis.Redis, blobs: BlobStore) -> None:
+        self.store = JobStore(connection)
+        self.blobs = blobs
+
+    def prepare(self, model: LoadedModel, spec: JobSpec, api_key: str) -> JobSpec:
+        """Load the trained adapters `spec` names (its owner's), and return the spec the
+        pipeline runs: each one's trigger word read as its private token. Unchanged for a
+        job without any."""
+        adapters = model.adapters
+        prompt, negative = spec.prompt, spec.negative_prompt
+        for lora in spec.loras:
+            if lora.id in adapters.loras or not ADAPTER_ID_RE.fullmatch(lora.id):
+                continue  # a file-backed LoRA of the model
+            record = self.record(lora.id)
+            if record is None or record.owner != api_key or record.model != spec.model:
+                self.forget(model, lora.id)
+                raise AdapterGone(f"adapter {lora.id!r} was deleted after this job was queued")
+            if lora.id not in adapters.private:
+                self._load(model, record)
+            word = re.compile(rf"(?<![\w]){re.escape(record.trigger_word)}(?![\w])", re.I)
+            prompt = word.sub(record.token, prompt)
+            negative = word.sub(record.token, negative)
+        if (prompt, negative) == (spec.prompt, spec.negative_prompt):
+            return spec
+        return spec.model_copy(update={"prompt": prompt, "negative_prompt": negative})
+
+    def record(self, adapter_id: str) -> AdapterRecord | None:
+        return self.store.get_adapter(adapter_id)
+
+    def _load(self, model: LoadedModel, record: AdapterRecord) -> None:
+        from safetensors.torch import load
+
+        data = self.blobs.get(adapter_blob(record.id))
+        if data is None:
+            raise AdapterGone(f"the weights of adapter {record.id!r} are not stored")
+        lora, embeddings = split(load(data))
+        pipe = model.pipe
+        pipe.load_lora_weights(lora, adapter_name=record.id)
+        if record.trigger_word in embeddings:
+            pipe.load_textual_inversion(embeddings[record.trigger_word], token=record.token)
+        model.adapters.private[record.id] = AdapterInfo(
+            id=record.id, kind="lora", trigger_words=[record.trigger_word], format="kohya"
+        )
+        # The set of adapters changed: the next batch sets its own again.
+        model.adapters.active = None
+        log.info("loaded trained adapter %s for key %r", record.id, record.owner)
+
+    @staticmethod
+    def forget(model: LoadedModel, adapter_id: str) -> None:
+        """Take a deleted adapter's LoRA out of the pipeline (its token stays, unread)."""
+        if model.adapters.private.pop(adapter_id, None) is None:
+            return
+        try:
+            model.pipe.delete_adapters(adapter_id)
+        except Exception:  # nothing more to undo; the id is never set active again
+            log.warning("could not remove trained adapter %s", adapter_id, exc_info=True)
+        model.adapters.active = None
