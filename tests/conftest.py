@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         parts = item.path.relative_to(ROOT / "tests").parts
         if len(parts) > 1 and parts[0] in KINDS:
             item.add_marker(parts[0])
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A test that waits on the network starts as soon as it is known to run: pip's resolver
+    for the images' pins (tests/integration/test_image_requirements.py) runs beside the rest."""
+    if any(
+        item.name == "test_every_image_resolves_with_its_torch_and_pins" for item in session.items
+    ):
+        from tests.integration import test_image_requirements
+
+        test_image_requirements.start_resolving(Path(tempfile.mkdtemp(prefix="pip-resolve-")))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import sys
+
+    module = sys.modules.get("tests.integration.test_image_requirements")
+    if module is not None:
+        module.stop_resolving()
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,6 @@ import re
 import subprocess
 import sys
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -60,29 +59,68 @@ def _images() -> dict[str, list[str]]:
     }
 
 
-def _resolve(requirements: list[str], report: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            # No local constraints, indexes or wheel folders: PyPI, as the image build sees it.
-            "--isolated",
-            "--dry-run",
-            "--ignore-installed",
-            "--only-binary=:all:",
-            "--quiet",
-            "--index-url",
-            INDEX,
-            "--report",
-            str(report),
-            *requirements,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+def _pip(requirements: list[str], report: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        # No local constraints, indexes or wheel folders: PyPI, as the image build sees it.
+        "--isolated",
+        "--dry-run",
+        "--ignore-installed",
+        "--only-binary=:all:",
+        "--quiet",
+        "--index-url",
+        INDEX,
+        "--report",
+        str(report),
+        *requirements,
+    ]
+
+
+# pip's resolver spends its ~30 s waiting on PyPI. When a session collects this test,
+# tests/conftest.py starts it at once (`start_resolving`), so it runs beside the other tests
+# and the test only reads what it found.
+_RUNNING: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+
+def start_resolving(folder: Path) -> None:
+    """Start pip's resolver for every image (once), its reports in `folder`."""
+    if _RUNNING:
+        return
+    for name, requirements in _images().items():
+        report = folder / f"{name}.json"
+        # Its messages go to a file: a pipe nobody reads yet could fill and stall it.
+        with (folder / f"{name}.log").open("wb") as log:
+            process = subprocess.Popen(
+                _pip(requirements, report), stdout=subprocess.DEVNULL, stderr=log
+            )
+        _RUNNING[name] = (process, report)
+
+
+def stop_resolving() -> None:
+    for process, _ in _RUNNING.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _resolved(folder: Path) -> dict[str, tuple[int, str, Path]]:
+    """Each image's (pip's exit status, its stderr, its report)."""
+    start_resolving(folder)
+    out = {}
+    for name, (process, report) in _RUNNING.items():
+        try:
+            process.wait(timeout=240)
+            said = ""
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            said = "pip did not finish in 240 s\n"
+        said += report.with_suffix(".log").read_text(errors="replace")
+        out[name] = (process.returncode, said, report)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +134,9 @@ def pypi() -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("pypi")
 def test_every_image_resolves_with_its_torch_and_pins(tmp_path: Path) -> None:
-    images = _images()
-    with ThreadPoolExecutor(len(images)) as pool:
-        results = dict(
-            zip(
-                images,
-                pool.map(lambda name: _resolve(images[name], tmp_path / f"{name}.json"), images),
-                strict=True,
-            )
-        )
-    problems = {name: r.stderr[-3000:] for name, r in results.items() if r.returncode != 0}
+    results = _resolved(tmp_path)
+    problems = {name: err[-3000:] for name, (code, err, _) in results.items() if code != 0}
     assert not problems, "\n\n".join(f"{name} image:\n{text}" for name, text in problems.items())
-    worker = json.loads((tmp_path / "worker.json").read_text())
+    worker = json.loads(results["worker"][2].read_text())
     versions = {item["metadata"]["name"]: item["metadata"]["version"] for item in worker["install"]}
     assert versions["torch"] == _base_torch()  # pip kept the base's torch, did not swap it
