@@ -1,8 +1,10 @@
 """Can a training teach `shapes-64` a shape it has never seen? The fine-tuning recipe
 (worker/training) on CPU, scored from the pixels on held-out prompts.
 
-    python bench/evaluate_training.py                     # star, heart, crescent; the defaults
+    python bench/evaluate_training.py --threads 2          # star, heart, crescent; the model's
+                                                          # training defaults (its imagegen.json)
     python bench/evaluate_training.py --shapes star --steps 300
+    python bench/evaluate_training.py --threads 2 --write-card   # and the card's section
 
 Per new shape: 16 training pictures rendered here (the built-in renderer's palette, sizes, 3×3
 places and coverage anti-aliasing; a five-pointed star, a heart, a crescent), captioned in the
@@ -44,7 +46,12 @@ sys.path.insert(0, str(ROOT))
 from builtin_model import MODEL_DIR, data  # noqa: E402
 from builtin_model.score import _largest_component, read_image  # noqa: E402
 from worker.training.export import kohya_weights, split  # noqa: E402
-from worker.training.recipe import Example, LoraTrainer, TrainingConfig  # noqa: E402
+from worker.training.recipe import (  # noqa: E402
+    Example,
+    LoraTrainer,
+    TrainingConfig,
+    default_warmup,
+)
 
 NEW_SHAPES = ("star", "heart", "crescent")
 TRIGGERS = {"star": "zxq", "heart": "vlom", "crescent": "qirb"}
@@ -258,21 +265,25 @@ def evaluate_shape(kind: str, config: TrainingConfig, out: Path | None) -> dict[
 
 
 def main(argv: list[str] | None = None) -> None:
+    # What `POST /v1/trainings` uses when a field is left out: the model's card.
+    defaults = json.loads((MODEL_DIR / "imagegen.json").read_text())["training"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(NEW_SHAPES), choices=NEW_SHAPES)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=defaults["steps"])
+    parser.add_argument("--rank", type=int, default=defaults["rank"])
+    parser.add_argument("--lr", type=float, default=defaults["learning_rate"])
     parser.add_argument("--embedding-lr", type=float, default=5e-3)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=defaults["batch_size"])
     parser.add_argument("--text-encoder", action="store_true")
-    parser.add_argument("--targets", default="attention", choices=["attention", "all"])
+    parser.add_argument("--targets", default=defaults["targets"], choices=["attention", "all"])
     parser.add_argument("--out", type=Path, default=None, help="contact sheets here")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--init-word", default=None, help="the trigger's starting embedding")
-    parser.add_argument("--plain-loss", action="store_true", help="no min-SNR weighting")
     parser.add_argument("--min-snr", type=float, default=None, help="min-SNR gamma (else plain)")
+    parser.add_argument(
+        "--write-card", action="store_true", help="write the table into the model card"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, min(4, torch.get_num_threads())))
     results = []
@@ -287,23 +298,54 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch,
             targets=args.targets,
             initializer_word=args.init_word,
-            min_snr_gamma=None if args.plain_loss else args.min_snr,
-            warmup_steps=min(20, args.steps // 10),
+            min_snr_gamma=args.min_snr,
+            warmup_steps=default_warmup(args.steps),
         )
         result = evaluate_shape(kind, config, args.out)
         print(json.dumps(result), flush=True)
         results.append(result)
-    print("| shape | train s | IoU≥0.5 | colour | place | size | no leak |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        rates = r["rates"]
-        print(
-            f"| {r['shape']} | {r['train_s']} | {rates['shape_iou_0.5']:.0%} | "
-            f"{rates['color']:.0%} | {rates['position']:.0%} | {rates['size']:.0%} | "
-            f"{'yes' if r['leak_free'] else 'NO'} |"
-        )
+    table = results_table(results)
+    print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.write_card:
+        from builtin_model import card
+
+        command = "python bench/evaluate_training.py " + " ".join(argv or sys.argv[1:])
+        card.write_section(MODEL_DIR, "trainings", card_section(table, config, command.strip()))
+
+
+def results_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| shape | shape drawn (IoU ≥ 0.5) | colour | place | size | no leak | train time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rates = r["rates"]
+        lines.append(
+            f"| {r['shape']} | {rates['shape_iou_0.5']:.0%} | {rates['color']:.0%} | "
+            f"{rates['position']:.0%} | {rates['size']:.0%} | "
+            f"{'yes' if r['leak_free'] else 'NO'} | {r['train_s']} s |"
+        )
+    return "\n".join(lines)
+
+
+def _layers(config: TrainingConfig) -> str:
+    return "every UNet layer" if config.targets == "all" else "the UNet's attention"
+
+
+def card_section(table: str, config: TrainingConfig, command: str) -> str:
+    return f"""## Fine-tuning through the API
+
+`POST /v1/trainings` teaches this model a shape it has never seen from 16 pictures
+(docs/trainings.md). With its training defaults ({config.steps} steps, rank {config.rank},
+learning rate {config.learning_rate:g}, LoRA on {_layers(config)}, {config.batch_size} pictures a
+step, the trigger word a new token), `{command}` printed, on held-out colours and places never
+paired with the new word (targets: shape ≥ 80 %, colour/place/size ≥ 90 %, no leak, ≤ 10 min):
+
+{table}
+
+The star is capped by the VAE: its round trip alone keeps 4 of 8 small stars."""
 
 
 if __name__ == "__main__":

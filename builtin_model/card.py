@@ -89,6 +89,10 @@ SECTIONS = {
         "<!-- /images-in -->",
     ),
     "adapters": ("<!-- adapters:begin -->", "<!-- adapters:end -->"),
+    "trainings": (
+        "<!-- trainings: written by bench/evaluate_training.py --write-card -->",
+        "<!-- /trainings -->",
+    ),
 }
 
 
