@@ -29,14 +29,9 @@ $(STAMP): pyproject.toml client/pyproject.toml $(LOCK)
 run: $(STAMP)
 	$(BIN)/imagegen serve
 
+# ruff, mypy, lint-imports, mkdocs with the S3 rerun beside them, then the suite (tests/run.sh).
 test: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/mypy
-	$(BIN)/lint-imports
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
-	$(BIN)/pytest
-	TESTS_STORAGE=s3 $(BIN)/pytest $(S3_TESTS)
+	tests/run.sh $(S3_TESTS)
 
 test-s3: $(STAMP)
 	TESTS_STORAGE=s3 $(BIN)/pytest tests/e2e

@@ -107,7 +107,7 @@ def test_a_job_canceled_mid_batch_leaves_the_others_alone(
     batching: tuple[Gateway, Proc, redis.Redis],
 ) -> None:
     gateway, _, _ = batching
-    shape = {"steps": 300, "scheduler": "dpmpp_2m", "width": 64, "height": 64}
+    shape = {"steps": 60, "scheduler": "dpmpp_2m", "width": 64, "height": 64}
     with gateway.client() as client:
         blocker = _busy(client)
         jobs = [submit(client, prompt=f"long {i}", seed=i, **shape) for i in range(3)]

@@ -88,7 +88,11 @@ def service(redis_server: RedisServer, log_dir: Path, trainer: Proc) -> Iterator
     gateway = start_gateway(
         redis_server.url,
         log_dir,
-        {"IMAGEGEN_API_KEYS": keys, "IMAGEGEN_DEFAULT_MODEL": MODEL},
+        {
+            "IMAGEGEN_API_KEYS": keys,
+            "IMAGEGEN_DEFAULT_MODEL": MODEL,
+            "IMAGEGEN_MAX_ADAPTERS_PER_KEY": "2",
+        },
         name="gateway-trainings",
     )
     yield gateway
@@ -342,6 +346,34 @@ def test_other_forms_and_their_mistakes(service: Gateway, redis_conn: redis.Redi
         refused = submit(alice, model="xl-like")
         assert _field_of(refused) == "model"
         assert "cannot be trained: the trainer fine-tunes SD 1.x" in refused.text
+        # Two adapters held: the key's cap (this module's IMAGEGEN_MAX_ADAPTERS_PER_KEY).
+        capped = submit(alice)
+        assert capped.status_code == 429, capped.text
+        assert capped.json()["error"]["code"] == "too_many_adapters"
+
+
+def test_an_idempotency_key_replays_a_training_however_its_pictures_are_sent(
+    service: Gateway,
+) -> None:
+    with client_of(service, "alice") as alice:
+        headers = {"Idempotency-Key": "train-once"}
+        files = {"images": ("pictures.zip", pictures_zip(), "application/zip")}
+        fields = {**FIELDS, "steps": "4000"}
+        first = alice.post("/v1/trainings", data=fields, files=files, headers=headers)
+        assert first.status_code == 202, first.text
+        # The same pictures and fields, zipped again (another archive, another boundary).
+        again = alice.post(
+            "/v1/trainings",
+            data=fields,
+            files={"images": ("again.zip", pictures_zip(), "application/zip")},
+            headers=headers,
+        )
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+        other = alice.post(
+            "/v1/trainings", data={**fields, "rank": "8"}, files=files, headers=headers
+        )
+        assert other.status_code == 409, other.text
+        alice.delete(f"/v1/trainings/{first.json()['id']}")
 
 
 def test_a_queued_generation_waits_at_most_a_slice_of_a_running_training(
