@@ -9,19 +9,22 @@ of jobs that name the adapter, read the private token where they say the trigger
 may train the same word, and no other prompt ever reaches the new embedding row. A job without
 the adapter runs with it disabled, byte for byte as if it never existed (the tests show it).
 
-Registrations are read at each job (a deleted adapter fails the job that still names it);
-loaded weights stay until the registration is gone, then leave at the next job that meets it.
+Registrations are read at each job that names one (a deleted adapter fails the job that still
+names it), and a worker unloads the deleted ones of a model before that model's next batch
+(looking at most every SWEEP_S).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Callable
 
 import redis
 
 from imagegen.core.blobs import BlobStore, adapter_blob
-from imagegen.core.contract import AdapterInfo, JobSpec
+from imagegen.core.contract import AdapterInfo, JobSpec, Keys
 from imagegen.core.store import JobStore
 from imagegen.core.trainings import ADAPTER_ID_RE, AdapterRecord
 from worker.errors import AdapterGone
@@ -31,10 +34,37 @@ from worker.training.export import split
 log = logging.getLogger("imagegen.worker")
 
 
+# How often a worker looks whether the trained adapters it holds were deleted.
+SWEEP_S = 5.0
+
+
 class PrivateAdapters:
-    def __init__(self, connection: redis.Redis, blobs: BlobStore) -> None:
+    def __init__(
+        self,
+        connection: redis.Redis,
+        blobs: BlobStore,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = connection
         self.store = JobStore(connection)
         self.blobs = blobs
+        self.clock = clock
+        self._swept_at = clock()
+
+    def sweep(self, model: LoadedModel) -> None:
+        """Unload the trained adapters of `model` that were deleted (`DELETE /v1/adapters`),
+        at most every SWEEP_S: one round trip, before a batch of the model runs."""
+        loaded = sorted(model.adapters.private)
+        if not loaded or self.clock() - self._swept_at < SWEEP_S:
+            return
+        self._swept_at = self.clock()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for adapter_id in loaded:
+                pipe.exists(Keys.adapter(adapter_id))
+            present = pipe.execute()
+        for adapter_id, exists in zip(loaded, present, strict=True):
+            if not exists:
+                self.forget(model, adapter_id)
 
     def prepare(self, model: LoadedModel, spec: JobSpec, api_key: str) -> JobSpec:
         """Load the trained adapters `spec` names (its owner's), and return the spec the
@@ -89,3 +119,4 @@ class PrivateAdapters:
         except Exception:  # nothing more to undo; the id is never set active again
             log.warning("could not remove trained adapter %s", adapter_id, exc_info=True)
         model.adapters.active = None
+        log.info("unloaded trained adapter %s: it was deleted", adapter_id)

@@ -114,6 +114,7 @@ class JobRunner:
                 except Exception as exc:  # ModelUnavailable, or anything a load raised
                     return [self._unavailable(job, model, exc) for job in batch]
                 self.metrics.use_model(model)
+            self.private.sweep(self.inference.model)  # deleted trained adapters leave first
             results = self._infer(batch)
             encoded = [
                 self._encode(job, result) if isinstance(result, list) else []

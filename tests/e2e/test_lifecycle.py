@@ -362,7 +362,7 @@ def _submit_training(gateway: Gateway) -> str:
             try:
                 response = client.post(
                     "/v1/trainings",
-                    data={"model": MODEL, "trigger_word": "zxq", "steps": "60", "rank": "4"},
+                    data={"model": MODEL, "trigger_word": "zxq", "steps": "20", "rank": "4"},
                     files={"images": ("p.zip", zipped.getvalue(), "application/zip")},
                     headers={"Idempotency-Key": "soak-training"},
                 )
@@ -391,7 +391,7 @@ def test_soak_96_jobs_16_clients_workers_killed_and_redis_restarted(
     connection = redis.Redis.from_url(server.url)
     connection.config_set("appendfsync", "always")  # a restart must lose no accepted write
     env = {**FAST, "IMAGEGEN_MODEL": str(tiny_model_dir), "IMAGEGEN_MODEL_ID": MODEL}
-    trains = {"IMAGEGEN_WORKER_TASKS": "generate,train", "IMAGEGEN_TRAINING_CHECKPOINT_STEPS": "10"}
+    trains = {"IMAGEGEN_WORKER_TASKS": "generate,train", "IMAGEGEN_TRAINING_CHECKPOINT_STEPS": "5"}
     gateway = start_gateway(server.url, tmp_path, FAST)
 
     def start(generation: int, slot: int) -> Proc:

@@ -150,7 +150,7 @@ def generate(client: httpx.Client, **body: Any) -> bytes:
 
 
 def test_a_training_makes_a_private_adapter_its_owner_uses_and_nothing_leaks(
-    service: Gateway,
+    service: Gateway, trainer: Proc
 ) -> None:
     with client_of(service, "alice") as alice, client_of(service, "bob") as bob:
         alice_before = generate(alice)
@@ -231,6 +231,12 @@ def test_a_training_makes_a_private_adapter_its_owner_uses_and_nothing_leaks(
         assert gone.status_code == 422, gone.text
         assert alice.get(f"/v1/adapters/{adapter['id']}/weights").status_code == 404
         assert generate(alice) == alice_before
+        # And every worker that held it unloads it before its next batch (it looks every 5 s).
+        unloaded = f"unloaded trained adapter {adapter['id']}: it was deleted"
+        deadline = time.monotonic() + 30
+        while unloaded not in trainer.log():
+            assert time.monotonic() < deadline, "the deleted adapter stayed loaded"
+            generate(alice)
 
 
 def test_a_training_is_canceled_at_its_next_step_and_makes_no_adapter(service: Gateway) -> None:
