@@ -33,6 +33,7 @@ from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
+from app.errors import TooManyStreams
 from imagegen.core.contract import JobStatus, Keys, RunRecord
 
 log = logging.getLogger("imagegen.gateway")
@@ -393,6 +394,24 @@ async def sse_stream(
             yield frame.data
             if frame.terminal:
                 return
+
+
+def open_stream(
+    hub: EventHub, key: str, max_streams: int, run_id: str, read: Reader, previews: bool = False
+) -> ReservedStream:
+    """A run's (a job's or a training's) event stream for API key `key`, holding one of the
+    key's `max_streams` places on this server until it ends; 429 when none is free."""
+    if not hub.reserve_stream(key, max_streams):
+        raise TooManyStreams(
+            f"this API key has {max_streams} event streams open on this server, its limit "
+            "(IMAGEGEN_MAX_STREAMS_PER_KEY); close one, or poll",
+            headers={"Retry-After": "5"},
+        )
+    return ReservedStream(
+        sse_stream(hub, run_id, read, key, previews),
+        release=lambda: hub.release_stream(key),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def preview_payload(step: int, image: str) -> str:

@@ -332,17 +332,7 @@ class GenerationService:
     ) -> list[AdapterInfo]:
         """The adapters `api_key` trained (for `model_id`, if named), as its listings show
         them (`owner` "you"); nobody else's."""
-        return [
-            AdapterInfo(
-                id=record.id,
-                kind="lora",
-                description=record.description,
-                trigger_words=[record.trigger_word],
-                format="kohya",
-                owner="you",
-            )
-            for record in await self.store.key_adapters(api_key, model_id)
-        ]
+        return [record.info() for record in await self.store.key_adapters(api_key, model_id)]
 
     # -- read -----------------------------------------------------------------------------------
     async def get_record(self, job_id: str, api_key: str) -> JobRecord:

@@ -16,8 +16,6 @@ import secrets
 import time
 from collections.abc import Iterator
 
-import anyio
-
 from app.documents import render_training_document, rfc3339
 from app.errors import InvalidRequest, NotFound
 from app.service import GenerationService
@@ -155,7 +153,6 @@ class TrainingService:
             width=info.width,
             height=info.height,
         )
-        self.check_cost(options, info, spec.images)  # as the route checked it, before decoding
         record = TrainingRecord(
             id=new_training_id(),
             status=JobStatus.QUEUED,
@@ -289,9 +286,3 @@ def adapter_document(record: AdapterRecord, deleted: bool = False) -> AdapterDoc
         created_at=rfc3339(record.created_at) or "",
         deleted=deleted,
     )
-
-
-async def read_pictures_in_thread(reader: object, *args: object) -> list[Picture]:
-    """Decoding pictures is CPU work: off the event loop."""
-    result: list[Picture] = await anyio.to_thread.run_sync(reader, *args)  # type: ignore[arg-type]
-    return result

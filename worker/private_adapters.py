@@ -24,7 +24,7 @@ from collections.abc import Callable
 import redis
 
 from imagegen.core.blobs import BlobStore, adapter_blob
-from imagegen.core.contract import AdapterInfo, JobSpec, Keys
+from imagegen.core.contract import JobSpec, Keys
 from imagegen.core.store import JobStore
 from imagegen.core.trainings import ADAPTER_ID_RE, AdapterRecord
 from worker.errors import AdapterGone
@@ -102,9 +102,7 @@ class PrivateAdapters:
         pipe.load_lora_weights(lora, adapter_name=record.id)
         if record.trigger_word in embeddings:
             pipe.load_textual_inversion(embeddings[record.trigger_word], token=record.token)
-        model.adapters.private[record.id] = AdapterInfo(
-            id=record.id, kind="lora", trigger_words=[record.trigger_word], format="kohya"
-        )
+        model.adapters.private[record.id] = record.info()
         # The set of adapters changed: the next batch sets its own again.
         model.adapters.active = None
         log.info("loaded trained adapter %s for key %r", record.id, record.owner)

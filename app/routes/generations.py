@@ -10,8 +10,7 @@ from fastapi.sse import EventSourceResponse
 
 from app.auth import PrincipalDep
 from app.deps import MemoryDep, ServiceDep
-from app.errors import TooManyStreams
-from app.events import EventHub, ReservedStream, sse_stream
+from app.events import open_stream
 from app.images_in import limit_body_without_images
 from app.schemas import GenerationRequest, JobDocument
 from imagegen.core.settings import GatewaySettings
@@ -132,17 +131,12 @@ async def stream_generation_events(
     ] = "false",
 ) -> EventSourceResponse:
     """Server-Sent Events: the current state, every transition and progress, then the end."""
-    hub: EventHub = request.app.state.events
     settings: GatewaySettings = request.app.state.settings
-    if not hub.reserve_stream(principal.name, settings.max_streams_per_key):
-        raise TooManyStreams(
-            f"this API key has {settings.max_streams_per_key} event streams open on this "
-            "server, its limit (IMAGEGEN_MAX_STREAMS_PER_KEY); close one, or poll",
-            headers={"Retry-After": "5"},
-        )
-
-    return ReservedStream(
-        sse_stream(hub, first.id, service.read_for_events, principal.name, previews == "true"),
-        release=lambda: hub.release_stream(principal.name),
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    return open_stream(
+        request.app.state.events,
+        principal.name,
+        settings.max_streams_per_key,
+        first.id,
+        service.read_for_events,
+        previews == "true",
     )

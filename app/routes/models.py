@@ -26,16 +26,7 @@ async def list_models(
     ones this API key trained (`owner` "you")."""
     own: dict[str, list[AdapterEntry]] = {}
     for adapter in await service.store.key_adapters(principal.name):
-        own.setdefault(adapter.model, []).append(
-            AdapterEntry(
-                id=adapter.id,
-                kind="lora",
-                description=adapter.description,
-                trigger_words=[adapter.trigger_word],
-                format="kohya",
-                owner="you",
-            )
-        )
+        own.setdefault(adapter.model, []).append(AdapterEntry.of(adapter.info()))
     entries = []
     for status in await registry.statuses():
         info = status.info

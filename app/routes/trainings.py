@@ -8,6 +8,7 @@ import hashlib
 import json
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
@@ -18,8 +19,8 @@ from starlette.datastructures import UploadFile
 from app import training_uploads
 from app.auth import PrincipalDep
 from app.deps import MemoryDep
-from app.errors import InvalidRequest, TooManyStreams
-from app.events import EventHub, ReservedStream, sse_stream
+from app.errors import InvalidRequest
+from app.events import open_stream
 from app.training_schemas import (
     AdapterDocument,
     TrainingDocument,
@@ -28,7 +29,7 @@ from app.training_schemas import (
     TrainingRequest,
 )
 from app.training_uploads import Picture
-from app.trainings import TrainingService, read_pictures_in_thread
+from app.trainings import TrainingService
 from imagegen.core.settings import GatewaySettings
 
 router = APIRouter(prefix="/v1", tags=["trainings"])
@@ -134,7 +135,7 @@ async def submit_training(
     info = await trainings.model_of(options)
     await trainings.check_words(options, info)
     trainings.check_cost(options, info, count)
-    pictures = await read_pictures_in_thread(reader, *args)
+    pictures: list[Picture] = await anyio.to_thread.run_sync(reader, *args)  # CPU work
     document, created = await trainings.submit(
         TrainingOptions.model_validate(options.model_dump(include=set(OPTION_FIELDS))),
         info,
@@ -261,18 +262,13 @@ async def stream_training_events(
 ) -> EventSourceResponse:
     """Server-Sent Events: the current state, every transition and progress (with `loss`),
     then the end."""
-    hub: EventHub = request.app.state.events
     settings: GatewaySettings = request.app.state.settings
-    if not hub.reserve_stream(principal.name, settings.max_streams_per_key):
-        raise TooManyStreams(
-            f"this API key has {settings.max_streams_per_key} event streams open on this "
-            "server, its limit (IMAGEGEN_MAX_STREAMS_PER_KEY); close one, or poll",
-            headers={"Retry-After": "5"},
-        )
-    return ReservedStream(
-        sse_stream(hub, first.id, trainings.read_for_events, principal.name),
-        release=lambda: hub.release_stream(principal.name),
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    return open_stream(
+        request.app.state.events,
+        principal.name,
+        settings.max_streams_per_key,
+        first.id,
+        trainings.read_for_events,
     )
 
 

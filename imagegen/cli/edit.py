@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from imagegen.cli.generate import common_fields, run_generation
+from imagegen.cli.generate import ApiKey, BaseUrl, common_fields, run_generation
 
 SIDES = ("left", "right", "top", "bottom")
 
@@ -78,15 +78,8 @@ def edit(
     negative: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="A scheduler the model lists.")] = None,
     model: Annotated[str | None, typer.Option(help="A model id the service lists.")] = None,
-    base_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="IMAGEGEN_BASE_URL", help="The service; default http://127.0.0.1:8000."
-        ),
-    ] = None,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="IMAGEGEN_API_KEY", help="API key, if needed.")
-    ] = None,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
     timeout: Annotated[
         float | None, typer.Option(min=0, help="Give up (and cancel) after this many seconds.")
     ] = None,

@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     from imagegen_client import AsyncClient, Job
     from rich.progress import Progress, TaskID
 
+# The service and the key, as every command that talks to a running service takes them.
+BaseUrl = Annotated[
+    str | None,
+    typer.Option(envvar="IMAGEGEN_BASE_URL", help="The service; default http://127.0.0.1:8000."),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(envvar="IMAGEGEN_API_KEY", help="API key, if the service needs one."),
+]
+
 # Exit statuses: 0 images written, 1 the job or the service failed, 2 bad usage (typer's own).
 EXIT_FAILED = 1
 
@@ -98,16 +108,8 @@ def generate(
     control_end: Annotated[
         float | None, typer.Option(help="Fraction of the steps where control ends; default 1.")
     ] = None,
-    base_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="IMAGEGEN_BASE_URL", help="The service; default http://127.0.0.1:8000."
-        ),
-    ] = None,
-    api_key: Annotated[
-        str | None,
-        typer.Option(envvar="IMAGEGEN_API_KEY", help="API key, if the service needs one."),
-    ] = None,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
     timeout: Annotated[
         float | None,
         typer.Option(

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from imagegen.cli.generate import ApiKey, BaseUrl
+
 if TYPE_CHECKING:
     from imagegen_client import Client, Training
     from rich.progress import Progress, TaskID
@@ -62,16 +64,8 @@ def train(
             "--output", "-o", dir_okay=False, help="Also download the adapter's .safetensors here."
         ),
     ] = None,
-    base_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="IMAGEGEN_BASE_URL", help="The service; default http://127.0.0.1:8000."
-        ),
-    ] = None,
-    api_key: Annotated[
-        str | None,
-        typer.Option(envvar="IMAGEGEN_API_KEY", help="API key, if the service needs one."),
-    ] = None,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Train a LoRA on your pictures with a running imagegen service.
 

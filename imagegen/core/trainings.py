@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagegen.core.contract import Keys, RunRecord
+from imagegen.core.contract import AdapterInfo, Keys, RunRecord
 
 TRAINING_ID_PREFIX = "trn_"
 TRAINING_ID_RE = re.compile(r"^trn_[A-Za-z0-9_-]{22}$")
@@ -147,6 +147,17 @@ class AdapterRecord(BaseModel):
     created_at: float
     rank: int = 0
     description: str = Field(default="")
+
+    def info(self) -> AdapterInfo:
+        """The adapter as its owner's listings show it (`owner` "you"); nobody else sees it."""
+        return AdapterInfo(
+            id=self.id,
+            kind="lora",
+            description=self.description,
+            trigger_words=[self.trigger_word],
+            format="kohya",
+            owner="you",
+        )
 
 
 def adapter_keys(record: AdapterRecord) -> tuple[str, str]:

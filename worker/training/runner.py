@@ -17,7 +17,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -53,7 +53,6 @@ class TrainingRun:
     started: float
     resumed_from: int = 0
     reported_at: float = 0.0
-    losses: list[float] = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -189,7 +188,6 @@ class TrainingSlot:
         until = self.clock() + SLICE_S
         while not trainer.done and self.clock() < until:
             report = trainer.step()
-            run.losses.append(report.loss)
             fields: dict[str, Any] = {"loss": report.loss}
             if run.resumed_from and report.step == run.resumed_from + 1:
                 fields["resumed_from_step"] = run.resumed_from
@@ -199,9 +197,9 @@ class TrainingSlot:
                 self.blobs.put(checkpoint_blob(run.id), trainer.checkpoint(), self._blob_ttl(run))
                 fields["checkpoint_step"] = report.step
                 fields["checkpoint_attempt"] = run.record.attempts
-            due = time.monotonic() - run.reported_at >= self.settings.progress_interval_s
+            due = self.clock() - run.reported_at >= self.settings.progress_interval_s
             if checkpoint or due or len(fields) > 1 or trainer.done:
-                run.reported_at = time.monotonic()
+                run.reported_at = self.clock()
                 status, _ = self.lifecycle.progress(run.id, report.step, run.owner, fields)
                 if status != "running":
                     log.info("training %s stopped at step %d: %s", run.id, report.step, status)
