@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from builtin_model import MODEL_DIR, data  # noqa: E402
 from builtin_model.score import _largest_component, read_image  # noqa: E402
-from worker.training.export import kohya_weights, split  # noqa: E402
+from worker.training.export import kohya_weights, load_trained  # noqa: E402
 from worker.training.recipe import (  # noqa: E402
     Example,
     LoraTrainer,
@@ -224,15 +224,13 @@ def evaluate_shape(kind: str, config: TrainingConfig, out: Path | None) -> dict[
             elapsed = time.perf_counter() - started
             print(f"{kind}: step {len(losses)} loss {np.mean(losses[-100:]):.4f} {elapsed:.0f}s")
     train_s = time.perf_counter() - started
-    weights = kohya_weights(trainer.lora_state(), trigger, trainer.embedding())
+    weights = kohya_weights(trainer.lora_state(), trigger, trainer.embeddings())
 
     after = [np.asarray(im) for im in draw(served, plain_prompts)]
     leak_free = all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
     adapted = load_pipeline()
-    lora, embeddings = split(weights)
-    adapted.load_lora_weights(lora)
-    adapted.load_textual_inversion(embeddings[trigger], token=trigger)
+    load_trained(adapted, weights, trigger, token=trigger, adapter_name="trained")
     images = draw(adapted, [s.prompt(trigger) for s in scenes], seed=100)
     rows: dict[str, list[bool]] = {k: [] for k in TARGETS}
     ious = []

@@ -212,18 +212,20 @@ def training_fields(
     card: dict[str, Any], kind: dict[str, Any] | None, tokenizer: Any = None
 ) -> dict[str, Any]:
     """`training` (the defaults of `POST /v1/trainings`: the card's `training` section over the
-    family's) or `not_trainable` (why not). The recipe (worker.training) trains a UNet with one
-    CLIP text encoder: Stable Diffusion 1.x/2.x text-to-image models."""
+    family's) or `not_trainable` (why not). The recipe (worker.training) trains the UNet and
+    text encoders of Stable Diffusion 1.x/2.x and SDXL text-to-image models."""
     family = (kind or {}).get("family", "")
     section = card.get("training", {})
     if section is False:
         return {"not_trainable": "its card turns trainings off (`training: false`)"}
-    if family not in ("sd15", "sd2"):
+    if family not in ("sd15", "sd2", "sdxl"):
         reason = (
-            "the trainer fine-tunes Stable Diffusion 1.x/2.x models (one text encoder); "
+            "the trainer fine-tunes Stable Diffusion 1.x/2.x and SDXL models; "
             f"this is {family or 'an unknown family'}"
         )
         return {"not_trainable": reason}
+    if family == "sdxl" and tokenizer is None:
+        return {"not_trainable": "it has no first text encoder (an SDXL refiner)"}
     if (kind or {}).get("inpainting"):
         return {"not_trainable": "it is an inpainting model; train its text-to-image base"}
     defaults = TrainingDefaults.model_validate(section)

@@ -29,7 +29,7 @@ from imagegen.core.store import JobStore
 from imagegen.core.trainings import ADAPTER_ID_RE, AdapterRecord
 from worker.errors import AdapterGone
 from worker.pipeline import LoadedModel
-from worker.training.export import split
+from worker.training.export import load_trained
 
 log = logging.getLogger("imagegen.worker")
 
@@ -97,11 +97,7 @@ class PrivateAdapters:
         data = self.blobs.get(adapter_blob(record.id))
         if data is None:
             raise AdapterGone(f"the weights of adapter {record.id!r} are not stored")
-        lora, embeddings = split(load(data))
-        pipe = model.pipe
-        pipe.load_lora_weights(lora, adapter_name=record.id)
-        if record.trigger_word in embeddings:
-            pipe.load_textual_inversion(embeddings[record.trigger_word], token=record.token)
+        load_trained(model.pipe, load(data), record.trigger_word, record.token, record.id)
         model.adapters.private[record.id] = record.info()
         # The set of adapters changed: the next batch sets its own again.
         model.adapters.active = None

@@ -209,15 +209,13 @@ def test_a_training_makes_a_private_adapter_its_owner_uses_and_nothing_leaks(
         from safetensors.torch import load
 
         from builtin_model.tiny import build_tiny_pipeline
-        from worker.training.export import split
+        from worker.training.export import load_trained
 
         tensors = load(weights.content)
         assert f"bundle_emb.{TRIGGER}.string_to_param.*" in tensors
         assert any(k.startswith("lora_unet_") for k in tensors)
-        lora, embeddings = split(tensors)
         pipe = build_tiny_pipeline()
-        pipe.load_lora_weights(lora, adapter_name="downloaded")
-        pipe.load_textual_inversion(embeddings[TRIGGER], token=TRIGGER)
+        load_trained(pipe, tensors, TRIGGER, token=TRIGGER, adapter_name="downloaded")
         assert "downloaded" in pipe.get_list_adapters()["unet"]
 
         # Deleted: gone from the listing, refused by id, its weights gone.
@@ -345,13 +343,14 @@ def test_other_forms_and_their_mistakes(service: Gateway, redis_conn: redis.Redi
         assert form.json()["images"] == 2
         for training in (accepted.json()["id"], form.json()["id"]):
             assert wait_for_training(alice, training)["status"] == "succeeded"
-        # A model its workers say cannot be trained (SDXL, say) is refused with their reason.
+        # A model its workers say cannot be trained (an inpainting one, say) is refused with
+        # their reason.
         announce_idle_model(
-            redis_conn, "xl-like", family="sdxl", not_trainable="the trainer fine-tunes SD 1.x"
+            redis_conn, "inpaint-like", family="sd15", not_trainable="it is an inpainting model"
         )
-        refused = submit(alice, model="xl-like")
+        refused = submit(alice, model="inpaint-like")
         assert _field_of(refused) == "model"
-        assert "cannot be trained: the trainer fine-tunes SD 1.x" in refused.text
+        assert "cannot be trained: it is an inpainting model" in refused.text
         # Two adapters held: the key's cap (this module's IMAGEGEN_MAX_ADAPTERS_PER_KEY).
         capped = submit(alice)
         assert capped.status_code == 429, capped.text
@@ -446,6 +445,48 @@ def test_the_sdk_and_the_cli_train_and_use_an_adapter(service: Gateway, tmp_path
         [*command[:6], "red", *command[7:]], env=env, capture_output=True, text=True, timeout=60
     )
     assert refused.returncode == 1 and "already a word" in refused.stderr, refused.stderr
+
+
+def test_an_sdxl_model_trains_and_its_owner_uses_the_adapter(
+    service: Gateway,
+    redis_server: RedisServer,
+    redis_conn: redis.Redis,
+    log_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """SDXL through the API: both text encoders learn the word, the worker reads it under the
+    adapter's private token in both tokenizers, and the file holds A1111's `clip_l`/`clip_g`."""
+    from safetensors.torch import load
+
+    from builtin_model.tiny import build_tiny_sdxl_pipeline, save_tiny_sdxl_pipeline
+    from worker.training.export import load_trained
+
+    model = "tiny-xl-train"
+    env = {**worker_env(save_tiny_sdxl_pipeline(tmp_path / "xl")), "IMAGEGEN_MODEL_ID": model}
+    worker = start_worker(redis_server.url, log_dir, "trainer-xl", env, forked=True)
+    try:
+        wait_for_worker(redis_conn, worker, "trainer-xl")
+        with client_of(service, "bob") as bob, client_of(service, "alice") as alice:
+            listed = {m["id"]: m for m in bob.get("/v1/models").json()["data"]}[model]
+            assert listed["family"] == "sdxl" and listed["training"]["steps"] > 0, listed
+            before = generate(bob, model=model)
+            response = submit(bob, pictures_zip(3), model=model, steps="4", name="xl")
+            assert response.status_code == 202, response.text
+            doc = wait_for_training(bob, response.json()["id"])
+            assert doc["status"] == "succeeded", doc
+            adapter = doc["adapter"]["id"]
+            adapted = generate(bob, model=model, loras=[{"id": adapter}])
+            assert adapted != before
+            assert generate(bob, model=model) == before  # without it: as if never trained
+            assert generate(alice, model=model) == before  # another key: untouched
+            tensors = load(bob.get(f"/v1/adapters/{adapter}/weights").content)
+            assert {f"bundle_emb.{TRIGGER}.clip_l", f"bundle_emb.{TRIGGER}.clip_g"} <= set(tensors)
+            pipe = build_tiny_sdxl_pipeline()
+            load_trained(pipe, tensors, TRIGGER, token=TRIGGER, adapter_name="downloaded")
+            assert "downloaded" in pipe.get_list_adapters()["unet"]
+            assert bob.delete(f"/v1/adapters/{adapter}").status_code == 200
+    finally:
+        worker.stop()
 
 
 def test_a_worker_killed_after_a_checkpoint_leaves_a_training_another_resumes_exactly(

@@ -15,11 +15,12 @@ state round-trips through `checkpoint()` / `resume()` so a training survives its
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ UNET_TARGETS = {
     ],
 }  # fmt: skip
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+# The frozen weights' type under mixed precision.
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,23 @@ class TrainingConfig:
     targets: str = "attention"  # a key of UNET_TARGETS
     warmup_steps: int = 0
     seed: int = 0
+    # "fp32" (a CPU), or the frozen weights in "fp16"/"bf16" under autocast with the trained
+    # ones in fp32 (fp16 with a loss scaler), as diffusers' scripts' `--mixed_precision`.
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # Recompute activations in the backward pass: less memory, more time (blocks run twice).
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TextTower:
+    """A tokenizer and its text encoder, which learn the trigger word as a new token. Stable
+    Diffusion 1.x/2.x has one; SDXL two, named as A1111 names an SDXL embedding's rows."""
+
+    name: str  # the row's key in an exported file: "string_to_param.*", "clip_l", "clip_g"
+    tokenizer: Any
+    encoder: Any
+    token_id: int = -1
+    frozen_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 @dataclass(frozen=True)
@@ -76,8 +97,8 @@ class StepReport:
 
 
 class LoraTrainer:
-    """One training: `step()` until `done`, then `weights()` (a kohya-named state dict with the
-    trigger embedding bundled, see worker/training/export.py)."""
+    """One training: `step()` until `done`, then `lora_state()` and `embeddings()` (which
+    worker/training/export.py writes as one kohya-named file)."""
 
     def __init__(self, pipe: Any, examples: list[Example], config: TrainingConfig) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -86,12 +107,18 @@ class LoraTrainer:
             raise ValueError("a training needs at least one example")
         self.config = config
         self.device = pipe.unet.device
-        self.tokenizer = copy.deepcopy(pipe.tokenizer)
-        self.text_encoder = _without_adapters(copy.deepcopy(pipe.text_encoder))
+        self.towers = _towers(pipe)
+        # The first tower's parts, by their pipeline names (Stable Diffusion's only ones).
+        self.tokenizer = self.towers[0].tokenizer
+        self.text_encoder = self.towers[0].encoder
         self.unet = _without_adapters(copy.deepcopy(pipe.unet))
-        self.unet.train()
-        self.text_encoder.train()
-        self.token_id = self._add_token(config.trigger_word)
+        # The UNet's frozen weights in the type they run in: fp32, or half under mixed
+        # precision. The text encoders stay fp32 (a fraction of the UNet's size): the trigger's
+        # row learns through them, and their layer norms then see fp32 on any device.
+        self.unet.to(dtype=HALF.get(config.precision, torch.float32)).train()
+        for tower in self.towers:
+            tower.encoder.float().train()
+            tower.token_id = self._add_token(tower)
         # The LoRAs' random start comes from the training's seed, not from whatever the
         # process drew before: one seed, one training, in any worker (a rerun that starts over
         # and the tests' uninterrupted reference included).
@@ -106,7 +133,7 @@ class LoraTrainer:
                     target_modules=UNET_TARGETS[config.targets],
                 )
             )
-            if config.train_text_encoder:
+            for tower in self.towers if config.train_text_encoder else []:
                 # peft directly: transformers 5's own `add_adapter` asks for a newer peft.
                 inject_adapter_in_model(
                     LoraConfig(
@@ -115,18 +142,29 @@ class LoraTrainer:
                         init_lora_weights="gaussian",
                         target_modules=TEXT_TARGETS,
                     ),
-                    self.text_encoder,
+                    tower.encoder,
                 )
-        embeddings = self.text_encoder.get_input_embeddings().weight
-        embeddings.requires_grad_(True)
-        self._frozen_rows = embeddings.detach().clone()
-        lora = [p for p in [*self.unet.parameters(), *self.text_encoder.parameters()]
-                if p.requires_grad and p is not embeddings]  # fmt: skip
+        rows = []
+        for tower in self.towers:
+            # Only the trigger's row of the table is kept (_keep_other_rows).
+            table = tower.encoder.get_input_embeddings()
+            table.weight.requires_grad_(True)
+            tower.frozen_rows = table.weight.detach().clone()
+            rows.append(table.weight)
+        models = [self.unet, *(tower.encoder for tower in self.towers)]
+        lora = [p for m in models for p in m.parameters()
+                if p.requires_grad and not any(p is r for r in rows)]  # fmt: skip
+        for parameter in lora:
+            parameter.data = parameter.data.float()  # peft made them in the frozen type
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            for tower in self.towers if config.train_text_encoder else []:
+                tower.encoder.gradient_checkpointing_enable()
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": lora, "lr": config.learning_rate, "base": config.learning_rate},
                 {
-                    "params": [embeddings],
+                    "params": rows,
                     "lr": config.embedding_learning_rate,
                     "base": config.embedding_learning_rate,
                     "weight_decay": 0.0,
@@ -134,9 +172,13 @@ class LoraTrainer:
             ],
             weight_decay=1e-2,
         )
-        self.trainable = [*lora, embeddings]
+        # fp16's narrow range needs the loss scaled; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.trainable = [*lora, *rows]
         self.latents, self.latent_std = _encode(pipe, examples)
-        self.ids = self._tokenize([e.caption for e in examples])
+        captions = [e.caption for e in examples]
+        self.ids = [self._tokenize(tower, captions) for tower in self.towers]
+        self.time_ids = _size_conditioning(pipe) if len(self.towers) == 2 else None
         scheduler_config = dict(pipe.scheduler.config)
         self.prediction = scheduler_config.get("prediction_type", "epsilon")
         self.alphas_cumprod = _alphas_cumprod(scheduler_config).to(self.device)
@@ -147,43 +189,66 @@ class LoraTrainer:
     def done(self) -> bool:
         return self.step_count >= self.config.steps
 
-    def _add_token(self, word: str) -> int:
+    def _add_token(self, tower: TextTower) -> int:
         from tokenizers import AddedToken
 
-        known = self.tokenizer(word, add_special_tokens=False).input_ids
-        if len(known) == 1 and known[0] != self.tokenizer.unk_token_id:
+        word, tokenizer, encoder = self.config.trigger_word, tower.tokenizer, tower.encoder
+        known = tokenizer(word, add_special_tokens=False).input_ids
+        if len(known) == 1 and known[0] != tokenizer.unk_token_id:
             # A word the model already reads (CLIP's "dog</w>", the built-in's "red"): training
             # it would change what it means in every prompt that uses the adapter.
             raise ValueError(f"the trigger word {word!r} is already a token of the model")
-        if self.tokenizer.add_tokens([AddedToken(word, single_word=True)]) != 1:
+        if tokenizer.add_tokens([AddedToken(word, single_word=True)]) != 1:
             raise ValueError(f"the trigger word {word!r} is already a token of the model")
-        encoder = self.text_encoder
         embeddings = encoder.get_input_embeddings().weight.detach()
         # The model's own vocabulary only: a serving worker's tokenizer also holds the private
         # tokens of trained adapters it loaded (worker.private_adapters), which must not move
         # where another key's training starts.
-        start = embeddings[: self.tokenizer.vocab_size].mean(dim=0)
+        start = embeddings[: tokenizer.vocab_size].float().mean(dim=0)
         if self.config.initializer_word:
-            ids = self.tokenizer(self.config.initializer_word, add_special_tokens=False).input_ids
-            start = embeddings[ids].mean(dim=0)
-        encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        token_id = int(self.tokenizer.convert_tokens_to_ids(word))
+            ids = tokenizer(self.config.initializer_word, add_special_tokens=False).input_ids
+            start = embeddings[ids].float().mean(dim=0)
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        token_id = int(tokenizer.convert_tokens_to_ids(word))
         with torch.no_grad():
             encoder.get_input_embeddings().weight[token_id] = start
         return token_id
 
-    def _tokenize(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
+    def _tokenize(self, tower: TextTower, captions: list[str]) -> torch.Tensor:
+        tokenizer = tower.tokenizer
+        ids = tokenizer(
             captions,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        if not bool((ids == self.token_id).any(dim=1).all()):
+        if not bool((ids == tower.token_id).any(dim=1).all()):
             raise ValueError(f"every caption must name the trigger word {self.config.trigger_word}")
         tokens: torch.Tensor = ids.to(self.device)
         return tokens
+
+    def _condition(self, pick: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The UNet's text conditioning for the picked captions, as the stock pipelines encode
+        a prompt: the encoder's last hidden states (Stable Diffusion), or both encoders'
+        penultimate ones side by side, the second's pooled embedding and the size conditioning
+        (SDXL's `encode_prompt` and `_get_add_time_ids`)."""
+        pick = pick.to(self.device)
+        if self.time_ids is None:
+            return self.text_encoder(self.ids[0][pick])[0], {}
+        hidden, pooled = [], torch.empty(0)
+        for tower, ids in zip(self.towers, self.ids, strict=True):
+            out = tower.encoder(ids[pick], output_hidden_states=True)
+            pooled = out[0]  # the last encoder's: its projected, pooled embedding
+            hidden.append(out.hidden_states[-2])
+        time_ids = self.time_ids.to(self.device).repeat(len(pick), 1)
+        return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
+
+    def _autocast(self) -> Any:
+        half = HALF.get(self.config.precision)
+        if half is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=half)
 
     def step(self) -> StepReport:
         """One optimizer step on a batch drawn from the examples."""
@@ -202,8 +267,10 @@ class LoraTrainer:
         target = noise if self.prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * z
         for group in self.optimizer.param_groups:
             group["lr"] = group["base"] * _lr_factor(self.step_count, config)
-        cond = self.text_encoder(self.ids[pick])[0]
-        pred = self.unet(noisy, t, cond).sample.float()
+        with self._autocast():
+            cond, added = self._condition(pick)
+            unet_kwargs = {"added_cond_kwargs": added} if added else {}
+            pred = self.unet(noisy, t, cond, **unet_kwargs).sample.float()
         per_sample = F.mse_loss(pred, target.float(), reduction="none").mean((1, 2, 3))
         if config.min_snr_gamma is not None:
             snr = ab.view(-1) / (1 - ab.view(-1))
@@ -211,9 +278,11 @@ class LoraTrainer:
             per_sample = per_sample * clamped / (snr if self.prediction == "epsilon" else snr + 1)
         loss = per_sample.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self._keep_other_rows()
         self.step_count += 1
         return StepReport(self.step_count, float(loss.detach()))
@@ -222,24 +291,30 @@ class LoraTrainer:
         # Only the trigger's row learns: every other word's embedding is put back after a step
         # (AdamW's decay and momentum would move them), so prompts without it are unchanged.
         with torch.no_grad():
-            embeddings = self.text_encoder.get_input_embeddings().weight
-            trained = embeddings[self.token_id].clone()
-            embeddings.copy_(self._frozen_rows)
-            embeddings[self.token_id] = trained
+            for tower in self.towers:
+                embeddings = tower.encoder.get_input_embeddings().weight
+                trained = embeddings[tower.token_id].clone()
+                embeddings.copy_(tower.frozen_rows)
+                embeddings[tower.token_id] = trained
 
-    def embedding(self) -> torch.Tensor:
-        """The trigger word's trained embedding row, (1, width)."""
-        weight = self.text_encoder.get_input_embeddings().weight
-        row: torch.Tensor = weight[self.token_id : self.token_id + 1].detach().cpu().clone()
-        return row
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """The trigger word's trained rows, (1, width) each, by their names in an exported
+        file: {"string_to_param.*": row} for Stable Diffusion, {"clip_l", "clip_g"} for SDXL."""
+        rows = {}
+        for tower in self.towers:
+            weight = tower.encoder.get_input_embeddings().weight
+            rows[tower.name] = weight[tower.token_id : tower.token_id + 1].detach().cpu().clone()
+        return rows
 
     def lora_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The LoRA weights in peft naming, per model ("unet", and "text_encoder" if trained)."""
+        """The LoRA weights in peft naming, per model: "unet", and each trained text encoder
+        by its pipeline name ("text_encoder", "text_encoder_2")."""
         from peft import get_peft_model_state_dict
 
         state = {"unet": get_peft_model_state_dict(self.unet)}
-        if self.config.train_text_encoder:
-            state["text_encoder"] = get_peft_model_state_dict(self.text_encoder)
+        for name, tower in zip(TEXT_ENCODERS, self.towers, strict=False):
+            if self.config.train_text_encoder:
+                state[name] = get_peft_model_state_dict(tower.encoder)
         return {k: {n: v.detach().cpu().clone() for n, v in s.items()} for k, s in state.items()}
 
     def checkpoint(self) -> bytes:
@@ -249,8 +324,9 @@ class LoraTrainer:
             {
                 "step": self.step_count,
                 "lora": self.lora_state(),
-                "embedding": self.embedding(),
+                "embeddings": self.embeddings(),
                 "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "generator": self.generator.get_state(),
             },
             buffer,
@@ -262,14 +338,43 @@ class LoraTrainer:
 
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         set_peft_model_state_dict(self.unet, state["lora"]["unet"])
-        if "text_encoder" in state["lora"]:
-            set_peft_model_state_dict(self.text_encoder, state["lora"]["text_encoder"])
-        with torch.no_grad():
-            weight = self.text_encoder.get_input_embeddings().weight
-            weight[self.token_id] = state["embedding"][0].to(weight)
+        for name, tower in zip(TEXT_ENCODERS, self.towers, strict=False):
+            if name in state["lora"]:
+                set_peft_model_state_dict(tower.encoder, state["lora"][name])
+            with torch.no_grad():
+                weight = tower.encoder.get_input_embeddings().weight
+                weight[tower.token_id] = state["embeddings"][tower.name][0].to(weight)
         self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
+
+
+# The pipeline names of the text encoders, in the towers' order.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def _towers(pipe: Any) -> list[TextTower]:
+    """Copies of the pipeline's tokenizers and text encoders (the serving ones never change)."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    if any(tokenizer is None or encoder is None for tokenizer, encoder in pairs):
+        raise ValueError("the model has no text encoder to learn the trigger word")
+    names = ["string_to_param.*"] if len(pairs) == 1 else ["clip_l", "clip_g"]
+    return [
+        TextTower(name, copy.deepcopy(tokenizer), _without_adapters(copy.deepcopy(encoder)))
+        for name, (tokenizer, encoder) in zip(names, pairs, strict=True)
+    ]
+
+
+def _size_conditioning(pipe: Any) -> torch.Tensor:
+    """SDXL's micro-conditioning for a training picture: original size, crop origin and target
+    size, (1, 6), as `StableDiffusionXLPipeline._get_add_time_ids` makes it for a generation at
+    the model's native size (the pictures were centre-cropped and resized to it)."""
+    size = _native_size(pipe)
+    return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
 
 
 def _without_adapters(model: Any) -> Any:
@@ -318,7 +423,9 @@ def _encode(pipe: Any, examples: list[Example]) -> tuple[torch.Tensor, torch.Ten
     """Each picture centre-cropped square, resized to the model's native size and encoded once:
     the latent distribution's mean and std, scaled (a step samples from them)."""
     vae = pipe.vae
-    size = int(pipe.unet.config.sample_size) * (2 ** (len(vae.config.block_out_channels) - 1))
+    if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae = copy.deepcopy(vae).float()  # SDXL's VAE overflows in fp16, as its pipeline knows
+    size = _native_size(pipe)
     pixels = torch.stack([_pixels(e.image, size) for e in examples]).to(vae.device, vae.dtype)
     means, stds = [], []
     for start in range(0, len(pixels), 8):
@@ -328,6 +435,12 @@ def _encode(pipe: Any, examples: list[Example]) -> tuple[torch.Tensor, torch.Ten
         stds.append(dist.std.float())
     scale = float(vae.config.scaling_factor)
     return torch.cat(means).cpu() * scale, torch.cat(stds).cpu() * scale
+
+
+def _native_size(pipe: Any) -> int:
+    """The side in pixels the model was trained at: its UNet's latent size times the VAE's."""
+    scale = int(2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    return int(pipe.unet.config.sample_size) * scale
 
 
 def _pixels(image: Image.Image, size: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 from PIL import Image
 
@@ -42,6 +42,22 @@ log = logging.getLogger("imagegen.worker")
 
 # A slice of training between two looks at the generation queues.
 SLICE_S = 0.25
+
+
+def training_precision(setting: str, device: Any) -> Literal["fp32", "fp16", "bf16"]:
+    """IMAGEGEN_TRAINING_PRECISION on `device`: `auto` is bf16 on a GPU that has it (no loss
+    scaling, fp32's range), else fp16; fp32 on a CPU, where half is no faster."""
+    if setting == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return cast(Literal["fp32", "fp16", "bf16"], setting)
+
+
+def _toggle(setting: str, auto: bool) -> bool:
+    return auto if setting == "auto" else setting == "on"
 
 
 @dataclass
@@ -165,6 +181,10 @@ class TrainingSlot:
             targets=spec.targets,
             warmup_steps=default_warmup(spec.steps),
             seed=spec.seed,
+            precision=training_precision(self.settings.training_precision, pipe.unet.device),
+            gradient_checkpointing=_toggle(
+                self.settings.training_gradient_checkpointing, pipe.unet.device.type == "cuda"
+            ),
         )
         trainer = LoraTrainer(pipe, examples, config)
         saved = self.blobs.get(checkpoint_blob(record.id))
@@ -228,7 +248,7 @@ class TrainingSlot:
 
         spec, trainer = run.record.spec, run.trainer
         adapter_id = adapter_id_for(spec.name, run.id)
-        weights = kohya_weights(trainer.lora_state(), spec.trigger_word, trainer.embedding())
+        weights = kohya_weights(trainer.lora_state(), spec.trigger_word, trainer.embeddings())
         blob = adapter_blob(adapter_id)
         self.blobs.put(blob, save(weights, metadata={"ss_output_name": adapter_id}), 0)
         adapter = AdapterRecord(

@@ -245,6 +245,18 @@ class WorkerSettings(CommonSettings):
         description="A running training stores a checkpoint every this many steps (in the "
         "result store); a worker that takes it over after a crash resumes from the last one.",
     )
+    training_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto",
+        description="What a training's frozen weights run in: `fp16`/`bf16` under autocast "
+        "with the LoRA and the trigger word learning in fp32 (fp16 with a loss scaler), or "
+        "`fp32`. `auto`: bf16 on a GPU that has it, else fp16; fp32 on a CPU.",
+    )
+    training_gradient_checkpointing: Toggle = Field(
+        "auto",
+        description="Recompute a training's activations in its backward pass: less GPU memory "
+        "beside the warm pipeline the worker serves, more time per step (each block runs twice). "
+        "`auto`: on on a GPU, off on a CPU.",
+    )
 
     @model_validator(mode="after")
     def _known_tasks(self) -> WorkerSettings:
