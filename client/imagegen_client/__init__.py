@@ -33,7 +33,14 @@ from ._errors import (
     Unavailable,
     WaitTimeout,
 )
-from ._trainings import TrainedAdapter, Training, TrainingError, TrainingProgress, Trainings
+from ._trainings import (
+    AsyncTrainings,
+    TrainedAdapter,
+    Training,
+    TrainingError,
+    TrainingProgress,
+    Trainings,
+)
 from ._types import (
     ErrorInfo,
     Event,
@@ -58,6 +65,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "APIError",
     "AsyncClient",
+    "AsyncTrainings",
     "Client",
     "Conflict",
     "ErrorInfo",

@@ -42,6 +42,7 @@ from ._base import (
     transport_error,
 )
 from ._errors import APIError, ImagegenError, TransportError, WaitTimeout
+from ._trainings import AsyncTrainings
 from ._types import Event, GeneratedImage, Generation, Job, Model, Usage
 
 _C = TypeVar("_C", bound="AsyncClient")
@@ -80,6 +81,8 @@ class AsyncClient:
             timeout=self._config.timeout,
             transport=transport,
         )
+        # Fine-tuning, as `Client.trainings`, awaited.
+        self.trainings = AsyncTrainings(self._http, self._send)
 
     @property
     def base_url(self) -> str:

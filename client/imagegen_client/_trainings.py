@@ -6,11 +6,12 @@ from __future__ import annotations
 import io
 import time
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 from ._base import Deadline, poll_delays
@@ -125,6 +126,34 @@ def pictures_zip(pictures: Pictures) -> bytes:
     return buffer.getvalue()
 
 
+def _create_request(
+    http: httpx.Client | httpx.AsyncClient,
+    pictures: Pictures,
+    fields: Mapping[str, object],
+    idempotency_key: str | None,
+) -> httpx.Request:
+    """`POST /v1/trainings` as multipart: the pictures' zip and the fields that were given."""
+    data = {k: str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in fields.items() if v is not None}  # fmt: skip
+    files = {"images": ("pictures.zip", pictures_zip(pictures), "application/zip")}
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    return http.build_request("POST", TRAININGS, data=data, files=files, headers=headers)
+
+
+def _finished(current: Training, deadline: Deadline | None) -> bool:
+    """Whether `wait` is over with `current`: True once it succeeded; raises TrainingError when
+    it failed or was canceled, or the deadline passed; False to poll again."""
+    if current.is_terminal:
+        if current.status == "succeeded":
+            return True
+        error = current.error
+        message = error.message if error else f"the training was {current.status}"
+        raise TrainingError(message, current, code=error.code if error else None)
+    if deadline is not None and deadline.expired:
+        raise TrainingError(f"the training is still {current.status}", current)
+    return False
+
+
 class Trainings:
     """`client.trainings`: create, read, follow, list and cancel trainings; use their adapters
     by id (`client.generate(..., loras=[adapter.id])`), download or delete them."""
@@ -164,13 +193,7 @@ class Trainings:
             "seed": seed,
             "webhook": webhook,
         }
-        data = {k: str(v).lower() if isinstance(v, bool) else str(v)
-                for k, v in fields.items() if v is not None}  # fmt: skip
-        files = {"images": ("pictures.zip", pictures_zip(pictures), "application/zip")}
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        request = self._http.build_request(
-            "POST", TRAININGS, data=data, files=files, headers=headers
-        )
+        request = _create_request(self._http, pictures, fields, idempotency_key)
         return Training.from_dict(self._send(request).json())
 
     def get(self, training: str | Training) -> Training:
@@ -201,25 +224,108 @@ class Trainings:
             current = self.get(training)
             if on_progress is not None:
                 on_progress(current)
-            if current.is_terminal:
-                if current.status == "succeeded":
-                    return current
-                error = current.error
-                message = error.message if error else f"the training was {current.status}"
-                raise TrainingError(message, current, code=error.code if error else None)
-            if deadline is not None and deadline.expired:
-                raise TrainingError(f"the training is still {current.status}", current)
+            if _finished(current, deadline):
+                return current
             time.sleep(min(next(delays), 1.0))
 
     def weights(self, adapter: str | TrainedAdapter) -> bytes:
         """A trained adapter as one `.safetensors` (kohya naming, trigger embedding bundled)."""
-        adapter_id = adapter if isinstance(adapter, str) else adapter.id
-        return self._request("GET", f"/v1/adapters/{adapter_id}/weights").content
+        return self._request("GET", _weights_path(adapter)).content
 
     def delete_adapter(self, adapter: str | TrainedAdapter) -> None:
         """Delete a trained adapter: jobs naming it are refused from now on."""
-        adapter_id = adapter if isinstance(adapter, str) else adapter.id
-        self._request("DELETE", f"/v1/adapters/{adapter_id}")
+        self._request("DELETE", _adapter_path(adapter))
+
+
+class AsyncTrainings:
+    """`AsyncClient.trainings`: `client.trainings` (`Trainings`) with every call awaited."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        send: Callable[[httpx.Request], Awaitable[httpx.Response]],
+    ) -> None:
+        self._http = http
+        self._send = send
+
+    async def _request(self, method: str, path: str) -> httpx.Response:
+        return await self._send(self._http.build_request(method, path))
+
+    async def create(
+        self,
+        pictures: Pictures,
+        *,
+        trigger_word: str,
+        model: str | None = None,
+        name: str | None = None,
+        steps: int | None = None,
+        rank: int | None = None,
+        learning_rate: float | None = None,
+        train_text_encoder: bool | None = None,
+        seed: int | None = None,
+        webhook: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Training:
+        """Queue a training of `pictures` (a zip, a folder, or a list); returns its document."""
+        fields = {
+            "trigger_word": trigger_word,
+            "model": model,
+            "name": name,
+            "steps": steps,
+            "rank": rank,
+            "learning_rate": learning_rate,
+            "train_text_encoder": train_text_encoder,
+            "seed": seed,
+            "webhook": webhook,
+        }
+        request = _create_request(self._http, pictures, fields, idempotency_key)
+        return Training.from_dict((await self._send(request)).json())
+
+    async def get(self, training: str | Training) -> Training:
+        return Training.from_dict((await self._request("GET", _path(training))).json())
+
+    async def list(self) -> list[Training]:
+        """This API key's trainings, newest first."""
+        data = (await self._request("GET", TRAININGS)).json()["data"]
+        return [Training.from_dict(entry) for entry in data]
+
+    async def cancel(self, training: str | Training) -> Training:
+        """Cancel a queued training at once, a running one at its next step."""
+        return Training.from_dict((await self._request("DELETE", _path(training))).json())
+
+    async def wait(
+        self,
+        training: str | Training,
+        *,
+        timeout: float | None = None,
+        on_progress: Callable[[Training], None] | None = None,
+    ) -> Training:
+        """As `Trainings.wait`, awaiting between polls."""
+        deadline = Deadline.after(timeout)
+        delays = poll_delays(deadline)
+        while True:
+            current = await self.get(training)
+            if on_progress is not None:
+                on_progress(current)
+            if _finished(current, deadline):
+                return current
+            await anyio.sleep(min(next(delays), 1.0))
+
+    async def weights(self, adapter: str | TrainedAdapter) -> bytes:
+        """A trained adapter as one `.safetensors` (kohya naming, trigger embedding bundled)."""
+        return (await self._request("GET", _weights_path(adapter))).content
+
+    async def delete_adapter(self, adapter: str | TrainedAdapter) -> None:
+        """Delete a trained adapter: jobs naming it are refused from now on."""
+        await self._request("DELETE", _adapter_path(adapter))
+
+
+def _adapter_path(adapter: str | TrainedAdapter) -> str:
+    return f"/v1/adapters/{adapter if isinstance(adapter, str) else adapter.id}"
+
+
+def _weights_path(adapter: str | TrainedAdapter) -> str:
+    return f"{_adapter_path(adapter)}/weights"
 
 
 def _path(training: str | Training) -> str:

@@ -409,7 +409,9 @@ def test_a_queued_generation_waits_at_most_a_slice_of_a_running_training(
 
 
 def test_the_sdk_and_the_cli_train_and_use_an_adapter(service: Gateway, tmp_path: Path) -> None:
-    from imagegen_client import Client
+    import anyio
+
+    from imagegen_client import APIError, AsyncClient, Client, TrainingError
 
     folder = tmp_path / "pictures"
     folder.mkdir()
@@ -427,6 +429,34 @@ def test_the_sdk_and_the_cli_train_and_use_an_adapter(service: Gateway, tmp_path
         result = client.generate(PROMPT, model=MODEL, steps=3, seed=11, loras=[done.adapter.id])
         assert len(result.images) == 1
         assert client.trainings.list()[0].id == training.id
+
+    async def train_async() -> None:
+        # The same calls, awaited (another key: this module allows two adapters a key).
+        async with AsyncClient(api_key=KEYS["bob"], base_url=service.base_url) as client:
+            pictures = [(picture(i), f"a red {TRIGGER} picture {i}") for i in range(2)]
+            created = await client.trainings.create(
+                pictures, trigger_word=TRIGGER, model=MODEL, steps=4, rank=4, name="awaited"
+            )
+            assert created.images == 2
+            done = await client.trainings.wait(created)
+            assert done.adapter is not None and done.progress.step == 4
+            assert [t.id for t in await client.trainings.list()] == [created.id]
+            assert (await client.trainings.get(created.id)).status == "succeeded"
+            assert f"bundle_emb.{TRIGGER}." in (
+                await client.trainings.weights(done.adapter)
+            ).decode("latin-1")
+            await client.trainings.delete_adapter(done.adapter)
+            with pytest.raises(APIError) as gone:
+                await client.trainings.weights(done.adapter)
+            assert gone.value.status_code == 404
+            queued = await client.trainings.create(pictures, trigger_word=TRIGGER, model=MODEL)
+            canceled = await client.trainings.cancel(queued)
+            assert canceled.id == queued.id
+            with pytest.raises(TrainingError) as ended:
+                await client.trainings.wait(queued)
+            assert ended.value.training.status == "canceled"
+
+    anyio.run(train_async)
     archive = tmp_path / "pictures.zip"
     archive.write_bytes(pictures_zip(3))
     weights = tmp_path / "mine.safetensors"
