@@ -11,7 +11,12 @@ the adapter runs with it disabled, byte for byte as if it never existed (the tes
 
 Registrations are read at each job that names one (a deleted adapter fails the job that still
 names it), and a worker unloads the deleted ones of a model before that model's next batch
-(looking at most every SWEEP_S).
+(looking at most every SWEEP_S). A pipeline holds at most IMAGEGEN_MAX_LOADED_TRAINED_ADAPTERS
+of them: before a batch, the least recently used ones its jobs do not name are unloaded (their
+next job loads them again from the result store).
+
+Unloading takes the LoRA out and leaves the private token and its rows (a row per text encoder,
+read by no prompt): removing a token would renumber every token added after it.
 """
 
 from __future__ import annotations
@@ -43,18 +48,27 @@ class PrivateAdapters:
         self,
         connection: redis.Redis,
         blobs: BlobStore,
+        capacity: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.redis = connection
         self.store = JobStore(connection)
         self.blobs = blobs
+        self.capacity = capacity
         self.clock = clock
         self._swept_at = clock()
 
-    def sweep(self, model: LoadedModel) -> None:
-        """Unload the trained adapters of `model` that were deleted (`DELETE /v1/adapters`),
-        at most every SWEEP_S: one round trip, before a batch of the model runs."""
-        loaded = sorted(model.adapters.private)
+    def sweep(self, model: LoadedModel, in_use: set[str]) -> None:
+        """Before a batch of `model`, whose jobs name `in_use`: unload the trained adapters
+        past the capacity, least recently used first, and (at most every SWEEP_S, one round
+        trip) those that were deleted (`DELETE /v1/adapters`)."""
+        private, files = model.adapters.private, model.adapters.loras
+        # What this batch will load: trained adapters it names that are not loaded yet.
+        new = {a for a in in_use - private.keys() - files.keys() if ADAPTER_ID_RE.fullmatch(a)}
+        room = self.capacity - len(new)
+        for adapter_id in [a for a in private if a not in in_use][: max(len(private) - room, 0)]:
+            self.forget(model, adapter_id, "the least recently used past the capacity")
+        loaded = sorted(private)
         if not loaded or self.clock() - self._swept_at < SWEEP_S:
             return
         self._swept_at = self.clock()
@@ -64,7 +78,7 @@ class PrivateAdapters:
             present = pipe.execute()
         for adapter_id, exists in zip(loaded, present, strict=True):
             if not exists:
-                self.forget(model, adapter_id)
+                self.forget(model, adapter_id, "it was deleted")
 
     def prepare(self, model: LoadedModel, spec: JobSpec, api_key: str) -> JobSpec:
         """Load the trained adapters `spec` names (its owner's), and return the spec the
@@ -77,10 +91,12 @@ class PrivateAdapters:
                 continue  # a file-backed LoRA of the model
             record = self.record(lora.id)
             if record is None or record.owner != api_key or record.model != spec.model:
-                self.forget(model, lora.id)
+                self.forget(model, lora.id, "it was deleted")
                 raise AdapterGone(f"adapter {lora.id!r} was deleted after this job was queued")
             if lora.id not in adapters.private:
                 self._load(model, record)
+            else:  # the most recently used now: the last to be unloaded
+                adapters.private[lora.id] = adapters.private.pop(lora.id)
             word = re.compile(rf"(?<![\w]){re.escape(record.trigger_word)}(?![\w])", re.I)
             prompt = word.sub(record.token, prompt)
             negative = word.sub(record.token, negative)
@@ -104,8 +120,8 @@ class PrivateAdapters:
         log.info("loaded trained adapter %s for key %r", record.id, record.owner)
 
     @staticmethod
-    def forget(model: LoadedModel, adapter_id: str) -> None:
-        """Take a deleted adapter's LoRA out of the pipeline (its token stays, unread)."""
+    def forget(model: LoadedModel, adapter_id: str, why: str) -> None:
+        """Take a trained adapter's LoRA out of the pipeline (its token stays, unread)."""
         if model.adapters.private.pop(adapter_id, None) is None:
             return
         try:
@@ -113,4 +129,4 @@ class PrivateAdapters:
         except Exception:  # nothing more to undo; the id is never set active again
             log.warning("could not remove trained adapter %s", adapter_id, exc_info=True)
         model.adapters.active = None
-        log.info("unloaded trained adapter %s: it was deleted", adapter_id)
+        log.info("unloaded trained adapter %s: %s", adapter_id, why)

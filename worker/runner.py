@@ -78,7 +78,9 @@ class JobRunner:
         self.lifecycle = lifecycle
         # Where inputs are read and images stored: Redis (by the lifecycle's own steps) or S3.
         self.blobs = blobs or RedisBlobStore(lifecycle.redis)
-        self.private = PrivateAdapters(lifecycle.redis, self.blobs)
+        self.private = PrivateAdapters(
+            lifecycle.redis, self.blobs, settings.max_loaded_trained_adapters
+        )
         self.settings = settings
         self.state = state
         self.metrics = metrics
@@ -114,7 +116,9 @@ class JobRunner:
                 except Exception as exc:  # ModelUnavailable, or anything a load raised
                     return [self._unavailable(job, model, exc) for job in batch]
                 self.metrics.use_model(model)
-            self.private.sweep(self.inference.model)  # deleted trained adapters leave first
+            # Deleted trained adapters, and those past the capacity, leave first.
+            named = {lora.id for job in batch for lora in job.record.spec.loras}
+            self.private.sweep(self.inference.model, named)
             results = self._infer(batch)
             encoded = [
                 self._encode(job, result) if isinstance(result, list) else []

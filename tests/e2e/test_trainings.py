@@ -485,14 +485,20 @@ def test_an_sdxl_model_trains_and_its_owner_uses_the_adapter(
     tmp_path: Path,
 ) -> None:
     """SDXL through the API: both text encoders learn the word, the worker reads it under the
-    adapter's private token in both tokenizers, and the file holds A1111's `clip_l`/`clip_g`."""
+    adapter's private token in both tokenizers, and the file holds A1111's `clip_l`/`clip_g`.
+    This worker holds one trained adapter at a time: the other one's next job loads it again,
+    and draws as it did."""
     from safetensors.torch import load
 
     from builtin_model.tiny import build_tiny_sdxl_pipeline, save_tiny_sdxl_pipeline
     from worker.training.export import load_trained
 
     model = "tiny-xl-train"
-    env = {**worker_env(save_tiny_sdxl_pipeline(tmp_path / "xl")), "IMAGEGEN_MODEL_ID": model}
+    env = {
+        **worker_env(save_tiny_sdxl_pipeline(tmp_path / "xl")),
+        "IMAGEGEN_MODEL_ID": model,
+        "IMAGEGEN_MAX_LOADED_TRAINED_ADAPTERS": "1",
+    }
     worker = start_worker(redis_server.url, log_dir, "trainer-xl", env, forked=True)
     try:
         wait_for_worker(redis_conn, worker, "trainer-xl")
@@ -509,6 +515,11 @@ def test_an_sdxl_model_trains_and_its_owner_uses_the_adapter(
             assert adapted != before
             assert generate(bob, model=model) == before  # without it: as if never trained
             assert generate(alice, model=model) == before  # another key: untouched
+            other = submit(bob, pictures_zip(2), model=model, steps="2", name="xl-other")
+            second = wait_for_training(bob, other.json()["id"])["adapter"]["id"]
+            assert generate(bob, model=model, loras=[{"id": second}]) not in (before, adapted)
+            assert f"unloaded trained adapter {adapter}: the least recently used" in worker.log()
+            assert generate(bob, model=model, loras=[{"id": adapter}]) == adapted  # loaded again
             tensors = load(bob.get(f"/v1/adapters/{adapter}/weights").content)
             assert {f"bundle_emb.{TRIGGER}.clip_l", f"bundle_emb.{TRIGGER}.clip_g"} <= set(tensors)
             pipe = build_tiny_sdxl_pipeline()

@@ -63,19 +63,24 @@ def load_trained(
     pipe: Any, weights: dict[str, torch.Tensor], trigger_word: str, token: str, adapter_name: str
 ) -> None:
     """Load a trained adapter's file into `pipe`: its LoRA under `adapter_name`, and the trigger
-    word's rows under `token` in each text encoder (one, or SDXL's two)."""
+    word's rows under `token` in each text encoder (one, or SDXL's two). A token the pipeline
+    already reads (the adapter was loaded before, then unloaded) gets its rows written again."""
     lora, embeddings = split(weights)
     pipe.load_lora_weights(lora, adapter_name=adapter_name)
     rows = embeddings.get(trigger_word, {})
-    if "string_to_param.*" in rows:
-        pipe.load_textual_inversion(rows["string_to_param.*"], token=token)
-    if "clip_l" in rows and "clip_g" in rows:
-        pipe.load_textual_inversion(
-            rows["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-        )
-        pipe.load_textual_inversion(
-            rows["clip_g"],
-            token=token,
-            text_encoder=pipe.text_encoder_2,
-            tokenizer=pipe.tokenizer_2,
-        )
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    names = ["string_to_param.*"] if len(pairs) == 1 else ["clip_l", "clip_g"]
+    for (tokenizer, encoder), name in zip(pairs, names, strict=True):
+        if name not in rows:
+            continue
+        known = tokenizer.get_vocab().get(token)
+        if known is None:
+            pipe.load_textual_inversion(
+                rows[name], token=token, tokenizer=tokenizer, text_encoder=encoder
+            )
+            continue
+        with torch.no_grad():
+            table = encoder.get_input_embeddings().weight
+            table[known] = rows[name][0].to(table)

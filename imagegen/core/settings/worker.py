@@ -245,6 +245,13 @@ class WorkerSettings(CommonSettings):
         description="A running training stores a checkpoint every this many steps (in the "
         "result store); a worker that takes it over after a crash resumes from the last one.",
     )
+    max_loaded_trained_adapters: int = Field(
+        32,
+        ge=1,
+        description="Trained adapters (`POST /v1/trainings`) a warm pipeline holds at most; "
+        "before a batch, the least recently used ones its jobs do not name are unloaded, and "
+        "load again from the result store when a job names them.",
+    )
     training_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto",
         description="What a training's frozen weights run in: `fp16`/`bf16` under autocast "
