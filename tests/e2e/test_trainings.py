@@ -410,7 +410,6 @@ def test_a_queued_generation_waits_at_most_a_slice_of_a_running_training(
 
 def test_the_sdk_and_the_cli_train_and_use_an_adapter(service: Gateway, tmp_path: Path) -> None:
     import anyio
-
     from imagegen_client import APIError, AsyncClient, Client, TrainingError
 
     folder = tmp_path / "pictures"
