@@ -10,6 +10,12 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK := requirements.lock
 STAMP := $(VENV)/.installed
 EXTRAS := -e ".[worker,local,dev]" -e "./client[pil]"
+# Bytecode is written by the first process that imports a module, not by pip for every file it
+# installs (torch alone has thousands no process here imports): `--no-compile` below saves about
+# a minute of a fresh install. That needs Python free to write it, even where the environment
+# says not to (CI images often set PYTHONDONTWRITEBYTECODE): else every worker process the
+# tests start would compile torch and diffusers again.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: run test test-s3 docs openapi lock clean
 
@@ -22,8 +28,8 @@ S3_TESTS := tests/e2e/test_images_in.py tests/e2e/test_adapters_http.py \
 $(STAMP): pyproject.toml client/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --constraint $(LOCK) --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet --constraint $(LOCK) $(EXTRAS)
+	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --no-compile --constraint $(LOCK) $(EXTRAS)
 	touch $(STAMP)
 
 run: $(STAMP)
