@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml client/pyproject.toml $(LOCK)
 run: $(STAMP)
 	$(BIN)/imagegen serve
 
-# ruff, mypy, lint-imports, mkdocs with the S3 rerun beside them, then the suite (tests/run.sh).
+# The suite, with ruff, mypy, lint-imports, mkdocs and the S3 rerun beside it (tests/run.sh).
 test: $(STAMP)
 	tests/run.sh $(S3_TESTS)
 
