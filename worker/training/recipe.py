@@ -115,7 +115,10 @@ class LoraTrainer:
         # The UNet's frozen weights in the type they run in: fp32, or half under mixed
         # precision. The text encoders stay fp32 (a fraction of the UNet's size): the trigger's
         # row learns through them, and their layer norms then see fp32 on any device.
-        self.unet.to(dtype=HALF.get(config.precision, torch.float32)).train()
+        frozen = HALF.get(config.precision, torch.float32)
+        if self.unet.dtype != frozen:  # (diffusers warns at every cast, even to the same type)
+            self.unet.to(dtype=frozen)
+        self.unet.train()
         for tower in self.towers:
             tower.encoder.float().train()
             tower.token_id = self._add_token(tower)
