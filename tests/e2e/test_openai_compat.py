@@ -333,7 +333,7 @@ def test_usage_counts_the_prompt_tokens_as_openai_reports_them(client: OpenAI) -
 def test_a_streamed_answer_sends_partial_images_then_the_images(client: OpenAI) -> None:
     """`stream=True, partial_images=2` through the official client: previews of the running
     job as `image_generation.partial_image`, then one `image_generation.completed` per image
-    (the built-in model, 100 steps: a few seconds, so previews come)."""
+    (the built-in model, 2 x 40 steps: longer than a preview interval, so previews come)."""
     events = list(
         client.images.generate(
             prompt="a large red circle on a white background",
@@ -341,7 +341,7 @@ def test_a_streamed_answer_sends_partial_images_then_the_images(client: OpenAI) 
             partial_images=2,
             n=2,
             output_format="webp",
-            extra_body={"steps": 100, "seed": 5},
+            extra_body={"steps": 40, "seed": 5},
         )
     )
     kinds = [event.type for event in events]
