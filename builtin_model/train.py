@@ -68,6 +68,11 @@ class Profile:
     phrasing: float = 0.0
     captions_per_image: int = 1  # captions cached per scene; each step picks one at random
     embed_lr: float = 0.0  # the text encoder's token embeddings (0: text_lr)
+    # Share of captions swapped for another scene's at low noise (see `mismatched`): full
+    # below `mismatch_from`, falling linearly to none at `mismatch_to`. 0 keeps the draws.
+    mismatch: float = 0.0
+    mismatch_from: int = 300
+    mismatch_to: int = 600
 
 
 PROFILES = {
@@ -101,7 +106,36 @@ PROFILES = {
         phrasing=0.6, captions_per_image=2, embed_lr=5e-4,
     ),
 }  # fmt: skip
-CONTINUING = ("refine", "phrasing")
+# Continue a trained pipeline (``--init-from``) so that image-to-image keeps its input at low
+# strength, as Stable Diffusion's does (issue 33, item 8). With every caption true, the model
+# learned to read a shape's colour and place from the caption even when the picture, barely
+# noised, already shows them; under another prompt at strength 0.3 it repainted the input. Half
+# the captions below t = 300 (fewer up to t = 600) now belong to another scene, so at low noise
+# the picture decides and the caption only where the noise hides it. The text encoder is kept
+# as it is (its phrasing refine stands); captions are drawn as the phrasing stage drew them.
+#
+# Tried on the shipped model and NOT shipped (2000 steps, 35 min on the 2-core CPU): at 0.3
+# under another scene's caption 81 % kept (8 % before), 1.0 followed 92 %, a monotone blend;
+# text-to-image at guidance 4 held. But inpainting colour fell 94 -> 70 % (target 85): a small new
+# shape's colour is still settling below t = 300, where the stage taught the model to trust the
+# picture. Guidance 1 fell too (background 86 -> 74 %), and the ControlNets needed continuing on
+# the new UNet. The figures, and the checkpoint's at step 687, are in bench/README.md.
+PROFILES["keep"] = replace(
+    PROFILES["phrasing"],
+    images=30_000, steps=2_000, batch=64, unet_lr=1.5e-4, text_lr=0.0, embed_lr=0.0, warmup=100,
+    budget_s=3000, eval_reserve_s=300, checkpoint_s=600, eval_batch=24,
+    mismatch=0.5, mismatch_from=300, mismatch_to=600,
+)  # fmt: skip
+CONTINUING = ("refine", "phrasing", "keep")
+
+
+def mismatched(profile: Profile, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Which rows of a batch at timesteps ``t`` get another scene's caption."""
+    if not profile.mismatch:
+        return torch.zeros_like(t, dtype=torch.bool)
+    span = max(profile.mismatch_to - profile.mismatch_from, 1)
+    share = profile.mismatch * ((profile.mismatch_to - t).float() / span).clamp(0.0, 1.0)
+    return torch.rand(t.shape, device=t.device, generator=g) < share
 
 
 def log(msg: str, start: float) -> None:
@@ -267,15 +301,24 @@ def train_unet(
         added = grow_vocabulary(text, init, tokenizer)
         text = text.to(device)
         unet = UNet2DConditionModel.from_pretrained(init / "unet").to(device)
-    text.train()
+    # A text learning rate of 0 freezes the encoder: no gradients, no optimizer state, no drift.
+    frozen_text = not profile.text_lr and not profile.embed_lr
+    text.train(not frozen_text).requires_grad_(not frozen_text)
     unet.train()
     ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
-    params = [*text.parameters(), *unet.parameters()]
-    ema_params = [*ema_text.parameters(), *ema_unet.parameters()]
+    params = list(unet.parameters()) if frozen_text else [*text.parameters(), *unet.parameters()]
+    ema_params = (
+        list(ema_unet.parameters())
+        if frozen_text
+        else [*ema_text.parameters(), *ema_unet.parameters()]
+    )
     groups = [
         {"params": list(unet.parameters()), "lr": profile.unet_lr, "base": profile.unet_lr},
-        {"params": list(text.parameters()), "lr": profile.text_lr, "base": profile.text_lr},
     ]
+    if not frozen_text:
+        groups.append(
+            {"params": list(text.parameters()), "lr": profile.text_lr, "base": profile.text_lr}
+        )
     if profile.embed_lr:
         embed = text.get_input_embeddings().weight
         groups[1]["params"] = [p for p in text.parameters() if p is not embed]
@@ -312,6 +355,13 @@ def train_unet(
         drop = torch.rand(profile.batch, device=device, generator=g) < CAPTION_DROPOUT
         ids = torch.where(drop[:, None], cache.empty_ids[None], ids)
         t = torch.randint(0, 1000, (profile.batch,), device=device, generator=g)
+        if profile.mismatch:  # drawn only then, so other profiles keep their draws
+            swap = mismatched(profile, t, g) & ~drop
+            other = cache.ids[
+                torch.randint(n, (profile.batch,), device=device, generator=g),
+                0,
+            ]
+            ids = torch.where(swap[:, None], other, ids)
         noise = torch.randn(z.shape, device=device, generator=g)
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         zt = ab.sqrt() * z + (1 - ab).sqrt() * noise

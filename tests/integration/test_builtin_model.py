@@ -295,6 +295,61 @@ def test_phrasing_refine_of_the_shipped_model_loads_and_draws(tmp_path: Path) ->
     assert image.size == (64, 64)
 
 
+def test_captions_are_swapped_at_low_noise_only() -> None:
+    """The `keep` profile's share of swapped captions: half below t = 300, none from t = 600,
+    linear between; other profiles never swap."""
+    from builtin_model import train
+
+    keep = train.PROFILES["keep"]
+    t = torch.tensor([0, 150, 299, 450, 599, 600, 999]).repeat_interleave(20_000)
+    swapped = train.mismatched(keep, t, torch.Generator().manual_seed(0))
+    shares = swapped.view(7, -1).float().mean(dim=1).tolist()
+    assert shares[:3] == pytest.approx([0.5, 0.5, 0.5], abs=0.02)
+    assert shares[3] == pytest.approx(0.25, abs=0.02) and shares[4] < 0.01
+    assert shares[5:] == [0.0, 0.0]
+    assert not train.mismatched(train.PROFILES["refine"], t, torch.Generator()).any()
+
+
+def test_the_keep_stage_trains_the_unet_only(tmp_path: Path) -> None:
+    """`--profile keep --init-from` the shipped model: the text encoder is frozen (its phrasing
+    refine stands, bit for bit), the UNet moves, and the card describes the stage."""
+    from safetensors.torch import load_file
+
+    from builtin_model import card, train
+
+    out = tmp_path / "keep"
+    train.main(
+        [
+            *("--profile", "keep", "--init-from", str(MODEL_DIR), "--steps", "2"),
+            *("--max-steps-scale", "0.02", "--max-batch", "4", "--no-eval"),
+            *("--out", str(out), "--device", "cpu"),
+        ]
+    )
+    text = "text_encoder/model.safetensors"
+    before, after = load_file(MODEL_DIR / text), load_file(out / text)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    moved = load_file(out / unet)
+    assert any(not torch.equal(w, moved[k]) for k, w in load_file(MODEL_DIR / unet).items())
+    record = json.loads((out / "train_state.json").read_text())
+    section = card._recipe(record)
+    assert "swapped for another scene's" in section and "text encoder frozen" in section
+
+
+def test_the_images_in_evaluator_scores_every_metric_on_one_scene() -> None:
+    """`bench/edit_score.py` (the card's images-in section) runs through the worker's current
+    path and fills every targeted metric and the strength curve: a bench that nothing runs
+    rots unseen."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from edit_score import OTHER_PROMPT_STRENGTHS, TARGETS, evaluate_edits
+
+    scores = evaluate_edits(str(MODEL_DIR), "cpu", list(data.held_out_scenes())[:1])
+    assert set(TARGETS) <= set(scores.counts)
+    for strength in OTHER_PROMPT_STRENGTHS:
+        assert len(scores.counts[f"img2img_other_prompt_{strength:g}_keep (reported)"]) == 1
+
+
 def test_distillation_target_lands_a_ddim_step_on_the_teachers_latent() -> None:
     """The student's target ε, stepped by diffusers' own DDIM (as the worker serves the fast
     model), reproduces the teacher's next latent, final step included."""
