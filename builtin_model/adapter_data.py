@@ -142,7 +142,8 @@ def _enclosed(mask: np.ndarray) -> np.ndarray:
             if 0 <= ny < h and 0 <= nx < w and not mask[ny, nx] and not outside[ny, nx]:
                 outside[ny, nx] = True
                 queue.append((ny, nx))
-    return ~mask & ~outside
+    inside: np.ndarray = ~mask & ~outside
+    return inside
 
 
 def read_outline(image: np.ndarray) -> tuple[Reading, bool]:

@@ -100,13 +100,14 @@ class Distiller:
         ]
 
     def ids(self, texts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
+        ids: torch.Tensor = self.tokenizer(
             texts,
             return_tensors="pt",
             padding="max_length",
             max_length=build.MAX_TOKENS,
             truncation=True,
         ).input_ids.to(self.device)
+        return ids
 
     def losses(
         self,

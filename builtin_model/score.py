@@ -52,7 +52,8 @@ class Reading:
 def nearest_color(rgb: np.ndarray) -> np.ndarray:
     """Palette index of the nearest palette color for each RGB row."""
     d = ((rgb[..., None, :].astype(np.float32) - _PALETTE) ** 2).sum(-1)
-    return d.argmin(-1)
+    nearest: np.ndarray = d.argmin(-1)
+    return nearest
 
 
 def read_image(image: np.ndarray | Image.Image) -> Reading:
@@ -125,7 +126,9 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 def _normalise(crop: np.ndarray) -> np.ndarray:
     img = Image.fromarray(crop.astype(np.float32))
-    return np.asarray(img.resize((_TEMPLATE, _TEMPLATE), Image.BILINEAR), dtype=np.float32)
+    return np.asarray(
+        img.resize((_TEMPLATE, _TEMPLATE), Image.Resampling.BILINEAR), dtype=np.float32
+    )
 
 
 @functools.cache
@@ -244,7 +247,7 @@ def sample_grid(
     draw = ImageDraw.Draw(grid)
     for i, (im, prompt) in enumerate(zip(images, prompts, strict=True)):
         x, y = (i % columns) * cell_w, (i // columns) * (img_h + text_h)
-        grid.paste(im.resize((img_h, img_h), Image.NEAREST), (x + 4 * scale, y))
+        grid.paste(im.resize((img_h, img_h), Image.Resampling.NEAREST), (x + 4 * scale, y))
         lines = _wrap(prompt, 24)
         for j, line in enumerate(lines[:3]):
             draw.text((x + 2, y + img_h + 1 + 12 * j), line, fill="black")

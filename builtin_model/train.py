@@ -173,7 +173,7 @@ def autocast(device: torch.device) -> Any:
 # ---- stage 1: VAE -----------------------------------------------------------------------------
 
 
-def train_vae(profile: Profile, device: torch.device, seed: int, start: float) -> torch.nn.Module:
+def train_vae(profile: Profile, device: torch.device, seed: int, start: float) -> Any:
     vae = build.build_vae().to(device)
     opt = torch.optim.AdamW(
         vae.parameters(), lr=profile.vae_lr, weight_decay=0.0, fused=device.type == "cuda"
@@ -218,7 +218,7 @@ def train_vae(profile: Profile, device: torch.device, seed: int, start: float) -
 
 
 @torch.no_grad()
-def check_vae(vae: torch.nn.Module, device: torch.device, n: int = 256) -> dict[str, float]:
+def check_vae(vae: Any, device: torch.device, n: int = 256) -> dict[str, float]:
     """Score VAE round trips of fresh scenes: the ceiling on what the UNet can reach."""
     from builtin_model.score import ATTRIBUTES, read_image
 
@@ -245,7 +245,7 @@ class Cache:
 
 @torch.no_grad()
 def build_cache(
-    vae: torch.nn.Module,
+    vae: Any,
     tokenizer: Any,
     n: int,
     device: torch.device,
@@ -444,7 +444,7 @@ def grow_vocabulary(text: torch.nn.Module, init: Path, tokenizer: Any) -> list[s
 def save_pipeline(
     tokenizer: Any,
     text: torch.nn.Module,
-    vae: torch.nn.Module,
+    vae: Any,
     unet: torch.nn.Module,
     scaling: float,
     out: Path,

@@ -270,7 +270,7 @@ def load_lora_into(unet: Any, lora_dir: Path) -> None:
 
     saved = load_file(lora_dir / "pytorch_lora_weights.safetensors")
     state = {k.removeprefix("unet."): v.float() for k, v in saved.items()}
-    result = set_peft_model_state_dict(unet, state)
+    result: Any = set_peft_model_state_dict(unet, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
         raise SystemExit(
@@ -285,7 +285,7 @@ def save(args: argparse.Namespace, trained: Any, is_lora: bool, record: dict[str
         from diffusers import StableDiffusionPipeline
         from peft.utils import get_peft_model_state_dict
 
-        out = args.out or args.model_dir / "loras" / args.adapter
+        out: Path = args.out or args.model_dir / "loras" / args.adapter
         layers = {k: v.detach().cpu().half() for k, v in get_peft_model_state_dict(trained).items()}
         StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers)
     else:
