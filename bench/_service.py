@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from imagegen.cli.redis_server import RedisServer
 from tests.stack import Gateway, ready_timeout_s, start_gateway, start_worker, wait_for_worker
 
+__all__ = ["Gateway", "generate", "median", "now", "service", "throughput"]
+
 
 @contextmanager
 def service(

@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.evaluate_adapters import generate, spec_for
+from evaluate_adapters import generate, spec_for
+
 from builtin_model import MODEL_DIR, adapter_data, data
 from imagegen.core.contract import ControlRef, InputRef
 from imagegen.core.settings import Settings

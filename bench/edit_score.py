@@ -146,7 +146,7 @@ def evaluate_edits(
             image=ref,
             mask=ref if task == "inpaint" else None,
             strength=strength,
-            **extra,  # type: ignore[arg-type]
+            **extra,
         )
 
     def run(item: BatchItem) -> Image.Image:

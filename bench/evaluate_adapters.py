@@ -207,7 +207,10 @@ def evaluate_control(
 
 def card_section(result: dict[str, Any]) -> str:
     o, s = result["outline"], result["silhouette"]
-    pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.1f} %"
+
     lines = [
         "## Adapters",
         "",

@@ -103,7 +103,8 @@ def coverage(kind: str, cx: float, cy: float, half: float) -> np.ndarray:
     else:
         raise ValueError(kind)
     big = np.asarray(mask, dtype=np.float32) / 255.0
-    return big.reshape(64, s, 64, s).mean(axis=(1, 3))
+    cells: np.ndarray = big.reshape(64, s, 64, s).mean(axis=(1, 3))
+    return cells
 
 
 def render(scene: NewScene, cx: float, cy: float, half: float) -> Image.Image:

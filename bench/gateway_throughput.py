@@ -19,6 +19,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -50,7 +51,7 @@ MINIMAL_APP = textwrap.dedent(
 )
 
 
-async def load(url: str, body: dict[str, object], connections: int, seconds: float) -> float:
+async def load(url: str, body: Mapping[str, object], connections: int, seconds: float) -> float:
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
         for _ in range(20):  # warm-up

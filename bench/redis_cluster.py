@@ -46,7 +46,7 @@ def cluster(directory: Path) -> Iterator[list[int]]:
         )
     try:
         for port in ports:
-            _until(lambda p=port: redis.Redis(port=p).ping())
+            _until(redis.Redis(port=port).ping)
         cli = str(Path(server).with_name("redis-cli"))
         addresses = [f"127.0.0.1:{port}" for port in ports]
         subprocess.run(
@@ -155,7 +155,9 @@ def steps(connection: RedisCluster) -> list[tuple[str, str]]:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, cluster(Path(tmp)) as ports:
         for name in ("imagegen", "{imagegen}"):
-            connection = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", ports[0])])
+            connection = RedisCluster(
+                startup_nodes=[ClusterNode("127.0.0.1", ports[0])]  # type: ignore[no-untyped-call]
+            )
             connection.flushall()
             with prefix(name):
                 print(f"key prefix {name}:")

@@ -52,7 +52,7 @@ TERMINAL = (b"succeeded", b"failed", b"canceled")
 # -- commands per job ----------------------------------------------------------------------------
 def _monitor(url: str, sink: list[dict[str, Any]], stop: threading.Event) -> None:
     connection = redis.Redis.from_url(url)
-    with connection.monitor() as monitor:
+    with connection.monitor() as monitor:  # type: ignore[no-untyped-call]
         for command in monitor.listen():
             if stop.is_set():
                 return
@@ -73,8 +73,7 @@ def _tally(commands: list[dict[str, Any]]) -> tuple[Counter[str], Counter[str]]:
 
 def commands(jobs: int) -> None:
     import httpx
-
-    from bench._service import service
+    from _service import service
 
     with service(workers=1) as gateway:
         url = gateway.env["IMAGEGEN_REDIS_URL"]

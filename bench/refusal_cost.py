@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -50,7 +51,7 @@ def main() -> None:
     png = buffer.getvalue()
     image = base64.b64encode(png).decode()
     base = {"prompt": "x", "model": MODEL, "image": image}
-    variants = {
+    variants: dict[str, tuple[str, dict[str, Any]]] = {
         "64x64 (steps refused)": ("json", {**base, "width": 64, "height": 64, "steps": 10**6}),
         "40000x40000": ("json", {**base, "width": 40000, "height": 40000}),
         "outpaint 8000": ("json", {**base, "outpaint": {"right": 8000, "bottom": 8000}}),

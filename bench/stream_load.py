@@ -26,7 +26,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._service import service
+from _service import service
+
 from tests.stack import Gateway, wait_for_job
 
 
