@@ -119,7 +119,8 @@ PROFILES = {
 # text-to-image at guidance 4 held. But inpainting colour fell 94 -> 70 % (target 85): a small new
 # shape's colour is still settling below t = 300, where the stage taught the model to trust the
 # picture. Guidance 1 fell too (background 86 -> 74 %), and the ControlNets needed continuing on
-# the new UNet. The figures, and the checkpoint's at step 687, are in bench/README.md.
+# the new UNet. A narrower stage (swaps below t = 200, none from t = 350) kept 75 % at 0.3 and
+# drew inpainting colour 81 %: both short. The figures are in bench/README.md.
 PROFILES["keep"] = replace(
     PROFILES["phrasing"],
     images=30_000, steps=2_000, batch=64, unet_lr=1.5e-4, text_lr=0.0, embed_lr=0.0, warmup=100,
