@@ -376,6 +376,24 @@ class Gateway:
 def start_gateway(
     redis_url: str, log_dir: Path, extra: Mapping[str, str] | None = None, name: str = "gateway"
 ) -> Gateway:
+    # free_port() frees the port before the gateway binds it, and pytest sessions run side by
+    # side (the S3 rerun beside the suite): another process can take it in between. Such a
+    # gateway never serves; start another on a fresh port.
+    for _ in range(2):
+        try:
+            return _start_gateway(redis_url, log_dir, extra, name)
+        except PortTaken:
+            pass
+    return _start_gateway(redis_url, log_dir, extra, name)
+
+
+class PortTaken(Exception):
+    """The gateway's port was taken before it could bind it."""
+
+
+def _start_gateway(
+    redis_url: str, log_dir: Path, extra: Mapping[str, str] | None, name: str
+) -> Gateway:
     port = free_port()
     # Every test gateway shares the per-address request budget in its Redis (that is the
     # point of counting it there), and the suite polls fast from 127.0.0.1: lift it unless a
@@ -396,6 +414,9 @@ def start_gateway(
             pass
         if proc.process.poll() is not None:
             raise RuntimeError(f"gateway exited:\n{proc.log()[-4000:]}")
+        if "address already in use" in proc.log():
+            proc.stop(timeout_s=5)
+            raise PortTaken(port)
         time.sleep(0.1)
     raise TimeoutError(f"gateway did not come up:\n{proc.log()[-4000:]}")
 
