@@ -51,6 +51,8 @@ LISTENER_BUFFER = 8
 FRAME_BUDGET_PER_S = 1000
 # The preview flag's lifetime; a feed with preview listeners renews it well before.
 PREVIEW_FLAG_TTL_S = 10
+# How long stop() waits for the subscription to wind down (it polls Redis once a second).
+STOP_WAIT_S = 3.0
 _RANK = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2, "canceled": 2}
 
 # Reads a job (or a training) for a feed: its record and document (any listener's right to it
@@ -255,6 +257,7 @@ class EventHub:
         self._per_key: dict[str, int] = defaultdict(int)
         self._dropped = 0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def open_streams(self) -> int:
@@ -292,12 +295,19 @@ class EventHub:
         self._task = asyncio.create_task(self._run(), name="event-hub")
 
     async def stop(self) -> None:
+        # A cancel alone is not enough: one that lands as redis-py's read timeout fires is
+        # swallowed (the read's own asyncio timeout takes it for its expiry), and the loop
+        # polled on. A gateway whose port was taken stopped right after starting and hung in
+        # its shutdown. The flag ends the loop at its next poll; the wait is bounded anyway.
+        self._stopping = True
         tasks = [t for t in [self._task, *(f.task for f in self._feeds.values())] if t]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+        if pending:
+            log.warning("%d event task(s) did not stop within %.0f s", len(pending), STOP_WAIT_S)
 
     async def want_previews(self, job_id: str) -> None:
         """Tell the worker that someone watches this job's previews (for a while)."""
@@ -361,11 +371,11 @@ class EventHub:
             feed.notify(data)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(PATTERN, PREVIEW_PATTERN)
-                while True:
+                while not self._stopping:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue

@@ -412,11 +412,11 @@ def _start_gateway(
                 return Gateway(proc, base_url, env)
         except httpx.HTTPError:
             pass
-        if proc.process.poll() is not None:
-            raise RuntimeError(f"gateway exited:\n{proc.log()[-4000:]}")
-        if "address already in use" in proc.log():
+        if "address already in use" in proc.log():  # it exits, status 3
             proc.stop(timeout_s=5)
             raise PortTaken(port)
+        if proc.process.poll() is not None:
+            raise RuntimeError(f"gateway exited:\n{proc.log()[-4000:]}")
         time.sleep(0.1)
     raise TimeoutError(f"gateway did not come up:\n{proc.log()[-4000:]}")
 
