@@ -402,11 +402,18 @@ def _continued(record: dict[str, Any], previous: int) -> str:
     if r.get("mismatch"):
         # The image-to-image stage: it continued the shipped pipeline, decoder tune and text
         # refine (below) included, with the text encoder frozen.
+        second = (
+            f" on the same ramp {100 * r['second_shape']:.0f} % of the rows (before any swap) drawn from"
+            f" {r.get('second_shape_images', '?')} pictures with a second, small shape that only the caption names, the first"
+            " unmentioned, as an inpainting job asks (so that doubtful captions do not teach the model to leave a masked region empty);\n"
+            if r.get("second_shape")
+            else " "
+        )
         return f"""the pipeline as shipped before it (stage {previous}, then the VAE decoder tune and the text refine below) continued:
 {r.get("images", "?")} fresh scenes encoded ({record.get("cache_s", 0):.0f} s), captions as stage {previous} drew them; the text encoder frozen;
 below t = {r.get("mismatch_from")} {100 * r["mismatch"]:.0f} % of the captions swapped for another scene's, falling linearly to none at
 t = {r.get("mismatch_to")}, so that at low noise the picture decides and the caption only where the noise hides it (image-to-image
-at low strength keeps its input, as Stable Diffusion's does); UNet continued for {record.get("unet_steps", "?")} steps of batch {r.get("batch", "?")},
+at low strength keeps its input, as Stable Diffusion's does);{second}UNet continued for {record.get("unet_steps", "?")} steps of batch {r.get("batch", "?")},
 AdamW lr {r.get("unet_lr", "?")}, {r.get("warmup", "?")} warm-up steps then cosine to 10 %, the same loss, caption dropout and EMA
 ({record.get("unet_s", 0) / 60:.1f} min, {record.get("unet_s_per_step", 0):.3f} s/step). Final loss {record.get("final_loss", float("nan")):.4f}."""
     return f"""stage {previous}'s VAE and `scaling_factor` kept; {r.get("images", "?")} fresh scenes encoded ({record.get("cache_s", 0):.0f} s);

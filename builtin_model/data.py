@@ -252,6 +252,34 @@ def signed_distance(batch: SceneBatch) -> torch.Tensor:
     return dist.gather(1, batch.kind.view(n, 1, 1, 1).expand(n, 1, IMAGE_SIZE, IMAGE_SIZE))
 
 
+def second_shapes(scenes: SceneBatch, generator: torch.Generator) -> SceneBatch:
+    """For each scene, a small shape in another cell, of a colour that is neither the scene's
+    shape's nor its background, on the same background: what an inpainting prompt names when it
+    adds a shape to a picture. Drawn on the CPU generator, then moved to the scenes' device."""
+    n = len(scenes)
+    first, bg = scenes.color.cpu(), scenes.bg.cpu()
+    kind = torch.randint(len(SHAPES), (n,), generator=generator)
+    color = torch.randint(len(COLORS), (n,), generator=generator)
+    bad = (color == first) | (color == bg)
+    while bool(bad.any()):
+        color[bad] = torch.randint(len(COLORS), (int(bad.sum()),), generator=generator)
+        bad = (color == first) | (color == bg)
+    pos = (
+        scenes.pos.cpu() + 1 + torch.randint(len(POSITIONS) - 1, (n,), generator=generator)
+    ) % len(POSITIONS)
+    size = torch.full((n,), SIZES.index("small"), dtype=torch.long)
+    return _geometry(kind, color, bg, size, pos, generator, scenes.kind.device)
+
+
+def render_with_second(scenes: SceneBatch, second: SceneBatch) -> torch.Tensor:
+    """``scenes`` rendered, then each of ``second``'s shapes painted over it (on top where
+    they touch): a picture with two shapes, as an inpainted one is."""
+    images = render(scenes)
+    cover = (0.5 - signed_distance(second)).clamp(0.0, 1.0)
+    fg = palette_tensor(second.kind.device)[second.color].view(len(second), 3, 1, 1)
+    return images + (fg - images) * cover
+
+
 def palette_tensor(device: torch.device | str = "cpu") -> torch.Tensor:
     """The palette as (12, 3) floats in [-1, 1], indexed like :data:`COLORS`."""
     return torch.tensor(list(PALETTE.values()), device=device, dtype=torch.float32) / 127.5 - 1.0

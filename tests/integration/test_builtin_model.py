@@ -296,18 +296,43 @@ def test_phrasing_refine_of_the_shipped_model_loads_and_draws(tmp_path: Path) ->
 
 
 def test_captions_are_swapped_at_low_noise_only() -> None:
-    """The `keep` profile's share of swapped captions: half below t = 300, none from t = 600,
-    linear between; other profiles never swap."""
+    """The `keep` profile's share of swapped captions: 70 % below t = 300, none from t = 600,
+    linear between (the rows drawn from two-shape pictures are then left out); other profiles
+    never swap."""
     from builtin_model import train
 
     keep = train.PROFILES["keep"]
     t = torch.tensor([0, 150, 299, 450, 599, 600, 999]).repeat_interleave(20_000)
     swapped = train.mismatched(keep, t, torch.Generator().manual_seed(0))
     shares = swapped.view(7, -1).float().mean(dim=1).tolist()
-    assert shares[:3] == pytest.approx([0.5, 0.5, 0.5], abs=0.02)
-    assert shares[3] == pytest.approx(0.25, abs=0.02) and shares[4] < 0.01
+    assert shares[:3] == pytest.approx([0.7, 0.7, 0.7], abs=0.02)
+    assert shares[3] == pytest.approx(0.35, abs=0.02) and shares[4] < 0.01
     assert shares[5:] == [0.0, 0.0]
     assert not train.mismatched(train.PROFILES["refine"], t, torch.Generator()).any()
+
+
+def test_a_second_shape_is_small_elsewhere_of_another_colour_and_painted_over_the_scene() -> None:
+    """The keep stage's two-shape pictures (what an inpainting job asks for): the second shape
+    is small, in another cell, of neither the first shape's colour nor the background's, on the
+    same background; the picture is the scene with exactly that shape painted over it."""
+    from builtin_model import data
+
+    g = torch.Generator().manual_seed(0)
+    scenes = data.sample_scenes(256, g)
+    second = data.second_shapes(scenes, g)
+    assert bool((second.pos != scenes.pos).all())
+    assert bool((second.color != scenes.color).all() and (second.color != scenes.bg).all())
+    assert bool((second.bg == scenes.bg).all())
+    assert bool((second.size == data.SIZES.index("small")).all())
+    images = data.render_with_second(scenes, second)
+    alone = data.render(scenes)
+    inside = data.signed_distance(second) < -0.5  # fully covered pixels
+    outside = data.signed_distance(second) > 0.5
+    palette = data.palette_tensor()
+    expected = palette[second.color].view(-1, 3, 1, 1).expand_as(images)
+    inside, outside = inside.expand_as(images), outside.expand_as(images)
+    torch.testing.assert_close(images[inside], expected[inside], rtol=0, atol=1e-6)
+    assert torch.equal(images[outside], alone[outside])
 
 
 def test_the_keep_stage_trains_the_unet_only(tmp_path: Path) -> None:
@@ -335,6 +360,7 @@ def test_the_keep_stage_trains_the_unet_only(tmp_path: Path) -> None:
     record = json.loads((out / "train_state.json").read_text())
     section = card._recipe(record)
     assert "swapped for another scene's" in section and "text encoder frozen" in section
+    assert "second, small shape" in section
 
 
 def test_the_images_in_evaluator_scores_every_metric_on_one_scene() -> None:
