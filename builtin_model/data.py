@@ -142,6 +142,10 @@ class SceneBatch:
     def __len__(self) -> int:
         return int(self.kind.shape[0])
 
+    def rows(self, start: int, stop: int) -> SceneBatch:
+        """Scenes ``start`` to ``stop`` (a chunk to render at once)."""
+        return SceneBatch(**{k: v[start:stop] for k, v in vars(self).items()})
+
     def scene(self, i: int) -> Scene:
         return Scene(
             SHAPES[int(self.kind[i])],
@@ -208,8 +212,7 @@ def render(batch: SceneBatch, chunk: int = 8192) -> torch.Tensor:
     if len(batch) > chunk:
         parts = []
         for i in range(0, len(batch), chunk):
-            fields = {k: v[i : i + chunk] for k, v in vars(batch).items()}
-            parts.append(_render(SceneBatch(**fields)))
+            parts.append(_render(batch.rows(i, i + chunk)))
         return torch.cat(parts)
     return _render(batch)
 

@@ -301,11 +301,9 @@ def build_cache(
     empty = tokenizer([""], **tok).input_ids[0].to(device)
     means, stds = [], []
     for i in range(0, n, chunk):
-        fields = {k: v[i : i + chunk] for k, v in vars(scenes).items()}
-        part = data.SceneBatch(**fields)
+        part = scenes.rows(i, i + chunk)
         if second is not None:
-            more = data.SceneBatch(**{k: v[i : i + chunk] for k, v in vars(second).items()})
-            images = data.render_with_second(part, more)
+            images = data.render_with_second(part, second.rows(i, i + chunk))
         else:
             images = data.render(part)
         with autocast(device):
