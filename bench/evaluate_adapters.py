@@ -258,8 +258,11 @@ def card_section(result: dict[str, Any]) -> str:
         ]
     for name in ("outline", "silhouette", "sketch"):
         # a run that continued an earlier one (--init-from) names it as its parent
+        # (a strength folded in by builtin_model.lora_strength is a step without training)
         runs = [
-            f"{r.get('steps')} steps of batch {r.get('batch')}, lr {r.get('lr')}, "
+            f"strength {r['strength']:g} folded into its weights (chosen on training scenes)"
+            if "strength" in r
+            else f"{r.get('steps')} steps of batch {r.get('batch')}, lr {r.get('lr')}, "
             + (f"shape weight {r['shape_weight']:g}, " if "shape_weight" in r else "")
             + f"{r.get('train_s')} s on {r.get('hardware')}, final loss {r.get('final_loss')}"
             for r in card.lineage(result["training"].get(name))

@@ -552,3 +552,55 @@ def test_an_outline_lora_continues_with_shape_weighting(tmp_path: Path) -> None:
     after = load_file(out / "pytorch_lora_weights.safetensors")
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_strength_folded_into_a_lora_draws_at_scale_1_what_scale_s_drew(tmp_path: Path) -> None:
+    """``builtin_model.lora_strength``: every ``lora_B`` × S, ``lora_A`` untouched, the record
+    chained, and diffusers' own pipeline with the folded LoRA at scale 1 draws what the original
+    drew at scale S (up to the fp16 rounding of the saved weights)."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from builtin_model import lora_strength
+
+    shipped = MODEL_DIR / "loras" / "outline"
+    folded = tmp_path / "outline"
+    shutil.copytree(shipped, folded)
+    record = lora_strength.fold_strength(folded, 0.5)
+    assert record == {
+        "strength": 0.5,
+        "parent": json.loads((shipped / "train_state.json").read_text()),
+    }
+    assert json.loads((folded / "train_state.json").read_text()) == record
+    before = load_file(shipped / lora_strength.WEIGHTS)
+    after = load_file(folded / lora_strength.WEIGHTS)
+    assert before.keys() == after.keys()
+    for key in before:
+        if ".lora_B." in key:
+            torch.testing.assert_close(after[key], (before[key].float() * 0.5).half())
+        else:
+            assert torch.equal(after[key], before[key])
+
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(shipped, adapter_name="original")
+    pipe.load_lora_weights(folded, adapter_name="folded")
+    prompt = "a small red cross at the top left on a white background"
+
+    def draw(adapter: str, scale: float) -> np.ndarray:
+        pipe.set_adapters([adapter], adapter_weights=[scale])
+        image = pipe(
+            prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images[0]  # fmt: skip
+        return np.asarray(image)
+
+    folded_at_1 = draw("folded", 1.0)
+    assert np.abs(draw("original", 0.5) - folded_at_1).max() < 2e-3
+    # and the fold changed what scale 1 draws
+    assert np.abs(draw("original", 1.0) - folded_at_1).max() > 0.05
+
+    with pytest.raises(ValueError, match="strength must be > 0"):
+        lora_strength.fold_strength(folded, 0.0)
