@@ -82,7 +82,7 @@ def edits_card(scores: object, scenes: int) -> str:
         if scores.rate(keep_target) >= TARGETS[keep_target]
         else "\nThis one does not yet: under another caption it repaints the input's colours at "
         "low\nstrengths too. The recipe's `keep` stage (`--profile keep`, run after the others) "
-        "teaches\nit to; its figures, and why it is not shipped yet, are in `bench/README.md`."
+        "is\nwhat teaches it to; its figures are in `bench/README.md`."
     )
     return f"""## Images in: image-to-image, inpainting, outpainting
 

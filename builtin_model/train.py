@@ -127,12 +127,12 @@ PROFILES = {
 # the inpainting case, with a caption that is true. The text encoder is kept as it is (its
 # phrasing refine stands); captions are drawn as the phrasing stage drew them.
 #
-# Run on the shipped model (2000 steps, 36 min on the 2-core CPU): at 0.3 under another scene's
-# caption 83 % kept (8 % before), inpainting colour 94 % (held), 1.0 followed 92 %, a monotone
-# blend; text to image at guidance 4, phrasing, shapes-64-fast, `sketch` and `silhouette`
-# (continued on the new UNet) held. NOT shipped yet: the `outline` LoRA, continued 500 + 400
-# steps on the new UNet, draws 88.5 % hollow (target 90, 92.7 % on the old UNet). The figures
-# and commands are in bench/README.md.
+# Run on the previous model (2000 steps, 36 min on the 2-core CPU), shipped as its last stage: at
+# 0.3 under another scene's caption 83 % kept (8 % before), inpainting colour 94 % (held), 1.0
+# followed 92 %, a monotone blend; text to image at guidance 4, phrasing and shapes-64-fast held.
+# The adapters were continued on the new UNet (`sketch`, `silhouette`, `outline`), and the
+# `outline` LoRA, which then overshot, had strength 0.9 folded in (builtin_model.lora_strength,
+# chosen on training scenes). The figures and commands are in bench/README.md.
 #     python -m builtin_model.train --profile keep --init-from builtin_model/shapes-64 \
 #         --steps 2000 --no-eval --out /tmp/keep
 PROFILES["keep"] = replace(

@@ -27,6 +27,13 @@ with ``--shape-weight 8`` at lr 5e-4 (``builtin_model/gpu_train.sh``, ``gpu_cont
 ``train_state.json`` holds the chain). On 192 training scenes with the shipped decoder it drew
 94.3 % hollow and a new plain rank-8 LoRA trained beside it as long 94.8 %, but the plain one lost
 2.1 points of kind against the base (the weighted one none): the weighted one ships.
+
+When the base UNet changed (the ``keep`` stage of ``builtin_model.train``) all three were
+continued on it with ``--init-from`` (CPU, batch 64: ``sketch`` 400 steps and ``silhouette`` 300
+at lr 1e-4; ``outline`` 500 + 400 at lr 2e-4 with ``--shape-weight 8``). The continued ``outline``
+then overshot: on 96 training scenes × 2 seeds it drew hollow 92.2 / 97.4 / 94.3 / 82.8 % at
+scale 0.8 / 0.9 / 1.0 / 1.15, so strength 0.9 is folded into its weights
+(``builtin_model.lora_strength``); the records hold each step.
 """
 
 from __future__ import annotations
