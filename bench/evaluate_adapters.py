@@ -205,6 +205,12 @@ def evaluate_control(
     }
 
 
+def _focus(record: dict[str, Any]) -> str:
+    """A run's ``--focus KIND:SIZE`` as the card says it."""
+    kind, _, size = record["focus"].partition(":")
+    return f"{record['focus_share']:.0%} of each batch {size} {kind}s, "
+
+
 def card_section(result: dict[str, Any]) -> str:
     o, s = result["outline"], result["silhouette"]
 
@@ -264,6 +270,7 @@ def card_section(result: dict[str, Any]) -> str:
             if "strength" in r
             else f"{r.get('steps')} steps of batch {r.get('batch')}, lr {r.get('lr')}, "
             + (f"shape weight {r['shape_weight']:g}, " if "shape_weight" in r else "")
+            + (_focus(r) if "focus" in r else "")
             + f"{r.get('train_s')} s on {r.get('hardware')}, final loss {r.get('final_loss')}"
             for r in card.lineage(result["training"].get(name))
         ]

@@ -146,6 +146,11 @@ class SceneBatch:
         """Scenes ``start`` to ``stop`` (a chunk to render at once)."""
         return SceneBatch(**{k: v[start:stop] for k, v in vars(self).items()})
 
+    @staticmethod
+    def cat(batches: list[SceneBatch]) -> SceneBatch:
+        """The scenes of ``batches``, one after another."""
+        return SceneBatch(**{k: torch.cat([vars(b)[k] for b in batches]) for k in vars(batches[0])})
+
     def scene(self, i: int) -> Scene:
         return Scene(
             SHAPES[int(self.kind[i])],
@@ -161,15 +166,22 @@ def sample_scenes(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     exclude_held_out: bool = True,
+    kind_only: str | None = None,
+    size_only: str | None = None,
 ) -> SceneBatch:
     """Draw ``n`` random scenes (shape color never equal to background), skipping held-out
-    combinations when asked. Drawn on the CPU generator for reproducibility, then moved."""
+    combinations when asked. Drawn on the CPU generator for reproducibility, then moved.
+    ``kind_only``/``size_only`` fix that attribute (the same numbers are drawn either way)."""
     kind = torch.randint(len(SHAPES), (n,), generator=generator)
     color = torch.randint(len(COLORS), (n,), generator=generator)
     # A background different from the shape color: offset by 1..11 modulo 12.
     bg = (color + 1 + torch.randint(len(COLORS) - 1, (n,), generator=generator)) % len(COLORS)
     size = torch.randint(len(SIZES), (n,), generator=generator)
     pos = torch.randint(len(POSITIONS), (n,), generator=generator)
+    if kind_only is not None:
+        kind.fill_(SHAPES.index(kind_only))
+    if size_only is not None:
+        size.fill_(SIZES.index(size_only))
     if exclude_held_out:
         bad = held_out_mask()[combo_index(kind, color, bg, size, pos)]
         # Re-draw the position of the few held-out hits; a different position leaves the set.

@@ -33,7 +33,10 @@ continued on it with ``--init-from`` (CPU, batch 64: ``sketch`` 400 steps and ``
 at lr 1e-4; ``outline`` 500 + 400 at lr 2e-4 with ``--shape-weight 8``). The continued ``outline``
 then overshot: on 96 training scenes × 2 seeds it drew hollow 92.2 / 97.4 / 94.3 / 82.8 % at
 scale 0.8 / 0.9 / 1.0 / 1.15, so strength 0.9 is folded into its weights
-(``builtin_model.lora_strength``); the records hold each step.
+(``builtin_model.lora_strength``). On small diamonds of the training scenes it then kept the
+kind 57 % of the time (85 % without it), so it was continued 400 more steps with ``--focus
+diamond:small`` (a quarter of each batch) and strength 0.9 folded in again: small diamonds 70 %,
+hollow 96.9 %, kind 99.0 % on those 96 × 2 training scenes. The records hold each step.
 """
 
 from __future__ import annotations
@@ -112,6 +115,13 @@ def main(argv: list[str] | None = None) -> None:
         help="weight of the latent pixels on and around the shape in the loss (1: none)",
     )
     parser.add_argument(
+        "--focus",
+        metavar="KIND:SIZE",
+        help="draw --focus-share of each batch from training scenes of this kind and size "
+        "(e.g. diamond:small: where the LoRA was seen to lose the kind on training scenes)",
+    )
+    parser.add_argument("--focus-share", type=float, default=0.25)
+    parser.add_argument(
         "--init-from",
         type=Path,
         help="continue this saved adapter (a LoRA of the same rank, or a ControlNet to start "
@@ -119,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.focus:
+        kind, _, size = args.focus.partition(":")
+        if kind not in data.SHAPES or size not in data.SIZES:
+            parser.error(f"--focus: KIND:SIZE with KIND in {data.SHAPES}, SIZE in {data.SIZES}")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     while step < total:
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(step, warmup, total)
-        scenes = data.sample_scenes(args.batch, g)
+        scenes = draw_scenes(args.batch, g, args.focus, args.focus_share)
         with torch.no_grad():
             target = adapter_data.render_outline(scenes) if is_lora else data.render(scenes)
             post = vae.encode(target.to(device)).latent_dist
@@ -246,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         **({"rank": args.rank} if is_lora else {}),
         "lr": lr,
         **({"shape_weight": args.shape_weight} if args.shape_weight != 1.0 else {}),
+        **({"focus": args.focus, "focus_share": args.focus_share} if args.focus else {}),
         "seed": args.seed,
         "final_loss": round(loss_avg, 5),
         "train_s": round(time.perf_counter() - start, 1),
@@ -256,6 +271,17 @@ def main(argv: list[str] | None = None) -> None:
         record["parent"] = json.loads((args.init_from / "train_state.json").read_text())
     out = save(args, trained, is_lora, record)
     log(f"saved {out}", start)
+
+
+def draw_scenes(n: int, g: torch.Generator, focus: str | None, share: float) -> data.SceneBatch:
+    """``n`` training scenes; with ``focus`` ("kind:size") ``share`` of them of that kind and
+    size (held-out combinations excluded either way), the rest drawn as usual."""
+    if not focus:
+        return data.sample_scenes(n, g)
+    kind, size = focus.split(":")
+    k = round(share * n)
+    focused = data.sample_scenes(k, g, kind_only=kind, size_only=size)
+    return data.SceneBatch.cat([data.sample_scenes(n - k, g), focused])
 
 
 def shape_weights(scenes: data.SceneBatch, weight: float, latent_size: int) -> torch.Tensor:

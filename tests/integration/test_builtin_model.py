@@ -532,9 +532,29 @@ def test_shape_weights_cover_the_shape_and_its_edge_only() -> None:
     assert marked[small].float().mean() < marked[~small].float().mean()
 
 
+def test_a_focused_share_of_the_batch_is_of_one_kind_and_size_and_never_held_out() -> None:
+    """``train_adapters --focus diamond:small``: a quarter of each batch is small diamonds, the
+    rest drawn as usual, and no scene is a held-out combination."""
+    from builtin_model import train_adapters
+
+    g = torch.Generator().manual_seed(3)
+    scenes = train_adapters.draw_scenes(64, g, "diamond:small", 0.25)
+    drawn = [scenes.scene(i) for i in range(len(scenes))]
+    assert len(drawn) == 64
+    assert all(s.kind == "diamond" and s.size == "small" for s in drawn[48:])
+    assert sum(s.kind == "diamond" and s.size == "small" for s in drawn[:48]) < 24
+    held_out = set(data.held_out_scenes())
+    many = data.sample_scenes(4000, g, kind_only="diamond", size_only="small")
+    assert not {many.scene(i) for i in range(len(many))} & held_out
+    # the same numbers are drawn with or without a fixed attribute
+    a = data.sample_scenes(8, torch.Generator().manual_seed(5))
+    b = data.sample_scenes(8, torch.Generator().manual_seed(5), kind_only="circle")
+    assert torch.equal(a.color, b.color) and torch.equal(a.bg, b.bg) and torch.equal(a.pos, b.pos)
+
+
 def test_an_outline_lora_continues_with_shape_weighting(tmp_path: Path) -> None:
-    """Two CPU steps continuing the shipped ``outline`` with ``--shape-weight``: the saved LoRA
-    moved, its record names the weighting and its parent, the base weights are untouched."""
+    """Two CPU steps continuing the shipped ``outline`` with ``--shape-weight`` and ``--focus``:
+    the saved LoRA moved, its record names the weighting, the focus and its parent."""
     from safetensors.torch import load_file
 
     from builtin_model import train_adapters
@@ -543,10 +563,12 @@ def test_an_outline_lora_continues_with_shape_weighting(tmp_path: Path) -> None:
     out = tmp_path / "outline"
     train_adapters.main(
         ["outline", "--out", str(out), "--init-from", str(shipped), "--steps", "2",
-         "--batch", "4", "--shape-weight", "8", "--lr", "1e-2", "--device", "cpu"]
+         "--batch", "4", "--shape-weight", "8", "--lr", "1e-2", "--device", "cpu",
+         "--focus", "diamond:small", "--focus-share", "0.5"]
     )  # fmt: skip
     record = json.loads((out / "train_state.json").read_text())
     assert record["shape_weight"] == 8.0 and record["steps"] == 2
+    assert record["focus"] == "diamond:small" and record["focus_share"] == 0.5
     assert record["parent"] == json.loads((shipped / "train_state.json").read_text())
     before = load_file(shipped / "pytorch_lora_weights.safetensors")
     after = load_file(out / "pytorch_lora_weights.safetensors")
