@@ -132,7 +132,8 @@ PROFILES = {
 # followed 92 %, a monotone blend; text to image at guidance 4, phrasing and shapes-64-fast held.
 # The adapters were continued on the new UNet (`sketch`, `silhouette`, `outline`), and the
 # `outline` LoRA, which then overshot, had strength 0.9 folded in (builtin_model.lora_strength,
-# chosen on training scenes). The figures and commands are in bench/README.md.
+# chosen on training scenes) and was continued on small diamonds (`--focus`, recipe in
+# builtin_model/train_adapters.py). The figures and commands are in bench/README.md.
 #     python -m builtin_model.train --profile keep --init-from builtin_model/shapes-64 \
 #         --steps 2000 --no-eval --out /tmp/keep
 PROFILES["keep"] = replace(
