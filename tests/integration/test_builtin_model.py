@@ -376,6 +376,22 @@ def test_the_images_in_evaluator_scores_every_metric_on_one_scene() -> None:
         assert len(scores.counts[f"img2img_other_prompt_{strength:g}_keep (reported)"]) == 1
 
 
+def test_image_to_image_keeps_its_input_at_0_3_under_another_prompt_and_follows_at_1() -> None:
+    """Issue 33, item 8, on the shipped weights (a sample of the card's curve): scene A's
+    picture under another scene's caption is kept at strength 0.3 and redrawn at 1.0, as Stable
+    Diffusion does. Measured on these 8 scenes: 6/8 kept, 8/8 followed; the model before the
+    recipe's `keep` stage kept 8 % on the card's 48."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from edit_score import evaluate_edits
+
+    scenes = list(data.held_out_scenes())[:8]
+    scores = evaluate_edits(str(MODEL_DIR), "cpu", scenes, strengths=(0.3, 1.0), img2img_only=True)
+    assert len(scores.counts["img2img_keep_0.3_other_prompt"]) == 8
+    assert scores.rate("img2img_keep_0.3_other_prompt") >= 0.6
+    assert scores.rate("img2img_follow_1.0") >= 0.75
+    assert "inpaint_color" not in scores.counts
+
+
 def test_distillation_target_lands_a_ddim_step_on_the_teachers_latent() -> None:
     """The student's target ε, stepped by diffusers' own DDIM (as the worker serves the fast
     model), reproduces the teacher's next latent, final step included."""
